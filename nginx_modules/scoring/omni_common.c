@@ -1,0 +1,33 @@
+/*
+ * Omni Proxy scoring library: error strings and version.
+ */
+
+#include "omni_common.h"
+
+
+const char *
+omni_strerror(int rc)
+{
+    switch (rc) {
+    case OMNI_OK:         return "success";
+    case OMNI_ENOMEM:     return "out of memory";
+    case OMNI_EINVAL:     return "invalid argument";
+    case OMNI_ERANGE:     return "buffer too small";
+    case OMNI_EJSON:      return "invalid JSON";
+    case OMNI_ETYPE:      return "unexpected JSON type";
+    case OMNI_ENOTFOUND:  return "not found";
+    case OMNI_EFULL:      return "capacity exhausted";
+    case OMNI_EINTEGRITY: return "integrity check failed";
+    case OMNI_EDEPTH:     return "nesting too deep";
+    case OMNI_EHOLD:      return "hold: no instance can take the request now";
+    }
+
+    return "unknown error";
+}
+
+
+const char *
+omni_version(void)
+{
+    return OMNI_VERSION_STRING;
+}

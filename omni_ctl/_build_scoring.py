@@ -1,0 +1,62 @@
+"""cffi (API, out-of-line) builder for the scoring library.
+
+The C sources live in nginx_modules/scoring/ and are compiled both into the
+nginx module (by nginx's own build) and into this Python extension.  The
+cdef text is kept in omni_ctl/cdefs/*.cdef, one file per component, and is
+concatenated in name order.
+
+OMNI_DEBUG=1 in the environment builds with ASan/UBSan (build.sh --debug).
+"""
+
+import os
+import pathlib
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+SCORING = ROOT / "nginx_modules" / "scoring"
+
+ffibuilder = FFI()
+
+for cdef in sorted((HERE / "cdefs").glob("*.cdef")):
+    ffibuilder.cdef(cdef.read_text())
+
+# setuptools wants source paths relative to the project (its working
+# directory); the in-place build below runs from a temp dir and wants them
+# absolute.
+_absolute = __name__ == "__main__"
+_sources = sorted(str(p if _absolute else p.relative_to(ROOT))
+                  for p in SCORING.glob("*.c"))
+_headers = "".join(
+    f'#include "{p.name}"\n' for p in sorted(SCORING.glob("omni_*.h"))
+)
+
+if os.environ.get("OMNI_DEBUG") == "1":
+    _cflags = ["-std=gnu11", "-O1", "-g", "-fno-omit-frame-pointer",
+               "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+               "-Wall", "-Wextra", "-Werror"]
+    _ldflags = ["-fsanitize=address,undefined"]
+else:
+    _cflags = ["-std=gnu11", "-O2", "-g", "-Wall", "-Wextra", "-Werror"]
+    _ldflags = []
+
+ffibuilder.set_source(
+    "omni_ctl._scoring",
+    _headers,
+    sources=_sources,
+    include_dirs=[str(SCORING)],
+    libraries=["xxhash"],
+    extra_compile_args=_cflags,
+    extra_link_args=_ldflags,
+)
+
+if __name__ == "__main__":
+    # build.sh compiles in place: python -m omni_ctl._build_scoring
+    # and moves the extension next to this file, replacing any other build
+    # of it (pip's editable install names it _scoring.abi3.so).
+    import shutil
+    built = pathlib.Path(ffibuilder.compile(tmpdir=str(ROOT / "build" / "cffi")))
+    for old in HERE.glob("_scoring.*.so"):
+        old.unlink()
+    shutil.copy2(built, HERE / built.name)
