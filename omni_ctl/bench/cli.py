@@ -1,0 +1,206 @@
+"""click commands: bench, compare, bench-overhead, demo (thin over plain functions)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _rate(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a number (or 'inf')") from None
+    if not v > 0:
+        raise click.BadParameter(f"must be > 0 (or 'inf'), got {value}")
+    return v
+
+
+def _extra_body(ctx, param, value):
+    if not value:
+        return {}
+    try:
+        v = json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"'{value}' is not JSON: {exc}") from None
+    if not isinstance(v, dict):
+        raise click.BadParameter(f"'{value}' must be a JSON object")
+    return v
+
+
+def workload_options(f):
+    """Options that decide what is sent; shared by bench, compare and demo."""
+    opts = [
+        click.option("--workload", "-w", default="gsp", show_default=True,
+                     help="gsp | multiturn | random | trace:PATH (Mooncake JSONL)."),
+        click.option("--num-requests", "-n", type=int, default=None,
+                     help="Requests to send (default: the whole trace, all gsp "
+                          "groups, else 200)."),
+        click.option("--prompt-mode", type=click.Choice(["auto", "tokens", "text"]),
+                     default="auto", show_default=True,
+                     help="Token-id or text prompts (auto: tokens for traces on "
+                          "/v1/completions, else text)."),
+        click.option("--endpoint", type=click.Choice(["completions", "chat"]),
+                     default="completions", show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--speedup", type=float, default=1.0, show_default=True,
+                     help="Trace replay: timestamps are divided by this."),
+        click.option("--gsp-groups", type=int, default=8, show_default=True),
+        click.option("--gsp-prompts-per-group", type=int, default=16, show_default=True),
+        click.option("--gsp-system-len", type=int, default=2048, show_default=True,
+                     help="Shared system prompt, tokens."),
+        click.option("--gsp-question-len", type=int, default=128, show_default=True),
+        click.option("--gsp-output-len", type=int, default=128, show_default=True),
+        click.option("--mt-turns", type=int, default=4, show_default=True),
+        click.option("--mt-system-len", type=int, default=512, show_default=True),
+        click.option("--mt-user-len", type=int, default=128, show_default=True),
+        click.option("--mt-output-len", type=int, default=128, show_default=True),
+        click.option("--random-input-len", type=int, default=1024, show_default=True),
+        click.option("--random-output-len", type=int, default=128, show_default=True),
+        click.option("--random-range-ratio", type=float, default=0.0, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def load_options(f):
+    """Options that decide when and how requests are sent."""
+    opts = [
+        click.option("--rate", callback=_rate, default=None,
+                     help="Open loop: Poisson arrivals per second ('inf': all at once)."),
+        click.option("--concurrency", "-c", type=int, default=None,
+                     help="Closed loop: requests in flight (default 16 unless "
+                          "--rate or a trace)."),
+        click.option("--max-duration", type=float, default=600.0, show_default=True,
+                     help="Hard stop in seconds; requests still running are "
+                          "cancelled and counted."),
+        click.option("--request-timeout", type=float, default=300.0, show_default=True,
+                     help="Per-request limit in seconds."),
+        click.option("--slo", default=None,
+                     help="Goodput SLOs, e.g. ttft=2s,tpot=50ms (ttft, tpot, e2e)."),
+        click.option("--stream/--no-stream", default=True, show_default=True),
+        click.option("--model", default=None,
+                     help="Model name (default: the first of /v1/models, else 'default')."),
+        click.option("--extra-body", callback=_extra_body, default=None,
+                     help="JSON object merged into every request body."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _spec(kw):
+    from .core import WorkloadSpec
+    return WorkloadSpec(**{k: kw.pop(k) for k in list(kw)
+                           if k in WorkloadSpec.__dataclass_fields__})
+
+
+@click.command(name="bench")
+@click.option("--target", required=True, help="Base URL, e.g. http://127.0.0.1:8080")
+@workload_options
+@load_options
+@click.option("--sim-stats", "sim_stats", default=None,
+              help="A simulator instance URL: adds prefix-cache hit rate and "
+                   "per-instance load from /sim/stats.")
+@click.option("--sim-interval", type=float, default=0.5, show_default=True,
+              help="Seconds between /sim/stats samples.")
+@click.option("--label", default=None, help="Name of this run in tables and plots.")
+@click.option("--out", "out_dir", default="bench-out", show_default=True,
+              help="Directory for summary.json, requests.jsonl, summary.md, plots.")
+@click.option("--plots/--no-plots", default=True, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
+def bench(target, sim_stats, sim_interval, label, out_dir, plots, quiet, **kw):
+    """Load-test an OpenAI-compatible endpoint: TTFT, TPOT, ITL, E2E,
+    throughput and goodput (definitions: docs/benchmarking.md)."""
+    from . import client, core, report
+    from .metrics import parse_slo
+    spec = _spec(kw)
+    slo = parse_slo(kw["slo"])
+    mode = core.arrival_mode(spec, kw["rate"], kw["concurrency"])
+    cfg = client.BenchConfig(
+        target=_url(target), endpoint=spec.endpoint, stream=kw["stream"],
+        model=kw["model"], max_duration_s=kw["max_duration"],
+        request_timeout_s=kw["request_timeout"], seed=spec.seed,
+        extra_body=kw["extra_body"], progress=not quiet, sim_stats_url=sim_stats,
+        sim_interval_s=sim_interval, **mode)
+    summary, _ = core.run_bench(cfg, spec, slo, label=label, out_dir=out_dir,
+                                plots=plots)
+    click.echo(report.markdown_summary(summary))
+    for name, p in summary["files"].items():
+        for path in (p if isinstance(p, list) else [p]):
+            click.echo(f"{name}: {path}")
+
+
+def _url(target: str) -> str:
+    target = target.rstrip("/")
+    if "://" not in target:
+        target = "http://" + target
+    return target
+
+
+@click.command(name="bench-overhead")
+@click.option("--sizes", default="1k,16k,200k", show_default=True,
+              help="Prompt sizes in bytes (k = 1024).")
+@click.option("--targets", default=None,
+              help="Comma list (default: all available): " + ", ".join(
+                  ["direct", "nginx", "omni-aggregated", "omni-sequential",
+                   "omni-parallel", "sglang-router-pd", "vllm-router-pd",
+                   "sglang-router-rr", "vllm-router-rr"]))
+@click.option("--duration", type=float, default=5.0, show_default=True,
+              help="Seconds of load per target and size.")
+@click.option("--connections", type=int, default=32, show_default=True)
+@click.option("--wrk-threads", type=int, default=1, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="nginx worker processes for plain nginx and Omni Proxy.")
+@click.option("--backend-workers", type=int, default=1, show_default=True)
+@click.option("--base-port", type=int, default=0,
+              help="First loopback port to use (default: free ports).")
+@click.option("--out", "out_dir", default="bench-out/overhead", show_default=True)
+@click.option("--keep-dir", is_flag=True, help="Keep the temporary prefix (configs, logs).")
+def bench_overhead(**kw):
+    """Requests/s and p50/p99 of plain nginx, Omni Proxy and peer routers in
+    front of one canned fast backend, at several prompt sizes, measured with wrk."""
+    from . import overhead
+    res = overhead.run_overhead(**kw)
+    click.echo(res["markdown"])
+    click.echo(f"results: {res['json_path']}")
+
+
+@click.command(name="compare")
+@click.option("--targets", default=None,
+              help="Comma list (default: omni policies, round robin, peers when "
+                   "installed); see docs/benchmarking.md.")
+@click.option("--prefill", type=int, default=2, show_default=True)
+@click.option("--decode", type=int, default=2, show_default=True)
+@click.option("--pd-policy", type=click.Choice(["sequential", "parallel", "aggregated"]),
+              default="sequential", show_default=True)
+@click.option("--sim-args", default="", help="Extra arguments for `omni-ctl sim`.")
+@workload_options
+@load_options
+@click.option("--out", "out_dir", default="bench-out/compare", show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def compare(**kw):
+    """Run one workload through several routers, each on a fresh simulated cluster."""
+    from . import compare as cmp
+    res = cmp.run_compare(**kw)
+    click.echo(res["markdown"])
+    click.echo(f"results: {res['out_dir']}")
+
+
+@click.command(name="demo")
+@click.option("--short", is_flag=True, help="A smaller, faster run (CI).")
+@click.option("--keep", is_flag=True,
+              help="Leave the cluster and Omni Proxy running; print how to use them.")
+@click.option("--out", "out_dir", default="demo-out", show_default=True)
+@click.option("--port", type=int, default=0, help="Omni Proxy's port (default: free).")
+def demo(short, keep, out_dir, port):
+    """Simulated 2 prefill + 2 decode cluster: Omni Proxy vs round robin."""
+    from . import compare as cmp
+    res = cmp.run_demo(short=short, keep=keep, out_dir=out_dir, port=port)
+    click.echo(res["markdown"])
+    for line in res["notes"]:
+        click.echo(line)
