@@ -1,0 +1,308 @@
+/*
+ * Omni Proxy nginx module: types shared by the module's files.
+ *
+ *   ngx_http_omni_module.c    directives, configuration, variables, init
+ *   ngx_http_omni_flow.c      the request flow of /v1/completions and
+ *                             /v1/chat/completions (body, validation, modes,
+ *                             answers and errors to the client)
+ *   ngx_http_omni_legs.c      prefill/decode legs as subrequests through
+ *                             nginx's proxy module, and their filters
+ *   ngx_http_omni_upstream.c  the upstream balancer (omni_balance)
+ *   ngx_http_omni_shm.c       the shared zone: instances, counters, metrics
+ *   ngx_http_omni_sched.c     the choice of instances
+ *   ngx_http_omni_status.c    /omni/status, /metrics, /health
+ */
+
+#ifndef NGX_HTTP_OMNI_H_INCLUDED_
+#define NGX_HTTP_OMNI_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "omni_common.h"
+#include "omni_json.h"
+
+
+#define NGX_HTTP_OMNI_VERSION        "0.1.0"
+
+#define NGX_HTTP_OMNI_PREFILL        0
+#define NGX_HTTP_OMNI_DECODE         1
+#define NGX_HTTP_OMNI_TIERS          2
+
+#define NGX_HTTP_OMNI_SEQUENTIAL     0
+#define NGX_HTTP_OMNI_PARALLEL       1
+#define NGX_HTTP_OMNI_AGGREGATED     2
+
+#define NGX_HTTP_OMNI_SCHED_OMNI          0
+#define NGX_HTTP_OMNI_SCHED_CACHE_AWARE   1
+#define NGX_HTTP_OMNI_SCHED_LEAST_LOADED  2
+#define NGX_HTTP_OMNI_SCHED_ROUND_ROBIN   3
+
+#define NGX_HTTP_OMNI_ORDER_SJF      0
+#define NGX_HTTP_OMNI_ORDER_FCFS     1
+
+#define NGX_HTTP_OMNI_ROUTE_COMPLETIONS  0
+#define NGX_HTTP_OMNI_ROUTE_CHAT         1
+#define NGX_HTTP_OMNI_ROUTE_OTHER        2
+#define NGX_HTTP_OMNI_ROUTES             3
+
+/* instance slots in the shared zone, all tiers together */
+#define NGX_HTTP_OMNI_MAX_SLOTS      1024
+#define NGX_HTTP_OMNI_ADDR_LEN       64
+
+/* the internal locations the legs are sent to (see templates/) */
+#define NGX_HTTP_OMNI_PREFILL_PREFIX "/_omni/prefill"
+#define NGX_HTTP_OMNI_DECODE_PREFIX  "/_omni/decode"
+
+#define NGX_HTTP_OMNI_REQUEST_ID_LEN 64
+
+/* metrics: latency histogram buckets (seconds, upper bounds) */
+#define NGX_HTTP_OMNI_BUCKETS        16
+
+#define NGX_HTTP_OMNI_HIST_PREFILL   0   /* prefill leg duration */
+#define NGX_HTTP_OMNI_HIST_TTFT      1   /* client: arrival to first byte */
+#define NGX_HTTP_OMNI_HIST_TOTAL     2   /* client: arrival to last byte */
+#define NGX_HTTP_OMNI_HIST_QUEUE     3   /* time held before dispatch */
+#define NGX_HTTP_OMNI_HISTS          4
+
+/* response status classes counted per route and mode */
+#define NGX_HTTP_OMNI_STATUSES       12
+
+
+typedef struct ngx_http_omni_main_conf_s  ngx_http_omni_main_conf_t;
+
+
+/* One `omni_bootstrap ADDR PORT;` line. */
+typedef struct {
+    ngx_str_t                      addr;
+    in_port_t                      port;
+} ngx_http_omni_bootstrap_t;
+
+
+/* Per upstream{} block that has `omni_balance`. */
+typedef struct {
+    ngx_uint_t                     role;        /* NGX_CONF_UNSET_UINT: off */
+    ngx_array_t                   *bootstrap;   /* ngx_http_omni_bootstrap_t */
+    ngx_http_upstream_srv_conf_t  *upstream;
+    ngx_http_omni_main_conf_t     *mcf;
+
+    /* instance i of this tier: filled when the upstream is initialised */
+    ngx_uint_t                     n;
+    ngx_http_upstream_rr_peer_t  **peers;
+    in_port_t                     *bootstrap_ports;
+    /* instance i -> slot in the shared zone: filled by the zone's init */
+    ngx_uint_t                    *slots;
+} ngx_http_omni_upstream_conf_t;
+
+
+struct ngx_http_omni_main_conf_s {
+    ngx_shm_zone_t                *shm_zone;
+    size_t                         zone_size;
+
+    ngx_uint_t                     pd_policy;
+    ngx_uint_t                     schedule_policy;
+    ngx_uint_t                     queue_order;
+
+    ngx_uint_t                     max_batch_num_token;
+    ngx_uint_t                     prefill_max_num_seqs;
+    ngx_uint_t                     decode_max_num_seqs;
+    ngx_msec_t                     starvation_timeout;
+    ngx_uint_t                     queue_max;
+    ngx_msec_t                     queue_timeout;
+    ngx_str_t                      model_path;
+
+    ngx_http_omni_upstream_conf_t *tiers[NGX_HTTP_OMNI_TIERS];
+};
+
+
+/* An instance as all workers see it, in the shared zone. */
+typedef struct {
+    u_char                         addr[NGX_HTTP_OMNI_ADDR_LEN];
+    uint16_t                       addr_len;
+    uint8_t                        role;
+    uint8_t                        used;        /* slot holds an instance */
+    uint8_t                        configured;  /* in the running config */
+    in_port_t                      bootstrap_port;
+
+    uint32_t                       max_fails;
+    ngx_msec_t                     fail_timeout;
+    uint32_t                       fails;       /* consecutive failures */
+    ngx_msec_t                     down_until;  /* unusable until then */
+
+    uint64_t                       inflight_requests;
+    uint64_t                       inflight_tokens;
+
+    uint64_t                       requests_total;
+    uint64_t                       errors_total;
+    uint64_t                       tokens_total;
+    uint64_t                       last_latency_ms;
+    ngx_msec_t                     last_seen;
+} ngx_http_omni_inst_t;
+
+
+typedef struct {
+    uint64_t                       buckets[NGX_HTTP_OMNI_BUCKETS];
+    uint64_t                       count;
+    uint64_t                       sum_ms;
+} ngx_http_omni_hist_t;
+
+
+typedef struct {
+    uint32_t                       n_slots;     /* highest used slot + 1 */
+    uint32_t                       rr[NGX_HTTP_OMNI_TIERS];
+    ngx_msec_t                     started;
+    uint64_t                       generation;  /* config loads seen */
+
+    uint64_t                       requests_total;
+    uint64_t                       inflight_requests;
+    uint64_t                       errors_total;
+    uint64_t                       held_total;
+    uint32_t                       prefill_waiting;
+    uint32_t                       decode_waiting;
+
+    uint64_t                       requests[NGX_HTTP_OMNI_ROUTES]
+                                       [NGX_HTTP_OMNI_TIERS + 1]
+                                       [NGX_HTTP_OMNI_STATUSES];
+    ngx_http_omni_hist_t           hists[NGX_HTTP_OMNI_HISTS];
+
+    ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
+} ngx_http_omni_shctx_t;
+
+
+/* Where a leg stands in its accounting: a leg's load is added once when it
+ * is dispatched (reserved) and removed exactly once, by the balancer's free
+ * or, when the upstream never started, by the request's cleanup. */
+#define NGX_HTTP_OMNI_LEG_NONE       0
+#define NGX_HTTP_OMNI_LEG_RESERVED   1
+#define NGX_HTTP_OMNI_LEG_ACTIVE     2
+#define NGX_HTTP_OMNI_LEG_DONE       3
+
+
+typedef struct {
+    ngx_uint_t                     state;
+    ngx_uint_t                     tier;
+    ngx_uint_t                     index;       /* instance in the tier */
+    ngx_uint_t                     slot;        /* instance in the zone */
+    uint64_t                       tokens;      /* load it was charged */
+    ngx_msec_t                     dispatched;
+    ngx_msec_t                     finished;
+
+    ngx_http_request_t            *sr;
+    ngx_int_t                      status;      /* upstream HTTP status */
+    ngx_int_t                      rc;          /* subrequest's final rc */
+    ngx_buf_t                     *response;    /* in-memory response */
+    ngx_str_t                      content_type;
+
+    unsigned                       started:1;   /* subrequest created */
+    unsigned                       header:1;    /* response header seen */
+    unsigned                       body:1;      /* a body byte went out */
+    unsigned                       complete:1;  /* upstream said it ended */
+    unsigned                       done:1;      /* subrequest finished */
+    unsigned                       failed:1;
+    unsigned                       cancelled:1;
+    unsigned                       suppress:1;  /* drop its body bytes */
+} ngx_http_omni_leg_t;
+
+
+typedef struct {
+    ngx_http_request_t            *request;
+    ngx_http_omni_main_conf_t     *mcf;
+
+    ngx_uint_t                     route;
+    ngx_uint_t                     mode;
+
+    u_char                        *body;
+    size_t                         body_len;
+    omni_json_member_t            *members;
+    size_t                         n_members;
+
+    unsigned                       stream:1;
+    unsigned                       include_usage:1;
+    unsigned                       header_sent:1;   /* to the client */
+    unsigned                       answered:1;      /* last byte queued */
+    unsigned                       waiting:1;       /* legs in flight */
+    unsigned                       token_prompt:1;
+
+    int64_t                        max_tokens;
+    uint64_t                       prompt_tokens;   /* counted or estimated */
+    uint32_t                      *token_ids;
+    size_t                         n_tokens;
+    size_t                         batch;           /* prompts in a list */
+
+    u_char                         request_id[NGX_HTTP_OMNI_REQUEST_ID_LEN];
+    size_t                         request_id_len;
+    uint64_t                       bootstrap_room;
+
+    ngx_http_omni_leg_t            legs[NGX_HTTP_OMNI_TIERS];
+
+    ngx_msec_t                     t_start;
+    ngx_msec_t                     t_released;
+    ngx_msec_t                     t_first_byte;
+    ngx_msec_t                     t_end;
+
+    ngx_uint_t                     status;          /* sent to the client */
+    const char                    *error;           /* short error kind */
+} ngx_http_omni_ctx_t;
+
+
+extern ngx_module_t  ngx_http_omni_module;
+
+
+/* ngx_http_omni_module.c */
+ngx_http_omni_ctx_t *ngx_http_omni_get_ctx(ngx_http_request_t *r);
+
+/* ngx_http_omni_flow.c */
+ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
+void ngx_http_omni_legs_finished(ngx_http_request_t *r);
+ngx_int_t ngx_http_omni_send_error(ngx_http_request_t *r,
+    ngx_uint_t status, const char *type, const char *fmt, ...);
+
+/* ngx_http_omni_legs.c */
+ngx_int_t ngx_http_omni_start_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
+    ngx_chain_t *body, off_t len, ngx_uint_t in_memory);
+void ngx_http_omni_cancel_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier);
+ngx_int_t ngx_http_omni_filters_init(ngx_conf_t *cf);
+
+/* ngx_http_omni_upstream.c */
+char *ngx_http_omni_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *ngx_http_omni_bootstrap(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+/* ngx_http_omni_shm.c */
+ngx_int_t ngx_http_omni_shm_add(ngx_conf_t *cf,
+    ngx_http_omni_main_conf_t *mcf);
+ngx_http_omni_shctx_t *ngx_http_omni_shm(ngx_http_omni_main_conf_t *mcf,
+    ngx_slab_pool_t **shpool);
+ngx_uint_t ngx_http_omni_inst_usable(ngx_http_omni_inst_t *in,
+    ngx_msec_t now);
+void ngx_http_omni_charge(ngx_http_omni_shctx_t *sh,
+    ngx_http_omni_upstream_conf_t *ucf, ngx_http_omni_leg_t *leg,
+    ngx_uint_t index, uint64_t tokens);
+void ngx_http_omni_leg_reserve(ngx_http_omni_upstream_conf_t *ucf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t index, uint64_t tokens);
+void ngx_http_omni_leg_release(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t failed);
+void ngx_http_omni_request_begin(ngx_http_omni_main_conf_t *mcf);
+void ngx_http_omni_request_end(ngx_http_omni_main_conf_t *mcf,
+    ngx_uint_t route, ngx_uint_t mode, ngx_uint_t status,
+    ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_count_held(ngx_http_omni_main_conf_t *mcf,
+    ngx_int_t prefill_delta, ngx_int_t decode_delta);
+extern const double  ngx_http_omni_bucket_bounds[NGX_HTTP_OMNI_BUCKETS];
+extern const ngx_uint_t  ngx_http_omni_status_codes[NGX_HTTP_OMNI_STATUSES];
+
+/* ngx_http_omni_sched.c */
+ngx_int_t ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
+    uint64_t tokens);
+ngx_int_t ngx_http_omni_choose_retry(ngx_http_request_t *r,
+    ngx_http_omni_upstream_conf_t *ucf, uintptr_t *tried, ngx_uint_t *index);
+
+/* ngx_http_omni_status.c */
+ngx_int_t ngx_http_omni_status_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_omni_metrics_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_omni_health_handler(ngx_http_request_t *r);
+
+
+#endif /* NGX_HTTP_OMNI_H_INCLUDED_ */

@@ -1,0 +1,492 @@
+/*
+ * Omni Proxy nginx module: directives, configuration, variables and init.
+ * The request flow, legs, balancer, shared state and status pages live in
+ * the other ngx_http_omni_*.c files (see ngx_http_omni.h).
+ */
+
+
+#include "ngx_http_omni.h"
+
+
+static ngx_int_t ngx_http_omni_add_variables(ngx_conf_t *cf);
+static ngx_int_t ngx_http_omni_postconfiguration(ngx_conf_t *cf);
+static void *ngx_http_omni_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf);
+static void *ngx_http_omni_create_srv_conf(ngx_conf_t *cf);
+static char *ngx_http_omni_set_handler(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_omni_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+
+
+static ngx_conf_enum_t  ngx_http_omni_pd_policies[] = {
+    { ngx_string("sequential"), NGX_HTTP_OMNI_SEQUENTIAL },
+    { ngx_string("parallel"), NGX_HTTP_OMNI_PARALLEL },
+    { ngx_string("aggregated"), NGX_HTTP_OMNI_AGGREGATED },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_conf_enum_t  ngx_http_omni_schedule_policies[] = {
+    { ngx_string("omni"), NGX_HTTP_OMNI_SCHED_OMNI },
+    { ngx_string("cache-aware"), NGX_HTTP_OMNI_SCHED_CACHE_AWARE },
+    { ngx_string("least-loaded"), NGX_HTTP_OMNI_SCHED_LEAST_LOADED },
+    { ngx_string("round-robin"), NGX_HTTP_OMNI_SCHED_ROUND_ROBIN },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_conf_enum_t  ngx_http_omni_queue_orders[] = {
+    { ngx_string("sjf"), NGX_HTTP_OMNI_ORDER_SJF },
+    { ngx_string("fcfs"), NGX_HTTP_OMNI_ORDER_FCFS },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_command_t  ngx_http_omni_commands[] = {
+
+    { ngx_string("omni_zone_size"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, zone_size),
+      NULL },
+
+    { ngx_string("omni_pd_policy"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, pd_policy),
+      &ngx_http_omni_pd_policies },
+
+    { ngx_string("omni_schedule_policy"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, schedule_policy),
+      &ngx_http_omni_schedule_policies },
+
+    { ngx_string("omni_prefill_queue_order"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, queue_order),
+      &ngx_http_omni_queue_orders },
+
+    { ngx_string("omni_max_batch_num_token"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, max_batch_num_token),
+      NULL },
+
+    { ngx_string("omni_prefill_max_num_seqs"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, prefill_max_num_seqs),
+      NULL },
+
+    { ngx_string("omni_decode_max_num_seqs"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, decode_max_num_seqs),
+      NULL },
+
+    { ngx_string("omni_prefill_starvation_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, starvation_timeout),
+      NULL },
+
+    { ngx_string("omni_queue_max"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, queue_max),
+      NULL },
+
+    { ngx_string("omni_queue_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, queue_timeout),
+      NULL },
+
+    { ngx_string("omni_model_path"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, model_path),
+      NULL },
+
+    { ngx_string("omni_balance"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_TAKE1,
+      ngx_http_omni_balance,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("omni_bootstrap"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_TAKE2,
+      ngx_http_omni_bootstrap,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("omni_proxy"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_omni_set_handler,
+      0,
+      0,
+      ngx_http_omni_handler },
+
+    { ngx_string("omni_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_omni_set_handler,
+      0,
+      0,
+      ngx_http_omni_status_handler },
+
+    { ngx_string("omni_metrics"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_omni_set_handler,
+      0,
+      0,
+      ngx_http_omni_metrics_handler },
+
+    { ngx_string("omni_health"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_omni_set_handler,
+      0,
+      0,
+      ngx_http_omni_health_handler },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_omni_module_ctx = {
+    ngx_http_omni_add_variables,           /* preconfiguration */
+    ngx_http_omni_postconfiguration,       /* postconfiguration */
+
+    ngx_http_omni_create_main_conf,        /* create main configuration */
+    ngx_http_omni_init_main_conf,          /* init main configuration */
+
+    ngx_http_omni_create_srv_conf,         /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    NULL,                                  /* create location configuration */
+    NULL                                   /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_omni_module = {
+    NGX_MODULE_V1,
+    &ngx_http_omni_module_ctx,             /* module context */
+    ngx_http_omni_commands,                /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    NULL,                                  /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    NULL,                                  /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+#define NGX_HTTP_OMNI_VAR_REQUEST_ID   0
+#define NGX_HTTP_OMNI_VAR_PD_MODE      1
+#define NGX_HTTP_OMNI_VAR_PREFILL      2
+#define NGX_HTTP_OMNI_VAR_DECODE       3
+#define NGX_HTTP_OMNI_VAR_PROMPT       4
+#define NGX_HTTP_OMNI_VAR_QUEUE_MS     5
+#define NGX_HTTP_OMNI_VAR_PREFILL_MS   6
+#define NGX_HTTP_OMNI_VAR_TTFT_MS      7
+#define NGX_HTTP_OMNI_VAR_TOTAL_MS     8
+#define NGX_HTTP_OMNI_VAR_ERROR        9
+
+
+static ngx_http_variable_t  ngx_http_omni_vars[] = {
+
+    { ngx_string("omni_request_id"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_REQUEST_ID, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_pd_mode"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_PD_MODE, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_prefill_addr"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_PREFILL, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_decode_addr"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_DECODE, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_prompt_tokens"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_PROMPT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_queue_ms"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_QUEUE_MS, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_prefill_ms"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_PREFILL_MS, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_ttft_ms"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_TTFT_MS, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_total_ms"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_TOTAL_MS, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_error"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_ERROR, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
+static const char  *ngx_http_omni_mode_names[] = {
+    "sequential", "parallel", "aggregated"
+};
+
+
+ngx_http_omni_ctx_t *
+ngx_http_omni_get_ctx(ngx_http_request_t *r)
+{
+    return ngx_http_get_module_ctx(r->main, ngx_http_omni_module);
+}
+
+
+static ngx_int_t
+ngx_http_omni_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_omni_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_omni_postconfiguration(ngx_conf_t *cf)
+{
+    return ngx_http_omni_filters_init(cf);
+}
+
+
+static void *
+ngx_http_omni_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_omni_main_conf_t  *mcf;
+
+    mcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_omni_main_conf_t));
+    if (mcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     mcf->shm_zone = NULL;
+     *     mcf->model_path = { 0, NULL };
+     *     mcf->tiers[] = NULL;
+     */
+
+    mcf->zone_size = NGX_CONF_UNSET_SIZE;
+    mcf->pd_policy = NGX_CONF_UNSET_UINT;
+    mcf->schedule_policy = NGX_CONF_UNSET_UINT;
+    mcf->queue_order = NGX_CONF_UNSET_UINT;
+    mcf->max_batch_num_token = NGX_CONF_UNSET_UINT;
+    mcf->prefill_max_num_seqs = NGX_CONF_UNSET_UINT;
+    mcf->decode_max_num_seqs = NGX_CONF_UNSET_UINT;
+    mcf->starvation_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->queue_max = NGX_CONF_UNSET_UINT;
+    mcf->queue_timeout = NGX_CONF_UNSET_MSEC;
+
+    return mcf;
+}
+
+
+static char *
+ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_http_omni_main_conf_t  *mcf = conf;
+
+    ngx_conf_init_size_value(mcf->zone_size, 16 * 1024 * 1024);
+    ngx_conf_init_uint_value(mcf->pd_policy, NGX_HTTP_OMNI_SEQUENTIAL);
+    ngx_conf_init_uint_value(mcf->schedule_policy, NGX_HTTP_OMNI_SCHED_OMNI);
+    ngx_conf_init_uint_value(mcf->queue_order, NGX_HTTP_OMNI_ORDER_SJF);
+    ngx_conf_init_uint_value(mcf->max_batch_num_token, 16384);
+    ngx_conf_init_uint_value(mcf->prefill_max_num_seqs, 16);
+    ngx_conf_init_uint_value(mcf->decode_max_num_seqs, 256);
+    ngx_conf_init_msec_value(mcf->starvation_timeout, 2000);
+    ngx_conf_init_uint_value(mcf->queue_max, 4096);
+    ngx_conf_init_msec_value(mcf->queue_timeout, 600000);
+
+    if (mcf->zone_size < sizeof(ngx_http_omni_shctx_t) + 64 * 1024)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"omni_zone_size\" must be at least %uzk",
+                           (sizeof(ngx_http_omni_shctx_t) + 64 * 1024)
+                           / 1024 + 1);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_http_omni_shm_add(cf, mcf) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static void *
+ngx_http_omni_create_srv_conf(ngx_conf_t *cf)
+{
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    ucf = ngx_pcalloc(cf->pool, sizeof(ngx_http_omni_upstream_conf_t));
+    if (ucf == NULL) {
+        return NULL;
+    }
+
+    ucf->role = NGX_CONF_UNSET_UINT;
+
+    return ucf;
+}
+
+
+static char *
+ngx_http_omni_set_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler != NULL) {
+        return "is duplicate or conflicts with another content handler";
+    }
+
+    clcf->handler = (ngx_http_handler_pt) cmd->post;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
+    uintptr_t data)
+{
+    u_char               *p;
+    ngx_msec_t            from, to;
+    ngx_http_omni_ctx_t  *ctx;
+    ngx_http_omni_leg_t  *leg;
+
+    ctx = ngx_http_omni_get_ctx(r);
+
+    if (ctx == NULL) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+
+    switch (data) {
+
+    case NGX_HTTP_OMNI_VAR_REQUEST_ID:
+        v->data = ctx->request_id;
+        v->len = ctx->request_id_len;
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_PD_MODE:
+        v->data = (u_char *) ngx_http_omni_mode_names[ctx->mode];
+        v->len = ngx_strlen(v->data);
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_PREFILL:
+    case NGX_HTTP_OMNI_VAR_DECODE:
+        leg = &ctx->legs[data == NGX_HTTP_OMNI_VAR_PREFILL
+                         ? NGX_HTTP_OMNI_PREFILL : NGX_HTTP_OMNI_DECODE];
+
+        if (leg->state == NGX_HTTP_OMNI_LEG_NONE
+            || ctx->mcf->tiers[leg->tier] == NULL
+            || leg->index >= ctx->mcf->tiers[leg->tier]->n)
+        {
+            break;
+        }
+
+        v->data = ctx->mcf->tiers[leg->tier]->peers[leg->index]->name.data;
+        v->len = ctx->mcf->tiers[leg->tier]->peers[leg->index]->name.len;
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_PROMPT:
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->data = p;
+        v->len = ngx_sprintf(p, "%uL", ctx->prompt_tokens) - p;
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_ERROR:
+        if (ctx->error == NULL) {
+            break;
+        }
+
+        v->data = (u_char *) ctx->error;
+        v->len = ngx_strlen(ctx->error);
+        return NGX_OK;
+
+    default:
+        switch (data) {
+        case NGX_HTTP_OMNI_VAR_QUEUE_MS:
+            from = ctx->t_start;
+            to = ctx->t_released;
+            break;
+        case NGX_HTTP_OMNI_VAR_PREFILL_MS:
+            from = ctx->legs[NGX_HTTP_OMNI_PREFILL].dispatched;
+            to = ctx->legs[NGX_HTTP_OMNI_PREFILL].finished;
+            break;
+        case NGX_HTTP_OMNI_VAR_TTFT_MS:
+            from = ctx->t_start;
+            to = ctx->t_first_byte;
+            break;
+        default: /* NGX_HTTP_OMNI_VAR_TOTAL_MS */
+            from = ctx->t_start;
+            to = ctx->t_end ? ctx->t_end : ngx_current_msec;
+            break;
+        }
+
+        if (from == 0 || to == 0 || to < from) {
+            break;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->data = p;
+        v->len = ngx_sprintf(p, "%M", to - from) - p;
+        return NGX_OK;
+    }
+
+    v->data = (u_char *) "-";
+    v->len = 1;
+
+    return NGX_OK;
+}

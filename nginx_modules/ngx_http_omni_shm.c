@@ -1,0 +1,472 @@
+/*
+ * Omni Proxy nginx module: the shared zone.
+ *
+ * One slab zone holds what every worker must agree on: the instances of both
+ * tiers with their load, health and totals, and the metrics.  Any worker
+ * reads and updates it under the zone's mutex; there is no elected worker.
+ *
+ * Instances keep their slot across reloads (matched by role and address), so
+ * workers of the old configuration that still finish requests release the
+ * load on the same records the new workers charge.
+ */
+
+
+#include "ngx_http_omni.h"
+
+
+static ngx_int_t ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+static void ngx_http_omni_map_slots(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_log_t *log);
+
+
+const double  ngx_http_omni_bucket_bounds[NGX_HTTP_OMNI_BUCKETS] = {
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+    300, 600
+};
+
+
+/* index 0 counts every status not listed */
+const ngx_uint_t  ngx_http_omni_status_codes[NGX_HTTP_OMNI_STATUSES] = {
+    0, 200, 400, 404, 405, 413, 429, 499, 500, 502, 503, 504
+};
+
+
+static ngx_str_t  ngx_http_omni_zone_name = ngx_string("omni_proxy");
+
+
+/* the zone's pool and state, set by the zone's init in every cycle */
+typedef struct {
+    ngx_slab_pool_t            *shpool;
+    ngx_http_omni_shctx_t      *sh;
+    ngx_http_omni_main_conf_t  *mcf;
+} ngx_http_omni_zone_t;
+
+
+ngx_int_t
+ngx_http_omni_shm_add(ngx_conf_t *cf, ngx_http_omni_main_conf_t *mcf)
+{
+    ngx_http_omni_zone_t  *zone;
+
+    zone = ngx_pcalloc(cf->pool, sizeof(ngx_http_omni_zone_t));
+    if (zone == NULL) {
+        return NGX_ERROR;
+    }
+
+    zone->mcf = mcf;
+
+    mcf->shm_zone = ngx_shared_memory_add(cf, &ngx_http_omni_zone_name,
+                                          mcf->zone_size,
+                                          &ngx_http_omni_module);
+    if (mcf->shm_zone == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (mcf->shm_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate zone \"%V\"", &ngx_http_omni_zone_name);
+        return NGX_ERROR;
+    }
+
+    mcf->shm_zone->init = ngx_http_omni_init_zone;
+    mcf->shm_zone->data = zone;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_omni_zone_t  *ozone = data;
+
+    size_t                  len;
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_zone_t   *zone;
+    ngx_http_omni_shctx_t  *sh;
+
+    zone = shm_zone->data;
+
+    if (ozone) {
+        /* reload: the zone kept its size, keep its state */
+        zone->shpool = ozone->shpool;
+        zone->sh = ozone->sh;
+
+        ngx_shmtx_lock(&zone->shpool->mutex);
+        zone->sh->generation++;
+        ngx_http_omni_map_slots(zone->mcf, zone->sh, shm_zone->shm.log);
+        ngx_shmtx_unlock(&zone->shpool->mutex);
+
+        return NGX_OK;
+    }
+
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        zone->shpool = shpool;
+        zone->sh = shpool->data;
+
+        ngx_shmtx_lock(&shpool->mutex);
+        ngx_http_omni_map_slots(zone->mcf, zone->sh, shm_zone->shm.log);
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        return NGX_OK;
+    }
+
+    sh = ngx_slab_calloc(shpool, sizeof(ngx_http_omni_shctx_t));
+    if (sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    shpool->data = sh;
+    sh->started = ngx_current_msec;
+    sh->generation = 1;
+
+    len = sizeof(" in omni_proxy zone \"\"") + shm_zone->shm.name.len;
+
+    shpool->log_ctx = ngx_slab_alloc(shpool, len);
+    if (shpool->log_ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_sprintf(shpool->log_ctx, " in omni_proxy zone \"%V\"%Z",
+                &shm_zone->shm.name);
+
+    zone->shpool = shpool;
+    zone->sh = sh;
+
+    ngx_http_omni_map_slots(zone->mcf, sh, shm_zone->shm.log);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_omni_map_slots(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_log_t *log)
+{
+    ngx_str_t                      *name;
+    ngx_uint_t                      t, i, s, free_slot;
+    ngx_http_omni_inst_t           *in;
+    ngx_http_upstream_rr_peer_t    *peer;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    for (s = 0; s < sh->n_slots; s++) {
+        sh->inst[s].configured = 0;
+    }
+
+    for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
+        ucf = mcf->tiers[t];
+        if (ucf == NULL) {
+            continue;
+        }
+
+        for (i = 0; i < ucf->n; i++) {
+            peer = ucf->peers[i];
+            name = &peer->name;
+
+            free_slot = NGX_HTTP_OMNI_MAX_SLOTS;
+
+            for (s = 0; s < sh->n_slots; s++) {
+                in = &sh->inst[s];
+
+                if (!in->used) {
+                    if (free_slot == NGX_HTTP_OMNI_MAX_SLOTS) {
+                        free_slot = s;
+                    }
+                    continue;
+                }
+
+                if (in->role == t && !in->configured
+                    && in->addr_len == name->len
+                    && ngx_memcmp(in->addr, name->data, name->len) == 0)
+                {
+                    break;
+                }
+            }
+
+            if (s == sh->n_slots) {
+                /* a new instance: an unused slot, else a retired idle one */
+
+                s = free_slot;
+
+                if (s == NGX_HTTP_OMNI_MAX_SLOTS
+                    && sh->n_slots < NGX_HTTP_OMNI_MAX_SLOTS)
+                {
+                    s = sh->n_slots++;
+                }
+
+                if (s == NGX_HTTP_OMNI_MAX_SLOTS) {
+                    for (s = 0; s < sh->n_slots; s++) {
+                        if (!sh->inst[s].configured
+                            && sh->inst[s].inflight_requests == 0)
+                        {
+                            break;
+                        }
+                    }
+                }
+
+                if (s == sh->n_slots || s == NGX_HTTP_OMNI_MAX_SLOTS) {
+                    ngx_log_error(NGX_LOG_ALERT, log, 0,
+                                  "omni: more than %d instances, \"%V\" "
+                                  "is not tracked", NGX_HTTP_OMNI_MAX_SLOTS,
+                                  name);
+                    ucf->slots[i] = NGX_HTTP_OMNI_MAX_SLOTS;
+                    continue;
+                }
+
+                in = &sh->inst[s];
+                ngx_memzero(in, sizeof(ngx_http_omni_inst_t));
+                in->used = 1;
+                in->role = (uint8_t) t;
+                in->addr_len = (uint16_t) ngx_min(name->len,
+                                                  NGX_HTTP_OMNI_ADDR_LEN);
+                ngx_memcpy(in->addr, name->data, in->addr_len);
+            }
+
+            in = &sh->inst[s];
+            in->configured = 1;
+            in->max_fails = (uint32_t) peer->max_fails;
+            in->fail_timeout = (ngx_msec_t) peer->fail_timeout * 1000;
+            in->bootstrap_port = ucf->bootstrap_ports[i];
+            ucf->slots[i] = s;
+        }
+    }
+}
+
+
+ngx_http_omni_shctx_t *
+ngx_http_omni_shm(ngx_http_omni_main_conf_t *mcf, ngx_slab_pool_t **shpool)
+{
+    ngx_http_omni_zone_t  *zone;
+
+    zone = mcf->shm_zone->data;
+
+    if (shpool) {
+        *shpool = zone->shpool;
+    }
+
+    return zone->sh;
+}
+
+
+ngx_uint_t
+ngx_http_omni_inst_usable(ngx_http_omni_inst_t *in, ngx_msec_t now)
+{
+    if (!in->used || !in->configured) {
+        return 0;
+    }
+
+    if (in->max_fails && in->fails >= in->max_fails
+        && (ngx_msec_int_t) (in->down_until - now) > 0)
+    {
+        return 0;
+    }
+
+    return 1;
+}
+
+
+/* Charge a leg's load to instance `index` of its tier; the zone is locked. */
+void
+ngx_http_omni_charge(ngx_http_omni_shctx_t *sh,
+    ngx_http_omni_upstream_conf_t *ucf, ngx_http_omni_leg_t *leg,
+    ngx_uint_t index, uint64_t tokens)
+{
+    ngx_http_omni_inst_t  *in;
+
+    leg->state = NGX_HTTP_OMNI_LEG_RESERVED;
+    leg->tier = ucf->role;
+    leg->index = index;
+    leg->slot = ucf->slots[index];
+    leg->tokens = tokens;
+    leg->dispatched = ngx_current_msec;
+
+    if (leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
+        return;
+    }
+
+    in = &sh->inst[leg->slot];
+
+    in->inflight_requests++;
+    in->inflight_tokens += tokens;
+    in->requests_total++;
+    in->tokens_total += tokens;
+    in->last_seen = ngx_current_msec;
+}
+
+
+void
+ngx_http_omni_leg_reserve(ngx_http_omni_upstream_conf_t *ucf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t index, uint64_t tokens)
+{
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_shctx_t  *sh;
+
+    sh = ngx_http_omni_shm(ucf->mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+    ngx_http_omni_charge(sh, ucf, leg, index, tokens);
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+void
+ngx_http_omni_leg_release(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t failed)
+{
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_inst_t   *in;
+    ngx_http_omni_shctx_t  *sh;
+
+    if (leg->state != NGX_HTTP_OMNI_LEG_RESERVED
+        && leg->state != NGX_HTTP_OMNI_LEG_ACTIVE)
+    {
+        return;
+    }
+
+    leg->state = NGX_HTTP_OMNI_LEG_DONE;
+    leg->finished = ngx_current_msec;
+
+    if (leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
+        return;
+    }
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+    in = &sh->inst[leg->slot];
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (in->inflight_requests) {
+        in->inflight_requests--;
+    }
+
+    in->inflight_tokens -= ngx_min(in->inflight_tokens, leg->tokens);
+    in->last_seen = ngx_current_msec;
+    in->last_latency_ms = leg->finished - leg->dispatched;
+
+    if (failed) {
+        in->errors_total++;
+        in->fails++;
+
+        if (in->max_fails && in->fails >= in->max_fails) {
+            in->down_until = ngx_current_msec + in->fail_timeout;
+        }
+
+    } else {
+        in->fails = 0;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+void
+ngx_http_omni_request_begin(ngx_http_omni_main_conf_t *mcf)
+{
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_shctx_t  *sh;
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+    sh->requests_total++;
+    sh->inflight_requests++;
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+static void
+ngx_http_omni_observe_locked(ngx_http_omni_shctx_t *sh, ngx_uint_t hist,
+    ngx_msec_t from, ngx_msec_t to)
+{
+    ngx_uint_t             i;
+    ngx_msec_t             ms;
+    ngx_http_omni_hist_t  *h;
+
+    if (from == 0 || to == 0 || to < from) {
+        return;
+    }
+
+    ms = to - from;
+    h = &sh->hists[hist];
+
+    for (i = 0; i < NGX_HTTP_OMNI_BUCKETS; i++) {
+        if ((double) ms <= ngx_http_omni_bucket_bounds[i] * 1000) {
+            h->buckets[i]++;
+            break;
+        }
+    }
+
+    h->count++;
+    h->sum_ms += ms;
+}
+
+
+void
+ngx_http_omni_request_end(ngx_http_omni_main_conf_t *mcf, ngx_uint_t route,
+    ngx_uint_t mode, ngx_uint_t status, ngx_http_omni_ctx_t *ctx)
+{
+    ngx_uint_t              i;
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_leg_t    *p;
+    ngx_http_omni_shctx_t  *sh;
+
+    for (i = 1; i < NGX_HTTP_OMNI_STATUSES; i++) {
+        if (ngx_http_omni_status_codes[i] == status) {
+            break;
+        }
+    }
+
+    if (i == NGX_HTTP_OMNI_STATUSES) {
+        i = 0;
+    }
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+    p = &ctx->legs[NGX_HTTP_OMNI_PREFILL];
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    sh->requests[route][mode][i]++;
+
+    if (sh->inflight_requests) {
+        sh->inflight_requests--;
+    }
+
+    if (status >= 500 || status == 499) {
+        sh->errors_total++;
+    }
+
+    ngx_http_omni_observe_locked(sh, NGX_HTTP_OMNI_HIST_QUEUE,
+                                 ctx->t_start, ctx->t_released);
+    ngx_http_omni_observe_locked(sh, NGX_HTTP_OMNI_HIST_PREFILL,
+                                 p->dispatched, p->finished);
+    ngx_http_omni_observe_locked(sh, NGX_HTTP_OMNI_HIST_TTFT,
+                                 ctx->t_start, ctx->t_first_byte);
+    ngx_http_omni_observe_locked(sh, NGX_HTTP_OMNI_HIST_TOTAL,
+                                 ctx->t_start, ctx->t_end);
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+void
+ngx_http_omni_count_held(ngx_http_omni_main_conf_t *mcf,
+    ngx_int_t prefill_delta, ngx_int_t decode_delta)
+{
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_shctx_t  *sh;
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    sh->prefill_waiting += prefill_delta;
+    sh->decode_waiting += decode_delta;
+
+    if (prefill_delta > 0 || decode_delta > 0) {
+        sh->held_total++;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}

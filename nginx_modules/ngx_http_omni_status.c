@@ -1,0 +1,412 @@
+/*
+ * Omni Proxy nginx module: /omni/status (JSON), /metrics (Prometheus text)
+ * and /health.  The generated config serves the first two to loopback only.
+ *
+ * Each page is rendered from one consistent copy of the shared state, taken
+ * under the zone lock, so a slow client never holds the lock.
+ */
+
+
+#include "ngx_http_omni.h"
+
+
+static ngx_http_omni_shctx_t *ngx_http_omni_snapshot(ngx_http_request_t *r,
+    ngx_http_omni_main_conf_t *mcf);
+static ngx_int_t ngx_http_omni_reply(ngx_http_request_t *r,
+    ngx_uint_t status, const char *type, u_char *body, size_t len);
+
+
+static const char  *ngx_http_omni_roles[] = { "prefill", "decode" };
+static const char  *ngx_http_omni_modes[] = {
+    "sequential", "parallel", "aggregated"
+};
+static const char  *ngx_http_omni_policies[] = {
+    "omni", "cache-aware", "least-loaded", "round-robin"
+};
+static const char  *ngx_http_omni_routes[] = {
+    "completions", "chat_completions", "other"
+};
+static const char  *ngx_http_omni_hist_names[] = {
+    "omni_prefill_leg_seconds", "omni_time_to_first_byte_seconds",
+    "omni_request_seconds", "omni_queue_seconds"
+};
+static const char  *ngx_http_omni_hist_help[] = {
+    "Duration of the prefill leg (sequential and parallel modes).",
+    "Client request arrival to the first response byte.",
+    "Client request arrival to the last response byte.",
+    "Time a request was held in the proxy before dispatch."
+};
+
+
+static ngx_http_omni_shctx_t *
+ngx_http_omni_snapshot(ngx_http_request_t *r, ngx_http_omni_main_conf_t *mcf)
+{
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_shctx_t  *sh, *copy;
+
+    copy = ngx_palloc(r->pool, sizeof(ngx_http_omni_shctx_t));
+    if (copy == NULL) {
+        return NULL;
+    }
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+    ngx_memcpy(copy, sh, offsetof(ngx_http_omni_shctx_t, inst)
+                         + sh->n_slots * sizeof(ngx_http_omni_inst_t));
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return copy;
+}
+
+
+static ngx_int_t
+ngx_http_omni_reply(ngx_http_request_t *r, ngx_uint_t status,
+    const char *type, u_char *body, size_t len)
+{
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_chain_t   out;
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+
+    rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    r->headers_out.status = status;
+    r->headers_out.content_type.data = (u_char *) type;
+    r->headers_out.content_type.len = ngx_strlen(type);
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_length_n = len;
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    b->pos = body;
+    b->last = body + len;
+    b->memory = len ? 1 : 0;
+    b->last_buf = 1;
+    b->last_in_chain = 1;
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+ngx_int_t
+ngx_http_omni_status_handler(ngx_http_request_t *r)
+{
+    u_char                         *body, *p;
+    size_t                          size;
+    ngx_uint_t                      t, i, first;
+    ngx_msec_t                      now;
+    ngx_http_omni_inst_t           *in;
+    ngx_http_omni_shctx_t          *sh;
+    ngx_http_omni_main_conf_t      *mcf;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_omni_module);
+
+    if (mcf->shm_zone == NULL) {
+        return NGX_HTTP_NOT_FOUND;
+    }
+
+    sh = ngx_http_omni_snapshot(r, mcf);
+    if (sh == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    size = 1024 + (size_t) sh->n_slots * (512 + NGX_HTTP_OMNI_ADDR_LEN);
+
+    body = ngx_pnalloc(r->pool, size);
+    if (body == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    now = ngx_current_msec;
+
+    p = ngx_sprintf(body,
+                    "{\"version\":\"%s\",\"pd_policy\":\"%s\","
+                    "\"schedule_policy\":\"%s\",\"worker_pid\":%P,"
+                    "\"uptime_s\":%M,\"config_generation\":%uL,"
+                    "\"queues\":{\"prefill_waiting\":%uD,"
+                    "\"decode_waiting\":%uD,\"held_total\":%uL},"
+                    "\"totals\":{\"requests\":%uL,\"inflight_requests\":%uL,"
+                    "\"errors\":%uL},\"instances\":[",
+                    NGX_HTTP_OMNI_VERSION,
+                    ngx_http_omni_modes[mcf->pd_policy],
+                    ngx_http_omni_policies[mcf->schedule_policy],
+                    ngx_pid, (now - sh->started) / 1000, sh->generation,
+                    sh->prefill_waiting, sh->decode_waiting, sh->held_total,
+                    sh->requests_total, sh->inflight_requests,
+                    sh->errors_total);
+
+    first = 1;
+
+    for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
+        ucf = mcf->tiers[t];
+        if (ucf == NULL) {
+            continue;
+        }
+
+        for (i = 0; i < ucf->n; i++) {
+            if (ucf->slots[i] >= sh->n_slots) {
+                continue;
+            }
+
+            in = &sh->inst[ucf->slots[i]];
+
+            if (!first) {
+                *p++ = ',';
+            }
+
+            first = 0;
+
+            p = ngx_sprintf(p,
+                    "{\"role\":\"%s\",\"index\":%ui,\"address\":\"%*s\","
+                    "\"bootstrap_port\":%d,"
+                    "\"inflight_requests\":%uL,\"inflight_tokens\":%uL,"
+                    "\"healthy\":%s,\"fails\":%uD,"
+                    "\"requests_total\":%uL,\"errors_total\":%uL,"
+                    "\"tokens_total\":%uL,\"last_latency_ms\":%uL}",
+                    ngx_http_omni_roles[t], i,
+                    (size_t) in->addr_len, in->addr,
+                    (int) in->bootstrap_port,
+                    in->inflight_requests, in->inflight_tokens,
+                    ngx_http_omni_inst_usable(in, now) ? "true" : "false",
+                    in->fails, in->requests_total, in->errors_total,
+                    in->tokens_total, in->last_latency_ms);
+        }
+    }
+
+    p = ngx_cpymem(p, "]}\n", 3);
+
+    return ngx_http_omni_reply(r, NGX_HTTP_OK, "application/json", body,
+                               p - body);
+}
+
+
+ngx_int_t
+ngx_http_omni_metrics_handler(ngx_http_request_t *r)
+{
+    u_char                         *body, *p;
+    size_t                          size;
+    uint64_t                        cum;
+    ngx_uint_t                      t, i, k, m, s;
+    ngx_msec_t                      now;
+    ngx_http_omni_hist_t           *h;
+    ngx_http_omni_inst_t           *in;
+    ngx_http_omni_shctx_t          *sh;
+    ngx_http_omni_main_conf_t      *mcf;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_omni_module);
+
+    if (mcf->shm_zone == NULL) {
+        return NGX_HTTP_NOT_FOUND;
+    }
+
+    sh = ngx_http_omni_snapshot(r, mcf);
+    if (sh == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    size = 32768 + (size_t) sh->n_slots * (1024 + 8 * NGX_HTTP_OMNI_ADDR_LEN);
+
+    body = ngx_pnalloc(r->pool, size);
+    if (body == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    now = ngx_current_msec;
+    p = body;
+
+    p = ngx_sprintf(p,
+            "# HELP omni_requests_total Client requests answered, by route, "
+            "P/D mode and HTTP status (\"other\" for unlisted codes).\n"
+            "# TYPE omni_requests_total counter\n");
+
+    for (k = 0; k < NGX_HTTP_OMNI_ROUTES; k++) {
+        for (m = 0; m < NGX_HTTP_OMNI_TIERS + 1; m++) {
+            for (s = 0; s < NGX_HTTP_OMNI_STATUSES; s++) {
+                if (sh->requests[k][m][s] == 0) {
+                    continue;
+                }
+
+                p = ngx_sprintf(p, "omni_requests_total{route=\"%s\","
+                                "mode=\"%s\",status=\"", ngx_http_omni_routes[k],
+                                ngx_http_omni_modes[m]);
+
+                if (s == 0) {
+                    p = ngx_cpymem(p, "other", 5);
+                } else {
+                    p = ngx_sprintf(p, "%ui", ngx_http_omni_status_codes[s]);
+                }
+
+                p = ngx_sprintf(p, "\"} %uL\n", sh->requests[k][m][s]);
+            }
+        }
+    }
+
+    p = ngx_sprintf(p,
+            "# HELP omni_inflight_requests Client requests in the proxy now.\n"
+            "# TYPE omni_inflight_requests gauge\n"
+            "omni_inflight_requests %uL\n"
+            "# HELP omni_queue_waiting Requests held in the proxy now.\n"
+            "# TYPE omni_queue_waiting gauge\n"
+            "omni_queue_waiting{queue=\"prefill\"} %uD\n"
+            "omni_queue_waiting{queue=\"decode\"} %uD\n"
+            "# HELP omni_held_total Requests that were held before dispatch."
+            "\n# TYPE omni_held_total counter\n"
+            "omni_held_total %uL\n",
+            sh->inflight_requests, sh->prefill_waiting, sh->decode_waiting,
+            sh->held_total);
+
+#define omni_inst_metric(name, type, help)                                   \
+    p = ngx_sprintf(p, "# HELP " name " " help "\n# TYPE " name " " type "\n");\
+    for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {                             \
+        ucf = mcf->tiers[t];                                                 \
+        if (ucf == NULL) {                                                   \
+            continue;                                                        \
+        }                                                                    \
+        for (i = 0; i < ucf->n; i++) {                                       \
+            if (ucf->slots[i] >= sh->n_slots) {                              \
+                continue;                                                    \
+            }                                                                \
+            in = &sh->inst[ucf->slots[i]];                                   \
+            p = ngx_sprintf(p, name "{role=\"%s\",instance=\"%*s\"} %uL\n",  \
+                            ngx_http_omni_roles[t], (size_t) in->addr_len,   \
+                            in->addr, (uint64_t) (OMNI_VALUE));              \
+        }                                                                    \
+    }
+
+#define OMNI_VALUE  in->inflight_requests
+    omni_inst_metric("omni_instance_inflight_requests", "gauge",
+                     "Legs in flight on the instance.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  in->inflight_tokens
+    omni_inst_metric("omni_instance_inflight_tokens", "gauge",
+                     "Tokens charged to the instance by legs in flight.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  in->requests_total
+    omni_inst_metric("omni_instance_requests_total", "counter",
+                     "Legs sent to the instance.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  in->errors_total
+    omni_inst_metric("omni_instance_errors_total", "counter",
+                     "Legs to the instance that failed.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  ngx_http_omni_inst_usable(in, now)
+    omni_inst_metric("omni_instance_healthy", "gauge",
+                     "1 when the instance may be chosen.")
+#undef OMNI_VALUE
+#undef omni_inst_metric
+
+    for (k = 0; k < NGX_HTTP_OMNI_HISTS; k++) {
+        h = &sh->hists[k];
+
+        p = ngx_sprintf(p, "# HELP %s %s\n# TYPE %s histogram\n",
+                        ngx_http_omni_hist_names[k],
+                        ngx_http_omni_hist_help[k],
+                        ngx_http_omni_hist_names[k]);
+
+        cum = 0;
+
+        for (i = 0; i < NGX_HTTP_OMNI_BUCKETS; i++) {
+            cum += h->buckets[i];
+            p = ngx_sprintf(p, "%s_bucket{le=\"%.3f\"} %uL\n",
+                            ngx_http_omni_hist_names[k],
+                            ngx_http_omni_bucket_bounds[i], cum);
+        }
+
+        p = ngx_sprintf(p, "%s_bucket{le=\"+Inf\"} %uL\n"
+                        "%s_sum %uL.%03uL\n%s_count %uL\n",
+                        ngx_http_omni_hist_names[k], h->count,
+                        ngx_http_omni_hist_names[k], h->sum_ms / 1000,
+                        h->sum_ms % 1000,
+                        ngx_http_omni_hist_names[k], h->count);
+    }
+
+    return ngx_http_omni_reply(r, NGX_HTTP_OK,
+                               "text/plain; version=0.0.4; charset=utf-8",
+                               body, p - body);
+}
+
+
+ngx_int_t
+ngx_http_omni_health_handler(ngx_http_request_t *r)
+{
+    u_char                         *body, *p;
+    ngx_uint_t                      t, i, usable[NGX_HTTP_OMNI_TIERS], ok;
+    ngx_msec_t                      now;
+    ngx_http_omni_shctx_t          *sh;
+    ngx_http_omni_main_conf_t      *mcf;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_omni_module);
+
+    if (mcf->shm_zone == NULL) {
+        return NGX_HTTP_NOT_FOUND;
+    }
+
+    sh = ngx_http_omni_snapshot(r, mcf);
+    if (sh == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    now = ngx_current_msec;
+
+    for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
+        usable[t] = 0;
+        ucf = mcf->tiers[t];
+
+        for (i = 0; ucf && i < ucf->n; i++) {
+            if (ucf->slots[i] < sh->n_slots
+                && ngx_http_omni_inst_usable(&sh->inst[ucf->slots[i]], now)
+                && !ucf->peers[i]->down)
+            {
+                usable[t]++;
+            }
+        }
+    }
+
+    ok = usable[NGX_HTTP_OMNI_DECODE] > 0
+         && (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED
+             || usable[NGX_HTTP_OMNI_PREFILL] > 0);
+
+    body = ngx_pnalloc(r->pool, 512);
+    if (body == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_sprintf(body,
+                    "{\"status\":\"%s\",\"pd_policy\":\"%s\","
+                    "\"prefill\":{\"usable\":%ui,\"total\":%ui},"
+                    "\"decode\":{\"usable\":%ui,\"total\":%ui}}\n",
+                    ok ? "ok" : "unavailable",
+                    ngx_http_omni_modes[mcf->pd_policy],
+                    usable[NGX_HTTP_OMNI_PREFILL],
+                    mcf->tiers[NGX_HTTP_OMNI_PREFILL]
+                    ? mcf->tiers[NGX_HTTP_OMNI_PREFILL]->n : 0,
+                    usable[NGX_HTTP_OMNI_DECODE],
+                    mcf->tiers[NGX_HTTP_OMNI_DECODE]
+                    ? mcf->tiers[NGX_HTTP_OMNI_DECODE]->n : 0);
+
+    return ngx_http_omni_reply(r, ok ? NGX_HTTP_OK
+                                     : NGX_HTTP_SERVICE_UNAVAILABLE,
+                               "application/json", body, p - body);
+}

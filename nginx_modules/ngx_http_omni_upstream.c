@@ -1,0 +1,355 @@
+/*
+ * Omni Proxy nginx module: the upstream balancer (`omni_balance`).
+ *
+ * Built on round robin like nginx's least_conn.  The instance of a leg is
+ * decided by the scheduler before the leg starts (in parallel mode the
+ * prefill's address is written into both bodies); get() connects to that
+ * decision, and on a retry (nginx's proxy_next_upstream, only before the
+ * request was sent) picks the least-loaded usable instance not tried yet.
+ * free() releases the leg's load and records the outcome, then calls round
+ * robin's free; keepalive wraps us as it wraps round robin.
+ */
+
+
+#include "ngx_http_omni.h"
+
+
+typedef struct {
+    /* the round robin data must come first: rr's functions use it */
+    ngx_http_upstream_rr_peer_data_t   rrp;
+
+    ngx_http_omni_upstream_conf_t     *ucf;
+    ngx_http_request_t                *request;
+    ngx_http_omni_leg_t               *leg;
+    /* accounting of a request that is not an omni leg (location /) */
+    ngx_http_omni_leg_t                plain;
+} ngx_http_omni_peer_data_t;
+
+
+static ngx_int_t ngx_http_omni_init_upstream(ngx_conf_t *cf,
+    ngx_http_upstream_srv_conf_t *us);
+static ngx_int_t ngx_http_omni_init_peer(ngx_http_request_t *r,
+    ngx_http_upstream_srv_conf_t *us);
+static ngx_int_t ngx_http_omni_get_peer(ngx_peer_connection_t *pc,
+    void *data);
+static void ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
+    ngx_uint_t state);
+
+
+char *
+ngx_http_omni_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_omni_upstream_conf_t  *ucf = conf;
+
+    ngx_str_t                     *value;
+    ngx_uint_t                     role;
+    ngx_http_omni_main_conf_t     *mcf;
+    ngx_http_upstream_srv_conf_t  *uscf;
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "prefill") == 0) {
+        role = NGX_HTTP_OMNI_PREFILL;
+
+    } else if (ngx_strcmp(value[1].data, "decode") == 0) {
+        role = NGX_HTTP_OMNI_DECODE;
+
+    } else {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid role \"%V\" in \"omni_balance\", "
+                           "use \"prefill\" or \"decode\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ucf->role != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_omni_module);
+
+    if (mcf->tiers[role]) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"omni_balance %V\" is already used by upstream "
+                           "\"%V\"", &value[1],
+                           &mcf->tiers[role]->upstream->host);
+        return NGX_CONF_ERROR;
+    }
+
+    uscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_upstream_module);
+
+    if (uscf->peer.init_upstream) {
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                           "load balancing method redefined");
+    }
+
+    ucf->role = role;
+    ucf->mcf = mcf;
+    ucf->upstream = uscf;
+    mcf->tiers[role] = ucf;
+
+    uscf->peer.init_upstream = ngx_http_omni_init_upstream;
+
+    uscf->flags = NGX_HTTP_UPSTREAM_CREATE
+                  |NGX_HTTP_UPSTREAM_WEIGHT
+                  |NGX_HTTP_UPSTREAM_MAX_CONNS
+                  |NGX_HTTP_UPSTREAM_MAX_FAILS
+                  |NGX_HTTP_UPSTREAM_FAIL_TIMEOUT
+                  |NGX_HTTP_UPSTREAM_DOWN;
+
+    return NGX_CONF_OK;
+}
+
+
+char *
+ngx_http_omni_bootstrap(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_omni_upstream_conf_t  *ucf = conf;
+
+    ngx_int_t                   port;
+    ngx_str_t                  *value;
+    ngx_http_omni_bootstrap_t  *b;
+
+    value = cf->args->elts;
+
+    port = ngx_atoi(value[2].data, value[2].len);
+
+    if (port < 1 || port > 65535) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid bootstrap port \"%V\" in "
+                           "\"omni_bootstrap\"", &value[2]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ucf->bootstrap == NULL) {
+        ucf->bootstrap = ngx_array_create(cf->pool, 4,
+                                          sizeof(ngx_http_omni_bootstrap_t));
+        if (ucf->bootstrap == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    b = ngx_array_push(ucf->bootstrap);
+    if (b == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    b->addr = value[1];
+    b->port = (in_port_t) port;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_omni_init_upstream(ngx_conf_t *cf, ngx_http_upstream_srv_conf_t *us)
+{
+    ngx_uint_t                      i, j;
+    ngx_http_omni_bootstrap_t      *b;
+    ngx_http_upstream_rr_peer_t    *peer;
+    ngx_http_upstream_rr_peers_t   *peers;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, cf->log, 0, "omni init upstream");
+
+    if (ngx_http_upstream_init_round_robin(cf, us) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ucf = ngx_http_conf_upstream_srv_conf(us, ngx_http_omni_module);
+    peers = us->peer.data;
+
+    if (peers->next) {
+        ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                      "omni: backup servers in upstream \"%V\" are not "
+                      "used by omni_balance", &us->host);
+    }
+
+    ucf->n = peers->number;
+
+    ucf->peers = ngx_pcalloc(cf->pool,
+                             ucf->n * sizeof(ngx_http_upstream_rr_peer_t *));
+    ucf->slots = ngx_pcalloc(cf->pool, ucf->n * sizeof(ngx_uint_t));
+    ucf->bootstrap_ports = ngx_pcalloc(cf->pool, ucf->n * sizeof(in_port_t));
+
+    if (ucf->peers == NULL || ucf->slots == NULL
+        || ucf->bootstrap_ports == NULL)
+    {
+        return NGX_ERROR;
+    }
+
+    for (i = 0, peer = peers->peer; peer && i < ucf->n; peer = peer->next) {
+        ucf->peers[i] = peer;
+        ucf->slots[i] = NGX_HTTP_OMNI_MAX_SLOTS;
+        ucf->bootstrap_ports[i] = 8998;     /* SGLang's default */
+        i++;
+    }
+
+    if (ucf->bootstrap == NULL) {
+        goto done;
+    }
+
+    b = ucf->bootstrap->elts;
+
+    for (j = 0; j < ucf->bootstrap->nelts; j++) {
+
+        for (i = 0; i < ucf->n; i++) {
+            if (ucf->peers[i]->name.len == b[j].addr.len
+                && ngx_strncmp(ucf->peers[i]->name.data, b[j].addr.data,
+                               b[j].addr.len) == 0)
+            {
+                ucf->bootstrap_ports[i] = b[j].port;
+                break;
+            }
+        }
+
+        if (i == ucf->n) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "\"omni_bootstrap %V\" does not name a server of "
+                          "upstream \"%V\" (write the address as the server "
+                          "line resolves it, e.g. 127.0.0.1:8001)",
+                          &b[j].addr, &us->host);
+            return NGX_ERROR;
+        }
+    }
+
+done:
+
+    us->peer.init = ngx_http_omni_init_peer;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_omni_init_peer(ngx_http_request_t *r,
+    ngx_http_upstream_srv_conf_t *us)
+{
+    ngx_http_omni_ctx_t            *ctx;
+    ngx_http_omni_leg_t            *leg;
+    ngx_http_omni_peer_data_t      *pd;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "omni init peer");
+
+    pd = ngx_pcalloc(r->pool, sizeof(ngx_http_omni_peer_data_t));
+    if (pd == NULL) {
+        return NGX_ERROR;
+    }
+
+    r->upstream->peer.data = &pd->rrp;
+
+    if (ngx_http_upstream_init_round_robin_peer(r, us) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ucf = ngx_http_conf_upstream_srv_conf(us, ngx_http_omni_module);
+
+    pd->ucf = ucf;
+    pd->request = r;
+
+    ctx = (r != r->main) ? ngx_http_omni_get_ctx(r) : NULL;
+    leg = ctx ? &ctx->legs[ucf->role] : NULL;
+
+    if (leg && leg->sr == r && leg->state == NGX_HTTP_OMNI_LEG_RESERVED) {
+        pd->leg = leg;
+
+        if (ctx->mode == NGX_HTTP_OMNI_PARALLEL
+            && ucf->role == NGX_HTTP_OMNI_PREFILL)
+        {
+            /* the decode leg was told this prefill's address */
+            r->upstream->peer.tries = 1;
+        }
+
+    } else {
+        pd->leg = &pd->plain;
+    }
+
+    r->upstream->peer.get = ngx_http_omni_get_peer;
+    r->upstream->peer.free = ngx_http_omni_free_peer;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_omni_get_peer(ngx_peer_connection_t *pc, void *data)
+{
+    ngx_http_omni_peer_data_t  *pd = data;
+
+    uintptr_t                     m;
+    ngx_uint_t                    index, n;
+    ngx_http_omni_leg_t          *leg;
+    ngx_http_upstream_rr_peer_t  *peer;
+
+    leg = pd->leg;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, pc->log, 0,
+                   "omni get peer, try: %ui, leg state: %ui",
+                   pc->tries, leg->state);
+
+    pc->cached = 0;
+    pc->connection = NULL;
+
+    if (leg->state == NGX_HTTP_OMNI_LEG_RESERVED) {
+        index = leg->index;
+
+    } else {
+        /* a retry, or a request the scheduler did not place */
+        if (ngx_http_omni_choose_retry(pd->request, pd->ucf, pd->rrp.tried,
+                                       &index)
+            != NGX_OK)
+        {
+            pc->name = &pd->ucf->upstream->host;
+            return NGX_BUSY;
+        }
+
+        leg->tier = pd->ucf->role;
+        leg->sr = pd->request;
+
+        ngx_http_omni_leg_reserve(pd->ucf, leg, index, leg->tokens);
+    }
+
+    if (index >= pd->ucf->n) {
+        return NGX_BUSY;
+    }
+
+    peer = pd->ucf->peers[index];
+
+    n = index / (8 * sizeof(uintptr_t));
+    m = (uintptr_t) 1 << index % (8 * sizeof(uintptr_t));
+    pd->rrp.tried[n] |= m;
+
+    pd->rrp.current = peer;
+    peer->conns++;
+
+    leg->state = NGX_HTTP_OMNI_LEG_ACTIVE;
+
+    pc->sockaddr = peer->sockaddr;
+    pc->socklen = peer->socklen;
+    pc->name = &peer->name;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
+    ngx_uint_t state)
+{
+    ngx_http_omni_peer_data_t  *pd = data;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, pc->log, 0,
+                   "omni free peer, tries: %ui, state: %ui", pc->tries, state);
+
+    ngx_http_omni_leg_release(pd->ucf->mcf, pd->leg,
+                              (state & NGX_PEER_FAILED) != 0);
+
+    if (pd->rrp.current == NULL) {
+        return;
+    }
+
+    ngx_http_upstream_free_round_robin_peer(pc, &pd->rrp, state);
+
+    pd->rrp.current = NULL;
+}
