@@ -135,6 +135,10 @@ def bench(target, sim_stats, sim_interval, label, out_dir, plots, quiet, **kw):
             click.echo(f"{name}: {path}")
 
 
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
 def _url(target: str) -> str:
     target = target.rstrip("/")
     if "://" not in target:
@@ -150,7 +154,7 @@ def _url(target: str) -> str:
                   ["direct", "nginx", "omni-aggregated", "omni-sequential",
                    "omni-parallel", "sglang-router-pd", "vllm-router-pd",
                    "sglang-router-rr", "vllm-router-rr"]))
-@click.option("--duration", type=float, default=5.0, show_default=True,
+@click.option("--duration", type=click.IntRange(1), default=5, show_default=True,
               help="Seconds of load per target and size.")
 @click.option("--connections", type=int, default=32, show_default=True)
 @click.option("--wrk-threads", type=int, default=1, show_default=True)
@@ -160,12 +164,14 @@ def _url(target: str) -> str:
 @click.option("--base-port", type=int, default=0,
               help="First loopback port to use (default: free ports).")
 @click.option("--out", "out_dir", default="bench-out/overhead", show_default=True)
+@click.option("--prompt-kind", type=click.Choice(["text", "tokens"]), default="text",
+              show_default=True, help="Prompt as a string or as token ids.")
 @click.option("--keep-dir", is_flag=True, help="Keep the temporary prefix (configs, logs).")
 def bench_overhead(**kw):
     """Requests/s and p50/p99 of plain nginx, Omni Proxy and peer routers in
     front of one canned fast backend, at several prompt sizes, measured with wrk."""
     from . import overhead
-    res = overhead.run_overhead(**kw)
+    res = overhead.run_overhead(**kw, log=_log)
     click.echo(res["markdown"])
     click.echo(f"results: {res['json_path']}")
 

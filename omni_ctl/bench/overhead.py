@@ -1,0 +1,315 @@
+"""`omni-ctl bench-overhead`: what a router costs per request.
+
+One canned backend (nginx answering every request with one fixed completion,
+including `kv_transfer_params` so P/D routers run both legs) listens on four
+loopback ports: two play prefill instances, two decode instances. Each target
+is started in front of it in turn and loaded with wrk (POST bodies of the
+given sizes, non-streaming), side by side in one run:
+
+    direct            wrk -> backend (the ceiling; shows wrk is not the limit)
+    nginx             plain nginx proxy_pass, round robin over 2 ports
+    omni-aggregated   Omni Proxy, one tier
+    omni-sequential   Omni Proxy, vLLM-style P/D (prefill leg, then decode leg)
+    omni-parallel     Omni Proxy, SGLang-style P/D (both legs at once)
+    vllm-router-pd    vllm-router --vllm-pd-disaggregation, cache_aware prefill
+    sglang-router-pd  sglang-router --pd-disaggregation, cache_aware prefill
+    vllm-router-rr    vllm-router, plain round robin over 2 ports
+    sglang-router-rr  sglang-router, plain round robin over 2 ports
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+
+from . import omni, procs
+from .errors import BenchError
+from .workloads import content_key, text_block, token_block
+
+TARGETS = ("direct", "nginx", "omni-aggregated", "omni-sequential", "omni-parallel",
+           "vllm-router-pd", "sglang-router-pd", "vllm-router-rr", "sglang-router-rr")
+
+CANNED_BODY = json.dumps({
+    "id": "cmpl-canned", "object": "text_completion", "created": 0, "model": "canned",
+    "choices": [{"index": 0, "text": "ok", "finish_reason": "length", "logprobs": None}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    "kv_transfer_params": {"do_remote_prefill": True, "do_remote_decode": False,
+                           "remote_block_ids": [1], "remote_engine_id": "canned",
+                           "remote_request_id": "canned", "remote_host": "127.0.0.1",
+                           "remote_port": 5600, "tp_size": 1}},
+    separators=(",", ":"))
+
+BOOTSTRAP_PORTS = (8998, 8999)
+
+
+class Skip(Exception):
+    """A target that cannot run here; the message says why."""
+
+
+def parse_sizes(text: str) -> list[int]:
+    out = []
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", item)
+        if not m or int(m.group(1)) == 0:
+            raise BenchError(f"--sizes: cannot read '{item.strip()}' in '{text}' "
+                             f"(write e.g. 1k,16k,200k)")
+        out.append(int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[
+            m.group(2).lower()])
+    return out
+
+
+def size_label(n: int) -> str:
+    return f"{n // 1024} KB" if n % 1024 == 0 else f"{n} B"
+
+
+def make_body(size: int, kind: str = "text") -> bytes:
+    """A non-streaming completion request of exactly `size` bytes (text) or
+    at most `size` bytes (token ids)."""
+    base = {"model": "canned", "prompt": "", "max_tokens": 16, "stream": False,
+            "temperature": 0}
+    empty = len(json.dumps(base, separators=(",", ":")))
+    room = size - empty
+    if room < 1:
+        raise BenchError(f"--sizes: {size} bytes is smaller than an empty request")
+    if kind == "tokens":
+        ids, used = [], 2                      # "[" and "]" replace '""'
+        for t in token_block(content_key("overhead", size), room // 5 + 1):
+            used += len(str(t)) + (1 if ids else 0)
+            if used > room + 2:
+                break
+            ids.append(t)
+        base["prompt"] = ids
+    else:
+        words = text_block(content_key("overhead", size), room // 3 + 1)
+        base["prompt"] = words[:room]
+    return json.dumps(base, separators=(",", ":")).encode()
+
+
+# --- wrk --------------------------------------------------------------------------
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def parse_wrk(text: str) -> dict:
+    """Requests/s, latency percentiles and errors from `wrk --latency` output."""
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if not m:
+        raise BenchError(f"wrk printed no Requests/sec:\n{text[-1500:]}")
+    out = {"rps": float(m.group(1))}
+    for pct, value, unit in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s|m)\s*$", text,
+                                       re.M):
+        out[f"p{pct}_ms"] = float(value) * _UNIT_MS[unit]
+    m = re.search(r"(\d+) requests in", text)
+    out["requests"] = int(m.group(1)) if m else None
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    out["non_2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                  text)
+    out["socket_errors"] = sum(map(int, m.groups())) if m else 0
+    return out
+
+
+def wrk_binary() -> str:
+    path = shutil.which("wrk") or "/usr/bin/wrk"
+    if not os.access(path, os.X_OK):
+        raise BenchError("wrk not found: install it (apt-get install wrk)")
+    return path
+
+
+def run_wrk(url: str, body_path: str, duration: float, connections: int,
+            threads: int) -> dict:
+    """wrk POSTing the body file for `duration` seconds (whole seconds, >= 1)."""
+    lua = body_path + ".lua"
+    if any(c in body_path for c in "\"\\\n"):
+        raise BenchError(f"unusable path for wrk's script: {body_path}")
+    with open(lua, "w") as f:
+        f.write('wrk.method = "POST"\n'
+                'wrk.headers["Content-Type"] = "application/json"\n'
+                f'local f = assert(io.open("{body_path}", "rb"))\n'
+                'wrk.body = f:read("*a")\nf:close()\n')
+    argv = [wrk_binary(), "-t", str(threads), "-c", str(connections),
+            "-d", f"{max(1, round(duration))}s", "--latency", "-s", lua, url]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish: {' '.join(argv)}") from None
+    if res.returncode != 0:
+        raise BenchError(f"wrk failed ({res.returncode}): "
+                         f"{(res.stderr or res.stdout).strip()}")
+    return parse_wrk(res.stdout)
+
+
+# --- targets ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _target(name: str, tmp: str, backend_ports: list[int], workers: int, port: int,
+            probe: bytes):
+    """Start target `name` on `port`; yield its URL; stop it afterwards."""
+    urls = [f"http://127.0.0.1:{p}" for p in backend_ports]
+    prefill = [f"127.0.0.1:{p}" for p in backend_ports[:2]]
+    decode = [f"127.0.0.1:{p}" for p in backend_ports[2:]]
+    url = f"http://127.0.0.1:{port}"
+    if name == "direct":
+        yield urls[0]
+        return
+    prefix = os.path.join(tmp, name)
+    os.makedirs(prefix, exist_ok=True)
+    if name == "nginx":
+        conf = procs.render_plain_nginx(prefix, [port], mode="proxy", workers=workers,
+                                        upstreams=prefill, start_core=0)
+        proc = procs.start_nginx(name, conf, prefix)
+    elif name.startswith("omni-"):
+        mode = name[len("omni-"):]
+        try:
+            proc = omni.start_proxy(prefix, port, mode, workers=workers,
+                                    prefill=prefill if mode != "aggregated" else [],
+                                    decode=decode if mode != "aggregated" else prefill,
+                                    bootstrap_ports=BOOTSTRAP_PORTS)
+        except omni.NotAvailable as exc:
+            raise Skip(str(exc)) from None
+    else:
+        router = name.rsplit("-", 1)[0]
+        binary = procs.venv_bin(router)
+        if binary is None:
+            raise Skip(f"{router} is not installed (pip install .[peers])")
+        argv = peer_argv(name, binary, port, urls)
+        proc = procs.Proc(name, argv, os.path.join(prefix, "router.log"))
+    try:
+        procs.wait_http(proc, url + "/v1/completions", probe, timeout=60, what=name)
+        yield url
+    finally:
+        proc.stop()
+
+
+def peer_argv(name: str, binary: str, port: int, urls: list[str]) -> list[str]:
+    """Command lines as in /work/shared/PEERS.md (P/D with cache_aware prefill,
+    or plain round robin over the first two ports)."""
+    common = ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error"]
+    if name == "vllm-router-pd":
+        return [binary, *common, "--vllm-pd-disaggregation",
+                "--prefill", urls[0], "--prefill", urls[1],
+                "--decode", urls[2], "--decode", urls[3],
+                "--prefill-policy", "cache_aware", "--decode-policy", "round_robin"]
+    if name == "vllm-router-rr":
+        return [binary, *common, "--worker-urls", urls[0], urls[1],
+                "--policy", "round_robin"]
+    if name == "sglang-router-pd":
+        return [binary, "launch", *common, "--pd-disaggregation",
+                "--prefill", urls[0], str(BOOTSTRAP_PORTS[0]),
+                "--prefill", urls[1], str(BOOTSTRAP_PORTS[1]),
+                "--decode", urls[2], "--decode", urls[3],
+                "--prefill-policy", "cache_aware", "--decode-policy", "round_robin",
+                "--disable-health-check"]
+    if name == "sglang-router-rr":
+        return [binary, "launch", *common, "--worker-urls", urls[0], urls[1],
+                "--policy", "round_robin", "--disable-health-check"]
+    raise BenchError(f"unknown target '{name}'")
+
+
+def parse_targets(text: str | None) -> list[str]:
+    if not text:
+        return list(TARGETS)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in TARGETS]
+    if bad or not names:
+        raise BenchError(f"--targets: unknown '{','.join(bad) or text}' "
+                         f"(known: {', '.join(TARGETS)})")
+    return names
+
+
+def run_overhead(sizes="1k,16k,200k", targets=None, duration=5.0, connections=32,
+                 wrk_threads=1, workers=1, backend_workers=1, base_port=0,
+                 out_dir="bench-out/overhead", keep_dir=False,
+                 prompt_kind="text", warmup=1.0, log=None) -> dict:
+    """Measure every target at every size; write overhead.json and .md."""
+    log = log or (lambda msg: None)
+    size_list = parse_sizes(sizes)
+    names = parse_targets(targets)
+    if duration <= 0 or connections < 1 or wrk_threads < 1 or workers < 1:
+        raise BenchError("--duration, --connections, --wrk-threads and --workers "
+                         "must be positive")
+    wrk_binary()
+    ports = (list(range(base_port, base_port + 5)) if base_port else procs.free_ports(5))
+    backend_ports, port = ports[:4], ports[4]
+    tmp = tempfile.mkdtemp(prefix="omni-overhead-")
+    bodies = {}
+    for size in size_list:
+        bodies[size] = os.path.join(tmp, f"body-{size}.json")
+        with open(bodies[size], "wb") as f:
+            f.write(make_body(size, prompt_kind))
+    rows = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+        prefix = os.path.join(tmp, "backend")
+        conf = procs.render_plain_nginx(prefix, backend_ports, mode="canned",
+                                        workers=backend_workers, canned_body=CANNED_BODY)
+        with procs.start_nginx("canned backend", conf, prefix) as backend:
+            probe = make_body(1024, prompt_kind)
+            procs.wait_http(backend, f"http://127.0.0.1:{backend_ports[0]}/v1/completions",
+                            probe, timeout=15, what="canned backend")
+            for name in names:
+                try:
+                    with _target(name, tmp, backend_ports, workers, port, probe) as url:
+                        log(f"[overhead] {name}: {url}")
+                        for i, size in enumerate(size_list):
+                            if i == 0 and warmup > 0:
+                                run_wrk(url + "/v1/completions", bodies[size], warmup,
+                                        connections, wrk_threads)
+                            r = run_wrk(url + "/v1/completions", bodies[size], duration,
+                                        connections, wrk_threads)
+                            log(f"[overhead] {name} {size_label(size)}: "
+                                f"{r['rps']:.0f} req/s, p50 {r.get('p50_ms', 0):.2f} ms, "
+                                f"p99 {r.get('p99_ms', 0):.2f} ms")
+                            rows.append({"target": name, "size": size, **r})
+                except Skip as exc:
+                    log(f"[overhead] {name}: skipped: {exc}")
+                    rows.append({"target": name, "skipped": str(exc)})
+    finally:
+        if not keep_dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result = {"started": started, "sizes": size_list, "duration_s": duration,
+              "connections": connections, "wrk_threads": wrk_threads,
+              "workers": workers, "backend_workers": backend_workers,
+              "prompt_kind": prompt_kind, "cpus": os.cpu_count(), "rows": rows,
+              "tmp_dir": tmp if keep_dir else None}
+    result["markdown"] = markdown_overhead(result)
+    os.makedirs(out_dir, exist_ok=True)
+    result["json_path"] = os.path.join(out_dir, "overhead.json")
+    with open(result["json_path"], "w") as f:
+        json.dump({k: v for k, v in result.items() if k != "markdown"}, f, indent=2)
+    with open(os.path.join(out_dir, "overhead.md"), "w") as f:
+        f.write(result["markdown"])
+    return result
+
+
+def markdown_overhead(result: dict) -> str:
+    sizes = result["sizes"]
+    head = ["target"] + [f"{size_label(s)} {c}" for s in sizes
+                         for c in ("req/s", "p50 ms", "p99 ms")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    skipped = []
+    by_target: dict[str, dict] = {}
+    for r in result["rows"]:
+        if "skipped" in r:
+            skipped.append(f"- {r['target']}: skipped: {r['skipped']}")
+        else:
+            by_target.setdefault(r["target"], {})[r["size"]] = r
+    for name, cells in by_target.items():
+        row = [name]
+        for s in sizes:
+            c = cells.get(s)
+            if c is None:
+                row += ["-", "-", "-"]
+                continue
+            errs = c["non_2xx"] + c["socket_errors"]
+            row += [f"{c['rps']:.0f}" + (f" ({errs} errors)" if errs else ""),
+                    f"{c.get('p50_ms', float('nan')):.2f}",
+                    f"{c.get('p99_ms', float('nan')):.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines + [""] + skipped) + "\n"

@@ -1,0 +1,115 @@
+"""`omni-ctl bench-overhead`: wrk parsing, request bodies, the plain nginx
+template, and a short real run against the canned backend."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from omni_ctl.bench import overhead, procs
+from omni_ctl.bench.errors import BenchError
+
+WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:31901/v1/completions
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   276.79us  186.71us   6.35ms   98.51%
+    Req/Sec   116.80k    15.38k  129.10k    76.67%
+  Latency Distribution
+     50%  248.00us
+     75%  270.00us
+     90%    1.57ms
+     99%    1.02s
+  347508 requests in 3.00s, 192.22MB read
+  Socket errors: connect 0, read 2, write 0, timeout 3
+  Non-2xx or 3xx responses: 17
+Requests/sec: 115774.45
+Transfer/sec:     64.04MB
+"""
+
+
+def test_parse_wrk():
+    r = overhead.parse_wrk(WRK_OUTPUT)
+    assert r["rps"] == 115774.45 and r["requests"] == 347508
+    assert r["p50_ms"] == pytest.approx(0.248) and r["p90_ms"] == pytest.approx(1.57)
+    assert r["p99_ms"] == pytest.approx(1020.0)
+    assert r["non_2xx"] == 17 and r["socket_errors"] == 5
+    with pytest.raises(BenchError, match="no Requests/sec"):
+        overhead.parse_wrk("unable to connect")
+
+
+@pytest.mark.parametrize("size", [1024, 16 * 1024, 200 * 1024])
+def test_bodies_have_the_requested_size(size):
+    body = overhead.make_body(size)
+    assert len(body) == size
+    obj = json.loads(body)
+    assert obj["stream"] is False and isinstance(obj["prompt"], str)
+    tokens = overhead.make_body(size, "tokens")
+    assert size - 8 <= len(tokens) <= size
+    assert all(isinstance(t, int) for t in json.loads(tokens)["prompt"])
+
+
+def test_sizes_and_targets_parsing():
+    assert overhead.parse_sizes("1k, 16K,200k,80") == [1024, 16384, 204800, 80]
+    with pytest.raises(BenchError, match="'16q'"):
+        overhead.parse_sizes("1k,16q")
+    assert overhead.parse_targets(None) == list(overhead.TARGETS)
+    with pytest.raises(BenchError, match="unknown 'haproxy'"):
+        overhead.parse_targets("nginx,haproxy")
+
+
+def test_peer_command_lines_follow_peers_md():
+    urls = [f"http://127.0.0.1:{p}" for p in (1, 2, 3, 4)]
+    v = overhead.peer_argv("vllm-router-pd", "vllm-router", 9, urls)
+    assert v[v.index("--prefill-policy") + 1] == "cache_aware"
+    assert "--vllm-pd-disaggregation" in v and v.count("--prefill") == 2
+    s = overhead.peer_argv("sglang-router-pd", "sglang-router", 9, urls)
+    assert s[1] == "launch" and "--pd-disaggregation" in s
+    assert s[s.index("--prefill") + 1:s.index("--prefill") + 3] == [urls[0], "8998"]
+    assert s[s.index("--host") + 1] == "127.0.0.1"
+
+
+def test_plain_nginx_template_renders_and_passes_nginx_t(tmp_path):
+    prefix = str(tmp_path / "p")
+    conf = procs.render_plain_nginx(prefix, [18081, 18082], mode="proxy", workers=2,
+                                    upstreams=["127.0.0.1:9001", "127.0.0.1:9002"],
+                                    start_core=0)
+    text = open(conf).read()
+    assert "server 127.0.0.1:9002;" in text and "keepalive 256;" in text
+    assert "worker_cpu_affinity 1 10;" in text
+    assert "listen 127.0.0.1:18082" in text and "0.0.0.0" not in text
+    assert "{{" not in text and "{%" not in text
+    for line in text.splitlines():       # every path inside the prefix
+        for word in line.split():
+            if word.startswith("/") and word != "/":
+                assert word.startswith(prefix), line
+    canned = procs.render_plain_nginx(str(tmp_path / "c"), [18083], mode="canned",
+                                      canned_body=overhead.CANNED_BODY)
+    assert overhead.CANNED_BODY in open(canned).read()
+    for path, pre in ((conf, prefix), (canned, str(tmp_path / "c"))):
+        res = subprocess.run([procs.nginx_binary(), "-t", "-p", pre, "-c", path],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    with pytest.raises(BenchError, match="canned body"):
+        procs.render_plain_nginx(str(tmp_path / "d"), [1], mode="canned",
+                                 canned_body="{'$x'}")
+    with pytest.raises(BenchError, match="upstream"):
+        procs.render_plain_nginx(str(tmp_path / "e"), [1], mode="proxy")
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_short_overhead_run(tmp_path):
+    logs = []
+    res = overhead.run_overhead(sizes="1k", targets="direct,nginx", duration=1.0,
+                                warmup=0, connections=4, out_dir=str(tmp_path),
+                                log=logs.append)
+    rows = {r["target"]: r for r in res["rows"]}
+    for name in ("direct", "nginx"):
+        assert rows[name]["rps"] > 100 and rows[name]["non_2xx"] == 0
+        assert rows[name]["socket_errors"] == 0
+        assert 0 < rows[name]["p50_ms"] <= rows[name]["p99_ms"]
+    assert "| nginx |" in res["markdown"]
+    saved = json.load(open(tmp_path / "overhead.json"))
+    assert saved["rows"] == res["rows"]
+    assert not os.path.exists(saved.get("tmp_dir") or "/nonexistent")
