@@ -93,12 +93,6 @@ def load_options(f):
     return f
 
 
-def _spec(kw):
-    from .core import WorkloadSpec
-    return WorkloadSpec(**{k: kw.pop(k) for k in list(kw)
-                           if k in WorkloadSpec.__dataclass_fields__})
-
-
 @click.command(name="bench")
 @click.option("--target", required=True, help="Base URL, e.g. http://127.0.0.1:8080")
 @workload_options
@@ -116,17 +110,12 @@ def _spec(kw):
 def bench(target, sim_stats, sim_interval, label, out_dir, plots, quiet, **kw):
     """Load-test an OpenAI-compatible endpoint: TTFT, TPOT, ITL, E2E,
     throughput and goodput (definitions: docs/benchmarking.md)."""
-    from . import client, core, report
+    from . import core, report
     from .metrics import parse_slo
-    spec = _spec(kw)
+    spec = core.spec_from_options(kw)
     slo = parse_slo(kw["slo"])
-    mode = core.arrival_mode(spec, kw["rate"], kw["concurrency"])
-    cfg = client.BenchConfig(
-        target=_url(target), endpoint=spec.endpoint, stream=kw["stream"],
-        model=kw["model"], max_duration_s=kw["max_duration"],
-        request_timeout_s=kw["request_timeout"], seed=spec.seed,
-        extra_body=kw["extra_body"], progress=not quiet, sim_stats_url=sim_stats,
-        sim_interval_s=sim_interval, **mode)
+    cfg = core.bench_config(_url(target), spec, kw, progress=not quiet,
+                            sim_stats_url=sim_stats, sim_interval_s=sim_interval)
     summary, _ = core.run_bench(cfg, spec, slo, label=label, out_dir=out_dir,
                                 plots=plots)
     click.echo(report.markdown_summary(summary))
@@ -192,7 +181,7 @@ def bench_overhead(**kw):
 def compare(**kw):
     """Run one workload through several routers, each on a fresh simulated cluster."""
     from . import compare as cmp
-    res = cmp.run_compare(**kw)
+    res = cmp.run_compare(**kw, log=_log)
     click.echo(res["markdown"])
     click.echo(f"results: {res['out_dir']}")
 
@@ -206,7 +195,7 @@ def compare(**kw):
 def demo(short, keep, out_dir, port):
     """Simulated 2 prefill + 2 decode cluster: Omni Proxy vs round robin."""
     from . import compare as cmp
-    res = cmp.run_demo(short=short, keep=keep, out_dir=out_dir, port=port)
+    res = cmp.run_demo(short=short, keep=keep, out_dir=out_dir, port=port, log=_log)
     click.echo(res["markdown"])
     for line in res["notes"]:
         click.echo(line)

@@ -37,6 +37,12 @@ class WorkloadSpec:
 DEFAULT_NUM_REQUESTS = 200
 
 
+def spec_from_options(options: dict) -> WorkloadSpec:
+    """Take the WorkloadSpec fields out of a dict of command options."""
+    return WorkloadSpec(**{k: options.pop(k) for k in list(options)
+                           if k in WorkloadSpec.__dataclass_fields__})
+
+
 def prompt_mode(spec: WorkloadSpec) -> str:
     mode = spec.prompt_mode
     if mode == "auto":
@@ -92,6 +98,19 @@ def arrival_mode(spec: WorkloadSpec, rate, concurrency) -> dict:
     if is_trace:
         return {"rate": None, "concurrency": None, "use_arrival_times": True}
     return {"rate": None, "concurrency": 16, "use_arrival_times": False}
+
+
+def bench_config(target: str, spec: WorkloadSpec, options: dict,
+                 **overrides) -> client.BenchConfig:
+    """A BenchConfig from the load options of a command (see cli.load_options)."""
+    mode = arrival_mode(spec, options.get("rate"), options.get("concurrency"))
+    values = dict(
+        target=target, endpoint=spec.endpoint, stream=options.get("stream", True),
+        model=options.get("model"), max_duration_s=options.get("max_duration", 600.0),
+        request_timeout_s=options.get("request_timeout", 300.0), seed=spec.seed,
+        extra_body=options.get("extra_body") or {}, **mode)
+    values.update(overrides)
+    return client.BenchConfig(**values)
 
 
 def describe_load(cfg: client.BenchConfig, spec: WorkloadSpec) -> str:

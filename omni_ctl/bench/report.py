@@ -70,8 +70,11 @@ COMPARE_COLUMNS = (
 
 
 def _spread(s, role):
-    return ((s.get("sim") or {}).get("load_spread", {}).get(role) or {}).get(
-        "requests_max_over_mean")
+    """Requests per instance, max/mean, for a tier ("both" instances of a
+    one-tier cluster count as the prefill tier)."""
+    spread = (s.get("sim") or {}).get("load_spread", {})
+    tier = spread.get(role) or (spread.get("both") if role == "prefill" else None)
+    return (tier or {}).get("requests_max_over_mean")
 
 
 def markdown_compare(summaries: list[dict]) -> str:

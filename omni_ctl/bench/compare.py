@@ -1,0 +1,248 @@
+"""`omni-ctl compare` and `omni-ctl demo`: one workload through several
+routers, each in front of its own freshly started simulated cluster (so every
+target starts with cold caches and idle instances), side by side.
+
+Targets:
+    omni, omni-cache-aware, omni-least-loaded, omni-round-robin
+                   Omni Proxy with that --schedule-policy ("omni" is the default)
+    nginx-rr       plain nginx round robin (one-tier clusters: --pd-policy aggregated)
+    vllm-router    vllm-router, P/D (--vllm-pd-disaggregation) with cache_aware
+                   prefill policy; plain cache_aware when aggregated
+    sglang-router  sglang-router, P/D (--pd-disaggregation, SGLang engines) with
+                   cache_aware prefill policy; plain cache_aware when aggregated
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import time
+
+from . import client, core, omni, procs, report
+from .errors import BenchError
+
+OMNI_POLICIES = ("omni", "cache-aware", "least-loaded", "round-robin")
+TARGETS = ("omni", "omni-cache-aware", "omni-least-loaded", "omni-round-robin",
+           "nginx-rr", "vllm-router", "sglang-router")
+
+
+class Skip(Exception):
+    """A target that cannot run here; the message says why."""
+
+
+def parse_targets(text: str | None, pd_policy: str) -> list[str]:
+    if not text:
+        names = [t for t in TARGETS if t != "nginx-rr" or pd_policy == "aggregated"]
+        return names
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in TARGETS]
+    if bad or not names:
+        raise BenchError(f"--targets: unknown '{','.join(bad) or text}' "
+                         f"(known: {', '.join(TARGETS)})")
+    return names
+
+
+def engine_for(target: str, pd_policy: str) -> str:
+    """The simulated engine a target needs: SGLang's protocol for parallel P/D
+    (and for sglang-router in P/D mode), vLLM's otherwise."""
+    if pd_policy == "aggregated":
+        return "vllm"
+    if target == "sglang-router":
+        return "sglang"
+    if target == "vllm-router":
+        return "vllm"
+    return "sglang" if pd_policy == "parallel" else "vllm"
+
+
+def _cluster(prefill: int, decode: int, pd_policy: str, engine: str, sim_args):
+    try:
+        from omni_ctl.sim.cluster import SimCluster
+    except ImportError as exc:
+        raise BenchError(f"the simulator (omni_ctl.sim.cluster) is not in this build: "
+                         f"{exc}") from None
+    if pd_policy == "aggregated":
+        return SimCluster(prefill=0, decode=0, both=prefill + decode, engine=engine,
+                          args=sim_args)
+    return SimCluster(prefill=prefill, decode=decode, engine=engine, args=sim_args)
+
+
+@contextlib.contextmanager
+def router(target: str, sim, pd_policy: str, prefix: str, port: int, workers: int = 1):
+    """Start `target` in front of the running cluster `sim`; yield its URL."""
+    os.makedirs(prefix, exist_ok=True)
+    url = f"http://127.0.0.1:{port}"
+    if target.startswith("omni"):
+        policy = target[len("omni-"):] if target != "omni" else "omni"
+        try:
+            proc = omni.start_proxy(prefix, port, pd_policy, workers=workers,
+                                    prefill=sim.prefill_endpoints,
+                                    decode=sim.decode_endpoints,
+                                    schedule_policy=policy)
+        except omni.NotAvailable as exc:
+            raise Skip(str(exc)) from None
+    elif target == "nginx-rr":
+        conf = procs.render_plain_nginx(prefix, [port], mode="proxy", workers=workers,
+                                        upstreams=[u.split("//", 1)[1] for u in sim.urls])
+        proc = procs.start_nginx(target, conf, prefix)
+    else:
+        binary = procs.venv_bin(target)
+        proc = procs.Proc(target, peer_argv(target, binary, port, sim, pd_policy),
+                          os.path.join(prefix, "router.log"))
+    try:
+        probe = json.dumps({"model": "probe", "prompt": "hello", "max_tokens": 1,
+                            "stream": False}).encode()
+        procs.wait_http(proc, url + "/v1/completions", probe, timeout=60, what=target)
+        yield url, proc
+    finally:
+        proc.stop()
+
+
+def peer_argv(target: str, binary: str, port: int, sim, pd_policy: str) -> list[str]:
+    common = ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error"]
+    launch = ["launch"] if target == "sglang-router" else []
+    if pd_policy == "aggregated":
+        return [binary, *launch, *common, "--worker-urls", *sim.urls,
+                "--policy", "cache_aware"]
+    if target == "vllm-router":
+        argv = [binary, *common, "--vllm-pd-disaggregation"]
+        for u in sim.prefill_urls:
+            argv += ["--prefill", u]
+    else:
+        argv = [binary, "launch", *common, "--pd-disaggregation",
+                "--disable-health-check"]
+        for u, bp in zip(sim.prefill_urls, sim.bootstrap_ports):
+            argv += ["--prefill", u, str(bp if bp is not None else 8998)]
+    for u in sim.decode_urls:
+        argv += ["--decode", u]
+    return argv + ["--prefill-policy", "cache_aware", "--decode-policy", "round_robin"]
+
+
+def check_available(target: str, pd_policy: str) -> None:
+    """Raise Skip before a cluster is started for a target that cannot run."""
+    if target == "nginx-rr" and pd_policy != "aggregated":
+        raise Skip("plain nginx cannot split prefill and decode; it runs with "
+                   "--pd-policy aggregated")
+    if target in ("vllm-router", "sglang-router") and procs.venv_bin(target) is None:
+        raise Skip(f"{target} is not installed (pip install .[peers])")
+
+
+def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_args="",
+                out_dir="bench-out/compare", quiet=False, workers=1, log=None,
+                keep_last=False, last_port=0, **options) -> dict:
+    """Run one workload (options as for bench) through every target, each on
+    a fresh cluster; write compare.json, compare.md, per-target results and
+    plots under out_dir. With keep_last, the last target and its cluster are
+    left running (returned as result["kept"])."""
+    from .metrics import parse_slo
+    log = log or (lambda m: None)
+    names = parse_targets(targets, pd_policy)
+    if prefill < 1 or decode < 1:
+        raise BenchError(f"--prefill and --decode must be >= 1, got {prefill}, {decode}")
+    spec = core.spec_from_options(options)
+    slo = parse_slo(options.get("slo"))
+    core.make_workload(spec)         # bad workload options fail before anything starts
+    core.arrival_mode(spec, options.get("rate"), options.get("concurrency"))
+    extra_sim = shlex.split(sim_args) if isinstance(sim_args, str) else list(sim_args)
+    os.makedirs(out_dir, exist_ok=True)
+    summaries, runs, samples, skipped, kept = [], {}, {}, [], None
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    for i, name in enumerate(names):
+        engine = engine_for(name, pd_policy)
+        keep = keep_last and i == len(names) - 1
+        try:
+            check_available(name, pd_policy)
+            with contextlib.ExitStack() as stack:
+                sim = stack.enter_context(
+                    _cluster(prefill, decode, pd_policy, engine, extra_sim))
+                port = last_port if keep and last_port else procs.free_ports(1)[0]
+                url, proc = stack.enter_context(router(
+                    name, sim, pd_policy, os.path.abspath(os.path.join(out_dir, name, "run")),
+                    port, workers))
+                log(f"[compare] {name}: {url} in front of {engine} cluster "
+                    f"{' '.join(sim.urls)}")
+                cfg = core.bench_config(url, spec, options, progress=not quiet,
+                                        sim_stats_url=sim.urls[0],
+                                        run_id=f"compare-{name}")
+                s, result = core.run_bench(cfg, spec, slo, label=name,
+                                           out_dir=os.path.join(out_dir, name),
+                                           plots=False)
+                s["engine"] = engine
+                summaries.append(s)
+                runs[name], samples[name] = result.records, result.sim_samples
+                if keep:
+                    kept = {"target": name, "url": url, "proc": proc, "sim": sim,
+                            "model": result.model, "stack": stack.pop_all()}
+        except Skip as exc:
+            log(f"[compare] {name}: skipped: {exc}")
+            skipped.append({"target": name, "reason": str(exc)})
+    if not summaries:
+        raise BenchError("no target could run: " + "; ".join(
+            f"{s['target']}: {s['reason']}" for s in skipped))
+    markdown = report.markdown_compare(summaries)
+    if skipped:
+        markdown += "\n" + "\n".join(f"- {s['target']}: skipped: {s['reason']}"
+                                     for s in skipped) + "\n"
+    plots = report.write_plots(out_dir, runs, samples)
+    result = {"started": started, "pd_policy": pd_policy, "prefill": prefill,
+              "decode": decode, "workload": spec.workload, "slo": slo,
+              "summaries": summaries, "skipped": skipped, "plots": plots,
+              "markdown": markdown, "out_dir": out_dir, "kept": kept}
+    with open(os.path.join(out_dir, "compare.json"), "w") as f:
+        json.dump({k: v for k, v in result.items() if k not in ("markdown", "kept")},
+                  f, indent=2)
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(markdown)
+    return result
+
+
+# --- demo ---------------------------------------------------------------------------
+
+# A short shared-prefix workload: groups of requests share a long system
+# prompt, arriving faster than round robin can prefill them all.
+DEMO_OPTIONS = dict(workload="gsp", gsp_groups=16, gsp_prompts_per_group=8,
+                    gsp_system_len=2048, gsp_question_len=64, gsp_output_len=32,
+                    rate=24.0, slo="ttft=500ms,tpot=50ms", max_duration=60.0,
+                    request_timeout=30.0)
+DEMO_SHORT = dict(DEMO_OPTIONS, gsp_groups=4, gsp_prompts_per_group=4,
+                  gsp_output_len=8, max_duration=20.0)
+
+
+def run_demo(short=False, keep=False, out_dir="demo-out", port=0, quiet=False,
+             log=None) -> dict:
+    """2 prefill + 2 decode simulated instances; Omni Proxy with round robin,
+    then with its own policy, on the same workload."""
+    options = dict(DEMO_SHORT if short else DEMO_OPTIONS)
+    res = run_compare(targets="omni-round-robin,omni", prefill=2, decode=2,
+                      pd_policy="sequential", sim_args="", out_dir=out_dir,
+                      quiet=quiet, log=log, keep_last=keep, last_port=port, **options)
+    notes = [f"plots: {', '.join(res['plots'])}",
+             f"results: {os.path.join(out_dir, 'compare.json')}"]
+    kept = res["kept"]
+    if kept:
+        notes += keep_notes(kept)
+    return {"markdown": res["markdown"], "notes": notes, "result": res}
+
+
+def keep_notes(kept: dict) -> list[str]:
+    url, model, sim = kept["url"], kept["model"], kept["sim"]
+    conf = getattr(kept["proc"], "conf", None)
+    body = json.dumps({"model": model, "prompt": "Say hello", "max_tokens": 16,
+                       "stream": True})
+    return [
+        "",
+        f"Omni Proxy is running at {url} in front of the simulated cluster "
+        f"(pid {sim.pid}: {' '.join(sim.urls)}).",
+        "Send a request:",
+        f"  curl -N {url}/v1/completions -H 'Content-Type: application/json' "
+        f"-d '{body}'",
+        "With the openai client (pip install openai):",
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "
+        f"api_key='none'); print(c.completions.create(model='{model}', "
+        f"prompt='Say hello', max_tokens=16).choices[0].text)\"",
+        f"Status: curl {url}/omni/status",
+        "Stop them:",
+        f"  {('.venv/bin/omni-ctl stop --nginx-conf-file ' + conf) if conf else 'kill ' + str(kept['proc'].pid)}",
+        f"  kill {sim.pid}",
+    ]

@@ -1,0 +1,92 @@
+"""`omni-ctl compare` and `omni-ctl demo` end to end on the simulator."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from omni_ctl.bench import compare, procs
+from omni_ctl.bench.errors import BenchError
+
+sim_cluster = pytest.importorskip("omni_ctl.sim.cluster",
+                                  reason="the simulator is not in this build")
+
+
+def _omni_available():
+    res = subprocess.run([sys.executable, "-m", "omni_ctl.cli", "gen-conf", "--help"],
+                         capture_output=True, text=True)
+    return "--schedule-policy" in res.stdout
+
+
+def test_targets_and_engines():
+    assert "nginx-rr" not in compare.parse_targets(None, "sequential")
+    assert "nginx-rr" in compare.parse_targets(None, "aggregated")
+    with pytest.raises(BenchError, match="unknown 'haproxy'"):
+        compare.parse_targets("omni,haproxy", "sequential")
+    assert compare.engine_for("sglang-router", "sequential") == "sglang"
+    assert compare.engine_for("omni", "parallel") == "sglang"
+    assert compare.engine_for("vllm-router", "parallel") == "vllm"
+    assert compare.engine_for("sglang-router", "aggregated") == "vllm"
+    with pytest.raises(compare.Skip, match="aggregated"):
+        compare.check_available("nginx-rr", "sequential")
+
+
+def test_peer_command_lines_in_pd_mode():
+    sim = SimpleNamespace(prefill_urls=["http://h:1", "http://h:2"],
+                          decode_urls=["http://h:3"], bootstrap_ports=[8998, 8999],
+                          urls=["http://h:1", "http://h:2", "http://h:3"])
+    v = compare.peer_argv("vllm-router", "vr", 5, sim, "sequential")
+    assert v[:5] == ["vr", "--host", "127.0.0.1", "--port", "5"]
+    assert "--vllm-pd-disaggregation" in v and v.count("--prefill") == 2
+    s = compare.peer_argv("sglang-router", "sr", 5, sim, "sequential")
+    i = s.index("--prefill")
+    assert s[1] == "launch" and s[i + 1:i + 3] == ["http://h:1", "8998"]
+    assert s[s.index("--prefill-policy") + 1] == "cache_aware"
+    plain = compare.peer_argv("vllm-router", "vr", 5, sim, "aggregated")
+    assert plain[plain.index("--worker-urls") + 1:][:3] == sim.urls
+
+
+def test_compare_runs_every_target_on_its_own_cluster(tmp_path):
+    targets = ["nginx-rr"] + [t for t in ("vllm-router", "sglang-router")
+                              if procs.venv_bin(t)]
+    res = compare.run_compare(
+        targets=",".join(targets + ["omni-least-loaded"]) if _omni_available()
+        else ",".join(targets),
+        prefill=1, decode=1, pd_policy="aggregated", sim_args="--preset tiny",
+        out_dir=str(tmp_path), quiet=True, workload="gsp", gsp_groups=2,
+        gsp_prompts_per_group=3, gsp_system_len=256, gsp_question_len=16,
+        gsp_output_len=4, concurrency=3, max_duration=60.0, slo="ttft=5s")
+    got = [s["label"] for s in res["summaries"]]
+    assert got[:len(targets)] == targets
+    for s in res["summaries"]:
+        assert s["requests"] == 6 and s["errors"] == 0, s["error_kinds"]
+        assert 0 <= s["prefix_cache_hit_rate"] <= 1
+        assert s["sim"]["load_spread"]["both"]["instances"] == 2
+        # each target had its own, fresh cluster: exactly our requests
+        assert sum(i["requests_total"] for i in s["sim"]["instances"]) == 6
+    saved = json.load(open(tmp_path / "compare.json"))
+    assert [s["label"] for s in saved["summaries"]] == got
+    table = (tmp_path / "compare.md").read_text()
+    assert all(f"| {t} |" in table for t in got)
+    for png in res["plots"]:
+        assert open(png, "rb").read(4) == b"\x89PNG"
+    for t in got:
+        assert (tmp_path / t / "summary.json").exists()
+
+
+@pytest.mark.skipif(not _omni_available(), reason="omni-ctl gen-conf with "
+                    "--schedule-policy is not in this build yet (issues 2 and 7)")
+def test_demo_short_end_to_end(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "omni_ctl.cli", "demo", "--short",
+                          "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines()
+            if line.startswith("| omni")]
+    assert [r.split("|")[1].strip() for r in rows] == ["omni-round-robin", "omni"]
+    assert "plots:" in res.stdout
+    saved = json.load(open(tmp_path / "compare.json"))
+    for s in saved["summaries"]:
+        assert s["errors"] == 0 and s["requests"] > 0
