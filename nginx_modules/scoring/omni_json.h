@@ -40,7 +40,10 @@ typedef enum {
     OMNI_JSON_OBJECT = 6,
 } omni_json_type_t;
 
+/* Nesting depth counts open arrays/objects: "1" is 0 deep, "[[1]]" 2. */
 #define OMNI_JSON_DEFAULT_MAX_DEPTH  512
+#define OMNI_JSON_MAX_DEPTH_LIMIT    16384   /* largest max_depth accepted */
+#define OMNI_JSON_MAX_EDITS          64      /* most edits per plan/apply */
 
 /* One member of the top-level object. */
 typedef struct {
@@ -67,12 +70,13 @@ typedef struct {
  * text must be valid UTF-8; leading/trailing whitespace allowed; nothing
  * else after the value).  When the top-level value is an object, its members
  * are stored in members[0, min(cap, n_members)) in document order (duplicate
- * keys included).
+ * keys included).  members may be NULL when cap is 0 (validation only).
  *
  * Returns OMNI_OK, OMNI_EJSON (invalid; doc->err_off/err_msg say where and
  * why), OMNI_EDEPTH (nesting deeper than max_depth; 0 means the default),
  * OMNI_ERANGE (valid, but more than cap members: doc->n_members tells how many
- * to allow), OMNI_EINVAL (NULL arguments, len >= 4 GiB).
+ * to allow), OMNI_EINVAL (NULL arguments, len >= 4 GiB, max_depth above
+ * OMNI_JSON_MAX_DEPTH_LIMIT).
  */
 int omni_json_scan(const uint8_t *buf, size_t len, uint32_t max_depth,
     omni_json_member_t *members, size_t cap, omni_json_doc_t *doc);
@@ -90,7 +94,7 @@ long omni_json_find(const uint8_t *buf, const omni_json_member_t *members,
  * on unvalidated input is safe but the result is unspecified).
  * object_get: the last member named key of the object at buf[off, off+len).
  * array_get:  element `index` of the array at buf[off, off+len).
- * Both return OMNI_OK with *vo/*vl/*type set, OMNI_ENOTFOUND, or OMNI_ETYPE
+ * Both return OMNI_OK with *vo, *vl, *type set, OMNI_ENOTFOUND, or OMNI_ETYPE
  * when the span is not an object/array.
  */
 int omni_json_object_get(const uint8_t *buf, size_t off, size_t len,
@@ -121,7 +125,10 @@ int omni_json_int64(const uint8_t *buf, size_t off, size_t len, int64_t *v);
 /*
  * Decode the (validated) string at buf[off, off+len) (quotes included) into
  * out as UTF-8 without quotes.  *n is the decoded length; OMNI_ERANGE when
- * it exceeds cap (out then holds the first cap bytes).
+ * it exceeds cap (out then holds the first cap bytes).  A lone surrogate
+ * escape ("\ud800" without its pair) becomes its 3-byte generalized UTF-8
+ * form (WTF-8, ED A0 80), so nothing is lost; a pair is one code point.
+ * omni_json_find() compares keys in the same decoded form.
  */
 int omni_json_string_decode(const uint8_t *buf, size_t off, size_t len,
     uint8_t *out, size_t cap, size_t *n);
@@ -171,7 +178,9 @@ typedef struct {
  * the total output length.  Segments point into buf, the edits' own memory,
  * or static storage, so they stay valid as long as those do; a SET key that
  * needs escaping is written from `scratch` (cap scratch_cap bytes, may be
- * NULL when no key needs escaping, else OMNI_ERANGE).
+ * NULL when no key needs escaping, else OMNI_ERANGE; the sum over SET keys of
+ * 6 * key_len + 2 is always enough).  At most OMNI_JSON_MAX_EDITS edits
+ * (else OMNI_EINVAL, also for a SET without value or an unknown op).
  */
 int omni_json_plan(const uint8_t *buf, size_t len,
     const omni_json_member_t *members, size_t n_members,
@@ -181,7 +190,8 @@ int omni_json_plan(const uint8_t *buf, size_t len,
 
 /*
  * omni_json_plan() + concatenation into out[0, cap).  *out_len is the needed
- * size; OMNI_ERANGE (nothing useful written) when it exceeds cap.
+ * size; OMNI_ERANGE (nothing useful written) when it exceeds cap.  out must
+ * not overlap buf.
  */
 int omni_json_apply(const uint8_t *buf, size_t len,
     const omni_json_member_t *members, size_t n_members,
