@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from omni_ctl.bench import compare, procs
+from omni_ctl.bench import compare, omni, procs
 from omni_ctl.bench.errors import BenchError
 
 sim_cluster = pytest.importorskip("omni_ctl.sim.cluster",
@@ -15,9 +15,7 @@ sim_cluster = pytest.importorskip("omni_ctl.sim.cluster",
 
 
 def _omni_available():
-    res = subprocess.run([sys.executable, "-m", "omni_ctl.cli", "gen-conf", "--help"],
-                         capture_output=True, text=True)
-    return "--schedule-policy" in res.stdout
+    return omni.available() is None
 
 
 def test_targets_and_engines():
@@ -76,8 +74,7 @@ def test_compare_runs_every_target_on_its_own_cluster(tmp_path):
         assert (tmp_path / t / "summary.json").exists()
 
 
-@pytest.mark.skipif(not _omni_available(), reason="omni-ctl gen-conf with "
-                    "--schedule-policy is not in this build yet (issues 2 and 7)")
+@pytest.mark.skipif(not _omni_available(), reason=f"{omni.available()} (issue 2)")
 def test_demo_short_end_to_end(tmp_path):
     res = subprocess.run([sys.executable, "-m", "omni_ctl.cli", "demo", "--short",
                           "--out", str(tmp_path)], capture_output=True, text=True,

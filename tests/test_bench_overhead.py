@@ -68,6 +68,12 @@ def test_peer_command_lines_follow_peers_md():
     assert s[1] == "launch" and "--pd-disaggregation" in s
     assert s[s.index("--prefill") + 1:s.index("--prefill") + 3] == [urls[0], "8998"]
     assert s[s.index("--host") + 1] == "127.0.0.1"
+    for argv in (v, s):      # their metrics exporters: loopback, not the fixed 29000
+        assert argv[argv.index("--prometheus-host") + 1] == "127.0.0.1"
+        assert argv[argv.index("--prometheus-port") + 1] != "29000"
+    rr = overhead.peer_argv("vllm-router-rr", "vllm-router", 9, urls)
+    assert rr[rr.index("--worker-urls") + 1:rr.index("--worker-urls") + 3] == urls[:2]
+    assert rr[rr.index("--policy") + 1] == "round_robin"
 
 
 def test_plain_nginx_template_renders_and_passes_nginx_t(tmp_path):

@@ -20,7 +20,7 @@ import os
 import shlex
 import time
 
-from . import client, core, omni, procs, report
+from . import core, omni, peers, procs, report
 from .errors import BenchError
 
 OMNI_POLICIES = ("omni", "cache-aware", "least-loaded", "round-robin")
@@ -100,23 +100,14 @@ def router(target: str, sim, pd_policy: str, prefix: str, port: int, workers: in
 
 
 def peer_argv(target: str, binary: str, port: int, sim, pd_policy: str) -> list[str]:
-    common = ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error"]
-    launch = ["launch"] if target == "sglang-router" else []
+    """The peer in P/D mode (cache_aware prefill) or, for one-tier clusters,
+    plain cache_aware."""
     if pd_policy == "aggregated":
-        return [binary, *launch, *common, "--worker-urls", *sim.urls,
-                "--policy", "cache_aware"]
-    if target == "vllm-router":
-        argv = [binary, *common, "--vllm-pd-disaggregation"]
-        for u in sim.prefill_urls:
-            argv += ["--prefill", u]
-    else:
-        argv = [binary, "launch", *common, "--pd-disaggregation",
-                "--disable-health-check"]
-        for u, bp in zip(sim.prefill_urls, sim.bootstrap_ports):
-            argv += ["--prefill", u, str(bp if bp is not None else 8998)]
-    for u in sim.decode_urls:
-        argv += ["--decode", u]
-    return argv + ["--prefill-policy", "cache_aware", "--decode-policy", "round_robin"]
+        return peers.peer_argv(target, binary, port, workers=sim.urls)
+    return peers.peer_argv(target, binary, port, prefill=sim.prefill_urls,
+                           bootstrap_ports=[bp if bp is not None else 8998
+                                            for bp in sim.bootstrap_ports],
+                           decode=sim.decode_urls)
 
 
 def check_available(target: str, pd_policy: str) -> None:

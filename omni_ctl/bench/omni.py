@@ -88,19 +88,29 @@ def start_proxy(prefix: str, port: int, pd_policy: str, *, workers: int = 1,
                          decode=list(decode), bootstrap_ports=bootstrap_ports,
                          schedule_policy=schedule_policy, start_core=start_core,
                          extra=extra)
-    res = _omni_ctl(*args)
-    if res.returncode != 0:
-        msg = (res.stderr or res.stdout).strip()
-        if "not available in this build" in msg or "no such option" in msg.lower():
-            last = msg.splitlines()[-1] if msg else ""
-            raise NotAvailable(f"omni-ctl gen-conf in this build cannot render it "
-                               f"yet (issue 2): {last}")
-        raise BenchError(f"omni-ctl {' '.join(args)} failed: {msg}")
+    _check(_omni_ctl(*args), "gen-conf", args)
     conf = args[args.index("--nginx-conf-file") + 1]
-    res = _omni_ctl("start", "--nginx-conf-file", conf)
-    if res.returncode != 0:
-        msg = (res.stderr or res.stdout).strip()
-        if "not available in this build" in msg:
-            raise NotAvailable(f"omni-ctl start is not in this build yet: {msg}")
-        raise BenchError(f"omni-ctl start --nginx-conf-file {conf} failed: {msg}")
+    _check(_omni_ctl("start", "--nginx-conf-file", conf), "start",
+           ["start", "--nginx-conf-file", conf])
     return OmniProxy(f"omni-{pd_policy}", conf, prefix)
+
+
+def _check(res: subprocess.CompletedProcess, command: str, args) -> None:
+    """A command this build lacks (or lacks an option of) is NotAvailable;
+    any other failure is an error."""
+    if res.returncode == 0:
+        return
+    msg = (res.stderr or res.stdout).strip()
+    if "not available in this build" in msg or "no such option" in msg.lower():
+        last = msg.splitlines()[-1] if msg else ""
+        raise NotAvailable(f"omni-ctl {command} in this build cannot run it yet: {last}")
+    raise BenchError(f"omni-ctl {' '.join(args)} failed: {msg}")
+
+
+def available() -> str | None:
+    """None when this build can run Omni Proxy targets, else why not."""
+    for command in ("gen-conf", "start", "stop"):
+        res = _omni_ctl(command, "--help")
+        if "--nginx-conf-file" not in res.stdout:
+            return f"omni-ctl {command} is not in this build yet"
+    return None

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import time
 
-from . import omni, procs
+from . import omni, peers, procs
 from .errors import BenchError
 from .workloads import content_key, text_block, token_block
 
@@ -188,28 +188,13 @@ def _target(name: str, tmp: str, backend_ports: list[int], workers: int, port: i
 
 
 def peer_argv(name: str, binary: str, port: int, urls: list[str]) -> list[str]:
-    """Command lines as in /work/shared/PEERS.md (P/D with cache_aware prefill,
-    or plain round robin over the first two ports)."""
-    common = ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error"]
-    if name == "vllm-router-pd":
-        return [binary, *common, "--vllm-pd-disaggregation",
-                "--prefill", urls[0], "--prefill", urls[1],
-                "--decode", urls[2], "--decode", urls[3],
-                "--prefill-policy", "cache_aware", "--decode-policy", "round_robin"]
-    if name == "vllm-router-rr":
-        return [binary, *common, "--worker-urls", urls[0], urls[1],
-                "--policy", "round_robin"]
-    if name == "sglang-router-pd":
-        return [binary, "launch", *common, "--pd-disaggregation",
-                "--prefill", urls[0], str(BOOTSTRAP_PORTS[0]),
-                "--prefill", urls[1], str(BOOTSTRAP_PORTS[1]),
-                "--decode", urls[2], "--decode", urls[3],
-                "--prefill-policy", "cache_aware", "--decode-policy", "round_robin",
-                "--disable-health-check"]
-    if name == "sglang-router-rr":
-        return [binary, "launch", *common, "--worker-urls", urls[0], urls[1],
-                "--policy", "round_robin", "--disable-health-check"]
-    raise BenchError(f"unknown target '{name}'")
+    """P/D with cache_aware prefill over ports 0-1 (prefill) and 2-3 (decode),
+    or plain round robin over ports 0-1."""
+    router = name.rsplit("-", 1)[0]
+    if name.endswith("-pd"):
+        return peers.peer_argv(router, binary, port, prefill=urls[:2],
+                               bootstrap_ports=BOOTSTRAP_PORTS, decode=urls[2:])
+    return peers.peer_argv(router, binary, port, workers=urls[:2], policy="round_robin")
 
 
 def parse_targets(text: str | None) -> list[str]:
