@@ -68,9 +68,10 @@ def _cluster(prefill: int, decode: int, pd_policy: str, engine: str, sim_args):
     return SimCluster(prefill=prefill, decode=decode, engine=engine, args=sim_args)
 
 
-@contextlib.contextmanager
-def router(target: str, sim, pd_policy: str, prefix: str, port: int, workers: int = 1):
-    """Start `target` in front of the running cluster `sim`; yield its URL."""
+def start_router(target: str, sim, pd_policy: str, prefix: str, port: int,
+                 workers: int = 1):
+    """Start `target` in front of the running cluster `sim` and wait until it
+    answers; return (url, process). The caller stops the process."""
     os.makedirs(prefix, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
     if target.startswith("omni"):
@@ -94,9 +95,10 @@ def router(target: str, sim, pd_policy: str, prefix: str, port: int, workers: in
         probe = json.dumps({"model": "probe", "prompt": "hello", "max_tokens": 1,
                             "stream": False}).encode()
         procs.wait_http(proc, url + "/v1/completions", probe, timeout=60, what=target)
-        yield url, proc
-    finally:
+    except BaseException:
         proc.stop()
+        raise
+    return url, proc
 
 
 def peer_argv(target: str, binary: str, port: int, sim, pd_policy: str) -> list[str]:
@@ -148,9 +150,10 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
                 sim = stack.enter_context(
                     _cluster(prefill, decode, pd_policy, engine, extra_sim))
                 port = last_port if keep and last_port else procs.free_ports(1)[0]
-                url, proc = stack.enter_context(router(
+                url, proc = start_router(
                     name, sim, pd_policy, os.path.abspath(os.path.join(out_dir, name, "run")),
-                    port, workers))
+                    port, workers)
+                stack.callback(proc.stop)
                 log(f"[compare] {name}: {url} in front of {engine} cluster "
                     f"{' '.join(sim.urls)}")
                 cfg = core.bench_config(url, spec, options, progress=not quiet,
@@ -190,14 +193,16 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
 
 # --- demo ---------------------------------------------------------------------------
 
-# A short shared-prefix workload: groups of requests share a long system
-# prompt, arriving faster than round robin can prefill them all.
-DEMO_OPTIONS = dict(workload="gsp", gsp_groups=16, gsp_prompts_per_group=8,
-                    gsp_system_len=2048, gsp_question_len=64, gsp_output_len=32,
+# A short shared-prefix workload: 32 groups of 4 requests share a 4,096-token
+# system prompt. At 24 requests/s, prefilling every prefix on both prefill
+# instances (what round robin ends up doing) overloads them; computing each
+# prefix once does not.
+DEMO_OPTIONS = dict(workload="gsp", gsp_groups=32, gsp_prompts_per_group=4,
+                    gsp_system_len=4096, gsp_question_len=64, gsp_output_len=32,
                     rate=24.0, slo="ttft=500ms,tpot=50ms", max_duration=60.0,
                     request_timeout=30.0)
 DEMO_SHORT = dict(DEMO_OPTIONS, gsp_groups=4, gsp_prompts_per_group=4,
-                  gsp_output_len=8, max_duration=20.0)
+                  gsp_system_len=1024, gsp_output_len=8, max_duration=20.0)
 
 
 def run_demo(short=False, keep=False, out_dir="demo-out", port=0, quiet=False,

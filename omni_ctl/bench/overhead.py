@@ -170,7 +170,9 @@ def _target(name: str, tmp: str, backend_ports: list[int], workers: int, port: i
             proc = omni.start_proxy(prefix, port, mode, workers=workers,
                                     prefill=prefill if mode != "aggregated" else [],
                                     decode=decode if mode != "aggregated" else prefill,
-                                    bootstrap_ports=BOOTSTRAP_PORTS)
+                                    bootstrap_ports=BOOTSTRAP_PORTS,
+                                    # as plain nginx: no access log
+                                    extra=["--access-log-file", "off"])
         except omni.NotAvailable as exc:
             raise Skip(str(exc)) from None
     else:
