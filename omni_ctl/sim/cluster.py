@@ -18,7 +18,7 @@ import urllib.request
 
 from .faults import Fault
 from .presets import DEFAULT_PRESET, get_preset
-from .server import Instance, Settings, log
+from .server import Instance, Settings, SimulatedDrop, log
 from .tokenizer import load_tokenizer
 
 
@@ -186,12 +186,15 @@ async def serve(cfg, stop_event, on_ready):
             await settings.session.close()
 
 
-class _QuietProbes(logging.Filter):
-    """sglang-router probes workers with an HTTP/2 preface first; aiohttp logs
-    each probe as a bad request. Drop those records, keep real errors."""
+class _QuietFilter(logging.Filter):
+    """Keep aiohttp's real errors, drop two expected ones: connections closed
+    on purpose by the `drop` fault, and sglang-router's HTTP/2 preface probe
+    (logged as a bad request)."""
 
     def filter(self, record):
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, SimulatedDrop):
+            return False
         return not (exc is not None and exc.__class__.__name__ == "BadHttpMessage"
                     and "PRI" in str(exc))
 
@@ -200,7 +203,7 @@ def run(cfg, out=None):
     """Blocking: serve `cfg` until SIGINT/SIGTERM. Prints the endpoints line."""
     out = out or sys.stdout
     plan(cfg)   # fail on bad options before anything heavy
-    logging.getLogger("aiohttp.server").addFilter(_QuietProbes())
+    logging.getLogger("aiohttp.server").addFilter(_QuietFilter())
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -28,6 +28,10 @@ from .metrics import render
 from .tokenizer import ChatTemplateError
 
 
+class SimulatedDrop(ConnectionResetError):
+    """Raised by a handler whose connection the `drop` fault closed."""
+
+
 class SimError(Exception):
     def __init__(self, message, status=400, etype="invalid_request_error"):
         super().__init__(message)
@@ -602,10 +606,12 @@ class Instance:
         return await self._serve(request, "generate")
 
     def _drop_connection(self, request):
+        # close(), not abort(): what was already written still reaches the
+        # client, then the connection ends without completing the response
         tr = request.transport
         if tr is not None:
-            tr.abort()
-        raise ConnectionResetError("simulated fault: drop")
+            tr.close()
+        raise SimulatedDrop("simulated fault: drop")
 
     async def _serve(self, request, api):
         xrid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
