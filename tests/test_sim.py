@@ -118,6 +118,8 @@ def test_endpoints_line_and_clean_exit():
                             f"--decode-endpoints 127.0.0.1:{b + 2},127.0.0.1:{b + 3}")
         roles = [i["role"] for i in sim.stats()["cluster"]]
         assert roles == ["prefill", "prefill", "decode", "both"]
+        st, d, _ = post(sim.decode_urls[1] + "/v1/completions", {"prompt": "aggregated"})
+        assert st == 200 and d["usage"]["completion_tokens"] == 16
     assert sim.returncode == 0
 
 
