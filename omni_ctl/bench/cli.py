@@ -153,6 +153,9 @@ def _url(target: str) -> str:
 @click.option("--base-port", type=int, default=0,
               help="First loopback port to use (default: free ports).")
 @click.option("--out", "out_dir", default="bench-out/overhead", show_default=True)
+@click.option("--omni-module-dir", default=None,
+              help="Directory of the ngx_http_omni_module.so to measure "
+                   "(default: gen-conf's; results record its BUILD_INFO).")
 @click.option("--prompt-kind", type=click.Choice(["text", "tokens"]), default="text",
               show_default=True, help="Prompt as a string or as token ids.")
 @click.option("--keep-dir", is_flag=True, help="Keep the temporary prefix (configs, logs).")
@@ -174,6 +177,10 @@ def bench_overhead(**kw):
 @click.option("--pd-policy", type=click.Choice(["sequential", "parallel", "aggregated"]),
               default="sequential", show_default=True)
 @click.option("--sim-args", default="", help="Extra arguments for `omni-ctl sim`.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="nginx worker processes for Omni Proxy and plain nginx.")
+@click.option("--omni-module-dir", default=None,
+              help="Directory of the ngx_http_omni_module.so to run.")
 @workload_options
 @load_options
 @click.option("--out", "out_dir", default="bench-out/compare", show_default=True)

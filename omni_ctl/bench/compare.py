@@ -69,7 +69,7 @@ def _cluster(prefill: int, decode: int, pd_policy: str, engine: str, sim_args):
 
 
 def start_router(target: str, sim, pd_policy: str, prefix: str, port: int,
-                 workers: int = 1):
+                 workers: int = 1, omni_module_dir: str | None = None):
     """Start `target` in front of the running cluster `sim` and wait until it
     answers; return (url, process). The caller stops the process."""
     os.makedirs(prefix, exist_ok=True)
@@ -80,7 +80,8 @@ def start_router(target: str, sim, pd_policy: str, prefix: str, port: int,
             proc = omni.start_proxy(prefix, port, pd_policy, workers=workers,
                                     prefill=sim.prefill_endpoints,
                                     decode=sim.decode_endpoints,
-                                    schedule_policy=policy)
+                                    schedule_policy=policy,
+                                    module_dir=omni_module_dir)
         except omni.NotAvailable as exc:
             raise Skip(str(exc)) from None
     elif target == "nginx-rr":
@@ -123,7 +124,8 @@ def check_available(target: str, pd_policy: str) -> None:
 
 def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_args="",
                 out_dir="bench-out/compare", quiet=False, workers=1, log=None,
-                keep_last=False, last_port=0, **options) -> dict:
+                keep_last=False, last_port=0, omni_module_dir=None,
+                **options) -> dict:
     """Run one workload (options as for bench) through every target, each on
     a fresh cluster; write compare.json, compare.md, per-target results and
     plots under out_dir. With keep_last, the last target and its cluster are
@@ -152,7 +154,7 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
                 port = last_port if keep and last_port else procs.free_ports(1)[0]
                 url, proc = start_router(
                     name, sim, pd_policy, os.path.abspath(os.path.join(out_dir, name, "run")),
-                    port, workers)
+                    port, workers, omni_module_dir)
                 stack.callback(proc.stop)
                 log(f"[compare] {name}: {url} in front of {engine} cluster "
                     f"{' '.join(sim.urls)}")
@@ -181,6 +183,7 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
     plots = report.write_plots(out_dir, runs, samples)
     result = {"started": started, "pd_policy": pd_policy, "prefill": prefill,
               "decode": decode, "workload": spec.workload, "slo": slo,
+              "omni_module": omni.module_label(omni_module_dir),
               "summaries": summaries, "skipped": skipped, "plots": plots,
               "markdown": markdown, "out_dir": out_dir, "kept": kept}
     with open(os.path.join(out_dir, "compare.json"), "w") as f:

@@ -75,12 +75,33 @@ def gen_conf_args(prefix: str, port: int, pd_policy: str, *, workers: int,
     return args + list(extra)
 
 
+def module_label(module_dir: str | None = None) -> dict:
+    """Which module build a run used, for labelling results: its directory
+    and BUILD_INFO (debug=1 means a sanitizer build, far slower)."""
+    d = module_dir or os.environ.get("OMNI_MODULE_DIR") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "build", "modules")
+    info = {"module_dir": d}
+    try:
+        with open(os.path.join(d, "BUILD_INFO")) as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                if key in ("debug", "nginx_version"):
+                    info[key] = value
+    except OSError:
+        pass
+    return info
+
+
 def start_proxy(prefix: str, port: int, pd_policy: str, *, workers: int = 1,
                 prefill=(), decode=(), bootstrap_ports=None, schedule_policy=None,
-                start_core: int = 0, extra=()) -> OmniProxy:
+                start_core: int = 0, module_dir: str | None = None,
+                extra=()) -> OmniProxy:
     """Render a config with `omni-ctl gen-conf` and start it with `omni-ctl
     start`. Raises NotAvailable when this build has no proxy yet."""
     os.makedirs(prefix, exist_ok=True)
+    if module_dir:
+        extra = ["--module-dir", os.path.abspath(module_dir), *extra]
     if (os.cpu_count() or 1) < start_core + workers:
         start_core = 0
         workers = min(workers, os.cpu_count() or 1)

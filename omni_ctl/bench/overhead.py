@@ -149,7 +149,7 @@ def run_wrk(url: str, body_path: str, duration: float, connections: int,
 
 @contextlib.contextmanager
 def _target(name: str, tmp: str, backend_ports: list[int], workers: int, port: int,
-            probe: bytes):
+            probe: bytes, module_dir: str | None = None):
     """Start target `name` on `port`; yield its URL; stop it afterwards."""
     urls = [f"http://127.0.0.1:{p}" for p in backend_ports]
     prefill = [f"127.0.0.1:{p}" for p in backend_ports[:2]]
@@ -171,6 +171,7 @@ def _target(name: str, tmp: str, backend_ports: list[int], workers: int, port: i
                                     prefill=prefill if mode != "aggregated" else [],
                                     decode=decode if mode != "aggregated" else prefill,
                                     bootstrap_ports=BOOTSTRAP_PORTS,
+                                    module_dir=module_dir,
                                     # as plain nginx: no access log
                                     extra=["--access-log-file", "off"])
         except omni.NotAvailable as exc:
@@ -213,7 +214,8 @@ def parse_targets(text: str | None) -> list[str]:
 def run_overhead(sizes="1k,16k,200k", targets=None, duration=5.0, connections=32,
                  wrk_threads=1, workers=1, backend_workers=1, base_port=0,
                  out_dir="bench-out/overhead", keep_dir=False,
-                 prompt_kind="text", warmup=1.0, log=None) -> dict:
+                 prompt_kind="text", warmup=1.0, omni_module_dir=None,
+                 log=None) -> dict:
     """Measure every target at every size; write overhead.json and .md."""
     log = log or (lambda msg: None)
     size_list = parse_sizes(sizes)
@@ -242,7 +244,8 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=5.0, connections=32
                             probe, timeout=15, what="canned backend")
             for name in names:
                 try:
-                    with _target(name, tmp, backend_ports, workers, port, probe) as url:
+                    with _target(name, tmp, backend_ports, workers, port, probe,
+                                 omni_module_dir) as url:
                         log(f"[overhead] {name}: {url}")
                         for i, size in enumerate(size_list):
                             if i == 0 and warmup > 0:
@@ -263,7 +266,8 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=5.0, connections=32
     result = {"started": started, "sizes": size_list, "duration_s": duration,
               "connections": connections, "wrk_threads": wrk_threads,
               "workers": workers, "backend_workers": backend_workers,
-              "prompt_kind": prompt_kind, "cpus": os.cpu_count(), "rows": rows,
+              "prompt_kind": prompt_kind, "cpus": os.cpu_count(),
+              "omni_module": omni.module_label(omni_module_dir), "rows": rows,
               "tmp_dir": tmp if keep_dir else None}
     result["markdown"] = markdown_overhead(result)
     os.makedirs(out_dir, exist_ok=True)
@@ -299,4 +303,9 @@ def markdown_overhead(result: dict) -> str:
                     f"{c.get('p50_ms', float('nan')):.2f}",
                     f"{c.get('p99_ms', float('nan')):.2f}"]
         lines.append("| " + " | ".join(row) + " |")
+    mod = result.get("omni_module") or {}
+    if any(r["target"].startswith("omni-") and "skipped" not in r for r in result["rows"]):
+        flavor = {"1": "debug build with sanitizers", "0": "release build"}.get(
+            mod.get("debug"), "build type unknown")
+        skipped.append(f"Omni Proxy module: {mod.get('module_dir')} ({flavor})")
     return "\n".join(lines + [""] + skipped) + "\n"
