@@ -494,6 +494,18 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
         }
 
         ctx->batch = n;
+
+        if (n > 1 && ctx->mode == NGX_HTTP_OMNI_SEQUENTIAL) {
+            /* vLLM's kv_transfer_params describe one request's blocks */
+            ctx->error = "batch_in_sequential";
+            return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                            "invalid_request_error",
+                                            "a list of %uz prompts cannot be "
+                                            "served in sequential P/D mode: "
+                                            "send one prompt per request",
+                                            n);
+        }
+
         return NGX_OK;
     }
 
