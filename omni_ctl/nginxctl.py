@@ -1,0 +1,431 @@
+"""Start, stop, reload and inspect the nginx master that runs one config.
+
+The master is found through the pid file named in the config and is only
+ever signalled after /proc/PID/cmdline shows it is an nginx master started
+with that very config file (`nginx: master process ... -c F`).  A stale pid
+file therefore never makes us signal a stranger, and other nginx instances
+on the machine are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from . import conf as confmod
+from . import paths
+
+# nginx's compiled-in prefix, against which it resolves a relative -c
+DEFAULT_NGINX_PREFIX = "/usr/share/nginx"
+DEFAULT_NGINX_CONF = "/etc/nginx/nginx.conf"
+_BAD_LOG = re.compile(r"\[(alert|emerg)\]|ERROR: AddressSanitizer|runtime error:")
+
+
+class NginxCtlError(click.ClickException):
+    """A start/stop/reload that did not happen; the message says why."""
+
+
+class NotRunning(NginxCtlError):
+    """The config's nginx is not running (status exits with 3, as LSB's)."""
+
+    exit_code = 3
+
+
+@dataclasses.dataclass
+class ConfFacts:
+    """What nginxctl needs to know about a config file, read from it."""
+
+    conf_file: Path
+    prefix: Path
+    pid_file: Path
+    error_log: Path | None
+    module_dir: Path | None
+    listens: list[str]
+    workers: int | None             # worker_processes; None for auto
+
+
+@dataclasses.dataclass
+class Status:
+    conf_file: Path
+    running: bool
+    pid: int | None = None
+    workers: list[int] = dataclasses.field(default_factory=list)
+    listens: list[str] = dataclasses.field(default_factory=list)
+    note: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"conf_file": str(self.conf_file), "running": self.running, "pid": self.pid,
+                "workers": self.workers, "listen": self.listens, "note": self.note}
+
+
+# ---------------------------------------------------------------------------
+# reading a config
+
+
+def _directives(text: str, name: str) -> list[str]:
+    """First arguments of `name ...;` directives (comments removed)."""
+    out = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        m = re.match(rf"\s*{name}\s+([^\s;]+)", line)
+        if m:
+            out.append(m.group(1).strip("\"'"))
+    return out
+
+
+def read_conf(conf_file) -> ConfFacts:
+    conf_file = Path(os.path.abspath(conf_file))
+    try:
+        text = conf_file.read_text()
+    except OSError as exc:
+        raise NginxCtlError(f"cannot read {conf_file}: {exc.strerror}") from None
+    m = re.search(r"^# omni-ctl: prefix=(\S+)$", text, re.M)
+    prefix = Path(m.group(1)) if m else conf_file.parent
+
+    def resolve(p: str) -> Path:
+        return Path(os.path.normpath(prefix / p))
+
+    pids = _directives(text, "pid")
+    if not pids:
+        raise NginxCtlError(f"{conf_file} has no `pid` directive; render it with "
+                            "`omni-ctl gen-conf` or add one")
+    logs = [p for p in _directives(text, "error_log") if p != "stderr"]
+    modules = [resolve(p) for p in _directives(text, "load_module")
+               if p.endswith(paths.MODULE_FILE)]
+    return ConfFacts(
+        conf_file=conf_file,
+        prefix=prefix,
+        pid_file=resolve(pids[0]),
+        error_log=resolve(logs[0]) if logs else None,
+        module_dir=modules[0].parent if modules else None,
+        listens=_directives(text, "listen"),
+        workers=next((int(w) for w in _directives(text, "worker_processes")
+                      if w.isdigit()), None if "worker_processes" in text else 1),
+    )
+
+
+# ---------------------------------------------------------------------------
+# processes
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    # nginx rewrites its argv into one title string padded with NULs
+    return " ".join(part.decode("utf-8", "replace") for part in raw.split(b"\0") if part)
+
+
+def _ppid_state(pid: int) -> tuple[int, str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: split after the last ')'
+    fields = stat[stat.rfind(")") + 2:].split()
+    return int(fields[1]), fields[0]
+
+
+def conf_from_title(title: str) -> Path | None:
+    """The config file named by an nginx master's process title
+    (`nginx: master process /usr/sbin/nginx -p P -c F`); None when the
+    title is not a master's."""
+    if not title.startswith("nginx: master process "):
+        return None
+    args = title[len("nginx: master process "):].split()[1:]
+    found = {"-c": None, "-p": None}
+    i = 0
+    while i < len(args):
+        for flag in found:
+            if args[i] == flag and i + 1 < len(args):
+                found[flag] = args[i + 1]
+                i += 1
+            elif args[i].startswith(flag) and len(args[i]) > 2:
+                found[flag] = args[i][2:]
+        i += 1
+    conf = found["-c"] or DEFAULT_NGINX_CONF
+    if not os.path.isabs(conf):
+        conf = os.path.join(found["-p"] or DEFAULT_NGINX_PREFIX, conf)
+    return Path(os.path.normpath(conf))
+
+
+def master_conf(pid: int) -> Path | None:
+    """The config file of a live nginx master, None when pid is not one."""
+    state = _ppid_state(pid)
+    if state is None or state[1] in ("Z", "X"):
+        return None
+    return conf_from_title(_cmdline(pid))
+
+
+def is_master_of(pid: int, conf_file) -> bool:
+    found = master_conf(pid)
+    if found is None:
+        return False
+    try:
+        return os.path.samefile(found, conf_file)
+    except OSError:
+        return found == Path(os.path.abspath(conf_file))
+
+
+def workers_of(pid: int, include_shutting_down: bool = False) -> list[int]:
+    """Worker processes (children titled `nginx: worker process`) of a master."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        state = _ppid_state(int(entry))
+        if state is None or state[0] != pid or state[1] in ("Z", "X"):
+            continue
+        title = _cmdline(int(entry))
+        if not title.startswith("nginx: worker process"):
+            continue
+        if "shutting down" in title and not include_shutting_down:
+            continue
+        out.append(int(entry))
+    return sorted(out)
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        text = pid_file.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def status(conf_file) -> Status:
+    facts = read_conf(conf_file)
+    pid = _read_pid(facts.pid_file)
+    if pid is None:
+        return Status(facts.conf_file, False, listens=facts.listens,
+                      note=f"no pid in {facts.pid_file}")
+    if not is_master_of(pid, facts.conf_file):
+        return Status(facts.conf_file, False, listens=facts.listens,
+                      note=f"stale pid file {facts.pid_file}: pid {pid} is not the "
+                           f"nginx master of {facts.conf_file}; left alone")
+    return Status(facts.conf_file, True, pid, workers_of(pid), facts.listens)
+
+
+# ---------------------------------------------------------------------------
+# logs
+
+
+def _log_size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path else 0
+    except OSError:
+        return 0
+
+
+def log_since(path: Path | None, offset: int) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def bad_log_lines(text: str) -> list[str]:
+    """[alert], [emerg] and sanitizer report lines of an error log."""
+    return [line for line in text.splitlines() if _BAD_LOG.search(line)]
+
+
+def _with_log(message: str, log: str) -> str:
+    log = log.strip()
+    if not log:
+        return message
+    lines = log.splitlines()[-20:]
+    return message + "\nerror.log:\n" + "\n".join("  " + line for line in lines)
+
+
+# ---------------------------------------------------------------------------
+# readiness
+
+
+def probe_address(listen: str) -> tuple[str, int] | None:
+    """Where to connect to reach a `listen` value (wildcards -> loopback)."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", listen) or \
+        re.match(r"^([0-9.]+):(\d+)$", listen)
+    if m:
+        host, port = m.group(1), int(m.group(2))
+    elif listen.isdigit():
+        host, port = "127.0.0.1", int(listen)
+    else:
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return host, port
+
+
+def http_ready(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True once a worker answers HTTP (any status) on host:port."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        return True
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------
+# start / stop / reload
+
+
+def start(conf_file, timeout: float = 15.0) -> Status:
+    """Start nginx on conf_file and wait until it answers HTTP, or raise with
+    the error.log lines it wrote."""
+    facts = read_conf(conf_file)
+    current = status(conf_file)
+    if current.running:
+        raise NginxCtlError(f"already running: pid {current.pid} ({facts.conf_file})")
+    try:
+        binary = paths.nginx_binary()
+    except paths.NginxNotFound as exc:
+        raise NginxCtlError(str(exc)) from None
+    facts.prefix.mkdir(parents=True, exist_ok=True)
+    offset = _log_size(facts.error_log)
+    argv = [binary, "-p", str(facts.prefix), "-c", str(facts.conf_file)]
+    deadline = time.monotonic() + timeout
+    # output to a file, not a pipe: the daemon keeps stderr until it has
+    # redirected it to its error log
+    with tempfile.TemporaryFile() as out:
+        try:
+            res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                 env=paths.nginx_env(facts.module_dir), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise NginxCtlError(f"`{' '.join(argv)}` did not return in {timeout:g}s") from None
+        out.seek(0)
+        output = out.read().decode("utf-8", "replace").strip()
+    if res.returncode != 0:
+        raise NginxCtlError(_with_log(
+            f"nginx failed to start (exit {res.returncode}): {output}",
+            log_since(facts.error_log, offset)))
+
+    probe = next((a for a in map(probe_address, facts.listens) if a), None)
+    while True:
+        st = status(conf_file)
+        if (st.running and len(st.workers) >= (facts.workers or 1)
+                and (probe is None or http_ready(*probe))):
+            return st
+        if time.monotonic() > deadline:
+            break
+        log = log_since(facts.error_log, offset)
+        if bad_log_lines(log) and not st.running:
+            break
+        time.sleep(0.05)
+    st = status(conf_file)
+    raise NginxCtlError(_with_log(
+        f"nginx did not become ready within {timeout:g}s "
+        f"({'master pid %d running' % st.pid if st.running else 'not running'})",
+        log_since(facts.error_log, offset)))
+
+
+def _wait_gone(pid: int, conf_file, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_master_of(pid, conf_file):
+            return True
+        time.sleep(0.05)
+    return not is_master_of(pid, conf_file)
+
+
+def stop(conf_file, timeout: float = 10.0, term_timeout: float = 5.0) -> Status:
+    """Graceful stop (QUIT), then TERM after timeout.  Returns the status
+    seen before stopping (running=False: there was nothing to stop)."""
+    before = status(conf_file)
+    if not before.running:
+        return before
+    pid = before.pid
+    os.kill(pid, signal.SIGQUIT)
+    if _wait_gone(pid, conf_file, timeout):
+        return before
+    if is_master_of(pid, conf_file):
+        os.kill(pid, signal.SIGTERM)
+    if _wait_gone(pid, conf_file, term_timeout):
+        return before
+    raise NginxCtlError(f"nginx master {pid} did not exit after QUIT ({timeout:g}s) "
+                        f"and TERM ({term_timeout:g}s)")
+
+
+def rollback_file(conf_file) -> Path:
+    """Swap conf_file with conf_file.prev; returns the backup path."""
+    conf_file = Path(os.path.abspath(conf_file))
+    bak = confmod.backup_path(conf_file)
+    if not bak.is_file():
+        raise NginxCtlError(f"no previous config to roll back to ({bak} does not exist)")
+    current = conf_file.read_text()
+    confmod.install_file(conf_file, bak.read_text(), backup=False)
+    confmod.install_file(bak, current, backup=False)
+    return bak
+
+
+def reload(conf_file, new_text: str | None = None, rollback: bool = False,
+           timeout: float = 15.0) -> Status:
+    """Test the config (new_text when given, else the file, else the previous
+    file with rollback) and send HUP; wait until new workers run.  On a
+    failed test nothing is signalled and the file on disk is unchanged."""
+    facts = read_conf(conf_file)
+    before = status(conf_file)
+    if not before.running:
+        raise NotRunning(f"not running ({before.note}); use `omni-ctl start`")
+
+    if rollback:
+        rollback_file(facts.conf_file)
+        try:
+            confmod.nginx_test(facts.conf_file, facts.prefix, facts.module_dir)
+        except confmod.NginxTestError:
+            rollback_file(facts.conf_file)
+            raise
+    elif new_text is not None:
+        new_pid = _directives(new_text, "pid")
+        if not new_pid or os.path.normpath(facts.prefix / new_pid[0]) != str(facts.pid_file):
+            raise NginxCtlError(f"the new config moves the pid file away from "
+                                f"{facts.pid_file}; stop and start instead of reloading")
+        fd, tmp = tempfile.mkstemp(prefix=f".{facts.conf_file.name}.", suffix=".check",
+                                   dir=facts.conf_file.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(new_text)
+            confmod.nginx_test(tmp, facts.prefix, facts.module_dir)
+        finally:
+            os.unlink(tmp)
+        confmod.install_file(facts.conf_file, new_text)
+    else:
+        confmod.nginx_test(facts.conf_file, facts.prefix, facts.module_dir)
+
+    # a re-rendered file may name another log; the master logs to the old one
+    offset = _log_size(facts.error_log)
+    old = set(before.workers) | set(workers_of(before.pid, include_shutting_down=True))
+    os.kill(before.pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = log_since(facts.error_log, offset)
+        bad = bad_log_lines(log)
+        if bad:
+            raise NginxCtlError(_with_log("nginx refused the new config and keeps "
+                                          "running the old one", "\n".join(bad)))
+        new = [w for w in workers_of(before.pid) if w not in old]
+        if len(new) >= (read_conf(conf_file).workers or 1):
+            st = status(conf_file)
+            st.workers = [w for w in st.workers if w not in old]
+            return st
+        if not is_master_of(before.pid, facts.conf_file):
+            raise NginxCtlError(_with_log("nginx exited during reload", log))
+        time.sleep(0.05)
+    raise NginxCtlError(_with_log(f"no new workers within {timeout:g}s after HUP",
+                                  log_since(facts.error_log, offset)))

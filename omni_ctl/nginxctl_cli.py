@@ -1,0 +1,90 @@
+"""`omni-ctl start | stop | reload | status`: thin click commands over
+omni_ctl.nginxctl."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import conf, nginxctl
+from .conf_cli import conf_options, given_options
+
+_conf_file = click.option("--nginx-conf-file", required=True, metavar="PATH",
+                          help="The config whose nginx is managed.")
+
+
+def _describe(st: nginxctl.Status) -> str:
+    workers = " ".join(map(str, st.workers)) or "none"
+    listen = ", ".join(st.listens) or "?"
+    return (f"running: pid {st.pid}, {len(st.workers)} workers ({workers}), "
+            f"listening on {listen}")
+
+
+@click.command()
+@_conf_file
+@click.option("--timeout", type=float, default=15.0, show_default=True,
+              help="Seconds to wait until nginx answers HTTP.")
+def start(nginx_conf_file, timeout):
+    """Start the nginx that runs a generated config."""
+    st = nginxctl.start(nginx_conf_file, timeout=timeout)
+    click.echo(_describe(st))
+
+
+@click.command()
+@_conf_file
+@click.option("--timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to wait after QUIT (graceful) before sending TERM.")
+@click.option("--rollback", is_flag=True, default=False,
+              help="After stopping, put the previous config (PATH.prev) back.")
+def stop(nginx_conf_file, timeout, rollback):
+    """Stop the nginx that runs a generated config."""
+    before = nginxctl.stop(nginx_conf_file, timeout=timeout)
+    if before.running:
+        click.echo(f"stopped: pid {before.pid}")
+    else:
+        click.echo(f"not running ({before.note})", err=True)
+    if rollback:
+        bak = nginxctl.rollback_file(nginx_conf_file)
+        click.echo(f"restored the previous config from {bak}")
+
+
+@click.command()
+@_conf_file
+@conf_options
+@click.option("--rollback", is_flag=True, default=False,
+              help="Go back to the previous config (PATH.prev) and reload it.")
+@click.option("--timeout", type=float, default=15.0, show_default=True,
+              help="Seconds to wait for the new workers.")
+def reload(nginx_conf_file, rollback, timeout, **options):
+    """Test and reload a running config (optionally re-render first).
+
+    With gen-conf options, the config is rendered again from exactly those
+    options (as `gen-conf` would), tested, installed and reloaded.  When the
+    test fails, the running nginx and the file on disk stay as they were.
+    """
+    given = given_options(options)
+    if rollback and given:
+        raise click.UsageError("--rollback takes no gen-conf options")
+    text = None
+    if given:
+        text = conf.render_conf(conf.make_conf(nginx_conf_file, **given))
+    st = nginxctl.reload(nginx_conf_file, new_text=text, rollback=rollback,
+                         timeout=timeout)
+    click.echo(("rolled back and reloaded; " if rollback else "reloaded; ") + _describe(st))
+
+
+@click.command()
+@_conf_file
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON.")
+def status(nginx_conf_file, as_json):
+    """Show whether the nginx of a config runs, its pid and workers.
+
+    Exits with 3 when it does not run."""
+    st = nginxctl.status(nginx_conf_file)
+    if as_json:
+        click.echo(json.dumps(st.as_dict()))
+    elif st.running:
+        click.echo(_describe(st))
+    if not st.running:
+        raise nginxctl.NotRunning(f"not running ({st.note})")
