@@ -62,6 +62,142 @@ omni_skip_ws(const uint8_t *p, const uint8_t *end)
 }
 
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define OMNI_SWAR  1
+
+static inline uint64_t
+omni_load64(const uint8_t *p)
+{
+    uint64_t  v;
+
+    memcpy(&v, p, 8);
+    return v;
+}
+
+
+/*
+ * Number of leading ASCII digits in the 8 bytes of v (string order), 0..8.
+ * A byte is a digit when its high nibble is 3 both before and after adding
+ * 6; a carry out of a byte >= 0xfa only disturbs bytes after that non-digit.
+ */
+static inline unsigned
+omni_digits8(uint64_t v)
+{
+    uint64_t  x = ((v & 0xf0f0f0f0f0f0f0f0ULL) ^ 0x3030303030303030ULL)
+                  | (((v + 0x0606060606060606ULL) & 0xf0f0f0f0f0f0f0f0ULL)
+                     ^ 0x3030303030303030ULL);
+
+    return x ? (unsigned) __builtin_ctzll(x) >> 3 : 8;
+}
+
+
+/* The value of the first n (1..8) digits of v (string order). */
+static inline uint32_t
+omni_parse8(uint64_t v, unsigned n)
+{
+    v <<= 8 * (8 - n);                  /* zero bytes act as leading zeros */
+    v &= 0x0f0f0f0f0f0f0f0fULL;
+    v = (v * 10 + (v >> 8)) & 0x00ff00ff00ff00ffULL;
+    v = (v * 100 + (v >> 16)) & 0x0000ffff0000ffffULL;
+    v = (v * 10000 + (v >> 32)) & 0xffffffffULL;
+    return (uint32_t) v;
+}
+
+#endif
+
+
+#if defined(__SSE2__) && defined(OMNI_SWAR)
+#define OMNI_INT_BLOCKS  1
+
+/* Bit i of each mask describes p[i]: digit, ',', whitespace, '0'. */
+typedef struct {
+    uint64_t  d, c, w, z;
+} omni_int_masks_t;
+
+
+static inline void
+omni_int_masks(const uint8_t *p, omni_int_masks_t *m)
+{
+    const __m128i  below0 = _mm_set1_epi8('0' - 1);
+    const __m128i  above9 = _mm_set1_epi8('9' + 1);
+    int            i;
+
+    m->d = m->c = m->w = m->z = 0;
+
+    for (i = 0; i < 64; i += 16) {
+        __m128i  v = _mm_loadu_si128((const __m128i *) (p + i));
+        __m128i  d = _mm_and_si128(_mm_cmpgt_epi8(v, below0),
+                                   _mm_cmplt_epi8(v, above9));
+        __m128i  w = _mm_or_si128(
+                         _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8(' ')),
+                                      _mm_cmpeq_epi8(v, _mm_set1_epi8('\n'))),
+                         _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('\r')),
+                                      _mm_cmpeq_epi8(v, _mm_set1_epi8('\t'))));
+
+        m->d |= (uint64_t) (unsigned) _mm_movemask_epi8(d) << i;
+        m->w |= (uint64_t) (unsigned) _mm_movemask_epi8(w) << i;
+        m->c |= (uint64_t) (unsigned) _mm_movemask_epi8(
+                    _mm_cmpeq_epi8(v, _mm_set1_epi8(','))) << i;
+        m->z |= (uint64_t) (unsigned) _mm_movemask_epi8(
+                    _mm_cmpeq_epi8(v, _mm_set1_epi8('0'))) << i;
+    }
+}
+
+
+/*
+ * Validate runs of "integer, integer, ..." inside an array 64 bytes at a
+ * time, with no per-element work.  p is at the first digit of an element
+ * and end - p >= 64.  Each block is committed up to the start of its last
+ * digit run (cut), so the next block starts at an element again.  Below
+ * cut every byte must be a digit, ',' or whitespace, and:
+ *   - the first non-whitespace byte after each ',' is a digit,
+ *   - the first non-whitespace byte after each digit run is a ',',
+ *   - no run longer than one digit starts with '0'.
+ * "First non-whitespace after x" is found for all x at once: adding x's
+ * bits to the whitespace mask carries each one over its whitespace run.
+ * Returns the new p, an element start; the caller does the rest.
+ */
+static inline const uint8_t *
+omni_int_blocks(const uint8_t *p, const uint8_t *end)
+{
+    omni_int_masks_t  m;
+    uint64_t          starts, ends, below, upto, after_c, after_e, bad;
+    unsigned          cut;
+
+    while (end - p >= 64) {
+        omni_int_masks(p, &m);
+
+        starts = m.d & ~(m.d << 1);
+        if ((starts & ~1ULL) == 0) {
+            break;
+        }
+
+        cut = 63 - (unsigned) __builtin_clzll(starts);
+        below = (1ULL << cut) - 1;
+        upto = below | (1ULL << cut);
+        ends = m.d & ~(m.d >> 1) & below;
+
+        /* carry chains stop at the digit at cut: nothing overflows */
+        after_c = (((m.c & below) << 1) + m.w) & ~m.w;
+        after_e = ((ends << 1) + m.w) & ~m.w;
+
+        bad = (~(m.d | m.c | m.w) & below)
+              | (after_c & upto & ~m.d)
+              | (after_e & upto & ~m.c)
+              | (starts & m.z & ~ends & below);
+        if (bad) {
+            break;
+        }
+
+        p += cut;
+    }
+
+    return p;
+}
+
+#endif
+
+
 /*
  * First byte in [p, end) that is '"', '\\', a control character (< 0x20) or
  * not ASCII (>= 0x80); end if none.
@@ -277,6 +413,94 @@ omni_utf8_seq(const uint8_t *p, const uint8_t *end, size_t *bad)
 }
 
 
+#ifdef __SSE2__
+
+/*
+ * Validate UTF-8 16 bytes at a time from p (a character boundary inside a
+ * string) while the windows hold no '"', '\\' or control byte and some
+ * non-ASCII byte.  Returns where it stopped, always a character boundary;
+ * the caller's scalar loop goes on from there and reports any error at its
+ * exact offset.  Signed byte compares: bytes >= 0x80 are negative, ordered.
+ */
+static inline const uint8_t *
+omni_utf8_windows(const uint8_t *p, const uint8_t *end)
+{
+    const __m128i  zero = _mm_setzero_si128();
+
+#define omni_b(c)  _mm_set1_epi8((char) (c))
+
+    while (end - p >= 16) {
+        __m128i   v = _mm_loadu_si128((const __m128i *) p);
+        __m128i   hi = _mm_cmplt_epi8(v, zero);
+        __m128i   ctl = _mm_andnot_si128(hi, _mm_cmplt_epi8(v, omni_b(0x20)));
+        __m128i   stop = _mm_or_si128(ctl,
+                             _mm_or_si128(_mm_cmpeq_epi8(v, omni_b('"')),
+                                          _mm_cmpeq_epi8(v, omni_b('\\'))));
+        __m128i   cont, lead, ge_c2, ge_e0, ge_f0, bad, want, prev;
+        unsigned  m_lead, m_e0, m_f0;
+
+        if (_mm_movemask_epi8(stop) || !_mm_movemask_epi8(hi)) {
+            break;
+        }
+
+        cont = _mm_cmplt_epi8(v, omni_b(0xc0));            /* 80..bf */
+        lead = _mm_andnot_si128(cont, hi);                 /* c0..ff */
+        ge_c2 = _mm_and_si128(hi, _mm_cmpgt_epi8(v, omni_b(0xc1)));
+        ge_e0 = _mm_and_si128(hi, _mm_cmpgt_epi8(v, omni_b(0xdf)));
+        ge_f0 = _mm_and_si128(hi, _mm_cmpgt_epi8(v, omni_b(0xef)));
+
+        /* c0, c1 and f5..ff never start a sequence */
+        bad = _mm_or_si128(_mm_andnot_si128(ge_c2, lead),
+                  _mm_and_si128(hi, _mm_cmpgt_epi8(v, omni_b(0xf4))));
+
+        /* continuation bytes exactly where the leads want them */
+        want = _mm_or_si128(_mm_slli_si128(lead, 1),
+                   _mm_or_si128(_mm_slli_si128(ge_e0, 2),
+                                _mm_slli_si128(ge_f0, 3)));
+        bad = _mm_or_si128(bad, _mm_xor_si128(want, cont));
+
+        /* overlongs (e0 80..9f, f0 80..8f), surrogates (ed a0..bf), > 10ffff */
+        prev = _mm_slli_si128(v, 1);
+        bad = _mm_or_si128(bad, _mm_or_si128(
+            _mm_or_si128(
+                _mm_and_si128(_mm_cmpeq_epi8(prev, omni_b(0xe0)),
+                              _mm_cmplt_epi8(v, omni_b(0xa0))),
+                _mm_and_si128(_mm_cmpeq_epi8(prev, omni_b(0xed)),
+                              _mm_cmpgt_epi8(v, omni_b(0x9f)))),
+            _mm_or_si128(
+                _mm_and_si128(_mm_cmpeq_epi8(prev, omni_b(0xf0)),
+                              _mm_cmplt_epi8(v, omni_b(0x90))),
+                _mm_and_si128(_mm_cmpeq_epi8(prev, omni_b(0xf4)),
+                              _mm_cmpgt_epi8(v, omni_b(0x8f))))));
+
+        if (_mm_movemask_epi8(bad)) {
+            break;
+        }
+
+        /* stop before a sequence that runs past the window */
+        m_lead = (unsigned) _mm_movemask_epi8(lead);
+        m_e0 = (unsigned) _mm_movemask_epi8(ge_e0);
+        m_f0 = (unsigned) _mm_movemask_epi8(ge_f0);
+
+        if (m_f0 & 0x2000) {
+            p += 13;
+        } else if (m_e0 & 0x4000) {
+            p += 14;
+        } else if (m_lead & 0x8000) {
+            p += 15;
+        } else {
+            p += 16;
+        }
+    }
+
+#undef omni_b
+
+    return p;
+}
+
+#endif
+
+
 /*
  * The body of a string: p is just after the opening quote.  Returns the
  * position after the closing quote, or NULL with *e set.  *escaped is set
@@ -342,8 +566,11 @@ omni_scan_string(const uint8_t *p, const uint8_t *end, int *escaped,
             return NULL;
         }
 
-        /* non-ASCII: validate the whole run in one tight loop */
-        do {
+        /* non-ASCII: whole windows, then character by character */
+#ifdef __SSE2__
+        p = omni_utf8_windows(p, end);
+#endif
+        while (p < end && *p >= 0x80) {
             n = omni_utf8_seq(p, end, &bad);
             if (omni_unlikely(n == 0)) {
                 e->at = p;
@@ -352,8 +579,31 @@ omni_scan_string(const uint8_t *p, const uint8_t *end, int *escaped,
             }
 
             p += n;
-        } while (p < end && *p >= 0x80);
+        }
     }
+}
+
+
+/* The end of the run of ASCII digits at p. */
+static inline const uint8_t *
+omni_skip_digits(const uint8_t *p, const uint8_t *end)
+{
+#ifdef OMNI_SWAR
+    while (end - p >= 8) {
+        unsigned  n = omni_digits8(omni_load64(p));
+
+        p += n;
+        if (n < 8) {
+            return p;
+        }
+    }
+#endif
+
+    while (p < end && omni_is_digit(*p)) {
+        p++;
+    }
+
+    return p;
 }
 
 
@@ -371,10 +621,7 @@ omni_scan_number(const uint8_t *p, const uint8_t *end, omni_json_err_t *e)
         p++;
 
     } else if (p < end && omni_is_digit(*p)) {
-        p++;
-        while (p < end && omni_is_digit(*p)) {
-            p++;
-        }
+        p = omni_skip_digits(p + 1, end);
 
     } else {
         goto invalid;
@@ -386,9 +633,7 @@ omni_scan_number(const uint8_t *p, const uint8_t *end, omni_json_err_t *e)
             goto invalid;
         }
 
-        while (p < end && omni_is_digit(*p)) {
-            p++;
-        }
+        p = omni_skip_digits(p, end);
     }
 
     if (p < end && (*p | 0x20) == 'e') {
@@ -443,7 +688,11 @@ omni_scan_value(const uint8_t *p, const uint8_t *end, uint32_t depth,
 {
     uint64_t   stack[OMNI_JSON_MAX_DEPTH_LIMIT / 64];
     uint32_t   base = depth, level;
-    int        in_obj = 0, escaped;
+    int        in_obj = 0, escaped, ints = 1;
+
+#ifndef OMNI_INT_BLOCKS
+    (void) ints;
+#endif
 
 value:
 
@@ -457,7 +706,47 @@ value:
         break;
 
     case '0': case '1': case '2': case '3': case '4':
-    case '5': case '6': case '7': case '8': case '9': case '-':
+    case '5': case '6': case '7': case '8': case '9':
+#ifdef OMNI_SWAR
+        /*
+         * Integer arrays (token-id prompts): take "digits, ws" runs 8 bytes
+         * at a time; anything else (last element, '-', '.', 'e', 9+ digits,
+         * a leading zero) goes through omni_scan_number() below.
+         */
+        if (depth > base && !in_obj) {
+#ifdef OMNI_INT_BLOCKS
+            /* after one miss (floats, negatives) stop trying in this array */
+            if (ints && end - p >= 64) {
+                const uint8_t  *q = omni_int_blocks(p, end);
+
+                ints = (q != p);
+                p = q;
+            }
+#endif
+            while (end - p >= 16) {
+                unsigned  n = omni_digits8(omni_load64(p));
+
+                if (n == 8 || p[n] != ',' || (n > 1 && *p == '0')) {
+                    break;
+                }
+
+                p += n + 1;
+                if (omni_is_ws(*p)) {
+                    p = omni_skip_ws(p + 1, end);
+                    if (p >= end) {
+                        goto eof;
+                    }
+                }
+
+                if (!omni_is_digit(*p)) {
+                    goto value;
+                }
+            }
+        }
+#endif
+        /* fall through */
+
+    case '-':
         p = omni_scan_number(p, end, e);
         if (p == NULL) {
             return NULL;
@@ -479,6 +768,7 @@ value:
          */
         level = depth++ - base;
         in_obj = (*p == '{');
+        ints = 1;                       /* a new array may hold integers */
         if ((level & 63) == 0) {
             stack[level >> 6] = (uint64_t) in_obj;
         } else {
@@ -1299,6 +1589,90 @@ omni_json_u32_array(const uint8_t *buf, size_t off, size_t len,
     /* token-id prompts: "[1, 2, 3, ...]" with 100k elements are common */
 
     for ( ;; ) {
+#ifdef OMNI_INT_BLOCKS
+        /*
+         * Blocks of plain integers (see omni_int_blocks()): find every
+         * element of a block from bit masks, then parse them independently.
+         * The +8 keeps the 8-byte loads of the last element in bounds.
+         */
+        while (end - p >= 64 + 8 && omni_is_digit(*p)) {
+            omni_int_masks_t  mk;
+            uint64_t          st, en, below;
+            unsigned          cut, a, b, len;
+
+            omni_int_masks(p, &mk);
+            st = mk.d & ~(mk.d << 1);
+            if ((st & ~1ULL) == 0) {
+                break;
+            }
+
+            cut = 63 - (unsigned) __builtin_clzll(st);
+            below = (1ULL << cut) - 1;
+            if (~(mk.d | mk.c | mk.w) & below) {
+                break;                  /* '-', '.', 'e', ...: slow path */
+            }
+
+            st &= below;
+            en = mk.d & ~(mk.d >> 1) & below;
+
+            while (st) {
+                a = (unsigned) __builtin_ctzll(st);
+                b = (unsigned) __builtin_ctzll(en);
+                len = b - a + 1;
+
+                if (len <= 8) {
+                    v = omni_parse8(omni_load64(p + a), len);
+
+                } else if (len <= 10) {
+                    v = omni_parse8(omni_load64(p + a), 8);
+                    v = v * 10 + (uint64_t) (p[a + 8] - '0');
+                    if (len == 10) {
+                        v = v * 10 + (uint64_t) (p[a + 9] - '0');
+                    }
+
+                    if (v > UINT32_MAX) {
+                        return OMNI_ETYPE;
+                    }
+
+                } else {
+                    return OMNI_ETYPE;
+                }
+
+                if (count < cap) {
+                    out[count] = (uint32_t) v;
+                }
+
+                count++;
+                st &= st - 1;
+                en &= en - 1;
+            }
+
+            p += cut;
+        }
+#endif
+
+#ifdef OMNI_SWAR
+        /* "digits," runs of up to 7 digits, 8 bytes at a time */
+        while (end - p >= 16) {
+            uint64_t  w = omni_load64(p);
+            unsigned  k = omni_digits8(w);
+
+            if (k == 0 || k == 8 || p[k] != ',') {
+                break;
+            }
+
+            if (count < cap) {
+                out[count] = omni_parse8(w, k);
+            }
+
+            count++;
+            p += k + 1;
+            if (omni_is_ws(*p)) {
+                p = omni_skip_ws(p + 1, end);
+            }
+        }
+#endif
+
         if (p >= end) {
             return OMNI_EJSON;
         }
