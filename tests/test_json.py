@@ -108,6 +108,25 @@ def test_special_bytes_at_every_position_of_a_long_string(special):
         assert_same_verdict(b'"' + text + b'"')
 
 
+UTF8_BAD = [b"\x80", b"\xbf", b"\xc0\x80", b"\xc1\xbf", b"\xc2", b"\xe0\x80\x80",
+            b"\xe0\x9f\xbf", b"\xed\xa0\x80", b"\xed\xbf\xbf", b"\xf0\x80\x80\x80",
+            b"\xf0\x8f\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80",
+            b"\xf8\x80\x80\x80", b"\xfe", b"\xff", b"\xe4\xb8", b"\xf0\x9f\x98", b"\xe4",
+            b"\xc3\xa9", b"\xe4\xb8\xad", b"\xf0\x9f\x98\x80", b"\xf4\x8f\xbf\xbf",
+            b"\xed\x9f\xbf", b"\xee\x80\x80", b"\xe0\xa0\x80", b"\xf0\x90\x80\x80"]
+
+
+@pytest.mark.parametrize("bad", UTF8_BAD)
+@pytest.mark.parametrize("char", ["é", "中", "😀", "é中😀a"])
+def test_utf8_sequence_at_every_position_of_a_non_ascii_run(bad, char):
+    """The 16-byte UTF-8 windows must judge every sequence, wherever it falls."""
+    for count in range(0, 24):
+        head = (char * count).encode()
+        body = b'{"k": "' + head + bad + (char * 12).encode() + b'"}'
+        assert_same_verdict(body)
+        assert_same_verdict(b'"' + head + bad + b'"')
+
+
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 63, 64, 65, 1000])
 def test_truncated_documents_are_invalid(size):
     body = json.dumps({"a": "x" * size, "b": [1, 2, 3], "c": {"d": "é"}},

@@ -359,3 +359,68 @@ def test_huge_generated_document():
     expected = model_apply(py_loads(body, pairs=True),
                            [("set", "stream", b"false"), ("delete", "prompt")])
     assert py_loads(out, pairs=True) == expected
+
+
+# ---- long runs: the 64-byte integer blocks and the UTF-8 windows -------------------
+
+SEPARATORS = [",", ", ", " ,", ",\n", " , ", ",\t\r\n  "]
+INT_MUTATIONS = [b",", b", ,", b" ", b"0", b"00", b"-", b"-0", b"1.5", b"1e3",
+                 b"]", b"[", b"x", b"\x00", b"\xc3\xa9", b"99999999999", b"4294967296",
+                 b'"7"', b"true", b"\n"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.integers(0, 2 ** 32 - 1) | st.integers(0, 999), min_size=20, max_size=120),
+       st.randoms(use_true_random=False), st.booleans())
+def test_long_integer_arrays(ids, rnd, mutate_it):
+    sep = rnd.choice(SEPARATORS)
+    text = "[" + "".join(str(x) + (sep if rnd.random() < 0.9 else rnd.choice(SEPARATORS))
+                         for x in ids[:-1]) + str(ids[-1]) + "]"
+    body = b'{"prompt": ' + text.encode() + b', "n": 1}'
+    if mutate_it:
+        data = bytearray(body)
+        for _ in range(rnd.randrange(1, 3)):
+            pos = rnd.randrange(12, len(data) - 10)
+            if rnd.random() < 0.5:
+                data[pos:pos] = rnd.choice(INT_MUTATIONS)
+            else:
+                del data[pos:pos + rnd.randrange(1, 3)]
+        body = bytes(data)
+    valid = py_valid(body)
+    assert c_valid(body) == valid, body
+    if valid:
+        expected = py_loads(body).get("prompt")
+        ok = isinstance(expected, list) and all(
+            isinstance(x, Decimal) and 0 <= x < 2 ** 32 for x in expected)
+        try:
+            got = json_u32_array(body, "prompt")
+        except errors.JSONTypeError:
+            assert not ok
+        else:
+            assert ok and got == [int(x) for x in expected]
+
+
+UTF8_CHARS = ["é", "ß", "€", "中", "文", "😀", "𝄞", "a", " ", "\U0010FFFF", "\uFFFD", "\u0800"]
+UTF8_BAD = [b"\x80", b"\xbf", b"\xc0\x80", b"\xc1\xbf", b"\xc2", b"\xe0\x80\x80", b"\xe0\x9f\xbf",
+            b"\xed\xa0\x80", b"\xed\xbf\xbf", b"\xf0\x80\x80\x80", b"\xf0\x8f\xbf\xbf",
+            b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80", b"\xff", b"\xe4\xb8", b"\xf0\x9f\x98",
+            b"\xe4", b'"', b"\\", b"\x01", b"\xc3\xa9"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(UTF8_CHARS), min_size=10, max_size=150),
+       st.randoms(use_true_random=False), st.booleans())
+def test_long_utf8_strings(chars, rnd, mutate_it):
+    if mutate_it:
+        # between characters, so the inserted bytes are the only fault
+        pos = rnd.randrange(len(chars) + 1)
+        text = ("".join(chars[:pos]).encode() + rnd.choice(UTF8_BAD)
+                + "".join(chars[pos:]).encode())
+    else:
+        text = "".join(chars).encode()
+    body = b'{"content": "' + text + b'"}'
+    valid = py_valid(body)
+    assert c_valid(body) == valid, body
+    if valid:
+        raw = json_scan(body)[0][2]
+        assert json_string_decode(raw) == py_loads(body)["content"]
