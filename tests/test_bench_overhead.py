@@ -107,7 +107,7 @@ def test_plain_nginx_template_renders_and_passes_nginx_t(tmp_path):
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_short_overhead_run(tmp_path):
     logs = []
-    res = overhead.run_overhead(sizes="1k", targets="direct,nginx", duration=1.0,
+    res = overhead.run_overhead(sizes="1k", targets="direct,nginx", duration=1, repeat=2,
                                 warmup=0, connections=4, out_dir=str(tmp_path),
                                 log=logs.append)
     rows = {r["target"]: r for r in res["rows"]}
@@ -116,6 +116,11 @@ def test_short_overhead_run(tmp_path):
         assert rows[name]["socket_errors"] == 0
         assert 0 < rows[name]["p50_ms"] <= rows[name]["p99_ms"]
     assert "| nginx |" in res["markdown"]
+    # all targets up at once, measured in interleaved, rotated rounds
+    assert [(r["round"], r["target"]) for r in res["runs"]] == [
+        (0, "direct"), (0, "nginx"), (1, "nginx"), (1, "direct")]
+    assert rows["nginx"]["rounds"] == 2
+    assert rows["nginx"]["rps_min"] <= rows["nginx"]["rps"] <= rows["nginx"]["rps_max"]
     saved = json.load(open(tmp_path / "overhead.json"))
     assert saved["rows"] == res["rows"]
     assert not os.path.exists(saved.get("tmp_dir") or "/nonexistent")

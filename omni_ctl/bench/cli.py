@@ -143,8 +143,10 @@ def _url(target: str) -> str:
                   ["direct", "nginx", "omni-aggregated", "omni-sequential",
                    "omni-parallel", "sglang-router-pd", "vllm-router-pd",
                    "sglang-router-rr", "vllm-router-rr"]))
-@click.option("--duration", type=click.IntRange(1), default=5, show_default=True,
-              help="Seconds of load per target and size.")
+@click.option("--duration", type=click.IntRange(1), default=3, show_default=True,
+              help="Seconds of load per target, size and round.")
+@click.option("--repeat", type=click.IntRange(1), default=3, show_default=True,
+              help="Interleaved rounds over all targets; medians are reported.")
 @click.option("--connections", type=int, default=32, show_default=True)
 @click.option("--wrk-threads", type=int, default=1, show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True,

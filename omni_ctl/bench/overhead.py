@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -147,17 +148,16 @@ def run_wrk(url: str, body_path: str, duration: float, connections: int,
 
 # --- targets ------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _target(name: str, tmp: str, backend_ports: list[int], workers: int, port: int,
-            probe: bytes, module_dir: str | None = None):
-    """Start target `name` on `port`; yield its URL; stop it afterwards."""
+def start_target(name: str, tmp: str, backend_ports: list[int], workers: int,
+                 port: int, probe: bytes, module_dir: str | None = None):
+    """Start target `name` on `port` and wait until it answers; return
+    (url, process or None for "direct"). The caller stops the process."""
     urls = [f"http://127.0.0.1:{p}" for p in backend_ports]
     prefill = [f"127.0.0.1:{p}" for p in backend_ports[:2]]
     decode = [f"127.0.0.1:{p}" for p in backend_ports[2:]]
     url = f"http://127.0.0.1:{port}"
     if name == "direct":
-        yield urls[0]
-        return
+        return urls[0], None
     prefix = os.path.join(tmp, name)
     os.makedirs(prefix, exist_ok=True)
     if name == "nginx":
@@ -185,9 +185,10 @@ def _target(name: str, tmp: str, backend_ports: list[int], workers: int, port: i
         proc = procs.Proc(name, argv, os.path.join(prefix, "router.log"))
     try:
         procs.wait_http(proc, url + "/v1/completions", probe, timeout=60, what=name)
-        yield url
-    finally:
+    except BaseException:
         proc.stop()
+        raise
+    return url, proc
 
 
 def peer_argv(name: str, binary: str, port: int, urls: list[str]) -> list[str]:
@@ -211,63 +212,84 @@ def parse_targets(text: str | None) -> list[str]:
     return names
 
 
-def run_overhead(sizes="1k,16k,200k", targets=None, duration=5.0, connections=32,
+def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
                  wrk_threads=1, workers=1, backend_workers=1, base_port=0,
-                 out_dir="bench-out/overhead", keep_dir=False,
-                 prompt_kind="text", warmup=1.0, omni_module_dir=None,
-                 log=None) -> dict:
-    """Measure every target at every size; write overhead.json and .md."""
+                 out_dir="bench-out/overhead", keep_dir=False, prompt_kind="text",
+                 warmup=1, repeat=3, omni_module_dir=None, log=None) -> dict:
+    """Measure every target at every size; write overhead.json and .md.
+
+    All targets run at once (each on its own port, idle while not measured),
+    and the measurements are interleaved: `repeat` rounds, each going over
+    every size and every target (in a rotated order). A busy machine then
+    slows every target alike, and the median of the rounds is reported."""
     log = log or (lambda msg: None)
     size_list = parse_sizes(sizes)
     names = parse_targets(targets)
-    if duration <= 0 or connections < 1 or wrk_threads < 1 or workers < 1:
-        raise BenchError("--duration, --connections, --wrk-threads and --workers "
-                         "must be positive")
+    if duration < 1 or connections < 1 or wrk_threads < 1 or workers < 1 or repeat < 1:
+        raise BenchError("--duration, --connections, --wrk-threads, --workers and "
+                         "--repeat must be at least 1")
     wrk_binary()
-    ports = (list(range(base_port, base_port + 5)) if base_port else procs.free_ports(5))
-    backend_ports, port = ports[:4], ports[4]
+    n_ports = 4 + len(names)
+    ports = list(range(base_port, base_port + n_ports)) if base_port \
+        else procs.free_ports(n_ports)
+    backend_ports = ports[:4]
     tmp = tempfile.mkdtemp(prefix="omni-overhead-")
     bodies = {}
     for size in size_list:
         bodies[size] = os.path.join(tmp, f"body-{size}.json")
         with open(bodies[size], "wb") as f:
             f.write(make_body(size, prompt_kind))
-    rows = []
+    runs, skipped = [], []
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     try:
-        prefix = os.path.join(tmp, "backend")
-        conf = procs.render_plain_nginx(prefix, backend_ports, mode="canned",
-                                        workers=backend_workers, canned_body=CANNED_BODY)
-        with procs.start_nginx("canned backend", conf, prefix) as backend:
+        with contextlib.ExitStack() as stack:
+            prefix = os.path.join(tmp, "backend")
+            conf = procs.render_plain_nginx(prefix, backend_ports, mode="canned",
+                                            workers=backend_workers,
+                                            canned_body=CANNED_BODY)
+            backend = stack.enter_context(procs.start_nginx("canned backend", conf, prefix))
             probe = make_body(1024, prompt_kind)
             procs.wait_http(backend, f"http://127.0.0.1:{backend_ports[0]}/v1/completions",
                             probe, timeout=15, what="canned backend")
-            for name in names:
+            live = {}
+            for name, port in zip(names, ports[4:]):
                 try:
-                    with _target(name, tmp, backend_ports, workers, port, probe,
-                                 omni_module_dir) as url:
-                        log(f"[overhead] {name}: {url}")
-                        for i, size in enumerate(size_list):
-                            if i == 0 and warmup > 0:
-                                run_wrk(url + "/v1/completions", bodies[size], warmup,
-                                        connections, wrk_threads)
-                            r = run_wrk(url + "/v1/completions", bodies[size], duration,
-                                        connections, wrk_threads)
-                            log(f"[overhead] {name} {size_label(size)}: "
-                                f"{r['rps']:.0f} req/s, p50 {r.get('p50_ms', 0):.2f} ms, "
-                                f"p99 {r.get('p99_ms', 0):.2f} ms")
-                            rows.append({"target": name, "size": size, **r})
+                    url, proc = start_target(name, tmp, backend_ports, workers, port,
+                                             probe, omni_module_dir)
                 except Skip as exc:
                     log(f"[overhead] {name}: skipped: {exc}")
-                    rows.append({"target": name, "skipped": str(exc)})
+                    skipped.append({"target": name, "skipped": str(exc)})
+                    continue
+                if proc is not None:
+                    stack.callback(proc.stop)
+                live[name] = url + "/v1/completions"
+                log(f"[overhead] {name}: {url}")
+            order = list(live)
+            for name in order:
+                if warmup:
+                    run_wrk(live[name], bodies[size_list[0]], warmup, connections,
+                            wrk_threads)
+            for rnd in range(repeat):
+                for size in size_list:
+                    k = rnd % len(order) if order else 0
+                    for name in order[k:] + order[:k]:
+                        r = run_wrk(live[name], bodies[size], duration, connections,
+                                    wrk_threads)
+                        log(f"[overhead] round {rnd + 1}/{repeat} {name} "
+                            f"{size_label(size)}: {r['rps']:.0f} req/s, "
+                            f"p50 {r.get('p50_ms', 0):.2f} ms, "
+                            f"p99 {r.get('p99_ms', 0):.2f} ms")
+                        runs.append({"target": name, "size": size, "round": rnd, **r})
     finally:
         if not keep_dir:
             shutil.rmtree(tmp, ignore_errors=True)
     result = {"started": started, "sizes": size_list, "duration_s": duration,
-              "connections": connections, "wrk_threads": wrk_threads,
+              "repeat": repeat, "connections": connections, "wrk_threads": wrk_threads,
               "workers": workers, "backend_workers": backend_workers,
               "prompt_kind": prompt_kind, "cpus": os.cpu_count(),
-              "omni_module": omni.module_label(omni_module_dir), "rows": rows,
+              "load_average": os.getloadavg(),
+              "omni_module": omni.module_label(omni_module_dir),
+              "rows": median_rows(runs) + skipped, "runs": runs,
               "tmp_dir": tmp if keep_dir else None}
     result["markdown"] = markdown_overhead(result)
     os.makedirs(out_dir, exist_ok=True)
@@ -279,11 +301,34 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=5.0, connections=32
     return result
 
 
+def median_rows(runs: list[dict]) -> list[dict]:
+    """One row per (target, size): medians over the rounds, the range of
+    requests/s, and error counts summed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["target"], r["size"]), []).append(r)
+    rows = []
+    for (target, size), rs in groups.items():
+        row = {"target": target, "size": size, "rounds": len(rs),
+               "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs),
+               "non_2xx": sum(r["non_2xx"] for r in rs),
+               "socket_errors": sum(r["socket_errors"] for r in rs)}
+        for key in ("rps", "p50_ms", "p99_ms"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            row[key] = statistics.median(vals) if vals else None
+        rows.append(row)
+    return rows
+
+
 def markdown_overhead(result: dict) -> str:
     sizes = result["sizes"]
     head = ["target"] + [f"{size_label(s)} {c}" for s in sizes
                          for c in ("req/s", "p50 ms", "p99 ms")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rounds = result.get("repeat", 1)
+    intro = ([f"Median of {rounds} interleaved rounds of {result['duration_s']} s each "
+              f"(req/s range in brackets); wrk {result['wrk_threads']} thread(s), "
+              f"{result['connections']} connections.", ""] if rounds > 1 else [])
+    lines = intro + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     skipped = []
     by_target: dict[str, dict] = {}
     for r in result["rows"]:
@@ -299,7 +344,9 @@ def markdown_overhead(result: dict) -> str:
                 row += ["-", "-", "-"]
                 continue
             errs = c["non_2xx"] + c["socket_errors"]
-            row += [f"{c['rps']:.0f}" + (f" ({errs} errors)" if errs else ""),
+            spread = (f" ({c['rps_min']:.0f}-{c['rps_max']:.0f})"
+                      if c.get("rounds", 1) > 1 else "")
+            row += [f"{c['rps']:.0f}{spread}" + (f", {errs} errors" if errs else ""),
                     f"{c.get('p50_ms', float('nan')):.2f}",
                     f"{c.get('p99_ms', float('nan')):.2f}"]
         lines.append("| " + " | ".join(row) + " |")
