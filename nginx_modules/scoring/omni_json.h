@@ -164,7 +164,10 @@ typedef struct {
 
 /*
  * Plan the edits on a document scanned by omni_json_scan() whose top-level
- * value is an object (else OMNI_ETYPE).  Semantics, per edit key:
+ * value is an object (else OMNI_ETYPE).  members/n_members must be the
+ * complete list (after OMNI_ERANGE, scan again with a larger array): a
+ * member left out is copied as unknown text and never edited.  Semantics,
+ * per edit key:
  *   SET:    the last member with that key keeps its position and gets the new
  *           value; earlier duplicates are removed; absent -> appended last.
  *   DELETE: every member with that key is removed.
