@@ -23,6 +23,10 @@
 
 #include "omni_common.h"
 #include "omni_json.h"
+#include "omni_hash.h"
+#include "omni_index.h"
+#include "omni_predict.h"
+#include "omni_policy.h"
 
 
 #define NGX_HTTP_OMNI_VERSION        "0.1.0"
@@ -70,6 +74,16 @@
 /* response status classes counted per route and mode */
 #define NGX_HTTP_OMNI_STATUSES       12
 
+/* the two holding queues */
+#define NGX_HTTP_OMNI_Q_PREFILL      0   /* all modes: waiting for a start */
+#define NGX_HTTP_OMNI_Q_DECODE       1   /* sequential: prefill done */
+#define NGX_HTTP_OMNI_QUEUES         2
+
+#define NGX_HTTP_OMNI_NONE           ((uint32_t) -1)
+
+/* most worker processes a config may have (one wake-up eventfd each) */
+#define NGX_HTTP_OMNI_MAX_WORKERS    256
+
 
 typedef struct ngx_http_omni_main_conf_s  ngx_http_omni_main_conf_t;
 
@@ -112,8 +126,17 @@ struct ngx_http_omni_main_conf_s {
     ngx_uint_t                     queue_max;
     ngx_msec_t                     queue_timeout;
     ngx_str_t                      model_path;
+    ngx_uint_t                     block_size;      /* tokens per block */
+    ngx_uint_t                     cache_blocks;    /* per instance */
+    ngx_msec_t                     cache_ttl;
+    ngx_uint_t                     decode_max_tokens;
+    ngx_msec_t                     hold_slack;
 
     ngx_http_omni_upstream_conf_t *tiers[NGX_HTTP_OMNI_TIERS];
+
+    /* wake-up eventfd of each worker of this configuration */
+    ngx_fd_t                      *wake_fds;
+    ngx_uint_t                     n_wake_fds;
 };
 
 
@@ -139,7 +162,55 @@ typedef struct {
     uint64_t                       tokens_total;
     uint64_t                       last_latency_ms;
     ngx_msec_t                     last_seen;
+
+    /* aggregated mode: legs whose first byte has not come (prefilling) */
+    uint32_t                       prefilling;
+    uint64_t                       prefilling_tokens;
 } ngx_http_omni_inst_t;
+
+
+/* A request held in the proxy, in the shared zone. */
+#define NGX_HTTP_OMNI_QE_FREE        0
+#define NGX_HTTP_OMNI_QE_WAITING     1
+#define NGX_HTTP_OMNI_QE_RELEASED    2
+
+typedef struct {
+    uint8_t                        state;
+    uint8_t                        queue;
+    uint8_t                        route;
+    uint8_t                        rejected;    /* released with no instance:
+                                                   a tier has none usable */
+    uint32_t                       worker;      /* owner's ngx_worker */
+    ngx_pid_t                      pid;         /* owner */
+    uint64_t                       generation;  /* owner's config load */
+    uint64_t                       seq;         /* = the owner's ctx->qseq */
+    void                          *ctx;         /* owner's pointer: only the
+                                                   owner may use it */
+    ngx_msec_t                     arrival;
+    double                         key;         /* smaller leaves first */
+    uint32_t                       heap_pos;
+    uint32_t                       prev;        /* arrival order */
+    uint32_t                       next;        /*   (free list: next) */
+    uint32_t                       n_hashes;
+    uint64_t                      *hashes;      /* slab copy, or NULL */
+    uint64_t                       prompt_tokens;
+    uint64_t                       output_tokens;
+
+    /* set when released: the binding, per tier */
+    uint32_t                       slot[NGX_HTTP_OMNI_TIERS];
+    uint64_t                       charge[NGX_HTTP_OMNI_TIERS];
+    uint32_t                       cached_tokens;
+    omni_predict_job_t             job;
+    ngx_msec_t                     released;
+} ngx_http_omni_qentry_t;
+
+
+typedef struct {
+    uint32_t                       n;           /* waiting */
+    uint32_t                       head;        /* oldest */
+    uint32_t                       tail;
+    uint32_t                      *heap;        /* entry numbers */
+} ngx_http_omni_queue_t;
 
 
 typedef struct {
@@ -159,13 +230,30 @@ typedef struct {
     uint64_t                       inflight_requests;
     uint64_t                       errors_total;
     uint64_t                       held_total;
-    uint32_t                       prefill_waiting;
-    uint32_t                       decode_waiting;
 
     uint64_t                       requests[NGX_HTTP_OMNI_ROUTES]
                                        [NGX_HTTP_OMNI_TIERS + 1]
                                        [NGX_HTTP_OMNI_STATUSES];
     ngx_http_omni_hist_t           hists[NGX_HTTP_OMNI_HISTS];
+
+    /* holding: two queues over one pool of entries */
+    uint32_t                       q_cap;
+    uint32_t                       q_free;      /* free list head */
+    uint64_t                       q_seq;
+    ngx_http_omni_qentry_t        *entries;
+    ngx_http_omni_queue_t          queues[NGX_HTTP_OMNI_QUEUES];
+    uint64_t                       rejected_full;
+    uint64_t                       timed_out;
+    uint64_t                       starved;     /* released by the timeout */
+    uint64_t                       hash_copy_failed;
+
+    /* the scheduler's brain (scoring library), addressed by slot */
+    omni_index_t                  *index;
+    omni_predict_t                *predict;
+    uint32_t                       block_size;
+    uint64_t                       decisions;
+    uint64_t                       decision_us; /* time spent deciding */
+    double                         output_ewma[NGX_HTTP_OMNI_ROUTES];
 
     ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
 } ngx_http_omni_shctx_t;
@@ -203,6 +291,11 @@ typedef struct {
     unsigned                       failed:1;
     unsigned                       cancelled:1;
     unsigned                       suppress:1;  /* drop its body bytes */
+    unsigned                       first:1;     /* first body byte seen */
+
+    omni_predict_job_t             job;         /* prefill prediction */
+    uint64_t                       last_chunk_us;
+    uint64_t                       events;      /* SSE events passed */
 } ngx_http_omni_leg_t;
 
 
@@ -224,6 +317,7 @@ typedef struct {
     unsigned                       answered:1;      /* last byte queued */
     unsigned                       waiting:1;       /* legs in flight */
     unsigned                       token_prompt:1;
+    unsigned                       ignore_eos:1;
 
     int64_t                        max_tokens;
     uint64_t                       prompt_tokens;   /* counted or estimated */
@@ -244,6 +338,19 @@ typedef struct {
 
     ngx_uint_t                     status;          /* sent to the client */
     const char                    *error;           /* short error kind */
+
+    /* prefix of the prompt, as chained block hashes (scheduling only) */
+    uint64_t                      *hashes;
+    size_t                         n_hashes;
+    uint64_t                       output_tokens;   /* expected */
+
+    /* holding */
+    ngx_queue_t                    held;            /* in the worker's list */
+    uint32_t                       qentry;          /* NGX_HTTP_OMNI_NONE */
+    uint64_t                       qseq;
+    ngx_uint_t                     qstage;          /* which queue */
+    u_char                        *kv_params;       /* sequential: from */
+    size_t                         kv_params_len;   /*   the prefill answer */
 } ngx_http_omni_ctx_t;
 
 
@@ -288,12 +395,37 @@ void ngx_http_omni_request_begin(ngx_http_omni_main_conf_t *mcf);
 void ngx_http_omni_request_end(ngx_http_omni_main_conf_t *mcf,
     ngx_uint_t route, ngx_uint_t mode, ngx_uint_t status,
     ngx_http_omni_ctx_t *ctx);
-void ngx_http_omni_count_held(ngx_http_omni_main_conf_t *mcf,
-    ngx_int_t prefill_delta, ngx_int_t decode_delta);
 extern const double  ngx_http_omni_bucket_bounds[NGX_HTTP_OMNI_BUCKETS];
 extern const ngx_uint_t  ngx_http_omni_status_codes[NGX_HTTP_OMNI_STATUSES];
 
+/* ngx_http_omni_queue.c */
+ngx_int_t ngx_http_omni_queue_init_zone(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, size_t zone_size);
+ngx_int_t ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue);
+ngx_int_t ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, uint32_t e);
+uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
+void ngx_http_omni_notify(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_qentry_t *e);
+void ngx_http_omni_arm_timer(ngx_msec_t after);
+ngx_int_t ngx_http_omni_init_module(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_omni_init_process(ngx_cycle_t *cycle);
+uint64_t ngx_http_omni_now_us(void);
+
 /* ngx_http_omni_sched.c */
+void ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf);
+ngx_int_t ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf);
+void ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, ngx_uint_t ok);
+void ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done);
+uint64_t ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx);
+uint64_t ngx_http_omni_best_uncached(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n_hashes,
+    uint64_t prompt_tokens, size_t *slot);
 ngx_int_t ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
     uint64_t tokens);
 ngx_int_t ngx_http_omni_choose_retry(ngx_http_request_t *r,

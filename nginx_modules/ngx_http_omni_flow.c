@@ -27,7 +27,10 @@
 static void ngx_http_omni_body_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx);
+static ngx_int_t ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx);
+static ngx_int_t ngx_http_omni_start(ngx_http_omni_ctx_t *ctx);
+static ngx_int_t ngx_http_omni_start_decode_kv(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_start_decode(ngx_http_omni_ctx_t *ctx,
     omni_json_edit_t *edits, size_t n_edits);
 static ngx_int_t ngx_http_omni_after_prefill(ngx_http_omni_ctx_t *ctx);
@@ -92,6 +95,8 @@ ngx_http_omni_handler(ngx_http_request_t *r)
     ctx->mode = mcf->pd_policy;
     ctx->t_start = ngx_current_msec;
     ctx->max_tokens = -1;
+    ctx->qentry = NGX_HTTP_OMNI_NONE;
+    ngx_queue_init(&ctx->held);
     ctx->legs[NGX_HTTP_OMNI_PREFILL].tier = NGX_HTTP_OMNI_PREFILL;
     ctx->legs[NGX_HTTP_OMNI_DECODE].tier = NGX_HTTP_OMNI_DECODE;
 
@@ -350,6 +355,12 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
         ctx->include_usage = 1;
     }
 
+    i = omni_find("ignore_eos");
+
+    if (i >= 0 && m[i].type == OMNI_JSON_TRUE) {
+        ctx->ignore_eos = 1;
+    }
+
     /* output length */
 
     i = -1;
@@ -537,15 +548,6 @@ bad_stream:
 }
 
 
-static uint64_t
-ngx_http_omni_decode_tokens(ngx_http_omni_ctx_t *ctx)
-{
-    return ctx->prompt_tokens
-           + (ctx->max_tokens >= 0 ? (uint64_t) ctx->max_tokens
-                                   : NGX_HTTP_OMNI_DEFAULT_OUTPUT);
-}
-
-
 static ngx_int_t
 ngx_http_omni_no_instance(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier)
 {
@@ -569,20 +571,92 @@ ngx_http_omni_no_instance(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier)
 }
 
 
+/*
+ * The prompt's chained block hashes, for the prefix index: token ids as
+ * they are, text (a string prompt, a batch, chat messages) as pseudo tokens
+ * of four bytes of its JSON text.  Only the policies that use the index
+ * need them.
+ */
+static ngx_int_t
+ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx)
+{
+    int                  rc;
+    long                 i;
+    size_t               n, off, len;
+    ngx_uint_t           bs;
+
+    if (ctx->mcf->schedule_policy != NGX_HTTP_OMNI_SCHED_OMNI
+        && ctx->mcf->schedule_policy != NGX_HTTP_OMNI_SCHED_CACHE_AWARE)
+    {
+        return NGX_OK;
+    }
+
+    bs = ctx->mcf->block_size;
+
+    if (ctx->token_prompt) {
+        n = ctx->n_tokens / bs;
+
+    } else {
+        i = omni_json_find(ctx->body, ctx->members, ctx->n_members,
+                           ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT
+                           ? "messages" : "prompt",
+                           ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT
+                           ? sizeof("messages") - 1 : sizeof("prompt") - 1);
+        if (i < 0) {
+            return NGX_OK;
+        }
+
+        off = ctx->members[i].val_off;
+        len = ctx->members[i].val_len;
+
+        if (ctx->members[i].type == OMNI_JSON_STRING && len >= 2) {
+            /* the text between the quotes */
+            off++;
+            len -= 2;
+        }
+
+        n = len / (4 * bs);
+
+        if (n == 0) {
+            return NGX_OK;
+        }
+
+        ctx->hashes = ngx_palloc(ctx->request->pool, n * sizeof(uint64_t));
+        if (ctx->hashes == NULL) {
+            return NGX_ERROR;
+        }
+
+        rc = omni_hash_text_blocks(ctx->body + off, len, (uint32_t) bs, 0,
+                                   ctx->hashes, n);
+        ctx->n_hashes = rc > 0 ? (size_t) rc : 0;
+
+        return NGX_OK;
+    }
+
+    if (n == 0) {
+        return NGX_OK;
+    }
+
+    ctx->hashes = ngx_palloc(ctx->request->pool, n * sizeof(uint64_t));
+    if (ctx->hashes == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = omni_hash_blocks(ctx->token_ids, ctx->n_tokens, (uint32_t) bs, 0,
+                          ctx->hashes, n);
+    ctx->n_hashes = rc > 0 ? (size_t) rc : 0;
+
+    return NGX_OK;
+}
+
+
+/* Choose the instances now, or hold the request until the scheduler does. */
 static ngx_int_t
 ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx)
 {
-    u_char              *p, *host, *port, *room;
-    size_t               host_len, k;
-    off_t                len;
-    uint64_t             r64;
-    ngx_str_t           *name;
-    ngx_chain_t         *body;
-    omni_json_edit_t     edits[NGX_HTTP_OMNI_MAX_EDITS], *e;
     ngx_http_request_t  *r;
 
     r = ctx->request;
-    ctx->t_released = ngx_current_msec;
 
     if (ctx->mcf->tiers[NGX_HTTP_OMNI_DECODE] == NULL
         || (ctx->mode != NGX_HTTP_OMNI_AGGREGATED
@@ -601,17 +675,27 @@ ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx)
                                         "configured for this mode");
     }
 
+    if (ngx_http_omni_hash_prompt(ctx) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->output_tokens = ngx_http_omni_expected_output(ctx);
+
+    if (ngx_http_omni_uses_queue(ctx->mcf)) {
+        return ngx_http_omni_hold(ctx, NGX_HTTP_OMNI_Q_PREFILL);
+    }
+
     switch (ctx->mode) {
 
     case NGX_HTTP_OMNI_AGGREGATED:
         if (ngx_http_omni_choose(ctx, NGX_HTTP_OMNI_DECODE,
-                                 ngx_http_omni_decode_tokens(ctx))
+                                 ctx->prompt_tokens + ctx->output_tokens)
             != NGX_OK)
         {
             return ngx_http_omni_no_instance(ctx, NGX_HTTP_OMNI_DECODE);
         }
 
-        return ngx_http_omni_start_decode(ctx, NULL, 0);
+        break;
 
     case NGX_HTTP_OMNI_SEQUENTIAL:
         if (ngx_http_omni_choose(ctx, NGX_HTTP_OMNI_PREFILL,
@@ -621,6 +705,56 @@ ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx)
             return ngx_http_omni_no_instance(ctx, NGX_HTTP_OMNI_PREFILL);
         }
 
+        break;
+
+    default: /* NGX_HTTP_OMNI_PARALLEL */
+
+        if (ngx_http_omni_choose(ctx, NGX_HTTP_OMNI_PREFILL,
+                                 ctx->prompt_tokens)
+            != NGX_OK)
+        {
+            return ngx_http_omni_no_instance(ctx, NGX_HTTP_OMNI_PREFILL);
+        }
+
+        if (ngx_http_omni_choose(ctx, NGX_HTTP_OMNI_DECODE,
+                                 ctx->prompt_tokens + ctx->output_tokens)
+            != NGX_OK)
+        {
+            return ngx_http_omni_no_instance(ctx, NGX_HTTP_OMNI_DECODE);
+        }
+
+        break;
+    }
+
+    return ngx_http_omni_start(ctx);
+}
+
+
+/* The instances are bound: send the first leg(s). */
+static ngx_int_t
+ngx_http_omni_start(ngx_http_omni_ctx_t *ctx)
+{
+    u_char              *p, *host, *port, *room;
+    size_t               host_len, k;
+    off_t                len;
+    uint64_t             r64;
+    ngx_str_t           *name;
+    ngx_chain_t         *body;
+    omni_json_edit_t     edits[NGX_HTTP_OMNI_MAX_EDITS], *e;
+    ngx_http_request_t  *r;
+
+    r = ctx->request;
+
+    if (ctx->t_released == 0) {
+        ctx->t_released = ngx_current_msec;
+    }
+
+    switch (ctx->mode) {
+
+    case NGX_HTTP_OMNI_AGGREGATED:
+        return ngx_http_omni_start_decode(ctx, NULL, 0);
+
+    case NGX_HTTP_OMNI_SEQUENTIAL:
         e = edits;
         ngx_http_omni_edit(e, OMNI_JSON_SET, "max_tokens", "1", 1);
         e++;
@@ -664,20 +798,6 @@ ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx)
         return NGX_DONE;
 
     default: /* NGX_HTTP_OMNI_PARALLEL */
-
-        if (ngx_http_omni_choose(ctx, NGX_HTTP_OMNI_PREFILL,
-                                 ctx->prompt_tokens)
-            != NGX_OK)
-        {
-            return ngx_http_omni_no_instance(ctx, NGX_HTTP_OMNI_PREFILL);
-        }
-
-        if (ngx_http_omni_choose(ctx, NGX_HTTP_OMNI_DECODE,
-                                 ngx_http_omni_decode_tokens(ctx))
-            != NGX_OK)
-        {
-            return ngx_http_omni_no_instance(ctx, NGX_HTTP_OMNI_DECODE);
-        }
 
         /* bootstrap_host/port of the chosen prefill, a random room */
 
@@ -920,7 +1040,24 @@ ngx_http_omni_wake(ngx_http_request_t *r)
         return;
     }
 
-    rc = ngx_http_omni_advance(ctx);
+    if (ctx->qentry != NGX_HTTP_OMNI_NONE) {
+        /* held: released, timed out, or a spurious wake-up */
+
+        rc = ngx_http_omni_held_wake(ctx);
+
+        if (rc == NGX_AGAIN) {
+            return;
+        }
+
+        if (rc == NGX_OK) {
+            rc = (ctx->qstage == NGX_HTTP_OMNI_Q_DECODE)
+                 ? ngx_http_omni_start_decode_kv(ctx)
+                 : ngx_http_omni_start(ctx);
+        }
+
+    } else {
+        rc = ngx_http_omni_advance(ctx);
+    }
 
     if (rc == NGX_DONE) {
         return;
@@ -996,7 +1133,6 @@ ngx_http_omni_after_prefill(ngx_http_omni_ctx_t *ctx)
     long                 i;
     ngx_int_t            rc;
     omni_json_doc_t      doc;
-    omni_json_edit_t     edit;
     omni_json_member_t   members[NGX_HTTP_OMNI_MEMBERS];
     ngx_http_omni_leg_t  *p;
 
@@ -1049,15 +1185,33 @@ ngx_http_omni_after_prefill(ngx_http_omni_ctx_t *ctx)
                                         "object");
     }
 
+    ctx->kv_params = resp + members[i].val_off;
+    ctx->kv_params_len = members[i].val_len;
+
+    if (ngx_http_omni_uses_queue(ctx->mcf)) {
+        /* decode work waits for a decode instance, longest first */
+        return ngx_http_omni_hold(ctx, NGX_HTTP_OMNI_Q_DECODE);
+    }
+
     if (ngx_http_omni_choose(ctx, NGX_HTTP_OMNI_DECODE,
-                             ngx_http_omni_decode_tokens(ctx))
+                             ctx->prompt_tokens + ctx->output_tokens)
         != NGX_OK)
     {
         return ngx_http_omni_no_instance(ctx, NGX_HTTP_OMNI_DECODE);
     }
 
+    return ngx_http_omni_start_decode_kv(ctx);
+}
+
+
+/* Sequential mode: the decode leg, with the prefill's kv_transfer_params. */
+static ngx_int_t
+ngx_http_omni_start_decode_kv(ngx_http_omni_ctx_t *ctx)
+{
+    omni_json_edit_t  edit;
+
     ngx_http_omni_edit(&edit, OMNI_JSON_SET, "kv_transfer_params",
-                       resp + members[i].val_off, members[i].val_len);
+                       ctx->kv_params, ctx->kv_params_len);
 
     return ngx_http_omni_start_decode(ctx, &edit, 1);
 }
@@ -1590,6 +1744,14 @@ ngx_http_omni_cleanup(void *data)
     ngx_http_request_t   *r;
 
     r = ctx->request;
+
+    ngx_http_omni_unhold(ctx);
+
+    if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED) {
+        /* its prefill never answered with a first byte */
+        ngx_http_omni_prefill_observed(ctx, &ctx->legs[NGX_HTTP_OMNI_DECODE],
+                                       0);
+    }
 
     /* a leg whose upstream never started still holds its charge */
     for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {

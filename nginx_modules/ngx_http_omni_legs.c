@@ -231,6 +231,14 @@ ngx_http_omni_leg_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
             leg->status = rc;
         }
 
+        if (sr->subrequest_in_memory) {
+            ngx_http_omni_prefill_observed(ctx, leg,
+                                           !leg->failed && leg->status >= 200
+                                           && leg->status < 300);
+        } else {
+            ngx_http_omni_decode_observed(ctx, leg, 0, 1);
+        }
+
         if (sr->background) {
             /* nginx wakes the parent of foreground subrequests only */
             ngx_http_post_request(ctx->request, NULL);
@@ -354,7 +362,8 @@ ngx_http_omni_header_filter(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_omni_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 {
-    ngx_uint_t            data;
+    u_char               *p;
+    ngx_uint_t            data, events;
     ngx_chain_t          *cl;
     ngx_http_omni_ctx_t  *ctx;
     ngx_http_omni_leg_t  *leg;
@@ -370,6 +379,7 @@ ngx_http_omni_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     }
 
     data = 0;
+    events = 0;
 
     for (cl = in; cl; cl = cl->next) {
         if (cl->buf->last_in_chain || cl->buf->last_buf) {
@@ -378,6 +388,24 @@ ngx_http_omni_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 
         if (ngx_buf_size(cl->buf)) {
             data = 1;
+        }
+
+        if (cl->buf->in_file || r->subrequest_in_memory) {
+            continue;
+        }
+
+        /* SSE events end with a blank line */
+        for (p = cl->buf->pos; p + 1 < cl->buf->last; p++) {
+            p = ngx_strlchr(p, cl->buf->last, '\n');
+
+            if (p == NULL) {
+                break;
+            }
+
+            if (p + 1 < cl->buf->last && p[1] == '\n') {
+                events++;
+                p++;
+            }
         }
 
         if (leg->suppress) {
@@ -397,6 +425,13 @@ ngx_http_omni_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         if (ctx->t_first_byte == 0) {
             ctx->t_first_byte = ngx_current_msec;
         }
+
+        if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED && !leg->first) {
+            /* the first byte ends an aggregated leg's prefill */
+            ngx_http_omni_prefill_observed(ctx, leg, 1);
+        }
+
+        ngx_http_omni_decode_observed(ctx, leg, events, 0);
     }
 
     return ngx_http_next_body_filter(r, in);

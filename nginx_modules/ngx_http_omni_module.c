@@ -122,6 +122,41 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       offsetof(ngx_http_omni_main_conf_t, model_path),
       NULL },
 
+    { ngx_string("omni_block_size"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, block_size),
+      NULL },
+
+    { ngx_string("omni_cache_blocks"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, cache_blocks),
+      NULL },
+
+    { ngx_string("omni_cache_ttl"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, cache_ttl),
+      NULL },
+
+    { ngx_string("omni_decode_max_tokens"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, decode_max_tokens),
+      NULL },
+
+    { ngx_string("omni_hold_slack"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, hold_slack),
+      NULL },
+
     { ngx_string("omni_balance"),
       NGX_HTTP_UPS_CONF|NGX_CONF_TAKE1,
       ngx_http_omni_balance,
@@ -189,8 +224,8 @@ ngx_module_t  ngx_http_omni_module = {
     ngx_http_omni_commands,                /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
-    NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_omni_init_module,             /* init module */
+    ngx_http_omni_init_process,            /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
     NULL,                                  /* exit process */
@@ -313,6 +348,11 @@ ngx_http_omni_create_main_conf(ngx_conf_t *cf)
     mcf->starvation_timeout = NGX_CONF_UNSET_MSEC;
     mcf->queue_max = NGX_CONF_UNSET_UINT;
     mcf->queue_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->block_size = NGX_CONF_UNSET_UINT;
+    mcf->cache_blocks = NGX_CONF_UNSET_UINT;
+    mcf->cache_ttl = NGX_CONF_UNSET_MSEC;
+    mcf->decode_max_tokens = NGX_CONF_UNSET_UINT;
+    mcf->hold_slack = NGX_CONF_UNSET_MSEC;
 
     return mcf;
 }
@@ -333,6 +373,24 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->starvation_timeout, 2000);
     ngx_conf_init_uint_value(mcf->queue_max, 4096);
     ngx_conf_init_msec_value(mcf->queue_timeout, 600000);
+    ngx_conf_init_uint_value(mcf->block_size, 16);
+    ngx_conf_init_uint_value(mcf->cache_blocks, 0);
+    ngx_conf_init_msec_value(mcf->cache_ttl, 600000);
+    ngx_conf_init_uint_value(mcf->decode_max_tokens, 0);
+    ngx_conf_init_msec_value(mcf->hold_slack, 20);
+
+    if (mcf->block_size == 0 || mcf->block_size > OMNI_HASH_MAX_BLOCK_SIZE) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"omni_block_size\" must be between 1 and %d",
+                           OMNI_HASH_MAX_BLOCK_SIZE);
+        return NGX_CONF_ERROR;
+    }
+
+    if (mcf->queue_max == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"omni_queue_max\" must be at least 1");
+        return NGX_CONF_ERROR;
+    }
 
     if (mcf->zone_size < sizeof(ngx_http_omni_shctx_t) + 64 * 1024)
     {

@@ -1,14 +1,136 @@
 /*
  * Omni Proxy nginx module: the choice of instances.
  *
- * A choice and the charge of its load happen in one critical section of the
- * zone lock, so two workers deciding at the same moment see each other's
- * decision.  Policies: round robin over usable instances, or the instance
- * with the least outstanding tokens, ties broken round robin.
+ * Two ways to decide, per `omni_schedule_policy`:
+ *
+ * - at once, when a request arrives (round-robin, least-loaded,
+ *   cache-aware): ngx_http_omni_choose();
+ * - held and released (omni): ngx_http_omni_schedule() runs the release
+ *   loop over the queues of ngx_http_omni_queue.c whenever something
+ *   changes (an arrival, a completion, a predicted instant).  The next
+ *   request in queue order is bound to the instance with the least predicted
+ *   TTFT (expected wait + prefill of the tokens it does not hold), if one can
+ *   take it within its limits and soon enough; decode work is placed longest
+ *   first on the least-loaded decode instance.
+ *
+ * Every choice and the charge of its load happen in one critical section of
+ * the zone lock, so workers deciding at the same moment see each other's
+ * decisions.  The prefix index and the predictor (scoring library) live in
+ * the zone and are addressed by instance slot.
  */
 
 
 #include "ngx_http_omni.h"
+
+
+/* released per pass of the loop before owners are told */
+#define NGX_HTTP_OMNI_BATCH          64
+/* queue entries looked at past a head that waits for a busy instance */
+#define NGX_HTTP_OMNI_LOOKAHEAD      8
+/* cache-aware: leave the best-matching instance when it has this many
+ * more requests in flight than the least loaded one */
+#define NGX_HTTP_OMNI_BALANCE        8
+
+
+/* per worker scratch, sized for every slot */
+static uint32_t             ngx_http_omni_matched[NGX_HTTP_OMNI_MAX_SLOTS];
+static omni_prefill_cand_t  ngx_http_omni_pcands[NGX_HTTP_OMNI_MAX_SLOTS];
+static omni_decode_inst_t   ngx_http_omni_dcands[NGX_HTTP_OMNI_MAX_SLOTS];
+
+
+static ngx_inline void
+ngx_http_omni_bill(ngx_http_omni_inst_t *in, uint64_t tokens)
+{
+    in->inflight_requests++;
+    in->inflight_tokens += tokens;
+    in->requests_total++;
+    in->tokens_total += tokens;
+    in->last_seen = ngx_current_msec;
+}
+
+
+static ngx_inline ngx_uint_t
+ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf)
+{
+    return mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED ? NGX_HTTP_OMNI_DECODE
+                                                      : NGX_HTTP_OMNI_PREFILL;
+}
+
+
+static ngx_uint_t
+ngx_http_omni_usable(ngx_http_omni_upstream_conf_t *ucf, ngx_uint_t i,
+    ngx_http_omni_inst_t *in, ngx_msec_t now)
+{
+    if (!ngx_http_omni_inst_usable(in, now) || ucf->peers[i]->down) {
+        return 0;
+    }
+
+    if (ucf->peers[i]->max_conns
+        && in->inflight_requests >= ucf->peers[i]->max_conns)
+    {
+        return 0;
+    }
+
+    return 1;
+}
+
+
+/* The prefix match of hashes on every slot, into ngx_http_omni_matched. */
+static uint32_t *
+ngx_http_omni_match(ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n,
+    uint64_t now_us)
+{
+    if (n == 0 || sh->index == NULL || sh->n_slots == 0) {
+        return NULL;
+    }
+
+    if (omni_index_match_prefix(sh->index, hashes, n, now_us,
+                                ngx_http_omni_matched, sh->n_slots)
+        < 0)
+    {
+        return NULL;
+    }
+
+    return ngx_http_omni_matched;
+}
+
+
+uint64_t
+ngx_http_omni_best_uncached(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n_hashes,
+    uint64_t prompt_tokens, size_t *slot)
+{
+    uint32_t                       *matched;
+    uint64_t                        best, cached;
+    ngx_uint_t                      i;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    ucf = mcf->tiers[ngx_http_omni_start_tier(mcf)];
+    best = prompt_tokens;
+    *slot = (ucf && ucf->n) ? ucf->slots[0] : 0;
+
+    matched = ngx_http_omni_match(sh, hashes, n_hashes, ngx_http_omni_now_us());
+
+    for (i = 0; matched && ucf && i < ucf->n; i++) {
+        if (ucf->slots[i] >= sh->n_slots) {
+            continue;
+        }
+
+        cached = (uint64_t) matched[ucf->slots[i]] * sh->block_size;
+        cached = ngx_min(cached, prompt_tokens ? prompt_tokens - 1 : 0);
+
+        if (prompt_tokens - cached < best) {
+            best = prompt_tokens - cached;
+            *slot = ucf->slots[i];
+        }
+    }
+
+    return best;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* at once                                                                  */
 
 
 /*
@@ -16,17 +138,23 @@
  * be NULL) is round robin's bitmap of instances already tried by this leg.
  */
 static ngx_uint_t
-ngx_http_omni_pick(ngx_http_omni_shctx_t *sh, ngx_http_omni_upstream_conf_t *ucf,
-    ngx_uint_t policy, uintptr_t *tried)
+ngx_http_omni_pick(ngx_http_omni_shctx_t *sh,
+    ngx_http_omni_upstream_conf_t *ucf, ngx_uint_t policy, uintptr_t *tried,
+    uint32_t *matched)
 {
     uint64_t               load, best_load;
-    ngx_uint_t             i, k, start, best, slot;
+    ngx_uint_t             i, k, start, best, slot, hit, hit_best;
+    ngx_uint_t             min_running, best_running;
     ngx_msec_t             now;
     ngx_http_omni_inst_t  *in;
 
     now = ngx_current_msec;
     best = ucf->n;
+    hit = ucf->n;
+    hit_best = 0;
     best_load = 0;
+    min_running = (ngx_uint_t) -1;
+    best_running = 0;
     start = ucf->n ? sh->rr[ucf->role] % ucf->n : 0;
 
     for (k = 0; k < ucf->n; k++) {
@@ -47,13 +175,7 @@ ngx_http_omni_pick(ngx_http_omni_shctx_t *sh, ngx_http_omni_upstream_conf_t *ucf
 
         in = &sh->inst[slot];
 
-        if (!ngx_http_omni_inst_usable(in, now) || ucf->peers[i]->down) {
-            continue;
-        }
-
-        if (ucf->peers[i]->max_conns
-            && in->inflight_requests >= ucf->peers[i]->max_conns)
-        {
+        if (!ngx_http_omni_usable(ucf, i, in, now)) {
             continue;
         }
 
@@ -68,6 +190,21 @@ ngx_http_omni_pick(ngx_http_omni_shctx_t *sh, ngx_http_omni_upstream_conf_t *ucf
             best = i;
             best_load = load;
         }
+
+        min_running = ngx_min(min_running, in->inflight_requests);
+
+        if (matched && slot < sh->n_slots && matched[slot] > hit_best) {
+            hit = i;
+            hit_best = matched[slot];
+            best_running = in->inflight_requests;
+        }
+    }
+
+    /* cache-aware: the longest prefix, unless that piles up load */
+    if (hit < ucf->n
+        && best_running < min_running + NGX_HTTP_OMNI_BALANCE)
+    {
+        best = hit;
     }
 
     if (best < ucf->n) {
@@ -82,8 +219,11 @@ ngx_int_t
 ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
     uint64_t tokens)
 {
-    ngx_uint_t                      best;
+    uint32_t                       *matched, slot, cached, uncached;
+    uint64_t                        now_us;
+    ngx_uint_t                      best, start;
     ngx_slab_pool_t                *shpool;
+    ngx_http_omni_leg_t            *leg;
     ngx_http_omni_shctx_t          *sh;
     ngx_http_omni_upstream_conf_t  *ucf;
 
@@ -92,14 +232,54 @@ ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
         return NGX_DECLINED;
     }
 
+    start = (tier == ngx_http_omni_start_tier(ctx->mcf));
+    leg = &ctx->legs[tier];
+    now_us = ngx_http_omni_now_us();
     sh = ngx_http_omni_shm(ctx->mcf, &shpool);
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    best = ngx_http_omni_pick(sh, ucf, ctx->mcf->schedule_policy, NULL);
+    matched = NULL;
+
+    if (start && ctx->mcf->schedule_policy == NGX_HTTP_OMNI_SCHED_CACHE_AWARE)
+    {
+        matched = ngx_http_omni_match(sh, ctx->hashes, ctx->n_hashes, now_us);
+    }
+
+    best = ngx_http_omni_pick(sh, ucf, ctx->mcf->schedule_policy, NULL,
+                              matched);
 
     if (best < ucf->n) {
-        ngx_http_omni_charge(sh, ucf, &ctx->legs[tier], best, tokens);
+        ngx_http_omni_charge(sh, ucf, leg, best, tokens);
+
+        slot = ucf->slots[best];
+
+        if (start && slot < NGX_HTTP_OMNI_MAX_SLOTS) {
+            /* what the prefill of this leg will cost, for the predictor */
+
+            cached = 0;
+
+            if (matched && slot < sh->n_slots) {
+                cached = (uint32_t) ngx_min((uint64_t) matched[slot]
+                                            * sh->block_size,
+                                            ctx->prompt_tokens - 1);
+            }
+
+            uncached = (uint32_t) (ctx->prompt_tokens - cached);
+
+            (void) omni_predict_prefill_dispatch(sh->predict, slot, uncached,
+                                                 cached, now_us, &leg->job);
+
+            if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED) {
+                sh->inst[slot].prefilling++;
+                sh->inst[slot].prefilling_tokens += uncached;
+            }
+
+            if (ctx->n_hashes && sh->index) {
+                (void) omni_index_insert(sh->index, slot, ctx->hashes,
+                                         ctx->n_hashes, now_us);
+            }
+        }
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
@@ -116,14 +296,18 @@ ngx_int_t
 ngx_http_omni_choose_retry(ngx_http_request_t *r,
     ngx_http_omni_upstream_conf_t *ucf, uintptr_t *tried, ngx_uint_t *index)
 {
-    ngx_uint_t              best;
+    ngx_uint_t              best, policy;
     ngx_slab_pool_t        *shpool;
     ngx_http_omni_shctx_t  *sh;
 
     sh = ngx_http_omni_shm(ucf->mcf, &shpool);
 
+    policy = ucf->mcf->schedule_policy == NGX_HTTP_OMNI_SCHED_ROUND_ROBIN
+             ? NGX_HTTP_OMNI_SCHED_ROUND_ROBIN
+             : NGX_HTTP_OMNI_SCHED_LEAST_LOADED;
+
     ngx_shmtx_lock(&shpool->mutex);
-    best = ngx_http_omni_pick(sh, ucf, ucf->mcf->schedule_policy, tried);
+    best = ngx_http_omni_pick(sh, ucf, policy, tried, NULL);
     ngx_shmtx_unlock(&shpool->mutex);
 
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
@@ -136,4 +320,515 @@ ngx_http_omni_choose_retry(ngx_http_request_t *r,
     *index = best;
 
     return NGX_OK;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* held and released                                                        */
+
+
+ngx_int_t
+ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf)
+{
+    return mcf->schedule_policy == NGX_HTTP_OMNI_SCHED_OMNI;
+}
+
+
+/* Whether any instance of the tier could be chosen at all now. */
+static ngx_uint_t
+ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t tier, ngx_msec_t now)
+{
+    ngx_uint_t                      i;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    ucf = mcf->tiers[tier];
+
+    for (i = 0; ucf && i < ucf->n; i++) {
+        if (ucf->slots[i] < NGX_HTTP_OMNI_MAX_SLOTS
+            && ngx_http_omni_usable(ucf, i, &sh->inst[ucf->slots[i]], now))
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+/* Decode placement for entry en: a slot, or NGX_HTTP_OMNI_NONE to hold. */
+static uint32_t
+ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en, ngx_msec_t now)
+{
+    ngx_uint_t                      i, slot;
+    omni_decision_t                 dec;
+    omni_decode_job_t               job;
+    omni_decode_inst_t             *d;
+    ngx_http_omni_inst_t           *in;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    ucf = mcf->tiers[NGX_HTTP_OMNI_DECODE];
+    if (ucf == NULL || ucf->n == 0) {
+        return NGX_HTTP_OMNI_NONE;
+    }
+
+    d = ngx_http_omni_dcands;
+
+    for (i = 0; i < ucf->n; i++) {
+        slot = ucf->slots[i];
+        ngx_memzero(&d[i], sizeof(omni_decode_inst_t));
+        d[i].inst = (uint32_t) i;
+
+        if (slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
+            d[i].flags = OMNI_POLICY_UNHEALTHY;
+            continue;
+        }
+
+        in = &sh->inst[slot];
+        d[i].flags = ngx_http_omni_usable(ucf, i, in, now)
+                     ? 0 : OMNI_POLICY_UNHEALTHY;
+        d[i].running = (uint32_t) in->inflight_requests;
+        d[i].max_running = (uint32_t) mcf->decode_max_num_seqs;
+        d[i].load_tokens = in->inflight_tokens;
+        d[i].max_tokens = mcf->decode_max_tokens;
+    }
+
+    job.prompt_tokens = (uint32_t) ngx_min(en->prompt_tokens, UINT32_MAX);
+    job.output_tokens = (uint32_t) ngx_min(en->output_tokens, UINT32_MAX);
+    job.arrival_us = (uint64_t) en->arrival * 1000;
+
+    if (omni_policy_decode_place(d, ucf->n, &job, &dec) != OMNI_OK
+        || dec.choice < 0)
+    {
+        return NGX_HTTP_OMNI_NONE;
+    }
+
+    return (uint32_t) ucf->slots[dec.choice];
+}
+
+
+/*
+ * Try to bind entry en (prefill queue: the start of a request).  NGX_OK:
+ * bound and charged; NGX_BUSY: its best instance is busy a while yet
+ * (*retry_us says how long), another entry may still go; NGX_AGAIN: nothing
+ * can take it now.
+ */
+static ngx_int_t
+ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en, ngx_msec_t now,
+    uint64_t now_us, uint64_t *retry_us)
+{
+    int                             rc;
+    uint32_t                       *matched, slot, dslot, cached, uncached;
+    uint64_t                        charge;
+    ngx_uint_t                      i, tier;
+    omni_decision_t                 dec;
+    omni_prefill_cand_t            *c;
+    ngx_http_omni_inst_t           *in;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    tier = ngx_http_omni_start_tier(mcf);
+    ucf = mcf->tiers[tier];
+
+    if (ucf == NULL || ucf->n == 0) {
+        return NGX_AGAIN;
+    }
+
+    c = ngx_http_omni_pcands;
+
+    for (i = 0; i < ucf->n; i++) {
+        slot = (uint32_t) ucf->slots[i];
+        ngx_memzero(&c[i], sizeof(omni_prefill_cand_t));
+        c[i].inst = slot < NGX_HTTP_OMNI_MAX_SLOTS ? slot : 0;
+
+        if (slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
+            c[i].flags = OMNI_POLICY_UNHEALTHY;
+            continue;
+        }
+
+        in = &sh->inst[slot];
+        c[i].flags = ngx_http_omni_usable(ucf, i, in, now)
+                     ? 0 : OMNI_POLICY_UNHEALTHY;
+
+        if (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED) {
+            c[i].running = in->prefilling;
+            c[i].inflight_tokens = in->prefilling_tokens;
+        } else {
+            c[i].running = (uint32_t) in->inflight_requests;
+            c[i].inflight_tokens = in->inflight_tokens;
+        }
+
+        c[i].max_running = (uint32_t) mcf->prefill_max_num_seqs;
+        c[i].max_tokens = mcf->max_batch_num_token;
+    }
+
+    matched = ngx_http_omni_match(sh, en->hashes, en->n_hashes, now_us);
+
+    rc = omni_policy_prefill_prepare(sh->predict, matched,
+                                     matched ? sh->n_slots : 0,
+                                     sh->block_size,
+                                     (uint32_t) ngx_min(en->prompt_tokens,
+                                                        UINT32_MAX),
+                                     now_us, c, ucf->n);
+    if (rc != OMNI_OK) {
+        return NGX_AGAIN;
+    }
+
+    rc = omni_policy_prefill_choose(c, ucf->n,
+                                    (uint32_t) ngx_min(en->prompt_tokens,
+                                                       UINT32_MAX),
+                                    (uint64_t) mcf->hold_slack * 1000, &dec);
+
+    if (rc == OMNI_EHOLD) {
+        if (dec.reason == OMNI_POLICY_HOLD_BUSY) {
+            if (dec.retry_us && (*retry_us == 0 || dec.retry_us < *retry_us)) {
+                *retry_us = dec.retry_us;
+            }
+
+            return NGX_BUSY;
+        }
+
+        return NGX_AGAIN;
+    }
+
+    if (rc != OMNI_OK || dec.choice < 0) {
+        return NGX_AGAIN;
+    }
+
+    dslot = NGX_HTTP_OMNI_NONE;
+
+    if (mcf->pd_policy == NGX_HTTP_OMNI_PARALLEL) {
+        /* the pair is chosen together: both must be able to take it */
+        dslot = ngx_http_omni_place_decode(mcf, sh, en, now);
+        if (dslot == NGX_HTTP_OMNI_NONE) {
+            return NGX_AGAIN;
+        }
+    }
+
+    /* bind */
+
+    slot = (uint32_t) ucf->slots[dec.choice];
+    cached = c[dec.choice].cached_tokens;
+    uncached = (uint32_t) ngx_max(en->prompt_tokens - cached, 1);
+    in = &sh->inst[slot];
+
+    charge = (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED)
+             ? en->prompt_tokens + en->output_tokens : uncached;
+
+    ngx_http_omni_bill(in, charge);
+
+    if (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED) {
+        in->prefilling++;
+        in->prefilling_tokens += uncached;
+    }
+
+    en->slot[tier] = slot;
+    en->charge[tier] = charge;
+    en->cached_tokens = cached;
+
+    (void) omni_predict_prefill_dispatch(sh->predict, slot, uncached, cached,
+                                         now_us, &en->job);
+
+    if (en->n_hashes) {
+        (void) omni_index_insert(sh->index, slot, en->hashes, en->n_hashes,
+                                 now_us);
+    }
+
+    if (dslot != NGX_HTTP_OMNI_NONE) {
+        charge = en->prompt_tokens + en->output_tokens;
+        ngx_http_omni_bill(&sh->inst[dslot], charge);
+        en->slot[NGX_HTTP_OMNI_DECODE] = dslot;
+        en->charge[NGX_HTTP_OMNI_DECODE] = charge;
+    }
+
+    return NGX_OK;
+}
+
+
+/* Sequential mode, prefill done: place the decode work. */
+static ngx_int_t
+ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en, ngx_msec_t now)
+{
+    uint32_t  slot;
+    uint64_t  charge;
+
+    slot = ngx_http_omni_place_decode(mcf, sh, en, now);
+
+    if (slot == NGX_HTTP_OMNI_NONE) {
+        return NGX_AGAIN;
+    }
+
+    charge = en->prompt_tokens + en->output_tokens;
+    ngx_http_omni_bill(&sh->inst[slot], charge);
+    en->slot[NGX_HTTP_OMNI_DECODE] = slot;
+    en->charge[NGX_HTTP_OMNI_DECODE] = charge;
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
+{
+    uint32_t                 e, cand;
+    uint64_t                 t0, now_us, retry_us;
+    ngx_int_t                rc;
+    ngx_uint_t               q, n, i, k, more, attempts;
+    ngx_msec_t               now;
+    ngx_slab_pool_t         *shpool;
+    ngx_http_omni_queue_t   *queue;
+    ngx_http_omni_shctx_t   *sh;
+    ngx_http_omni_qentry_t  *en, out[NGX_HTTP_OMNI_BATCH];
+
+    if (mcf->schedule_policy != NGX_HTTP_OMNI_SCHED_OMNI) {
+        return;
+    }
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+
+    do {
+        /* an unlocked look first: most calls find nothing waiting */
+        if (sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n == 0
+            && sh->queues[NGX_HTTP_OMNI_Q_DECODE].n == 0)
+        {
+            return;
+        }
+
+        n = 0;
+        more = 0;
+        attempts = 0;
+        retry_us = 0;
+
+        ngx_shmtx_lock(&shpool->mutex);
+
+        t0 = ngx_http_omni_now_us();
+        now_us = t0;
+        now = ngx_current_msec;
+
+        for (q = 0; q < NGX_HTTP_OMNI_QUEUES && n < NGX_HTTP_OMNI_BATCH; q++) {
+            queue = &sh->queues[q];
+
+            while (n < NGX_HTTP_OMNI_BATCH) {
+                e = ngx_http_omni_queue_next_locked(mcf, sh, q, now);
+                if (e == NGX_HTTP_OMNI_NONE) {
+                    break;
+                }
+
+                attempts++;
+
+                if (!ngx_http_omni_tier_usable(mcf, sh,
+                        q == NGX_HTTP_OMNI_Q_DECODE
+                        ? NGX_HTTP_OMNI_DECODE
+                        : ngx_http_omni_start_tier(mcf), now)
+                    || (q == NGX_HTTP_OMNI_Q_PREFILL
+                        && mcf->pd_policy == NGX_HTTP_OMNI_PARALLEL
+                        && !ngx_http_omni_tier_usable(mcf, sh,
+                                                      NGX_HTTP_OMNI_DECODE,
+                                                      now)))
+                {
+                    /* nothing could take it: the owner answers 503 */
+                    sh->entries[e].rejected = 1;
+                    rc = NGX_OK;
+
+                } else if (q == NGX_HTTP_OMNI_Q_DECODE) {
+                    rc = ngx_http_omni_bind_decode(mcf, sh, &sh->entries[e],
+                                                   now);
+
+                } else {
+                    rc = ngx_http_omni_bind_start(mcf, sh, &sh->entries[e],
+                                                  now, now_us, &retry_us);
+
+                    /*
+                     * The head waits for a busy instance that will serve it
+                     * best: a few entries behind it may use what is free.
+                     */
+                    for (k = 1; rc == NGX_BUSY && k < NGX_HTTP_OMNI_LOOKAHEAD
+                                && k < queue->n; k++)
+                    {
+                        cand = queue->heap[k];
+
+                        if (cand == e) {
+                            continue;
+                        }
+
+                        attempts++;
+                        rc = ngx_http_omni_bind_start(mcf, sh,
+                                                      &sh->entries[cand],
+                                                      now, now_us, &retry_us);
+                        if (rc == NGX_OK) {
+                            e = cand;
+                        }
+                    }
+                }
+
+                if (rc != NGX_OK) {
+                    break;
+                }
+
+                en = &sh->entries[e];
+
+                if (queue->n && e == queue->head && e != queue->heap[0]) {
+                    sh->starved++;
+                }
+
+                ngx_http_omni_queue_remove_locked(sh, shpool, e);
+                en->state = NGX_HTTP_OMNI_QE_RELEASED;
+                en->released = now;
+
+                out[n++] = *en;
+            }
+
+            if (n == NGX_HTTP_OMNI_BATCH) {
+                more = 1;
+            }
+        }
+
+        sh->decisions += attempts;
+        sh->decision_us += ngx_http_omni_now_us() - t0;
+
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        for (i = 0; i < n; i++) {
+            ngx_http_omni_notify(mcf, &out[i]);
+        }
+
+        if (retry_us) {
+            ngx_http_omni_arm_timer((ngx_msec_t) (retry_us / 1000) + 1);
+        }
+
+    } while (more);
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* what the proxy observes                                                  */
+
+
+/*
+ * The prefill of a leg is over: the prefill leg answered (sequential,
+ * parallel), or the first byte of an aggregated leg came.  Exactly once.
+ */
+void
+ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, ngx_uint_t ok)
+{
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_inst_t   *in;
+    ngx_http_omni_shctx_t  *sh;
+
+    if (leg->first || leg->job.dispatch_us == 0
+        || leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS)
+    {
+        leg->first = 1;
+        return;
+    }
+
+    leg->first = 1;
+
+    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
+    in = &sh->inst[leg->slot];
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    (void) omni_predict_prefill_done(sh->predict, (uint32_t) leg->slot,
+                                     &leg->job, ngx_http_omni_now_us(),
+                                     ok ? 1 : 0);
+
+    if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED && in->prefilling) {
+        in->prefilling--;
+        in->prefilling_tokens -= ngx_min(in->prefilling_tokens,
+                                         leg->job.n_new);
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    /* a prefill slot opened: someone may go */
+    ngx_http_omni_schedule(ctx->mcf);
+}
+
+
+/*
+ * A decode leg passed `events` SSE events now (done: it ended).  The gaps
+ * between them train the decode step model; a finished stream's length
+ * trains the typical output length of its route.
+ */
+void
+ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done)
+{
+    double                  out;
+    uint64_t                now_us, step;
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_inst_t   *in;
+    ngx_http_omni_shctx_t  *sh;
+
+    if (leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
+        return;
+    }
+
+    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
+    in = &sh->inst[leg->slot];
+    now_us = ngx_http_omni_now_us();
+
+    if (done) {
+        if (!ctx->stream || !leg->complete || leg->events < 2) {
+            return;
+        }
+
+        /* [DONE] and the usage chunk are not tokens */
+        out = (double) (leg->events - 1 - (ctx->include_usage ? 1 : 0));
+
+        ngx_shmtx_lock(&shpool->mutex);
+        sh->output_ewma[ctx->route] = sh->output_ewma[ctx->route] == 0
+                                      ? out
+                                      : 0.9 * sh->output_ewma[ctx->route]
+                                        + 0.1 * out;
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        return;
+    }
+
+    if (events == 0) {
+        return;
+    }
+
+    if (leg->last_chunk_us && leg->events) {
+        step = (now_us - leg->last_chunk_us) / events;
+
+        ngx_shmtx_lock(&shpool->mutex);
+        (void) omni_predict_observe_decode(sh->predict, (uint32_t) leg->slot,
+                                           (uint32_t) in->inflight_requests,
+                                           in->inflight_tokens, step);
+        ngx_shmtx_unlock(&shpool->mutex);
+    }
+
+    leg->last_chunk_us = now_us;
+    leg->events += events;
+}
+
+
+uint64_t
+ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx)
+{
+    double                  typical;
+    uint64_t                asked;
+    ngx_http_omni_shctx_t  *sh;
+
+    asked = ctx->max_tokens >= 0 ? (uint64_t) ctx->max_tokens : 256;
+
+    if (ctx->ignore_eos) {
+        /* it will run to max_tokens */
+        return asked;
+    }
+
+    sh = ngx_http_omni_shm(ctx->mcf, NULL);
+    typical = sh->output_ewma[ctx->route];
+
+    if (typical >= 1 && (uint64_t) typical < asked) {
+        return (uint64_t) typical + 1;
+    }
+
+    return asked;
 }

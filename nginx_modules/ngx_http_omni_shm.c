@@ -135,6 +135,13 @@ ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     zone->shpool = shpool;
     zone->sh = sh;
 
+    if (ngx_http_omni_queue_init_zone(zone->mcf, sh, shpool,
+                                      shm_zone->shm.size)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     ngx_http_omni_map_slots(zone->mcf, sh, shm_zone->shm.log);
 
     return NGX_OK;
@@ -445,28 +452,6 @@ ngx_http_omni_request_end(ngx_http_omni_main_conf_t *mcf, ngx_uint_t route,
                                  ctx->t_start, ctx->t_first_byte);
     ngx_http_omni_observe_locked(sh, NGX_HTTP_OMNI_HIST_TOTAL,
                                  ctx->t_start, ctx->t_end);
-
-    ngx_shmtx_unlock(&shpool->mutex);
-}
-
-
-void
-ngx_http_omni_count_held(ngx_http_omni_main_conf_t *mcf,
-    ngx_int_t prefill_delta, ngx_int_t decode_delta)
-{
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_shctx_t  *sh;
-
-    sh = ngx_http_omni_shm(mcf, &shpool);
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    sh->prefill_waiting += prefill_delta;
-    sh->decode_waiting += decode_delta;
-
-    if (prefill_delta > 0 || decode_delta > 0) {
-        sh->held_total++;
-    }
 
     ngx_shmtx_unlock(&shpool->mutex);
 }

@@ -107,10 +107,56 @@ ngx_http_omni_reply(ngx_http_request_t *r, ngx_uint_t status,
 }
 
 
+/*
+ * The predictor's view of one instance and what the prefix index holds
+ * for it, read under the zone lock (the model lives in the zone).
+ */
+static u_char *
+ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
+    ngx_uint_t slot, uint64_t now_us)
+{
+    int64_t                 wait;
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_shctx_t  *sh;
+    omni_predict_state_t    ps;
+    omni_index_instance_t   is;
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+
+    ngx_memzero(&ps, sizeof(omni_predict_state_t));
+    ngx_memzero(&is, sizeof(omni_index_instance_t));
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    (void) omni_predict_state(sh->predict, (uint32_t) slot, &ps);
+    wait = omni_predict_wait_us(sh->predict, (uint32_t) slot, now_us);
+    (void) omni_index_instance_stats(sh->index, (uint32_t) slot, &is);
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return ngx_sprintf(p,
+               "\"predictor\":{\"prefill_coef\":[%.6f,%.6f,%.6f],"
+               "\"decode_coef\":[%.6f,%.6f,%.6f],"
+               "\"prefill_samples\":%uL,\"decode_samples\":%uL,"
+               "\"prefill_mape\":%.4f,\"decode_mape\":%.4f,"
+               "\"completion_mape\":%.4f,\"predicted_free_in_ms\":%.1f,"
+               "\"prefills_in_flight\":%uD},"
+               "\"cache\":{\"blocks\":%uD,\"precise\":%uD,"
+               "\"approx\":%uD,\"evicted\":%uL}",
+               ps.prefill_coef[0], ps.prefill_coef[1], ps.prefill_coef[2],
+               ps.decode_coef[0], ps.decode_coef[1], ps.decode_coef[2],
+               ps.prefill_samples, ps.decode_samples,
+               ps.prefill_mape, ps.decode_mape, ps.completion_mape,
+               wait > 0 ? (double) wait / 1000 : 0.0, ps.inflight,
+               is.blocks, is.precise, is.approx, is.evicted);
+}
+
+
 ngx_int_t
 ngx_http_omni_status_handler(ngx_http_request_t *r)
 {
     u_char                         *body, *p;
+    uint64_t                        now_us;
     size_t                          size;
     ngx_uint_t                      t, i, first;
     ngx_msec_t                      now;
@@ -130,7 +176,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    size = 1024 + (size_t) sh->n_slots * (512 + NGX_HTTP_OMNI_ADDR_LEN);
+    now_us = ngx_http_omni_now_us();
+    size = 2048 + (size_t) sh->n_slots * (1536 + NGX_HTTP_OMNI_ADDR_LEN);
 
     body = ngx_pnalloc(r->pool, size);
     if (body == NULL) {
@@ -144,14 +191,26 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"schedule_policy\":\"%s\",\"worker_pid\":%P,"
                     "\"uptime_s\":%M,\"config_generation\":%uL,"
                     "\"queues\":{\"prefill_waiting\":%uD,"
-                    "\"decode_waiting\":%uD,\"held_total\":%uL},"
+                    "\"decode_waiting\":%uD,\"held_total\":%uL,"
+                    "\"rejected_full\":%uL,\"timed_out\":%uL,"
+                    "\"released_by_starvation_timeout\":%uL},"
+                    "\"scheduler\":{\"decisions\":%uL,"
+                    "\"decision_us_mean\":%.1f,"
+                    "\"typical_output_tokens\":[%.1f,%.1f]},"
                     "\"totals\":{\"requests\":%uL,\"inflight_requests\":%uL,"
                     "\"errors\":%uL},\"instances\":[",
                     NGX_HTTP_OMNI_VERSION,
                     ngx_http_omni_modes[mcf->pd_policy],
                     ngx_http_omni_policies[mcf->schedule_policy],
                     ngx_pid, (now - sh->started) / 1000, sh->generation,
-                    sh->prefill_waiting, sh->decode_waiting, sh->held_total,
+                    sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
+                    sh->queues[NGX_HTTP_OMNI_Q_DECODE].n, sh->held_total,
+                    sh->rejected_full, sh->timed_out, sh->starved,
+                    sh->decisions,
+                    sh->decisions ? (double) sh->decision_us / sh->decisions
+                                  : 0.0,
+                    sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
+                    sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
                     sh->requests_total, sh->inflight_requests,
                     sh->errors_total);
 
@@ -182,14 +241,19 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"inflight_requests\":%uL,\"inflight_tokens\":%uL,"
                     "\"healthy\":%s,\"fails\":%uD,"
                     "\"requests_total\":%uL,\"errors_total\":%uL,"
-                    "\"tokens_total\":%uL,\"last_latency_ms\":%uL}",
+                    "\"tokens_total\":%uL,\"last_latency_ms\":%uL,"
+                    "\"prefilling\":%uD,",
                     ngx_http_omni_roles[t], i,
                     (size_t) in->addr_len, in->addr,
                     (int) in->bootstrap_port,
                     in->inflight_requests, in->inflight_tokens,
                     ngx_http_omni_inst_usable(in, now) ? "true" : "false",
                     in->fails, in->requests_total, in->errors_total,
-                    in->tokens_total, in->last_latency_ms);
+                    in->tokens_total, in->last_latency_ms, in->prefilling);
+
+            p = ngx_http_omni_status_model(p, mcf, ucf->slots[i], now_us);
+
+            *p++ = '}';
         }
     }
 
@@ -270,11 +334,20 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "# TYPE omni_queue_waiting gauge\n"
             "omni_queue_waiting{queue=\"prefill\"} %uD\n"
             "omni_queue_waiting{queue=\"decode\"} %uD\n"
+            "# HELP omni_queue_rejected_total Requests refused (429) because "
+            "the queue was full.\n"
+            "# TYPE omni_queue_rejected_total counter\n"
+            "omni_queue_rejected_total %uL\n"
+            "# HELP omni_queue_timeouts_total Requests that waited past "
+            "omni_queue_timeout (503).\n"
+            "# TYPE omni_queue_timeouts_total counter\n"
+            "omni_queue_timeouts_total %uL\n"
             "# HELP omni_held_total Requests that were held before dispatch."
             "\n# TYPE omni_held_total counter\n"
             "omni_held_total %uL\n",
-            sh->inflight_requests, sh->prefill_waiting, sh->decode_waiting,
-            sh->held_total);
+            sh->inflight_requests, sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
+            sh->queues[NGX_HTTP_OMNI_Q_DECODE].n, sh->rejected_full,
+            sh->timed_out, sh->held_total);
 
 #define omni_inst_metric(name, type, help)                                   \
     p = ngx_sprintf(p, "# HELP " name " " help "\n# TYPE " name " " type "\n");\

@@ -343,7 +343,11 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
                    "omni free peer, tries: %ui, state: %ui", pc->tries, state);
 
     ngx_http_omni_leg_release(pd->ucf->mcf, pd->leg,
-                              (state & NGX_PEER_FAILED) != 0);
+                              (state & NGX_PEER_FAILED) != 0
+                              && !pd->leg->cancelled);
+
+    /* the load it gave back may let a held request go */
+    ngx_http_omni_schedule(pd->ucf->mcf);
 
     if (pd->rrp.current == NULL) {
         return;

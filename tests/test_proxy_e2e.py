@@ -39,10 +39,11 @@ def cluster(request):
         yield mode, sim
 
 
-@pytest.fixture
-def proxy(cluster, omni_nginx, tmp_path):
+@pytest.fixture(params=["omni", "least-loaded"])
+def proxy(cluster, omni_nginx, tmp_path, request):
+    """The proxy with the holding scheduler (omni) and without it."""
     mode, sim = cluster
-    options = dict(pd_policy=mode, schedule_policy="least-loaded",
+    options = dict(pd_policy=mode, schedule_policy=request.param,
                    access_log_file=str(tmp_path / "access.log"))
     # the simulator lists role-"both" instances with the decode endpoints
     options["decode_endpoints"] = ",".join(sim.decode_endpoints)
@@ -128,7 +129,7 @@ def test_completion_answer_and_legs(proxy, tmp_path, stream):
     mode, sim, nginx = proxy
     body = {"model": "sim-model", "prompt": "The quick brown fox " * 20,
             "max_tokens": 12, "ignore_eos": True, "stream": stream}
-    rid_in = f"e2e-{mode}-{int(stream)}"
+    rid_in = f"e2e-{mode}-{int(stream)}-{time.monotonic_ns()}"
 
     if stream:
         body["stream_options"] = {"include_usage": True}

@@ -29,8 +29,11 @@ def sim():
         yield cluster
 
 
-@pytest.fixture
-def clean_sim(sim):
+@pytest.fixture(params=["omni", "least-loaded"])
+def clean_sim(sim, request):
+    """The cluster, reset after the test; the param is the scheduling
+    policy _proxy() uses (with and without holding)."""
+    sim.policy = request.param
     yield sim
     # through one instance for all: an exited instance cannot be asked itself
     for url in sim.urls:
@@ -44,7 +47,7 @@ def clean_sim(sim):
 def _proxy(omni_nginx, sim, **options):
     options.setdefault("prefill_endpoints", ",".join(sim.prefill_endpoints))
     options.setdefault("decode_endpoints", ",".join(sim.decode_endpoints))
-    options.setdefault("schedule_policy", "least-loaded")
+    options.setdefault("schedule_policy", sim.policy)
     return omni_nginx(**options)
 
 
