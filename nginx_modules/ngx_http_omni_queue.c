@@ -32,7 +32,7 @@
 #define NGX_HTTP_OMNI_SAFETY_TICK   250
 
 /* a microsecond waited forgives this much predicted work (SJF aging) */
-#define NGX_HTTP_OMNI_AGING         1.0
+#define NGX_HTTP_OMNI_AGING         0.5
 
 
 static void ngx_http_omni_heap_push(ngx_http_omni_shctx_t *sh,
@@ -470,8 +470,9 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 
     } else {
         /*
-         * Shortest predicted work first, with aging: the key falls by one
-         * microsecond per microsecond waited, the same for everyone, so the
+         * Shortest predicted work first, with aging: a request's priority
+         * is its work minus AGING times the time it waited, i.e. work +
+         * AGING * arrival minus a term that is the same for everyone, so the
          * order never needs re-sorting.  Work is the prefill time of the
          * tokens the best instance does not hold yet.
          */
@@ -484,7 +485,7 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
                                                    (uint32_t) best,
                                                    (uint32_t)
                                                    (ctx->prompt_tokens - best))
-                  - NGX_HTTP_OMNI_AGING * (double) now * 1000;
+                  + NGX_HTTP_OMNI_AGING * (double) now * 1000;
     }
 
     q = &sh->queues[queue];
