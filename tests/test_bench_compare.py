@@ -31,6 +31,16 @@ def test_targets_and_engines():
         compare.check_available("nginx-rr", "sequential")
 
 
+def test_text_only_router_gets_text_prompts():
+    from omni_ctl.bench import core
+    spec = core.WorkloadSpec(workload="trace:x.jsonl")
+    tspec, label = compare.spec_for("sglang-router", spec)
+    assert core.prompt_mode(tspec) == "text" and label == "sglang-router (text prompts)"
+    assert compare.spec_for("vllm-router", spec) == (spec, "vllm-router")
+    gsp = core.WorkloadSpec(workload="gsp")
+    assert compare.spec_for("sglang-router", gsp) == (gsp, "sglang-router")
+
+
 def test_peer_command_lines_in_pd_mode():
     sim = SimpleNamespace(prefill_urls=["http://h:1", "http://h:2"],
                           decode_urls=["http://h:3"], bootstrap_ports=[8998, 8999],

@@ -15,6 +15,7 @@ Targets:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -113,6 +114,19 @@ def peer_argv(target: str, binary: str, port: int, sim, pd_policy: str) -> list[
                            decode=sim.decode_urls)
 
 
+# Routers whose /v1/completions takes only text prompts (sglang-router rejects
+# token-id prompts with 422).
+TEXT_ONLY = ("sglang-router",)
+
+
+def spec_for(target: str, spec: core.WorkloadSpec):
+    """The workload a target gets, and its label: text prompts (the trace's
+    text mode) instead of token ids for text-only routers, said in the label."""
+    if target in TEXT_ONLY and core.prompt_mode(spec) == "tokens":
+        return dataclasses.replace(spec, prompt_mode="text"), f"{target} (text prompts)"
+    return spec, target
+
+
 def check_available(target: str, pd_policy: str) -> None:
     """Raise Skip before a cluster is started for a target that cannot run."""
     if target == "nginx-rr" and pd_policy != "aggregated":
@@ -158,15 +172,16 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
                 stack.callback(proc.stop)
                 log(f"[compare] {name}: {url} in front of {engine} cluster "
                     f"{' '.join(sim.urls)}")
-                cfg = core.bench_config(url, spec, options, progress=not quiet,
+                tspec, label = spec_for(name, spec)
+                cfg = core.bench_config(url, tspec, options, progress=not quiet,
                                         sim_stats_url=sim.urls[0],
                                         run_id=f"compare-{name}")
-                s, result = core.run_bench(cfg, spec, slo, label=name,
+                s, result = core.run_bench(cfg, tspec, slo, label=label,
                                            out_dir=os.path.join(out_dir, name),
                                            plots=False)
                 s["engine"] = engine
                 summaries.append(s)
-                runs[name], samples[name] = result.records, result.sim_samples
+                runs[label], samples[label] = result.records, result.sim_samples
                 if keep:
                     kept = {"target": name, "url": url, "proc": proc, "sim": sim,
                             "model": result.model, "stack": stack.pop_all()}
