@@ -2,7 +2,37 @@
  * Omni Proxy scoring library: error strings and version.
  */
 
+#include <stdlib.h>
+
 #include "omni_common.h"
+
+
+static void *
+omni_malloc_alloc(void *ctx, size_t size)
+{
+    (void) ctx;
+    return malloc(size);
+}
+
+
+static void
+omni_malloc_free(void *ctx, void *p)
+{
+    (void) ctx;
+    free(p);
+}
+
+
+static const omni_allocator_t  omni_malloc = {
+    omni_malloc_alloc, omni_malloc_free, NULL
+};
+
+
+const omni_allocator_t *
+omni_malloc_allocator(void)
+{
+    return &omni_malloc;
+}
 
 
 const char *

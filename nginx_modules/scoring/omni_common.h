@@ -47,6 +47,12 @@ typedef struct {
     void   *ctx;
 } omni_allocator_t;
 
+/*
+ * An allocator over malloc()/free() (ctx unused), for Python and tests.
+ * A pointer to constant static data: not mutable state.
+ */
+const omni_allocator_t *omni_malloc_allocator(void);
+
 /* A static string naming `rc`; never NULL. */
 const char *omni_strerror(int rc);
 
