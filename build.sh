@@ -4,8 +4,10 @@
 #
 #   bash build.sh                      release build (-O2)
 #   bash build.sh --debug              ASan/UBSan build (for the tests)
-#   bash build.sh --test [--debug] [pytest args...]
+#   bash build.sh --test [--debug] [--] [pytest args...]
 #                                      build, then run the test suite
+#                                      (pytest args after --test/--debug;
+#                                      put -- before ones like --debug)
 #
 # Safe to re-run: each step keeps a stamp of its inputs under build/ and is
 # skipped when they have not changed.  Outputs:
@@ -29,7 +31,7 @@ run_tests=0
 pytest_args=()
 
 usage() {
-    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^$/{/^#/p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -41,11 +43,20 @@ note() {
     echo "build.sh: $*" >&2
 }
 
+# anything else that fails stops the build with one line saying what
+trap 'die "line $LINENO failed: $BASH_COMMAND"' ERR
+
 while [ $# -gt 0 ]; do
     case "$1" in
         --debug) debug=1 ;;
         --test) run_tests=1 ;;
         -h|--help) usage; exit 0 ;;
+        --)
+            [ "$run_tests" = 1 ] || die "'--' (pytest arguments follow) needs --test"
+            shift
+            pytest_args=("$@")
+            break
+            ;;
         *)
             if [ "$run_tests" = 1 ]; then
                 pytest_args=("$@")
@@ -182,7 +193,8 @@ if [ ! -f "$ngx_build/objs/Makefile" ] \
         || [ "$(cat "$ngx_build/.configure-stamp" 2>/dev/null)" != "$configure_stamp" ]; then
     note "configuring the nginx module ($flavor)"
     rm -rf "$ngx_build"
-    cp -r "$NGINX_SRC" "$ngx_build"
+    mkdir -p "$BUILD"
+    cp -r "$NGINX_SRC" "$ngx_build" || die "cannot copy $NGINX_SRC to $ngx_build"
     # shellcheck disable=SC2054
     configure_args=(--with-compat --with-threads --with-http_ssl_module
                     --with-http_v2_module "--with-cc-opt=$cc_opt"
@@ -292,10 +304,8 @@ if [ "$run_tests" = 1 ]; then
     fi
     note "running the tests ($flavor)"
     cd "$ROOT"
-    set +e
-    env "${test_env[@]}" "$VENV/bin/python" -m pytest "${pytest_args[@]}"
-    rc=$?
-    set -e
+    rc=0
+    env "${test_env[@]}" "$VENV/bin/python" -m pytest "${pytest_args[@]}" || rc=$?
     case $rc in
         0) ;;
         5) die "pytest collected no tests" ;;

@@ -419,8 +419,11 @@ def reload(conf_file, new_text: str | None = None, rollback: bool = False,
         if bad:
             raise NginxCtlError(_with_log("nginx refused the new config and keeps "
                                           "running the old one", "\n".join(bad)))
-        new = [w for w in workers_of(before.pid) if w not in old]
-        if len(new) >= (read_conf(conf_file).workers or 1):
+        current = workers_of(before.pid)
+        new = [w for w in current if w not in old]
+        # done when the new generation runs and the old one has been told
+        # to quit (it may finish its open requests for a while)
+        if len(new) >= (read_conf(conf_file).workers or 1) and len(new) == len(current):
             st = status(conf_file)
             st.workers = [w for w in st.workers if w not in old]
             return st
