@@ -1,0 +1,641 @@
+/*
+ * Omni Proxy scoring library: per-instance online predictor (omni_predict.h).
+ */
+
+#include <math.h>       /* isfinite() only: no libm needed */
+#include <string.h>
+
+#include "omni_predict.h"
+
+
+#define OMNI_PREDICT_MAGIC   0x3144455250494d4fULL   /* "OMIPRED1" */
+#define OMNI_PREDICT_LAYOUT  1
+
+/* An observation further than this many predictions from the prediction is
+ * clipped before it is fitted. */
+#define OMNI_PREDICT_CLIP    3.0
+
+/* A queued request that finished within this fraction of its predicted
+ * service after the previous one was batched with it: not a clean sample. */
+#define OMNI_PREDICT_BATCHED 0.5
+
+/* Built-in priors: a mid-size model on one modern GPU.  Only a starting
+ * point; the fit replaces them within a few requests. */
+static const double  omni_predict_prefill_default[OMNI_PREDICT_DIM] = {
+    15000.0,     /* 15 ms fixed per prefill */
+    60000.0,     /* 60 ms per 1k new tokens */
+    4000.0,      /* 4 ms per Mi token pairs of attention */
+};
+
+static const double  omni_predict_decode_default[OMNI_PREDICT_DIM] = {
+    12000.0,     /* 12 ms per step */
+    50.0,        /* per running sequence */
+    20.0,        /* per 1k KV tokens read */
+};
+
+
+typedef struct {
+    double    coef[OMNI_PREDICT_DIM];
+    double    cov[OMNI_PREDICT_DIM * OMNI_PREDICT_DIM];
+    uint64_t  samples;
+    double    mape;
+} omni_predict_rls_t;
+
+typedef struct {
+    omni_predict_rls_t  prefill;
+    omni_predict_rls_t  decode;
+    uint64_t            free_at_us;
+    uint64_t            pending_us;   /* predicted service still in flight */
+    uint64_t            last_done_us;
+    uint64_t            completion_samples;
+    double              completion_mape;
+    uint32_t            inflight;
+    uint32_t            pad;
+} omni_predict_inst_t;
+
+struct omni_predict_s {
+    uint64_t            magic;
+    uint32_t            layout;
+    uint32_t            pad;
+    uint64_t            size;
+    omni_predict_cfg_t  cfg;     /* resolved */
+    uint64_t            off_inst;
+};
+
+
+static inline omni_predict_inst_t *
+omni_predict_insts(const omni_predict_t *p)
+{
+    return (omni_predict_inst_t *) ((char *) p + p->off_inst);
+}
+
+
+static int
+omni_predict_resolve(const omni_predict_cfg_t *in, omni_predict_cfg_t *cfg)
+{
+    int  i, zero;
+
+    if (in == NULL || in->max_instances == 0
+        || in->max_instances > OMNI_PREDICT_MAX_INSTANCES || in->reserved)
+    {
+        return OMNI_EINVAL;
+    }
+
+    *cfg = *in;
+
+    if (cfg->forget == 0) {
+        cfg->forget = 0.98;
+    }
+    if (cfg->prior_var == 0) {
+        cfg->prior_var = 1e4;
+    }
+    if (cfg->mape_alpha == 0) {
+        cfg->mape_alpha = 0.05;
+    }
+    if (cfg->min_us == 0) {
+        cfg->min_us = 50;
+    }
+
+    if (!(cfg->forget > 0.5 && cfg->forget <= 1.0)
+        || !(cfg->prior_var > 0 && isfinite(cfg->prior_var))
+        || !(cfg->mape_alpha > 0 && cfg->mape_alpha <= 1.0)
+        || !(cfg->min_us > 0 && isfinite(cfg->min_us)))
+    {
+        return OMNI_EINVAL;
+    }
+
+    for (zero = 1, i = 0; i < OMNI_PREDICT_DIM; i++) {
+        if (!isfinite(cfg->prefill_prior[i])) {
+            return OMNI_EINVAL;
+        }
+        zero &= cfg->prefill_prior[i] == 0;
+    }
+    if (zero) {
+        memcpy(cfg->prefill_prior, omni_predict_prefill_default,
+               sizeof(cfg->prefill_prior));
+    }
+
+    for (zero = 1, i = 0; i < OMNI_PREDICT_DIM; i++) {
+        if (!isfinite(cfg->decode_prior[i])) {
+            return OMNI_EINVAL;
+        }
+        zero &= cfg->decode_prior[i] == 0;
+    }
+    if (zero) {
+        memcpy(cfg->decode_prior, omni_predict_decode_default,
+               sizeof(cfg->decode_prior));
+    }
+
+    return OMNI_OK;
+}
+
+
+static size_t
+omni_predict_off_inst(void)
+{
+    return (sizeof(omni_predict_t) + 63) & ~(size_t) 63;
+}
+
+
+size_t
+omni_predict_size(const omni_predict_cfg_t *cfg)
+{
+    omni_predict_cfg_t  c;
+
+    if (omni_predict_resolve(cfg, &c) != OMNI_OK) {
+        return 0;
+    }
+
+    return omni_predict_off_inst()
+           + sizeof(omni_predict_inst_t) * (size_t) c.max_instances;
+}
+
+
+static void
+omni_predict_rls_init(omni_predict_rls_t *r, const double *prior, double var)
+{
+    int  i;
+
+    memset(r, 0, sizeof(*r));
+    memcpy(r->coef, prior, sizeof(r->coef));
+    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
+        r->cov[i * OMNI_PREDICT_DIM + i] = var;
+    }
+}
+
+
+static void
+omni_predict_inst_init(const omni_predict_t *p, omni_predict_inst_t *in)
+{
+    memset(in, 0, sizeof(*in));
+    omni_predict_rls_init(&in->prefill, p->cfg.prefill_prior,
+                          p->cfg.prior_var);
+    omni_predict_rls_init(&in->decode, p->cfg.decode_prior, p->cfg.prior_var);
+}
+
+
+int
+omni_predict_init(void *mem, size_t size, const omni_predict_cfg_t *cfg,
+    omni_predict_t **out)
+{
+    omni_predict_t  *p;
+    uint32_t         i;
+    int              rc;
+
+    if (mem == NULL || ((uintptr_t) mem & 7) != 0 || out == NULL) {
+        return OMNI_EINVAL;
+    }
+    if (omni_predict_size(cfg) == 0) {
+        return OMNI_EINVAL;
+    }
+    if (size < omni_predict_size(cfg)) {
+        return OMNI_ERANGE;
+    }
+
+    p = mem;
+    memset(p, 0, sizeof(*p));
+    rc = omni_predict_resolve(cfg, &p->cfg);
+    if (rc != OMNI_OK) {
+        return rc;
+    }
+
+    p->layout = OMNI_PREDICT_LAYOUT;
+    p->size = omni_predict_size(cfg);
+    p->off_inst = omni_predict_off_inst();
+
+    for (i = 0; i < p->cfg.max_instances; i++) {
+        omni_predict_inst_init(p, &omni_predict_insts(p)[i]);
+    }
+
+    p->magic = OMNI_PREDICT_MAGIC;
+    *out = p;
+
+    return OMNI_OK;
+}
+
+
+omni_predict_t *
+omni_predict_new(const omni_predict_cfg_t *cfg, const omni_allocator_t *a,
+    int *rc)
+{
+    omni_predict_t  *p = NULL;
+    size_t           size;
+    void            *mem;
+    int              r;
+
+    size = omni_predict_size(cfg);
+    if (size == 0 || a == NULL || a->alloc == NULL) {
+        r = OMNI_EINVAL;
+        goto done;
+    }
+
+    mem = a->alloc(a->ctx, size);
+    if (mem == NULL) {
+        r = OMNI_ENOMEM;
+        goto done;
+    }
+
+    r = omni_predict_init(mem, size, cfg, &p);
+    if (r != OMNI_OK) {
+        a->free(a->ctx, mem);
+        p = NULL;
+    }
+
+done:
+
+    if (rc) {
+        *rc = r;
+    }
+    return p;
+}
+
+
+void
+omni_predict_free(omni_predict_t *p, const omni_allocator_t *a)
+{
+    if (p == NULL || a == NULL || a->free == NULL) {
+        return;
+    }
+
+    p->magic = 0;
+    a->free(a->ctx, p);
+}
+
+
+omni_predict_t *
+omni_predict_attach(void *mem, size_t size)
+{
+    omni_predict_t  *p = mem;
+
+    if (mem == NULL || ((uintptr_t) mem & 7) != 0 || size < sizeof(*p)
+        || p->magic != OMNI_PREDICT_MAGIC || p->layout != OMNI_PREDICT_LAYOUT
+        || p->size > size)
+    {
+        return NULL;
+    }
+
+    return p;
+}
+
+
+void
+omni_predict_get_cfg(const omni_predict_t *p, omni_predict_cfg_t *cfg)
+{
+    *cfg = p->cfg;
+}
+
+
+int
+omni_predict_reset(omni_predict_t *p, uint32_t inst)
+{
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    omni_predict_inst_init(p, &omni_predict_insts(p)[inst]);
+    return OMNI_OK;
+}
+
+
+/* ---- recursive least squares -------------------------------------------- */
+
+static inline void
+omni_predict_prefill_x(double *x, uint32_t n_new, uint32_t n_cached)
+{
+    double  n = n_new, m = n_cached;
+
+    x[0] = 1.0;
+    x[1] = n / 1024.0;
+    x[2] = n * (m + n / 2.0) / 1048576.0;
+}
+
+
+static inline void
+omni_predict_decode_x(double *x, uint32_t batch, uint64_t kv_tokens)
+{
+    x[0] = 1.0;
+    x[1] = (double) batch;
+    x[2] = (double) kv_tokens / 1024.0;
+}
+
+
+static inline double
+omni_predict_dot(const double *a, const double *b)
+{
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+}
+
+
+static inline double
+omni_predict_abs(double v)
+{
+    return v < 0 ? -v : v;
+}
+
+
+static inline double
+omni_predict_floor(const omni_predict_t *p, double y)
+{
+    return y > p->cfg.min_us ? y : p->cfg.min_us;
+}
+
+
+static void
+omni_predict_mape(const omni_predict_t *p, double *mape, uint64_t n,
+    double predicted, double actual)
+{
+    double  err = omni_predict_abs(predicted - actual)
+                  / (actual > p->cfg.min_us ? actual : p->cfg.min_us);
+
+    *mape = n == 0 ? err : *mape + p->cfg.mape_alpha * (err - *mape);
+}
+
+
+static void
+omni_predict_rls_update(const omni_predict_t *p, omni_predict_rls_t *r,
+    const double *x, double y)
+{
+    double  px[OMNI_PREDICT_DIM], k[OMNI_PREDICT_DIM];
+    double  lambda = p->cfg.forget, denom, pred, err, lim, tr;
+    int     i, j;
+
+    pred = omni_predict_floor(p, omni_predict_dot(r->coef, x));
+    omni_predict_mape(p, &r->mape, r->samples, pred, y);
+
+    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
+        px[i] = omni_predict_dot(&r->cov[i * OMNI_PREDICT_DIM], x);
+    }
+
+    denom = lambda + omni_predict_dot(x, px);
+    if (!(denom > 0) || !isfinite(denom)) {
+        return;
+    }
+
+    err = y - omni_predict_dot(r->coef, x);
+    lim = OMNI_PREDICT_CLIP * pred;
+    if (err > lim) {
+        err = lim;
+    } else if (err < -lim) {
+        err = -lim;
+    }
+
+    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
+        k[i] = px[i] / denom;
+        r->coef[i] += k[i] * err;
+    }
+
+    /* P = (P - k (P x)^T) / lambda, kept symmetric. */
+    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
+        for (j = i; j < OMNI_PREDICT_DIM; j++) {
+            double v = (r->cov[i * OMNI_PREDICT_DIM + j] - k[i] * px[j])
+                       / lambda;
+            r->cov[i * OMNI_PREDICT_DIM + j] = v;
+            r->cov[j * OMNI_PREDICT_DIM + i] = v;
+        }
+    }
+
+    /* Bound the covariance: with forgetting it grows without limit in
+     * directions the inputs do not excite (windup). */
+    tr = 0;
+    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
+        tr += r->cov[i * OMNI_PREDICT_DIM + i];
+    }
+    if (tr > OMNI_PREDICT_DIM * p->cfg.prior_var) {
+        double s = OMNI_PREDICT_DIM * p->cfg.prior_var / tr;
+        for (i = 0; i < OMNI_PREDICT_DIM * OMNI_PREDICT_DIM; i++) {
+            r->cov[i] *= s;
+        }
+    }
+
+    r->samples++;
+}
+
+
+int64_t
+omni_predict_prefill_us(const omni_predict_t *p, uint32_t inst,
+    uint32_t n_new, uint32_t n_cached)
+{
+    double  x[OMNI_PREDICT_DIM];
+
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    omni_predict_prefill_x(x, n_new, n_cached);
+    return (int64_t) omni_predict_floor(p,
+               omni_predict_dot(omni_predict_insts(p)[inst].prefill.coef, x));
+}
+
+
+int64_t
+omni_predict_decode_step_us(const omni_predict_t *p, uint32_t inst,
+    uint32_t batch, uint64_t kv_tokens)
+{
+    double  x[OMNI_PREDICT_DIM];
+
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    omni_predict_decode_x(x, batch, kv_tokens);
+    return (int64_t) omni_predict_floor(p,
+               omni_predict_dot(omni_predict_insts(p)[inst].decode.coef, x));
+}
+
+
+int
+omni_predict_observe_prefill(omni_predict_t *p, uint32_t inst,
+    uint32_t n_new, uint32_t n_cached, uint64_t service_us)
+{
+    double  x[OMNI_PREDICT_DIM];
+
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    omni_predict_prefill_x(x, n_new, n_cached);
+    omni_predict_rls_update(p, &omni_predict_insts(p)[inst].prefill, x,
+                            (double) service_us);
+    return OMNI_OK;
+}
+
+
+int
+omni_predict_observe_decode(omni_predict_t *p, uint32_t inst,
+    uint32_t batch, uint64_t kv_tokens, uint64_t step_us)
+{
+    double  x[OMNI_PREDICT_DIM];
+
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    omni_predict_decode_x(x, batch, kv_tokens);
+    omni_predict_rls_update(p, &omni_predict_insts(p)[inst].decode, x,
+                            (double) step_us);
+    return OMNI_OK;
+}
+
+
+/* ---- prefill work in flight ---------------------------------------------- */
+
+int
+omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
+    uint32_t n_new, uint32_t n_cached, uint64_t now_us,
+    omni_predict_job_t *job)
+{
+    omni_predict_inst_t  *in;
+    uint64_t              start;
+    int64_t               service;
+
+    if (p == NULL || job == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    in = &omni_predict_insts(p)[inst];
+    service = omni_predict_prefill_us(p, inst, n_new, n_cached);
+
+    start = now_us;
+    if (in->inflight > 0 && in->free_at_us > now_us) {
+        start = in->free_at_us;
+    }
+
+    job->n_new = n_new;
+    job->n_cached = n_cached;
+    job->dispatch_us = now_us;
+    job->service_us = (uint64_t) service;
+    job->done_us = start + (uint64_t) service;
+
+    in->free_at_us = job->done_us;
+    in->pending_us += (uint64_t) service;
+    in->inflight++;
+
+    return OMNI_OK;
+}
+
+
+int
+omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
+    const omni_predict_job_t *job, uint64_t done_us, int ok)
+{
+    omni_predict_inst_t  *in;
+    uint64_t              start, service, latency;
+    double                x[OMNI_PREDICT_DIM];
+
+    if (p == NULL || job == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    in = &omni_predict_insts(p)[inst];
+
+    if (ok && done_us >= job->dispatch_us) {
+        latency = done_us - job->dispatch_us;
+        omni_predict_mape(p, &in->completion_mape, in->completion_samples,
+                          (double) (job->done_us - job->dispatch_us),
+                          (double) latency);
+        in->completion_samples++;
+
+        /* Serial service: it started when it arrived or when the request
+         * before it finished, whichever was later. */
+        start = job->dispatch_us;
+        if (in->last_done_us > start && in->last_done_us <= done_us) {
+            start = in->last_done_us;
+        }
+        service = done_us - start;
+
+        if (start == job->dispatch_us
+            || (double) service >= OMNI_PREDICT_BATCHED
+                                   * (double) job->service_us)
+        {
+            omni_predict_prefill_x(x, job->n_new, job->n_cached);
+            omni_predict_rls_update(p, &in->prefill, x, (double) service);
+        }
+    }
+
+    if (done_us > in->last_done_us) {
+        in->last_done_us = done_us;
+    }
+
+    if (in->inflight > 0) {
+        in->inflight--;
+    }
+    in->pending_us = in->pending_us > job->service_us
+                     ? in->pending_us - job->service_us : 0;
+
+    /* Re-anchor on what really happened: the work still in flight needs its
+     * predicted service, one job after the other, from this completion. */
+    if (in->inflight == 0) {
+        in->pending_us = 0;
+    }
+    in->free_at_us = done_us + in->pending_us;
+
+    return OMNI_OK;
+}
+
+
+int64_t
+omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
+{
+    const omni_predict_inst_t  *in;
+
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    in = &omni_predict_insts(p)[inst];
+    if (in->inflight == 0) {
+        return 0;
+    }
+    if (in->free_at_us > now_us + (uint64_t) p->cfg.min_us) {
+        return (int64_t) (in->free_at_us - now_us);
+    }
+
+    /* Overdue or nearly done: still busy, finishing soon. */
+    return (int64_t) p->cfg.min_us;
+}
+
+
+int64_t
+omni_predict_decode_wait_us(const omni_predict_t *p, uint32_t inst,
+    uint32_t batch, uint64_t kv_tokens, uint32_t max_batch,
+    uint32_t min_remaining_tokens)
+{
+    int64_t  step;
+
+    step = omni_predict_decode_step_us(p, inst, batch, kv_tokens);
+    if (step < 0) {
+        return step;
+    }
+    if (max_batch == 0 || batch < max_batch) {
+        return 0;
+    }
+
+    return step * (int64_t) (min_remaining_tokens ? min_remaining_tokens : 1);
+}
+
+
+int
+omni_predict_state(const omni_predict_t *p, uint32_t inst,
+    omni_predict_state_t *out)
+{
+    const omni_predict_inst_t  *in;
+
+    if (p == NULL || out == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    in = &omni_predict_insts(p)[inst];
+    memset(out, 0, sizeof(*out));
+    memcpy(out->prefill_coef, in->prefill.coef, sizeof(out->prefill_coef));
+    memcpy(out->decode_coef, in->decode.coef, sizeof(out->decode_coef));
+    out->prefill_samples = in->prefill.samples;
+    out->decode_samples = in->decode.samples;
+    out->completion_samples = in->completion_samples;
+    out->prefill_mape = in->prefill.mape;
+    out->decode_mape = in->decode.mape;
+    out->completion_mape = in->completion_mape;
+    out->free_at_us = in->free_at_us;
+    out->inflight = in->inflight;
+
+    return OMNI_OK;
+}

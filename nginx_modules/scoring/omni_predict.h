@@ -1,0 +1,155 @@
+/*
+ * Omni Proxy scoring library: per-instance online predictor.
+ *
+ * LLM engines run in steps, so how long an instance takes is a function of
+ * the work it is given.  Per instance, two linear models are fitted online by
+ * recursive least squares with a forgetting factor (recent behaviour counts
+ * more; the fit follows an instance that slows down):
+ *
+ *   prefill service time (us) = c0 + c1 * n/1024 + c2 * n * (m + n/2) / 2^20
+ *       n = new (uncached) tokens, m = cached context tokens; the last term
+ *       is attention over the context (token pairs, in Mi)
+ *   decode step time (us)     = d0 + d1 * batch + d2 * kv_tokens/1024
+ *
+ * Until data arrives the coefficients are the configured priors; the prior
+ * variance says how quickly observations override them.  Errors are clipped
+ * before each update so one stalled request does not wreck the fit, and the
+ * covariance is bounded so it cannot wind up while the inputs do not vary.
+ *
+ * On top of the models, each instance tracks the prefill work the proxy sent
+ * it: dispatch() predicts when the new request completes (it queues behind
+ * the work in flight) and returns a job record; done() takes that record back
+ * with the observed completion time, fits the model on the request's own
+ * service time, updates the running error (MAPE) of the predicted completion,
+ * and re-anchors the instance's predicted free time on what really happened.
+ *
+ * Memory: one block sized by omni_predict_size(), no pointers inside, no
+ * allocation after creation; may live in shared memory.  No clock reads (time
+ * is an argument, microseconds), no locking (the caller's job).
+ */
+
+#ifndef OMNI_PREDICT_H
+#define OMNI_PREDICT_H
+
+#include "omni_common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define OMNI_PREDICT_DIM            3
+#define OMNI_PREDICT_MAX_INSTANCES  65536
+
+typedef struct omni_predict_s  omni_predict_t;
+
+typedef struct {
+    uint32_t  max_instances;
+    uint32_t  reserved;                        /* must be 0 */
+    double    forget;                          /* (0.5, 1]; 0: 0.98 */
+    double    prior_var;                       /* > 0; 0: 1e4 */
+    double    mape_alpha;                      /* (0, 1]; 0: 0.05 */
+    double    min_us;                          /* prediction floor; 0: 50 */
+    double    prefill_prior[OMNI_PREDICT_DIM]; /* all 0: built-in priors */
+    double    decode_prior[OMNI_PREDICT_DIM];  /* all 0: built-in priors */
+} omni_predict_cfg_t;
+
+/* What dispatch() predicted; the caller keeps it with the request and gives
+ * it back to done(). */
+typedef struct {
+    uint32_t  n_new;
+    uint32_t  n_cached;
+    uint64_t  dispatch_us;
+    uint64_t  service_us;    /* predicted service time */
+    uint64_t  done_us;       /* predicted completion (queueing included) */
+} omni_predict_job_t;
+
+/* One instance's model and state, for /omni/status. */
+typedef struct {
+    double    prefill_coef[OMNI_PREDICT_DIM];
+    double    decode_coef[OMNI_PREDICT_DIM];
+    uint64_t  prefill_samples;    /* fitted observations */
+    uint64_t  decode_samples;
+    uint64_t  completion_samples; /* done() calls with ok */
+    double    prefill_mape;       /* running MAPE of service time, a priori */
+    double    decode_mape;        /* of decode step time */
+    double    completion_mape;    /* of predicted completion vs latency */
+    uint64_t  free_at_us;         /* predicted end of the prefill work sent */
+    uint32_t  inflight;           /* prefill jobs dispatched, not yet done */
+    uint32_t  pad;
+} omni_predict_state_t;
+
+size_t omni_predict_size(const omni_predict_cfg_t *cfg);
+int omni_predict_init(void *mem, size_t size, const omni_predict_cfg_t *cfg,
+    omni_predict_t **out);
+omni_predict_t *omni_predict_new(const omni_predict_cfg_t *cfg,
+    const omni_allocator_t *a, int *rc);
+void omni_predict_free(omni_predict_t *p, const omni_allocator_t *a);
+omni_predict_t *omni_predict_attach(void *mem, size_t size);
+void omni_predict_get_cfg(const omni_predict_t *p, omni_predict_cfg_t *cfg);
+
+/* Forget everything learned about instance inst (new engine behind it). */
+int omni_predict_reset(omni_predict_t *p, uint32_t inst);
+
+/* ---- models -------------------------------------------------------------- */
+
+/* Predicted prefill service time (us) of n_new tokens after n_cached cached
+ * ones, >= min_us; or a negative OMNI_E* code. */
+int64_t omni_predict_prefill_us(const omni_predict_t *p, uint32_t inst,
+    uint32_t n_new, uint32_t n_cached);
+
+/* Predicted decode step time (us) at this batch size and KV tokens. */
+int64_t omni_predict_decode_step_us(const omni_predict_t *p, uint32_t inst,
+    uint32_t batch, uint64_t kv_tokens);
+
+/* Fit one observed prefill service time / decode step time. */
+int omni_predict_observe_prefill(omni_predict_t *p, uint32_t inst,
+    uint32_t n_new, uint32_t n_cached, uint64_t service_us);
+int omni_predict_observe_decode(omni_predict_t *p, uint32_t inst,
+    uint32_t batch, uint64_t kv_tokens, uint64_t step_us);
+
+/* ---- prefill work in flight -------------------------------------------- */
+
+/*
+ * The proxy sends instance inst a prefill of n_new uncached tokens: predicts
+ * its service and completion (behind the work in flight) into *job and counts
+ * it in flight.
+ */
+int omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
+    uint32_t n_new, uint32_t n_cached, uint64_t now_us,
+    omni_predict_job_t *job);
+
+/*
+ * That prefill finished at done_us (ok) or failed/was cancelled (!ok).  With
+ * ok, the service time it got (from its start: dispatch, or the previous
+ * completion if it queued) is fitted, unless it finished together with the
+ * request before it (the engine batched them: no clean sample), and the
+ * completion error is folded into the running MAPE.
+ */
+int omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
+    const omni_predict_job_t *job, uint64_t done_us, int ok);
+
+/*
+ * Predicted time (us) until instance inst has finished the prefill work in
+ * flight and can start new work at once: 0 when idle; at least min_us while
+ * work is overdue.
+ */
+int64_t omni_predict_wait_us(const omni_predict_t *p, uint32_t inst,
+    uint64_t now_us);
+
+/*
+ * Predicted time (us) until a decode instance can admit a new sequence: 0
+ * while batch < max_batch (it joins the next step), else the steps until the
+ * sequence with the fewest remaining tokens ends.
+ */
+int64_t omni_predict_decode_wait_us(const omni_predict_t *p, uint32_t inst,
+    uint32_t batch, uint64_t kv_tokens, uint32_t max_batch,
+    uint32_t min_remaining_tokens);
+
+int omni_predict_state(const omni_predict_t *p, uint32_t inst,
+    omni_predict_state_t *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* OMNI_PREDICT_H */

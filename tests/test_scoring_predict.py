@@ -1,0 +1,203 @@
+"""The per-instance predictor (omni_predict.h): priors, convergence on
+synthetic data, adaptation, robustness, and the work-in-flight tracking.
+
+All data is synthetic and deterministic (seeded); time is an argument."""
+
+import random
+
+import pytest
+
+from omni_ctl.scoring import Predictor
+from omni_ctl.scoring_errors import InvalidArgumentError
+
+TRUE_PREFILL = (3000.0, 50000.0, 2000.0)    # us, us per 1k new, us per Mi pairs
+TRUE_DECODE = (8000.0, 30.0, 15.0)          # us, us per seq, us per 1k KV
+
+
+def prefill_truth(n, m, coef=TRUE_PREFILL):
+    return coef[0] + coef[1] * n / 1024 + coef[2] * n * (m + n / 2) / 2**20
+
+
+def decode_truth(b, kv, coef=TRUE_DECODE):
+    return coef[0] + coef[1] * b + coef[2] * kv / 1024
+
+
+def feed_prefill(p, inst, rnd, count, coef=TRUE_PREFILL, noise=0.05):
+    for _ in range(count):
+        n = rnd.randrange(64, 8192)
+        m = rnd.randrange(0, 16384)
+        y = prefill_truth(n, m, coef) * (1 + rnd.uniform(-noise, noise))
+        p.observe_prefill(inst, n, m, int(y))
+
+
+def rel(a, b):
+    return abs(a - b) / b
+
+
+def test_priors_until_data_arrives():
+    p = Predictor(2)
+    prior = p.config["prefill_prior"]
+    want = prior[0] + prior[1] * 1 + prior[2] * 1024 * 512 / 2**20
+    assert p.prefill_us(0, 1024, 0) == int(want)
+    assert p.state(1)["prefill_samples"] == 0
+    custom = Predictor(1, prefill_prior=(1000, 2000, 0))
+    assert custom.prefill_us(0, 2048) == 1000 + 4000
+    assert custom.prefill_us(0, 0) >= custom.config["min_us"]
+
+
+def test_prefill_converges_on_noisy_data():
+    p = Predictor(2)
+    rnd = random.Random(1)
+    feed_prefill(p, 0, rnd, 400)
+    st = p.state(0)
+    for got, want in zip(st["prefill_coef"], TRUE_PREFILL):
+        assert rel(got, want) < 0.15, (st["prefill_coef"], TRUE_PREFILL)
+    assert st["prefill_samples"] == 400
+    assert st["prefill_mape"] < 0.08
+    for n, m in ((100, 0), (2000, 5000), (8000, 16000)):
+        assert rel(p.prefill_us(0, n, m), prefill_truth(n, m)) < 0.08
+    # the other instance learned nothing
+    assert p.state(1)["prefill_samples"] == 0
+
+
+def test_prefill_follows_a_slowdown():
+    p = Predictor(1)
+    rnd = random.Random(2)
+    feed_prefill(p, 0, rnd, 300)
+    slow = tuple(2 * c for c in TRUE_PREFILL)
+    feed_prefill(p, 0, rnd, 250, coef=slow)
+    assert rel(p.prefill_us(0, 3000, 3000), prefill_truth(3000, 3000, slow)) < 0.1
+
+
+def test_one_outlier_is_clipped_and_forgotten():
+    p = Predictor(1)
+    rnd = random.Random(3)
+    feed_prefill(p, 0, rnd, 300)
+    before = p.prefill_us(0, 2000, 1000)
+    p.observe_prefill(0, 2000, 1000, 100 * before)
+    assert p.prefill_us(0, 2000, 1000) < 4.5 * before
+    feed_prefill(p, 0, rnd, 100)
+    assert rel(p.prefill_us(0, 2000, 1000), prefill_truth(2000, 1000)) < 0.1
+
+
+def test_no_windup_on_unvarying_input():
+    p = Predictor(1)
+    for _ in range(5000):
+        p.observe_prefill(0, 1024, 0, 40000)
+    assert rel(p.prefill_us(0, 1024, 0), 40000) < 0.01
+    # a new kind of input afterwards: a sane, finite answer
+    p.observe_prefill(0, 4096, 4096, 200000)
+    got = p.prefill_us(0, 4096, 4096)
+    assert 50000 < got < 400000
+    for c in p.state(0)["prefill_coef"]:
+        assert abs(c) < 1e9
+
+
+def test_decode_converges():
+    p = Predictor(1)
+    rnd = random.Random(4)
+    for _ in range(400):
+        b = rnd.randrange(1, 256)
+        kv = rnd.randrange(0, 2_000_000)
+        p.observe_decode(0, b, kv, int(decode_truth(b, kv)
+                                       * (1 + rnd.uniform(-0.03, 0.03))))
+    assert rel(p.decode_step_us(0, 64, 500_000), decode_truth(64, 500_000)) < 0.05
+    assert p.state(0)["decode_mape"] < 0.06
+
+
+def test_dispatch_queues_behind_work_in_flight_and_reanchors():
+    p = Predictor(1, prefill_prior=(1000, 10000, 0))
+    j1 = p.dispatch_prefill(0, 1024, 0, now_us=0)      # 11000 us each
+    j2 = p.dispatch_prefill(0, 1024, 0, now_us=0)
+    assert (j1.service_us, j1.done_us) == (11000, 11000)
+    assert j2.done_us == 22000
+    assert p.wait_us(0, 0) == 22000
+    assert p.state(0)["inflight"] == 2
+    # the first one took longer than predicted: the second is now expected
+    # its predicted service after the real completion
+    p.prefill_done(0, j1, done_us=15000)
+    assert p.wait_us(0, 15000) == 11000
+    assert p.state(0)["free_at_us"] == 26000
+    p.prefill_done(0, j2, done_us=25000)
+    assert p.state(0)["inflight"] == 0
+    assert p.wait_us(0, 25000) == 0
+    # idle instance: a new dispatch starts now
+    assert p.dispatch_prefill(0, 1024, 0, now_us=40000).done_us > 40000
+
+
+def test_overdue_work_still_counts_as_busy():
+    p = Predictor(1, prefill_prior=(1000, 10000, 0), min_us=100)
+    p.dispatch_prefill(0, 1024, 0, now_us=0)
+    assert p.wait_us(0, 50000) == 100
+
+
+def test_completion_error_on_a_serial_server():
+    """The proxy's view: dispatch, then a completion; the engine is a serial
+    server whose service time follows TRUE_PREFILL with 5% noise.  Requests
+    often queue behind each other."""
+    p = Predictor(1)
+    rnd = random.Random(5)
+    now = 0
+    server_free = 0
+    inflight = []
+    for _ in range(600):
+        now += rnd.randrange(0, 300000)      # ~80% load: frequent queueing
+        # completions that happened by now
+        for job, done in sorted(inflight, key=lambda x: x[1]):
+            if done <= now:
+                p.prefill_done(0, job, done)
+        inflight = [(j, d) for j, d in inflight if d > now]
+        n, m = rnd.randrange(64, 4096), rnd.randrange(0, 8192)
+        job = p.dispatch_prefill(0, n, m, now)
+        start = max(now, server_free)
+        server_free = start + int(prefill_truth(n, m)
+                                  * (1 + rnd.uniform(-0.05, 0.05)))
+        inflight.append((job, server_free))
+    for job, done in sorted(inflight, key=lambda x: x[1]):
+        p.prefill_done(0, job, done)
+    st = p.state(0)
+    assert st["inflight"] == 0
+    assert st["completion_samples"] == 600
+    assert st["completion_mape"] < 0.15, st
+    assert rel(st["prefill_coef"][1], TRUE_PREFILL[1]) < 0.2
+
+
+def test_batched_completion_is_not_fitted():
+    p = Predictor(1, prefill_prior=(1000, 10000, 0))
+    j1 = p.dispatch_prefill(0, 1024, 0, 0)
+    j2 = p.dispatch_prefill(0, 1024, 0, 0)
+    p.prefill_done(0, j1, 12000)
+    p.prefill_done(0, j2, 12000)          # same step as j1: no clean sample
+    st = p.state(0)
+    assert st["prefill_samples"] == 1
+    assert st["completion_samples"] == 2
+
+
+def test_failed_job_is_not_fitted_but_leaves_flight():
+    p = Predictor(1)
+    j = p.dispatch_prefill(0, 1000, 0, 0)
+    p.prefill_done(0, j, 5, ok=False)
+    st = p.state(0)
+    assert (st["inflight"], st["prefill_samples"], st["completion_samples"]) == (0, 0, 0)
+
+
+def test_decode_wait():
+    p = Predictor(1, decode_prior=(10000, 0, 0))
+    assert p.decode_wait_us(0, 10, 0, 32, 50) == 0
+    assert p.decode_wait_us(0, 32, 0, 32, 50) == 50 * 10000
+    assert p.decode_wait_us(0, 5, 0, 0, 50) == 0          # no limit
+
+
+def test_reset_and_invalid():
+    p = Predictor(2)
+    feed_prefill(p, 1, random.Random(6), 50)
+    p.reset(1)
+    assert p.state(1)["prefill_samples"] == 0
+    with pytest.raises(InvalidArgumentError):
+        p.prefill_us(2, 10)
+    with pytest.raises(ValueError):
+        Predictor(0)
+    with pytest.raises(ValueError):
+        Predictor(1, forget=0.3)
+    with pytest.raises(ValueError):
+        Predictor(1, prefill_prior=(float("nan"), 0, 0))
