@@ -1,0 +1,686 @@
+"""Pythonic layer over the scoring library (nginx_modules/scoring).
+
+The same C code runs inside nginx on the request path; this module exposes it
+to Python for tests, the tokenizer service (block hashes), the KV-event agent
+and offline what-if analysis.
+
+- :func:`block_hashes`: chained 64-bit hashes of a prompt's full blocks.
+- :class:`PrefixIndex`: which instance holds which blocks (precise from KV
+  events, approximate from what the proxy dispatched), with per-instance and
+  global capacities and LRU eviction; one walk matches a prompt against every
+  instance.
+- :class:`Predictor`: per-instance online models of prefill and decode step
+  time, and the predicted moment each instance is free.
+- Policies: :func:`choose_prefill`, :func:`lpt_order`, :func:`place_decode`,
+  :func:`assign_decode`, :func:`queue_order`, :func:`queue_pick`.
+- The JSON scanner/splicer of :mod:`omni_ctl.scoring_json` (``json_edit``...)
+  is re-exported here.
+
+Library handles are owned with ``ffi.gc`` (freed with the Python object).
+Negative library codes become the exceptions of
+:mod:`omni_ctl.scoring_errors`, which also subclass the matching builtins
+(``ValueError``, ``LookupError``, ...).
+
+Time is always an argument (``now_us``, microseconds of a monotonic clock).
+Where it is left out, the object's ``clock`` (default: ``time.monotonic``)
+is read; tests pass explicit times and never sleep.
+"""
+
+import time
+from dataclasses import dataclass
+
+from ._scoring import ffi, lib
+from .scoring_errors import check
+from .scoring_json import *                     # noqa: F401,F403
+from .scoring_json import __all__ as _json_all
+
+__all__ = [
+    "ffi",
+    "lib",
+    "MASK64",
+    "block_hashes",
+    "block_hashes_from",
+    "text_block_hashes",
+    "hash_root",
+    "engine_key",
+    "PrefixIndex",
+    "Predictor",
+    "PrefillJob",
+    "PrefillCandidate",
+    "Decision",
+    "DecodeJob",
+    "DecodeInstance",
+    "QueueItem",
+    "prepare_prefill",
+    "choose_prefill",
+    "lpt_order",
+    "place_decode",
+    "assign_decode",
+    "queue_order",
+    "queue_pick",
+] + list(_json_all)
+
+MASK64 = (1 << 64) - 1
+
+_ALLOC = lib.omni_malloc_allocator()
+
+# Output arrays are written by C before they are read: skip the zeroing.
+_new_raw = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def _default_clock():
+    return time.monotonic_ns() // 1000
+
+
+def _u32s(token_ids):
+    """token_ids as a C uint32_t array (no copy for 4-byte buffers)."""
+    if isinstance(token_ids, (bytes, bytearray, str)):
+        raise TypeError("token ids are a sequence of ints, not text")
+    try:
+        view = memoryview(token_ids)
+    except TypeError:
+        view = None
+    if view is not None and view.itemsize == 4 and view.format in ("I", "L", "=I", "<I"):
+        return ffi.from_buffer("uint32_t[]", token_ids), len(view)
+    try:
+        arr = ffi.new("uint32_t[]", list(token_ids))
+    except OverflowError as exc:
+        raise ValueError(f"token ids must be in [0, 2**32): {exc}") from None
+    return arr, len(arr)
+
+
+def _u64s(values, what="hash"):
+    values = list(values)
+    try:
+        return ffi.new("uint64_t[]", [v & MASK64 for v in values]), len(values)
+    except TypeError:
+        raise TypeError(f"{what} values must be ints") from None
+
+
+# ---- hashing ----------------------------------------------------------------
+
+def hash_root(seed=0):
+    """The parent hash of a prompt's first block in namespace ``seed``."""
+    return lib.omni_hash_root(seed & MASK64)
+
+
+def block_hashes(token_ids, block_size, seed=0):
+    """Chained hashes of the full blocks of ``token_ids`` (one per block)."""
+    tokens, n = _u32s(token_ids)
+    cap = n // block_size if block_size > 0 else 0
+    out = _new_raw("uint64_t[]", max(cap, 1))
+    got = check(lib.omni_hash_blocks(tokens, n, block_size, seed & MASK64,
+                                     out, cap), "block_hashes")
+    return list(out[0:got])
+
+
+def block_hashes_from(parent, token_ids, block_size):
+    """Chained hashes of full blocks that continue the block ``parent``."""
+    tokens, n = _u32s(token_ids)
+    cap = n // block_size if block_size > 0 else 0
+    out = _new_raw("uint64_t[]", max(cap, 1))
+    got = check(lib.omni_hash_blocks_from(parent & MASK64, tokens, n,
+                                          block_size, out, cap),
+                "block_hashes_from")
+    return list(out[0:got])
+
+
+def text_block_hashes(text, block_size, seed=0):
+    """Hashes of a text prompt cut into pseudo tokens (4 bytes each, LE).
+
+    Equal to :func:`block_hashes` over those pseudo tokens; ``str`` is encoded
+    as UTF-8.
+    """
+    if isinstance(text, str):
+        text = text.encode("utf-8", "surrogatepass")
+    buf = ffi.from_buffer("uint8_t[]", text)
+    cap = len(buf) // (4 * block_size) if block_size > 0 else 0
+    out = _new_raw("uint64_t[]", max(cap, 1))
+    got = check(lib.omni_hash_text_blocks(buf, len(buf), block_size,
+                                          seed & MASK64, out, cap),
+                "text_block_hashes")
+    return list(out[0:got])
+
+
+def engine_key(value):
+    """An engine block hash as the index's 64-bit key.
+
+    ints are taken modulo 2**64 (so signed and unsigned forms agree); bytes
+    are hashed (KV events may carry raw digests).
+    """
+    if isinstance(value, int):
+        return value & MASK64
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        return lib.omni_hash_engine_key(data, len(data))
+    raise TypeError(f"engine hash must be int or bytes, not {type(value).__name__}")
+
+
+# ---- prefix index -----------------------------------------------------------
+
+_KINDS = {"precise": 0, "approx": 1}
+
+
+def _index_free(handle):
+    lib.omni_index_free(handle, _ALLOC)
+
+
+class PrefixIndex:
+    """Which instance holds which blocks; see omni_index.h for the model.
+
+    ``PrefixIndex(num_instances, block_size, capacity_blocks)`` holds up to
+    ``capacity_blocks`` blocks per instance.  Keyword options:
+    ``global_capacity`` ((block, instance) entries in all; default
+    num_instances * capacity_blocks), ``max_nodes`` (distinct blocks; default
+    global_capacity), ``seed`` (hash namespace), ``approx_ttl_us`` (approximate
+    entries expire; 0 never) and ``clock`` (a callable returning microseconds,
+    read when an operation is given no ``now_us``).
+    """
+
+    def __init__(self, num_instances, block_size, capacity_blocks, *,
+                 global_capacity=0, max_nodes=0, seed=0, approx_ttl_us=0,
+                 clock=None):
+        if block_size <= 0:
+            check(lib.OMNI_EINVAL, "block_size must be > 0")
+        if capacity_blocks <= 0 and global_capacity <= 0:
+            check(lib.OMNI_EINVAL, "capacity_blocks must be > 0")
+        if min(num_instances, capacity_blocks, global_capacity, max_nodes,
+               approx_ttl_us) < 0:
+            check(lib.OMNI_EINVAL, "sizes must not be negative")
+        cfg = ffi.new("omni_index_cfg_t *", {
+            "max_instances": num_instances,
+            "block_size": block_size,
+            "seed": seed & MASK64,
+            "instance_capacity": capacity_blocks,
+            "max_entries": global_capacity,
+            "max_nodes": max_nodes,
+            "approx_ttl_us": approx_ttl_us,
+        })
+        rc = ffi.new("int *")
+        self._h = ffi.gc(lib.omni_index_new(cfg, _ALLOC, rc), _index_free)
+        check(rc[0], "PrefixIndex")
+        self._cfg = ffi.new("omni_index_cfg_t *")
+        lib.omni_index_get_cfg(self._h, self._cfg)
+        self.num_instances = num_instances
+        self.block_size = block_size
+        self.seed = seed & MASK64
+        self.clock = clock or _default_clock
+        self._match_out = ffi.new("uint32_t[]", num_instances)
+
+    # -- helpers
+
+    def _now(self, now_us):
+        return self.clock() if now_us is None else now_us
+
+    def _hashes(self, token_ids):
+        return block_hashes(token_ids, self.block_size, self.seed)
+
+    @property
+    def config(self):
+        """The resolved configuration (defaults filled in) as a dict."""
+        c = self._cfg
+        return {
+            "max_instances": c.max_instances,
+            "block_size": c.block_size,
+            "seed": c.seed,
+            "instance_capacity": c.instance_capacity,
+            "max_entries": c.max_entries,
+            "max_nodes": c.max_nodes,
+            "approx_ttl_us": c.approx_ttl_us,
+        }
+
+    @property
+    def nbytes(self):
+        """Bytes of the one memory block the index lives in."""
+        return lib.omni_index_size(self._cfg)
+
+    # -- queries
+
+    def match(self, token_ids, now_us=None):
+        """Leading full blocks of ``token_ids`` held, per instance."""
+        tokens, n = _u32s(token_ids)
+        out = self._match_out
+        check(lib.omni_index_match_prefix_tokens(
+            self._h, tokens, n, self._now(now_us), out, self.num_instances),
+            "match")
+        return list(out)
+
+    def match_hashes(self, hashes, now_us=None):
+        """:meth:`match` for precomputed block hashes."""
+        arr, n = _u64s(hashes)
+        out = self._match_out
+        check(lib.omni_index_match_prefix(self._h, arr, n, self._now(now_us),
+                                          out, self.num_instances), "match")
+        return list(out)
+
+    def stats(self):
+        """Whole-index counters as a dict (see omni_index_stats_t)."""
+        s = ffi.new("omni_index_stats_t *")
+        lib.omni_index_stats(self._h, s)
+        return {name: getattr(s, name) for name, _ in
+                ffi.typeof("omni_index_stats_t").fields}
+
+    def instance_stats(self, instance):
+        s = ffi.new("omni_index_instance_t *")
+        check(lib.omni_index_instance_stats(self._h, instance, s),
+              "instance_stats")
+        return {name: getattr(s, name) for name, _ in
+                ffi.typeof("omni_index_instance_t").fields}
+
+    def lru(self, instance, kind="approx"):
+        """Block hashes of one LRU list of ``instance``, most recent first."""
+        k = _KINDS[kind]
+        n = check(lib.omni_index_lru(self._h, instance, k, ffi.NULL, 0), "lru")
+        out = _new_raw("uint64_t[]", max(n, 1))
+        got = check(lib.omni_index_lru(self._h, instance, k, out, n), "lru")
+        return list(out[0:min(got, n)])
+
+    def check_integrity(self):
+        """Recount everything; raises IntegrityError on a broken invariant."""
+        check(lib.omni_index_check_integrity(self._h), "check_integrity")
+
+    # -- approximate
+
+    def insert(self, instance, token_ids, now_us=None):
+        """Record that ``instance`` was sent this prompt.  Returns the number
+        of leading blocks now held (fewer only under capacity pressure)."""
+        return self.insert_hashes(instance, self._hashes(token_ids), now_us)
+
+    def insert_hashes(self, instance, hashes, now_us=None):
+        arr, n = _u64s(hashes)
+        return check(lib.omni_index_insert(self._h, instance, arr, n,
+                                           self._now(now_us)), "insert")
+
+    def remove(self, instance, token_ids):
+        """Drop ``instance``'s entries for this prompt's blocks."""
+        return self.remove_hashes(instance, self._hashes(token_ids))
+
+    def remove_hashes(self, instance, hashes):
+        arr, n = _u64s(hashes)
+        return check(lib.omni_index_remove(self._h, instance, arr, n),
+                     "remove")
+
+    # -- precise (KV events)
+
+    def apply_stored(self, instance, engine_hashes, parent_engine_hash,
+                     token_ids, now_us=None):
+        """BlockStored.  ``parent_engine_hash`` None: a prompt's first block.
+        Returns blocks stored; raises NotFoundError (a LookupError) when the
+        parent is unknown for this instance (nothing is stored)."""
+        keys, n = _u64s([engine_key(h) for h in engine_hashes])
+        tokens, n_tokens = _u32s(token_ids)
+        has_parent = parent_engine_hash is not None
+        parent = engine_key(parent_engine_hash) if has_parent else 0
+        return check(lib.omni_index_store(
+            self._h, instance, keys, n, int(has_parent), parent, tokens,
+            n_tokens, self._now(now_us)), "apply_stored")
+
+    def apply_removed(self, instance, engine_hashes):
+        """BlockRemoved.  Returns how many of the hashes were known."""
+        keys, n = _u64s([engine_key(h) for h in engine_hashes])
+        return check(lib.omni_index_store_removed(self._h, instance, keys, n),
+                     "apply_removed")
+
+    def apply_cleared(self, instance):
+        """AllBlocksCleared: drop every entry of ``instance``."""
+        return check(lib.omni_index_clear(self._h, instance), "apply_cleared")
+
+    # -- capacity
+
+    def set_capacity(self, instance, capacity):
+        return check(lib.omni_index_set_capacity(self._h, instance, capacity),
+                     "set_capacity")
+
+    def evict(self, instance=None, n=1):
+        """Evict up to ``n`` LRU entries of ``instance`` (None: globally)."""
+        inst = lib.OMNI_INDEX_ALL if instance is None else instance
+        return check(lib.omni_index_evict(self._h, inst, n), "evict")
+
+    def expire(self, now_us=None):
+        return check(lib.omni_index_expire(self._h, self._now(now_us)),
+                     "expire")
+
+
+# ---- predictor ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrefillJob:
+    """What :meth:`Predictor.dispatch_prefill` predicted for one request."""
+
+    n_new: int
+    n_cached: int
+    dispatch_us: int
+    service_us: int
+    done_us: int
+
+
+def _predict_free(handle):
+    lib.omni_predict_free(handle, _ALLOC)
+
+
+class Predictor:
+    """Per-instance online models (see omni_predict.h).
+
+    Options (0 or None: the library's default): ``forget`` (RLS forgetting
+    factor), ``prior_var`` (how quickly data overrides the priors),
+    ``mape_alpha`` (weight of the newest error in the running MAPE),
+    ``min_us`` (prediction floor), ``prefill_prior`` and ``decode_prior``
+    (three coefficients each, in us).
+    """
+
+    def __init__(self, num_instances, *, forget=0, prior_var=0, mape_alpha=0,
+                 min_us=0, prefill_prior=None, decode_prior=None):
+        cfg = ffi.new("omni_predict_cfg_t *", {
+            "max_instances": num_instances,
+            "forget": forget,
+            "prior_var": prior_var,
+            "mape_alpha": mape_alpha,
+            "min_us": min_us,
+            "prefill_prior": list(prefill_prior or (0, 0, 0)),
+            "decode_prior": list(decode_prior or (0, 0, 0)),
+        })
+        rc = ffi.new("int *")
+        self._h = ffi.gc(lib.omni_predict_new(cfg, _ALLOC, rc), _predict_free)
+        check(rc[0], "Predictor")
+        self.num_instances = num_instances
+
+    @property
+    def config(self):
+        c = ffi.new("omni_predict_cfg_t *")
+        lib.omni_predict_get_cfg(self._h, c)
+        return {
+            "max_instances": c.max_instances,
+            "forget": c.forget,
+            "prior_var": c.prior_var,
+            "mape_alpha": c.mape_alpha,
+            "min_us": c.min_us,
+            "prefill_prior": list(c.prefill_prior),
+            "decode_prior": list(c.decode_prior),
+        }
+
+    def prefill_us(self, instance, n_new, n_cached=0):
+        return check(lib.omni_predict_prefill_us(self._h, instance, n_new,
+                                                 n_cached), "prefill_us")
+
+    def decode_step_us(self, instance, batch, kv_tokens):
+        return check(lib.omni_predict_decode_step_us(self._h, instance, batch,
+                                                     kv_tokens),
+                     "decode_step_us")
+
+    def observe_prefill(self, instance, n_new, n_cached, service_us):
+        check(lib.omni_predict_observe_prefill(self._h, instance, n_new,
+                                               n_cached, int(service_us)),
+              "observe_prefill")
+
+    def observe_decode(self, instance, batch, kv_tokens, step_us):
+        check(lib.omni_predict_observe_decode(self._h, instance, batch,
+                                              kv_tokens, int(step_us)),
+              "observe_decode")
+
+    def dispatch_prefill(self, instance, n_new, n_cached, now_us):
+        job = ffi.new("omni_predict_job_t *")
+        check(lib.omni_predict_prefill_dispatch(self._h, instance, n_new,
+                                                n_cached, now_us, job),
+              "dispatch_prefill")
+        return PrefillJob(job.n_new, job.n_cached, job.dispatch_us,
+                          job.service_us, job.done_us)
+
+    def prefill_done(self, instance, job, done_us, ok=True):
+        c = ffi.new("omni_predict_job_t *", {
+            "n_new": job.n_new, "n_cached": job.n_cached,
+            "dispatch_us": job.dispatch_us, "service_us": job.service_us,
+            "done_us": job.done_us,
+        })
+        check(lib.omni_predict_prefill_done(self._h, instance, c, done_us,
+                                            int(bool(ok))), "prefill_done")
+
+    def wait_us(self, instance, now_us):
+        return check(lib.omni_predict_wait_us(self._h, instance, now_us),
+                     "wait_us")
+
+    def decode_wait_us(self, instance, batch, kv_tokens, max_batch,
+                       min_remaining_tokens):
+        return check(lib.omni_predict_decode_wait_us(
+            self._h, instance, batch, kv_tokens, max_batch,
+            min_remaining_tokens), "decode_wait_us")
+
+    def state(self, instance):
+        """Model parameters, sample counts, running errors, free time."""
+        s = ffi.new("omni_predict_state_t *")
+        check(lib.omni_predict_state(self._h, instance, s), "state")
+        return {
+            "prefill_coef": list(s.prefill_coef),
+            "decode_coef": list(s.decode_coef),
+            "prefill_samples": s.prefill_samples,
+            "decode_samples": s.decode_samples,
+            "completion_samples": s.completion_samples,
+            "prefill_mape": s.prefill_mape,
+            "decode_mape": s.decode_mape,
+            "completion_mape": s.completion_mape,
+            "free_at_us": s.free_at_us,
+            "inflight": s.inflight,
+        }
+
+    def reset(self, instance):
+        check(lib.omni_predict_reset(self._h, instance), "reset")
+
+
+# ---- policies ------------------------------------------------------------
+
+_REASONS = {
+    lib.OMNI_POLICY_CHOSEN: "chosen",
+    lib.OMNI_POLICY_HOLD_LIMITS: "hold-limits",
+    lib.OMNI_POLICY_HOLD_BUSY: "hold-busy",
+    lib.OMNI_POLICY_HOLD_NONE: "hold-none",
+}
+
+
+@dataclass
+class PrefillCandidate:
+    """One prefill instance's state for :func:`choose_prefill`."""
+
+    inst: int
+    cached_tokens: int = 0
+    running: int = 0
+    max_running: int = 0          # 0: no limit
+    inflight_tokens: int = 0
+    max_tokens: int = 0           # 0: no limit
+    wait_us: int = 0
+    prefill_us: int = 0
+    healthy: bool = True
+    draining: bool = False
+
+    def _flags(self):
+        return ((0 if self.healthy else lib.OMNI_POLICY_UNHEALTHY)
+                | (lib.OMNI_POLICY_DRAINING if self.draining else 0))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A policy's answer.  ``choice`` is an index into the list given, or
+    None when the request must be held (``hold``)."""
+
+    choice: object
+    best: object
+    reason: str
+    skipped: int
+    cost_us: int
+    retry_us: int
+
+    @property
+    def hold(self):
+        return self.choice is None
+
+    @classmethod
+    def _from_c(cls, d):
+        return cls(choice=None if d.choice < 0 else d.choice,
+                   best=None if d.best < 0 else d.best,
+                   reason=_REASONS.get(d.reason, str(d.reason)),
+                   skipped=d.skipped, cost_us=d.cost_us, retry_us=d.retry_us)
+
+
+@dataclass
+class DecodeJob:
+    prompt_tokens: int
+    output_tokens: int
+    arrival_us: int = 0
+
+
+@dataclass
+class DecodeInstance:
+    inst: int
+    running: int = 0
+    max_running: int = 0          # 0: no limit
+    load_tokens: int = 0
+    max_tokens: int = 0           # 0: no limit
+    healthy: bool = True
+    draining: bool = False
+
+    def _flags(self):
+        return ((0 if self.healthy else lib.OMNI_POLICY_UNHEALTHY)
+                | (lib.OMNI_POLICY_DRAINING if self.draining else 0))
+
+
+@dataclass
+class QueueItem:
+    arrival_us: int
+    work_us: int = 0
+
+
+def _prefill_array(cands):
+    arr = ffi.new("omni_prefill_cand_t[]", max(len(cands), 1))
+    for i, c in enumerate(cands):
+        a = arr[i]
+        a.inst = c.inst
+        a.flags = c._flags()
+        a.cached_tokens = c.cached_tokens
+        a.running = c.running
+        a.max_running = c.max_running
+        a.inflight_tokens = c.inflight_tokens
+        a.max_tokens = c.max_tokens
+        a.wait_us = c.wait_us
+        a.prefill_us = c.prefill_us
+    return arr
+
+
+def prepare_prefill(predictor, candidates, cached_blocks, block_size,
+                    prompt_tokens, now_us):
+    """Fill ``cached_tokens``, ``wait_us`` and ``prefill_us`` of the
+    candidates from a match result (blocks per instance, as
+    :meth:`PrefixIndex.match` returns) and the predictor.  Returns them."""
+    arr = _prefill_array(candidates)
+    cached = list(cached_blocks or ())
+    blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
+    check(lib.omni_policy_prefill_prepare(predictor._h, blocks, len(cached),
+                                          block_size, prompt_tokens, now_us,
+                                          arr, len(candidates)),
+          "prepare_prefill")
+    for i, c in enumerate(candidates):
+        c.cached_tokens = arr[i].cached_tokens
+        c.wait_us = arr[i].wait_us
+        c.prefill_us = arr[i].prefill_us
+    return candidates
+
+
+def choose_prefill(candidates, prompt_tokens, hold_slack_us=None):
+    """Where to prefill: least predicted TTFT within limits, or hold.
+
+    ``hold_slack_us`` None never holds on a prediction (only on limits).
+    """
+    arr = _prefill_array(candidates)
+    out = ffi.new("omni_decision_t *")
+    slack = MASK64 if hold_slack_us is None else hold_slack_us
+    rc = lib.omni_policy_prefill_choose(arr, len(candidates), prompt_tokens,
+                                        slack, out)
+    if rc != lib.OMNI_EHOLD:
+        check(rc, "choose_prefill")
+    return Decision._from_c(out)
+
+
+def _job_array(jobs):
+    arr = ffi.new("omni_decode_job_t[]", max(len(jobs), 1))
+    for i, j in enumerate(jobs):
+        arr[i].prompt_tokens = j.prompt_tokens
+        arr[i].output_tokens = j.output_tokens
+        arr[i].arrival_us = j.arrival_us
+    return arr
+
+
+def _decode_array(insts):
+    arr = ffi.new("omni_decode_inst_t[]", max(len(insts), 1))
+    for i, d in enumerate(insts):
+        arr[i].inst = d.inst
+        arr[i].flags = d._flags()
+        arr[i].running = d.running
+        arr[i].max_running = d.max_running
+        arr[i].load_tokens = d.load_tokens
+        arr[i].max_tokens = d.max_tokens
+    return arr
+
+
+def lpt_order(jobs):
+    """Job indices, longest (prompt + output tokens) first."""
+    arr = _job_array(jobs)
+    order = _new_raw("uint32_t[]", max(len(jobs), 1))
+    check(lib.omni_policy_lpt_order(arr, len(jobs), order), "lpt_order")
+    return list(order[0:len(jobs)])
+
+
+def place_decode(instances, job):
+    """The least-loaded decode instance within its limits, or hold."""
+    arr = _decode_array(instances)
+    out = ffi.new("omni_decision_t *")
+    rc = lib.omni_policy_decode_place(arr, len(instances), _job_array([job]),
+                                      out)
+    if rc != lib.OMNI_EHOLD:
+        check(rc, "place_decode")
+    return Decision._from_c(out)
+
+
+def assign_decode(instances, jobs, strict=False):
+    """LPT assignment of a batch of jobs.  Returns, per job, the index of its
+    instance or None (held); the instances' ``running``/``load_tokens`` are
+    updated in place for the placed jobs."""
+    arr = _decode_array(instances)
+    order = _new_raw("uint32_t[]", max(len(jobs), 1))
+    assign = _new_raw("int32_t[]", max(len(jobs), 1))
+    check(lib.omni_policy_decode_assign(arr, len(instances), _job_array(jobs),
+                                        len(jobs), int(bool(strict)), order,
+                                        assign), "assign_decode")
+    for i, d in enumerate(instances):
+        d.running = arr[i].running
+        d.load_tokens = arr[i].load_tokens
+    return [None if assign[j] < 0 else assign[j] for j in range(len(jobs))]
+
+
+def _queue_args(items, order, aging, starvation_us):
+    arr = ffi.new("omni_queue_item_t[]", max(len(items), 1))
+    for i, q in enumerate(items):
+        arr[i].arrival_us = q.arrival_us
+        arr[i].work_us = q.work_us
+    kinds = {"fcfs": lib.OMNI_QUEUE_FCFS, "sjf": lib.OMNI_QUEUE_SJF}
+    if order not in kinds:
+        raise ValueError(f"queue order must be 'fcfs' or 'sjf', not {order!r}")
+    opts = ffi.new("omni_queue_opts_t *", {
+        "order": kinds[order], "aging": aging, "starvation_us": starvation_us,
+    })
+    return arr, opts
+
+
+def queue_order(items, now_us, order="sjf", aging=1.0, starvation_us=0):
+    """Indices of the prefill queue's items in release order."""
+    arr, opts = _queue_args(items, order, aging, starvation_us)
+    out = _new_raw("uint32_t[]", max(len(items), 1))
+    check(lib.omni_policy_queue_order(arr, len(items), now_us, opts, out),
+          "queue_order")
+    return list(out[0:len(items)])
+
+
+def queue_pick(items, now_us, order="sjf", aging=1.0, starvation_us=0):
+    """The index of the item to release next, or None for an empty queue."""
+    if not items:
+        return None
+    arr, opts = _queue_args(items, order, aging, starvation_us)
+    return check(lib.omni_policy_queue_pick(arr, len(items), now_us, opts),
+                 "queue_pick")
+
