@@ -125,7 +125,7 @@ def _edits():
     return arr, len(spec), keep
 
 
-def _rate(fn, nbytes, seconds, batches=5):
+def _rate(fn, nbytes, seconds, batches=10):
     """Run fn() repeatedly for about `seconds`; MB/s per batch."""
     fn()                                            # warm up, check it works
     t0 = time.perf_counter()
