@@ -102,7 +102,7 @@ def test_fixture_serves_status_metrics_health(omni_nginx):
     st = proxy.status()
     assert [i["role"] for i in st["instances"]] == ["prefill", "decode"]
     assert st["pd_policy"] == "sequential"
-    assert len(proxy.workers) == proxy.conf.cores.__len__()
+    assert len(proxy.workers) == len(proxy.conf.cores)
     metrics = proxy.get("/metrics")
     assert metrics.status == 200 and "omni_" in metrics.text
     assert proxy.get("/health").status in (200, 503)
