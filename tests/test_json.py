@@ -454,3 +454,23 @@ def test_error_classes_subclass_builtins():
     assert errors.check(0) == 0 and errors.check(5) == 5
     with pytest.raises(errors.NotFoundError):
         errors.check(lib.OMNI_ENOTFOUND)
+
+
+# ---- benchmark function -----------------------------------------------------------
+
+def test_bench_bodies_are_valid_and_bench_runs():
+    from omni_ctl.scoring_json_bench import bench_json, format_json_bench, make_bodies
+    bodies = make_bodies()
+    for name, body in bodies.items():
+        assert 190_000 <= len(body) <= 200_000, name
+        assert py_valid(body), name
+    assert isinstance(py_loads(bodies["tokens"])["prompt"][0], Decimal)
+    small = {k: b'{"prompt": [1, 2, 3], "stream": true, "max_tokens": 5}'
+             for k in bodies}
+    result = bench_json(0.001, bodies=small)
+    assert set(result) == set(bodies)
+    for entry in result.values():
+        assert {"scan", "scan_plan", "scan_apply"} <= set(entry)
+        assert all(r["best"] >= r["median"] > 0 for k, r in entry.items() if k != "bytes")
+    assert "scan_u32" in result["tokens"]
+    assert len(format_json_bench(result)) == sum(len(e) - 1 for e in result.values())
