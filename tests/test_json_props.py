@@ -11,7 +11,7 @@ import json
 import random
 from decimal import Decimal
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from omni_ctl import scoring_errors as errors
@@ -217,7 +217,7 @@ def model_apply(pairs, edits):
     """The header's semantics on a list of (key, value) pairs."""
     pairs = list(pairs)
     for edit in edits:
-        key = edit[0 + 1]
+        key = edit[1]
         idx = [i for i, (k, _) in enumerate(pairs) if k == key]
         if edit[0] == "delete":
             pairs = [p for p in pairs if p[0] != key]
