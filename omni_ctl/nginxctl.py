@@ -335,6 +335,16 @@ def start(conf_file, timeout: float = 15.0) -> Status:
         log_since(facts.error_log, offset)))
 
 
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass                    # it exited in the meantime
+    except PermissionError:
+        raise NginxCtlError(f"not permitted to send {sig.name} to nginx master {pid} "
+                            "(started by another user?)") from None
+
+
 def _wait_gone(pid: int, conf_file, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -351,11 +361,11 @@ def stop(conf_file, timeout: float = 10.0, term_timeout: float = 5.0) -> Status:
     if not before.running:
         return before
     pid = before.pid
-    os.kill(pid, signal.SIGQUIT)
+    _signal(pid, signal.SIGQUIT)
     if _wait_gone(pid, conf_file, timeout):
         return before
     if is_master_of(pid, conf_file):
-        os.kill(pid, signal.SIGTERM)
+        _signal(pid, signal.SIGTERM)
     if _wait_gone(pid, conf_file, term_timeout):
         return before
     raise NginxCtlError(f"nginx master {pid} did not exit after QUIT ({timeout:g}s) "
@@ -384,6 +394,10 @@ def reload(conf_file, new_text: str | None = None, rollback: bool = False,
     if not before.running:
         raise NotRunning(f"not running ({before.note}); use `omni-ctl start`")
 
+    # what to put back if nginx refuses the new config at reload time
+    saved = {p: p.read_text() for p in (facts.conf_file, confmod.backup_path(facts.conf_file))
+             if p.is_file()}
+
     if rollback:
         rollback_file(facts.conf_file)
         try:
@@ -411,14 +425,17 @@ def reload(conf_file, new_text: str | None = None, rollback: bool = False,
     # a re-rendered file may name another log; the master logs to the old one
     offset = _log_size(facts.error_log)
     old = set(before.workers) | set(workers_of(before.pid, include_shutting_down=True))
-    os.kill(before.pid, signal.SIGHUP)
+    _signal(before.pid, signal.SIGHUP)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         log = log_since(facts.error_log, offset)
-        bad = bad_log_lines(log)
-        if bad:
-            raise NginxCtlError(_with_log("nginx refused the new config and keeps "
-                                          "running the old one", "\n".join(bad)))
+        refused = [line for line in log.splitlines() if "[emerg]" in line]
+        if refused:
+            for path, text in saved.items():
+                confmod.install_file(path, text, backup=False)
+            raise NginxCtlError(_with_log(
+                f"nginx refused the new config and keeps running the old one "
+                f"({facts.conf_file} is back as it was)", "\n".join(refused)))
         current = workers_of(before.pid)
         new = [w for w in current if w not in old]
         # done when the new generation runs and the old one has been told

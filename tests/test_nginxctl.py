@@ -249,6 +249,22 @@ def test_reload_failing_test_keeps_running_config(managed):
     assert conf_file.read_text() == good
     assert nginxctl.status(conf_file).workers == workers
 
+    # passes nginx -t but fails in the master (port taken): old config kept,
+    # and the file goes back to what runs
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        res = omni_ctl("reload", "--nginx-conf-file", str(conf_file), "--core-num", "1",
+                       "--listen-port", str(taken), "--decode-endpoints", "127.0.0.1:1",
+                       "--prefill-endpoints", "127.0.0.1:2", *ROOT_USER, timeout=120)
+    assert res.returncode != 0
+    assert "refused the new config" in res.stderr and "[emerg]" in res.stderr
+    assert conf_file.read_text() == good
+    assert nginxctl.status(conf_file).pid == pid
+    assert json.loads(urlget(port, "/omni/status"))["pd_policy"] == "sequential"
+    (conf_file.parent / "error.log").write_text("")    # the [emerg] was expected
+
 
 def test_reload_when_not_running(managed):
     conf_file, _ = managed()
