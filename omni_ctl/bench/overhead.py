@@ -241,6 +241,7 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
             f.write(make_body(size, prompt_kind))
     runs, skipped = [], []
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load_start = os.getloadavg()
     try:
         with contextlib.ExitStack() as stack:
             prefix = os.path.join(tmp, "backend")
@@ -287,7 +288,7 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
               "repeat": repeat, "connections": connections, "wrk_threads": wrk_threads,
               "workers": workers, "backend_workers": backend_workers,
               "prompt_kind": prompt_kind, "cpus": os.cpu_count(),
-              "load_average": os.getloadavg(),
+              "load_average": {"start": load_start, "end": os.getloadavg()},
               "omni_module": omni.module_label(omni_module_dir),
               "rows": median_rows(runs) + skipped, "runs": runs,
               "tmp_dir": tmp if keep_dir else None}
