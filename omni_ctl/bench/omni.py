@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+from . import procs
 from .errors import BenchError
 
 
@@ -32,13 +33,7 @@ class OmniProxy:
         return self._running
 
     def log_tail(self, n: int = 2000) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - n))
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return procs.tail(self.log_path, n)
 
     def stop(self) -> None:
         if self._running:

@@ -78,6 +78,17 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def tail(path: str, n: int = 2000) -> str:
+    """The last n bytes of a log file ("" when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 class Proc:
     """A child process with its output in a log file."""
 
@@ -101,13 +112,7 @@ class Proc:
         return self.popen.poll() is None
 
     def log_tail(self, n: int = 2000) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - n))
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return tail(self.log_path, n)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Signal our own child by pid, wait, and kill it if it lingers."""
