@@ -20,7 +20,7 @@ from omni_ctl.scoring_json import (
     json_get, json_int64, json_u32_array, json_validate,
 )
 
-SETTINGS = settings(max_examples=300, deadline=None,
+SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 EDITED = ["stream", "max_tokens", "kv_transfer_params", "stream_options",
