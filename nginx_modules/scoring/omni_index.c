@@ -1324,6 +1324,68 @@ omni_index_match_prefix_tokens(omni_index_t *idx, const uint32_t *tokens,
 /* ---- insert ------------------------------------------------------------- */
 
 /*
+ * The steady state of a full instance: a block nobody holds comes in, and
+ * the instance's victim is the only holder of its block.  Evicting it and
+ * inserting the new block would free an entry and a record and take them
+ * straight back (same instance, same record: the same key-table slot), so
+ * the victim's entry and record are reused in place instead: the record is
+ * re-keyed in the block table, the entry relinked.  The result is the one of
+ * evict-then-insert.  Returns the entry, or NIL when this does not apply.
+ */
+static uint32_t
+omni_index_recycle(omni_index_t *idx, uint32_t inst, uint64_t hash, int kind,
+    uint64_t ehash, uint32_t prev, uint32_t now)
+{
+    omni_index_entry_t  *e = omni_index_entries(idx);
+    uint64_t            *r;
+    uint32_t             v, ri, w;
+
+    v = omni_index_inst_victim(idx, inst);
+    if (v == prev || v == OMNI_INDEX_NIL) {
+        return OMNI_INDEX_NIL;
+    }
+
+    ri = e[v].node;
+    r = omni_index_rec(idx, ri);
+    for (w = 0; w < idx->words; w++) {
+        if (r[1 + w] != (w == inst / 64 ? (uint64_t) 1 << (inst % 64) : 0)) {
+            return OMNI_INDEX_NIL;          /* others hold it too */
+        }
+    }
+
+    omni_index_unlink(idx, v);
+    if (e[v].kind == OMNI_INDEX_PRECISE) {
+        omni_index_tab_del(idx, OMNI_INDEX_T_ENG,
+            omni_index_eng_key(omni_index_engine(&e[v]), inst), v);
+        idx->n_precise--;
+    }
+
+    omni_index_tab_del(idx, OMNI_INDEX_T_NODE, omni_index_node_key(r[0]), ri);
+    r[0] = hash;
+    omni_index_tab_add(idx, OMNI_INDEX_T_NODE, omni_index_node_key(hash), ri);
+
+    e[v].kind = (uint8_t) kind;
+    e[v].engine[0] = kind == OMNI_INDEX_PRECISE ? (uint32_t) ehash : 0;
+    e[v].engine[1] = kind == OMNI_INDEX_PRECISE ? (uint32_t) (ehash >> 32)
+                                                : 0;
+    if (kind == OMNI_INDEX_PRECISE) {
+        omni_index_tab_add(idx, OMNI_INDEX_T_ENG,
+                           omni_index_eng_key(ehash, inst), v);
+        idx->n_precise++;
+    }
+    e[v].last_access = now;
+    omni_index_link(idx, v, prev);
+
+    omni_index_insts(idx)[inst].evicted++;
+    idx->stats.evicted_instance++;
+    idx->stats.inserted++;
+    omni_index_prefetch_victim(idx, omni_index_inst_victim(idx, inst));
+
+    return v;
+}
+
+
+/*
  * Put block `hash` on instance inst as `kind`, behind entry `prev` in its
  * list.  Returns the entry, or NIL when making room would evict `prev` (the
  * block the caller is extending): the caller stops there.
@@ -1379,6 +1441,13 @@ omni_index_upsert(omni_index_t *idx, uint32_t inst, uint64_t hash, int kind,
 
     if (in->capacity == 0) {
         return OMNI_INDEX_NIL;
+    }
+
+    if (ri == OMNI_INDEX_NIL && in->count[0] + in->count[1] == in->capacity) {
+        ei = omni_index_recycle(idx, inst, hash, kind, ehash, prev, now);
+        if (ei != OMNI_INDEX_NIL) {
+            return ei;
+        }
     }
 
     while (in->count[0] + in->count[1] >= in->capacity) {
