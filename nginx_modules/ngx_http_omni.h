@@ -127,6 +127,7 @@ struct ngx_http_omni_main_conf_s {
     ngx_msec_t                     queue_timeout;
     ngx_str_t                      model_path;
     ngx_uint_t                     block_size;      /* tokens per block */
+    ngx_uint_t                     index_max_tokens; /* prompt prefix indexed */
     ngx_uint_t                     cache_blocks;    /* per instance */
     ngx_msec_t                     cache_ttl;
     ngx_uint_t                     decode_max_tokens;

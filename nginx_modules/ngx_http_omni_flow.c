@@ -582,7 +582,7 @@ ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx)
 {
     int                  rc;
     long                 i;
-    size_t               n, off, len;
+    size_t               n, off, len, max;
     ngx_uint_t           bs;
 
     if (ctx->mcf->schedule_policy != NGX_HTTP_OMNI_SCHED_OMNI
@@ -591,10 +591,17 @@ ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx)
         return NGX_OK;
     }
 
+    /*
+     * Only the first index_max_tokens: that identifies a shared prefix or a
+     * conversation, and keeps the index's work per request bounded whatever
+     * the prompt's size.
+     */
+
     bs = ctx->mcf->block_size;
+    max = ctx->mcf->index_max_tokens / bs;
 
     if (ctx->token_prompt) {
-        n = ctx->n_tokens / bs;
+        n = ngx_min(ctx->n_tokens / bs, max);
 
     } else {
         i = omni_json_find(ctx->body, ctx->members, ctx->n_members,
@@ -615,7 +622,8 @@ ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx)
             len -= 2;
         }
 
-        n = len / (4 * bs);
+        n = ngx_min(len / (4 * bs), max);
+        len = ngx_min(len, n * 4 * bs);
 
         if (n == 0) {
             return NGX_OK;
@@ -642,8 +650,8 @@ ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx)
         return NGX_ERROR;
     }
 
-    rc = omni_hash_blocks(ctx->token_ids, ctx->n_tokens, (uint32_t) bs, 0,
-                          ctx->hashes, n);
+    rc = omni_hash_blocks(ctx->token_ids, ngx_min(ctx->n_tokens, n * bs),
+                          (uint32_t) bs, 0, ctx->hashes, n);
     ctx->n_hashes = rc > 0 ? (size_t) rc : 0;
 
     return NGX_OK;

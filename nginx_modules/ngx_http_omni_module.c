@@ -129,6 +129,13 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       offsetof(ngx_http_omni_main_conf_t, block_size),
       NULL },
 
+    { ngx_string("omni_index_max_tokens"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, index_max_tokens),
+      NULL },
+
     { ngx_string("omni_cache_blocks"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -349,6 +356,7 @@ ngx_http_omni_create_main_conf(ngx_conf_t *cf)
     mcf->queue_max = NGX_CONF_UNSET_UINT;
     mcf->queue_timeout = NGX_CONF_UNSET_MSEC;
     mcf->block_size = NGX_CONF_UNSET_UINT;
+    mcf->index_max_tokens = NGX_CONF_UNSET_UINT;
     mcf->cache_blocks = NGX_CONF_UNSET_UINT;
     mcf->cache_ttl = NGX_CONF_UNSET_MSEC;
     mcf->decode_max_tokens = NGX_CONF_UNSET_UINT;
@@ -373,7 +381,8 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->starvation_timeout, 2000);
     ngx_conf_init_uint_value(mcf->queue_max, 4096);
     ngx_conf_init_msec_value(mcf->queue_timeout, 600000);
-    ngx_conf_init_uint_value(mcf->block_size, 16);
+    ngx_conf_init_uint_value(mcf->block_size, 64);
+    ngx_conf_init_uint_value(mcf->index_max_tokens, 32768);
     ngx_conf_init_uint_value(mcf->cache_blocks, 0);
     ngx_conf_init_msec_value(mcf->cache_ttl, 600000);
     ngx_conf_init_uint_value(mcf->decode_max_tokens, 0);
