@@ -92,7 +92,7 @@ def bench_hash(tokens=1 << 20, reps=20):
 
 
 def build_index(instances=64, blocks_per_instance=100_000, prompt_tokens=32768,
-                chunk_blocks=2048, progress=None):
+                chunk_blocks=2048, progress=None, hugepages=False):
     """An index where every instance holds `blocks_per_instance` blocks.
 
     Instance i holds the first (i + 1) / instances of one long prompt (the one
@@ -103,7 +103,8 @@ def build_index(instances=64, blocks_per_instance=100_000, prompt_tokens=32768,
 
     Returns (index, prompt (tokens, hashes) cdata, n_prompt_blocks, stats).
     """
-    ix = PrefixIndex(instances, BLOCK_SIZE, blocks_per_instance)
+    ix = PrefixIndex(instances, BLOCK_SIZE, blocks_per_instance,
+                     hugepages=hugepages)
     h = ix._h
     nb = prompt_tokens // BLOCK_SIZE
     ptoks, pkeep = _random_tokens(prompt_tokens)
@@ -152,9 +153,13 @@ def build_index(instances=64, blocks_per_instance=100_000, prompt_tokens=32768,
     }
 
 
-def _thrash(buf):
-    """Write a buffer larger than the CPU caches, so the next call is cold."""
-    buf[0:len(buf)] = bytes(len(buf))
+def _thrash(junk):
+    """Copy a buffer larger than the CPU caches, so the next call finds
+    nothing of the index in them.  Both buffers exist beforehand: nothing is
+    mapped or unmapped (an unmap would also flush the TLB, a harsher and
+    different test)."""
+    dst, src = junk
+    dst[:] = src
 
 
 def bench_match(ix, prompt, nb, reps=300, cold_reps=60, thrash_mb=96):
@@ -176,7 +181,8 @@ def bench_match(ix, prompt, nb, reps=300, cold_reps=60, thrash_mb=96):
 
     def timed(fn, count, cold):
         samples = []
-        junk = bytearray(thrash_mb << 20) if cold else None
+        junk = ((bytearray(thrash_mb << 20), bytes(thrash_mb << 20))
+                if cold else None)
         for _ in range(count):
             if cold:
                 _thrash(junk)
@@ -336,8 +342,9 @@ def bench_decision(instances=32, prompt_tokens=4096, reps=20000):
     return res
 
 
-def run_bench(quick=False, json_seconds=1.0, progress=None):
-    """Every figure as one dict.  quick: small sizes (tests, smoke runs)."""
+def run_bench(quick=False, json_seconds=1.0, progress=None, hugepages=False):
+    """Every figure as one dict.  quick: small sizes (tests, smoke runs);
+    hugepages: the index in memory advised for transparent huge pages."""
     if quick:
         inst, per, ptoks = 8, 5_000, 4096
     else:
@@ -346,7 +353,9 @@ def run_bench(quick=False, json_seconds=1.0, progress=None):
                        "loadavg_start": os.getloadavg()}}
     res["hash"] = bench_hash(tokens=1 << (16 if quick else 20),
                              reps=5 if quick else 20)
-    ix, prompt, nb, fill = build_index(inst, per, ptoks, progress=progress)
+    ix, prompt, nb, fill = build_index(inst, per, ptoks, progress=progress,
+                                       hugepages=hugepages)
+    fill["hugepages"] = hugepages
     res["index"] = fill
     res["match"] = bench_match(ix, prompt, nb, reps=50 if quick else 300,
                                cold_reps=5 if quick else 60,
@@ -384,7 +393,9 @@ def format_bench(res):
                  f"(block {hs['block_size']}, {hs['tokens']} tokens)")
     ix = res["index"]
     lines.append(f"index     {ix['instances']} instances x "
-                 f"{ix['blocks_per_instance']} blocks: {ix['entries']} entries, "
+                 f"{ix['blocks_per_instance']} blocks"
+                 f"{' (huge pages advised)' if ix.get('hugepages') else ''}: "
+                 f"{ix['entries']} entries, "
                  f"{ix['nodes']} nodes, {ix['bytes'] / 2**20:.0f} MiB, "
                  f"{ix['bytes_per_entry']:.1f} bytes/entry (target <= 64)")
     ins = res["insert"]
@@ -429,14 +440,18 @@ def format_bench(res):
               help="Small sizes (seconds, for smoke tests), not the targets'.")
 @click.option("--json-seconds", type=float, default=1.0, show_default=True,
               help="Seconds per JSON body and step.")
+@click.option("--hugepages", is_flag=True,
+              help="Build the index in private memory advised for "
+                   "transparent huge pages.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True),
               help="Also write every figure as JSON to this file.")
-def bench_lib(quick, json_seconds, out):
+def bench_lib(quick, json_seconds, hugepages, out):
     """Benchmark the scoring library (hashing, index, policies, JSON)."""
     def progress(done, total):
         click.echo(f"filling index: {done}/{total} instances", err=True)
 
-    res = run_bench(quick=quick, json_seconds=json_seconds, progress=progress)
+    res = run_bench(quick=quick, json_seconds=json_seconds, progress=progress,
+                    hugepages=hugepages)
     for line in format_bench(res):
         click.echo(line)
     if out:

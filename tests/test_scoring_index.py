@@ -306,3 +306,14 @@ def test_integrity_error_is_typed():
         check(lib.OMNI_EINTEGRITY)
     with pytest.raises(RuntimeError):
         check(lib.OMNI_EINTEGRITY)
+
+
+def test_hugepage_mapping_behaves_the_same():
+    a, b = idx(hugepages=True), idx()
+    for ix in (a, b):
+        ix.insert(0, prompt(1, 2, 3), now_us=0)
+        ix.apply_stored(1, [5, 6], None, prompt(1, 2), now_us=0)
+        ix.check_integrity()
+    assert a.match(prompt(1, 2, 3), now_us=0) == b.match(prompt(1, 2, 3),
+                                                          now_us=0)
+    assert a.stats() == b.stats()
