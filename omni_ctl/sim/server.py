@@ -705,6 +705,10 @@ class Instance:
                 data["kv_transfer_params"] = (self._hold_for_transfer(s0)
                                               if s0.finish_reason == "length" else None)
             return _json(data, headers={"X-Request-Id": xrid})
+        except ConnectionResetError as exc:
+            if resp is None or isinstance(exc, SimulatedDrop):
+                raise
+            return resp     # the client went away mid-stream: abort quietly (below)
         finally:
             for seq in seqs:
                 if not seq.finished:
