@@ -58,6 +58,11 @@ class SimOptionError(click.ClickException):
 @click.option("--check-token-ids/--no-check-token-ids", default=True,
               help="Count token-id prompts the tokenizer would not produce (real tokenizers only).")
 @click.option("--uvloop/--no-uvloop", default=True, help="Use uvloop when it is installed.")
+@click.option("--oracle-port", type=int, default=None,
+              help="Also run the oracle router (exact cache and queue knowledge) on 127.0.0.1:PORT.")
+@click.option("--oracle-slack", type=float, default=0.1,
+              help="Oracle: prefill instances within this fraction (+ one step) of the best "
+                   "predicted TTFT are equivalent; the longest cache hit among them wins.")
 def sim(**opts):
     """Run a simulated P/D inference cluster (vLLM/SGLang protocols).
 

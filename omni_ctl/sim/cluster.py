@@ -65,6 +65,8 @@ class SimConfig:
     faults: tuple = ()
     check_token_ids: bool = True
     uvloop: bool = True
+    oracle_port: int = None
+    oracle_slack: float = 0.1
 
 
 def plan(cfg):
@@ -85,6 +87,10 @@ def plan(cfg):
                                       cfg.bootstrap_port_offset if cfg.engine == "sglang" else 0)
     if cfg.base_port < 1 or top > 65535:
         raise SimConfigError("--base-port", f"{cfg.base_port} puts ports past 65535")
+    if cfg.oracle_port is not None and not 1 <= cfg.oracle_port <= 65535:
+        raise SimConfigError("--oracle-port", f"must be within [1, 65535], got {cfg.oracle_port}")
+    if cfg.oracle_slack < 0:
+        raise SimConfigError("--oracle-slack", f"must be >= 0, got {cfg.oracle_slack}")
     out = []
     port = cfg.base_port
     for role, count in (("prefill", cfg.prefill), ("decode", cfg.decode), ("both", cfg.both)):
@@ -162,6 +168,7 @@ async def serve(cfg, stop_event, on_ready):
                  for i, (name, role, port, boot) in enumerate(layout)]
     settings.instances = instances
     started = []
+    oracle = None
     try:
         for inst in instances:
             try:
@@ -174,9 +181,25 @@ async def serve(cfg, stop_event, on_ready):
             for inst in instances:
                 if name in ("all", inst.name):
                     await inst.set_fault(fault)
+        if cfg.oracle_port is not None:
+            from .oracle import Oracle
+            oracle = Oracle(settings, instances, cfg.engine, cfg.oracle_port,
+                            slack=cfg.oracle_slack)
+            try:
+                await oracle.start()
+            except OSError as exc:
+                oracle = None
+                raise SimConfigError("--oracle-port", f"the oracle router cannot bind 127.0.0.1:"
+                                                      f"{cfg.oracle_port}: {exc}") from None
+            log(f"oracle router ({oracle.mode}) on {oracle.url}")
         on_ready(endpoints_line(cfg, layout))
         await stop_event.wait()
     finally:
+        if oracle is not None:
+            try:
+                await oracle.stop()
+            except Exception as exc:
+                log(f"stopping the oracle router: {exc!r}")
         for inst in started:
             try:
                 await inst.stop()
@@ -252,7 +275,8 @@ class SimCluster:
 
     Without `base_port` a free range is chosen (and retried if the simulator
     still fails to bind). Stop sends SIGTERM to the child's pid, then SIGKILL
-    after `stop_timeout`.
+    after `stop_timeout`. With `--oracle-port P` in `args`, `oracle_url` is the
+    oracle router's address (None otherwise).
     """
 
     def __init__(self, prefill=1, decode=1, both=0, engine="vllm", preset=None,
@@ -275,6 +299,18 @@ class SimCluster:
         self._stderr = None
         self.prefill_endpoints = []
         self.decode_endpoints = []
+        self.oracle_port = self._oracle_port(self.args)
+        self.oracle_url = (f"http://127.0.0.1:{self.oracle_port}"
+                           if self.oracle_port is not None else None)
+
+    @staticmethod
+    def _oracle_port(args):
+        for i, a in enumerate(args):
+            if a == "--oracle-port" and i + 1 < len(args):
+                return int(args[i + 1])
+            if a.startswith("--oracle-port="):
+                return int(a.split("=", 1)[1])
+        return None
 
     # -- lifecycle
     def __enter__(self):
@@ -299,6 +335,8 @@ class SimCluster:
         for _ in range(200):
             base = rng.randrange(20000, 55000)
             ports = [base + i + off for i in range(n) for off in (0, 100, 200, 300)]
+            if self.oracle_port in ports:
+                continue
             if _ports_free(self.host, ports):
                 return base
         raise SimClusterError("no free port range found")
