@@ -70,6 +70,12 @@ DEFAULTS = {
     "prefill_starvation_timeout": "2000ms",
     "queue_max": 4096,
     "queue_timeout": "600s",
+    "decode_max_tokens": 0,
+    "hold_slack": "20ms",
+    "block_size": 64,
+    "index_max_tokens": 32768,
+    "cache_blocks": 0,
+    "cache_ttl": "600s",
     "worker_connections": 4096,
     "zone_size": "64m",
     "prefill_read_timeout": "600s",
@@ -152,6 +158,12 @@ class ProxyConf:
     prefill_starvation_timeout_ms: int
     queue_max: int
     queue_timeout_ms: int
+    decode_max_tokens: int
+    hold_slack_ms: int
+    block_size: int
+    index_max_tokens: int
+    cache_blocks: int
+    cache_ttl_ms: int
     worker_connections: int
     zone_size: str
     prefill_read_timeout_ms: int
@@ -447,6 +459,12 @@ def make_conf(nginx_conf_file, allow_missing_cores: bool = False,
             "--prefill-starvation-timeout", o["prefill_starvation_timeout"], "ms"),
         queue_max=parse_int("--queue-max", o["queue_max"], 1),
         queue_timeout_ms=parse_duration("--queue-timeout", o["queue_timeout"]),
+        decode_max_tokens=parse_int("--decode-max-tokens", o["decode_max_tokens"], 0),
+        hold_slack_ms=parse_duration("--hold-slack", o["hold_slack"], "ms"),
+        block_size=parse_int("--block-size", o["block_size"], 1),
+        index_max_tokens=parse_int("--index-max-tokens", o["index_max_tokens"], 0),
+        cache_blocks=parse_int("--cache-blocks", o["cache_blocks"], 0),
+        cache_ttl_ms=parse_duration("--cache-ttl", o["cache_ttl"]),
         worker_connections=parse_int("--worker-connections", o["worker_connections"], 32),
         zone_size=parse_size("--zone-size", o["zone_size"], 1 << 20),
         prefill_read_timeout_ms=parse_duration("--prefill-read-timeout",

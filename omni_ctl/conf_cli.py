@@ -65,6 +65,24 @@ CONF_OPTIONS = [
         "Held requests before new ones get 429.", "queue_max"))),
     (("--queue-timeout",), dict(metavar="TIME", help=_help(
         "Longest a request is held before 503.", "queue_timeout"))),
+    (("--decode-max-tokens",), dict(type=int, metavar="N", help=_help(
+        "KV-token budget per decode instance (prompt + expected output of "
+        "the work in flight; 0: none).", "decode_max_tokens"))),
+    (("--hold-slack",), dict(metavar="MS", help=_help(
+        "Release a request to an instance predicted busy for at most this "
+        "long (bare number: ms).", "hold_slack"))),
+    (("--block-size",), dict(type=int, metavar="N", help=_help(
+        "Tokens per block of the proxy's prefix index (text: 4 bytes per "
+        "token).", "block_size"))),
+    (("--index-max-tokens",), dict(type=int, metavar="N", help=_help(
+        "Prompt tokens indexed per request (the leading ones).",
+        "index_max_tokens"))),
+    (("--cache-blocks",), dict(type=int, metavar="N", help=_help(
+        "Prefix-cache capacity assumed per instance, in index blocks "
+        "(0: share the index's capacity).", "cache_blocks"))),
+    (("--cache-ttl",), dict(metavar="TIME", help=_help(
+        "How long the index assumes a dispatched prefix stays cached.",
+        "cache_ttl"))),
     (("--worker-connections",), dict(type=int, metavar="N", help=_help(
         "Connections per worker (clients and upstreams).", "worker_connections"))),
     (("--zone-size",), dict(metavar="SIZE", help=_help(
