@@ -81,7 +81,8 @@ def _u32s(token_ids):
         view = memoryview(token_ids)
     except TypeError:
         view = None
-    if view is not None and view.itemsize == 4 and view.format in ("I", "L", "=I", "<I"):
+    if (view is not None and view.itemsize == 4
+            and view.format in ("I", "L", "=I", "<I")):
         return ffi.from_buffer("uint32_t[]", token_ids), len(view)
     try:
         arr = ffi.new("uint32_t[]", list(token_ids))
@@ -154,7 +155,8 @@ def engine_key(value):
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         return lib.omni_hash_engine_key(data, len(data))
-    raise TypeError(f"engine hash must be int or bytes, not {type(value).__name__}")
+    raise TypeError("engine hash must be int or bytes, not "
+                    f"{type(value).__name__}")
 
 
 # ---- prefix index -----------------------------------------------------------
@@ -375,7 +377,7 @@ class PrefixIndex:
                      "expire")
 
 
-# ---- predictor ---------------------------------------------------------------
+# ---- predictor ------------------------------------------------------------
 
 @dataclass(frozen=True)
 class PrefillJob:

@@ -399,16 +399,19 @@ def format_bench(res):
                  f"{ix['nodes']} nodes, {ix['bytes'] / 2**20:.0f} MiB, "
                  f"{ix['bytes_per_entry']:.1f} bytes/entry (target <= 64)")
     ins = res["insert"]
-    lines.append(f"insert    fill {ix['fill_blocks_per_s'] / 1e6:6.2f} M blocks/s, "
-                 f"at capacity {ins['evicting_blocks_per_s'] / 1e6:6.2f} M blocks/s "
+    lines.append(f"insert    fill {ix['fill_blocks_per_s'] / 1e6:6.2f} M "
+                 f"blocks/s, at capacity "
+                 f"{ins['evicting_blocks_per_s'] / 1e6:6.2f} M blocks/s "
                  f"(each evicts one), refresh "
                  f"{ins['refresh_blocks_per_s'] / 1e6:6.2f} M blocks/s "
                  f"(target >= 2 M)")
     m = res["match"]
-    lines.append(f"match     {m['blocks']} blocks x {m['instances']} instances: "
+    lines.append(f"match     {m['blocks']} blocks x {m['instances']} "
+                 f"instances: "
                  f"warm median {m['warm']['median_us']:.1f} us "
                  f"p99 {m['warm']['p99_us']:.1f} us; cold caches median "
-                 f"{m['cold']['median_us']:.1f} us p99 {m['cold']['p99_us']:.1f} us "
+                 f"{m['cold']['median_us']:.1f} us "
+                 f"p99 {m['cold']['p99_us']:.1f} us "
                  f"(target <= 100 us)")
     lines.append(f"match     cold caches, prompt stored by one insert: median "
                  f"{m['cold_one_run']['median_us']:.1f} us p99 "
