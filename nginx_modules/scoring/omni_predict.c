@@ -384,6 +384,18 @@ omni_predict_rls_update(const omni_predict_t *p, omni_predict_rls_t *r,
         r->coef[i] += k[i] * err;
     }
 
+    /*
+     * Every term is a cost: a fixed overhead, per token, per token pair.
+     * A few samples that do not span all three inputs can pull a
+     * coefficient negative, and a negative attention term makes a long
+     * prompt look free.  Keep the fit in the physical region.
+     */
+    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
+        if (r->coef[i] < 0) {
+            r->coef[i] = 0;
+        }
+    }
+
     /* P = (P - k (P x)^T) / lambda, kept symmetric. */
     for (i = 0; i < OMNI_PREDICT_DIM; i++) {
         for (j = i; j < OMNI_PREDICT_DIM; j++) {
