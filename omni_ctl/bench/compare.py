@@ -10,6 +10,9 @@ Targets:
                    prefill policy; plain cache_aware when aggregated
     sglang-router  sglang-router, P/D (--pd-disaggregation, SGLang engines) with
                    cache_aware prefill policy; plain cache_aware when aggregated
+    oracle         the simulator's own oracle router (`omni-ctl sim --oracle-port`):
+                   it reads every instance's exact cache and queue; the
+                   yardstick for prefix-cache hit rate
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from .errors import BenchError
 
 OMNI_POLICIES = ("omni", "cache-aware", "least-loaded", "round-robin")
 TARGETS = ("omni", "omni-cache-aware", "omni-least-loaded", "omni-round-robin",
-           "nginx-rr", "vllm-router", "sglang-router")
+           "nginx-rr", "vllm-router", "sglang-router", "oracle")
+# not run unless asked for: it shares the simulator's core with the engines
+NOT_DEFAULT = ("oracle",)
 
 
 class Skip(Exception):
@@ -35,7 +40,8 @@ class Skip(Exception):
 
 def parse_targets(text: str | None, pd_policy: str) -> list[str]:
     if not text:
-        names = [t for t in TARGETS if t != "nginx-rr" or pd_policy == "aggregated"]
+        names = [t for t in TARGETS if (t != "nginx-rr" or pd_policy == "aggregated")
+                 and t not in NOT_DEFAULT]
         return names
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in names if t not in TARGETS]
@@ -69,12 +75,21 @@ def _cluster(prefill: int, decode: int, pd_policy: str, engine: str, sim_args):
     return SimCluster(prefill=prefill, decode=decode, engine=engine, args=sim_args)
 
 
+class _InSim:
+    """The oracle lives in the simulator's process: nothing of its own to stop."""
+
+    def stop(self):
+        pass
+
+
 def start_router(target: str, sim, pd_policy: str, prefix: str, port: int,
                  workers: int = 1, omni_module_dir: str | None = None):
     """Start `target` in front of the running cluster `sim` and wait until it
     answers; return (url, process). The caller stops the process."""
     os.makedirs(prefix, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
+    if target == "oracle":
+        return sim.oracle_url, _InSim()
     if target.startswith("omni"):
         policy = target[len("omni-"):] if target != "omni" else "omni"
         try:
@@ -163,9 +178,11 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
         try:
             check_available(name, pd_policy)
             with contextlib.ExitStack() as stack:
-                sim = stack.enter_context(
-                    _cluster(prefill, decode, pd_policy, engine, extra_sim))
                 port = last_port if keep and last_port else procs.free_ports(1)[0]
+                args = extra_sim + (["--oracle-port", str(port)] if name == "oracle"
+                                    else [])
+                sim = stack.enter_context(
+                    _cluster(prefill, decode, pd_policy, engine, args))
                 url, proc = start_router(
                     name, sim, pd_policy, os.path.abspath(os.path.join(out_dir, name, "run")),
                     port, workers, omni_module_dir)
