@@ -201,3 +201,34 @@ def test_reset_and_invalid():
         Predictor(1, forget=0.3)
     with pytest.raises(ValueError):
         Predictor(1, prefill_prior=(float("nan"), 0, 0))
+
+
+def test_similar_prompts_only_do_not_diverge():
+    """Nearly collinear inputs (only short prompts, nothing cached) made the
+    covariance form of RLS lose positive definiteness and diverge to
+    ~1e19; the information form stays put and extrapolates sanely."""
+    p = Predictor(1)
+    rnd = random.Random(8)
+    for _ in range(2000):
+        n = rnd.randrange(200, 600)
+        p.observe_prefill(0, n, 0, 8000 + 20 * n)
+    coef = p.state(0)["prefill_coef"]
+    assert all(0 <= c < 1e6 for c in coef), coef
+    assert rel(p.prefill_us(0, 400, 0), 8000 + 20 * 400) < 0.02
+    assert rel(p.prefill_us(0, 30000, 0), 8000 + 20 * 30000) < 0.1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_extreme_inputs_stay_finite(seed):
+    rnd = random.Random(seed)
+    p = Predictor(1)
+    for _ in range(500):
+        n = rnd.choice([0, 1, 2**32 - 1, rnd.randrange(2**32)])
+        m = rnd.choice([0, 2**32 - 1, rnd.randrange(2**32)])
+        us = rnd.choice([0, 1, 2**64 - 1, rnd.randrange(2**40)])
+        p.observe_prefill(0, n, m, us)
+        p.observe_decode(0, n, m * 1000, us)
+        for c in p.state(0)["prefill_coef"] + p.state(0)["decode_coef"]:
+            assert 0 <= c < float("inf")
+        assert 0 < p.prefill_us(0, n, m) <= 10**12
+        assert 0 < p.decode_step_us(0, n, m) <= 10**12

@@ -8,8 +8,12 @@
 #include "omni_predict.h"
 
 
-#define OMNI_PREDICT_MAGIC   0x3144455250494d4fULL   /* "OMIPRED1" */
-#define OMNI_PREDICT_LAYOUT  1
+#define OMNI_PREDICT_MAGIC   0x3244455250494d4fULL   /* "OMIPRED2" */
+#define OMNI_PREDICT_LAYOUT  2
+
+/* Predictions are clamped below this (about 11.6 days) before they become
+ * integers: a converted double out of range would be undefined. */
+#define OMNI_PREDICT_MAX_US  1e12
 
 /* An observation further than this many predictions from the prediction is
  * clipped before it is fitted. */
@@ -34,9 +38,19 @@ static const double  omni_predict_decode_default[OMNI_PREDICT_DIM] = {
 };
 
 
+/*
+ * A model in information form: the forgetting-weighted normal equations
+ * info * coef = rhs, to which the prior adds prior_weight * I and
+ * prior_weight * prior at every step (so its weight does not fade).  The
+ * matrix is then never singular, directions the inputs do not excite stay at
+ * the prior, and nothing winds up: the covariance form of recursive least
+ * squares lost positive definiteness on nearly collinear inputs (prompts of
+ * similar lengths) and diverged.
+ */
 typedef struct {
     double    coef[OMNI_PREDICT_DIM];
-    double    cov[OMNI_PREDICT_DIM * OMNI_PREDICT_DIM];
+    double    info[OMNI_PREDICT_DIM * OMNI_PREDICT_DIM];
+    double    rhs[OMNI_PREDICT_DIM];
     uint64_t  samples;
     double    mape;
 } omni_predict_rls_t;
@@ -87,7 +101,7 @@ omni_predict_resolve(const omni_predict_cfg_t *in, omni_predict_cfg_t *cfg)
         cfg->forget = 0.98;
     }
     if (cfg->prior_var == 0) {
-        cfg->prior_var = 1e4;
+        cfg->prior_var = 100;
     }
     if (cfg->mape_alpha == 0) {
         cfg->mape_alpha = 0.05;
@@ -159,7 +173,8 @@ omni_predict_rls_init(omni_predict_rls_t *r, const double *prior, double var)
     memset(r, 0, sizeof(*r));
     memcpy(r->coef, prior, sizeof(r->coef));
     for (i = 0; i < OMNI_PREDICT_DIM; i++) {
-        r->cov[i * OMNI_PREDICT_DIM + i] = var;
+        r->info[i * OMNI_PREDICT_DIM + i] = 1.0 / var;
+        r->rhs[i] = prior[i] / var;
     }
 }
 
@@ -297,7 +312,7 @@ omni_predict_reset(omni_predict_t *p, uint32_t inst)
 }
 
 
-/* ---- recursive least squares -------------------------------------------- */
+/* ---- recursive least squares ------------------------------------------ */
 
 static inline void
 omni_predict_prefill_x(double *x, uint32_t n_new, uint32_t n_cached)
@@ -351,75 +366,149 @@ omni_predict_mape(const omni_predict_t *p, double *mape, uint64_t n,
 }
 
 
+/*
+ * Solve info * c = rhs for the coefficients in `free` (a bit mask), the
+ * others being 0, by Gaussian elimination with partial pivoting.
+ */
+static int
+omni_predict_solve_subset(const double *a, const double *b, unsigned free,
+    double *c)
+{
+    double  m[OMNI_PREDICT_DIM][OMNI_PREDICT_DIM + 1], t, f;
+    int     idx[OMNI_PREDICT_DIM], n = 0, i, j, k, piv;
+
+    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
+        c[i] = 0;
+        if (free & (1u << i)) {
+            idx[n++] = i;
+        }
+    }
+
+    for (i = 0; i < n; i++) {
+        for (j = 0; j < n; j++) {
+            m[i][j] = a[idx[i] * OMNI_PREDICT_DIM + idx[j]];
+        }
+        m[i][n] = b[idx[i]];
+    }
+
+    for (k = 0; k < n; k++) {
+        piv = k;
+        for (i = k + 1; i < n; i++) {
+            if (omni_predict_abs(m[i][k]) > omni_predict_abs(m[piv][k])) {
+                piv = i;
+            }
+        }
+        if (!(omni_predict_abs(m[piv][k]) > 1e-300)) {
+            return OMNI_EINVAL;
+        }
+        for (j = 0; j <= n; j++) {
+            t = m[k][j]; m[k][j] = m[piv][j]; m[piv][j] = t;
+        }
+        for (i = k + 1; i < n; i++) {
+            f = m[i][k] / m[k][k];
+            for (j = k; j <= n; j++) {
+                m[i][j] -= f * m[k][j];
+            }
+        }
+    }
+
+    for (k = n - 1; k >= 0; k--) {
+        t = m[k][n];
+        for (j = k + 1; j < n; j++) {
+            t -= m[k][j] * c[idx[j]];
+        }
+        c[idx[k]] = t / m[k][k];
+        if (!isfinite(c[idx[k]])) {
+            return OMNI_EINVAL;
+        }
+    }
+
+    return OMNI_OK;
+}
+
+
+/*
+ * Least squares with every coefficient >= 0 (every term is a cost: a fixed
+ * overhead, per token, per token pair; a negative attention term would make
+ * a long prompt look free).  Active set: solve, fix the most negative
+ * coefficient at 0, solve the rest again; three coefficients, three passes.
+ */
+static int
+omni_predict_solve(const double *a, const double *b, double *c)
+{
+    unsigned  free = (1u << OMNI_PREDICT_DIM) - 1;
+    int       pass, i, worst;
+
+    for (pass = 0; pass < OMNI_PREDICT_DIM; pass++) {
+        if (omni_predict_solve_subset(a, b, free, c) != OMNI_OK) {
+            return OMNI_EINVAL;
+        }
+        worst = -1;
+        for (i = 0; i < OMNI_PREDICT_DIM; i++) {
+            if ((free & (1u << i)) && c[i] < 0
+                && (worst < 0 || c[i] < c[worst]))
+            {
+                worst = i;
+            }
+        }
+        if (worst < 0) {
+            return OMNI_OK;
+        }
+        free &= ~(1u << worst);
+    }
+
+    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
+        c[i] = 0;
+    }
+    return OMNI_OK;
+}
+
+
 static void
 omni_predict_rls_update(const omni_predict_t *p, omni_predict_rls_t *r,
-    const double *x, double y)
+    const double *prior, const double *x, double y)
 {
-    double  px[OMNI_PREDICT_DIM], k[OMNI_PREDICT_DIM];
-    double  lambda = p->cfg.forget, denom, pred, err, lim, tr;
+    double  lambda = p->cfg.forget, w = 1.0 / p->cfg.prior_var;
+    double  pred, lim, c[OMNI_PREDICT_DIM];
     int     i, j;
+
+    if (!isfinite(y) || y < 0) {
+        return;
+    }
 
     pred = omni_predict_floor(p, omni_predict_dot(r->coef, x));
     omni_predict_mape(p, &r->mape, r->samples, pred, y);
 
-    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
-        px[i] = omni_predict_dot(&r->cov[i * OMNI_PREDICT_DIM], x);
-    }
-
-    denom = lambda + omni_predict_dot(x, px);
-    if (!(denom > 0) || !isfinite(denom)) {
-        return;
-    }
-
-    err = y - omni_predict_dot(r->coef, x);
-    lim = OMNI_PREDICT_CLIP * pred;
-    if (err > lim) {
-        err = lim;
-    } else if (err < -lim) {
-        err = -lim;
+    /* One stalled request must not wreck the fit: clip it. */
+    lim = (1.0 + OMNI_PREDICT_CLIP) * pred;
+    if (y > lim) {
+        y = lim;
     }
 
     for (i = 0; i < OMNI_PREDICT_DIM; i++) {
-        k[i] = px[i] / denom;
-        r->coef[i] += k[i] * err;
-    }
-
-    /*
-     * Every term is a cost: a fixed overhead, per token, per token pair.
-     * A few samples that do not span all three inputs can pull a
-     * coefficient negative, and a negative attention term makes a long
-     * prompt look free.  Keep the fit in the physical region.
-     */
-    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
-        if (r->coef[i] < 0) {
-            r->coef[i] = 0;
+        for (j = 0; j < OMNI_PREDICT_DIM; j++) {
+            r->info[i * OMNI_PREDICT_DIM + j] =
+                lambda * r->info[i * OMNI_PREDICT_DIM + j] + x[i] * x[j]
+                + (i == j ? (1.0 - lambda) * w : 0.0);
         }
+        r->rhs[i] = lambda * r->rhs[i] + x[i] * y
+                    + (1.0 - lambda) * w * prior[i];
     }
 
-    /* P = (P - k (P x)^T) / lambda, kept symmetric. */
-    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
-        for (j = i; j < OMNI_PREDICT_DIM; j++) {
-            double v = (r->cov[i * OMNI_PREDICT_DIM + j] - k[i] * px[j])
-                       / lambda;
-            r->cov[i * OMNI_PREDICT_DIM + j] = v;
-            r->cov[j * OMNI_PREDICT_DIM + i] = v;
-        }
-    }
-
-    /* Bound the covariance: with forgetting it grows without limit in
-     * directions the inputs do not excite (windup). */
-    tr = 0;
-    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
-        tr += r->cov[i * OMNI_PREDICT_DIM + i];
-    }
-    if (tr > OMNI_PREDICT_DIM * p->cfg.prior_var) {
-        double s = OMNI_PREDICT_DIM * p->cfg.prior_var / tr;
-        for (i = 0; i < OMNI_PREDICT_DIM * OMNI_PREDICT_DIM; i++) {
-            r->cov[i] *= s;
-        }
+    if (omni_predict_solve(r->info, r->rhs, c) == OMNI_OK) {
+        memcpy(r->coef, c, sizeof(c));
     }
 
     r->samples++;
+}
+
+
+static int64_t
+omni_predict_eval(const omni_predict_t *p, const double *coef, const double *x)
+{
+    double  y = omni_predict_floor(p, omni_predict_dot(coef, x));
+
+    return (int64_t) (y < OMNI_PREDICT_MAX_US ? y : OMNI_PREDICT_MAX_US);
 }
 
 
@@ -434,8 +523,7 @@ omni_predict_prefill_us(const omni_predict_t *p, uint32_t inst,
     }
 
     omni_predict_prefill_x(x, n_new, n_cached);
-    return (int64_t) omni_predict_floor(p,
-               omni_predict_dot(omni_predict_insts(p)[inst].prefill.coef, x));
+    return omni_predict_eval(p, omni_predict_insts(p)[inst].prefill.coef, x);
 }
 
 
@@ -450,8 +538,7 @@ omni_predict_decode_step_us(const omni_predict_t *p, uint32_t inst,
     }
 
     omni_predict_decode_x(x, batch, kv_tokens);
-    return (int64_t) omni_predict_floor(p,
-               omni_predict_dot(omni_predict_insts(p)[inst].decode.coef, x));
+    return omni_predict_eval(p, omni_predict_insts(p)[inst].decode.coef, x);
 }
 
 
@@ -466,8 +553,8 @@ omni_predict_observe_prefill(omni_predict_t *p, uint32_t inst,
     }
 
     omni_predict_prefill_x(x, n_new, n_cached);
-    omni_predict_rls_update(p, &omni_predict_insts(p)[inst].prefill, x,
-                            (double) service_us);
+    omni_predict_rls_update(p, &omni_predict_insts(p)[inst].prefill,
+                            p->cfg.prefill_prior, x, (double) service_us);
     return OMNI_OK;
 }
 
@@ -483,8 +570,8 @@ omni_predict_observe_decode(omni_predict_t *p, uint32_t inst,
     }
 
     omni_predict_decode_x(x, batch, kv_tokens);
-    omni_predict_rls_update(p, &omni_predict_insts(p)[inst].decode, x,
-                            (double) step_us);
+    omni_predict_rls_update(p, &omni_predict_insts(p)[inst].decode,
+                            p->cfg.decode_prior, x, (double) step_us);
     return OMNI_OK;
 }
 
@@ -560,7 +647,8 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
                                    * (double) job->service_us)
         {
             omni_predict_prefill_x(x, job->n_new, job->n_cached);
-            omni_predict_rls_update(p, &in->prefill, x, (double) service);
+            omni_predict_rls_update(p, &in->prefill, p->cfg.prefill_prior, x,
+                                    (double) service);
         }
     }
 

@@ -3,18 +3,21 @@
  *
  * LLM engines run in steps, so how long an instance takes is a function of
  * the work it is given.  Per instance, two linear models are fitted online by
- * recursive least squares with a forgetting factor (recent behaviour counts
- * more; the fit follows an instance that slows down):
+ * exponentially weighted least squares (a forgetting factor: recent
+ * behaviour counts more; the fit follows an instance that slows down):
  *
  *   prefill service time (us) = c0 + c1 * n/1024 + c2 * n * (m + n/2) / 2^20
  *       n = new (uncached) tokens, m = cached context tokens; the last term
  *       is attention over the context (token pairs, in Mi)
  *   decode step time (us)     = d0 + d1 * batch + d2 * kv_tokens/1024
  *
- * Until data arrives the coefficients are the configured priors; the prior
- * variance says how quickly observations override them.  Errors are clipped
- * before each update so one stalled request does not wreck the fit, and the
- * covariance is bounded so it cannot wind up while the inputs do not vary.
+ * The fit is kept in information form (weighted normal equations, solved
+ * for three coefficients at each update) with the prior always counting as
+ * 1/prior_var of an observation: until data arrives, and in directions the
+ * inputs never vary in, the coefficients are the priors; nothing diverges
+ * or winds up on nearly collinear inputs.  Every coefficient is kept >= 0
+ * (every term is a cost).  An observation above four times the prediction
+ * is clipped first, so one stalled request does not wreck the fit.
  *
  * On top of the models, each instance tracks the prefill work the proxy sent
  * it: dispatch() predicts when the new request completes (it queues behind
@@ -46,7 +49,8 @@ typedef struct {
     uint32_t  max_instances;
     uint32_t  reserved;                        /* must be 0 */
     double    forget;                          /* (0.5, 1]; 0: 0.98 */
-    double    prior_var;                       /* > 0; 0: 1e4 */
+    double    prior_var;                       /* > 0; 0: 100 (the prior
+                                                  weighs 1/prior_var) */
     double    mape_alpha;                      /* (0, 1]; 0: 0.05 */
     double    min_us;                          /* prediction floor; 0: 50 */
     double    prefill_prior[OMNI_PREDICT_DIM]; /* all 0: built-in priors */
