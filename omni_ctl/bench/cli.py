@@ -183,6 +183,9 @@ def bench_overhead(**kw):
               help="nginx worker processes for Omni Proxy and plain nginx.")
 @click.option("--omni-module-dir", default=None,
               help="Directory of the ngx_http_omni_module.so to run.")
+@click.option("--omni-args", default="",
+              help="Extra `omni-ctl gen-conf` options for the Omni Proxy targets, "
+                   "e.g. '--prefill-starvation-timeout 10s'.")
 @workload_options
 @load_options
 @click.option("--out", "out_dir", default="bench-out/compare", show_default=True)

@@ -83,7 +83,8 @@ class _InSim:
 
 
 def start_router(target: str, sim, pd_policy: str, prefix: str, port: int,
-                 workers: int = 1, omni_module_dir: str | None = None):
+                 workers: int = 1, omni_module_dir: str | None = None,
+                 omni_args=()):
     """Start `target` in front of the running cluster `sim` and wait until it
     answers; return (url, process). The caller stops the process."""
     os.makedirs(prefix, exist_ok=True)
@@ -97,7 +98,8 @@ def start_router(target: str, sim, pd_policy: str, prefix: str, port: int,
                                     prefill=sim.prefill_endpoints,
                                     decode=sim.decode_endpoints,
                                     schedule_policy=policy,
-                                    module_dir=omni_module_dir)
+                                    module_dir=omni_module_dir,
+                                    extra=list(omni_args))
         except omni.NotAvailable as exc:
             raise Skip(str(exc)) from None
     elif target == "nginx-rr":
@@ -153,7 +155,7 @@ def check_available(target: str, pd_policy: str) -> None:
 
 def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_args="",
                 out_dir="bench-out/compare", quiet=False, workers=1, log=None,
-                keep_last=False, last_port=0, omni_module_dir=None,
+                keep_last=False, last_port=0, omni_module_dir=None, omni_args="",
                 **options) -> dict:
     """Run one workload (options as for bench) through every target, each on
     a fresh cluster; write compare.json, compare.md, per-target results and
@@ -169,6 +171,7 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
     core.make_workload(spec)         # bad workload options fail before anything starts
     core.arrival_mode(spec, options.get("rate"), options.get("concurrency"))
     extra_sim = shlex.split(sim_args) if isinstance(sim_args, str) else list(sim_args)
+    extra_omni = shlex.split(omni_args) if isinstance(omni_args, str) else list(omni_args)
     os.makedirs(out_dir, exist_ok=True)
     summaries, runs, samples, skipped, kept = [], {}, {}, [], None
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -185,7 +188,7 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
                     _cluster(prefill, decode, pd_policy, engine, args))
                 url, proc = start_router(
                     name, sim, pd_policy, os.path.abspath(os.path.join(out_dir, name, "run")),
-                    port, workers, omni_module_dir)
+                    port, workers, omni_module_dir, extra_omni)
                 stack.callback(proc.stop)
                 log(f"[compare] {name}: {url} in front of {engine} cluster "
                     f"{' '.join(sim.urls)}")
@@ -216,6 +219,7 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
     result = {"started": started, "pd_policy": pd_policy, "prefill": prefill,
               "decode": decode, "workload": spec.workload, "slo": slo,
               "omni_module": omni.module_label(omni_module_dir),
+              "omni_args": extra_omni,
               "summaries": summaries, "skipped": skipped, "plots": plots,
               "markdown": markdown, "out_dir": out_dir, "kept": kept}
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
