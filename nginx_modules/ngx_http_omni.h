@@ -344,6 +344,8 @@ typedef struct {
     uint64_t                      *hashes;
     size_t                         n_hashes;
     uint64_t                       output_tokens;   /* expected */
+    uint64_t                       cached_tokens;   /* predicted at the
+                                                       chosen instance */
 
     /* holding */
     ngx_queue_t                    held;            /* in the worker's list */

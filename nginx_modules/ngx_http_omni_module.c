@@ -251,6 +251,7 @@ ngx_module_t  ngx_http_omni_module = {
 #define NGX_HTTP_OMNI_VAR_TTFT_MS      7
 #define NGX_HTTP_OMNI_VAR_TOTAL_MS     8
 #define NGX_HTTP_OMNI_VAR_ERROR        9
+#define NGX_HTTP_OMNI_VAR_CACHED       10
 
 
 static ngx_http_variable_t  ngx_http_omni_vars[] = {
@@ -284,6 +285,9 @@ static ngx_http_variable_t  ngx_http_omni_vars[] = {
 
     { ngx_string("omni_error"), NULL, ngx_http_omni_variable,
       NGX_HTTP_OMNI_VAR_ERROR, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_cached_tokens"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_CACHED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -500,13 +504,17 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         return NGX_OK;
 
     case NGX_HTTP_OMNI_VAR_PROMPT:
+    case NGX_HTTP_OMNI_VAR_CACHED:
         p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
         if (p == NULL) {
             return NGX_ERROR;
         }
 
         v->data = p;
-        v->len = ngx_sprintf(p, "%uL", ctx->prompt_tokens) - p;
+        v->len = ngx_sprintf(p, "%uL", data == NGX_HTTP_OMNI_VAR_PROMPT
+                                       ? ctx->prompt_tokens
+                                       : ctx->cached_tokens)
+                 - p;
         return NGX_OK;
 
     case NGX_HTTP_OMNI_VAR_ERROR:

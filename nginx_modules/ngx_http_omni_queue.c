@@ -659,6 +659,7 @@ ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx)
                                                     : NGX_HTTP_OMNI_PREFILL;
         ctx->legs[t].job = en->job;
         ctx->t_released = en->released;
+        ctx->cached_tokens = en->cached_tokens;
     }
 
     ngx_http_omni_entry_free_locked(sh, shpool, e);

@@ -266,6 +266,7 @@ ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
             }
 
             uncached = (uint32_t) (ctx->prompt_tokens - cached);
+            ctx->cached_tokens = cached;
 
             (void) omni_predict_prefill_dispatch(sh->predict, slot, uncached,
                                                  cached, now_us, &leg->job);
@@ -409,19 +410,20 @@ ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
 
 
 /*
- * Try to bind entry en (prefill queue: the start of a request).  NGX_OK:
- * bound and charged; NGX_BUSY: its best instance is busy a while yet
- * (*retry_us says how long), another entry may still go; NGX_AGAIN: nothing
- * can take it now.
+ * Try to bind entry en (prefill queue: the start of a request); `waiting`
+ * requests are queued.  NGX_OK: bound and charged; NGX_BUSY: its best
+ * instance is busy a while yet (*retry_us says how long) and, without
+ * `force`, it does not take a free one: another entry may; NGX_AGAIN:
+ * nothing can take it now.
  */
 static ngx_int_t
 ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en, ngx_msec_t now,
-    uint64_t now_us, uint64_t *retry_us)
+    uint64_t now_us, uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force)
 {
     int                             rc;
     uint32_t                       *matched, slot, dslot, cached, uncached;
-    uint64_t                        charge;
+    uint64_t                        charge, slack;
     ngx_uint_t                      i, tier;
     omni_decision_t                 dec;
     omni_prefill_cand_t            *c;
@@ -475,20 +477,87 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
         return NGX_AGAIN;
     }
 
+    /*
+     * An instance whose batch budget this request does not fit now is not
+     * out of the question: it is busy, and may be worth waiting for (it may
+     * hold the prompt's prefix, being computed by the request in flight).
+     */
+
+    slack = (uint64_t) mcf->hold_slack * 1000;
+
+    for (i = 0; i < ucf->n; i++) {
+        uncached = (uint32_t) ngx_max(en->prompt_tokens - c[i].cached_tokens, 1);
+
+        if (c[i].inflight_tokens
+            && c[i].inflight_tokens + uncached > c[i].max_tokens)
+        {
+            c[i].wait_us = ngx_max(c[i].wait_us, slack + 1);
+        }
+
+        c[i].max_tokens = OMNI_POLICY_UNLIMITED;
+    }
+
+    /*
+     * The cost of a choice is the request's own predicted TTFT plus what
+     * its prefill takes from everyone queued behind it: a prefill of t
+     * delays the next `waiting / instances` requests by about t each.  So
+     * the more requests wait, the more a cache hit (less work) is worth
+     * against a shorter wait.
+     */
+
+    if (waiting > 1) {
+        for (i = 0; i < ucf->n; i++) {
+            c[i].prefill_us += c[i].prefill_us * (waiting - 1) / ucf->n;
+        }
+    }
+
     rc = omni_policy_prefill_choose(c, ucf->n,
                                     (uint32_t) ngx_min(en->prompt_tokens,
                                                        UINT32_MAX),
-                                    (uint64_t) mcf->hold_slack * 1000, &dec);
+                                    slack, &dec);
 
-    if (rc == OMNI_EHOLD) {
-        if (dec.reason == OMNI_POLICY_HOLD_BUSY) {
-            if (dec.retry_us && (*retry_us == 0 || dec.retry_us < *retry_us)) {
-                *retry_us = dec.retry_us;
-            }
+    if (rc == OMNI_EHOLD && dec.reason == OMNI_POLICY_HOLD_BUSY) {
+        /*
+         * Its best instance is busy a while yet.  The caller first offers
+         * the free instances to the requests behind this one; if none of
+         * them wants one either (`force`), the request takes the best free
+         * one: an instance never idles while requests wait.  Only when
+         * none is free soon is the request held for its best one.
+         */
+        if (dec.retry_us && (*retry_us == 0 || dec.retry_us < *retry_us)) {
+            *retry_us = dec.retry_us;
+        }
 
+        if (!force) {
             return NGX_BUSY;
         }
 
+        if (dec.best >= 0
+            && (uint64_t) c[dec.best].cached_tokens * 2 >= en->prompt_tokens)
+        {
+            /*
+             * Most of its prompt is (or is being) computed there: taking a
+             * free instance would redo it.  It waits for that one.
+             */
+            return NGX_BUSY;
+        }
+
+        for (i = 0; i < ucf->n; i++) {
+            if (c[i].wait_us > slack) {
+                c[i].flags |= OMNI_POLICY_DRAINING;
+            }
+        }
+
+        rc = omni_policy_prefill_choose(c, ucf->n,
+                                        (uint32_t) ngx_min(en->prompt_tokens,
+                                                           UINT32_MAX),
+                                        UINT64_MAX, &dec);
+        if (rc == OMNI_EHOLD) {
+            return NGX_BUSY;
+        }
+    }
+
+    if (rc == OMNI_EHOLD) {
         return NGX_AGAIN;
     }
 
@@ -638,11 +707,13 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
 
                 } else {
                     rc = ngx_http_omni_bind_start(mcf, sh, &sh->entries[e],
-                                                  now, now_us, &retry_us);
+                                                  now, now_us, &retry_us,
+                                                  queue->n, 0);
 
                     /*
                      * The head waits for a busy instance that will serve it
-                     * best: a few entries behind it may use what is free.
+                     * best: a few entries behind it may use what is free;
+                     * if none does, the head takes it.
                      */
                     for (k = 1; rc == NGX_BUSY && k < NGX_HTTP_OMNI_LOOKAHEAD
                                 && k < queue->n; k++)
@@ -656,10 +727,21 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                         attempts++;
                         rc = ngx_http_omni_bind_start(mcf, sh,
                                                       &sh->entries[cand],
-                                                      now, now_us, &retry_us);
+                                                      now, now_us, &retry_us,
+                                                      queue->n, 0);
                         if (rc == NGX_OK) {
                             e = cand;
+                        } else if (rc == NGX_AGAIN) {
+                            rc = NGX_BUSY;
                         }
+                    }
+
+                    if (rc == NGX_BUSY) {
+                        attempts++;
+                        rc = ngx_http_omni_bind_start(mcf, sh,
+                                                      &sh->entries[e],
+                                                      now, now_us, &retry_us,
+                                                      queue->n, 1);
                     }
                 }
 
