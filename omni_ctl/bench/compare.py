@@ -131,6 +131,28 @@ def peer_argv(target: str, binary: str, port: int, sim, pd_policy: str) -> list[
                            decode=sim.decode_urls)
 
 
+def proxy_report(url: str) -> dict | None:
+    """Omni Proxy's self-report after a run: scheduling decisions and their
+    mean cost, and the predictor's running errors (mean over the prefill
+    instances that made predictions). Kept apart from measured numbers."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url + "/omni/status", timeout=5) as resp:
+            st = json.load(resp)
+    except (OSError, ValueError):
+        return None
+    sched, queues = st.get("scheduler", {}), st.get("queues", {})
+    preds = [i["predictor"] for i in st.get("instances", [])
+             if i.get("predictor", {}).get("prefill_samples")]
+    mean = (lambda k: sum(p[k] for p in preds) / len(preds)) if preds else (lambda k: 0.0)
+    return {"decisions": sched.get("decisions", 0),
+            "decision_us_mean": sched.get("decision_us_mean", 0.0),
+            "completion_mape": mean("completion_mape"),
+            "service_mape": mean("prefill_mape"),
+            "held": queues.get("held_total", 0),
+            "starved": queues.get("released_by_starvation_timeout", 0)}
+
+
 # Routers whose /v1/completions takes only text prompts (sglang-router rejects
 # token-id prompts with 422).
 TEXT_ONLY = ("sglang-router",)
@@ -200,6 +222,8 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
                                            out_dir=os.path.join(out_dir, name),
                                            plots=False)
                 s["engine"] = engine
+                if name.startswith("omni"):
+                    s["proxy_report"] = proxy_report(url)
                 summaries.append(s)
                 runs[label], samples[label] = result.records, result.sim_samples
                 if keep:
@@ -212,6 +236,9 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
         raise BenchError("no target could run: " + "; ".join(
             f"{s['target']}: {s['reason']}" for s in skipped))
     markdown = report.markdown_compare(summaries)
+    own = report.markdown_proxy_reports(summaries)
+    if own:
+        markdown += "\n" + own
     if skipped:
         markdown += "\n" + "\n".join(f"- {s['target']}: skipped: {s['reason']}"
                                      for s in skipped) + "\n"

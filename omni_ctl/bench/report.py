@@ -86,6 +86,25 @@ def markdown_compare(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_proxy_reports(summaries: list[dict]) -> str:
+    """What Omni Proxy targets said about themselves after the run (from
+    /omni/status): not measured by the benchmark, shown apart."""
+    rows = [s for s in summaries if s.get("proxy_report")]
+    if not rows:
+        return ""
+    lines = ["Omni Proxy's own report after the run (/omni/status, not measured by the "
+             "benchmark):", "",
+             "| target | decisions | decision µs (mean) | prefill completion MAPE | "
+             "prefill service MAPE | held | released by starvation timeout |",
+             "|---|---|---|---|---|---|---|"]
+    for s in rows:
+        r = s["proxy_report"]
+        lines.append(f"| {s.get('label', s.get('target', '?'))} | {r['decisions']} | "
+                     f"{r['decision_us_mean']:.1f} | {r['completion_mape']:.3f} | "
+                     f"{r['service_mape']:.3f} | {r['held']} | {r['starved']} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_run(out_dir: str, summary: dict, records) -> dict:
     """summary.json, requests.jsonl and summary.md; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
