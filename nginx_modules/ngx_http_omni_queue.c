@@ -32,7 +32,7 @@
 #define NGX_HTTP_OMNI_SAFETY_TICK   250
 
 /* a microsecond waited forgives this much predicted work (SJF aging) */
-#define NGX_HTTP_OMNI_AGING         0.5
+#define NGX_HTTP_OMNI_AGING         1.0
 
 
 static void ngx_http_omni_heap_push(ngx_http_omni_shctx_t *sh,
