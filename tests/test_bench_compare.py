@@ -90,9 +90,11 @@ def test_demo_short_end_to_end(tmp_path):
                           "--out", str(tmp_path)], capture_output=True, text=True,
                          timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line for line in res.stdout.splitlines()
-            if line.startswith("| omni")]
+    # the measured table comes first; the proxies' own report follows it
+    table = res.stdout.split("\n\n")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| omni")]
     assert [r.split("|")[1].strip() for r in rows] == ["omni-round-robin", "omni"]
+    assert "Omni Proxy's own report" in res.stdout
     assert "plots:" in res.stdout
     saved = json.load(open(tmp_path / "compare.json"))
     for s in saved["summaries"]:
