@@ -406,6 +406,7 @@ ngx_int_t ngx_http_omni_queue_init_zone(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, size_t zone_size);
 ngx_int_t ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue);
 ngx_int_t ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_adopt(ngx_http_omni_ctx_t *ctx, ngx_http_omni_qentry_t *en);
 void ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx);
 void ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, uint32_t e);
@@ -420,6 +421,7 @@ uint64_t ngx_http_omni_now_us(void);
 
 /* ngx_http_omni_sched.c */
 void ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf);
+ngx_int_t ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf);
 void ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
     ngx_http_omni_leg_t *leg, ngx_uint_t ok);

@@ -690,6 +690,10 @@ ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx)
     ctx->output_tokens = ngx_http_omni_expected_output(ctx);
 
     if (ngx_http_omni_uses_queue(ctx->mcf)) {
+        if (ngx_http_omni_start_now(ctx) == NGX_OK) {
+            return ngx_http_omni_start(ctx);
+        }
+
         return ngx_http_omni_hold(ctx, NGX_HTTP_OMNI_Q_PREFILL);
     }
 

@@ -252,6 +252,7 @@ ngx_module_t  ngx_http_omni_module = {
 #define NGX_HTTP_OMNI_VAR_TOTAL_MS     8
 #define NGX_HTTP_OMNI_VAR_ERROR        9
 #define NGX_HTTP_OMNI_VAR_CACHED       10
+#define NGX_HTTP_OMNI_VAR_PREFILL_PRED 11
 
 
 static ngx_http_variable_t  ngx_http_omni_vars[] = {
@@ -288,6 +289,9 @@ static ngx_http_variable_t  ngx_http_omni_vars[] = {
 
     { ngx_string("omni_cached_tokens"), NULL, ngx_http_omni_variable,
       NGX_HTTP_OMNI_VAR_CACHED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_prefill_pred_ms"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_PREFILL_PRED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -514,6 +518,27 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         v->len = ngx_sprintf(p, "%uL", data == NGX_HTTP_OMNI_VAR_PROMPT
                                        ? ctx->prompt_tokens
                                        : ctx->cached_tokens)
+                 - p;
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_PREFILL_PRED:
+        /* the predictor's completion estimate for this request's prefill */
+        leg = &ctx->legs[ctx->mode == NGX_HTTP_OMNI_AGGREGATED
+                         ? NGX_HTTP_OMNI_DECODE : NGX_HTTP_OMNI_PREFILL];
+
+        if (leg->job.dispatch_us == 0 || leg->job.done_us < leg->job.dispatch_us)
+        {
+            break;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN + 4);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->data = p;
+        v->len = ngx_sprintf(p, "%uL",
+                             (leg->job.done_us - leg->job.dispatch_us) / 1000)
                  - p;
         return NGX_OK;
 

@@ -529,23 +529,64 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 
 
 /*
+ * Copy a released entry's binding into the request's legs: the load was
+ * charged by whoever released it, the legs now own it.
+ */
+void
+ngx_http_omni_adopt(ngx_http_omni_ctx_t *ctx, ngx_http_omni_qentry_t *en)
+{
+    ngx_uint_t                      t, i;
+    ngx_http_omni_leg_t            *leg;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
+        if (en->slot[t] == NGX_HTTP_OMNI_NONE) {
+            continue;
+        }
+
+        ucf = ctx->mcf->tiers[t];
+        leg = &ctx->legs[t];
+
+        for (i = 0; ucf && i < ucf->n; i++) {
+            if (ucf->slots[i] == en->slot[t]) {
+                break;
+            }
+        }
+
+        leg->tier = t;
+        leg->slot = en->slot[t];
+        leg->index = (ucf && i < ucf->n) ? i : NGX_HTTP_OMNI_NONE;
+        leg->tokens = en->charge[t];
+        leg->dispatched = ngx_current_msec;
+        leg->state = NGX_HTTP_OMNI_LEG_RESERVED;
+    }
+
+    if (en->queue == NGX_HTTP_OMNI_Q_PREFILL) {
+        t = (ctx->mode == NGX_HTTP_OMNI_AGGREGATED) ? NGX_HTTP_OMNI_DECODE
+                                                    : NGX_HTTP_OMNI_PREFILL;
+        ctx->legs[t].job = en->job;
+        ctx->t_released = en->released;
+        ctx->cached_tokens = en->cached_tokens;
+    }
+}
+
+
+/*
  * The owner's side of a wake-up.  NGX_OK: released, ctx->legs carry the
  * binding; NGX_AGAIN: still waiting; otherwise an answer went out (timeout).
  */
 ngx_int_t
 ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx)
 {
-    uint32_t                        e, t, i;
-    ngx_int_t                       timedout;
-    ngx_msec_t                      waited;
-    ngx_event_t                    *wev;
-    ngx_slab_pool_t                *shpool;
-    ngx_table_elt_t                *h;
-    ngx_http_request_t             *r;
-    ngx_http_omni_leg_t            *leg;
-    ngx_http_omni_shctx_t          *sh;
-    ngx_http_omni_qentry_t         *en;
-    ngx_http_omni_upstream_conf_t  *ucf;
+    uint32_t                 e, t;
+    ngx_int_t                timedout;
+    ngx_msec_t               waited;
+    ngx_event_t             *wev;
+    ngx_slab_pool_t         *shpool;
+    ngx_table_elt_t         *h;
+    ngx_http_request_t      *r;
+    ngx_http_omni_shctx_t   *sh;
+    ngx_http_omni_qentry_t  *en;
 
     r = ctx->request;
     wev = r->connection->write;
@@ -632,35 +673,7 @@ ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx)
 
     /* released: adopt the binding, charged by whoever released it */
 
-    for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
-        if (en->slot[t] == NGX_HTTP_OMNI_NONE) {
-            continue;
-        }
-
-        ucf = ctx->mcf->tiers[t];
-        leg = &ctx->legs[t];
-
-        for (i = 0; ucf && i < ucf->n; i++) {
-            if (ucf->slots[i] == en->slot[t]) {
-                break;
-            }
-        }
-
-        leg->tier = t;
-        leg->slot = en->slot[t];
-        leg->index = (ucf && i < ucf->n) ? i : NGX_HTTP_OMNI_NONE;
-        leg->tokens = en->charge[t];
-        leg->dispatched = ngx_current_msec;
-        leg->state = NGX_HTTP_OMNI_LEG_RESERVED;
-    }
-
-    if (en->queue == NGX_HTTP_OMNI_Q_PREFILL) {
-        t = (ctx->mode == NGX_HTTP_OMNI_AGGREGATED) ? NGX_HTTP_OMNI_DECODE
-                                                    : NGX_HTTP_OMNI_PREFILL;
-        ctx->legs[t].job = en->job;
-        ctx->t_released = en->released;
-        ctx->cached_tokens = en->cached_tokens;
-    }
+    ngx_http_omni_adopt(ctx, en);
 
     ngx_http_omni_entry_free_locked(sh, shpool, e);
 

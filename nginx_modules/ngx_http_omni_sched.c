@@ -638,6 +638,76 @@ ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
 }
 
 
+/*
+ * The fast path of holding: nobody waits and an instance can start the
+ * request now, so it is bound at once, without a queue entry or a wake-up.
+ * NGX_OK: bound (the legs carry it); NGX_DECLINED: hold it.
+ */
+ngx_int_t
+ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx)
+{
+    uint64_t                 now_us, retry_us;
+    ngx_int_t                rc;
+    ngx_msec_t               now;
+    ngx_slab_pool_t         *shpool;
+    ngx_http_omni_shctx_t   *sh;
+    ngx_http_omni_qentry_t   en;
+
+    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
+
+    if (sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n) {
+        return NGX_DECLINED;
+    }
+
+    ngx_memzero(&en, sizeof(ngx_http_omni_qentry_t));
+
+    now = ngx_current_msec;
+    en.queue = NGX_HTTP_OMNI_Q_PREFILL;
+    en.arrival = now;
+    en.released = now;
+    en.prompt_tokens = ctx->prompt_tokens;
+    en.output_tokens = ctx->output_tokens;
+    en.hashes = ctx->hashes;            /* this process's memory: used */
+    en.n_hashes = (uint32_t) ctx->n_hashes;     /* only under this lock */
+    en.slot[0] = NGX_HTTP_OMNI_NONE;
+    en.slot[1] = NGX_HTTP_OMNI_NONE;
+
+    retry_us = 0;
+    rc = NGX_DECLINED;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    /* the order of arrival holds: only when nobody is waiting */
+
+    if (sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n == 0
+        && ngx_http_omni_tier_usable(ctx->mcf, sh,
+                                     ngx_http_omni_start_tier(ctx->mcf), now)
+        && (ctx->mode != NGX_HTTP_OMNI_PARALLEL
+            || ngx_http_omni_tier_usable(ctx->mcf, sh, NGX_HTTP_OMNI_DECODE,
+                                         now)))
+    {
+        now_us = ngx_http_omni_now_us();
+
+        if (ngx_http_omni_bind_start(ctx->mcf, sh, &en, now, now_us,
+                                     &retry_us, 1, 1)
+            == NGX_OK)
+        {
+            sh->decisions++;
+            sh->decision_us += ngx_http_omni_now_us() - now_us;
+            rc = NGX_OK;
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (rc == NGX_OK) {
+        ngx_http_omni_adopt(ctx, &en);
+    }
+
+    return rc;
+}
+
+
 void
 ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
 {
