@@ -72,7 +72,7 @@ ngx_http_omni_queue_init_zone(ngx_http_omni_main_conf_t *mcf,
     int                  rc;
     void                *mem;
     size_t               size, budget;
-    uint32_t             i, cap;
+    uint32_t             i, n, cap;
     omni_index_cfg_t     icfg;
     omni_predict_cfg_t   pcfg;
 
@@ -123,8 +123,25 @@ ngx_http_omni_queue_init_zone(ngx_http_omni_main_conf_t *mcf,
 
     budget = zone_size / 2;
 
+    /*
+     * The index keeps one bit per instance for every block, and a match
+     * reads all of them: size it for the instances configured (with room
+     * for as many more to come with reloads), not for every possible slot.
+     * Instances past it are scheduled without cache knowledge.
+     */
+
+    n = 0;
+
+    for (i = 0; i < NGX_HTTP_OMNI_TIERS; i++) {
+        if (mcf->tiers[i]) {
+            n += (uint32_t) mcf->tiers[i]->n;
+        }
+    }
+
+    n = ngx_align(ngx_max(2 * n, 64), 64);
+
     ngx_memzero(&icfg, sizeof(omni_index_cfg_t));
-    icfg.max_instances = NGX_HTTP_OMNI_MAX_SLOTS;
+    icfg.max_instances = ngx_min(n, NGX_HTTP_OMNI_MAX_SLOTS);
     icfg.block_size = (uint32_t) mcf->block_size;
     icfg.instance_capacity = (uint32_t) mcf->cache_blocks;
     icfg.approx_ttl_us = (uint64_t) mcf->cache_ttl * 1000;
@@ -162,9 +179,9 @@ ngx_http_omni_queue_init_zone(ngx_http_omni_main_conf_t *mcf,
     sh->block_size = icfg.block_size;
 
     ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
-                  "omni: prefix index of %uD (block, instance) entries, "
-                  "%uz bytes; queues of %uD requests",
-                  icfg.max_entries, size, cap);
+                  "omni: prefix index of %uD (block, instance) entries "
+                  "for %uD instances, %uz bytes; queues of %uD requests",
+                  icfg.max_entries, icfg.max_instances, size, cap);
 
     return NGX_OK;
 }
