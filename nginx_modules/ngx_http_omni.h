@@ -366,6 +366,9 @@ ngx_http_omni_ctx_t *ngx_http_omni_get_ctx(ngx_http_request_t *r);
 /* ngx_http_omni_flow.c */
 ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
 void ngx_http_omni_legs_finished(ngx_http_request_t *r);
+void ngx_http_omni_retry_after(ngx_http_request_t *r);
+ngx_int_t ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *type, u_char *body, size_t len);
 ngx_int_t ngx_http_omni_send_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, const char *fmt, ...);
 
@@ -421,7 +424,8 @@ uint64_t ngx_http_omni_now_us(void);
 
 /* ngx_http_omni_sched.c */
 void ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf);
-ngx_int_t ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx,
+    ngx_uint_t queue);
 ngx_int_t ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf);
 void ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
     ngx_http_omni_leg_t *leg, ngx_uint_t ok);

@@ -30,6 +30,8 @@ static ngx_int_t ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_start(ngx_http_omni_ctx_t *ctx);
+static ngx_int_t ngx_http_omni_bootstrap_value(ngx_http_omni_ctx_t *ctx,
+    ngx_uint_t which, omni_json_edit_t *e);
 static ngx_int_t ngx_http_omni_start_decode_kv(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_start_decode(ngx_http_omni_ctx_t *ctx,
     omni_json_edit_t *edits, size_t n_edits);
@@ -41,8 +43,6 @@ static ngx_int_t ngx_http_omni_build_body(ngx_http_omni_ctx_t *ctx,
     omni_json_edit_t *edits, size_t n_edits, ngx_chain_t **out, off_t *len);
 static ngx_int_t ngx_http_omni_answer_from_prefill(ngx_http_omni_ctx_t *ctx,
     u_char *resp, size_t len);
-static ngx_int_t ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status,
-    ngx_str_t *type, u_char *body, size_t len);
 static ngx_int_t ngx_http_omni_leg_error(ngx_http_omni_ctx_t *ctx,
     ngx_uint_t tier);
 static ngx_int_t ngx_http_omni_stream_error(ngx_http_omni_ctx_t *ctx,
@@ -548,17 +548,25 @@ bad_stream:
 }
 
 
-static ngx_int_t
-ngx_http_omni_no_instance(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier)
+/* 429/503 answers say when to come back. */
+void
+ngx_http_omni_retry_after(ngx_http_request_t *r)
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_list_push(&ctx->request->headers_out.headers);
+    h = ngx_list_push(&r->headers_out.headers);
     if (h != NULL) {
         h->hash = 1;
         ngx_str_set(&h->key, "Retry-After");
         ngx_str_set(&h->value, "1");
     }
+}
+
+
+static ngx_int_t
+ngx_http_omni_no_instance(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier)
+{
+    ngx_http_omni_retry_after(ctx->request);
 
     ctx->error = "no_instance";
 
@@ -690,7 +698,7 @@ ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx)
     ctx->output_tokens = ngx_http_omni_expected_output(ctx);
 
     if (ngx_http_omni_uses_queue(ctx->mcf)) {
-        if (ngx_http_omni_start_now(ctx) == NGX_OK) {
+        if (ngx_http_omni_start_now(ctx, NGX_HTTP_OMNI_Q_PREFILL) == NGX_OK) {
             return ngx_http_omni_start(ctx);
         }
 
@@ -742,20 +750,102 @@ ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx)
 }
 
 
+/*
+ * One of the three SGLang bootstrap fields as an edit: bootstrap_host (the
+ * chosen prefill instance's host), bootstrap_port (its bootstrap port) or
+ * bootstrap_room (random in [0, 2^63)); a list of them for a batch.
+ */
+static ngx_int_t
+ngx_http_omni_bootstrap_value(ngx_http_omni_ctx_t *ctx, ngx_uint_t which,
+    omni_json_edit_t *e)
+{
+    u_char                         *v, *p;
+    size_t                          host_len, k, n;
+    uint64_t                        room;
+    ngx_str_t                      *name;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    ucf = ctx->mcf->tiers[NGX_HTTP_OMNI_PREFILL];
+    name = &ucf->peers[ctx->legs[NGX_HTTP_OMNI_PREFILL].index]->name;
+
+    host_len = name->len;
+
+    while (host_len && name->data[host_len - 1] != ':') {
+        host_len--;
+    }
+
+    host_len = host_len ? host_len - 1 : name->len;
+
+    n = ctx->batch ? ctx->batch : 1;
+
+    v = ngx_pnalloc(ctx->request->pool,
+                    n * (ngx_max(host_len + 3, NGX_INT64_LEN + 1)) + 2);
+    if (v == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = v;
+
+    if (ctx->batch) {
+        *p++ = '[';
+    }
+
+    for (k = 0; k < n; k++) {
+        if (k) {
+            *p++ = ',';
+        }
+
+        switch (which) {
+
+        case 0:
+            *p++ = '"';
+            p = ngx_cpymem(p, name->data, host_len);
+            *p++ = '"';
+            break;
+
+        case 1:
+            p = ngx_sprintf(p, "%d", (int) ucf->bootstrap_ports[
+                                       ctx->legs[NGX_HTTP_OMNI_PREFILL].index]);
+            break;
+
+        default:
+            room = ((uint64_t) ngx_random() << 33)
+                   ^ ((uint64_t) ngx_random() << 12)
+                   ^ (uint64_t) ngx_random();
+            room &= 0x7fffffffffffffffULL;
+
+            if (k == 0) {
+                ctx->bootstrap_room = room;
+            }
+
+            p = ngx_sprintf(p, "%uL", room);
+            break;
+        }
+    }
+
+    if (ctx->batch) {
+        *p++ = ']';
+    }
+
+    e->op = OMNI_JSON_SET;
+    e->key = which == 0 ? "bootstrap_host"
+             : which == 1 ? "bootstrap_port" : "bootstrap_room";
+    e->key_len = ngx_strlen(e->key);
+    e->value = v;
+    e->value_len = p - v;
+
+    return NGX_OK;
+}
+
+
 /* The instances are bound: send the first leg(s). */
 static ngx_int_t
 ngx_http_omni_start(ngx_http_omni_ctx_t *ctx)
 {
-    u_char              *p, *host, *port, *room;
-    size_t               host_len, k;
     off_t                len;
-    uint64_t             r64;
-    ngx_str_t           *name;
+    ngx_uint_t           k;
     ngx_chain_t         *body;
     omni_json_edit_t     edits[NGX_HTTP_OMNI_MAX_EDITS], *e;
-    ngx_http_request_t  *r;
-
-    r = ctx->request;
 
     if (ctx->t_released == 0) {
         ctx->t_released = ngx_current_msec;
@@ -813,97 +903,15 @@ ngx_http_omni_start(ngx_http_omni_ctx_t *ctx)
 
         /* bootstrap_host/port of the chosen prefill, a random room */
 
-        name = &ctx->mcf->tiers[NGX_HTTP_OMNI_PREFILL]
-                   ->peers[ctx->legs[NGX_HTTP_OMNI_PREFILL].index]->name;
-
-        host_len = name->len;
-
-        while (host_len && name->data[host_len - 1] != ':') {
-            host_len--;
-        }
-
-        host_len = host_len ? host_len - 1 : name->len;
-
-        k = ctx->batch ? ctx->batch : 1;
-
-        host = ngx_pnalloc(r->pool, k * (host_len + 4) + 2);
-        port = ngx_pnalloc(r->pool, k * (NGX_INT_T_LEN + 1) + 2);
-        room = ngx_pnalloc(r->pool, k * (NGX_INT64_LEN + 1) + 2);
-
-        if (host == NULL || port == NULL || room == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
         e = edits;
 
-        p = host;
-        if (ctx->batch) {
-            *p++ = '[';
-        }
-
-        for (k = 0; k < (ctx->batch ? ctx->batch : 1); k++) {
-            if (k) {
-                *p++ = ',';
+        for (k = 0; k < 3; k++) {
+            if (ngx_http_omni_bootstrap_value(ctx, k, e) != NGX_OK) {
+                return NGX_HTTP_INTERNAL_SERVER_ERROR;
             }
 
-            *p++ = '"';
-            p = ngx_cpymem(p, name->data, host_len);
-            *p++ = '"';
+            e++;
         }
-
-        if (ctx->batch) {
-            *p++ = ']';
-        }
-
-        ngx_http_omni_edit(e, OMNI_JSON_SET, "bootstrap_host", host,
-                           p - host);
-        e++;
-
-        p = port;
-        if (ctx->batch) {
-            *p++ = '[';
-        }
-
-        for (k = 0; k < (ctx->batch ? ctx->batch : 1); k++) {
-            p = ngx_sprintf(p, k ? ",%d" : "%d",
-                            (int) ctx->mcf->tiers[NGX_HTTP_OMNI_PREFILL]
-                                ->bootstrap_ports[
-                                    ctx->legs[NGX_HTTP_OMNI_PREFILL].index]);
-        }
-
-        if (ctx->batch) {
-            *p++ = ']';
-        }
-
-        ngx_http_omni_edit(e, OMNI_JSON_SET, "bootstrap_port", port,
-                           p - port);
-        e++;
-
-        p = room;
-        if (ctx->batch) {
-            *p++ = '[';
-        }
-
-        for (k = 0; k < (ctx->batch ? ctx->batch : 1); k++) {
-            r64 = ((uint64_t) ngx_random() << 33)
-                  ^ ((uint64_t) ngx_random() << 12)
-                  ^ (uint64_t) ngx_random();
-            r64 &= 0x7fffffffffffffffULL;
-
-            if (k == 0) {
-                ctx->bootstrap_room = r64;
-            }
-
-            p = ngx_sprintf(p, k ? ",%uL" : "%uL", r64);
-        }
-
-        if (ctx->batch) {
-            *p++ = ']';
-        }
-
-        ngx_http_omni_edit(e, OMNI_JSON_SET, "bootstrap_room", room,
-                           p - room);
-        e++;
 
         /* the decode leg first: it owns the client's output */
 
@@ -1201,6 +1209,10 @@ ngx_http_omni_after_prefill(ngx_http_omni_ctx_t *ctx)
     ctx->kv_params_len = members[i].val_len;
 
     if (ngx_http_omni_uses_queue(ctx->mcf)) {
+        if (ngx_http_omni_start_now(ctx, NGX_HTTP_OMNI_Q_DECODE) == NGX_OK) {
+            return ngx_http_omni_start_decode_kv(ctx);
+        }
+
         /* decode work waits for a decode instance, longest first */
         return ngx_http_omni_hold(ctx, NGX_HTTP_OMNI_Q_DECODE);
     }
@@ -1500,8 +1512,11 @@ ngx_http_omni_answer_from_prefill(ngx_http_omni_ctx_t *ctx, u_char *resp,
 }
 
 
-/* Send a whole response from the main request. */
-static ngx_int_t
+/*
+ * Send a whole response from the main request (for an omni request also
+ * its X-Request-Id and timings; status pages have no ctx).
+ */
+ngx_int_t
 ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status, ngx_str_t *type,
     u_char *body, size_t len)
 {

@@ -407,7 +407,6 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     uint64_t                 best;
     ngx_msec_t               now;
     ngx_slab_pool_t         *shpool;
-    ngx_table_elt_t         *h;
     ngx_http_request_t      *r;
     ngx_http_omni_queue_t   *q;
     ngx_http_omni_shctx_t   *sh;
@@ -428,12 +427,7 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
         sh->rejected_full++;
         ngx_shmtx_unlock(&shpool->mutex);
 
-        h = ngx_list_push(&r->headers_out.headers);
-        if (h != NULL) {
-            h->hash = 1;
-            ngx_str_set(&h->key, "Retry-After");
-            ngx_str_set(&h->value, "1");
-        }
+        ngx_http_omni_retry_after(r);
 
         ctx->error = "queue_full";
         return ngx_http_omni_send_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
@@ -600,7 +594,6 @@ ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx)
     ngx_msec_t               waited;
     ngx_event_t             *wev;
     ngx_slab_pool_t         *shpool;
-    ngx_table_elt_t         *h;
     ngx_http_request_t      *r;
     ngx_http_omni_shctx_t   *sh;
     ngx_http_omni_qentry_t  *en;
@@ -645,12 +638,7 @@ ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx)
 
         waited = ngx_current_msec - ctx->t_start;
 
-        h = ngx_list_push(&r->headers_out.headers);
-        if (h != NULL) {
-            h->hash = 1;
-            ngx_str_set(&h->key, "Retry-After");
-            ngx_str_set(&h->value, "1");
-        }
+        ngx_http_omni_retry_after(r);
 
         ctx->error = "queue_timeout";
         return ngx_http_omni_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
@@ -671,12 +659,7 @@ ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx)
             ngx_del_timer(wev);
         }
 
-        h = ngx_list_push(&r->headers_out.headers);
-        if (h != NULL) {
-            h->hash = 1;
-            ngx_str_set(&h->key, "Retry-After");
-            ngx_str_set(&h->value, "1");
-        }
+        ngx_http_omni_retry_after(r);
 
         ctx->error = "no_instance";
         return ngx_http_omni_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,

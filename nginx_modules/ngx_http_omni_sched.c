@@ -639,12 +639,12 @@ ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
 
 
 /*
- * The fast path of holding: nobody waits and an instance can start the
- * request now, so it is bound at once, without a queue entry or a wake-up.
- * NGX_OK: bound (the legs carry it); NGX_DECLINED: hold it.
+ * The fast path of holding: nobody waits in `queue` and an instance can
+ * take the request now, so it is bound at once, without a queue entry or a
+ * wake-up.  NGX_OK: bound (the legs carry it); NGX_DECLINED: hold it.
  */
 ngx_int_t
-ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx)
+ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 {
     uint64_t                 now_us, retry_us;
     ngx_int_t                rc;
@@ -655,14 +655,14 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx)
 
     sh = ngx_http_omni_shm(ctx->mcf, &shpool);
 
-    if (sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n) {
+    if (sh->queues[queue].n) {
         return NGX_DECLINED;
     }
 
     ngx_memzero(&en, sizeof(ngx_http_omni_qentry_t));
 
     now = ngx_current_msec;
-    en.queue = NGX_HTTP_OMNI_Q_PREFILL;
+    en.queue = (uint8_t) queue;
     en.arrival = now;
     en.released = now;
     en.prompt_tokens = ctx->prompt_tokens;
@@ -679,7 +679,14 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx)
 
     /* the order of arrival holds: only when nobody is waiting */
 
-    if (sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n == 0
+    if (queue == NGX_HTTP_OMNI_Q_DECODE) {
+        if (sh->queues[queue].n == 0
+            && ngx_http_omni_bind_decode(ctx->mcf, sh, &en, now) == NGX_OK)
+        {
+            rc = NGX_OK;
+        }
+
+    } else if (sh->queues[queue].n == 0
         && ngx_http_omni_tier_usable(ctx->mcf, sh,
                                      ngx_http_omni_start_tier(ctx->mcf), now)
         && (ctx->mode != NGX_HTTP_OMNI_PARALLEL
