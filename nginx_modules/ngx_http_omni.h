@@ -3,13 +3,16 @@
  *
  *   ngx_http_omni_module.c    directives, configuration, variables, init
  *   ngx_http_omni_flow.c      the request flow of /v1/completions and
- *                             /v1/chat/completions (body, validation, modes,
- *                             answers and errors to the client)
+ *                             /v1/chat/completions (modes, legs in order)
+ *   ngx_http_omni_request.c   what the client sent (body, validation)
+ *   ngx_http_omni_answer.c    what the client gets when the proxy answers
+ *                             (errors, SSE error events, prefill answers)
  *   ngx_http_omni_legs.c      prefill/decode legs as subrequests through
  *                             nginx's proxy module, and their filters
  *   ngx_http_omni_upstream.c  the upstream balancer (omni_balance)
  *   ngx_http_omni_shm.c       the shared zone: instances, counters, metrics
- *   ngx_http_omni_sched.c     the choice of instances
+ *   ngx_http_omni_sched.c     the choice of instances, the release loop
+ *   ngx_http_omni_queue.c     holding requests, waking their owners
  *   ngx_http_omni_status.c    /omni/status, /metrics, /health
  */
 
@@ -61,6 +64,9 @@
 #define NGX_HTTP_OMNI_DECODE_PREFIX  "/_omni/decode"
 
 #define NGX_HTTP_OMNI_REQUEST_ID_LEN 64
+
+/* top-level members of a body scanned at first; more: scanned again */
+#define NGX_HTTP_OMNI_MEMBERS        32
 
 /* metrics: latency histogram buckets (seconds, upper bounds) */
 #define NGX_HTTP_OMNI_BUCKETS        16
@@ -365,12 +371,24 @@ ngx_http_omni_ctx_t *ngx_http_omni_get_ctx(ngx_http_request_t *r);
 
 /* ngx_http_omni_flow.c */
 ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
-void ngx_http_omni_legs_finished(ngx_http_request_t *r);
+
+/* ngx_http_omni_request.c */
+ngx_int_t ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx);
+
+/* ngx_http_omni_answer.c */
 void ngx_http_omni_retry_after(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status,
     ngx_str_t *type, u_char *body, size_t len);
 ngx_int_t ngx_http_omni_send_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, const char *fmt, ...);
+ngx_int_t ngx_http_omni_leg_error(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier);
+ngx_int_t ngx_http_omni_stream_error(ngx_http_omni_ctx_t *ctx,
+    ngx_uint_t status, const char *type, const char *msg, size_t len);
+ngx_int_t ngx_http_omni_answer_from_prefill(ngx_http_omni_ctx_t *ctx,
+    u_char *resp, size_t len);
 
 /* ngx_http_omni_legs.c */
 ngx_int_t ngx_http_omni_start_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,

@@ -14,7 +14,7 @@
  *
  * The post-subrequest handler records how a leg ended and swallows its error
  * code, so an upstream failure never tears the client request down: the main
- * request is woken and decides (ngx_http_omni_legs_finished()).
+ * request is woken and decides what comes next (ngx_http_omni_flow.c).
  */
 
 
@@ -203,7 +203,8 @@ ngx_http_omni_leg_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
 
     ngx_log_debug4(NGX_LOG_DEBUG_HTTP, sr->connection->log, 0,
                    "omni leg %ui done: rc %i, status %ui, complete %ui",
-                   tier, rc, sr->headers_out.status, (ngx_uint_t) leg->complete);
+                   tier, rc, sr->headers_out.status,
+                   (ngx_uint_t) leg->complete);
 
     if (!leg->done || leg->rc == 0) {
         leg->rc = rc;

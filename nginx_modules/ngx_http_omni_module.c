@@ -526,7 +526,8 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         leg = &ctx->legs[ctx->mode == NGX_HTTP_OMNI_AGGREGATED
                          ? NGX_HTTP_OMNI_DECODE : NGX_HTTP_OMNI_PREFILL];
 
-        if (leg->job.dispatch_us == 0 || leg->job.done_us < leg->job.dispatch_us)
+        if (leg->job.dispatch_us == 0
+            || leg->job.done_us < leg->job.dispatch_us)
         {
             break;
         }

@@ -486,7 +486,8 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     slack = (uint64_t) mcf->hold_slack * 1000;
 
     for (i = 0; i < ucf->n; i++) {
-        uncached = (uint32_t) ngx_max(en->prompt_tokens - c[i].cached_tokens, 1);
+        uncached = (uint32_t) ngx_max(en->prompt_tokens
+                                      - c[i].cached_tokens, 1);
 
         if (c[i].inflight_tokens
             && c[i].inflight_tokens + uncached > c[i].max_tokens)

@@ -282,7 +282,8 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
                 }
 
                 p = ngx_sprintf(p, "omni_requests_total{route=\"%s\","
-                                "mode=\"%s\",status=\"", ngx_http_omni_routes[k],
+                                "mode=\"%s\",status=\"",
+                                ngx_http_omni_routes[k],
                                 ngx_http_omni_modes[m]);
 
                 if (s == 0) {

@@ -1,0 +1,522 @@
+/*
+ * Omni Proxy nginx module: what the client sent.
+ *
+ * The body as one buffer, validated as JSON (top-level members only), the
+ * fields scheduling needs (stream, max_tokens, the prompt's size or token
+ * ids), the prompt's block hashes for the prefix index, and the request id.
+ * Every problem is answered here with one 400 naming it.
+ */
+
+
+#include "ngx_http_omni.h"
+
+
+/*
+ * The body as one contiguous buffer: nginx keeps it in one buffer when it
+ * fits client_body_buffer_size, otherwise in several buffers or a temp file.
+ */
+ngx_int_t
+ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx)
+{
+    u_char              *p;
+    off_t                len;
+    ssize_t              n;
+    ngx_buf_t           *b;
+    ngx_chain_t         *cl;
+    ngx_http_request_t  *r;
+
+    r = ctx->request;
+
+    if (r->request_body == NULL || r->request_body->bufs == NULL) {
+        return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid_request_error",
+                                        "request body is empty");
+    }
+
+    cl = r->request_body->bufs;
+
+    if (cl->next == NULL && !cl->buf->in_file) {
+        ctx->body = cl->buf->pos;
+        ctx->body_len = cl->buf->last - cl->buf->pos;
+        goto done;
+    }
+
+    len = 0;
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        len += ngx_buf_size(cl->buf);
+    }
+
+    p = ngx_pnalloc(r->pool, (size_t) len + 1);
+    if (p == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->body = p;
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (b->in_file) {
+            n = ngx_read_file(b->file, p, (size_t) (b->file_last - b->file_pos),
+                              b->file_pos);
+
+            if (n != b->file_last - b->file_pos) {
+                ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
+                              "omni: could not read the request body back "
+                              "from \"%V\"", &b->file->name);
+                return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            }
+
+            p += n;
+
+        } else {
+            p = ngx_cpymem(p, b->pos, b->last - b->pos);
+        }
+    }
+
+    ctx->body_len = p - ctx->body;
+
+done:
+
+    if (ctx->body_len == 0) {
+        return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid_request_error",
+                                        "request body is empty");
+    }
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
+{
+    int                  type, etype;
+    long                 i;
+    size_t               n, k, vo, vl, count;
+    int64_t              v;
+    ngx_int_t            rc;
+    omni_json_doc_t      doc;
+    omni_json_member_t  *m;
+    ngx_http_request_t  *r;
+
+    r = ctx->request;
+
+    ctx->members = ngx_palloc(r->pool,
+                              NGX_HTTP_OMNI_MEMBERS
+                              * sizeof(omni_json_member_t));
+    if (ctx->members == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = omni_json_scan(ctx->body, ctx->body_len, 0, ctx->members,
+                        NGX_HTTP_OMNI_MEMBERS, &doc);
+
+    if (rc == OMNI_ERANGE) {
+        ctx->members = ngx_palloc(r->pool,
+                                  doc.n_members * sizeof(omni_json_member_t));
+        if (ctx->members == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        rc = omni_json_scan(ctx->body, ctx->body_len, 0, ctx->members,
+                            doc.n_members, &doc);
+    }
+
+    if (rc == OMNI_EJSON || rc == OMNI_EDEPTH) {
+        ctx->error = "invalid_json";
+        return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid_request_error",
+                                        "request body is not valid JSON: "
+                                        "%s at byte %uD",
+                                        doc.err_msg ? doc.err_msg : "error",
+                                        doc.err_off);
+    }
+
+    if (rc != OMNI_OK) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "omni: json scan failed: %s", omni_strerror(rc));
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (doc.type != OMNI_JSON_OBJECT) {
+        ctx->error = "not_object";
+        return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid_request_error",
+                                        "request body must be a JSON object");
+    }
+
+    ctx->n_members = doc.n_members;
+    m = ctx->members;
+
+#define omni_find(key)                                                       \
+    omni_json_find(ctx->body, m, ctx->n_members, key, sizeof(key) - 1)
+
+    /* stream */
+
+    i = omni_find("stream");
+
+    if (i >= 0) {
+        if (m[i].type == OMNI_JSON_TRUE) {
+            ctx->stream = 1;
+
+        } else if (m[i].type != OMNI_JSON_FALSE
+                   && m[i].type != OMNI_JSON_NULL)
+        {
+            goto bad_stream;
+        }
+    }
+
+    i = omni_find("stream_options");
+
+    if (i >= 0 && m[i].type == OMNI_JSON_OBJECT
+        && omni_json_object_get(ctx->body, m[i].val_off, m[i].val_len,
+                                "include_usage", sizeof("include_usage") - 1,
+                                &vo, &vl, &type) == OMNI_OK
+        && type == OMNI_JSON_TRUE)
+    {
+        ctx->include_usage = 1;
+    }
+
+    i = omni_find("ignore_eos");
+
+    if (i >= 0 && m[i].type == OMNI_JSON_TRUE) {
+        ctx->ignore_eos = 1;
+    }
+
+    /* output length */
+
+    i = -1;
+
+    if (ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT) {
+        i = omni_find("max_completion_tokens");
+    }
+
+    if (i < 0 || m[i].type == OMNI_JSON_NULL) {
+        i = omni_find("max_tokens");
+    }
+
+    if (i >= 0 && m[i].type != OMNI_JSON_NULL) {
+        if (m[i].type != OMNI_JSON_NUMBER
+            || omni_json_int64(ctx->body, m[i].val_off, m[i].val_len, &v)
+               != OMNI_OK
+            || v < 0)
+        {
+            ctx->error = "bad_max_tokens";
+            return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                            "invalid_request_error",
+                                            "'max_tokens' must be a "
+                                            "non-negative integer");
+        }
+
+        ctx->max_tokens = v;
+    }
+
+    /* the prompt */
+
+    if (ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT) {
+        i = omni_find("messages");
+
+        if (i < 0) {
+            ctx->error = "no_messages";
+            return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                            "invalid_request_error",
+                                            "'messages' is required");
+        }
+
+        if (m[i].type != OMNI_JSON_ARRAY
+            || omni_json_array_count(ctx->body, m[i].val_off, m[i].val_len,
+                                     &n) != OMNI_OK
+            || n == 0)
+        {
+            ctx->error = "bad_messages";
+            return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                            "invalid_request_error",
+                                            "'messages' must be a non-empty "
+                                            "list of messages");
+        }
+
+        /* about four bytes of text per token until the tokenizer runs */
+        ctx->prompt_tokens = m[i].val_len / 4 + 1;
+
+        return NGX_OK;
+    }
+
+    i = omni_find("prompt");
+
+    if (i < 0) {
+        ctx->error = "no_prompt";
+        return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid_request_error",
+                                        "'prompt' is required");
+    }
+
+    if (m[i].type == OMNI_JSON_STRING) {
+        ctx->prompt_tokens = m[i].val_len / 4 + 1;
+        return NGX_OK;
+    }
+
+    if (m[i].type != OMNI_JSON_ARRAY) {
+        goto bad_prompt;
+    }
+
+    if (omni_json_array_count(ctx->body, m[i].val_off, m[i].val_len, &n)
+        != OMNI_OK || n == 0)
+    {
+        ctx->error = "empty_prompt";
+        return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid_request_error",
+                                        "'prompt' must not be empty");
+    }
+
+    if (omni_json_array_get(ctx->body, m[i].val_off, m[i].val_len, 0,
+                            &vo, &vl, &type)
+        != OMNI_OK)
+    {
+        goto bad_prompt;
+    }
+
+    switch (type) {
+
+    case OMNI_JSON_NUMBER:
+        ctx->token_ids = ngx_palloc(r->pool, n * sizeof(uint32_t));
+        if (ctx->token_ids == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        if (omni_json_u32_array(ctx->body, m[i].val_off, m[i].val_len,
+                                ctx->token_ids, n, &ctx->n_tokens)
+            != OMNI_OK)
+        {
+            goto bad_tokens;
+        }
+
+        ctx->token_prompt = 1;
+        ctx->prompt_tokens = ctx->n_tokens;
+        return NGX_OK;
+
+    case OMNI_JSON_STRING:
+    case OMNI_JSON_ARRAY:
+        /* a batch: every element must have the first one's type */
+
+        ctx->prompt_tokens = 0;
+
+        for (k = 0; k < n; k++) {
+            if (omni_json_array_get(ctx->body, m[i].val_off, m[i].val_len, k,
+                                    &vo, &vl, &etype)
+                != OMNI_OK)
+            {
+                goto bad_prompt;
+            }
+
+            if (etype != type) {
+                goto bad_prompt;
+            }
+
+            if (type == OMNI_JSON_STRING) {
+                ctx->prompt_tokens += vl / 4 + 1;
+                continue;
+            }
+
+            if (omni_json_u32_array(ctx->body, vo, vl, NULL, 0, &count)
+                == OMNI_ETYPE)
+            {
+                goto bad_tokens;
+            }
+
+            ctx->prompt_tokens += count;
+        }
+
+        ctx->batch = n;
+
+        if (n > 1 && ctx->mode == NGX_HTTP_OMNI_SEQUENTIAL) {
+            /* vLLM's kv_transfer_params describe one request's blocks */
+            ctx->error = "batch_in_sequential";
+            return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                            "invalid_request_error",
+                                            "a list of %uz prompts cannot be "
+                                            "served in sequential P/D mode: "
+                                            "send one prompt per request",
+                                            n);
+        }
+
+        return NGX_OK;
+    }
+
+bad_prompt:
+
+    ctx->error = "bad_prompt";
+    return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                    "invalid_request_error",
+                                    "'prompt' must be a string, a list of "
+                                    "strings, a list of token ids or a list "
+                                    "of lists of token ids");
+
+bad_tokens:
+
+    ctx->error = "bad_tokens";
+    return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                    "invalid_request_error",
+                                    "token ids in 'prompt' must be integers "
+                                    "in [0, 4294967295]");
+
+bad_stream:
+
+    ctx->error = "bad_stream";
+    return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                    "invalid_request_error",
+                                    "'stream' must be a boolean");
+
+#undef omni_find
+}
+
+
+/*
+ * The prompt's chained block hashes, for the prefix index: token ids as
+ * they are, text (a string prompt, a batch, chat messages) as pseudo tokens
+ * of four bytes of its JSON text.  Only the policies that use the index
+ * need them.
+ */
+ngx_int_t
+ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx)
+{
+    int                  rc;
+    long                 i;
+    size_t               n, off, len, max;
+    ngx_uint_t           bs;
+
+    if (ctx->mcf->schedule_policy != NGX_HTTP_OMNI_SCHED_OMNI
+        && ctx->mcf->schedule_policy != NGX_HTTP_OMNI_SCHED_CACHE_AWARE)
+    {
+        return NGX_OK;
+    }
+
+    /*
+     * Only the first index_max_tokens: that identifies a shared prefix or a
+     * conversation, and keeps the index's work per request bounded whatever
+     * the prompt's size.
+     */
+
+    bs = ctx->mcf->block_size;
+    max = ctx->mcf->index_max_tokens / bs;
+
+    if (ctx->token_prompt) {
+        n = ngx_min(ctx->n_tokens / bs, max);
+
+    } else {
+        i = omni_json_find(ctx->body, ctx->members, ctx->n_members,
+                           ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT
+                           ? "messages" : "prompt",
+                           ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT
+                           ? sizeof("messages") - 1 : sizeof("prompt") - 1);
+        if (i < 0) {
+            return NGX_OK;
+        }
+
+        off = ctx->members[i].val_off;
+        len = ctx->members[i].val_len;
+
+        if (ctx->members[i].type == OMNI_JSON_STRING && len >= 2) {
+            /* the text between the quotes */
+            off++;
+            len -= 2;
+        }
+
+        n = ngx_min(len / (4 * bs), max);
+        len = ngx_min(len, n * 4 * bs);
+
+        if (n == 0) {
+            return NGX_OK;
+        }
+
+        ctx->hashes = ngx_palloc(ctx->request->pool, n * sizeof(uint64_t));
+        if (ctx->hashes == NULL) {
+            return NGX_ERROR;
+        }
+
+        rc = omni_hash_text_blocks(ctx->body + off, len, (uint32_t) bs, 0,
+                                   ctx->hashes, n);
+        ctx->n_hashes = rc > 0 ? (size_t) rc : 0;
+
+        return NGX_OK;
+    }
+
+    if (n == 0) {
+        return NGX_OK;
+    }
+
+    ctx->hashes = ngx_palloc(ctx->request->pool, n * sizeof(uint64_t));
+    if (ctx->hashes == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = omni_hash_blocks(ctx->token_ids, ngx_min(ctx->n_tokens, n * bs),
+                          (uint32_t) bs, 0, ctx->hashes, n);
+    ctx->n_hashes = rc > 0 ? (size_t) rc : 0;
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
+{
+    u_char            *p, c;
+    size_t             i;
+    ngx_uint_t         n;
+    ngx_list_part_t   *part;
+    ngx_table_elt_t   *h;
+
+    p = ctx->request_id;
+
+    part = &ctx->request->headers_in.headers.part;
+    h = part->elts;
+
+    for (n = 0; /* void */ ; n++) {
+
+        if (n >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            n = 0;
+        }
+
+        if (h[n].key.len != sizeof("X-Request-Id") - 1
+            || ngx_strncasecmp(h[n].key.data, (u_char *) "X-Request-Id",
+                               sizeof("X-Request-Id") - 1) != 0)
+        {
+            continue;
+        }
+
+        /* keep what is safe in a header, a log line and a JSON string */
+
+        for (i = 0; i < h[n].value.len; i++) {
+            c = h[n].value.data[i];
+
+            if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+                || (c >= '0' && c <= '9') || c == '-' || c == '_'
+                || c == '.' || c == ':')
+            {
+                *p++ = c;
+
+                if (p == ctx->request_id + NGX_HTTP_OMNI_REQUEST_ID_LEN) {
+                    break;
+                }
+            }
+        }
+
+        break;
+    }
+
+    if (p == ctx->request_id) {
+        p = ngx_sprintf(p, "%08xD%08xD%08xD%08xD",
+                        (uint32_t) ngx_random(), (uint32_t) ngx_random(),
+                        (uint32_t) ngx_random(), (uint32_t) ngx_random());
+    }
+
+    ctx->request_id_len = p - ctx->request_id;
+}
