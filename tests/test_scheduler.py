@@ -334,3 +334,66 @@ def test_parallel_pairs_share_a_room_and_respect_limits(omni_nginx):
                 assert inst["max_running_seen"] <= 1, inst
                 assert inst["errors_total"] == 0, inst
         _idle(nginx)
+
+
+def _held_client(nginx, body):
+    """A raw client whose request will be held; returns its socket."""
+    import socket
+    sock = socket.create_connection((nginx.host, nginx.port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def test_queue_bounds_and_a_client_that_leaves(omni_nginx, one_by_one):
+    """Beyond omni_queue_max: 429 with Retry-After; held past
+    omni_queue_timeout: 503; a held client that goes away leaves the queue
+    at once and nothing it held stays charged."""
+    sim = one_by_one
+    nginx = omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
+                       decode_endpoints=sim.decode_endpoints[0],
+                       schedule_policy="omni", prefill_max_num_seqs=1,
+                       max_batch_num_token=1, queue_max=2, queue_timeout="500ms",
+                       prefill_starvation_timeout="60s")
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    # about 1.3 s of prefill at this speed
+    blocker = pool.submit(_post, nginx, {"prompt": _tokens(28000, "qb-block"),
+                                         "max_tokens": 1}, "qb-block")
+    _wait_busy(nginx, "prefill")
+
+    # one held by a client that will leave, one held until its timeout
+    leaver = _held_client(nginx, {"prompt": _tokens(64, "qb-leave"), "max_tokens": 1})
+    waiter = pool.submit(nginx.post, "/v1/completions",
+                         json={"prompt": _tokens(64, "qb-wait"), "max_tokens": 1},
+                         timeout=30)
+    deadline = time.monotonic() + 10
+    while nginx.status()["queues"]["prefill_waiting"] < 2:
+        assert time.monotonic() < deadline, nginx.status()["queues"]
+        time.sleep(0.01)
+
+    # the queue is full
+    full = nginx.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert full.status == 429, full.text
+    assert full.headers.get("retry-after") == "1"
+    assert full.json()["error"]["type"] == "rate_limit_error"
+
+    # the leaver goes: its place is free at once
+    leaver.close()
+    deadline = time.monotonic() + 5
+    while nginx.status()["queues"]["prefill_waiting"] != 1:
+        assert time.monotonic() < deadline, nginx.status()["queues"]
+        time.sleep(0.01)
+
+    # the other one waits past the queue timeout (the blocker takes longer)
+    resp = waiter.result(timeout=30)
+    assert resp.status == 503, resp.text
+    assert resp.headers.get("retry-after") == "1"
+    assert "omni_queue_timeout" in resp.json()["error"]["message"]
+
+    assert blocker.result(timeout=60).status == 200
+    pool.shutdown()
+    status = _idle(nginx)
+    assert status["queues"]["rejected_full"] == 1
+    assert status["queues"]["timed_out"] == 1
