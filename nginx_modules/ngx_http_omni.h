@@ -292,7 +292,6 @@ typedef struct {
 
     unsigned                       started:1;   /* subrequest created */
     unsigned                       header:1;    /* response header seen */
-    unsigned                       body:1;      /* a body byte went out */
     unsigned                       complete:1;  /* upstream said it ended */
     unsigned                       done:1;      /* subrequest finished */
     unsigned                       failed:1;
@@ -322,7 +321,6 @@ typedef struct {
     unsigned                       include_usage:1;
     unsigned                       header_sent:1;   /* to the client */
     unsigned                       answered:1;      /* last byte queued */
-    unsigned                       waiting:1;       /* legs in flight */
     unsigned                       token_prompt:1;
     unsigned                       ignore_eos:1;
 
@@ -334,7 +332,6 @@ typedef struct {
 
     u_char                         request_id[NGX_HTTP_OMNI_REQUEST_ID_LEN];
     size_t                         request_id_len;
-    uint64_t                       bootstrap_room;
 
     ngx_http_omni_leg_t            legs[NGX_HTTP_OMNI_TIERS];
 

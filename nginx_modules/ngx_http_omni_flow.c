@@ -30,6 +30,8 @@ static ngx_int_t ngx_http_omni_start(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_bootstrap_value(ngx_http_omni_ctx_t *ctx,
     ngx_uint_t which, omni_json_edit_t *e);
 static ngx_int_t ngx_http_omni_start_decode_kv(ngx_http_omni_ctx_t *ctx);
+static ngx_int_t ngx_http_omni_start_prefill(ngx_http_omni_ctx_t *ctx,
+    omni_json_edit_t *edits, size_t n_edits);
 static ngx_int_t ngx_http_omni_start_decode(ngx_http_omni_ctx_t *ctx,
     omni_json_edit_t *edits, size_t n_edits);
 static ngx_int_t ngx_http_omni_after_prefill(ngx_http_omni_ctx_t *ctx);
@@ -336,10 +338,6 @@ ngx_http_omni_bootstrap_value(ngx_http_omni_ctx_t *ctx, ngx_uint_t which,
                    ^ (uint64_t) ngx_random();
             room &= 0x7fffffffffffffffULL;
 
-            if (k == 0) {
-                ctx->bootstrap_room = room;
-            }
-
             p = ngx_sprintf(p, "%uL", room);
             break;
         }
@@ -364,9 +362,7 @@ ngx_http_omni_bootstrap_value(ngx_http_omni_ctx_t *ctx, ngx_uint_t which,
 static ngx_int_t
 ngx_http_omni_start(ngx_http_omni_ctx_t *ctx)
 {
-    off_t                len;
     ngx_uint_t           k;
-    ngx_chain_t         *body;
     omni_json_edit_t     edits[NGX_HTTP_OMNI_MAX_EDITS], *e;
 
     if (ctx->t_released == 0) {
@@ -407,15 +403,7 @@ ngx_http_omni_start(ngx_http_omni_ctx_t *ctx)
                            sizeof(ngx_http_omni_kv_request) - 1);
         e++;
 
-        if (ngx_http_omni_build_body(ctx, edits, e - edits, &body, &len)
-            != NGX_OK)
-        {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        if (ngx_http_omni_start_leg(ctx, NGX_HTTP_OMNI_PREFILL, body, len, 1)
-            != NGX_OK)
-        {
+        if (ngx_http_omni_start_prefill(ctx, edits, e - edits) != NGX_OK) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
@@ -441,20 +429,28 @@ ngx_http_omni_start(ngx_http_omni_ctx_t *ctx)
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
-        if (ngx_http_omni_build_body(ctx, edits, e - edits, &body, &len)
-            != NGX_OK)
-        {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        if (ngx_http_omni_start_leg(ctx, NGX_HTTP_OMNI_PREFILL, body, len, 1)
-            != NGX_OK)
-        {
+        if (ngx_http_omni_start_prefill(ctx, edits, e - edits) != NGX_OK) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
         return NGX_DONE;
     }
+}
+
+
+/* The prefill leg with the body edited: an in-memory background leg. */
+static ngx_int_t
+ngx_http_omni_start_prefill(ngx_http_omni_ctx_t *ctx, omni_json_edit_t *edits,
+    size_t n_edits)
+{
+    off_t         len;
+    ngx_chain_t  *body;
+
+    if (ngx_http_omni_build_body(ctx, edits, n_edits, &body, &len) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_omni_start_leg(ctx, NGX_HTTP_OMNI_PREFILL, body, len, 1);
 }
 
 

@@ -421,8 +421,6 @@ ngx_http_omni_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     }
 
     if (data && !r->subrequest_in_memory) {
-        leg->body = 1;
-
         if (ctx->t_first_byte == 0) {
             ctx->t_first_byte = ngx_current_msec;
         }

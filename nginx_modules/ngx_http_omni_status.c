@@ -10,8 +10,8 @@
 #include "ngx_http_omni.h"
 
 
-static ngx_http_omni_shctx_t *ngx_http_omni_snapshot(ngx_http_request_t *r,
-    ngx_http_omni_main_conf_t *mcf);
+static ngx_int_t ngx_http_omni_snapshot(ngx_http_request_t *r,
+    ngx_http_omni_main_conf_t **pmcf, ngx_http_omni_shctx_t **psh);
 static ngx_int_t ngx_http_omni_reply(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, u_char *body, size_t len);
 
@@ -38,15 +38,25 @@ static const char  *ngx_http_omni_hist_help[] = {
 };
 
 
-static ngx_http_omni_shctx_t *
-ngx_http_omni_snapshot(ngx_http_request_t *r, ngx_http_omni_main_conf_t *mcf)
+/* A consistent copy of the zone's state (404 when no zone is configured). */
+static ngx_int_t
+ngx_http_omni_snapshot(ngx_http_request_t *r, ngx_http_omni_main_conf_t **pmcf,
+    ngx_http_omni_shctx_t **psh)
 {
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_shctx_t  *sh, *copy;
+    ngx_slab_pool_t            *shpool;
+    ngx_http_omni_shctx_t      *sh, *copy;
+    ngx_http_omni_main_conf_t  *mcf;
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_omni_module);
+    *pmcf = mcf;
+
+    if (mcf->shm_zone == NULL) {
+        return NGX_HTTP_NOT_FOUND;
+    }
 
     copy = ngx_palloc(r->pool, sizeof(ngx_http_omni_shctx_t));
     if (copy == NULL) {
-        return NULL;
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     sh = ngx_http_omni_shm(mcf, &shpool);
@@ -56,7 +66,9 @@ ngx_http_omni_snapshot(ngx_http_request_t *r, ngx_http_omni_main_conf_t *mcf)
                          + sh->n_slots * sizeof(ngx_http_omni_inst_t));
     ngx_shmtx_unlock(&shpool->mutex);
 
-    return copy;
+    *psh = copy;
+
+    return NGX_OK;
 }
 
 
@@ -125,6 +137,7 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
 ngx_int_t
 ngx_http_omni_status_handler(ngx_http_request_t *r)
 {
+    ngx_int_t                       rc;
     u_char                         *body, *p;
     uint64_t                        now_us;
     size_t                          size;
@@ -135,15 +148,9 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
     ngx_http_omni_main_conf_t      *mcf;
     ngx_http_omni_upstream_conf_t  *ucf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_omni_module);
-
-    if (mcf->shm_zone == NULL) {
-        return NGX_HTTP_NOT_FOUND;
-    }
-
-    sh = ngx_http_omni_snapshot(r, mcf);
-    if (sh == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    rc = ngx_http_omni_snapshot(r, &mcf, &sh);
+    if (rc != NGX_OK) {
+        return rc;
     }
 
     now_us = ngx_http_omni_now_us();
@@ -237,6 +244,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
 ngx_int_t
 ngx_http_omni_metrics_handler(ngx_http_request_t *r)
 {
+    ngx_int_t                       rc;
     u_char                         *body, *p;
     size_t                          size;
     uint64_t                        cum;
@@ -248,15 +256,9 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
     ngx_http_omni_main_conf_t      *mcf;
     ngx_http_omni_upstream_conf_t  *ucf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_omni_module);
-
-    if (mcf->shm_zone == NULL) {
-        return NGX_HTTP_NOT_FOUND;
-    }
-
-    sh = ngx_http_omni_snapshot(r, mcf);
-    if (sh == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    rc = ngx_http_omni_snapshot(r, &mcf, &sh);
+    if (rc != NGX_OK) {
+        return rc;
     }
 
     size = 32768 + (size_t) sh->n_slots * (1024 + 8 * NGX_HTTP_OMNI_ADDR_LEN);
@@ -394,6 +396,7 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
 ngx_int_t
 ngx_http_omni_health_handler(ngx_http_request_t *r)
 {
+    ngx_int_t                       rc;
     u_char                         *body, *p;
     ngx_uint_t                      t, i, usable[NGX_HTTP_OMNI_TIERS], ok;
     ngx_msec_t                      now;
@@ -401,15 +404,9 @@ ngx_http_omni_health_handler(ngx_http_request_t *r)
     ngx_http_omni_main_conf_t      *mcf;
     ngx_http_omni_upstream_conf_t  *ucf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_omni_module);
-
-    if (mcf->shm_zone == NULL) {
-        return NGX_HTTP_NOT_FOUND;
-    }
-
-    sh = ngx_http_omni_snapshot(r, mcf);
-    if (sh == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    rc = ngx_http_omni_snapshot(r, &mcf, &sh);
+    if (rc != NGX_OK) {
+        return rc;
     }
 
     now = ngx_current_msec;
