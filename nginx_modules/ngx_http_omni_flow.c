@@ -119,6 +119,9 @@ ngx_http_omni_handler(ngx_http_request_t *r)
                                         &r->method_name);
     }
 
+    /* room in the body buffer to join the body in place (request.c) */
+    r->request_body_in_single_buf = 1;
+
     rc = ngx_http_read_client_request_body(r, ngx_http_omni_body_handler);
 
     if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {

@@ -12,8 +12,77 @@
 
 
 /*
- * The body as one contiguous buffer: nginx keeps it in one buffer when it
- * fits client_body_buffer_size, otherwise in several buffers or a temp file.
+ * The body as nginx read it, joined in place where that needs no new memory:
+ * every read is a buffer of its own, and the reads after the request header
+ * are neighbours in the body buffer (rb->buf).  With
+ * request_body_in_single_buf (set by the handler) that buffer has room for
+ * the part that came with the header, which is moved in front of them.
+ * NULL: the body is elsewhere too (a temp file, other memory).
+ */
+static u_char *
+ngx_http_omni_join_body(ngx_http_request_t *r, size_t *len)
+{
+    u_char       *p;
+    size_t        head, run;
+    ngx_buf_t    *b, *first;
+    ngx_chain_t  *cl, *from;
+
+    cl = r->request_body->bufs;
+    b = r->request_body->buf;
+    first = cl->buf;
+
+    if (first->in_file) {
+        return NULL;
+    }
+
+    /* the part that came with the header: outside the body buffer */
+
+    head = 0;
+    from = cl;
+
+    if (b && cl->next
+        && (first->pos < b->start || first->pos >= b->end))
+    {
+        head = first->last - first->pos;
+        from = cl->next;
+    }
+
+    /* the rest: neighbours */
+
+    p = from->buf->pos;
+
+    for (cl = from; cl; cl = cl->next) {
+        if (cl->buf->in_file || cl->buf->pos != p) {
+            return NULL;
+        }
+
+        p = cl->buf->last;
+    }
+
+    if (head == 0) {
+        *len = p - from->buf->pos;
+        return from->buf->pos;
+    }
+
+    run = p - from->buf->pos;
+
+    if (from->buf->pos != b->start || (size_t) (b->end - b->start) < head + run)
+    {
+        return NULL;
+    }
+
+    ngx_memmove(b->start + head, b->start, run);
+    ngx_memcpy(b->start, first->pos, head);
+
+    *len = head + run;
+
+    return b->start;
+}
+
+
+/*
+ * The body as one contiguous buffer: nginx keeps it in memory when it fits
+ * client_body_buffer_size, otherwise in a temp file.
  */
 ngx_int_t
 ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx)
@@ -33,11 +102,9 @@ ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx)
                                         "request body is empty");
     }
 
-    cl = r->request_body->bufs;
+    ctx->body = ngx_http_omni_join_body(r, &ctx->body_len);
 
-    if (cl->next == NULL && !cl->buf->in_file) {
-        ctx->body = cl->buf->pos;
-        ctx->body_len = cl->buf->last - cl->buf->pos;
+    if (ctx->body) {
         goto done;
     }
 

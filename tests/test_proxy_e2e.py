@@ -10,6 +10,7 @@ chosen addresses), one request id on both legs, SSE events arrive one by one,
 and afterwards no instance has anything in flight.
 """
 
+import http.client
 import json
 import time
 import urllib.request
@@ -217,6 +218,38 @@ def test_token_id_prompt_and_batch(proxy):
     else:
         assert resp.status == 200, resp.text
         assert len(resp.json()["choices"]) == 2
+
+
+@pytest.mark.parametrize("pieces, pad", [(5, 0), (1, 1_200_000)],
+                         ids=["in-pieces", "temp-file"])
+def test_body_read_in_pieces_or_from_a_temp_file(proxy, pieces, pad):
+    """The proxy joins the body nginx read: a client that sends it in
+    pieces (several reads, part of it with the header), and one larger than
+    client_body_buffer_size (nginx keeps it in a temp file).  The engine must
+    get it whole: it counts the prompt's tokens, and the padding (an unknown
+    field, passed through) makes the body that large."""
+    mode, sim, nginx = proxy
+    ids = list(range(300, 364))
+    body = json.dumps({"prompt": ids, "max_tokens": 2, "ignore_eos": True,
+                       "pad": "x" * pad}).encode()
+    conn = http.client.HTTPConnection(nginx.host, nginx.port, timeout=60)
+    try:
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        # the first piece goes out with the header
+        size = -(-len(body) // pieces)
+        conn.endheaders(body[:size])
+        for k in range(size, len(body), size):
+            time.sleep(0.05)
+            conn.send(body[k:k + size])
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 200, answer
+    assert answer["usage"]["prompt_tokens"] == len(ids)
+    assert answer["usage"]["completion_tokens"] == 2
 
 
 def test_finished_in_prefill(proxy):
