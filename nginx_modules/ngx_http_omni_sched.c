@@ -414,7 +414,8 @@ ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
  * requests are queued.  NGX_OK: bound and charged; NGX_BUSY: its best
  * instance is busy a while yet (*retry_us says how long) and, without
  * `force`, it does not take a free one: another entry may; NGX_AGAIN:
- * nothing can take it now.
+ * nothing can take it now, nor anything else that needs a free instance
+ * (*retry_us may be set).
  */
 static ngx_int_t
 ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
@@ -527,6 +528,25 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
          */
         if (dec.retry_us && (*retry_us == 0 || dec.retry_us < *retry_us)) {
             *retry_us = dec.retry_us;
+        }
+
+        /*
+         * When no instance is free (within its limits and its wait within
+         * the slack) there is nothing to offer to anyone: the request
+         * waits, and the caller does not try the requests behind it.
+         */
+        for (i = 0; i < ucf->n; i++) {
+            if (!(c[i].flags & OMNI_POLICY_UNHEALTHY)
+                && (c[i].max_running == 0
+                    || c[i].running < c[i].max_running)
+                && c[i].wait_us <= slack)
+            {
+                break;
+            }
+        }
+
+        if (i == ucf->n) {
+            return NGX_AGAIN;
         }
 
         if (!force) {
