@@ -140,9 +140,10 @@ def _url(target: str) -> str:
               help="Prompt sizes in bytes (k = 1024).")
 @click.option("--targets", default=None,
               help="Comma list (default: all available): " + ", ".join(
-                  ["direct", "nginx", "omni-aggregated", "omni-sequential",
-                   "omni-parallel", "sglang-router-pd", "vllm-router-pd",
-                   "sglang-router-rr", "vllm-router-rr"]))
+                  ["direct", "nginx", "omni-aggregated", "omni-aggregated-ll",
+                   "omni-sequential", "omni-parallel", "sglang-router-pd",
+                   "vllm-router-pd", "sglang-router-rr", "vllm-router-rr",
+                   "sglang-router-ca", "vllm-router-ca"]))
 @click.option("--duration", type=click.IntRange(1), default=3, show_default=True,
               help="Seconds of load per target, size and round.")
 @click.option("--repeat", type=click.IntRange(1), default=3, show_default=True,

@@ -9,12 +9,16 @@ given sizes, non-streaming), side by side in one run:
     direct            wrk -> backend (the ceiling; shows wrk is not the limit)
     nginx             plain nginx proxy_pass, round robin over 2 ports
     omni-aggregated   Omni Proxy, one tier
+    omni-aggregated-ll  the same with --schedule-policy least-loaded (the
+                      request path alone: no prefix index, no holding)
     omni-sequential   Omni Proxy, vLLM-style P/D (prefill leg, then decode leg)
     omni-parallel     Omni Proxy, SGLang-style P/D (both legs at once)
     vllm-router-pd    vllm-router --vllm-pd-disaggregation, cache_aware prefill
     sglang-router-pd  sglang-router --pd-disaggregation, cache_aware prefill
     vllm-router-rr    vllm-router, plain round robin over 2 ports
     sglang-router-rr  sglang-router, plain round robin over 2 ports
+    vllm-router-ca    vllm-router, plain, cache_aware (its default policy)
+    sglang-router-ca  sglang-router, plain, cache_aware (its default policy)
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from . import omni, peers, procs
 from .errors import BenchError
 from .workloads import content_key, text_block, token_block
 
-TARGETS = ("direct", "nginx", "omni-aggregated", "omni-sequential", "omni-parallel",
-           "vllm-router-pd", "sglang-router-pd", "vllm-router-rr", "sglang-router-rr")
+TARGETS = ("direct", "nginx", "omni-aggregated", "omni-aggregated-ll", "omni-sequential",
+           "omni-parallel",
+           "vllm-router-pd", "sglang-router-pd", "vllm-router-rr", "sglang-router-rr",
+           "vllm-router-ca", "sglang-router-ca")
 
 CANNED_BODY = json.dumps({
     "id": "cmpl-canned", "object": "text_completion", "created": 0, "model": "canned",
@@ -165,15 +171,16 @@ def start_target(name: str, tmp: str, backend_ports: list[int], workers: int,
                                         upstreams=prefill, start_core=0)
         proc = procs.start_nginx(name, conf, prefix)
     elif name.startswith("omni-"):
-        mode = name[len("omni-"):]
+        mode, _, variant = name[len("omni-"):].partition("-")
+        extra = ["--access-log-file", "off"]         # as plain nginx
+        if variant == "ll":
+            extra += ["--schedule-policy", "least-loaded"]
         try:
             proc = omni.start_proxy(prefix, port, mode, workers=workers,
                                     prefill=prefill if mode != "aggregated" else [],
                                     decode=decode if mode != "aggregated" else prefill,
                                     bootstrap_ports=BOOTSTRAP_PORTS,
-                                    module_dir=module_dir,
-                                    # as plain nginx: no access log
-                                    extra=["--access-log-file", "off"])
+                                    module_dir=module_dir, extra=extra)
         except omni.NotAvailable as exc:
             raise Skip(str(exc)) from None
     else:
@@ -193,12 +200,13 @@ def start_target(name: str, tmp: str, backend_ports: list[int], workers: int,
 
 def peer_argv(name: str, binary: str, port: int, urls: list[str]) -> list[str]:
     """P/D with cache_aware prefill over ports 0-1 (prefill) and 2-3 (decode),
-    or plain round robin over ports 0-1."""
+    or plain (-rr: round robin, -ca: cache_aware) over ports 0-1."""
     router = name.rsplit("-", 1)[0]
     if name.endswith("-pd"):
         return peers.peer_argv(router, binary, port, prefill=urls[:2],
                                bootstrap_ports=BOOTSTRAP_PORTS, decode=urls[2:])
-    return peers.peer_argv(router, binary, port, workers=urls[:2], policy="round_robin")
+    policy = "cache_aware" if name.endswith("-ca") else "round_robin"
+    return peers.peer_argv(router, binary, port, workers=urls[:2], policy=policy)
 
 
 def parse_targets(text: str | None) -> list[str]:
