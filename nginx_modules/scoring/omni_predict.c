@@ -9,7 +9,7 @@
 
 
 #define OMNI_PREDICT_MAGIC   0x3244455250494d4fULL   /* "OMIPRED2" */
-#define OMNI_PREDICT_LAYOUT  2
+#define OMNI_PREDICT_LAYOUT  3
 
 /* Predictions are clamped below this (about 11.6 days) before they become
  * integers: a converted double out of range would be undefined. */
@@ -22,6 +22,16 @@
 /* A queued request that finished within this fraction of its predicted
  * service after the previous one was batched with it: not a clean sample. */
 #define OMNI_PREDICT_BATCHED 0.5
+
+/* Observations are weighted by (OMNI_PREDICT_SCALE / time)^2: the fit
+ * minimises relative errors, so a 10 ms prefill counts as much as a 5 s one.
+ * Unweighted, the few long prefills decide the fit, and the fixed cost (c0)
+ * soaks up their noise: it came out three times too large, and every short
+ * prefill was predicted several times too long.  The scale keeps the
+ * weights of typical observations near 1, against which the prior weighs
+ * 1/prior_var. */
+#define OMNI_PREDICT_SCALE   100000.0
+#define OMNI_PREDICT_MIN_W   1000.0
 
 /* Built-in priors: a mid-size model on one modern GPU.  Only a starting
  * point; the fit replaces them within a few requests. */
@@ -59,11 +69,13 @@ typedef struct {
     omni_predict_rls_t  prefill;
     omni_predict_rls_t  decode;
     uint64_t            free_at_us;
-    uint64_t            pending_us;   /* predicted service still in flight */
+    uint64_t            pending_us;   /* predicted cost still in flight */
     uint64_t            last_done_us;
     uint64_t            completion_samples;
     double              completion_mape;
     uint32_t            inflight;
+    uint32_t            group_tokens; /* tokens of the waiting group */
+    uint32_t            group_open;   /* a group waits: one may join it */
     uint32_t            pad;
 } omni_predict_inst_t;
 
@@ -90,7 +102,7 @@ omni_predict_resolve(const omni_predict_cfg_t *in, omni_predict_cfg_t *cfg)
     int  i, zero;
 
     if (in == NULL || in->max_instances == 0
-        || in->max_instances > OMNI_PREDICT_MAX_INSTANCES || in->reserved)
+        || in->max_instances > OMNI_PREDICT_MAX_INSTANCES)
     {
         return OMNI_EINVAL;
     }
@@ -301,6 +313,19 @@ omni_predict_get_cfg(const omni_predict_t *p, omni_predict_cfg_t *cfg)
 
 
 int
+omni_predict_set_batch_tokens(omni_predict_t *p, uint32_t batch_tokens)
+{
+    if (p == NULL) {
+        return OMNI_EINVAL;
+    }
+
+    p->cfg.batch_tokens = batch_tokens;
+
+    return OMNI_OK;
+}
+
+
+int
 omni_predict_reset(omni_predict_t *p, uint32_t inst)
 {
     if (p == NULL || inst >= p->cfg.max_instances) {
@@ -469,7 +494,7 @@ omni_predict_rls_update(const omni_predict_t *p, omni_predict_rls_t *r,
     const double *prior, const double *x, double y)
 {
     double  lambda = p->cfg.forget, w = 1.0 / p->cfg.prior_var;
-    double  pred, lim, c[OMNI_PREDICT_DIM];
+    double  pred, lim, v, c[OMNI_PREDICT_DIM];
     int     i, j;
 
     if (!isfinite(y) || y < 0) {
@@ -485,13 +510,16 @@ omni_predict_rls_update(const omni_predict_t *p, omni_predict_rls_t *r,
         y = lim;
     }
 
+    v = OMNI_PREDICT_SCALE / (y > OMNI_PREDICT_MIN_W ? y : OMNI_PREDICT_MIN_W);
+    v *= v;
+
     for (i = 0; i < OMNI_PREDICT_DIM; i++) {
         for (j = 0; j < OMNI_PREDICT_DIM; j++) {
             r->info[i * OMNI_PREDICT_DIM + j] =
-                lambda * r->info[i * OMNI_PREDICT_DIM + j] + x[i] * x[j]
+                lambda * r->info[i * OMNI_PREDICT_DIM + j] + v * x[i] * x[j]
                 + (i == j ? (1.0 - lambda) * w : 0.0);
         }
-        r->rhs[i] = lambda * r->rhs[i] + x[i] * y
+        r->rhs[i] = lambda * r->rhs[i] + v * x[i] * y
                     + (1.0 - lambda) * w * prior[i];
     }
 
@@ -585,7 +613,7 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
 {
     omni_predict_inst_t  *in;
     uint64_t              start;
-    int64_t               service;
+    int64_t               service, cost;
 
     if (p == NULL || job == NULL || inst >= p->cfg.max_instances) {
         return OMNI_EINVAL;
@@ -593,20 +621,41 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
 
     in = &omni_predict_insts(p)[inst];
     service = omni_predict_prefill_us(p, inst, n_new, n_cached);
+    cost = service;
 
-    start = now_us;
-    if (in->inflight > 0 && in->free_at_us > now_us) {
+    if (in->inflight == 0 || in->free_at_us <= now_us) {
+        /* idle (or overdue): it starts now, a step of its own */
+        start = now_us;
+        in->group_open = 0;
+
+    } else if (in->group_open
+               && (uint64_t) in->group_tokens + n_new <= p->cfg.batch_tokens)
+    {
+        /* it joins the step waiting for the work in flight: that step's
+         * fixed cost is paid already */
         start = in->free_at_us;
+        cost -= (int64_t) in->prefill.coef[0];
+        if (cost < (int64_t) p->cfg.min_us) {
+            cost = (int64_t) p->cfg.min_us;
+        }
+        in->group_tokens += n_new;
+
+    } else {
+        /* it waits for the work in flight and opens the next step */
+        start = in->free_at_us;
+        in->group_open = p->cfg.batch_tokens > 0;
+        in->group_tokens = n_new;
     }
 
     job->n_new = n_new;
     job->n_cached = n_cached;
     job->dispatch_us = now_us;
     job->service_us = (uint64_t) service;
-    job->done_us = start + (uint64_t) service;
+    job->cost_us = (uint64_t) cost;
+    job->done_us = start + (uint64_t) cost;
 
     in->free_at_us = job->done_us;
-    in->pending_us += (uint64_t) service;
+    in->pending_us += (uint64_t) cost;
     in->inflight++;
 
     return OMNI_OK;
@@ -659,15 +708,17 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
     if (in->inflight > 0) {
         in->inflight--;
     }
-    in->pending_us = in->pending_us > job->service_us
-                     ? in->pending_us - job->service_us : 0;
+    in->pending_us = in->pending_us > job->cost_us
+                     ? in->pending_us - job->cost_us : 0;
 
     /* Re-anchor on what really happened: the work still in flight needs its
-     * predicted service, one job after the other, from this completion. */
+     * predicted cost from this completion.  The group that waited for it
+     * runs now: whoever comes next waits for the next step. */
     if (in->inflight == 0) {
         in->pending_us = 0;
     }
     in->free_at_us = done_us + in->pending_us;
+    in->group_open = 0;
 
     return OMNI_OK;
 }
