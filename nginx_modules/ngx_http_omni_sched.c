@@ -425,7 +425,7 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     int                             rc;
     uint32_t                       *matched, slot, dslot, cached, uncached;
     uint64_t                        charge, slack;
-    ngx_uint_t                      i, tier;
+    ngx_uint_t                      i, tier, room;
     omni_decision_t                 dec;
     omni_prefill_cand_t            *c;
     ngx_http_omni_inst_t           *in;
@@ -478,13 +478,30 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
         return NGX_AGAIN;
     }
 
+    slack = (uint64_t) mcf->hold_slack * 1000;
+
+    /*
+     * Whether any instance could start some request now (usable, below its
+     * limits, free within the slack, batch budget not used up): when none
+     * can, a request that waits here ends the release pass, as nobody
+     * behind it can go either.
+     */
+
+    room = 0;
+
+    for (i = 0; i < ucf->n && !room; i++) {
+        room = !(c[i].flags & OMNI_POLICY_UNHEALTHY)
+               && (c[i].max_running == 0 || c[i].running < c[i].max_running)
+               && (c[i].max_tokens == 0
+                   || c[i].inflight_tokens < c[i].max_tokens)
+               && c[i].wait_us <= slack;
+    }
+
     /*
      * An instance whose batch budget this request does not fit now is not
      * out of the question: it is busy, and may be worth waiting for (it may
      * hold the prompt's prefix, being computed by the request in flight).
      */
-
-    slack = (uint64_t) mcf->hold_slack * 1000;
 
     for (i = 0; i < ucf->n; i++) {
         uncached = (uint32_t) ngx_max(en->prompt_tokens
@@ -530,22 +547,7 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
             *retry_us = dec.retry_us;
         }
 
-        /*
-         * When no instance is free (within its limits and its wait within
-         * the slack) there is nothing to offer to anyone: the request
-         * waits, and the caller does not try the requests behind it.
-         */
-        for (i = 0; i < ucf->n; i++) {
-            if (!(c[i].flags & OMNI_POLICY_UNHEALTHY)
-                && (c[i].max_running == 0
-                    || c[i].running < c[i].max_running)
-                && c[i].wait_us <= slack)
-            {
-                break;
-            }
-        }
-
-        if (i == ucf->n) {
+        if (!room) {
             return NGX_AGAIN;
         }
 
