@@ -389,8 +389,8 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->starvation_timeout, 2000);
     ngx_conf_init_uint_value(mcf->queue_max, 4096);
     ngx_conf_init_msec_value(mcf->queue_timeout, 600000);
-    ngx_conf_init_uint_value(mcf->block_size, 64);
-    ngx_conf_init_uint_value(mcf->index_max_tokens, 32768);
+    ngx_conf_init_uint_value(mcf->block_size, 256);
+    ngx_conf_init_uint_value(mcf->index_max_tokens, 131072);
     ngx_conf_init_uint_value(mcf->cache_blocks, 0);
     ngx_conf_init_msec_value(mcf->cache_ttl, 600000);
     ngx_conf_init_uint_value(mcf->decode_max_tokens, 0);
