@@ -131,16 +131,21 @@ def peer_argv(target: str, binary: str, port: int, sim, pd_policy: str) -> list[
                            decode=sim.decode_urls)
 
 
-def proxy_report(url: str) -> dict | None:
+def proxy_report(url: str, save_to: str | None = None) -> dict | None:
     """Omni Proxy's self-report after a run: scheduling decisions and their
     mean cost, and the predictor's running errors (mean over the prefill
-    instances that made predictions). Kept apart from measured numbers."""
+    instances that made predictions). Kept apart from measured numbers.
+    `save_to`: also keep the whole /omni/status there (model parameters)."""
     import urllib.request
     try:
         with urllib.request.urlopen(url + "/omni/status", timeout=5) as resp:
-            st = json.load(resp)
+            raw = resp.read()
+        st = json.loads(raw)
     except (OSError, ValueError):
         return None
+    if save_to:
+        with open(save_to, "wb") as f:
+            f.write(raw)
     sched, queues = st.get("scheduler", {}), st.get("queues", {})
     preds = [i["predictor"] for i in st.get("instances", [])
              if i.get("predictor", {}).get("prefill_samples")]
@@ -223,7 +228,8 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
                                            plots=False)
                 s["engine"] = engine
                 if name.startswith("omni"):
-                    s["proxy_report"] = proxy_report(url)
+                    s["proxy_report"] = proxy_report(
+                        url, os.path.join(out_dir, name, "omni_status.json"))
                 summaries.append(s)
                 runs[label], samples[label] = result.records, result.sim_samples
                 if keep:
