@@ -102,8 +102,6 @@ ngx_http_omni_queue_init_zone(ngx_http_omni_main_conf_t *mcf,
 
     ngx_memzero(&pcfg, sizeof(omni_predict_cfg_t));
     pcfg.max_instances = NGX_HTTP_OMNI_MAX_SLOTS;
-    pcfg.batch_tokens = (uint32_t) ngx_min(mcf->max_batch_num_token,
-                                           UINT32_MAX);
 
     size = omni_predict_size(&pcfg);
     mem = ngx_slab_alloc(shpool, size);

@@ -16,8 +16,6 @@
 
 static ngx_int_t ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
-static void ngx_http_omni_zone_reconfigure(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh);
 static void ngx_http_omni_map_slots(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_log_t *log);
 
@@ -97,7 +95,6 @@ ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         ngx_shmtx_lock(&zone->shpool->mutex);
         zone->sh->generation++;
         ngx_http_omni_map_slots(zone->mcf, zone->sh, shm_zone->shm.log);
-        ngx_http_omni_zone_reconfigure(zone->mcf, zone->sh);
         ngx_shmtx_unlock(&zone->shpool->mutex);
 
         return NGX_OK;
@@ -111,7 +108,6 @@ ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
         ngx_shmtx_lock(&shpool->mutex);
         ngx_http_omni_map_slots(zone->mcf, zone->sh, shm_zone->shm.log);
-        ngx_http_omni_zone_reconfigure(zone->mcf, zone->sh);
         ngx_shmtx_unlock(&shpool->mutex);
 
         return NGX_OK;
@@ -149,18 +145,6 @@ ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     ngx_http_omni_map_slots(zone->mcf, sh, shm_zone->shm.log);
 
     return NGX_OK;
-}
-
-
-/* A zone kept across a reload: the settings its state depends on. */
-static void
-ngx_http_omni_zone_reconfigure(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh)
-{
-    if (sh->predict) {
-        (void) omni_predict_set_batch_tokens(sh->predict,
-                   (uint32_t) ngx_min(mcf->max_batch_num_token, UINT32_MAX));
-    }
 }
 
 

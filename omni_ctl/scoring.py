@@ -388,7 +388,6 @@ class PrefillJob:
     dispatch_us: int
     service_us: int
     done_us: int
-    cost_us: int
 
 
 def _predict_free(handle):
@@ -398,20 +397,17 @@ def _predict_free(handle):
 class Predictor:
     """Per-instance online models (see omni_predict.h).
 
-    Options (0 or None: the library's default): ``batch_tokens`` (the
-    engine's token budget per step: requests sent while an instance is busy
-    share the next step up to it; 0: each runs alone), ``forget`` (RLS
-    forgetting factor), ``prior_var`` (how quickly data overrides the priors),
+    Options (0 or None: the library's default): ``forget`` (RLS forgetting
+    factor), ``prior_var`` (how quickly data overrides the priors),
     ``mape_alpha`` (weight of the newest error in the running MAPE),
     ``min_us`` (prediction floor), ``prefill_prior`` and ``decode_prior``
     (three coefficients each, in us).
     """
 
-    def __init__(self, num_instances, *, batch_tokens=0, forget=0, prior_var=0,
-                 mape_alpha=0, min_us=0, prefill_prior=None, decode_prior=None):
+    def __init__(self, num_instances, *, forget=0, prior_var=0, mape_alpha=0,
+                 min_us=0, prefill_prior=None, decode_prior=None):
         cfg = ffi.new("omni_predict_cfg_t *", {
             "max_instances": num_instances,
-            "batch_tokens": batch_tokens,
             "forget": forget,
             "prior_var": prior_var,
             "mape_alpha": mape_alpha,
@@ -430,7 +426,6 @@ class Predictor:
         lib.omni_predict_get_cfg(self._h, c)
         return {
             "max_instances": c.max_instances,
-            "batch_tokens": c.batch_tokens,
             "forget": c.forget,
             "prior_var": c.prior_var,
             "mape_alpha": c.mape_alpha,
@@ -464,13 +459,13 @@ class Predictor:
                                                 n_cached, now_us, job),
               "dispatch_prefill")
         return PrefillJob(job.n_new, job.n_cached, job.dispatch_us,
-                          job.service_us, job.done_us, job.cost_us)
+                          job.service_us, job.done_us)
 
     def prefill_done(self, instance, job, done_us, ok=True):
         c = ffi.new("omni_predict_job_t *", {
             "n_new": job.n_new, "n_cached": job.n_cached,
             "dispatch_us": job.dispatch_us, "service_us": job.service_us,
-            "done_us": job.done_us, "cost_us": job.cost_us,
+            "done_us": job.done_us,
         })
         check(lib.omni_predict_prefill_done(self._h, instance, c, done_us,
                                             int(bool(ok))), "prefill_done")
@@ -504,10 +499,6 @@ class Predictor:
 
     def reset(self, instance):
         check(lib.omni_predict_reset(self._h, instance), "reset")
-
-    def set_batch_tokens(self, batch_tokens):
-        check(lib.omni_predict_set_batch_tokens(self._h, batch_tokens),
-              "set_batch_tokens")
 
 
 # ---- policies ------------------------------------------------------------

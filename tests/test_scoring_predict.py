@@ -140,47 +140,6 @@ def test_dispatch_queues_behind_work_in_flight_and_reanchors():
     assert p.dispatch_prefill(0, 1024, 0, now_us=40000).done_us > 40000
 
 
-def test_requests_sent_while_busy_share_the_next_step():
-    """An engine runs what waited for the work in flight together, in one
-    step, as far as its token budget allows: the step's fixed cost (c0) is
-    paid once per step, not once per request."""
-    p = Predictor(1, batch_tokens=4096, prefill_prior=(5000, 10000, 0))
-    first = p.dispatch_prefill(0, 1024, 0, now_us=0)    # runs now: 15 ms
-    assert (first.done_us, first.cost_us) == (15000, 15000)
-    # waits for it and opens the next step: pays c0
-    a = p.dispatch_prefill(0, 1024, 0, now_us=1000)
-    assert (a.cost_us, a.done_us) == (15000, 30000)
-    # joins that step: its tokens only
-    b = p.dispatch_prefill(0, 2048, 0, now_us=2000)
-    assert (b.service_us, b.cost_us, b.done_us) == (25000, 20000, 50000)
-    # the step is full (1024 + 2048 + 2048 > 4096): the next one opens another
-    c = p.dispatch_prefill(0, 2048, 0, now_us=3000)
-    assert (c.cost_us, c.done_us) == (25000, 75000)
-    assert p.wait_us(0, 3000) == 72000
-    # the first completes: the waiting step runs, a newcomer waits for it
-    p.prefill_done(0, first, done_us=16000)
-    assert p.state(0)["free_at_us"] == 16000 + 15000 + 20000 + 25000
-    d = p.dispatch_prefill(0, 256, 0, now_us=17000)
-    assert d.cost_us == d.service_us
-    for job, t in ((a, 40000), (b, 40000), (c, 70000), (d, 80000)):
-        p.prefill_done(0, job, done_us=t)
-    assert p.state(0)["inflight"] == 0
-    assert p.wait_us(0, 80000) == 0
-
-
-def test_without_a_batch_budget_requests_run_one_after_the_other():
-    p = Predictor(1, prefill_prior=(5000, 10000, 0))
-    p.dispatch_prefill(0, 1024, 0, now_us=0)
-    jobs = [p.dispatch_prefill(0, 1024, 0, now_us=0) for _ in range(3)]
-    assert [j.done_us for j in jobs] == [30000, 45000, 60000]
-    assert all(j.cost_us == j.service_us for j in jobs)
-    # a budget set later (a reloaded configuration) applies from then on
-    p.set_batch_tokens(8192)
-    assert p.config["batch_tokens"] == 8192
-    assert p.dispatch_prefill(0, 1024, 0, now_us=0).cost_us == 15000
-    assert p.dispatch_prefill(0, 1024, 0, now_us=0).cost_us == 10000
-
-
 def test_overdue_work_still_counts_as_busy():
     p = Predictor(1, prefill_prior=(1000, 10000, 0), min_us=100)
     p.dispatch_prefill(0, 1024, 0, now_us=0)

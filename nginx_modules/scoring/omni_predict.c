@@ -9,7 +9,7 @@
 
 
 #define OMNI_PREDICT_MAGIC   0x3244455250494d4fULL   /* "OMIPRED2" */
-#define OMNI_PREDICT_LAYOUT  3
+#define OMNI_PREDICT_LAYOUT  2
 
 /* Predictions are clamped below this (about 11.6 days) before they become
  * integers: a converted double out of range would be undefined. */
@@ -69,13 +69,11 @@ typedef struct {
     omni_predict_rls_t  prefill;
     omni_predict_rls_t  decode;
     uint64_t            free_at_us;
-    uint64_t            pending_us;   /* predicted cost still in flight */
+    uint64_t            pending_us;   /* predicted service still in flight */
     uint64_t            last_done_us;
     uint64_t            completion_samples;
     double              completion_mape;
     uint32_t            inflight;
-    uint32_t            group_tokens; /* tokens of the waiting group */
-    uint32_t            group_open;   /* a group waits: one may join it */
     uint32_t            pad;
 } omni_predict_inst_t;
 
@@ -102,7 +100,7 @@ omni_predict_resolve(const omni_predict_cfg_t *in, omni_predict_cfg_t *cfg)
     int  i, zero;
 
     if (in == NULL || in->max_instances == 0
-        || in->max_instances > OMNI_PREDICT_MAX_INSTANCES)
+        || in->max_instances > OMNI_PREDICT_MAX_INSTANCES || in->reserved)
     {
         return OMNI_EINVAL;
     }
@@ -309,19 +307,6 @@ void
 omni_predict_get_cfg(const omni_predict_t *p, omni_predict_cfg_t *cfg)
 {
     *cfg = p->cfg;
-}
-
-
-int
-omni_predict_set_batch_tokens(omni_predict_t *p, uint32_t batch_tokens)
-{
-    if (p == NULL) {
-        return OMNI_EINVAL;
-    }
-
-    p->cfg.batch_tokens = batch_tokens;
-
-    return OMNI_OK;
 }
 
 
@@ -613,7 +598,7 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
 {
     omni_predict_inst_t  *in;
     uint64_t              start;
-    int64_t               service, cost;
+    int64_t               service;
 
     if (p == NULL || job == NULL || inst >= p->cfg.max_instances) {
         return OMNI_EINVAL;
@@ -621,41 +606,20 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
 
     in = &omni_predict_insts(p)[inst];
     service = omni_predict_prefill_us(p, inst, n_new, n_cached);
-    cost = service;
 
-    if (in->inflight == 0 || in->free_at_us <= now_us) {
-        /* idle (or overdue): it starts now, a step of its own */
-        start = now_us;
-        in->group_open = 0;
-
-    } else if (in->group_open
-               && (uint64_t) in->group_tokens + n_new <= p->cfg.batch_tokens)
-    {
-        /* it joins the step waiting for the work in flight: that step's
-         * fixed cost is paid already */
+    start = now_us;
+    if (in->inflight > 0 && in->free_at_us > now_us) {
         start = in->free_at_us;
-        cost -= (int64_t) in->prefill.coef[0];
-        if (cost < (int64_t) p->cfg.min_us) {
-            cost = (int64_t) p->cfg.min_us;
-        }
-        in->group_tokens += n_new;
-
-    } else {
-        /* it waits for the work in flight and opens the next step */
-        start = in->free_at_us;
-        in->group_open = p->cfg.batch_tokens > 0;
-        in->group_tokens = n_new;
     }
 
     job->n_new = n_new;
     job->n_cached = n_cached;
     job->dispatch_us = now_us;
     job->service_us = (uint64_t) service;
-    job->cost_us = (uint64_t) cost;
-    job->done_us = start + (uint64_t) cost;
+    job->done_us = start + (uint64_t) service;
 
     in->free_at_us = job->done_us;
-    in->pending_us += (uint64_t) cost;
+    in->pending_us += (uint64_t) service;
     in->inflight++;
 
     return OMNI_OK;
@@ -708,17 +672,15 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
     if (in->inflight > 0) {
         in->inflight--;
     }
-    in->pending_us = in->pending_us > job->cost_us
-                     ? in->pending_us - job->cost_us : 0;
+    in->pending_us = in->pending_us > job->service_us
+                     ? in->pending_us - job->service_us : 0;
 
     /* Re-anchor on what really happened: the work still in flight needs its
-     * predicted cost from this completion.  The group that waited for it
-     * runs now: whoever comes next waits for the next step. */
+     * predicted service, one job after the other, from this completion. */
     if (in->inflight == 0) {
         in->pending_us = 0;
     }
     in->free_at_us = done_us + in->pending_us;
-    in->group_open = 0;
 
     return OMNI_OK;
 }

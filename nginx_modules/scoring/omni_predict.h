@@ -11,6 +11,8 @@
  *       is attention over the context (token pairs, in Mi)
  *   decode step time (us)     = d0 + d1 * batch + d2 * kv_tokens/1024
  *
+ * Observations are weighted by the inverse square of their duration: the
+ * fit minimises relative errors, so short and long prefills count alike.
  * The fit is kept in information form (weighted normal equations, solved
  * for three coefficients at each update) with the prior always counting as
  * 1/prior_var of an observation: until data arrives, and in directions the
@@ -20,20 +22,11 @@
  * is clipped first, so one stalled request does not wreck the fit.
  *
  * On top of the models, each instance tracks the prefill work the proxy sent
- * it: dispatch() predicts when the new request completes and returns a job
- * record; done() takes that record back with the observed completion time,
- * fits the model on the request's own service time, updates the running
- * error (MAPE) of the predicted completion, and re-anchors the instance's
- * predicted free time on what really happened.
- *
- * Work in flight is modelled the way engines run it, in steps: a request
- * sent to an idle instance starts at once; requests sent while it is busy
- * wait for the work in flight and then start together, in one step, as far
- * as the engine's token budget per step (batch_tokens) allows.  The first of
- * such a group pays the step's fixed cost (the model's c0), the others only
- * for their own tokens.  A completion starts the waiting group: later
- * requests form the next one.  batch_tokens 0: every request is a step of
- * its own (one after the other).
+ * it: dispatch() predicts when the new request completes (it queues behind
+ * the work in flight) and returns a job record; done() takes that record back
+ * with the observed completion time, fits the model on the request's own
+ * service time, updates the running error (MAPE) of the predicted completion,
+ * and re-anchors the instance's predicted free time on what really happened.
  *
  * Memory: one block sized by omni_predict_size(), no pointers inside, no
  * allocation after creation; may live in shared memory.  No clock reads (time
@@ -56,8 +49,7 @@ typedef struct omni_predict_s  omni_predict_t;
 
 typedef struct {
     uint32_t  max_instances;
-    uint32_t  batch_tokens;                    /* engine's tokens per step;
-                                                  0: no batching */
+    uint32_t  reserved;                        /* must be 0 */
     double    forget;                          /* (0.5, 1]; 0: 0.98 */
     double    prior_var;                       /* > 0; 0: 100 (the prior
                                                   weighs 1/prior_var) */
@@ -75,7 +67,6 @@ typedef struct {
     uint64_t  dispatch_us;
     uint64_t  service_us;    /* predicted service time */
     uint64_t  done_us;       /* predicted completion (queueing included) */
-    uint64_t  cost_us;       /* what it added to the work in flight */
 } omni_predict_job_t;
 
 /* One instance's model and state, for /omni/status. */
@@ -102,9 +93,6 @@ void omni_predict_free(omni_predict_t *p, const omni_allocator_t *a);
 omni_predict_t *omni_predict_attach(void *mem, size_t size);
 void omni_predict_get_cfg(const omni_predict_t *p, omni_predict_cfg_t *cfg);
 
-/* The engines' token budget per step changed (a new configuration). */
-int omni_predict_set_batch_tokens(omni_predict_t *p, uint32_t batch_tokens);
-
 /* Forget everything learned about instance inst (new engine behind it). */
 int omni_predict_reset(omni_predict_t *p, uint32_t inst);
 
@@ -129,8 +117,8 @@ int omni_predict_observe_decode(omni_predict_t *p, uint32_t inst,
 
 /*
  * The proxy sends instance inst a prefill of n_new uncached tokens: predicts
- * its service and completion (behind the work in flight, or in the step
- * waiting for it) into *job and counts it in flight.
+ * its service and completion (behind the work in flight) into *job and counts
+ * it in flight.
  */
 int omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
     uint32_t n_new, uint32_t n_cached, uint64_t now_us,
