@@ -17,10 +17,10 @@
  * are neighbours in the body buffer (rb->buf).  With
  * request_body_in_single_buf (set by the handler) that buffer has room for
  * the part that came with the header, which is moved in front of them.
- * NULL: the body is elsewhere too (a temp file, other memory).
+ * NGX_DECLINED: the body is elsewhere too (a temp file, other memory).
  */
-static u_char *
-ngx_http_omni_join_body(ngx_http_request_t *r, size_t *len)
+static ngx_int_t
+ngx_http_omni_join_body(ngx_http_request_t *r, u_char **body, size_t *len)
 {
     u_char       *p;
     size_t        head, run;
@@ -32,7 +32,7 @@ ngx_http_omni_join_body(ngx_http_request_t *r, size_t *len)
     first = cl->buf;
 
     if (first->in_file) {
-        return NULL;
+        return NGX_DECLINED;
     }
 
     /* the part that came with the header: outside the body buffer */
@@ -53,30 +53,32 @@ ngx_http_omni_join_body(ngx_http_request_t *r, size_t *len)
 
     for (cl = from; cl; cl = cl->next) {
         if (cl->buf->in_file || cl->buf->pos != p) {
-            return NULL;
+            return NGX_DECLINED;
         }
 
         p = cl->buf->last;
     }
 
     if (head == 0) {
+        *body = from->buf->pos;
         *len = p - from->buf->pos;
-        return from->buf->pos;
+        return NGX_OK;
     }
 
     run = p - from->buf->pos;
 
     if (from->buf->pos != b->start || (size_t) (b->end - b->start) < head + run)
     {
-        return NULL;
+        return NGX_DECLINED;
     }
 
     ngx_memmove(b->start + head, b->start, run);
     ngx_memcpy(b->start, first->pos, head);
 
+    *body = b->start;
     *len = head + run;
 
-    return b->start;
+    return NGX_OK;
 }
 
 
@@ -102,9 +104,7 @@ ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx)
                                         "request body is empty");
     }
 
-    ctx->body = ngx_http_omni_join_body(r, &ctx->body_len);
-
-    if (ctx->body) {
+    if (ngx_http_omni_join_body(r, &ctx->body, &ctx->body_len) == NGX_OK) {
         goto done;
     }
 
@@ -137,7 +137,7 @@ ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx)
 
             p += n;
 
-        } else {
+        } else if (b->last != b->pos) {
             p = ngx_cpymem(p, b->pos, b->last - b->pos);
         }
     }
