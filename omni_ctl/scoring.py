@@ -388,6 +388,8 @@ class PrefillJob:
     dispatch_us: int
     service_us: int
     done_us: int
+    start_us: int = 0
+    shared: bool = False
 
 
 def _predict_free(handle):
@@ -459,13 +461,15 @@ class Predictor:
                                                 n_cached, now_us, job),
               "dispatch_prefill")
         return PrefillJob(job.n_new, job.n_cached, job.dispatch_us,
-                          job.service_us, job.done_us)
+                          job.service_us, job.done_us, job.start_us,
+                          bool(job.shared))
 
     def prefill_done(self, instance, job, done_us, ok=True):
         c = ffi.new("omni_predict_job_t *", {
             "n_new": job.n_new, "n_cached": job.n_cached,
             "dispatch_us": job.dispatch_us, "service_us": job.service_us,
-            "done_us": job.done_us,
+            "done_us": job.done_us, "start_us": job.start_us,
+            "shared": int(job.shared),
         })
         check(lib.omni_predict_prefill_done(self._h, instance, c, done_us,
                                             int(bool(ok))), "prefill_done")

@@ -123,10 +123,11 @@ def test_decode_converges():
 def test_dispatch_queues_behind_work_in_flight_and_reanchors():
     p = Predictor(1, prefill_prior=(1000, 10000, 0))
     j1 = p.dispatch_prefill(0, 1024, 0, now_us=0)      # 11000 us each
-    j2 = p.dispatch_prefill(0, 1024, 0, now_us=0)
+    # sent once the first one's step runs: it waits for the next
+    j2 = p.dispatch_prefill(0, 1024, 0, now_us=5000)
     assert (j1.service_us, j1.done_us) == (11000, 11000)
-    assert j2.done_us == 22000
-    assert p.wait_us(0, 0) == 22000
+    assert (j2.start_us, j2.done_us, j2.shared) == (11000, 22000, False)
+    assert p.wait_us(0, 5000) == 17000
     assert p.state(0)["inflight"] == 2
     # the first one took longer than predicted: the second is now expected
     # its predicted service after the real completion
@@ -138,6 +139,29 @@ def test_dispatch_queues_behind_work_in_flight_and_reanchors():
     assert p.wait_us(0, 25000) == 0
     # idle instance: a new dispatch starts now
     assert p.dispatch_prefill(0, 1024, 0, now_us=40000).done_us > 40000
+
+
+def test_requests_waiting_for_one_step_share_it():
+    """Engines batch: what is sent while the last request still waits for
+    its step joins that step and adds its tokens' cost, not a second step's
+    fixed cost.  Such a completion is not fitted (it is not its own)."""
+    p = Predictor(1, prefill_prior=(1000, 10000, 0))
+    busy = p.dispatch_prefill(0, 1024, 0, now_us=0)     # 0-11000, running
+    a = p.dispatch_prefill(0, 1024, 0, now_us=5000)     # next step, 11000-22000
+    b = p.dispatch_prefill(0, 512, 0, now_us=6000)      # joins a's step
+    assert (a.start_us, a.done_us, a.shared) == (11000, 22000, False)
+    assert (b.start_us, b.service_us, b.shared) == (11000, 5000, True)
+    assert b.done_us == 27000
+    assert p.wait_us(0, 6000) == 21000
+    # two sent to an idle instance at once share its first step
+    q = Predictor(1, prefill_prior=(1000, 10000, 0))
+    x = q.dispatch_prefill(0, 1024, 0, now_us=0)
+    y = q.dispatch_prefill(0, 1024, 0, now_us=0)
+    assert (x.shared, y.shared, y.done_us) == (False, True, 21000)
+    for job in (busy, a, b):
+        p.prefill_done(0, job, done_us=job.done_us)
+    st = p.state(0)
+    assert (st["inflight"], st["prefill_samples"], st["completion_samples"]) == (0, 2, 3)
 
 
 def test_overdue_work_still_counts_as_busy():

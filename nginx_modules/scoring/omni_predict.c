@@ -9,7 +9,7 @@
 
 
 #define OMNI_PREDICT_MAGIC   0x3244455250494d4fULL   /* "OMIPRED2" */
-#define OMNI_PREDICT_LAYOUT  2
+#define OMNI_PREDICT_LAYOUT  3
 
 /* Predictions are clamped below this (about 11.6 days) before they become
  * integers: a converted double out of range would be undefined. */
@@ -22,6 +22,9 @@
 /* A queued request that finished within this fraction of its predicted
  * service after the previous one was batched with it: not a clean sample. */
 #define OMNI_PREDICT_BATCHED 0.5
+/* from dispatch to the engine's step, about: requests sent to an idle
+ * instance within this long of each other share its first step */
+#define OMNI_PREDICT_REACH_US 1000
 
 /* Observations are weighted by (OMNI_PREDICT_SCALE / time)^2: the fit
  * minimises relative errors, so a 10 ms prefill counts as much as a 5 s one.
@@ -71,6 +74,8 @@ typedef struct {
     uint64_t            free_at_us;
     uint64_t            pending_us;   /* predicted service still in flight */
     uint64_t            last_done_us;
+    uint64_t            tail_start_us; /* predicted start of the step the
+                                          last request sent waits for */
     uint64_t            completion_samples;
     double              completion_mape;
     uint32_t            inflight;
@@ -599,6 +604,7 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
     omni_predict_inst_t  *in;
     uint64_t              start;
     int64_t               service;
+    uint32_t              shared;
 
     if (p == NULL || job == NULL || inst >= p->cfg.max_instances) {
         return OMNI_EINVAL;
@@ -606,17 +612,38 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
 
     in = &omni_predict_insts(p)[inst];
     service = omni_predict_prefill_us(p, inst, n_new, n_cached);
+    shared = 0;
 
-    start = now_us;
     if (in->inflight > 0 && in->free_at_us > now_us) {
         start = in->free_at_us;
+
+        if (now_us < in->tail_start_us) {
+            /* The request sent before it still waits for its step: this
+             * one joins that step, which costs its tokens, not another
+             * step's fixed cost. */
+            start = in->tail_start_us;
+            shared = 1;
+            service = (int64_t) omni_predict_floor(p, (double) service
+                                                      - in->prefill.coef[0]);
+        } else {
+            in->tail_start_us = start;
+        }
+
+    } else {
+        /* An idle engine starts a step as soon as the request reaches it;
+         * what is sent in the meantime joins it. */
+        start = now_us;
+        in->tail_start_us = now_us + OMNI_PREDICT_REACH_US;
     }
 
     job->n_new = n_new;
     job->n_cached = n_cached;
     job->dispatch_us = now_us;
+    job->start_us = start;
     job->service_us = (uint64_t) service;
-    job->done_us = start + (uint64_t) service;
+    job->done_us = (shared ? in->free_at_us : start) + (uint64_t) service;
+    job->shared = shared;
+    job->pad = 0;
 
     in->free_at_us = job->done_us;
     in->pending_us += (uint64_t) service;
@@ -655,9 +682,11 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
         }
         service = done_us - start;
 
-        if (start == job->dispatch_us
-            || (double) service >= OMNI_PREDICT_BATCHED
-                                   * (double) job->service_us)
+        /* a request that shared a step is not timed on its own */
+        if (!job->shared
+            && (start == job->dispatch_us
+                || (double) service >= OMNI_PREDICT_BATCHED
+                                       * (double) job->service_us))
         {
             omni_predict_prefill_x(x, job->n_new, job->n_cached);
             omni_predict_rls_update(p, &in->prefill, p->cfg.prefill_prior, x,

@@ -23,7 +23,9 @@
  *
  * On top of the models, each instance tracks the prefill work the proxy sent
  * it: dispatch() predicts when the new request completes (it queues behind
- * the work in flight) and returns a job record; done() takes that record back
+ * the work in flight; requests sent while the last one still waits for its
+ * step share that step, and add their tokens but not another step's fixed
+ * cost) and returns a job record; done() takes that record back
  * with the observed completion time, fits the model on the request's own
  * service time, updates the running error (MAPE) of the predicted completion,
  * and re-anchors the instance's predicted free time on what really happened.
@@ -65,8 +67,12 @@ typedef struct {
     uint32_t  n_new;
     uint32_t  n_cached;
     uint64_t  dispatch_us;
-    uint64_t  service_us;    /* predicted service time */
+    uint64_t  start_us;      /* predicted start of its first engine step */
+    uint64_t  service_us;    /* predicted service time (what it adds) */
     uint64_t  done_us;       /* predicted completion (queueing included) */
+    uint32_t  shared;        /* 1: shares its first step with the request
+                                sent there before it */
+    uint32_t  pad;
 } omni_predict_job_t;
 
 /* One instance's model and state, for /omni/status. */
