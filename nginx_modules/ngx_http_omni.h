@@ -169,6 +169,11 @@ typedef struct {
     uint64_t                       tokens_total;
     uint64_t                       last_latency_ms;
     ngx_msec_t                     last_seen;
+    /* held requests: the predicted start, completion and service time of
+     * the prefill bound here last */
+    uint64_t                       last_start_us;
+    uint64_t                       last_done_us;
+    uint64_t                       last_service_us;
 
     /* aggregated mode: legs whose first byte has not come (prefilling) */
     uint32_t                       prefilling;

@@ -498,6 +498,36 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     }
 
     /*
+     * Engines batch in steps: what reaches an instance while a step runs
+     * waits for the next one, and everything waiting then shares it.  A
+     * request that waits there for the next step (or for its first one,
+     * just sent) and has less work than this one would finish with this
+     * one's first chunk, up to a whole step late, and so would have been
+     * mispredicted.  This one waits until that one is done (the slack at
+     * most; the engine's next step has it).
+     */
+
+    for (i = 0; i < ucf->n; i++) {
+        slot = (uint32_t) ucf->slots[i];
+
+        if (slot >= NGX_HTTP_OMNI_MAX_SLOTS || c[i].wait_us == 0
+            || c[i].wait_us > slack)
+        {
+            continue;
+        }
+
+        in = &sh->inst[slot];
+
+        if (now_us < in->last_start_us + slack
+            && now_us < in->last_done_us
+            && c[i].prefill_us > in->last_service_us)
+        {
+            c[i].wait_us = ngx_max(c[i].wait_us,
+                                   in->last_done_us - now_us) + slack;
+        }
+    }
+
+    /*
      * An instance whose batch budget this request does not fit now is not
      * out of the question: it is busy, and may be worth waiting for (it may
      * hold the prompt's prefix, being computed by the request in flight).
@@ -619,8 +649,14 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     en->charge[tier] = charge;
     en->cached_tokens = cached;
 
-    (void) omni_predict_prefill_dispatch(sh->predict, slot, uncached, cached,
-                                         now_us, &en->job);
+    if (omni_predict_prefill_dispatch(sh->predict, slot, uncached, cached,
+                                      now_us, &en->job)
+        == OMNI_OK)
+    {
+        in->last_service_us = en->job.service_us;
+        in->last_done_us = en->job.done_us;
+        in->last_start_us = en->job.start_us;
+    }
 
     if (en->n_hashes) {
         (void) omni_index_insert(sh->index, slot, en->hashes, en->n_hashes,

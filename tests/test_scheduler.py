@@ -185,6 +185,51 @@ def test_starvation_timeout_bounds_the_wait(omni_nginx, one_by_one, tmp_path):
     assert status["queues"]["released_by_starvation_timeout"] >= 1
 
 
+def test_a_longer_request_does_not_join_a_shorter_ones_step(omni_nginx, one_by_one,
+                                                           tmp_path):
+    """Engines batch in steps, and what waits for the next step shares it.
+    A short request sent to a busy instance, then a long one right behind
+    it, would share a step: the short one would finish with the long one's
+    first chunk.  The long one is held until the short one is predicted
+    done, so it reaches the engine after the short one's step began.  (The
+    slack is wide, so that without this rule both would be sent at once.)"""
+    sim = one_by_one
+    nginx = omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
+                       decode_endpoints=sim.decode_endpoints[0],
+                       schedule_policy="omni", hold_slack="300ms",
+                       access_log_file=str(tmp_path / "access.log"))
+    tag = time.monotonic_ns()
+    names = {k: f"{k}-{tag}" for k in ("block", "short", "long")}
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    futures = [pool.submit(_post, nginx, {"prompt": _tokens(4000, f"b{tag}"),
+                                          "max_tokens": 1}, names["block"])]
+    _wait_busy(nginx, "prefill")
+    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(64, f"s{tag}"),
+                                              "max_tokens": 1}, names["short"]))
+    time.sleep(0.01)
+    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(4000, f"l{tag}"),
+                                              "max_tokens": 1}, names["long"]))
+    for f in futures:
+        f.result(timeout=60)
+    pool.shutdown()
+
+    seen = {}
+    for inst in sim.stats(requests=500)["cluster"]:
+        if inst["role"] != "prefill":
+            continue
+        for req in inst.get("requests", []):
+            if req.get("x_request_id") in names.values():
+                seen[req["x_request_id"]] = req
+    short, long_ = seen[names["short"]], seen[names["long"]]
+    short_step = short["arrival_unix"] + short["queue_s"]
+    assert long_["arrival_unix"] > short_step, (short, long_)
+    log = _access(tmp_path)
+    # the long one waited in the proxy, the short one did not
+    assert int(log[names["long"]]["queue_ms"]) > 0, log[names["long"]]
+    assert int(log[names["short"]]["queue_ms"]) == 0, log[names["short"]]
+    _idle(nginx)
+
+
 @pytest.fixture(scope="module")
 def two_prefill():
     with SimCluster(prefill=2, decode=1, engine="vllm", preset="tiny",
