@@ -122,7 +122,7 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                "\"prefill_samples\":%uL,\"decode_samples\":%uL,"
                "\"prefill_mape\":%.4f,\"decode_mape\":%.4f,"
                "\"completion_mape\":%.4f,\"predicted_free_in_ms\":%.1f,"
-               "\"prefills_in_flight\":%uD},"
+               "\"prefills_in_flight\":%uD,\"dispatch_overhead_ms\":%.2f},"
                "\"cache\":{\"blocks\":%uD,\"precise\":%uD,"
                "\"approx\":%uD,\"evicted\":%uL}",
                ps.prefill_coef[0], ps.prefill_coef[1], ps.prefill_coef[2],
@@ -130,6 +130,7 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                ps.prefill_samples, ps.decode_samples,
                ps.prefill_mape, ps.decode_mape, ps.completion_mape,
                wait > 0 ? (double) wait / 1000 : 0.0, ps.inflight,
+               ps.reach_us / 1000,
                is.blocks, is.precise, is.approx, is.evicted);
 }
 

@@ -499,6 +499,7 @@ class Predictor:
             "completion_mape": s.completion_mape,
             "free_at_us": s.free_at_us,
             "inflight": s.inflight,
+            "reach_us": s.reach_us,
         }
 
     def reset(self, instance):

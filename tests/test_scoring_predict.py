@@ -201,6 +201,36 @@ def test_completion_error_on_a_serial_server():
     assert rel(st["prefill_coef"][1], TRUE_PREFILL[1]) < 0.2
 
 
+def test_the_trip_to_an_idle_engine_is_learned_apart_from_the_service():
+    """A request sent to an idle instance pays the trip to the engine and
+    back (R) on top of its service; one already waiting there when the one
+    before it finishes does not.  The service model is fitted on the second
+    kind, R is learned from the first, so both are predicted well (one
+    model for both would be off by about R/2 for each)."""
+    trip = 4000
+    p = Predictor(1)
+    rnd = random.Random(11)
+    now = 0
+    errors = {"idle": [], "queued": []}
+    for i in range(400):
+        now += 1_000_000                     # idle before each pair
+        n1, n2 = rnd.randrange(64, 2048), rnd.randrange(64, 2048)
+        j1 = p.dispatch_prefill(0, n1, 0, now)
+        j2 = p.dispatch_prefill(0, n2, 0, now + 2000)   # waits behind j1
+        d1 = now + trip + int(prefill_truth(n1, 0))
+        d2 = d1 + int(prefill_truth(n2, 0))
+        p.prefill_done(0, j1, d1)
+        p.prefill_done(0, j2, d2)
+        if i >= 300:
+            errors["idle"].append(rel(j1.done_us - now, d1 - now))
+            errors["queued"].append(rel(j2.done_us - (now + 2000), d2 - (now + 2000)))
+    st = p.state(0)
+    assert abs(st["reach_us"] - trip) < 0.2 * trip, st
+    assert rel(st["prefill_coef"][0], TRUE_PREFILL[0]) < 0.1, st
+    for kind, e in errors.items():
+        assert sum(e) / len(e) < 0.03, (kind, sum(e) / len(e))
+
+
 def test_batched_completion_is_not_fitted():
     p = Predictor(1, prefill_prior=(1000, 10000, 0))
     j1 = p.dispatch_prefill(0, 1024, 0, 0)

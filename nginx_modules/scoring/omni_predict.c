@@ -25,6 +25,12 @@
 /* from dispatch to the engine's step, about: requests sent to an idle
  * instance within this long of each other share its first step */
 #define OMNI_PREDICT_REACH_US 1000
+/* The trip to an idle engine and back is learned (a median: steps of this
+ * fraction, at least MIN_STEP us) once the model has QUEUED_MIN samples
+ * timed from the completion before them (which do not include it). */
+#define OMNI_PREDICT_REACH_STEP     0.1
+#define OMNI_PREDICT_REACH_MIN_STEP 500.0
+#define OMNI_PREDICT_QUEUED_MIN     16
 
 /* Observations are weighted by (OMNI_PREDICT_SCALE / time)^2: the fit
  * minimises relative errors, so a 10 ms prefill counts as much as a 5 s one.
@@ -76,6 +82,10 @@ typedef struct {
     uint64_t            last_done_us;
     uint64_t            tail_start_us; /* predicted start of the step the
                                           last request sent waits for */
+    double              reach_us;      /* learned: what a request sent to an
+                                          idle instance takes beyond its
+                                          service (to the engine and back) */
+    uint64_t            queued_samples; /* fitted, timed from the one before */
     uint64_t            completion_samples;
     double              completion_mape;
     uint32_t            inflight;
@@ -631,9 +641,12 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
 
     } else {
         /* An idle engine starts a step as soon as the request reaches it;
-         * what is sent in the meantime joins it. */
+         * what is sent in the meantime joins it.  Its answer comes after
+         * the trip there and back, which a request already waiting in the
+         * engine does not pay. */
         start = now_us;
         in->tail_start_us = now_us + OMNI_PREDICT_REACH_US;
+        service += (int64_t) in->reach_us;
     }
 
     job->n_new = n_new;
@@ -659,7 +672,7 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
 {
     omni_predict_inst_t  *in;
     uint64_t              start, service, latency;
-    double                x[OMNI_PREDICT_DIM];
+    double                x[OMNI_PREDICT_DIM], r, step;
 
     if (p == NULL || job == NULL || inst >= p->cfg.max_instances) {
         return OMNI_EINVAL;
@@ -682,13 +695,44 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
         }
         service = done_us - start;
 
+        omni_predict_prefill_x(x, job->n_new, job->n_cached);
+
         /* a request that shared a step is not timed on its own */
-        if (!job->shared
-            && (start == job->dispatch_us
-                || (double) service >= OMNI_PREDICT_BATCHED
-                                       * (double) job->service_us))
-        {
-            omni_predict_prefill_x(x, job->n_new, job->n_cached);
+        if (job->shared) {
+            /* nothing to learn */
+
+        } else if (start != job->dispatch_us) {
+            /* timed from the completion of the one before: its service */
+            if ((double) service >= OMNI_PREDICT_BATCHED
+                                    * (double) job->service_us)
+            {
+                omni_predict_rls_update(p, &in->prefill,
+                                        p->cfg.prefill_prior, x,
+                                        (double) service);
+                in->queued_samples++;
+            }
+
+        } else if (in->queued_samples >= OMNI_PREDICT_QUEUED_MIN) {
+            /*
+             * It waited for nobody: its latency is the trip to the engine
+             * and back plus its service, which the model fitted on the
+             * others knows.  What is left is the trip.  Its median is
+             * tracked (a step towards each sample), so a prefill
+             * mispredicted for other reasons moves it by one step only.
+             */
+            r = (double) latency
+                - omni_predict_floor(p, omni_predict_dot(in->prefill.coef, x));
+            step = in->reach_us * OMNI_PREDICT_REACH_STEP;
+            step = step > OMNI_PREDICT_REACH_MIN_STEP
+                   ? step : OMNI_PREDICT_REACH_MIN_STEP;
+            if (r > in->reach_us) {
+                in->reach_us += step;
+            } else if (r < in->reach_us) {
+                in->reach_us = in->reach_us > step ? in->reach_us - step : 0;
+            }
+
+        } else {
+            /* too few of the others yet: the model takes it all */
             omni_predict_rls_update(p, &in->prefill, p->cfg.prefill_prior, x,
                                     (double) service);
         }
@@ -778,6 +822,7 @@ omni_predict_state(const omni_predict_t *p, uint32_t inst,
     out->completion_mape = in->completion_mape;
     out->free_at_us = in->free_at_us;
     out->inflight = in->inflight;
+    out->reach_us = in->reach_us;
 
     return OMNI_OK;
 }

@@ -88,6 +88,8 @@ typedef struct {
     uint64_t  free_at_us;         /* predicted end of the prefill work sent */
     uint32_t  inflight;           /* prefill jobs dispatched, not yet done */
     uint32_t  pad;
+    double    reach_us;           /* learned time a request sent to an idle
+                                     instance takes beyond its service */
 } omni_predict_state_t;
 
 size_t omni_predict_size(const omni_predict_cfg_t *cfg);
