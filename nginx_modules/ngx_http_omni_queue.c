@@ -33,8 +33,12 @@
 
 /* a microsecond waited forgives this much predicted work (SJF aging) */
 #define NGX_HTTP_OMNI_AGING         1.0
+/* requests past the starvation timeout looked at for the most late one */
+#define NGX_HTTP_OMNI_LATE_SCAN     64
 
 
+static uint32_t ngx_http_omni_most_late_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_queue_t *queue, ngx_msec_t now);
 static void ngx_http_omni_heap_push(ngx_http_omni_shctx_t *sh,
     ngx_http_omni_queue_t *q, uint32_t e);
 static void ngx_http_omni_heap_remove(ngx_http_omni_shctx_t *sh,
@@ -205,10 +209,60 @@ ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
     if (mcf->starvation_timeout
         && now - sh->entries[queue->head].arrival >= mcf->starvation_timeout)
     {
-        return queue->head;
+        if (q != NGX_HTTP_OMNI_Q_PREFILL
+            || mcf->queue_order != NGX_HTTP_OMNI_ORDER_SJF)
+        {
+            return queue->head;
+        }
+
+        return ngx_http_omni_most_late_locked(mcf, sh, queue, now);
     }
 
     return queue->heap[0];
+}
+
+
+/*
+ * Of the prefill requests that waited past the starvation timeout (the
+ * oldest ones, at the front of the arrival list), the one whose TTFT will
+ * be the largest: the time it waited plus its predicted work.  Under a
+ * backlog every request is past the timeout; the oldest first would leave
+ * the long prompts that came last to the end of the drain, which is the
+ * tail; this way the wait is shared out by what it will cost.
+ */
+static uint32_t
+ngx_http_omni_most_late_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_queue_t *queue, ngx_msec_t now)
+{
+    double                   late, most;
+    uint32_t                 e, best;
+    ngx_uint_t               k;
+    ngx_http_omni_qentry_t  *en;
+
+    best = queue->head;
+    most = -1;
+
+    for (e = queue->head, k = 0;
+         e != NGX_HTTP_OMNI_NONE && k < NGX_HTTP_OMNI_LATE_SCAN;
+         e = en->next, k++)
+    {
+        en = &sh->entries[e];
+
+        if (now - en->arrival < mcf->starvation_timeout) {
+            break;
+        }
+
+        /* the SJF key is work + AGING * arrival (us) */
+        late = (double) (now - en->arrival) * 1000
+               + (en->key - NGX_HTTP_OMNI_AGING * (double) en->arrival * 1000);
+
+        if (late > most) {
+            most = late;
+            best = e;
+        }
+    }
+
+    return best;
 }
 
 

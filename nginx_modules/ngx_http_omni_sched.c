@@ -887,7 +887,10 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
 
                 en = &sh->entries[e];
 
-                if (queue->n && e == queue->head && e != queue->heap[0]) {
+                if (queue->n && e != queue->heap[0]
+                    && mcf->starvation_timeout
+                    && now - en->arrival >= mcf->starvation_timeout)
+                {
                     sh->starved++;
                 }
 

@@ -230,6 +230,44 @@ def test_a_longer_request_does_not_join_a_shorter_ones_step(omni_nginx, one_by_o
     _idle(nginx)
 
 
+def test_past_the_starvation_timeout_the_most_late_goes_first(omni_nginx, one_by_one,
+                                                             tmp_path):
+    """Under a backlog every request is past the starvation timeout.  Among
+    those, the one whose TTFT will be the largest (waited + predicted work)
+    goes first, not simply the oldest: here a long prompt that came after a
+    short one.  Shortest-first alone would also take the short one first."""
+    sim = one_by_one
+    nginx = omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
+                       decode_endpoints=sim.decode_endpoints[0],
+                       schedule_policy="omni", prefill_queue_order="sjf",
+                       prefill_max_num_seqs=1, max_batch_num_token=1,
+                       prefill_starvation_timeout="200ms",
+                       access_log_file=str(tmp_path / "access.log"))
+    tag = time.monotonic_ns()
+    names = {k: f"{k}-{tag}" for k in ("block", "short", "long")}
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    futures = [pool.submit(_post, nginx, {"prompt": _tokens(12000, f"b{tag}"),
+                                          "max_tokens": 1}, names["block"])]
+    _wait_busy(nginx, "prefill")
+    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(64, f"s{tag}"),
+                                              "max_tokens": 1}, names["short"]))
+    time.sleep(0.05)
+    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(6000, f"l{tag}"),
+                                              "max_tokens": 1}, names["long"]))
+    for f in futures:
+        f.result(timeout=60)
+    pool.shutdown()
+
+    starts = _prefill_starts(sim, {names["short"], names["long"]})
+    assert starts[names["long"]] < starts[names["short"]], starts
+    log = _access(tmp_path)
+    # both were held past the timeout (the blocker takes ~600 ms)
+    assert int(log[names["short"]]["queue_ms"]) > 200, log[names["short"]]
+    assert int(log[names["long"]]["queue_ms"]) > 200, log[names["long"]]
+    status = _idle(nginx)
+    assert status["queues"]["released_by_starvation_timeout"] >= 1
+
+
 @pytest.fixture(scope="module")
 def two_prefill():
     with SimCluster(prefill=2, decode=1, engine="vllm", preset="tiny",
