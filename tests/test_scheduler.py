@@ -146,16 +146,21 @@ def test_burst_is_held_and_released_in_policy_order(omni_nginx, one_by_one, tmp_
     del sim_before
 
 
+def _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation):
+    """Omni policy, shortest first, one prefill at a time on the one instance."""
+    return omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
+                      decode_endpoints=sim.decode_endpoints[0],
+                      schedule_policy="omni", prefill_queue_order="sjf",
+                      prefill_max_num_seqs=1, max_batch_num_token=1,
+                      prefill_starvation_timeout=starvation,
+                      access_log_file=str(tmp_path / "access.log"))
+
+
 def test_starvation_timeout_bounds_the_wait(omni_nginx, one_by_one, tmp_path):
     """Short requests keep coming; shortest-first would keep the long one
     waiting while they do, the starvation timeout lets it go first."""
     sim = one_by_one
-    nginx = omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
-                       decode_endpoints=sim.decode_endpoints[0],
-                       schedule_policy="omni", prefill_queue_order="sjf",
-                       prefill_max_num_seqs=1, max_batch_num_token=1,
-                       prefill_starvation_timeout="800ms",
-                       access_log_file=str(tmp_path / "access.log"))
+    nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="800ms")
     tag = time.monotonic_ns()
     pool = concurrent.futures.ThreadPoolExecutor(16)
     futures = [pool.submit(_post, nginx, {"prompt": _tokens(4000, 1), "max_tokens": 1},
@@ -185,6 +190,26 @@ def test_starvation_timeout_bounds_the_wait(omni_nginx, one_by_one, tmp_path):
     assert status["queues"]["released_by_starvation_timeout"] >= 1
 
 
+def _short_then_long(nginx, block, long, gap):
+    """A blocker of `block` tokens; while it runs, a 64-token request, then
+    `gap` s later one of `long` tokens.  All answered; their request ids."""
+    tag = time.monotonic_ns()
+    names = {k: f"{k}-{tag}" for k in ("block", "short", "long")}
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    futures = [pool.submit(_post, nginx, {"prompt": _tokens(block, f"b{tag}"),
+                                          "max_tokens": 1}, names["block"])]
+    _wait_busy(nginx, "prefill")
+    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(64, f"s{tag}"),
+                                              "max_tokens": 1}, names["short"]))
+    time.sleep(gap)
+    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(long, f"l{tag}"),
+                                              "max_tokens": 1}, names["long"]))
+    for f in futures:
+        f.result(timeout=60)
+    pool.shutdown()
+    return names
+
+
 def test_a_longer_request_does_not_join_a_shorter_ones_step(omni_nginx, one_by_one,
                                                            tmp_path):
     """Engines batch in steps, and what waits for the next step shares it.
@@ -198,20 +223,7 @@ def test_a_longer_request_does_not_join_a_shorter_ones_step(omni_nginx, one_by_o
                        decode_endpoints=sim.decode_endpoints[0],
                        schedule_policy="omni", hold_slack="300ms",
                        access_log_file=str(tmp_path / "access.log"))
-    tag = time.monotonic_ns()
-    names = {k: f"{k}-{tag}" for k in ("block", "short", "long")}
-    pool = concurrent.futures.ThreadPoolExecutor(4)
-    futures = [pool.submit(_post, nginx, {"prompt": _tokens(4000, f"b{tag}"),
-                                          "max_tokens": 1}, names["block"])]
-    _wait_busy(nginx, "prefill")
-    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(64, f"s{tag}"),
-                                              "max_tokens": 1}, names["short"]))
-    time.sleep(0.01)
-    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(4000, f"l{tag}"),
-                                              "max_tokens": 1}, names["long"]))
-    for f in futures:
-        f.result(timeout=60)
-    pool.shutdown()
+    names = _short_then_long(nginx, block=4000, long=4000, gap=0.01)
 
     seen = {}
     for inst in sim.stats(requests=500)["cluster"]:
@@ -237,26 +249,8 @@ def test_past_the_starvation_timeout_the_most_late_goes_first(omni_nginx, one_by
     goes first, not simply the oldest: here a long prompt that came after a
     short one.  Shortest-first alone would also take the short one first."""
     sim = one_by_one
-    nginx = omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
-                       decode_endpoints=sim.decode_endpoints[0],
-                       schedule_policy="omni", prefill_queue_order="sjf",
-                       prefill_max_num_seqs=1, max_batch_num_token=1,
-                       prefill_starvation_timeout="200ms",
-                       access_log_file=str(tmp_path / "access.log"))
-    tag = time.monotonic_ns()
-    names = {k: f"{k}-{tag}" for k in ("block", "short", "long")}
-    pool = concurrent.futures.ThreadPoolExecutor(4)
-    futures = [pool.submit(_post, nginx, {"prompt": _tokens(12000, f"b{tag}"),
-                                          "max_tokens": 1}, names["block"])]
-    _wait_busy(nginx, "prefill")
-    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(64, f"s{tag}"),
-                                              "max_tokens": 1}, names["short"]))
-    time.sleep(0.05)
-    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(6000, f"l{tag}"),
-                                              "max_tokens": 1}, names["long"]))
-    for f in futures:
-        f.result(timeout=60)
-    pool.shutdown()
+    nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="200ms")
+    names = _short_then_long(nginx, block=12000, long=6000, gap=0.05)
 
     starts = _prefill_starts(sim, {names["short"], names["long"]})
     assert starts[names["long"]] < starts[names["short"]], starts
