@@ -130,6 +130,9 @@ find_missing() {
     command -v make >/dev/null 2>&1 || missing+=(make)
     [ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
     python_ok || missing+=(python3 python3-venv python3-dev)
+    # the tests include a short bench-overhead run, which drives wrk
+    [ "$run_tests" = 1 ] && ! command -v wrk >/dev/null 2>&1 && missing+=(wrk)
+    true
 }
 
 find_missing
