@@ -266,6 +266,9 @@ typedef struct {
     uint64_t                       decisions;
     uint64_t                       decision_us; /* time spent deciding */
     double                         output_ewma[NGX_HTTP_OMNI_ROUTES];
+    uint64_t                       last_arrival_us; /* of a request to
+                                                       start (omni policy) */
+    double                         arrival_gap_us;  /* their mean gap */
 
     ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
 } ngx_http_omni_shctx_t;

@@ -30,6 +30,10 @@
 /* cache-aware: leave the best-matching instance when it has this many
  * more requests in flight than the least loaded one */
 #define NGX_HTTP_OMNI_BALANCE        8
+/* the mean gap between arrivals: weight of the newest, and the longest gap
+ * counted (an idle proxy is not a slow one forever) */
+#define NGX_HTTP_OMNI_GAP_ALPHA      0.05
+#define NGX_HTTP_OMNI_MAX_GAP_US     10000000
 
 
 /* per worker scratch, sized for every slot */
@@ -357,6 +361,26 @@ ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
 }
 
 
+/* A request to start arrived: the mean gap between arrivals (under the
+ * zone lock). */
+static void
+ngx_http_omni_arrived(ngx_http_omni_shctx_t *sh, uint64_t now_us)
+{
+    uint64_t  gap;
+
+    if (sh->last_arrival_us && now_us > sh->last_arrival_us) {
+        gap = ngx_min(now_us - sh->last_arrival_us,
+                      NGX_HTTP_OMNI_MAX_GAP_US);
+        sh->arrival_gap_us = sh->arrival_gap_us
+            ? sh->arrival_gap_us
+              + NGX_HTTP_OMNI_GAP_ALPHA * ((double) gap - sh->arrival_gap_us)
+            : (double) gap;
+    }
+
+    sh->last_arrival_us = now_us;
+}
+
+
 /* Decode placement for entry en: a slot, or NGX_HTTP_OMNI_NONE to hold. */
 static uint32_t
 ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
@@ -546,19 +570,10 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
         c[i].max_tokens = OMNI_POLICY_UNLIMITED;
     }
 
-    /*
-     * The cost of a choice is the request's own predicted TTFT plus what
-     * its prefill takes from everyone queued behind it: a prefill of t
-     * delays the next `waiting / instances` requests by about t each.  So
-     * the more requests wait, the more a cache hit (less work) is worth
-     * against a shorter wait.
-     */
+    /* the cost of a choice: its own TTFT and what it takes from the others */
 
-    if (waiting > 1) {
-        for (i = 0; i < ucf->n; i++) {
-            c[i].prefill_us += c[i].prefill_us * (waiting - 1) / ucf->n;
-        }
-    }
+    (void) omni_policy_prefill_add_delay(c, ucf->n, (uint32_t) waiting,
+                                         sh->arrival_gap_us);
 
     rc = omni_policy_prefill_choose(c, ucf->n,
                                     (uint32_t) ngx_min(en->prompt_tokens,
@@ -713,6 +728,12 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     ngx_http_omni_qentry_t   en;
 
     sh = ngx_http_omni_shm(ctx->mcf, &shpool);
+
+    if (queue == NGX_HTTP_OMNI_Q_PREFILL) {
+        ngx_shmtx_lock(&shpool->mutex);
+        ngx_http_omni_arrived(sh, ngx_http_omni_now_us());
+        ngx_shmtx_unlock(&shpool->mutex);
+    }
 
     if (sh->queues[queue].n) {
         return NGX_DECLINED;

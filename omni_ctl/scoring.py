@@ -623,6 +623,20 @@ def prepare_prefill(predictor, candidates, cached_blocks, block_size,
     return candidates
 
 
+def add_prefill_delay(candidates, waiting, arrival_gap_us=0.0):
+    """Add to each candidate's ``prefill_us`` what that prefill costs the
+    requests queued behind it (``waiting`` counts this one) and those that
+    arrive while it runs (one every ``arrival_gap_us`` on average; 0:
+    unknown).  Returns the candidates."""
+    arr = _prefill_array(candidates)
+    check(lib.omni_policy_prefill_add_delay(arr, len(candidates), waiting,
+                                            float(arrival_gap_us)),
+          "add_prefill_delay")
+    for i, c in enumerate(candidates):
+        c.prefill_us = arr[i].prefill_us
+    return candidates
+
+
 def choose_prefill(candidates, prompt_tokens, hold_slack_us=None):
     """Where to prefill: least predicted TTFT within limits, or hold.
 

@@ -6,9 +6,10 @@ import random
 import pytest
 
 from omni_ctl.scoring import (DecodeInstance, DecodeJob, PrefillCandidate,
-                              PrefixIndex, Predictor, QueueItem, assign_decode,
-                              choose_prefill, lpt_order, place_decode,
+                              PrefixIndex, Predictor, QueueItem, add_prefill_delay,
+                              assign_decode, choose_prefill, lpt_order, place_decode,
                               prepare_prefill, queue_order, queue_pick)
+from omni_ctl.scoring_errors import InvalidArgumentError
 
 # ---- prefill choice ---------------------------------------------------------
 
@@ -26,6 +27,37 @@ def test_cache_hit_wins_when_its_instance_is_free_soon():
                            prefill_us=20_000)
     cold = PrefillCandidate(1, wait_us=0, prefill_us=150_000)
     assert choose_prefill([hit, cold], 3200).choice == 0
+
+
+def test_what_a_prefill_costs_the_others():
+    # queued behind it: (waiting - 1) / n requests delayed by t each
+    c = add_prefill_delay([PrefillCandidate(0, prefill_us=100_000),
+                           PrefillCandidate(1, prefill_us=100_000)], waiting=5)
+    assert [x.prefill_us for x in c] == [300_000, 300_000]
+    # arriving while it runs: t / gap / n of them, delayed by t / 2
+    c = add_prefill_delay([PrefillCandidate(0, prefill_us=400_000),
+                           PrefillCandidate(1, prefill_us=40_000)], waiting=1,
+                          arrival_gap_us=100_000)
+    assert [x.prefill_us for x in c] == [800_000, 44_000]
+    # nothing waiting, arrivals unknown: its own time only
+    c = add_prefill_delay([PrefillCandidate(0, prefill_us=400_000)], waiting=1)
+    assert c[0].prefill_us == 400_000
+    with pytest.raises(InvalidArgumentError):
+        add_prefill_delay([PrefillCandidate(0)], waiting=1, arrival_gap_us=-1)
+
+
+def test_a_busy_proxy_values_a_cache_hit_more():
+    """The same two candidates: alone, the idle instance finishes this
+    request sooner; with a request arriving every 100 ms, recomputing the
+    prefix there delays the ones that come meanwhile by more than waiting
+    for the instance that holds it."""
+    def cands():
+        return [PrefillCandidate(0, cached_tokens=3000, wait_us=300_000,
+                                 prefill_us=100_000),
+                PrefillCandidate(1, wait_us=0, prefill_us=350_000)]
+    assert choose_prefill(add_prefill_delay(cands(), waiting=1), 4000).choice == 1
+    assert choose_prefill(add_prefill_delay(cands(), waiting=1,
+                                            arrival_gap_us=100_000), 4000).choice == 0
 
 
 def test_end_to_end_prepare_with_index_and_predictor():

@@ -196,6 +196,34 @@ omni_policy_prefill_choose(const omni_prefill_cand_t *c, size_t n,
 }
 
 
+int
+omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
+    uint32_t waiting, double arrival_gap_us)
+{
+    double  others, t;
+    size_t  i;
+
+    if ((n > 0 && c == NULL) || !(arrival_gap_us >= 0)) {
+        return OMNI_EINVAL;
+    }
+
+    for (i = 0; i < n; i++) {
+        t = (double) c[i].prefill_us;
+        others = waiting > 1 ? (double) (waiting - 1) : 0;
+
+        if (arrival_gap_us > 0) {
+            others += t / (2 * arrival_gap_us);
+        }
+
+        t += t * others / (double) n;
+        c[i].prefill_us = t < (double) UINT64_MAX / 2 ? (uint64_t) t
+                                                      : UINT64_MAX / 2;
+    }
+
+    return OMNI_OK;
+}
+
+
 /* ---- decode -------------------------------------------------------------- */
 
 static inline uint64_t
