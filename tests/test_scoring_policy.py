@@ -39,6 +39,11 @@ def test_what_a_prefill_costs_the_others():
                            PrefillCandidate(1, prefill_us=40_000)], waiting=1,
                           arrival_gap_us=100_000)
     assert [x.prefill_us for x in c] == [800_000, 44_000]
+    # with a queue, those arriving meanwhile queue behind it: the larger count
+    c = add_prefill_delay([PrefillCandidate(0, prefill_us=400_000),
+                           PrefillCandidate(1, prefill_us=400_000)], waiting=5,
+                          arrival_gap_us=100_000)
+    assert [x.prefill_us for x in c] == [1_200_000, 1_200_000]
     # nothing waiting, arrivals unknown: its own time only
     c = add_prefill_delay([PrefillCandidate(0, prefill_us=400_000)], waiting=1)
     assert c[0].prefill_us == 400_000

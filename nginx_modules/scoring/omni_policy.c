@@ -211,8 +211,10 @@ omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
         t = (double) c[i].prefill_us;
         others = waiting > 1 ? (double) (waiting - 1) : 0;
 
-        if (arrival_gap_us > 0) {
-            others += t / (2 * arrival_gap_us);
+        /* under a backlog, those arriving meanwhile queue behind the ones
+         * waiting: whichever count is larger */
+        if (arrival_gap_us > 0 && t / (2 * arrival_gap_us) > others) {
+            others = t / (2 * arrival_gap_us);
         }
 
         t += t * others / (double) n;

@@ -132,10 +132,12 @@ int omni_policy_prefill_choose(const omni_prefill_cand_t *c, size_t n,
  * What each candidate's prefill costs the others, added to its prefill_us
  * (so that choose() weighs the request's own TTFT plus that): a prefill of t
  * delays the next (waiting - 1) / n requests queued behind it by about t
- * each, and the t / arrival_gap_us / n that arrive while it runs by t / 2 on
- * average.  The busier the proxy, the more a cache hit (less work) is worth
- * against a shorter wait.  `waiting` counts this request; arrival_gap_us is
- * the mean time between arrivals (0: unknown, not counted).
+ * each or, if more, the t / arrival_gap_us / n that arrive while it runs by
+ * t / 2 on average (under a backlog those queue behind the ones waiting, so
+ * the larger count stands for both).  The busier the proxy, the more a
+ * cache hit (less work) is worth against a shorter wait.  `waiting` counts
+ * this request; arrival_gap_us is the mean time between arrivals (0:
+ * unknown, not counted).
  */
 int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
     uint32_t waiting, double arrival_gap_us);
