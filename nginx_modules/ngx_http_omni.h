@@ -200,6 +200,7 @@ typedef struct {
                                                    owner may use it */
     ngx_msec_t                     arrival;
     double                         key;         /* smaller leaves first */
+    uint64_t                       work_us;     /* prefill: predicted work */
     uint32_t                       heap_pos;
     uint32_t                       prev;        /* arrival order */
     uint32_t                       next;        /*   (free list: next) */

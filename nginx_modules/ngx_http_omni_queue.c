@@ -252,9 +252,7 @@ ngx_http_omni_most_late_locked(ngx_http_omni_main_conf_t *mcf,
             break;
         }
 
-        /* the SJF key is work + AGING * arrival (us) */
-        late = (double) (now - en->arrival) * 1000
-               + (en->key - NGX_HTTP_OMNI_AGING * (double) en->arrival * 1000);
+        late = (double) (now - en->arrival) * 1000 + (double) en->work_us;
 
         if (late > most) {
             most = late;
@@ -457,6 +455,7 @@ ngx_int_t
 ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 {
     size_t                   i;
+    int64_t                  work;
     uint32_t                 e;
     uint64_t                 best;
     ngx_msec_t               now;
@@ -545,11 +544,11 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
                                            en->n_hashes, ctx->prompt_tokens,
                                            &i);
 
-        en->key = (double) omni_predict_prefill_us(sh->predict,
-                                                   (uint32_t) i,
-                                                   (uint32_t) best,
-                                                   (uint32_t)
-                                                   (ctx->prompt_tokens - best))
+        work = omni_predict_prefill_us(sh->predict, (uint32_t) i,
+                                       (uint32_t) best,
+                                       (uint32_t) (ctx->prompt_tokens - best));
+        en->work_us = work > 0 ? (uint64_t) work : 0;
+        en->key = (double) en->work_us
                   + NGX_HTTP_OMNI_AGING * (double) now * 1000;
     }
 

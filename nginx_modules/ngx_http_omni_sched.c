@@ -729,13 +729,9 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 
     sh = ngx_http_omni_shm(ctx->mcf, &shpool);
 
-    if (queue == NGX_HTTP_OMNI_Q_PREFILL) {
-        ngx_shmtx_lock(&shpool->mutex);
-        ngx_http_omni_arrived(sh, ngx_http_omni_now_us());
-        ngx_shmtx_unlock(&shpool->mutex);
-    }
-
-    if (sh->queues[queue].n) {
+    /* an unlocked look first; a request to start is counted as an arrival
+     * under the lock below either way */
+    if (queue == NGX_HTTP_OMNI_Q_DECODE && sh->queues[queue].n) {
         return NGX_DECLINED;
     }
 
@@ -757,6 +753,12 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 
     ngx_shmtx_lock(&shpool->mutex);
 
+    now_us = ngx_http_omni_now_us();
+
+    if (queue == NGX_HTTP_OMNI_Q_PREFILL) {
+        ngx_http_omni_arrived(sh, now_us);
+    }
+
     /* the order of arrival holds: only when nobody is waiting */
 
     if (queue == NGX_HTTP_OMNI_Q_DECODE) {
@@ -773,8 +775,6 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
             || ngx_http_omni_tier_usable(ctx->mcf, sh, NGX_HTTP_OMNI_DECODE,
                                          now)))
     {
-        now_us = ngx_http_omni_now_us();
-
         if (ngx_http_omni_bind_start(ctx->mcf, sh, &en, now, now_us,
                                      &retry_us, 1, 1)
             == NGX_OK)
