@@ -11,7 +11,7 @@ from omni_ctl.bench import client, core, workloads
 from omni_ctl.bench.errors import BenchError
 from omni_ctl.bench.metrics import RequestRecord, parse_slo, stats, summarize
 
-TRACE = "/work/shared/traces/mooncake_synthetic_trace.jsonl"
+TRACE = workloads.trace_path("mooncake")   # shipped as package data
 
 
 def _write_trace(path, rows):
@@ -94,9 +94,9 @@ def test_bad_trace_lines_are_named(tmp_path):
         workloads.read_trace(str(tmp_path / "missing.jsonl"))
 
 
-@pytest.mark.skipif(not __import__("os").path.exists(TRACE), reason="no shared trace")
 def test_mooncake_trace_converts_with_exact_lengths():
-    sessions = core.make_workload(core.WorkloadSpec(workload=f"trace:{TRACE}",
+    assert len(workloads.read_trace("mooncake")) == 3993   # the whole shipped trace
+    sessions = core.make_workload(core.WorkloadSpec(workload="trace:mooncake",
                                                     num_requests=50))
     rows = workloads.read_trace(TRACE)[:50]
     for s, row in zip(sessions, rows):

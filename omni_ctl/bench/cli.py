@@ -35,7 +35,8 @@ def workload_options(f):
     """Options that decide what is sent; shared by bench, compare and demo."""
     opts = [
         click.option("--workload", "-w", default="gsp", show_default=True,
-                     help="gsp | multiturn | random | trace:PATH (Mooncake JSONL)."),
+                     help="gsp | multiturn | random | trace:PATH (Mooncake JSONL) | "
+                          "trace:mooncake (the shipped Mooncake trace)."),
         click.option("--num-requests", "-n", type=int, default=None,
                      help="Requests to send (default: the whole trace, all gsp "
                           "groups, else 200)."),

@@ -1,4 +1,4 @@
-"""Command lines of the peer routers (see /work/shared/PEERS.md)."""
+"""Command lines of the peer routers (sglang-router and vllm-router from PyPI)."""
 
 from __future__ import annotations
 

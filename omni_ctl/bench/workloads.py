@@ -200,7 +200,20 @@ class LazyTracePrompt:
         return trace_prompt_text(self.hash_ids, self.input_length)
 
 
+# traces shipped with the package, by name (`-w trace:mooncake`)
+TRACES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces")
+SHIPPED_TRACES = {"mooncake": "mooncake_synthetic_trace.jsonl"}
+
+
+def trace_path(name_or_path: str) -> str:
+    """A shipped trace's file for its name, else the path as given."""
+    if name_or_path in SHIPPED_TRACES:
+        return os.path.join(TRACES_DIR, SHIPPED_TRACES[name_or_path])
+    return name_or_path
+
+
 def read_trace(path: str) -> list[dict]:
+    path = trace_path(path)
     if not os.path.isfile(path):
         raise BenchError(f"trace file '{path}' does not exist")
     rows = []
