@@ -21,6 +21,7 @@ COMMANDS = {
     "compare": "omni_ctl.bench.cli:compare",
     "bench-overhead": "omni_ctl.bench.cli:bench_overhead",
     "demo": "omni_ctl.bench.cli:demo",
+    "chaos": "omni_ctl.bench.cli:chaos",
     "bench-lib": "omni_ctl.scoring_bench:bench_lib",
 }
 
@@ -35,6 +36,7 @@ HELP = {
     "compare": "Run one workload through several routers on one simulated cluster.",
     "bench-overhead": "Measure proxy overhead against plain nginx and peer routers.",
     "demo": "Start a simulated cluster and Omni Proxy, compare with round robin.",
+    "chaos": "Replay a workload while the simulated cluster fails on a schedule.",
     "bench-lib": "Benchmark the scoring library (hashing, index, JSON).",
 }
 

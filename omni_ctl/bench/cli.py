@@ -213,3 +213,31 @@ def demo(short, keep, out_dir, port):
     click.echo(res["markdown"])
     for line in res["notes"]:
         click.echo(line)
+
+
+@click.command(name="chaos")
+@click.option("--targets", default="omni,vllm-router,sglang-router", show_default=True,
+              help="Comma list of compare's targets.")
+@click.option("--prefill", type=int, default=4, show_default=True)
+@click.option("--decode", type=int, default=4, show_default=True)
+@click.option("--pd-policy", type=click.Choice(["sequential", "parallel", "aggregated"]),
+              default="sequential", show_default=True)
+@click.option("--schedule", default=None,
+              help="Faults as 'TIME:ACTION;...': TIME in s or % of the run, ACTION "
+                   "INSTANCE=MODE[,k=v...] (the simulator's fault modes), reload or "
+                   "kill-worker (default: one of every kind, docs/benchmarking.md).")
+@click.option("--sim-args", default="", help="Extra arguments for `omni-ctl sim`.")
+@click.option("--workers", type=int, default=2, show_default=True,
+              help="nginx worker processes for Omni Proxy (kill-worker needs 2).")
+@click.option("--omni-args", default="", help="Extra `omni-ctl gen-conf` options.")
+@workload_options
+@load_options
+@click.option("--out", "out_dir", default="bench-out/chaos", show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def chaos(schedule, **kw):
+    """Replay a workload through routers while the simulated cluster fails on
+    a schedule; count answers, well-formed errors, hangs and malformed ones."""
+    from . import chaos as ch
+    res = ch.run_chaos(schedule=schedule or ch.DEFAULT_SCHEDULE, **kw, log=_log)
+    click.echo(res["markdown"])
+    click.echo(f"results: {kw['out_dir']}")

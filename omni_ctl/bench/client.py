@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import aiohttp
 
@@ -48,6 +49,8 @@ class BenchConfig:
     sim_stats_url: str | None = None
     sim_interval_s: float = 0.5
     run_id: str = "bench"
+    # called with the run's t0 (perf_counter) once the clock starts
+    on_start: Callable[[float], None] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -116,6 +119,16 @@ def _response_text(obj: dict, chat: bool) -> str:
             t = choice.get("text") or ""
         out.append(t if isinstance(t, str) else "")
     return "".join(out)
+
+
+def _is_error_json(payload: bytes) -> bool:
+    """Is an error answer's body the API's JSON error object?"""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, TypeError):
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("error"), dict) \
+        and isinstance(obj["error"].get("message"), str)
 
 
 def _error_message(payload: bytes) -> str:
@@ -191,6 +204,7 @@ async def send_request(http: aiohttp.ClientSession, url: str, body: bytes,
                 if resp.status != 200:
                     payload = await resp.content.read(64 * 1024)
                     _fail(rec, f"http_{resp.status}", _error_message(payload))
+                    rec.error_json = _is_error_json(payload)
                 elif stream:
                     await _read_stream(resp, rec, chat, start)
                 else:
@@ -380,6 +394,8 @@ class Runner:
                 sim_before = await simstats.fetch(http, cfg.sim_stats_url)
                 sampler = simstats.Sampler(http, cfg.sim_stats_url, cfg.sim_interval_s)
             self.t0 = time.perf_counter()
+            if cfg.on_start:
+                cfg.on_start(self.t0)
             if sampler:
                 sampler.start(self.t0)
             progress = asyncio.create_task(self._progress()) if cfg.progress else None

@@ -68,6 +68,7 @@ class RequestRecord:
     ok: bool = False
     error_kind: str | None = None
     error: str | None = None
+    error_json: bool | None = None     # an HTTP error's body was a JSON error
     text: str = ""                     # generated text (kept for multiturn)
 
     @property
