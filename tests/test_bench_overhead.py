@@ -124,3 +124,20 @@ def test_short_overhead_run(tmp_path):
     saved = json.load(open(tmp_path / "overhead.json"))
     assert saved["rows"] == res["rows"]
     assert not os.path.exists(saved.get("tmp_dir") or "/nonexistent")
+
+
+def test_a_round_under_half_of_the_others_median_is_a_collapse():
+    def runs(target, size, values):
+        return [{"target": target, "size": size, "round": i, "rps": v}
+                for i, v in enumerate(values)]
+    rs = (runs("omni-parallel", 1024, [23000, 1394, 24000])
+          + runs("nginx", 1024, [42000, 30000, 45000])        # noise, not a stall
+          + runs("omni-parallel", 204800, [4145, 638, 788]))
+    found = overhead.collapses(rs)
+    assert [(c["target"], c["size"], c["round"]) for c in found] == [
+        ("omni-parallel", 1024, 1), ("omni-parallel", 204800, 1),
+        ("omni-parallel", 204800, 2)]
+    text = overhead.markdown_overhead({"sizes": [1024], "duration_s": 1, "repeat": 3,
+                                       "wrk_threads": 1, "connections": 1,
+                                       "rows": [], "collapses": found[:1]})
+    assert "**COLLAPSE**: omni-parallel 1 KB round 2: 1394 req/s" in text

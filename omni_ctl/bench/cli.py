@@ -170,6 +170,10 @@ def bench_overhead(**kw):
     res = overhead.run_overhead(**kw, log=_log)
     click.echo(res["markdown"])
     click.echo(f"results: {res['json_path']}")
+    if res["collapses"]:
+        raise click.ClickException(
+            f"{len(res['collapses'])} round(s) fell under half of the other rounds' "
+            "median (see COLLAPSE above): a target stalled during the run")
 
 
 @click.command(name="compare")

@@ -299,6 +299,7 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
               "load_average": {"start": load_start, "end": os.getloadavg()},
               "omni_module": omni.module_label(omni_module_dir),
               "rows": median_rows(runs) + skipped, "runs": runs,
+              "collapses": collapses(runs),
               "tmp_dir": tmp if keep_dir else None}
     result["markdown"] = markdown_overhead(result)
     os.makedirs(out_dir, exist_ok=True)
@@ -327,6 +328,25 @@ def median_rows(runs: list[dict]) -> list[dict]:
             row[key] = statistics.median(vals) if vals else None
         rows.append(row)
     return rows
+
+
+def collapses(runs: list[dict], ratio: float = 0.5) -> list[dict]:
+    """Rounds that fell below `ratio` x the median of the same target and
+    size's other rounds: a stall, not noise (noise is tens of percent)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["target"], r["size"]), []).append(r)
+    out = []
+    for (target, size), rs in groups.items():
+        for r in rs:
+            others = [o["rps"] for o in rs if o is not r]
+            if not others:
+                continue
+            ref = statistics.median(others)
+            if ref > 0 and r["rps"] < ratio * ref:
+                out.append({"target": target, "size": size, "round": r["round"],
+                            "rps": r["rps"], "others_median": ref})
+    return out
 
 
 def markdown_overhead(result: dict) -> str:
@@ -364,4 +384,8 @@ def markdown_overhead(result: dict) -> str:
         flavor = {"1": "debug build with sanitizers", "0": "release build"}.get(
             mod.get("debug"), "build type unknown")
         skipped.append(f"Omni Proxy module: {mod.get('module_dir')} ({flavor})")
+    for c in result.get("collapses", []):
+        skipped.append(f"**COLLAPSE**: {c['target']} {size_label(c['size'])} round "
+                       f"{c['round'] + 1}: {c['rps']:.0f} req/s, under half of the other "
+                       f"rounds' median {c['others_median']:.0f}")
     return "\n".join(lines + [""] + skipped) + "\n"
