@@ -103,12 +103,17 @@ def load_options(f):
                    "per-instance load from /sim/stats.")
 @click.option("--sim-interval", type=float, default=0.5, show_default=True,
               help="Seconds between /sim/stats samples.")
+@click.option("--engine-metrics", default="",
+              help="Comma list of engine base URLs (prefill instances): the "
+                   "prefix-cache hit rate from their own /metrics (vLLM "
+                   "prefix_cache_hits/queries, SGLang cache_hit_rate).")
 @click.option("--label", default=None, help="Name of this run in tables and plots.")
 @click.option("--out", "out_dir", default="bench-out", show_default=True,
               help="Directory for summary.json, requests.jsonl, summary.md, plots.")
 @click.option("--plots/--no-plots", default=True, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
-def bench(target, sim_stats, sim_interval, label, out_dir, plots, quiet, **kw):
+def bench(target, sim_stats, sim_interval, engine_metrics, label, out_dir, plots, quiet,
+          **kw):
     """Load-test an OpenAI-compatible endpoint: TTFT, TPOT, ITL, E2E,
     throughput and goodput (definitions: docs/benchmarking.md)."""
     from . import core, report
@@ -118,7 +123,9 @@ def bench(target, sim_stats, sim_interval, label, out_dir, plots, quiet, **kw):
     cfg = core.bench_config(_url(target), spec, kw, progress=not quiet,
                             sim_stats_url=sim_stats, sim_interval_s=sim_interval)
     summary, _ = core.run_bench(cfg, spec, slo, label=label, out_dir=out_dir,
-                                plots=plots)
+                                plots=plots,
+                                engine_metrics=[_url(u) for u in engine_metrics.split(",")
+                                                if u.strip()])
     click.echo(report.markdown_summary(summary))
     for name, p in summary["files"].items():
         for path in (p if isinstance(p, list) else [p]):

@@ -124,10 +124,15 @@ def describe_load(cfg: client.BenchConfig, spec: WorkloadSpec) -> str:
 
 def run_bench(cfg: client.BenchConfig, spec: WorkloadSpec, slo: dict,
               label: str | None = None, out_dir: str | None = None,
-              plots: bool = True) -> tuple[dict, client.RunResult]:
-    """Run one benchmark; return its summary (and write files when out_dir)."""
+              plots: bool = True, engine_metrics=()) -> tuple[dict, client.RunResult]:
+    """Run one benchmark; return its summary (and write files when out_dir).
+    `engine_metrics`: engine base URLs whose /metrics give the prefix-cache
+    hit rate when no simulator stats do (real engines)."""
+    from . import enginemetrics
     sessions = make_workload(spec)
+    before = [enginemetrics.scrape(u) for u in engine_metrics]
     result = client.run(cfg, sessions)
+    after = [enginemetrics.scrape(u) for u in engine_metrics]
     s = summarize(result.records, result.duration_s, slo, result.not_sent)
     s["label"] = label or (result.target_label or {}).get("schedule_policy") or cfg.target
     s["target"] = cfg.target
@@ -144,6 +149,10 @@ def run_bench(cfg: client.BenchConfig, spec: WorkloadSpec, slo: dict,
                                        result.sim_samples)
         s["prefix_cache_hit_rate"] = sim.pop("prefix_cache_hit_rate")
         s["sim"] = sim
+    if engine_metrics:
+        s["engine_prefix_cache"] = enginemetrics.hit_rate(before, after)
+        if s["prefix_cache_hit_rate"] is None:
+            s["prefix_cache_hit_rate"] = s["engine_prefix_cache"]["hit_rate"]
     if out_dir:
         paths = report.write_run(out_dir, s, result.records)
         if plots:
