@@ -22,6 +22,7 @@ COMMANDS = {
     "bench-overhead": "omni_ctl.bench.cli:bench_overhead",
     "demo": "omni_ctl.bench.cli:demo",
     "chaos": "omni_ctl.bench.cli:chaos",
+    "dashboard": "omni_ctl.dashboard:dashboard_cmd",
     "bench-lib": "omni_ctl.scoring_bench:bench_lib",
 }
 
@@ -37,6 +38,7 @@ HELP = {
     "bench-overhead": "Measure proxy overhead against plain nginx and peer routers.",
     "demo": "Start a simulated cluster and Omni Proxy, compare with round robin.",
     "chaos": "Replay a workload while the simulated cluster fails on a schedule.",
+    "dashboard": "Print the Grafana dashboard JSON for the proxy's metrics.",
     "bench-lib": "Benchmark the scoring library (hashing, index, JSON).",
 }
 

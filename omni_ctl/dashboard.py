@@ -1,0 +1,99 @@
+"""The Grafana dashboard over Omni Proxy's Prometheus metrics.
+
+`PANELS` is the one source: `omni-ctl dashboard` prints the dashboard JSON
+(import it in Grafana, with a Prometheus data source scraping each proxy's
+/metrics), docs/grafana/omni-proxy.json is its committed output, and the
+tests check that every metric a panel queries is one the proxy exports.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import click
+
+# (title, unit, [(PromQL, legend)], kind)
+PANELS = [
+    ("Requests/s by route and status", "reqps",
+     [("sum by (route, status) (rate(omni_requests_total[1m]))", "{{route}} {{status}}")],
+     "timeseries"),
+    ("Requests in the proxy", "short",
+     [("sum(omni_inflight_requests)", "in flight"),
+      ("sum by (queue) (omni_queue_waiting)", "held: {{queue}}")], "timeseries"),
+    ("Refused and timed out in the queue (per s)", "reqps",
+     [("sum(rate(omni_queue_rejected_total[1m]))", "429 queue full"),
+      ("sum(rate(omni_queue_timeouts_total[1m]))", "503 queue timeout")], "timeseries"),
+    ("Time to first byte", "s",
+     [("histogram_quantile(0.5, sum by (le) (rate(omni_time_to_first_byte_seconds_bucket[1m])))",
+       "p50"),
+      ("histogram_quantile(0.99, sum by (le) (rate(omni_time_to_first_byte_seconds_bucket[1m])))",
+       "p99")], "timeseries"),
+    ("Time held in the proxy", "s",
+     [("histogram_quantile(0.5, sum by (le) (rate(omni_queue_seconds_bucket[1m])))", "p50"),
+      ("histogram_quantile(0.99, sum by (le) (rate(omni_queue_seconds_bucket[1m])))", "p99")],
+     "timeseries"),
+    ("Prefill leg and whole request", "s",
+     [("histogram_quantile(0.99, sum by (le) (rate(omni_prefill_leg_seconds_bucket[1m])))",
+       "prefill leg p99"),
+      ("histogram_quantile(0.99, sum by (le) (rate(omni_request_seconds_bucket[1m])))",
+       "request p99")], "timeseries"),
+    ("Legs in flight per instance", "short",
+     [("max by (role, instance) (omni_instance_inflight_requests)", "{{role}} {{instance}}")],
+     "timeseries"),
+    ("Tokens charged per instance", "short",
+     [("max by (role, instance) (omni_instance_inflight_tokens)", "{{role}} {{instance}}")],
+     "timeseries"),
+    ("Leg errors per instance (per s)", "reqps",
+     [("sum by (role, instance) (rate(omni_instance_errors_total[1m]))",
+       "{{role}} {{instance}}")], "timeseries"),
+    ("Instances usable", "short",
+     [("min by (role, instance) (omni_instance_healthy)", "{{role}} {{instance}}")],
+     "state-timeline"),
+]
+
+_METRIC = re.compile(r"\b(omni_[a-z0-9_]+)")
+_HIST_SUFFIX = re.compile(r"_(bucket|sum|count)$")
+
+
+def dashboard() -> dict:
+    panels = []
+    for i, (title, unit, targets, kind) in enumerate(PANELS):
+        panels.append({
+            "id": i + 1, "type": kind, "title": title,
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [{"refId": chr(ord("A") + k), "expr": expr, "legendFormat": legend,
+                         "datasource": {"type": "prometheus", "uid": "${datasource}"}}
+                        for k, (expr, legend) in enumerate(targets)],
+        })
+    return {
+        "title": "Omni Proxy", "uid": "omni-proxy", "schemaVersion": 39,
+        "tags": ["omni-proxy", "llm"], "time": {"from": "now-1h", "to": "now"},
+        "refresh": "10s",
+        "templating": {"list": [{"name": "datasource", "type": "datasource",
+                                 "query": "prometheus", "label": "Prometheus"}]},
+        "panels": panels,
+    }
+
+
+def queried_metrics(dash: dict) -> set[str]:
+    """Names of the metrics a dashboard's queries read (histogram series
+    named by their family)."""
+    names = set()
+    for p in dash["panels"]:
+        for t in p["targets"]:
+            for m in _METRIC.findall(t["expr"]):
+                names.add(_HIST_SUFFIX.sub("", m))
+    return names
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+@click.command(name="dashboard")
+def dashboard_cmd():
+    """Print the Grafana dashboard JSON (docs/grafana/omni-proxy.json)."""
+    click.echo(render(), nl=False)
