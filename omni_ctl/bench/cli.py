@@ -102,23 +102,38 @@ def load_options(f):
                    "per-instance load from /sim/stats.")
 @click.option("--sim-interval", type=float, default=0.5, show_default=True,
               help="Seconds between /sim/stats samples.")
+@click.option("--sim-args", default="",
+              help="With --sim-stats and a trace: the options the simulator was "
+                   "started with, for the bound's engine limits (its preset and "
+                   "speedup are read from /sim/stats).")
 @click.option("--label", default=None, help="Name of this run in tables and plots.")
 @click.option("--out", "out_dir", default="bench-out", show_default=True,
               help="Directory for summary.json, requests.jsonl, summary.md, plots.")
 @click.option("--plots/--no-plots", default=True, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
-def bench(target, sim_stats, sim_interval, label, out_dir, plots, quiet, **kw):
+def bench(target, sim_stats, sim_interval, sim_args, label, out_dir, plots, quiet, **kw):
     """Load-test an OpenAI-compatible endpoint: TTFT, TPOT, ITL, E2E,
-    throughput and goodput (definitions: docs/benchmarking.md)."""
-    from . import core, report
+    throughput and goodput (definitions: docs/benchmarking.md). With a trace
+    and --sim-stats, also the clairvoyant bounds of the same requests."""
+    import os
+    import shlex
+    from . import bound, core, report
     from .metrics import parse_slo
     spec = core.spec_from_options(kw)
     slo = parse_slo(kw["slo"])
     cfg = core.bench_config(_url(target), spec, kw, progress=not quiet,
                             sim_stats_url=sim_stats, sim_interval_s=sim_interval)
-    summary, _ = core.run_bench(cfg, spec, slo, label=label, out_dir=out_dir,
-                                plots=plots)
+    summary, result = core.run_bench(cfg, spec, slo, label=label, out_dir=out_dir,
+                                     plots=plots)
     click.echo(report.markdown_summary(summary))
+    if spec.workload.startswith("trace:") and result.sim_requests:
+        bounds = bound.compute(result.records, result.sim_requests, cfg.run_id,
+                               bound.cluster_for(result.sim_requests, shlex.split(sim_args)),
+                               source=summary["label"])
+        summary["files"]["bound"] = os.path.join(out_dir, "bound.json")
+        with open(summary["files"]["bound"], "w") as f:
+            json.dump(bounds, f, indent=1)
+        click.echo(report.markdown_compare([summary], bounds))
     for name, p in summary["files"].items():
         for path in (p if isinstance(p, list) else [p]):
             click.echo(f"{name}: {path}")
