@@ -21,6 +21,7 @@ COMMANDS = {
     "compare": "omni_ctl.bench.cli:compare",
     "bench-overhead": "omni_ctl.bench.cli:bench_overhead",
     "demo": "omni_ctl.bench.cli:demo",
+    "explain": "omni_ctl.bench.cli:explain",
     "bench-lib": "omni_ctl.scoring_bench:bench_lib",
 }
 
@@ -35,6 +36,7 @@ HELP = {
     "compare": "Run one workload through several routers on one simulated cluster.",
     "bench-overhead": "Measure proxy overhead against plain nginx and peer routers.",
     "demo": "Start a simulated cluster and Omni Proxy, compare with round robin.",
+    "explain": "Attribute each request's TTFT in an Omni Proxy run to its causes.",
     "bench-lib": "Benchmark the scoring library (hashing, index, JSON).",
 }
 

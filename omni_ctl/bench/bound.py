@@ -102,6 +102,18 @@ def _step_time():
     return step_time
 
 
+def prefill_alone(cluster: Cluster, tokens: int, ctx: int) -> float:
+    """Seconds to prefill `tokens` after `ctx` cached ones on an otherwise
+    idle instance: chunks of the step budget, each step's cost by the preset."""
+    p, step_time, t = cluster.preset, _step_time(), 0.0
+    while tokens > 0:
+        k = min(tokens, p.max_num_batched_tokens)
+        t += step_time(p, k, k * (ctx + k / 2.0), 0, 0)
+        ctx += k
+        tokens -= k
+    return t / cluster.speedup
+
+
 class _Seq:
     """One engine leg of a job: the prefill (or the whole request when
     aggregated) or the decode leg."""
@@ -145,7 +157,7 @@ class _Model:
             if j.prompt < 1 or j.output < 1 or not 0 <= j.cached < j.prompt:
                 raise BenchError(f"bad job {j}: needs prompt >= 1, output >= 1 and "
                                  f"0 <= cached < prompt")
-        self.jobs, self.policy, self.p = jobs, policy, p
+        self.jobs, self.policy, self.p, self.cluster = jobs, policy, p, cluster
         self.speedup = cluster.speedup
         self.agg = cluster.mode == "aggregated"
         self.parallel = cluster.mode == "parallel"
@@ -161,14 +173,7 @@ class _Model:
 
     # -- the cost model ---------------------------------------------------------
     def alone(self, tokens, ctx):
-        """Seconds to prefill `tokens` after `ctx` on an otherwise idle instance."""
-        t = 0.0
-        while tokens > 0:
-            k = min(tokens, self.budget)
-            t += self.step_time(self.p, k, k * (ctx + k / 2.0), 0, 0)
-            ctx += k
-            tokens -= k
-        return t / self.speedup
+        return prefill_alone(self.cluster, tokens, ctx)
 
     def transfer(self, job):
         p = self.p

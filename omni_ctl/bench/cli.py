@@ -227,3 +227,26 @@ def demo(short, keep, out_dir, port):
     click.echo(res["markdown"])
     for line in res["notes"]:
         click.echo(line)
+
+
+@click.command(name="explain")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--worst", type=click.IntRange(0), default=10, show_default=True,
+              help="How many of the slowest requests to list.")
+@click.option("--idle-tolerance-ms", type=click.FloatRange(0), default=3.0,
+              show_default=True,
+              help="Gaps between an instance's prefill legs up to this long do not "
+                   "count as idle (the log's millisecond resolution, the hand-off).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the per-request attribution as JSON instead.")
+def explain(run_dir, worst, idle_tolerance_ms, as_json):
+    """Attribute each request's TTFT in an Omni Proxy run directory (bench or
+    compare output, e.g. bench-out/compare/omni) to waiting, idle instances,
+    starvation releases, mispredictions, shared steps, its own prefill, the
+    decode leg and overhead (docs/scheduler.md)."""
+    from . import explain as ex
+    res = ex.explain(run_dir, worst=worst, idle_tolerance_ms=idle_tolerance_ms)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in res.items() if k != "markdown"}, indent=1))
+    else:
+        click.echo(res["markdown"])
