@@ -73,3 +73,34 @@ def test_model_matches_sequential_pd_through_the_oracle_router(tmp_path):
     prefill_only = bound.Cluster(cluster.preset, 1, 0, "aggregated", cluster.speedup)
     assert bound.alone_ttft(job, cluster) > bound.alone_ttft(job, prefill_only)
     assert b["mode"] == "sequential"
+
+
+def test_bench_with_a_trace_prints_the_bounds(tmp_path):
+    # `omni-ctl bench` on a trace against one simulated instance: the bound
+    # rows, the multiples and bound.json; the shared first block of requests
+    # 1-3 is a cache hit the bound takes from the simulator's records
+    import json
+    import subprocess
+    import sys
+    trace = tmp_path / "trace.jsonl"
+    rows = [(0, 2000, [1, 2, 3, 4]), (100, 1500, [1, 5, 6]), (120, 1500, [1, 7, 8]),
+            (130, 1500, [1, 9, 10]), (400, 700, [11, 12])]
+    trace.write_text("".join(json.dumps({"timestamp": t, "input_length": n,
+                                         "output_length": 3, "hash_ids": h}) + "\n"
+                             for t, n, h in rows))
+    with sim_cluster.SimCluster(prefill=0, decode=0, both=1,
+                                args=["--preset", "tiny", "--max-num-batched-tokens",
+                                      "1024"]) as sim:
+        out = subprocess.run(
+            [sys.executable, "-m", "omni_ctl.cli", "bench", "--target", sim.urls[0],
+             "--sim-stats", sim.urls[0], "--sim-args", "--max-num-batched-tokens 1024",
+             "-w", f"trace:{trace}", "--out", str(tmp_path / "out"), "--no-plots", "-q",
+             "--max-duration", "60"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| bound: SRPT (preemptive, lower bound) | 5/0 |" in out.stdout
+    assert "mean / FCFS" in out.stdout
+    b = json.load(open(tmp_path / "out" / "bound.json"))
+    assert b["requests"] == 5 and b["notes"] == []
+    assert b["cluster"].startswith("1 instances, aggregated, preset tiny")
+    assert "budget 1024 tokens" in b["cluster"]
+    assert b["cached_tokens"] >= 3 * 496      # block 1 (512 tokens) in full 16-token blocks
