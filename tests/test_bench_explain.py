@@ -14,7 +14,7 @@ T0 = 1796400000.0
 P0, P1 = "127.0.0.1:1000", "127.0.0.1:1001"
 
 
-def write_run(root, reqs, slack=20, starve=2000, status_starved=None):
+def write_run(root, reqs, slack=20, starve=2000, status_starved=None, mode="sequential"):
     """A run directory as `compare` leaves it. reqs: dicts with the proxy's
     arrive/queue/leg in ms, the instance, the client's ttft, and optionally
     the simulator's prefill (queue, ttft, prompt, hit) and decode ttft."""
@@ -27,12 +27,17 @@ def write_run(root, reqs, slack=20, starve=2000, status_starved=None):
     lines, client, pre, dec = [], [], [], []
     for i, r in enumerate(reqs):
         end = r["arrive"] + r["ttft"] + 40          # the stream ends later
+        legs = (f'prefill={r["inst"]} decode=127.0.0.1:2000 ' if mode != "aggregated"
+                else f'prefill=- decode={r["inst"]} ')
+        proxy_ttft = r["ttft"] - 1 if mode != "aggregated" else r["queue"] + r["leg"]
         lines.append(
             f'127.0.0.1 [x] "POST /v1/completions HTTP/1.1" 200 9 0.1 id=t-{i} '
-            f'mode=sequential prefill={r["inst"]} decode=127.0.0.1:2000 '
+            f'mode={mode} {legs}'
             f'prompt_tokens={r.get("prompt", 1000)} cached_tokens={r.get("index_hit", 0)} '
-            f'queue_ms={r["queue"]} prefill_ms={r["leg"]} prefill_pred_ms={r["leg"]} '
-            f'ttft_ms={r["ttft"] - 1} total_ms={end - r["arrive"]} error=- '
+            f'queue_ms={r["queue"]} '
+            f'prefill_ms={r["leg"] if mode != "aggregated" else "-"} '
+            f'prefill_pred_ms={r["leg"]} '
+            f'ttft_ms={proxy_ttft} total_ms={end - r["arrive"]} error=- '
             f't={(T0 * 1000 + end) / 1000:.3f}')
         client.append({"index": i, "ok": True, "ttft_ms": r["ttft"],
                        "start_s": r["arrive"] / 1000.0})
@@ -141,6 +146,18 @@ def test_an_instance_never_used_counts_as_idle_when_the_simulator_lists_it(tmp_p
         dict(arrive=10, queue=90, leg=100, inst=P0, ttft=250, engine_queue=0,
              engine_ttft=4, decode=5)])
     assert causes(ex.explain(str(d)), 1)["idle"] == pytest.approx(90)
+
+
+def test_an_aggregated_run_has_one_leg_to_the_first_token(tmp_path):
+    # no prefill leg in the log: the leg is the proxy's TTFT less the hold,
+    # on the instance in decode=; what follows it is overhead, not a decode leg
+    d = write_run(tmp_path, [
+        dict(arrive=0, queue=0, leg=300, inst=P0, ttft=302),
+        dict(arrive=100, queue=200, leg=50, inst=P0, ttft=253)], mode="aggregated")
+    res = ex.explain(str(d))
+    c = causes(res, 1)
+    assert c["wait"] == pytest.approx(200) and c["prefill"] == 50
+    assert c["decode"] == 0 and c["overhead"] == pytest.approx(3)
 
 
 def test_bad_run_directories_get_clear_errors(tmp_path):

@@ -214,8 +214,19 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0) -> di
                      "prefill leg is not split into engine queue, shared steps and own "
                      "work, nor the decode leg from the overhead")
 
+    for row in log:
+        if row["mode"] == "aggregated":
+            # one leg: to its first byte, on the (decode-tier) instance
+            row["prefill"] = row["decode"]
+            if row["ttft_ms"] is not None and row["queue_ms"] is not None:
+                row["prefill_ms"] = row["ttft_ms"] - row["queue_ms"]
+    modes = {row["mode"] for row in log if row["mode"] != "-"}
+    if "parallel" in modes:
+        notes.append("parallel P/D: the decode leg runs alongside the prefill leg, so "
+                     "'decode + KV transfer' and 'overhead' are what follows the prefill "
+                     "leg's answer, not the decode leg's whole time")
     by_id = {row["id"]: row for row in log}
-    legs = []            # every prefill leg in the log: (instance, send, back)
+    legs = []            # every prefill leg in the log: (instance, send, back, id)
     for row in log:
         if row["prefill_ms"] is None or row["total_ms"] is None \
                 or row["queue_ms"] is None or row["prefill"] == "-":
@@ -295,7 +306,9 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0) -> di
             c["overhead"] += leg - (pr.get("ttft_s") or 0.0) * 1000.0
         else:
             c["prefill"] = leg
-        if dr is not None:
+        if row["mode"] == "aggregated":     # the leg ended at the first token
+            c["overhead"] += after
+        elif dr is not None:
             c["decode"] = (dr.get("ttft_s") or 0.0) * 1000.0
             c["overhead"] += after - c["decode"]
         else:
