@@ -270,11 +270,9 @@ class _Model:
 
     def _start(self, inst, t, pull):
         batch, budget = [], self.budget
-        own = inst.running
-        if self.policy == "srpt" and pull == self._pull_central:
-            # decodes first; the prefills admitted here compete with the queue
-            own = [s for s in inst.running if s.computed >= s.job.prompt]
-        for s in own:
+        # running work first (srpt: only decodes; its prefills between two
+        # chunks are back in the queue)
+        for s in inst.running:
             if budget <= 0:
                 break
             n = min(s.total - s.computed, budget)
@@ -296,34 +294,21 @@ class _Model:
         self._at(t + dur, "step", inst)
 
     def _pull_central(self, inst, t, batch, budget):
-        """New requests from the central queue (srpt: competing with the
-        prefills already admitted here, shortest remaining first). The first
+        """Requests from the central queue, in the policy's order. The first
         prefill of a step may be a chunk; after it, a request joins only if
-        it completes in this step: a longer one's chunk would lengthen the
-        step of everything in it, and it can start when the instance frees."""
+        it completes in this step (a longer one's chunk would lengthen the
+        step of everything in it; it can start when an instance frees) and
+        the queue keeps one for each other idle instance."""
         q = self.queue
-        mine = []
-        if self.policy == "srpt":
-            mine = sorted((self._key(s), s.i, s) for s in inst.running
-                          if s.computed < s.job.prompt)
         has_prefill = any(s.computed < s.job.prompt for s, _ in batch)
-        k = 0
-        while budget > 0:
-            if k < len(mine) and (not q or mine[k][0] <= q[0][0]):
-                s, new = mine[k][2], False
-            elif q and len(inst.running) < self.seats:
-                s, new = q[0][2], True
-            else:
-                break
+        while budget > 0 and q and len(inst.running) < self.seats:
+            s = q[0][2]
             rest = s.total - s.computed
-            if has_prefill and (rest > budget or (new and len(q) <= self.reserve)):
+            if has_prefill and (rest > budget or len(q) <= self.reserve):
                 break
-            if new:
-                heapq.heappop(q)
-                s.inst = inst
-                inst.running.append(s)
-            else:
-                k += 1
+            heapq.heappop(q)
+            s.inst = inst
+            inst.running.append(s)
             n = min(rest, budget)
             batch.append((s, n))
             budget -= n
