@@ -183,6 +183,16 @@ def test_the_command_prints_the_table_or_json(tmp_path):
     js = subprocess.run([sys.executable, "-m", "omni_ctl.cli", "explain", str(d), "--json"],
                         capture_output=True, text=True, timeout=60)
     assert json.loads(js.stdout)["requests"][0]["causes_ms"]["prefill"] == 100
+    # a bench run against a proxy started elsewhere: its log and config given
+    moved = tmp_path / "elsewhere"
+    (d / "run").rename(moved)
+    js = subprocess.run([sys.executable, "-m", "omni_ctl.cli", "explain", str(d), "--json",
+                         "--access-log", str(moved / "access.log"),
+                         "--nginx-conf", str(moved / "nginx.conf")],
+                        capture_output=True, text=True, timeout=60)
+    assert js.returncode == 0, js.stderr
+    got = json.loads(js.stdout)
+    assert got["hold_slack_ms"] == 20 and not any("nginx.conf" in n for n in got["notes"])
     bad = subprocess.run([sys.executable, "-m", "omni_ctl.cli", "explain",
                           str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "does not exist" in bad.stderr

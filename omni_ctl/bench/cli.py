@@ -237,15 +237,21 @@ def demo(short, keep, out_dir, port):
               show_default=True,
               help="Gaps between an instance's prefill legs up to this long do not "
                    "count as idle (the log's millisecond resolution, the hand-off).")
+@click.option("--access-log", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The proxy's access log (default: RUN_DIR/run/access.log, where "
+                   "compare starts the proxy); for a bench run against a proxy of yours.")
+@click.option("--nginx-conf", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The proxy's nginx.conf (default: RUN_DIR/run/nginx.conf).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the per-request attribution as JSON instead.")
-def explain(run_dir, worst, idle_tolerance_ms, as_json):
+def explain(run_dir, worst, idle_tolerance_ms, access_log, nginx_conf, as_json):
     """Attribute each request's TTFT in an Omni Proxy run directory (bench or
     compare output, e.g. bench-out/compare/omni) to waiting, idle instances,
     starvation releases, mispredictions, shared steps, its own prefill, the
     decode leg and overhead (docs/scheduler.md)."""
     from . import explain as ex
-    res = ex.explain(run_dir, worst=worst, idle_tolerance_ms=idle_tolerance_ms)
+    res = ex.explain(run_dir, worst=worst, idle_tolerance_ms=idle_tolerance_ms,
+                     access_log=access_log, nginx_conf=nginx_conf)
     if as_json:
         click.echo(json.dumps({k: v for k, v in res.items() if k != "markdown"}, indent=1))
     else:

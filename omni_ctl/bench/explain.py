@@ -173,9 +173,12 @@ def minus(sets, other):
 
 # --- the attribution -----------------------------------------------------------------
 
-def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0) -> dict:
+def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
+            access_log: str | None = None, nginx_conf: str | None = None) -> dict:
     """Attribute each completed request's TTFT to the causes above; return
-    {"requests", "totals", "notes", "missing", "markdown", ...}."""
+    {"requests", "totals", "notes", "missing", "markdown", ...}. The proxy's
+    access log and nginx.conf are RUN_DIR/run/ (where compare starts it)
+    unless given."""
     if not os.path.isdir(run_dir):
         raise BenchError(f"not a directory: {run_dir}")
     summary = _load_json(os.path.join(run_dir, "summary.json"), "summary.json",
@@ -183,8 +186,8 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0) -> di
     records = _records(os.path.join(run_dir, "requests.jsonl"))
     run_id = (summary.get("config") or {}).get("run_id") \
         or f"compare-{os.path.basename(os.path.normpath(run_dir))}"
-    log = parse_access_log(os.path.join(run_dir, "run", "access.log"))
-    conf = os.path.join(run_dir, "run", "nginx.conf")
+    log = parse_access_log(access_log or os.path.join(run_dir, "run", "access.log"))
+    conf = nginx_conf or os.path.join(run_dir, "run", "nginx.conf")
     slack = conf_ms(conf, "omni_hold_slack")
     starve = conf_ms(conf, "omni_prefill_starvation_timeout")
     sim = _load_json(os.path.join(run_dir, "sim_requests.json"), "sim_requests.json",
