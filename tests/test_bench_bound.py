@@ -235,3 +235,24 @@ def test_jobs_take_prompt_and_hit_from_the_simulator_and_say_what_lacked_one():
     assert "| bound: SJF (clairvoyant, non-preemptive) | 3/0 |" in table
     assert "| omni | " in table and "4.00" in table and "mean / SRPT" in table
     assert "Note: 1 of 3 requests" in table
+
+
+def test_compare_picks_the_omni_row_and_survives_a_run_without_completions():
+    from omni_ctl.bench import compare
+    sim = _sim(records=[{"x_request_id": "compare-omni-0", "kind": "kv_producer",
+                         "prompt_tokens": 100, "cached_tokens": 0}])
+    rows = [{"label": "vllm-router"}, {"label": "omni-round-robin"}, {"label": "omni"}]
+    have = {"vllm-router": ("vllm-router", sim), "omni-round-robin": ("omni-round-robin", sim),
+            "omni": ("omni", sim)}
+    assert compare.bound_source(rows, have) == "omni"
+    assert compare.bound_source(rows[:2], have) == "omni-round-robin"
+    assert compare.bound_source(rows[:1], have) == "vllm-router"
+    assert compare.bound_source(rows, {}) is None
+    logged = []
+    failed = [RequestRecord(index=0, session=0, turn=0, start_s=0.0, ok=False)]
+    assert compare.compare_bounds(rows, {"omni": failed}, {"omni": ("omni", sim)}, [],
+                                  logged.append) is None
+    assert "no completed request" in logged[0]
+    ok = [RequestRecord(index=0, session=0, turn=0, start_s=0.0, ok=True, output_tokens=2)]
+    b = compare.compare_bounds(rows, {"omni": ok}, {"omni": ("omni", sim)}, [], logged.append)
+    assert b["source"] == "omni" and b["requests"] == 1 and b["notes"] == []

@@ -287,8 +287,12 @@ def compare_bounds(summaries, runs, simreq, sim_args, log) -> dict | None:
         log("[compare] no bound: no row has the simulator's per-request records")
         return None
     name, sim = simreq[label]
-    cluster = bound.cluster_for(sim, sim_args)
-    return bound.compute(runs[label], sim, f"compare-{name}", cluster, source=label)
+    try:
+        cluster = bound.cluster_for(sim, sim_args)
+        return bound.compute(runs[label], sim, f"compare-{name}", cluster, source=label)
+    except BenchError as exc:       # the measured rows stand without it
+        log(f"[compare] no bound: {exc}")
+        return None
 
 
 # --- demo ---------------------------------------------------------------------------
