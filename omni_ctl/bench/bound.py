@@ -385,6 +385,19 @@ def decode_records(sim: dict | None) -> dict:
     return out
 
 
+def sim_options(sim_args) -> dict | None:
+    """`omni-ctl sim` options, parsed by the simulator's own command (None
+    when there are none)."""
+    args = list(sim_args or ())
+    if not args:
+        return None
+    from omni_ctl.sim.cli import sim as sim_command
+    try:
+        return sim_command.make_context("sim", ["--base-port", "1", *args]).params
+    except Exception as exc:     # click's usage errors
+        raise BenchError(f"--sim-args {' '.join(args)}: {exc}") from None
+
+
 def cluster_for(sim: dict, sim_args=()) -> Cluster:
     """The cluster of a run from the simulator's own report (roles, engine,
     preset, speedup), with the limits `omni-ctl sim` was given (--sim-args of
@@ -400,13 +413,8 @@ def cluster_for(sim: dict, sim_args=()) -> Cluster:
     except ValueError as exc:
         raise BenchError(str(exc)) from None
     speedup = float(first.get("speedup") or 1.0)
-    args = list(sim_args or ())
-    if args:
-        from omni_ctl.sim.cli import sim as sim_command
-        try:
-            params = sim_command.make_context("sim", ["--base-port", "1", *args]).params
-        except Exception as exc:     # click's usage errors
-            raise BenchError(f"--sim-args {' '.join(args)}: {exc}") from None
+    params = sim_options(sim_args)
+    if params:
         preset = preset.with_overrides(
             num_blocks=params["num_blocks"], block_size=params["block_size"],
             max_num_seqs=params["max_num_seqs"],

@@ -121,6 +121,7 @@ def bench(target, sim_stats, sim_interval, sim_args, label, out_dir, plots, quie
     from .metrics import parse_slo
     spec = core.spec_from_options(kw)
     slo = parse_slo(kw["slo"])
+    bound.sim_options(shlex.split(sim_args))       # bad ones fail before the run
     cfg = core.bench_config(_url(target), spec, kw, progress=not quiet,
                             sim_stats_url=sim_stats, sim_interval_s=sim_interval)
     summary, result = core.run_bench(cfg, spec, slo, label=label, out_dir=out_dir,
