@@ -143,7 +143,7 @@ class _Inst:
 
 
 class _Model:
-    def __init__(self, jobs, cluster, policy):
+    def __init__(self, jobs, cluster, policy, engine_admission=False):
         if policy not in POLICIES:
             raise BenchError(f"unknown bound policy {policy!r} (known: {', '.join(POLICIES)})")
         if cluster.mode not in MODES:
@@ -169,6 +169,9 @@ class _Model:
         self.events = []             # heap: (t, n, kind, inst, seq)
         self.n = 0
         self.reserve = 0             # queued requests left for other idle instances
+        # fill every step's budget with chunks in queue order, as the engine
+        # admits its own waiting requests (tests of the step model)
+        self.engine_admission = engine_admission
         self.ttft = [None] * len(jobs)
 
     # -- the cost model ---------------------------------------------------------
@@ -304,7 +307,8 @@ class _Model:
         while budget > 0 and q and len(inst.running) < self.seats:
             s = q[0][2]
             rest = s.total - s.computed
-            if has_prefill and (rest > budget or len(q) <= self.reserve):
+            if has_prefill and not self.engine_admission \
+                    and (rest > budget or len(q) <= self.reserve):
                 break
             heapq.heappop(q)
             s.inst = inst
@@ -331,9 +335,12 @@ class _Model:
             budget -= n
 
 
-def simulate(jobs, cluster: Cluster, policy: str) -> list[float]:
-    """Each job's TTFT in seconds (from its arrival) under `policy`."""
-    return _Model(list(jobs), cluster, policy).run()
+def simulate(jobs, cluster: Cluster, policy: str, engine_admission=False) -> list[float]:
+    """Each job's TTFT in seconds (from its arrival) under `policy`. With
+    engine_admission, steps are filled as the simulator's engine fills them
+    from its own queue (no holding back of chunks or of requests for other
+    idle instances): with fcfs and one instance, the engine itself."""
+    return _Model(list(jobs), cluster, policy, engine_admission).run()
 
 
 def alone_ttft(job: Job, cluster: Cluster) -> float:
