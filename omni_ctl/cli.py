@@ -23,6 +23,7 @@ COMMANDS = {
     "demo": "omni_ctl.bench.cli:demo",
     "chaos": "omni_ctl.bench.cli:chaos",
     "dashboard": "omni_ctl.dashboard:dashboard_cmd",
+    "explain": "omni_ctl.bench.cli:explain",
     "bench-lib": "omni_ctl.scoring_bench:bench_lib",
 }
 
@@ -39,6 +40,7 @@ HELP = {
     "demo": "Start a simulated cluster and Omni Proxy, compare with round robin.",
     "chaos": "Replay a workload while the simulated cluster fails on a schedule.",
     "dashboard": "Print the Grafana dashboard JSON for the proxy's metrics.",
+    "explain": "Attribute each request's TTFT in an Omni Proxy run to its causes.",
     "bench-lib": "Benchmark the scoring library (hashing, index, JSON).",
 }
 

@@ -107,26 +107,42 @@ def load_options(f):
               help="Comma list of engine base URLs (prefill instances): the "
                    "prefix-cache hit rate from their own /metrics (vLLM "
                    "prefix_cache_hits/queries, SGLang cache_hit_rate).")
+@click.option("--sim-args", default="",
+              help="With --sim-stats and a trace: the options the simulator was "
+                   "started with, for the bound's engine limits (its preset and "
+                   "speedup are read from /sim/stats).")
 @click.option("--label", default=None, help="Name of this run in tables and plots.")
 @click.option("--out", "out_dir", default="bench-out", show_default=True,
               help="Directory for summary.json, requests.jsonl, summary.md, plots.")
 @click.option("--plots/--no-plots", default=True, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
-def bench(target, sim_stats, sim_interval, engine_metrics, label, out_dir, plots, quiet,
-          **kw):
+def bench(target, sim_stats, sim_interval, engine_metrics, sim_args, label, out_dir,
+          plots, quiet, **kw):
     """Load-test an OpenAI-compatible endpoint: TTFT, TPOT, ITL, E2E,
-    throughput and goodput (definitions: docs/benchmarking.md)."""
-    from . import core, report
+    throughput and goodput (definitions: docs/benchmarking.md). With a trace
+    and --sim-stats, also the clairvoyant bounds of the same requests."""
+    import os
+    import shlex
+    from . import bound, core, report
     from .metrics import parse_slo
     spec = core.spec_from_options(kw)
     slo = parse_slo(kw["slo"])
+    bound.sim_options(shlex.split(sim_args))       # bad ones fail before the run
     cfg = core.bench_config(_url(target), spec, kw, progress=not quiet,
                             sim_stats_url=sim_stats, sim_interval_s=sim_interval)
-    summary, _ = core.run_bench(cfg, spec, slo, label=label, out_dir=out_dir,
-                                plots=plots,
-                                engine_metrics=[_url(u) for u in engine_metrics.split(",")
-                                                if u.strip()])
+    summary, result = core.run_bench(cfg, spec, slo, label=label, out_dir=out_dir,
+                                     plots=plots,
+                                     engine_metrics=[_url(u) for u in engine_metrics.split(",")
+                                                     if u.strip()])
     click.echo(report.markdown_summary(summary))
+    if spec.workload.startswith("trace:") and result.sim_requests:
+        bounds = bound.compute(result.records, result.sim_requests, cfg.run_id,
+                               bound.cluster_for(result.sim_requests, shlex.split(sim_args)),
+                               source=summary["label"])
+        summary["files"]["bound"] = os.path.join(out_dir, "bound.json")
+        with open(summary["files"]["bound"], "w") as f:
+            json.dump(bounds, f, indent=1)
+        click.echo(report.markdown_compare([summary], bounds))
     for name, p in summary["files"].items():
         for path in (p if isinstance(p, list) else [p]):
             click.echo(f"{name}: {path}")
@@ -252,3 +268,32 @@ def chaos(schedule, **kw):
     res = ch.run_chaos(schedule=schedule or ch.DEFAULT_SCHEDULE, **kw, log=_log)
     click.echo(res["markdown"])
     click.echo(f"results: {kw['out_dir']}")
+
+
+@click.command(name="explain")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--worst", type=click.IntRange(0), default=10, show_default=True,
+              help="How many of the slowest requests to list.")
+@click.option("--idle-tolerance-ms", type=click.FloatRange(0), default=3.0,
+              show_default=True,
+              help="Gaps between an instance's prefill legs up to this long do not "
+                   "count as idle (the log's millisecond resolution, the hand-off).")
+@click.option("--access-log", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The proxy's access log (default: RUN_DIR/run/access.log, where "
+                   "compare starts the proxy); for a bench run against a proxy of yours.")
+@click.option("--nginx-conf", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The proxy's nginx.conf (default: RUN_DIR/run/nginx.conf).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the per-request attribution as JSON instead.")
+def explain(run_dir, worst, idle_tolerance_ms, access_log, nginx_conf, as_json):
+    """Attribute each request's TTFT in an Omni Proxy run directory (bench or
+    compare output, e.g. bench-out/compare/omni) to waiting, idle instances,
+    starvation releases, mispredictions, shared steps, its own prefill, the
+    decode leg and overhead (docs/scheduler.md)."""
+    from . import explain as ex
+    res = ex.explain(run_dir, worst=worst, idle_tolerance_ms=idle_tolerance_ms,
+                     access_log=access_log, nginx_conf=nginx_conf)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in res.items() if k != "markdown"}, indent=1))
+    else:
+        click.echo(res["markdown"])

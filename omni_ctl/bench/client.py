@@ -64,6 +64,7 @@ class RunResult:
     sim_after: dict | None = None
     sim_samples: list = field(default_factory=list)
     target_label: dict | None = None
+    sim_requests: dict | None = None   # /sim/stats?requests=N after the run (bound.py)
 
 
 # --- SSE --------------------------------------------------------------------

@@ -24,7 +24,7 @@ import os
 import shlex
 import time
 
-from . import core, omni, peers, procs, report
+from . import bound, core, omni, peers, procs, report
 from .errors import BenchError
 
 OMNI_POLICIES = ("omni", "cache-aware", "least-loaded", "round-robin")
@@ -201,6 +201,7 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
     extra_omni = shlex.split(omni_args) if isinstance(omni_args, str) else list(omni_args)
     os.makedirs(out_dir, exist_ok=True)
     summaries, runs, samples, skipped, kept = [], {}, {}, [], None
+    simreq = {}
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     for i, name in enumerate(names):
         engine = engine_for(name, pd_policy)
@@ -232,6 +233,7 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
                         url, os.path.join(out_dir, name, "omni_status.json"))
                 summaries.append(s)
                 runs[label], samples[label] = result.records, result.sim_samples
+                simreq[label] = (name, result.sim_requests)
                 if keep:
                     kept = {"target": name, "url": url, "proc": proc, "sim": sim,
                             "model": result.model, "stack": stack.pop_all()}
@@ -241,7 +243,11 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
     if not summaries:
         raise BenchError("no target could run: " + "; ".join(
             f"{s['target']}: {s['reason']}" for s in skipped))
-    markdown = report.markdown_compare(summaries)
+    bounds = compare_bounds(summaries, runs, simreq, extra_sim, log)
+    if bounds:
+        with open(os.path.join(out_dir, "bound.json"), "w") as f:
+            json.dump(bounds, f, indent=1)
+    markdown = report.markdown_compare(summaries, bounds)
     own = report.markdown_proxy_reports(summaries)
     if own:
         markdown += "\n" + own
@@ -252,7 +258,8 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
     result = {"started": started, "pd_policy": pd_policy, "prefill": prefill,
               "decode": decode, "workload": spec.workload, "slo": slo,
               "omni_module": omni.module_label(omni_module_dir),
-              "omni_args": extra_omni,
+              "omni_args": extra_omni, "sim_args": extra_sim,
+              "bounds": bound.brief(bounds) if bounds else None,
               "summaries": summaries, "skipped": skipped, "plots": plots,
               "markdown": markdown, "out_dir": out_dir, "kept": kept}
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
@@ -261,6 +268,31 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(markdown)
     return result
+
+
+def bound_source(summaries: list[dict], simreq: dict) -> str | None:
+    """The row whose cache hits the bounds take: omni, else another Omni
+    policy, else the first row with the simulator's per-request records."""
+    labels = [s["label"] for s in summaries if simreq.get(s["label"], (0, None))[1]]
+    if "omni" in labels:
+        return "omni"
+    return next((x for x in labels if x.startswith("omni")), labels[0] if labels else None)
+
+
+def compare_bounds(summaries, runs, simreq, sim_args, log) -> dict | None:
+    """The clairvoyant bounds (bound.py) of the run's requests, or None when
+    no row has the simulator's per-request records."""
+    label = bound_source(summaries, simreq)
+    if label is None:
+        log("[compare] no bound: no row has the simulator's per-request records")
+        return None
+    name, sim = simreq[label]
+    try:
+        cluster = bound.cluster_for(sim, sim_args)
+        return bound.compute(runs[label], sim, f"compare-{name}", cluster, source=label)
+    except BenchError as exc:       # the measured rows stand without it
+        log(f"[compare] no bound: {exc}")
+        return None
 
 
 # --- demo ---------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
 
-from . import client, report, simstats, workloads
+from . import bound, client, report, simstats, workloads
 from .errors import BenchError
 from .metrics import summarize
 
@@ -142,6 +143,7 @@ def run_bench(cfg: client.BenchConfig, spec: WorkloadSpec, slo: dict,
                    "stream": cfg.stream, "model": result.model,
                    "prompt_mode": prompt_mode(spec), "load": describe_load(cfg, spec),
                    "seed": spec.seed, "max_duration_s": cfg.max_duration_s,
+                   "run_id": cfg.run_id,
                    "planned_requests": len(result.records) + result.not_sent}
     s["prefix_cache_hit_rate"] = None
     if result.sim_before is not None and result.sim_after is not None:
@@ -149,12 +151,19 @@ def run_bench(cfg: client.BenchConfig, spec: WorkloadSpec, slo: dict,
                                        result.sim_samples)
         s["prefix_cache_hit_rate"] = sim.pop("prefix_cache_hit_rate")
         s["sim"] = sim
+        # each request's prefill (cache hit, engine-side times): the bound
+        # and `omni-ctl explain` read them
+        result.sim_requests = bound.sim_requests(cfg.sim_stats_url)
     if engine_metrics:
         s["engine_prefix_cache"] = enginemetrics.hit_rate(before, after)
         if s["prefix_cache_hit_rate"] is None:
             s["prefix_cache_hit_rate"] = s["engine_prefix_cache"]["hit_rate"]
     if out_dir:
         paths = report.write_run(out_dir, s, result.records)
+        if result.sim_requests is not None:
+            paths["sim_requests"] = os.path.join(out_dir, "sim_requests.json")
+            with open(paths["sim_requests"], "w") as f:
+                json.dump(result.sim_requests, f)
         if plots:
             paths["plots"] = report.write_plots(
                 out_dir, {s["label"]: result.records}, {s["label"]: result.sim_samples})

@@ -77,12 +77,43 @@ def _spread(s, role):
     return (tier or {}).get("requests_max_over_mean")
 
 
-def markdown_compare(summaries: list[dict]) -> str:
-    """Targets side by side, one row each (latencies in ms)."""
+def markdown_compare(summaries: list[dict], bounds: dict | None = None) -> str:
+    """Targets side by side, one row each (latencies in ms); with `bounds`
+    (bound.compute), the clairvoyant schedules as rows below them and every
+    row's TTFT as multiples of theirs."""
     head = [c for c, _ in COMPARE_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         lines.append("| " + " | ".join(str(fn(s)) for _, fn in COMPARE_COLUMNS) + " |")
+    if bounds:
+        for b in bounds["policies"].values():
+            cells = {"target": b["label"], "ok/err": f"{bounds['requests']}/0",
+                     "TTFT mean": _f(b["ttft_ms"]["mean"], 0),
+                     "TTFT p99": _f(b["ttft_ms"]["p99"], 0)}
+            lines.append("| " + " | ".join(cells.get(c, "-") for c in head) + " |")
+        lines += ["", markdown_bound_multiples(summaries, bounds).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_bound_multiples(summaries: list[dict], bounds: dict) -> str:
+    """Each row's mean and p99 TTFT as multiples of the bounds', and where
+    the bounds come from."""
+    from .bound import SHORT, multiples
+    pols = list(bounds["policies"])
+    lines = [f"Bounds: the same {bounds['requests']} completed requests of the "
+             f"{bounds['source']} row, its arrival times and the cache hits the simulator "
+             f"reported for it, scheduled offline by a clairvoyant central queue on "
+             f"{bounds['cluster']} (docs/benchmarking.md). TTFT as multiples of "
+             f"the bounds':", "",
+             "| target | " + " | ".join(f"mean / {SHORT[p]}" for p in pols) + " | "
+             + " | ".join(f"p99 / {SHORT[p]}" for p in pols) + " |",
+             "|" + "---|" * (1 + 2 * len(pols))]
+    for s in summaries:
+        m = multiples(s, bounds)
+        lines.append(f"| {s['label']} | " + " | ".join(
+            _f(m[f"{stat}/{p}"], 2) for stat in ("mean", "p99") for p in pols) + " |")
+    for note in bounds.get("notes") or ():
+        lines.append(f"\nNote: {note}.")
     return "\n".join(lines) + "\n"
 
 
