@@ -16,7 +16,7 @@ from omni_ctl.scoring import (Arrivals, DecodeInstance, DecodeJob, PickCandidate
                               add_prefill_delay, choose_prefill, decide_prefill, lib,
                               pick_now, place_decode, prepare_prefill, queue_key,
                               queue_next, queue_order, queue_pick, queue_work)
-from omni_ctl.scoring_errors import InvalidArgumentError
+from omni_ctl.scoring.errors import InvalidArgumentError
 
 # ---- prefill choice ---------------------------------------------------------
 

@@ -16,12 +16,12 @@ and offline what-if analysis.
   :func:`choose_prefill`), :func:`place_decode`, :func:`queue_work`,
   :func:`queue_key`, :func:`queue_next`, :func:`queue_pick`,
   :func:`queue_order`, :class:`Arrivals`, :func:`pick_now`.
-- The JSON scanner/splicer of :mod:`omni_ctl.scoring_json` (``json_edit``...)
+- The JSON scanner/splicer of :mod:`omni_ctl.scoring.jsonscan` (``json_edit``...)
   is re-exported here.
 
 Library handles are owned with ``ffi.gc`` (freed with the Python object).
 Negative library codes become the exceptions of
-:mod:`omni_ctl.scoring_errors`, which also subclass the matching builtins
+:mod:`omni_ctl.scoring.errors`, which also subclass the matching builtins
 (``ValueError``, ``LookupError``, ...).
 
 Time is always an argument (``now_us``, microseconds of a monotonic clock).
@@ -34,9 +34,9 @@ import time
 from dataclasses import dataclass
 
 from ._scoring import ffi, lib
-from .scoring_errors import check
-from .scoring_json import *                     # noqa: F401,F403
-from .scoring_json import __all__ as _json_all
+from .errors import check
+from .jsonscan import *                         # noqa: F401,F403
+from .jsonscan import __all__ as _json_all
 
 __all__ = [
     "ffi",
