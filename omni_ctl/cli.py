@@ -24,7 +24,7 @@ COMMANDS = {
     "chaos": "omni_ctl.bench.cli:chaos",
     "dashboard": "omni_ctl.dashboard:dashboard_cmd",
     "explain": "omni_ctl.bench.cli:explain",
-    "bench-lib": "omni_ctl.scoring_bench:bench_lib",
+    "bench-lib": "omni_ctl.bench.lib:bench_lib",
 }
 
 HELP = {
