@@ -22,6 +22,7 @@ COMMANDS = {
     "bench-overhead": "omni_ctl.bench.cli:bench_overhead",
     "demo": "omni_ctl.bench.cli:demo",
     "bench-lib": "omni_ctl.scoring_bench:bench_lib",
+    "agent": "omni_ctl.agent.cli:agent",
 }
 
 HELP = {
@@ -36,6 +37,7 @@ HELP = {
     "bench-overhead": "Measure proxy overhead against plain nginx and peer routers.",
     "demo": "Start a simulated cluster and Omni Proxy, compare with round robin.",
     "bench-lib": "Benchmark the scoring library (hashing, index, JSON).",
+    "agent": "Hear the engines (KV events, metrics, health) and feed the proxy.",
 }
 
 
