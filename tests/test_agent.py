@@ -365,3 +365,37 @@ def test_push_failure_resynchronises():
             await until(lambda: rig.agent.instances[0].mode == "approx", what="approx")
             assert rig.agent.push_failures >= 1
     run(main())
+
+
+def test_two_agents_converge_and_a_late_one_catches_up():
+    """Two proxies' agents on one engine end with the same index; the second
+    starts after the events and catches up from the replay buffer."""
+    async def main():
+        async with Rig() as rig:
+            pub = rig.pubs[0]
+            prompts = [list(range(600 * k, 600 * k + 48)) for k in range(6)]
+            for p in prompts:
+                pub.publish([("stored", chain(p), None, p)])
+            pub.publish([("removed", chain(prompts[2])[1:])])
+            await synced(rig.agent, rig.pubs)
+
+            late_sink = ListSink()
+            late = Agent([rig.spec], late_sink, opts())
+            await late.start()
+            try:
+                await until(lambda: late.instances[0].mode == "precise", what="late catch-up")
+                await synced(late, rig.pubs)
+                assert late.instances[0].streams[0].replay_log[0][0] == 0
+                ix = PrefixIndex(1, 16, 10000)
+                t = IngestTarget(ix, {NAME: 0})
+                for b in late_sink.batches:
+                    t.apply(b.encode(), now_us=1)
+                rig.apply()
+                for p in prompts:
+                    assert ix.match(p, now_us=1) == rig.index.match(p, now_us=1)
+                assert ix.match(prompts[2], now_us=1) == [1]
+                assert sorted(ix.lru(0, "precise")) == sorted(rig.index.lru(0, "precise"))
+                assert ix.stats()["precise"] == rig.index.stats()["precise"] == 16
+            finally:
+                await late.stop()
+    run(main())

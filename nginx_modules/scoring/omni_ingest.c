@@ -121,7 +121,7 @@ omni_ingest_sizes_ok(uint32_t e, uint32_t b)
 }
 
 
-/* ---- apply ----------------------------------------------------------------- */
+/* ---- apply --------------------------------------------------------------- */
 
 /*
  * The stored tokens, lead first, cut in index blocks; block j is named
@@ -305,7 +305,7 @@ omni_ingest_record(omni_ingest_walk_t *w, uint32_t kind, uint32_t flags,
 }
 
 
-/* ---- the walk ---------------------------------------------------------------- */
+/* ---- the walk ------------------------------------------------------------ */
 
 static int
 omni_ingest_check_body(omni_ingest_walk_t *w, uint32_t kind, uint32_t flags,

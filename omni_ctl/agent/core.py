@@ -16,6 +16,7 @@ there, else approximate as above.
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 
@@ -186,6 +187,7 @@ class Agent:
                 self.push_failures += 1
                 for inst in self.instances:
                     if inst.name in batch.names:
+                        inst.sent_state = None      # say it again
                         for st in inst.streams:
                             self._resync(inst, st, "push failed")
             else:
@@ -221,6 +223,8 @@ class Agent:
             inst.sent_state = state
 
     def _resync(self, inst, st, why):
+        """The proxy's view of inst is no longer the engine's: clear it and
+        call it approximate until the stream settles."""
         log.warning("agent: %s: resynchronising (%s)", inst.name, why)
         st.resyncs += 1
         st.approx_since = time.monotonic()
@@ -398,7 +402,6 @@ class Agent:
         try:
             status, body = await self._get(inst.spec.url + "/get_server_info",
                                            self.opts.health_timeout)
-            import json
             v = json.loads(body).get("max_total_num_tokens") if status == 200 else None
             return int(v) if isinstance(v, (int, float)) and v > 0 else 0
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
