@@ -399,3 +399,84 @@ def test_two_agents_converge_and_a_late_one_catches_up():
             finally:
                 await late.stop()
     run(main())
+
+
+def test_http_push_to_a_loopback_endpoint():
+    """--push: batches POSTed to a real loopback HTTP server that applies
+    them like the nginx endpoint will (400 on a rejected batch); a failing
+    endpoint resynchronises the instance."""
+    from aiohttp import web
+    from omni_ctl.agent.sinks import HttpSink
+    from omni_ctl.scoring_errors import InvalidArgumentError
+
+    async def main():
+        target = IngestTarget(PrefixIndex(1, 16, 1000), {NAME: 0})
+        fail = {"on": False}
+
+        async def ingest(request):
+            if fail["on"]:
+                return web.Response(status=503)
+            try:
+                target.apply(await request.read(), now_us=1)
+            except InvalidArgumentError as exc:
+                return web.Response(status=400, text=str(exc))
+            return web.Response(status=204)
+        app = web.Application()
+        app.router.add_post("/omni/ingest", ingest)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_ports(1)[0]
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        sink = HttpSink(f"http://127.0.0.1:{port}/omni/ingest")
+        try:
+            async with Rig() as rig:
+                rig.agent.sink = sink
+                p = list(range(16 * 3))
+                rig.pubs[0].publish([("stored", chain(p), None, p)])
+                await synced(rig.agent, rig.pubs)
+                await until(lambda: target.index.match(p, now_us=1) == [3], what="POSTed")
+                assert target.instance(0)["mode"] == "precise"
+                fail["on"] = True
+                rig.pubs[0].publish([("removed", chain(p)[2:])])
+                await until(lambda: rig.agent.push_failures > 0, what="a failed push")
+                fail["on"] = False
+                await until(lambda: target.instance(0)["mode"] == "approx",
+                            what="approximate after the lost batch")
+                # the lost removal is covered: the instance was cleared
+                assert target.index.match(p, now_us=1) == [0]
+                assert target.stats()["rejected"] == 0
+        finally:
+            await sink.close()
+            await runner.cleanup()
+    run(main())
+
+
+def test_parse_metrics_vllm_dp_and_sglang():
+    from omni_ctl.agent.metrics import parse_metrics
+    lab = 'model_name="m",engine="{}"'
+    text = "\n".join([
+        "# TYPE vllm:num_requests_running gauge",
+        f"vllm:num_requests_running{{{lab.format(0)}}} 2.0",
+        f"vllm:num_requests_running{{{lab.format(1)}}} 3.0",
+        "# TYPE vllm:num_requests_waiting gauge",
+        f"vllm:num_requests_waiting{{{lab.format(0)}}} 1.0",
+        f"vllm:num_requests_waiting{{{lab.format(1)}}} 0.0",
+        "# TYPE vllm:kv_cache_usage_perc gauge",
+        f"vllm:kv_cache_usage_perc{{{lab.format(0)}}} 0.2",
+        f"vllm:kv_cache_usage_perc{{{lab.format(1)}}} 0.4",
+        "# TYPE vllm:cache_config_info gauge",
+        'vllm:cache_config_info{block_size="16",num_gpu_blocks="1000",engine="0"} 1.0',
+        'vllm:cache_config_info{block_size="16",num_gpu_blocks="500",engine="1"} 1.0', ""])
+    m = parse_metrics(text)
+    assert (m.engine, m.running, m.waiting) == ("vllm", 5, 1)
+    assert abs(m.kv_usage - 0.3) < 1e-9 and m.capacity_tokens == 1500 * 16
+    m = parse_metrics("# TYPE sglang:num_running_reqs gauge\n"
+                      'sglang:num_running_reqs{model_name="m"} 4.0\n'
+                      "# TYPE sglang:num_queue_reqs gauge\n"
+                      'sglang:num_queue_reqs{model_name="m"} 7.0\n'
+                      "# TYPE sglang:token_usage gauge\n"
+                      'sglang:token_usage{model_name="m"} 0.5\n')
+    assert (m.engine, m.running, m.waiting, m.kv_usage, m.capacity_tokens) == (
+        "sglang", 4, 7, 0.5, None)
+    with pytest.raises(ValueError):
+        parse_metrics("this is { not prometheus")
