@@ -47,7 +47,7 @@ def chain(tokens, bs=16, salt=b"s"):
 
 def opts(**kw):
     base = dict(block_size=16, metrics_interval=0, health_interval=0,
-                flush_interval=0.01, replay_timeout=2.0, settle=100.0)
+                flush_interval=0.01, replay_timeout=2.0, settle=100.0, idle_check=1.0)
     base.update(kw)
     return Options(**base)
 
@@ -108,6 +108,19 @@ class Rig:
                 p.start()
             await self.agent.start()
         await until(lambda: self.agent.instances[0].mode == "precise", what="catch-up")
+        # a PUB drops what it sends before a subscription takes: probe with
+        # empty messages until the agent hears one (a later message would
+        # reveal the loss as a gap, and the tests count gaps)
+        deadline = time.monotonic() + 15
+        streams = self.agent.instances[0].streams
+        while not all(st.next == p.seq and p.seq > 0 for st, p in zip(streams, self.pubs)):
+            assert time.monotonic() < deadline, "subscription never took"
+            for st, p in zip(streams, self.pubs):
+                if st.next != p.seq or p.seq == 0:
+                    p.publish([])
+            await asyncio.sleep(0.05)
+        for st in streams:
+            st.gaps = 0
         return self
 
     async def __aexit__(self, *exc):
@@ -209,7 +222,7 @@ def test_gap_replays_exactly_the_missing_range():
             await synced(rig.agent, rig.pubs)
             st = rig.agent.instances[0].streams[0]
             assert pub.dropped == 3 and st.gaps == 1 and st.resyncs == 0
-            first, answered = st.replay_log[-1]
+            first, answered = [r for r in st.replay_log if r[0] >= first_missing][0]
             assert first == first_missing
             assert answered[:3] == [first_missing, first_missing + 1, first_missing + 2]
             # every prompt's store reached the proxy exactly once
@@ -308,7 +321,7 @@ def test_dp_ranks_on_port_offsets():
                 t.apply(bt.encode(), now_us=1)
             assert t.index.match(a, now_us=1) == [1]
             assert t.index.match(b, now_us=1) == [1]
-            assert [s.next for s in agent.instances[0].streams] == [1, 2]
+            assert [s.next for s in agent.instances[0].streams] == [p.seq for p in pubs]
         finally:
             await agent.stop()
             for p in pubs:
@@ -429,8 +442,9 @@ def test_http_push_to_a_loopback_endpoint():
         await web.TCPSite(runner, "127.0.0.1", port).start()
         sink = HttpSink(f"http://127.0.0.1:{port}/omni/ingest")
         try:
-            async with Rig() as rig:
-                rig.agent.sink = sink
+            rig = Rig()
+            rig.agent.sink = sink
+            async with rig:
                 p = list(range(16 * 3))
                 rig.pubs[0].publish([("stored", chain(p), None, p)])
                 await synced(rig.agent, rig.pubs)
@@ -480,3 +494,18 @@ def test_parse_metrics_vllm_dp_and_sglang():
         "sglang", 4, 7, 0.5, None)
     with pytest.raises(ValueError):
         parse_metrics("this is { not prometheus")
+
+
+def test_lost_last_message_is_found_by_the_idle_check():
+    """A dropped message with nothing after it shows no gap; after
+    `idle_check` quiet seconds the agent asks the replay endpoint."""
+    async def main():
+        async with Rig() as rig:
+            p = list(range(16 * 2))
+            rig.pubs[0].drop_next(1)
+            rig.pubs[0].publish([("stored", chain(p), None, p)])
+            await synced(rig.agent, rig.pubs)
+            st = rig.agent.instances[0].streams[0]
+            assert rig.pubs[0].dropped == 1 and st.gaps == 1 and st.resyncs == 0
+            assert rig.match(p) == 2
+    run(main())

@@ -40,6 +40,13 @@ def get_json(url):
         return json.loads(r.read())
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def published(url):
     return get_json(url + "/sim/stats")["instance"]["kv_events"]["published"]
 
@@ -243,11 +250,13 @@ def test_cli_reads_gen_conf_output_and_dumps(tmp_path):
         assert read_nginx_conf(conf.read_text()) == ([addr], 64)
         dump = tmp_path / "batches.bin"
         status = tmp_path / "status.json"
+        sport = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "omni_ctl.cli", "agent", "--conf", str(conf),
              "--kv-events-port-offset", "100", "--kv-replay-port-offset", "200",
              "--metrics-interval", "0.2", "--health-interval", "0.2",
-             "--dump", str(dump), "--status-file", str(status), "--duration", "60"],
+             "--dump", str(dump), "--status-file", str(status), "--duration", "60",
+             "--status-listen", f"127.0.0.1:{sport}"],
             stderr=subprocess.PIPE, env=os.environ.copy())
         try:
             p = list(range(3, 3 + 200))     # 12 engine blocks, 3 index blocks
@@ -264,6 +273,20 @@ def test_cli_reads_gen_conf_output_and_dumps(tmp_path):
                         t.apply(b, now_us=1)
                     found = ix.match(p, now_us=1) == [3] and t.instance(0)["capacity_tokens"]
             assert found, "the dump never held the prompt's blocks and a scrape"
+            deadline = time.monotonic() + 20
+            while True:
+                live = get_json(f"http://127.0.0.1:{sport}/status")["instances"][0]
+                if live["health"] == "up" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert live["name"] == addr and live["events"] > 0 and live["health"] == "up"
+            from prometheus_client.parser import text_string_to_metric_families
+            with urllib.request.urlopen(f"http://127.0.0.1:{sport}/metrics", timeout=10) as r:
+                fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+            ev = [x for x in fams["omni_agent_events"].samples if x.name.endswith("_total")]
+            assert ev[0].labels == {"instance": addr} and ev[0].value > 0
+            assert fams["omni_agent_precise"].samples[0].value == 1.0
+            assert fams["omni_agent_health_up"].samples[0].value == 1.0
         finally:
             proc.send_signal(2)
             _, err = proc.communicate(timeout=30)
@@ -294,3 +317,6 @@ def test_cli_rejects_bad_options(tmp_path):
     r = CliRunner().invoke(main, ["agent", "--instance", "h:1", "--dump", "x",
                                   "--fall", "0"])
     assert r.exit_code != 0 and "--fall" in r.output
+    r = CliRunner().invoke(main, ["agent", "--instance", "h:1", "--dump", "x",
+                                  "--status-listen", "0.0.0.0:9"])
+    assert r.exit_code != 0 and "--status-listen" in r.output

@@ -12,13 +12,14 @@ import click
 from .config import AgentConfigError, build_specs, read_nginx_conf
 from .core import Agent, Options
 from .sinks import DumpSink, HttpSink
+from .status import StatusServer
 
 
 class AgentOptionError(click.BadParameter):
     pass
 
 
-async def run(specs, sinks, opts, duration=None, status_file=None):
+async def run(specs, sinks, opts, duration=None, status_file=None, status_listen=None):
     """Run the agent until SIGINT/SIGTERM or `duration` seconds."""
     async def fan_out(batch):
         ok = True
@@ -30,12 +31,17 @@ async def run(specs, sinks, opts, duration=None, status_file=None):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    server = StatusServer(agent, *status_listen) if status_listen else None
     await agent.start()
     try:
+        if server is not None:
+            await server.start()
         await asyncio.wait_for(stop.wait(), duration)
     except asyncio.TimeoutError:
         pass
     finally:
+        if server is not None:
+            await server.stop()
         await agent.stop()
         for s in sinks:
             await s.close()
@@ -67,6 +73,8 @@ async def run(specs, sinks, opts, duration=None, status_file=None):
               help="Bind the SUB sockets (engines connect: vLLM with a non-wildcard endpoint).")
 @click.option("--topic", default="kv-events", show_default=True)
 @click.option("--replay-timeout", type=float, default=2.0, show_default=True)
+@click.option("--idle-check", type=float, default=5.0, show_default=True,
+              help="Seconds without a message before asking the replay endpoint.")
 @click.option("--settle", type=float, default=10.0, show_default=True,
               help="Gap-free seconds after a resync before an instance is precise again.")
 @click.option("--metrics-interval", type=float, default=1.0, show_default=True,
@@ -86,11 +94,14 @@ async def run(specs, sinks, opts, duration=None, status_file=None):
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--status-file", default=None, type=click.Path(dir_okay=False),
               help="Write per-instance counters (JSON) here on exit.")
+@click.option("--status-listen", default=None, metavar="HOST:PORT",
+              help="Serve GET /status (JSON) and /metrics (omni_agent_*) here (loopback).")
 @click.option("-v", "--verbose", is_flag=True)
 def agent(conf_path, instances, block_size, kv_endpoints, kv_events_port, kv_replay_port,
           kv_events_port_offset, kv_replay_port_offset, dp_ranks, kv_bind, topic,
-          replay_timeout, settle, metrics_interval, health_interval, health_timeout,
-          fall, rise, push_url, dump_path, flush_interval, duration, status_file, verbose):
+          replay_timeout, idle_check, settle, metrics_interval, health_interval, health_timeout,
+          fall, rise, push_url, dump_path, flush_interval, duration, status_file,
+          status_listen, verbose):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         stream=sys.stderr, format="%(asctime)s %(message)s")
     addresses = []
@@ -117,7 +128,17 @@ def agent(conf_path, instances, block_size, kv_endpoints, kv_events_port, kv_rep
                             replay_port_offset=kv_replay_port_offset, dp_ranks=dp_ranks)
     except AgentConfigError as exc:
         raise AgentOptionError(str(exc).partition(": ")[2], param_hint=exc.option) from None
+    listen = None
+    if status_listen:
+        host, _, port = status_listen.rpartition(":")
+        if host not in ("127.0.0.1", "localhost", "::1") or not port.isdigit():
+            raise AgentOptionError(f"{status_listen!r}: a loopback HOST:PORT",
+                                   param_hint="--status-listen")
+        listen = (host, int(port))
+    if idle_check <= 0:
+        raise AgentOptionError(f"must be > 0, got {idle_check}", param_hint="--idle-check")
     opts = Options(block_size=bs, topic=topic, bind=kv_bind, replay_timeout=replay_timeout,
+                   idle_check=idle_check,
                    settle=settle, metrics_interval=metrics_interval,
                    health_interval=health_interval, health_timeout=health_timeout,
                    fall=fall, rise=rise, flush_interval=flush_interval)
@@ -127,4 +148,4 @@ def agent(conf_path, instances, block_size, kv_endpoints, kv_events_port, kv_rep
     if dump_path:
         sinks.append(DumpSink(dump_path))
     click.echo(f"agent: {len(specs)} instance(s), block size {bs}", err=True)
-    asyncio.run(run(specs, sinks, opts, duration, status_file))
+    asyncio.run(run(specs, sinks, opts, duration, status_file, listen))

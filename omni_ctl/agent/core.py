@@ -55,6 +55,7 @@ class Options:
     topic: str = "kv-events"
     bind: bool = False              # SUB binds, engines connect
     replay_timeout: float = 2.0     # per replay message
+    idle_check: float = 5.0         # quiet stream: ask replay what came
     settle: float = 10.0            # gap-free seconds back to precise
     metrics_interval: float = 1.0   # 0: off
     health_interval: float = 1.0    # 0: off
@@ -93,6 +94,7 @@ class Instance:
         self.events = 0
         self.skipped = {}
         self.last_event = None
+        self.lag = None
         self.health_ok = 0
         self.health_fail = 0
         self.last_scrape = None
@@ -109,7 +111,8 @@ class Instance:
             "resyncs": sum(s.resyncs for s in self.streams),
             "bad_messages": sum(s.bad for s in self.streams),
             "next_seq": [s.next for s in self.streams],
-            "last_event": self.last_event, "last_scrape": self.last_scrape,
+            "last_event": self.last_event, "event_lag": self.lag,
+            "last_scrape": self.last_scrape,
             "scrape_errors": self.scrape_errors,
         }
 
@@ -310,6 +313,9 @@ class Agent:
         try:
             await self._catch_up(inst, st)
             while True:
+                if not await sub.poll(self.opts.idle_check * 1000):
+                    await self._idle(inst, st)
+                    continue
                 frames = await sub.recv_multipart()
                 if len(frames) != 3 or len(frames[1]) != 8:
                     st.bad += 1
@@ -318,6 +324,20 @@ class Agent:
                 await self._live(inst, st, seq, frames[2])
         finally:
             sub.close(0)
+
+    async def _idle(self, inst, st):
+        """Nothing heard for a while: a last message lost on the wire (or
+        sent before the subscription took) shows no gap until the next one;
+        the replay buffer says whether there was one."""
+        if st.next is None:
+            return
+        got = await self._replay(st, st.next)
+        if got:
+            before = st.next
+            await self._apply_replayed(inst, st, got)
+            if st.next > before:
+                st.gaps += 1
+            await self.flush()
 
     async def _live(self, inst, st, seq, payload):
         if st.next is not None and seq > st.next:
@@ -338,12 +358,15 @@ class Agent:
     async def _message(self, inst, st, payload):
         st.messages += 1
         try:
-            _, events, _ = decode_payload(payload, inst.skipped)
+            ts, events, _ = decode_payload(payload, inst.skipped)
         except EventDecodeError as exc:
             st.bad += 1
             log.warning("agent: %s: bad KV-event message: %s", inst.name, exc)
             return
         inst.last_event = time.time()
+        if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+            # engine clock to our reception: delivery lag (clocks may differ)
+            inst.lag = max(inst.last_event - ts, 0.0)
         b = self.opts.block_size
         for ev in events:
             inst.events += 1
