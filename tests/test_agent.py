@@ -509,3 +509,33 @@ def test_lost_last_message_is_found_by_the_idle_check():
             assert rig.pubs[0].dropped == 1 and st.gaps == 1 and st.resyncs == 0
             assert rig.match(p) == 2
     run(main())
+
+
+def test_publisher_restart_numbers_from_zero_again():
+    """An engine restarted: its numbers start at 0 again and its cache is
+    empty; the agent clears the instance instead of ignoring the 'old'
+    numbers as duplicates."""
+    async def main():
+        async with Rig() as rig:
+            old = list(range(16 * 2))
+            rig.pubs[0].publish([("stored", chain(old), None, old)])
+            for _ in range(5):
+                rig.pubs[0].publish([])
+            await synced(rig.agent, rig.pubs)
+            assert rig.match(old) == 2
+            await rig.pubs[0].stop()
+            rig.pubs[0] = KVEventPublisher("127.0.0.1", rig.ports[0], rig.ports[1])
+            rig.pubs[0].start()
+            st = rig.agent.instances[0].streams[0]
+            deadline = time.monotonic() + 15
+            while st.restarts == 0:
+                assert time.monotonic() < deadline, "restart never seen"
+                rig.pubs[0].publish([])
+                await asyncio.sleep(0.05)
+            new = list(range(100, 100 + 16 * 3))
+            rig.pubs[0].publish([("stored", chain(new), None, new)])
+            await synced(rig.agent, rig.pubs)
+            assert st.restarts == 1 and st.resyncs == 0
+            assert rig.match(old) == 0 and rig.match(new) == 3
+            assert rig.agent.instances[0].mode == "precise"
+    run(main())

@@ -15,7 +15,9 @@ there, else approximate as above.
 """
 
 import asyncio
+import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -32,6 +34,11 @@ from .metrics import parse_metrics
 log = logging.getLogger("omni_ctl.agent")
 
 END = -1
+RECENT = 4096       # digests of the last applied messages, per publisher
+
+
+def _digest(payload):
+    return hashlib.blake2b(payload, digest_size=8).digest()
 
 
 @dataclasses.dataclass
@@ -78,6 +85,8 @@ class Stream:
         self.resyncs = 0
         self.messages = 0
         self.bad = 0                # undecodable messages
+        self.restarts = 0           # publisher started again from 0
+        self.recent = collections.OrderedDict()   # seq -> payload digest
         self.task = None
 
 
@@ -109,6 +118,7 @@ class Instance:
             "replays": sum(s.replays for s in self.streams),
             "replayed": sum(s.replayed for s in self.streams),
             "resyncs": sum(s.resyncs for s in self.streams),
+            "restarts": sum(s.restarts for s in self.streams),
             "bad_messages": sum(s.bad for s in self.streams),
             "next_seq": [s.next for s in self.streams],
             "last_event": self.last_event, "event_lag": self.lag,
@@ -125,6 +135,9 @@ class Agent:
         self.batch = Batch(self.opts.block_size)
         self.pushed = 0
         self.push_failures = 0
+        self.dropped_batches = 0
+        self._backoff = 0.0
+        self._retry_at = 0.0
         self._ctx = None
         self._http = None
         self._tasks = []
@@ -161,7 +174,7 @@ class Agent:
             except (asyncio.CancelledError, Exception):     # noqa: BLE001
                 pass
         self._tasks = []
-        await self.flush()
+        await self.flush(final=True)
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -171,13 +184,16 @@ class Agent:
 
     def status(self):
         return {"instances": [i.status() for i in self.instances],
-                "pushed": self.pushed, "push_failures": self.push_failures}
+                "pushed": self.pushed, "push_failures": self.push_failures,
+                "dropped_batches": self.dropped_batches}
 
     # -- pushing ----------------------------------------------------------------
-    async def flush(self):
+    async def flush(self, final=False):
         async with self._flush_lock:
             if not len(self.batch):
                 return
+            if not final and time.monotonic() < self._retry_at:
+                return                      # the endpoint failed: wait
             batch, self.batch = self.batch, Batch(self.opts.block_size)
             try:
                 ok = await self.sink(batch)
@@ -185,20 +201,35 @@ class Agent:
                 log.warning("agent: push failed: %s", exc)
                 ok = False
             if ok is False:
-                # the proxy missed these records: its view of the
-                # instances in them is no longer the engines'
                 self.push_failures += 1
-                for inst in self.instances:
-                    if inst.name in batch.names:
-                        inst.sent_state = None      # say it again
-                        for st in inst.streams:
-                            self._resync(inst, st, "push failed")
+                self._backoff = min(max(2 * self._backoff, 0.05), 2.0)
+                self._retry_at = time.monotonic() + self._backoff
+                self._lost(batch)
             else:
                 self.pushed += 1
+                self._backoff = 0.0
+                self._retry_at = 0.0
+
+    def _lost(self, batch):
+        """The proxy missed these records: its view of the instances in
+        them is no longer the engines'."""
+        for inst in self.instances:
+            if inst.name in batch.names:
+                inst.sent_state = None      # say it again
+                for st in inst.streams:
+                    self._resync(inst, st, "batch not delivered")
 
     async def _maybe_flush(self):
-        if self.batch.nbytes >= self.opts.max_batch_bytes:
-            await self.flush()
+        if self.batch.nbytes < self.opts.max_batch_bytes:
+            return
+        if time.monotonic() < self._retry_at:
+            # the endpoint is down and the batch full: drop it rather than
+            # grow without bound (its instances go approximate)
+            batch, self.batch = self.batch, Batch(self.opts.block_size)
+            self.dropped_batches += 1
+            self._lost(batch)
+            return
+        await self.flush()
 
     async def _tick_loop(self):
         while True:
@@ -293,7 +324,7 @@ class Agent:
             if seq > st.next:
                 break
             st.replayed += 1
-            await self._message(inst, st, payload)
+            await self._message(inst, st, seq, payload)
             st.next += 1
 
     async def _catch_up(self, inst, st):
@@ -340,6 +371,18 @@ class Agent:
             await self.flush()
 
     async def _live(self, inst, st, seq, payload):
+        if st.next is not None and seq < st.next:
+            if st.recent.get(seq) == _digest(payload):
+                return                      # already had it (via replay)
+            # an older number with other content: the engine restarted and
+            # numbers from 0 again, with an empty cache
+            log.warning("agent: %s: publisher %s restarted", inst.name, st.pub.endpoint)
+            st.restarts += 1
+            st.recent.clear()
+            self.batch.clear(inst.name)
+            inst.chains.clear()
+            st.next = 0
+            st.approx_since = None
         if st.next is not None and seq > st.next:
             st.gaps += 1
             want = st.next
@@ -350,13 +393,16 @@ class Agent:
                 self._resync(inst, st, f"gap {want}..{seq - 1} not replayable")
                 st.next = seq
         if st.next is None or seq == st.next:
-            await self._message(inst, st, payload)
+            await self._message(inst, st, seq, payload)
             st.next = seq + 1
             self._update_mode(inst)
         await self._maybe_flush()
 
-    async def _message(self, inst, st, payload):
+    async def _message(self, inst, st, seq, payload):
         st.messages += 1
+        st.recent[seq] = _digest(payload)
+        if len(st.recent) > RECENT:
+            st.recent.popitem(last=False)
         try:
             ts, events, _ = decode_payload(payload, inst.skipped)
         except EventDecodeError as exc:
