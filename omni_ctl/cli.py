@@ -25,6 +25,7 @@ COMMANDS = {
     "dashboard": "omni_ctl.dashboard:dashboard_cmd",
     "explain": "omni_ctl.bench.cli:explain",
     "bench-lib": "omni_ctl.bench.lib:bench_lib",
+    "agent": "omni_ctl.agent.cli:agent",
 }
 
 HELP = {
@@ -42,6 +43,7 @@ HELP = {
     "dashboard": "Print the Grafana dashboard JSON for the proxy's metrics.",
     "explain": "Attribute each request's TTFT in an Omni Proxy run to its causes.",
     "bench-lib": "Benchmark the scoring library (hashing, index, JSON).",
+    "agent": "Hear the engines (KV events, metrics, health) and feed the proxy.",
 }
 
 

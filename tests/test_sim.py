@@ -627,15 +627,16 @@ def test_kv_events_gaps_and_replay():
             dealer.connect(info["replay_endpoint"])
             dealer.send_multipart([b"", missing[0].to_bytes(8, "big")])
             replayed = {}
-            while True:
+            while True:     # vLLM 0.33: [empty, topic, seq, payload], end [empty, empty, -1, empty]
                 assert dealer.poll(5000), "replay did not answer"
                 frames = dealer.recv_multipart()
-                assert frames[0] == b""
-                seq = int.from_bytes(frames[1], "big", signed=True)
+                assert len(frames) == 4 and frames[0] == b""
+                seq = int.from_bytes(frames[2], "big", signed=True)
                 if seq == -1:
-                    assert frames[2] == b""
+                    assert frames[1] == b"" and frames[3] == b""
                     break
-                replayed[seq] = frames[2]
+                assert frames[1] == b"kv-events"
+                replayed[seq] = frames[3]
             for s in missing:
                 assert s in replayed
             for s in got:

@@ -48,6 +48,7 @@ __all__ = [
     "hash_root",
     "engine_key",
     "PrefixIndex",
+    "IngestTarget",
     "Predictor",
     "PrefillJob",
     "PrefillCandidate",
@@ -384,6 +385,71 @@ class PrefixIndex:
     def expire(self, now_us=None):
         return check(lib.omni_index_expire(self._h, self._now(now_us)),
                      "expire")
+
+
+# ---- ingestion of the KV-event agent's batches -------------------------------
+
+_INGEST_MODES = {0: "unknown", 1: "precise", 2: "approx"}
+_INGEST_HEALTH = {0: "unknown", 1: "up", 2: "down"}
+
+
+class IngestTarget:
+    """A :class:`PrefixIndex` fed with agent batches (see omni_ingest.h):
+    what the nginx ingestion endpoint does, for tests and offline replays.
+
+    ``names`` maps the batch's instance names ("host:port") to index
+    instances.  :meth:`apply` returns the records applied and raises
+    InvalidArgumentError for a malformed batch (counted in :meth:`stats`).
+    """
+
+    def __init__(self, index, names):
+        self.index = index
+        self._names = ffi.new("omni_ingest_name_t[]", max(len(names), 1))
+        self._keep = []
+        for k, (name, inst) in enumerate(dict(names).items()):
+            raw = ffi.new("char[]", name.encode())
+            self._keep.append(raw)
+            self._names[k].name = raw
+            self._names[k].len = len(name.encode())
+            self._names[k].inst = inst
+        self._n_names = len(names)
+        self._insts = ffi.new("omni_ingest_inst_t[]", index.num_instances)
+        self._stats = ffi.new("omni_ingest_stats_t *")
+
+    def apply(self, batch, now_us=None):
+        data = bytes(batch)
+        rc = lib.omni_ingest_apply(
+            self.index._h, self._insts, self.index.num_instances,
+            self._names, self._n_names, data, len(data),
+            self.index._now(now_us), self._stats)
+        if rc < 0:
+            reason = ffi.string(lib.omni_ingest_strreason(
+                self._stats.last_reason)).decode()
+            check(rc, f"ingest: {reason} (offset {self._stats.last_offset})")
+        return rc
+
+    def expire(self, ttl_us, now_us=None):
+        """Instances silent past ``ttl_us`` turn approximate."""
+        return check(lib.omni_ingest_expire(
+            self._insts, self.index.num_instances, self.index._now(now_us),
+            ttl_us), "ingest expire")
+
+    def instance(self, inst):
+        if not 0 <= inst < self.index.num_instances:
+            raise IndexError(inst)
+        s = self._insts[inst]
+        d = {name: getattr(s, name) for name, _ in
+             ffi.typeof("omni_ingest_inst_t").fields if name != "pad"}
+        d["mode"] = _INGEST_MODES.get(d["mode"], d["mode"])
+        d["health"] = _INGEST_HEALTH.get(d["health"], d["health"])
+        return d
+
+    def stats(self):
+        d = {name: getattr(self._stats, name) for name, _ in
+             ffi.typeof("omni_ingest_stats_t").fields if name != "pad"}
+        d["last_reason"] = ffi.string(lib.omni_ingest_strreason(
+            d["last_reason"])).decode()
+        return d
 
 
 # ---- predictor ------------------------------------------------------------

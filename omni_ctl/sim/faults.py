@@ -1,6 +1,7 @@
 """Per-instance fault injection (flags and `POST /sim/fault`)."""
 
-MODES = ("none", "error", "slow", "hang", "stall", "drop", "exit", "eos_first")
+MODES = ("none", "error", "slow", "hang", "stall", "drop", "exit", "eos_first",
+         "kv_drop")
 
 
 class FaultError(ValueError):
@@ -23,6 +24,9 @@ class Fault:
                {"mode": "none", "instance": NAME} sent to another instance
     eos_first  every new request ends at its first token with finish_reason
                "stop" (EOS), whatever ignore_eos/min_tokens say
+    kv_drop    KV-event messages are lost on the wire with probability `rate`
+               (their sequence numbers are skipped; replay still has them);
+               requests are served normally
     """
 
     def __init__(self, mode="none", rate=1.0, status=500, factor=10.0,

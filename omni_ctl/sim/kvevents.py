@@ -5,7 +5,18 @@ the payload is [timestamp, [event, ...], data_parallel_rank]. Events are either
 arrays tagged by class name (`["BlockStored", hashes, parent, token_ids,
 block_size, lora_id, medium]`) or maps with a "type" key. The replay socket
 answers a start sequence number with every buffered message from there on,
-then [-1, b""].
+then an end marker, in vLLM 0.33's framing (to a DEALER: [b"", topic, seq,
+payload] per message, end [b"", b"", -1, b""]) or, with
+replay_format="legacy", older releases' ([b"", seq, payload], end [b"", -1,
+b""]).  With data parallelism each rank is its own publisher on port + rank
+(`data_parallel_rank` goes in every payload).  `connect` makes the PUB
+connect to a subscriber that binds (vLLM does that for a non-wildcard tcp
+endpoint) instead of binding itself.
+
+Fault "drop KV events": `drop_rate` (random) or `drop_next(n)` (the next n
+messages) consume their sequence numbers without sending them, so the
+subscriber sees a gap; they stay in the replay buffer (`buffer_size`
+messages), so a gap older than the buffer cannot be replayed.
 """
 
 import asyncio
@@ -42,7 +53,10 @@ def encode_event(ev, encoding, block_size, medium="GPU"):
 class KVEventPublisher:
     def __init__(self, host, pub_port, replay_port, topic="kv-events",
                  encoding="array", drop_rate=0.0, block_size=16,
-                 buffer_size=10000, seed=0):
+                 buffer_size=10000, seed=0, data_parallel_rank=None,
+                 replay_format="vllm", connect=None):
+        if replay_format not in ("vllm", "legacy"):
+            raise ValueError(f"replay_format: vllm or legacy, not {replay_format!r}")
         self.host = host
         self.pub_port = pub_port
         self.replay_port = replay_port
@@ -52,7 +66,11 @@ class KVEventPublisher:
         self.block_size = block_size
         self.buffer = collections.deque(maxlen=buffer_size)
         self.rng = random.Random(seed)
+        self.data_parallel_rank = data_parallel_rank
+        self.replay_format = replay_format
+        self.connect = connect
         self.seq = 0
+        self._skip = 0
         self.sent = 0
         self.dropped = 0
         self._ctx = None
@@ -74,7 +92,10 @@ class KVEventPublisher:
         self._actx = zmq.asyncio.Context()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
-        self._pub.bind(self.endpoint)
+        if self.connect:
+            self._pub.connect(self.connect)
+        else:
+            self._pub.bind(self.endpoint)
         self._router = self._actx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.bind(self.replay_endpoint)
@@ -96,15 +117,21 @@ class KVEventPublisher:
                 c.term()
         self._pub = self._router = self._ctx = self._actx = None
 
+    def drop_next(self, n):
+        """Fault: lose the next n messages on the wire."""
+        self._skip += n
+
     def publish(self, events):
         if self._pub is None:
             return
         enc = [encode_event(e, self.encoding, self.block_size) for e in events]
-        payload = msgpack.packb([time.time(), enc, None], use_bin_type=True)
+        payload = msgpack.packb([time.time(), enc, self.data_parallel_rank],
+                                use_bin_type=True)
         seq = self.seq
         self.seq += 1
         self.buffer.append((seq, payload))
-        if self.drop_rate and self.rng.random() < self.drop_rate:
+        if self._skip or (self.drop_rate and self.rng.random() < self.drop_rate):
+            self._skip = max(self._skip - 1, 0)
             self.dropped += 1        # lost on the wire; replay still has it
             return
         try:
@@ -125,9 +152,12 @@ class KVEventPublisher:
                 else:
                     head, start = [ident], frames[1]
                 first = int.from_bytes(start, "big", signed=True)
+                topic = [self.topic] if self.replay_format == "vllm" else []
                 for seq, payload in list(self.buffer):
                     if seq >= first:
-                        await sock.send_multipart(head + [seq.to_bytes(8, "big"), payload])
-                await sock.send_multipart(head + [END_OF_REPLAY, b""])
+                        await sock.send_multipart(
+                            head + topic + [seq.to_bytes(8, "big"), payload])
+                end = [b""] if self.replay_format == "vllm" else []
+                await sock.send_multipart(head + end + [END_OF_REPLAY, b""])
             except (IndexError, zmq.ZMQError) as exc:
                 print(f"sim: bad replay request: {exc!r}", file=sys.stderr)

@@ -82,6 +82,11 @@ def render(engine_kind, model_name, eng):
     w.gauge("vllm:num_requests_running", "Number of requests in model execution batches.", lab, len(eng.running))
     w.gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", lab, eng.num_waiting)
     w.gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", lab, eng.pool.usage())
+    # vLLM's info gauge: the KV capacity is num_gpu_blocks x block_size
+    w.gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+            {"block_size": str(eng.pool.block_size), "cache_dtype": "auto",
+             "enable_prefix_caching": "True",
+             "num_gpu_blocks": str(eng.pool.num_blocks), "num_cpu_blocks": "0"}, 1)
     w.counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", lab, eng.prefix_queried)
     w.counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", lab, eng.prefix_hits)
     w.counter("vllm:num_preemptions", "Cumulative number of preemptions from the engine.", lab, eng.preemptions_total)

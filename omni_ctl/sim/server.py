@@ -382,6 +382,9 @@ class Instance:
         was_dead = self.dead
         self.fault = fault
         self.engine.slow_factor = fault.factor if fault.mode == "slow" else 1.0
+        if self.publisher is not None:
+            self.publisher.drop_rate = (fault.rate if fault.mode == "kv_drop"
+                                        else self.s.kv_drop_rate)
         if fault.mode == "exit" and not was_dead:
             # answer the POST first, then die
             asyncio.get_running_loop().call_later(0.01, lambda: asyncio.ensure_future(self.crash()))

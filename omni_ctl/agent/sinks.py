@@ -1,0 +1,60 @@
+"""Where the agent's batches go: the proxy's ingestion endpoint (HTTP POST),
+a dump file (batches back to back; each carries its length) or a Python
+callable (tests)."""
+
+import aiohttp
+
+
+class HttpSink:
+    """POST application/octet-stream; any 2xx is success."""
+
+    def __init__(self, url, timeout=2.0):
+        self.url = url
+        self.timeout = timeout
+        self._session = None
+
+    async def __call__(self, batch):
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout))
+        try:
+            async with self._session.post(
+                    self.url, data=batch.encode(),
+                    headers={"Content-Type": "application/octet-stream"}) as r:
+                await r.read()
+                return 200 <= r.status < 300
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def close(self):
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class DumpSink:
+    def __init__(self, path):
+        self.f = open(path, "ab")
+
+    async def __call__(self, batch):
+        self.f.write(batch.encode())
+        self.f.flush()
+        return True
+
+    async def close(self):
+        self.f.close()
+
+
+class ListSink:
+    """Keeps every batch (tests)."""
+
+    def __init__(self):
+        self.batches = []
+
+    async def __call__(self, batch):
+        self.batches.append(batch)
+        return True
+
+    def records(self, name=None, kind=None):
+        return [r for b in self.batches for r in b.records
+                if (name is None or r[1] == name) and (kind is None or r[0] == kind)]

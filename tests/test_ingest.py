@@ -1,0 +1,262 @@
+"""Ingestion of the agent's batches (omni_ingest.c) into a real prefix index,
+through cffi: the block-size mapping, removals, clears, states, metrics,
+rejections; and fuzzing (random and mutated batches) under the debug build's
+ASan/UBSan.
+"""
+
+import random
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from omni_ctl.agent.batch import Batch, BatchError, split_batches
+from omni_ctl.scoring import IngestTarget, PrefixIndex, lib
+from omni_ctl.scoring.errors import InvalidArgumentError
+
+A, B = "127.0.0.1:8001", "127.0.0.1:8002"
+
+
+def target(block_size, n=2, cap=1000):
+    ix = PrefixIndex(n, block_size, cap)
+    return IngestTarget(ix, {A: 0, B: 1})
+
+
+def engine_chain(tokens, e, salt=7):
+    """Engine-like chained hashes (any function will do: they are opaque)."""
+    out, parent = [], salt
+    for i in range(len(tokens) // e):
+        parent = hash((parent, tuple(tokens[i * e:(i + 1) * e]))) & (2**64 - 1)
+        out.append(parent)
+    return out
+
+
+def test_same_block_size_store_remove_clear():
+    t = target(16)
+    toks = list(range(1000, 1000 + 48))
+    h = engine_chain(toks, 16)
+    b = Batch(16)
+    b.state(A, "precise", "up")
+    b.store(A, 16, h[:2], toks[:32])
+    b.store(A, 16, h[2:], toks[32:], anchor=h[1])
+    assert t.apply(b.encode(), now_us=1000) == 3
+    assert t.index.match(toks, now_us=1000) == [3, 0]
+    # the same blocks as PrefixIndex.apply_stored keys them: token ids
+    ref = PrefixIndex(2, 16, 1000)
+    ref.apply_stored(1, h, None, toks, now_us=0)
+    assert ref.match(toks, now_us=0) == [0, 3]
+
+    b = Batch(16)
+    b.remove(A, 16, [h[2]])
+    t.apply(b.encode(), now_us=2000)
+    assert t.index.match(toks, now_us=2000) == [2, 0]
+    b = Batch(16)
+    b.clear(A)
+    t.apply(b.encode(), now_us=3000)
+    assert t.index.match(toks, now_us=3000) == [0, 0]
+    st_ = t.instance(0)
+    assert st_["mode"] == "precise" and st_["health"] == "up"
+    assert (st_["stores"], st_["removals"], st_["clears"]) == (2, 1, 1)
+    assert st_["blocks_stored"] == 3 and st_["blocks_removed"] == 1
+    t.index.check_integrity()
+
+
+def test_engine_blocks_smaller_than_index_blocks_with_lead():
+    """E=16, B=64: a store cut inside an index block carries its lead."""
+    t = target(64)
+    toks = list(range(5000, 5000 + 128))
+    h = engine_chain(toks, 16)                # 8 engine blocks
+    b = Batch(64)
+    b.store(A, 16, h[:5], toks[:80])          # 1 index block, 16 left over
+    assert t.apply(b.encode(), now_us=1) == 1
+    assert t.index.match(toks, now_us=1) == [1, 0]
+    assert t.instance(0)["blocks_stored"] == 1
+    # blocks 5..7 follow block 4: lead = block 4's tokens, anchor = block 3
+    b = Batch(64)
+    b.store(A, 16, h[5:], toks[80:], anchor=h[3], lead=toks[64:80])
+    t.apply(b.encode(), now_us=2)
+    assert t.index.match(toks, now_us=2) == [2, 0]
+    # the last engine block of index block 1 names it
+    b = Batch(64)
+    b.remove(A, 16, [h[7]])
+    t.apply(b.encode(), now_us=3)
+    assert t.index.match(toks, now_us=3) == [1, 0]
+    t.index.check_integrity()
+
+
+def test_engine_blocks_larger_than_index_blocks():
+    """E=32, B=16: each engine block ends two index blocks."""
+    t = target(16)
+    toks = list(range(64))
+    h = engine_chain(toks, 32)
+    b = Batch(16)
+    b.store(B, 32, h[:1], toks[:32])
+    b.store(B, 32, h[1:], toks[32:], anchor=h[0])
+    t.apply(b.encode(), now_us=1)
+    assert t.index.match(toks, now_us=1) == [0, 4]
+    b = Batch(16)
+    b.remove(B, 32, [h[1]])
+    t.apply(b.encode(), now_us=2)
+    assert t.index.match(toks, now_us=2) == [0, 2]
+    assert t.instance(1)["blocks_removed"] == 2
+    t.index.check_integrity()
+
+
+def test_orphan_store_and_unknown_names_are_counted_not_fatal():
+    t = target(16)
+    toks = list(range(32))
+    b = Batch(16)
+    b.store(A, 16, [11, 12], toks, anchor=999)      # anchor never stored
+    b.store("127.0.0.1:9999", 16, [1, 2], toks)
+    assert t.apply(b.encode(), now_us=1) == 1
+    assert t.instance(0)["orphans"] == 1
+    assert t.stats()["unknown_names"] == 1
+    assert t.index.match(toks, now_us=1) == [0, 0]
+
+
+def test_state_metrics_capacity_and_ttl():
+    t = target(16, cap=1000)
+    b = Batch(16)
+    b.state(A, "precise", "up")
+    b.metrics(A, running=3, waiting=5, kv_usage=0.25,
+              capacity_tokens=16 * 200)
+    t.apply(b.encode(), now_us=10_000)
+    s = t.instance(0)
+    assert (s["running"], s["waiting"], s["kv_usage_ppm"]) == (3, 5, 250000)
+    assert s["capacity_tokens"] == 3200
+    assert t.index.instance_stats(0)["capacity"] == 200
+    # a silent agent: precise turns approximate after the TTL, not before
+    assert t.expire(ttl_us=5_000, now_us=14_000) == 0
+    assert t.expire(ttl_us=5_000, now_us=20_000) == 1
+    s = t.instance(0)
+    assert s["mode"] == "approx" and s["resyncs"] == 1
+    b = Batch(16)
+    b.state(A, "approx", "down")
+    t.apply(b.encode(), now_us=30_000)
+    assert t.instance(0)["health"] == "down"
+
+
+def test_bad_batches_are_rejected_counted_and_change_nothing():
+    t = target(16)
+    toks = list(range(32))
+    b = Batch(16)
+    b.store(A, 16, [1, 2], toks)
+    good = b.encode()
+    cases = {
+        "bad magic": b"XXXX" + good[4:],
+        "unsupported version": good[:4] + struct.pack("<H", 9) + good[6:],
+        "batch shorter": good[:-1],
+        "bad total": good + b"\0",
+        "block sizes": good[:12] + struct.pack("<I", 32) + good[16:],
+        "short": good[:10],
+    }
+    for why, data in cases.items():
+        with pytest.raises(InvalidArgumentError):
+            t.apply(data, now_us=1)
+    st_ = t.stats()
+    assert st_["rejected"] == len(cases) and st_["batches"] == 0
+    assert t.index.stats()["entries"] == 0
+    # engine block size 24 does not divide 16 (nor 16 it)
+    b = Batch(16)
+    b.store(A, 24, [1], list(range(24)))
+    with pytest.raises(InvalidArgumentError, match="block sizes"):
+        t.apply(b.encode(), now_us=1)
+    # a lead must be whole engine blocks below the index block size
+    t64 = target(64)
+    b = Batch(64)
+    b.store(A, 16, [1], list(range(16)), anchor=5, lead=list(range(8)))
+    with pytest.raises(InvalidArgumentError, match="lead"):
+        t64.apply(b.encode(), now_us=1)
+    t.apply(good, now_us=2)
+    assert t.index.match(toks, now_us=2) == [2, 0]
+
+
+def test_encoder_errors_and_dump_split():
+    b = Batch(0)
+    with pytest.raises(BatchError):
+        b.store(A, 16, [1], list(range(15)))
+    with pytest.raises(BatchError):
+        b.store(A, 16, [1], list(range(16)), anchor=1, lead=list(range(16)))
+    b.clear(A)
+    c = Batch(16)
+    c.clear(B)
+    assert split_batches(b.encode() + c.encode()) == [b.encode(), c.encode()]
+    with pytest.raises(BatchError):
+        split_batches(b.encode()[:-1])
+
+
+# ---- fuzzing ------------------------------------------------------------------
+
+def sample_batches(rng):
+    out = []
+    for bs in (16, 64):
+        b = Batch(bs)
+        toks = [rng.randrange(50000) for _ in range(128)]
+        h = engine_chain(toks, 16)
+        b.state(A, "precise", "up")
+        b.store(A, 16, h[:5], toks[:80])
+        b.store(A, 16, h[5:], toks[80:], anchor=h[3] if bs == 64 else h[4],
+                lead=toks[64:80] if bs == 64 else ())
+        b.remove(B, 16, h[:3])
+        b.metrics(B, running=1, waiting=2, kv_usage=0.5, capacity_tokens=640)
+        b.clear(B)
+        out.append((bs, b.encode()))
+    return out
+
+
+SEEDS = sample_batches(random.Random(1))
+FUZZ = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def apply_any(bs, data):
+    t = target(bs)
+    before = t.stats()["rejected"]
+    try:
+        t.apply(data, now_us=1)
+        assert t.stats()["batches"] == 1
+    except InvalidArgumentError:
+        assert t.stats()["rejected"] == before + 1
+        assert t.index.stats()["entries"] == 0      # nothing applied
+    t.index.check_integrity()
+
+
+@FUZZ
+@given(st.binary(max_size=400), st.sampled_from([16, 64]))
+def test_fuzz_random_bytes(data, bs):
+    apply_any(bs, data)
+
+
+@FUZZ
+@given(st.binary(max_size=200), st.sampled_from([16, 64]))
+def test_fuzz_random_body_behind_a_valid_header(body, bs):
+    n_names = 1 + len(body) % 3
+    head = struct.pack("<IHHIIHHI", lib.OMNI_INGEST_MAGIC, 1, 24,
+                       24 + len(body), bs, n_names, 0, len(body) % 5)
+    apply_any(bs, head + body)
+
+
+@FUZZ
+@given(st.integers(0, 1), st.lists(st.tuples(
+    st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+    st.integers(-8, 8))
+def test_fuzz_mutated_valid_batches(which, flips, cut):
+    bs, data = SEEDS[which]
+    buf = bytearray(data)
+    for pos, val in flips:
+        buf[pos % len(buf)] = val
+    if cut < 0:
+        buf = buf[:cut]
+    elif cut > 0:
+        buf += bytes(cut)
+    apply_any(bs, bytes(buf))
+
+
+def test_fuzz_seeds_are_valid():
+    """The mutation seeds themselves apply (else the fuzzing above would only
+    ever see rejections)."""
+    for bs, data in SEEDS:
+        t = target(bs)
+        assert t.apply(data, now_us=1) == 6
+        assert t.instance(0)["blocks_stored"] == 128 // bs
