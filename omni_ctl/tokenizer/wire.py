@@ -70,12 +70,13 @@ def decode(body: bytes) -> tuple[int, int, list[list[int]]]:
     if len(body) < off + 4 * count:
         raise WireError("answer shorter than its lengths table")
     lengths = array("I", body[off:off + 4 * count])
-    ids = array("I", body[off + 4 * count:])
     if sys.byteorder != "little":
         lengths.byteswap()
-        ids.byteswap()
     if len(body) != off + 4 * count + 4 * sum(lengths):
         raise WireError(f"answer length {len(body)} does not match its lengths")
+    ids = array("I", body[off + 4 * count:])
+    if sys.byteorder != "little":
+        ids.byteswap()
     out, pos = [], 0
     for n in lengths:
         out.append(ids[pos:pos + n].tolist())
