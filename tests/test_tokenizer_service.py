@@ -9,23 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
+from conftest import wait_until
 from omni_ctl.tokenizer import control, wire
 from tokmodel import hf_tok, model_dir  # noqa: F401 (fixtures)
 from test_tokenizer import CORPUS, SYSTEM, ref_chat, ref_encode
-
-
-def wait_until(pred, timeout=30.0, what=""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +26,6 @@ def service(model_dir, tmp_path_factory):  # noqa: F811
     control.start(svc, timeout=120)
     yield svc
     control.stop(svc)
-
-
-def children(pid):
-    out = []
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                stat = open(f"/proc/{e}/stat").read()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
-                out.append(int(e))
-    return sorted(out)
 
 
 def post(svc, route, body):
@@ -144,10 +121,10 @@ def test_multi_turn_reuse_through_the_service(service, hf_tok):  # noqa: F811
 
 def test_a_killed_worker_is_replaced(service):
     pid = control.running_pid(service)
-    before = wait_until(lambda: len(children(pid)) == 2 and children(pid), what="2 workers")
+    before = wait_until(lambda: len(control.worker_pids(pid)) == 2 and control.worker_pids(pid), timeout=30, what="2 workers")
     os.kill(before[0], signal.SIGKILL)
-    wait_until(lambda: len(children(pid)) == 2 and before[0] not in children(pid),
-               what="a new worker")
+    wait_until(lambda: len(control.worker_pids(pid)) == 2 and before[0] not in control.worker_pids(pid),
+               timeout=30, what="a new worker")
     assert control.ready(service.socket)
 
 

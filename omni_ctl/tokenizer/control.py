@@ -175,3 +175,20 @@ def stop(svc: Service, timeout: float = 10.0) -> int | None:
                 return pid
             time.sleep(0.05)
     raise TokenizerCtlError(f"tokenizer pid {pid} did not exit after TERM and KILL")
+
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The live worker processes (children) of a running service."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            out.append(int(entry))
+    return sorted(out)
