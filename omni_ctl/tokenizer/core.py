@@ -48,7 +48,7 @@ CHAT = "/v1/chat/completions"
 ROUTES = (COMPLETIONS, CHAT)
 
 # content part types an engine turns into placeholders we cannot reproduce
-_TEXT_PARTS = ("text", "refusal")
+TEXT_PARTS = ("text", "refusal")
 # assistant fields vLLM keeps for the template; SGLang's router does not
 # forward ids when they are present
 _REASONING_KEYS = ("reasoning_content", "reasoning")
@@ -102,7 +102,7 @@ def _text_of(content, where):
             continue
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise BadRequest(f"{where}.content[{i}] must be an object with a 'type'")
-        if part["type"] not in _TEXT_PARTS:
+        if part["type"] not in TEXT_PARTS:
             raise Unsupported(f"{where}.content[{i}] is a {part['type']!r} part")
         text = part.get(part["type"])
         if not isinstance(text, str):
