@@ -28,6 +28,9 @@ import click
 
 from . import conf as confmod
 from . import paths
+from .procfs import cmdline_args
+from .procfs import ppid_state as _ppid_state
+from .procfs import read_pid as _read_pid
 from .tokenizer import control as tokctl
 
 # nginx's compiled-in prefix, against which it resolves a relative -c
@@ -162,22 +165,8 @@ def stop_tokenizer(facts: ConfFacts, timeout: float = 10.0) -> int | None:
 
 
 def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
     # nginx rewrites its argv into one title string padded with NULs
-    return " ".join(part.decode("utf-8", "replace") for part in raw.split(b"\0") if part)
-
-
-def _ppid_state(pid: int) -> tuple[int, str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name may hold spaces and parentheses: split after the last ')'
-    fields = stat[stat.rfind(")") + 2:].split()
-    return int(fields[1]), fields[0]
+    return " ".join(cmdline_args(pid))
 
 
 def conf_from_title(title: str) -> Path | None:
@@ -237,14 +226,6 @@ def workers_of(pid: int, include_shutting_down: bool = False) -> list[int]:
             continue
         out.append(int(entry))
     return sorted(out)
-
-
-def _read_pid(pid_file: Path) -> int | None:
-    try:
-        text = pid_file.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
 
 
 def status(conf_file) -> Status:

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..procfs import cmdline_args, ppid_state, read_pid
+
 SOCKET_NAME = "tokenizer.sock"
 PID_NAME = "tokenizer.pid"
 LOG_NAME = "tokenizer.log"
@@ -87,30 +89,18 @@ def ready(path, timeout: float = 1.0) -> bool:
         return False
 
 
-def _read_pid(pid_file: Path) -> int | None:
-    try:
-        text = pid_file.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
 def is_service(pid: int, socket_path) -> bool:
     """pid is a live `omni-ctl tokenizer` serving socket_path."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    state = ppid_state(pid)
+    if state is None or state[1] in ("Z", "X"):
         return False
-    if state[state.rfind(")") + 2:].split()[0] in ("Z", "X"):
-        return False
-    args = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+    args = cmdline_args(pid)
     return ("tokenizer" in args and "--socket" in args
             and args[args.index("--socket") + 1:][:1] == [str(socket_path)])
 
 
 def running_pid(svc: Service) -> int | None:
-    pid = _read_pid(svc.pid_file)
+    pid = read_pid(svc.pid_file)
     return pid if pid is not None and is_service(pid, svc.socket) else None
 
 
@@ -145,7 +135,7 @@ def start(svc: Service, timeout: float = 60.0) -> int:
             raise TokenizerCtlError(
                 f"the tokenizer service exited ({proc.returncode}) at start; "
                 f"{svc.log_file}:\n{_log_tail(svc.log_file, offset)}")
-        if _read_pid(svc.pid_file) == proc.pid and ready(svc.socket):
+        if read_pid(svc.pid_file) == proc.pid and ready(svc.socket):
             return proc.pid
         time.sleep(0.05)
     proc.terminate()
@@ -182,13 +172,8 @@ def worker_pids(pid: int) -> list[int]:
     """The live worker processes (children) of a running service."""
     out = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            out.append(int(entry))
+        if entry.isdigit():
+            state = ppid_state(int(entry))
+            if state is not None and state[0] == pid and state[1] not in ("Z", "X"):
+                out.append(int(entry))
     return sorted(out)
