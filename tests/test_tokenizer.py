@@ -10,6 +10,8 @@ import json
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from omni_ctl.bench import workloads
 from omni_ctl.tokenizer import core, wire
@@ -322,3 +324,40 @@ def test_request_json_layout_does_not_change_ids(mt):
     b = json.dumps({"messages": [{"content": m["content"], "role": m["role"]} for m in msgs]},
                    ensure_ascii=True, indent=3)
     assert ids_of(mt.chat(json.loads(a))) == ids_of(mt.chat(json.loads(b)))
+
+
+# --- reuse on random conversations ---------------------------------------------------
+
+# pieces that stress the joints: added tokens whole and cut, whitespace,
+# digits (split in threes), CJK runs, emoji sequences, punctuation
+PIECES = ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>",
+          "<｜Us", "er｜>", "<think>", "</think>", "｜DSML｜", " ", "  ", "\n", "\n\n", "\t",
+          "123", "4567", "中文", "日本語", "😀", "👩‍👩‍👧‍👦", "!", "?!", "'s", "word",
+          " word", "Ünï", "\r\n", "<", "｜>"]
+text = st.lists(st.sampled_from(PIECES), max_size=8).map("".join)
+
+
+@pytest.fixture(scope="module")
+def shared(model_dir):  # noqa: F811
+    return core.ModelTokenizer(model_dir, verify_rate=1.0)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=text, turns=st.lists(st.tuples(text, text), min_size=1, max_size=4),
+       completions=st.booleans())
+def test_reuse_equals_whole_encoding_on_random_conversations(shared, hf_tok, first,  # noqa: F811
+                                                             turns, completions):
+    msgs = [{"role": "user", "content": first}]
+    for answer, user in [("", "")] + turns:
+        if answer or user:
+            msgs = msgs + [{"role": "assistant", "content": answer},
+                           {"role": "user", "content": user}]
+        if completions:
+            prompt = hf_tok.apply_chat_template(msgs, tokenize=False,
+                                                add_generation_prompt=True)
+            res = shared.completions({"prompt": prompt})
+            assert ids_of(res) == [ref_encode(hf_tok, prompt)]
+        else:
+            assert ids_of(shared.chat({"messages": msgs})) == [ref_chat(hf_tok, msgs)]
+    assert shared.stats["reuse_mismatches"] == 0
