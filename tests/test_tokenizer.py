@@ -361,3 +361,14 @@ def test_reuse_equals_whole_encoding_on_random_conversations(shared, hf_tok, fir
         else:
             assert ids_of(shared.chat({"messages": msgs})) == [ref_chat(hf_tok, msgs)]
     assert shared.stats["reuse_mismatches"] == 0
+
+
+def test_trie_pattern_matches_the_longest_word():
+    import re
+
+    words = ["<a>", "<a>b", "<ab>", "x", "xyz", "<"]
+    rx = re.compile(core._trie_pattern(words))
+    for text in ["<a>bc", "<a>c", "<ab>", "xy", "xyz", "<q", "q"]:
+        m = rx.match(text)
+        longest = max((w for w in words if text.startswith(w)), key=len, default=None)
+        assert (m.group() if m else None) == longest, text

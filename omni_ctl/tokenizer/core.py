@@ -248,6 +248,27 @@ class ReuseCache:
         self.tokens = 0
 
 
+def _trie_pattern(words):
+    """A regex matching the longest of words at a position, as a trie (one
+    branch per next character instead of one per word: an added-token
+    vocabulary shares long prefixes)."""
+    root = {}
+    for w in words:
+        node = root
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def walk(node):
+        alts = [re.escape(ch) + walk(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        # ending here is tried last: the longest word wins
+        return f"(?:{body})?" if "" in node else body
+    return walk(root)
+
+
 # ---------------------------------------------------------------------------
 # the tokenizer
 
@@ -281,7 +302,7 @@ class ModelTokenizer:
                       "reuse_verified": 0, "reuse_mismatches": 0,
                       "bad_requests": 0, "unsupported": 0}
         self.lead = self._lead_ids()
-        self._boundary_re, self.boundary_ids = (None, {})
+        self._boundary_re, self._first_chars, self.boundary_ids = None, [], {}
         if reuse:
             self._find_boundaries()
 
@@ -320,9 +341,10 @@ class ModelTokenizer:
                 safe[s] = tid
         if not safe:
             return
-        # all added tokens, longest first, the way the tokenizer matches them;
-        # only the safe ones become boundaries
-        self._boundary_re = re.compile("|".join(re.escape(c) for c in contents))
+        # all added tokens, longest match first, the way the tokenizer
+        # matches them; only the safe ones become boundaries
+        self._boundary_re = re.compile(_trie_pattern(contents))
+        self._first_chars = sorted({c[0] for c in contents})
         self.boundary_ids = safe
 
     def _probe(self, s, tid):
@@ -343,12 +365,28 @@ class ModelTokenizer:
         """[(end position, id, token)] of boundary tokens in text."""
         if self._boundary_re is None:
             return []
+        # what finditer would find, but the regex is only tried where an
+        # added token can start (str.find is far faster than its scan)
+        starts = []
+        for c in self._first_chars:
+            i = text.find(c)
+            while i >= 0:
+                starts.append(i)
+                i = text.find(c, i + 1)
+        starts.sort()
         ids = self.boundary_ids
-        out = []
-        for m in self._boundary_re.finditer(text):
+        out, end = [], 0
+        match = self._boundary_re.match
+        for i in starts:
+            if i < end:
+                continue
+            m = match(text, i)
+            if m is None:
+                continue
+            end = m.end()
             tid = ids.get(m.group())
             if tid is not None:
-                out.append((m.end(), tid, m.group()))
+                out.append((end, tid, m.group()))
         return out
 
     @staticmethod
