@@ -157,3 +157,29 @@ def test_cli_lists_the_command():
     out = subprocess.run([sys.executable, "-m", "omni_ctl.cli", "--help"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "tokenizer" in out
+
+
+def test_worker_sockets_keep_a_conversation_on_one_cache(model_dir, tmp_path, hf_tok):  # noqa: F811
+    svc = control.Service.in_prefix(tmp_path, model_dir, workers=2,
+                                    extra=("--worker-sockets",))
+    control.start(svc, timeout=120)
+    try:
+        own = [svc.socket.with_name(svc.socket.name + f".{i}") for i in range(2)]
+        pids = {json.loads(control.request(p, "GET", "/stats")[2])["pid"] for p in own}
+        assert pids == set(control.worker_pids(control.running_pid(svc)))
+        # a new connection per turn, always to worker 1: every later turn reuses
+        msgs = [SYSTEM, {"role": "user", "content": "turn 0"}]
+        for t in range(1, 4):
+            status, _, body = post_to(own[1], {"messages": msgs})
+            flags, reused, prompts = wire.decode(body)
+            assert status == 200 and prompts == [ref_chat(hf_tok, msgs)]
+            assert (reused > 0) == (t > 1)
+            msgs = msgs + [{"role": "assistant", "content": f"a{t}"},
+                           {"role": "user", "content": f"turn {t}"}]
+    finally:
+        control.stop(svc)
+    assert not any(p.exists() for p in own) and not svc.socket.exists()
+
+
+def post_to(path, body):
+    return control.request(path, "POST", "/v1/chat/completions", json.dumps(body).encode())

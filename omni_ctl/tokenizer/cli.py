@@ -34,8 +34,10 @@ def default_workers() -> int:
               help="Fraction of reused encodings also encoded whole and compared.")
 @click.option("--max-body-mb", type=click.IntRange(1), default=64,
               help="Largest request body.")
+@click.option("--worker-sockets", is_flag=True, default=False,
+              help="Worker i also listens on SOCKET.i (conversation affinity).")
 def tokenizer(model_path, socket_path, pid_file, workers, chat_template, token_reuse,
-              reuse_cache_mb, verify_reuse, max_body_mb):
+              reuse_cache_mb, verify_reuse, max_body_mb, worker_sockets):
     """Tokenize requests for nginx over a unix socket (docs/tokenizer.md)."""
     from . import core, server
 
@@ -51,6 +53,6 @@ def tokenizer(model_path, socket_path, pid_file, workers, chat_template, token_r
         raise click.ClickException(str(exc)) from None
     try:
         server.serve(tok, socket_path, workers or default_workers(), pid_file,
-                     max_body_mb << 20)
+                     max_body_mb << 20, worker_sockets)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {socket_path}: {exc}") from None

@@ -8,6 +8,11 @@ time per core, and idle keep-alive connections from nginx cost nothing.  The
 parent restarts a worker that dies and, on SIGTERM/SIGINT, stops the workers
 and removes the socket and the pid file.
 
+With worker_sockets, worker i also listens on PATH.i of its own, so a
+client that sends a conversation's turns to one worker (nginx: an upstream
+of the PATH.i sockets with `hash KEY consistent`) always finds its earlier
+turns in that worker's reuse cache.
+
 Routes (docs/tokenizer.md): POST /v1/completions, POST /v1/chat/completions
 (the client's JSON body; the answer is wire.encode's binary body),
 GET /health, GET /stats (JSON counters of the worker that answers).
@@ -182,7 +187,7 @@ def _die_with_parent():
         pass
 
 
-def _worker(sock: socket.socket, app: App, parent: int) -> None:
+def _worker(socks: list[socket.socket], app: App, parent: int) -> None:
     _die_with_parent()
     if os.getppid() != parent:
         os._exit(0)
@@ -194,10 +199,12 @@ def _worker(sock: socket.socket, app: App, parent: int) -> None:
         loop = asyncio.get_running_loop()
         stop = loop.create_future()
         loop.add_signal_handler(signal.SIGTERM, lambda: stop.done() or stop.set_result(None))
-        server = await asyncio.start_unix_server(
-            lambda r, w: serve_connection(app, r, w), sock=sock, limit=MAX_HEADER)
-        async with server:
-            await stop
+        servers = [await asyncio.start_unix_server(
+            lambda r, w: serve_connection(app, r, w), sock=s, limit=MAX_HEADER)
+            for s in socks]
+        await stop
+        for server in servers:
+            server.close()
     asyncio.run(main())
 
 
@@ -236,26 +243,34 @@ def log(msg: str) -> None:
     print(f"omni-ctl tokenizer[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
 
+def worker_socket(socket_path: str, index: int) -> str:
+    return f"{socket_path}.{index}"
+
+
 def serve(tokenizer: core.ModelTokenizer, socket_path: str, workers: int,
-          pid_file: str | None = None, max_body: int = 64 << 20) -> None:
+          pid_file: str | None = None, max_body: int = 64 << 20,
+          worker_sockets: bool = False) -> None:
     """Run until SIGTERM/SIGINT.  The pid file is written once the socket
     listens and the workers are forked."""
     sock = bind_socket(socket_path)
     app = App(tokenizer, max_body)
     parent = os.getpid()
-    children: dict[int, float] = {}
+    children: dict[int, tuple[float, int]] = {}    # pid -> (started, index)
 
-    def spawn():
+    def spawn(index):
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                _worker(sock, app, parent)
+                socks = [sock]
+                if worker_sockets:
+                    socks.append(bind_socket(worker_socket(socket_path, index)))
+                _worker(socks, app, parent)
             except BaseException as exc:   # noqa: BLE001 - report, then exit
                 log(f"worker failed: {exc!r}")
                 code = 1
             os._exit(code)
-        children[pid] = time.monotonic()
+        children[pid] = (time.monotonic(), index)
 
     def on_stop(signum, frame):
         # waitpid is retried after a signal (PEP 475): leave it by raising
@@ -264,21 +279,29 @@ def serve(tokenizer: core.ModelTokenizer, socket_path: str, workers: int,
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     try:
-        for _ in range(workers):
-            spawn()
+        for index in range(workers):
+            spawn(index)
         if pid_file:
+            if worker_sockets:
+                # the pid file says ready: every worker socket must listen
+                deadline = time.monotonic() + 30.0
+                while time.monotonic() < deadline and not all(
+                        os.path.exists(worker_socket(socket_path, i))
+                        for i in range(workers)):
+                    time.sleep(0.01)
             _write_pid(pid_file)
         log(f"listening on {socket_path} with {workers} workers "
             f"({tokenizer.model_path})")
         while True:
             pid, status = os.waitpid(-1, 0)
-            started = children.pop(pid, None)
-            if started is None:
+            child = children.pop(pid, None)
+            if child is None:
                 continue
+            started, index = child
             log(f"worker {pid} exited ({status:#x}); starting another")
             if time.monotonic() - started < 1.0:
                 time.sleep(1.0)     # a worker that dies at once: do not spin
-            spawn()
+            spawn(index)
     except (_Stop, ChildProcessError):
         pass
     finally:
@@ -305,7 +328,9 @@ def serve(tokenizer: core.ModelTokenizer, socket_path: str, workers: int,
             except ProcessLookupError:
                 pass
         sock.close()
-        for path in (socket_path, pid_file):
+        own = [worker_socket(socket_path, i) for i in range(workers)] \
+            if worker_sockets else []
+        for path in [socket_path, pid_file] + own:
             if path:
                 try:
                     os.unlink(path)
