@@ -372,3 +372,13 @@ def test_trie_pattern_matches_the_longest_word():
         m = rx.match(text)
         longest = max((w for w in words if text.startswith(w)), key=len, default=None)
         assert (m.group() if m else None) == longest, text
+
+
+def test_a_lone_surrogate_is_a_400(mt):
+    # JSON allows "\ud800"; the tokenizer cannot take it
+    body = json.loads('{"prompt": "bad \\ud800 text"}')
+    with pytest.raises(core.BadRequest, match="cannot tokenize"):
+        mt.tokenize(core.COMPLETIONS, body)
+    body = json.loads('{"messages": [{"role": "user", "content": "x \\udc00"}]}')
+    with pytest.raises(core.BadRequest):
+        mt.tokenize(core.CHAT, body)

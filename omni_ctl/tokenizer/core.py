@@ -308,7 +308,10 @@ class ModelTokenizer:
 
     # -- load-time facts -----------------------------------------------------
     def _enc(self, text, special=False):
-        return self.backend.encode(text, add_special_tokens=special).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=special).ids
+        except Exception as exc:    # the library's: e.g. a lone surrogate
+            raise BadRequest(f"cannot tokenize the prompt: {exc}") from None
 
     def _lead_ids(self):
         """The ids add_special_tokens=True puts before the text (BOS), or
@@ -416,12 +419,10 @@ class ModelTokenizer:
     def encode(self, text: str, add_special_tokens: bool):
         """(ids, reused tokens) of one text, as the engine encodes it."""
         self.stats["texts"] += 1
-        try:
-            return self._encode(text, add_special_tokens)
-        except (TypeError, ValueError, UnicodeError) as exc:
-            raise BadRequest(f"cannot tokenize the prompt: {exc}") from None
-        except Exception as exc:    # the tokenizer library's own errors
-            raise BadRequest(f"cannot tokenize the prompt: {exc}") from None
+        ids, reused = self._encode(text, add_special_tokens)
+        self.stats["tokens"] += len(ids)
+        self.stats["reused_tokens"] += reused
+        return ids, reused
 
     def _encode(self, text, special):
         lead = []
@@ -431,9 +432,7 @@ class ModelTokenizer:
             lead = self.lead
         bounds = self._boundaries(text)
         if not bounds:
-            ids = array("I", lead + self._enc(text))
-            self.stats["tokens"] += len(ids)
-            return ids, 0
+            return array("I", lead + self._enc(text)), 0
         digests = self._digests(text, bounds)
         ids, reused, whole = None, 0, False
         hit = self.cache.find(digests)
@@ -464,8 +463,6 @@ class ModelTokenizer:
             self.cache.add(ids, self._keys(ids, bounds, digests))
         if lead:
             ids = array("I", lead) + ids
-        self.stats["tokens"] += len(ids)
-        self.stats["reused_tokens"] += reused
         return ids, reused
 
     # -- the two routes --------------------------------------------------------
