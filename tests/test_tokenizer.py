@@ -311,6 +311,19 @@ def test_reuse_cache_is_bounded(model_dir):  # noqa: F811
     assert m.cache.tokens == sum(len(e.ids) for e in m.cache.lru.values())
 
 
+def test_a_next_turn_replaces_the_cached_turn(model_dir):  # noqa: F811
+    m = core.ModelTokenizer(model_dir)
+    msgs = [SYSTEM, {"role": "user", "content": "q0"}]
+    for t in range(1, 6):
+        res = m.chat({"messages": msgs})
+        # only the latest turn is held: its entry covers all earlier prefixes
+        assert len(m.cache.lru) == 1 and m.cache.tokens == len(res.prompts[0])
+        msgs = msgs + [{"role": "assistant", "content": f"a{t}"},
+                       {"role": "user", "content": f"q{t}"}]
+    held = {id(e) for e in m.cache.lru.values()}
+    assert all(id(entry) in held for entry, _ in m.cache.index.values())
+
+
 def test_no_reuse_still_encodes_the_same(model_dir, hf_tok):  # noqa: F811
     m = core.ModelTokenizer(model_dir, reuse=False)
     for msgs in _turns("q", EDGE_ANSWERS[:3], EDGE_USERS[:3]):

@@ -198,11 +198,12 @@ def _flag(body, key, default):
 
 
 class _Entry:
-    __slots__ = ("ids", "keys")
+    __slots__ = ("ids", "keys", "live")
 
     def __init__(self, ids, keys):
         self.ids = ids
         self.keys = keys
+        self.live = len(keys)       # keys still pointing here
 
 
 class ReuseCache:
@@ -231,7 +232,14 @@ class ReuseCache:
             return
         entry = _Entry(ids, [k for k, _ in keys])
         for digest, n in keys:
+            old = self.index.get(digest)
             self.index[digest] = (entry, n)
+            if old is not None and old[0] is not entry:
+                # a next turn re-caches the same prefixes: an entry none of
+                # whose keys lead to it any more is dropped at once
+                old[0].live -= 1
+                if old[0].live == 0:
+                    self._drop(old[0])
         self.lru[id(entry)] = entry
         self.tokens += len(ids)
         while self.tokens > self.max_tokens:
@@ -241,6 +249,10 @@ class ReuseCache:
                 hit = self.index.get(digest)
                 if hit is not None and hit[0] is old:
                     del self.index[digest]
+
+    def _drop(self, entry):
+        if self.lru.pop(id(entry), None) is not None:
+            self.tokens -= len(entry.ids)
 
     def clear(self):
         self.index.clear()
