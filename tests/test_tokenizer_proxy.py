@@ -42,10 +42,10 @@ def test_start_and_stop_run_the_tokenizer(managed, model_dir, hf_tok):  # noqa: 
 def test_options_from_the_config_comment(managed, model_dir, tmp_path):  # noqa: F811
     conf_file, _ = managed("--model-path", str(model_dir))
     conf_file.write_text(conf_file.read_text()
-                         + "# omni-ctl: tokenizer --workers 2 --no-token-reuse\n")
+                         + "# omni-ctl: tokenizer --workers 2 --no-reuse-cache\n")
     svc = nginxctl.tokenizer_service(nginxctl.read_conf(conf_file))
     assert svc.workers is None
-    assert svc.argv()[-3:] == ["--workers", "2", "--no-token-reuse"]
+    assert svc.argv()[-3:] == ["--workers", "2", "--no-reuse-cache"]
 
 
 def test_a_failed_nginx_start_stops_the_tokenizer(managed, model_dir):  # noqa: F811

@@ -26,7 +26,7 @@ def default_workers() -> int:
               help="Worker processes  [default: the cores this process may run on]")
 @click.option("--chat-template", type=click.Path(exists=True, dir_okay=False),
               default=None, help="Jinja chat template file (overrides the model's).")
-@click.option("--token-reuse/--no-token-reuse", default=True,
+@click.option("--reuse-cache/--no-reuse-cache", default=True,
               help="Multi-turn reuse cache (encode only what a conversation adds).")
 @click.option("--reuse-cache-mb", type=click.IntRange(1), default=32,
               help="Reuse cache size per worker (4 bytes per token).")
@@ -36,7 +36,7 @@ def default_workers() -> int:
               help="Largest request body.")
 @click.option("--worker-sockets", is_flag=True, default=False,
               help="Worker i also listens on SOCKET.i (conversation affinity).")
-def tokenizer(model_path, socket_path, pid_file, workers, chat_template, token_reuse,
+def tokenizer(model_path, socket_path, pid_file, workers, chat_template, reuse_cache,
               reuse_cache_mb, verify_reuse, max_body_mb, worker_sockets):
     """Tokenize requests for nginx over a unix socket (docs/tokenizer.md)."""
     from . import core, server
@@ -46,7 +46,7 @@ def tokenizer(model_path, socket_path, pid_file, workers, chat_template, token_r
         with open(chat_template, encoding="utf-8") as f:
             template = f.read()
     try:
-        tok = core.ModelTokenizer(model_path, template, reuse=token_reuse,
+        tok = core.ModelTokenizer(model_path, template, reuse=reuse_cache,
                                   cache_tokens=(reuse_cache_mb << 20) // 4,
                                   verify_rate=verify_reuse)
     except ValueError as exc:
