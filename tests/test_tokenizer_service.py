@@ -183,3 +183,29 @@ def test_worker_sockets_keep_a_conversation_on_one_cache(model_dir, tmp_path, hf
 
 def post_to(path, body):
     return control.request(path, "POST", "/v1/chat/completions", json.dumps(body).encode())
+
+
+def test_no_reuse_cache_option(model_dir, tmp_path, hf_tok):  # noqa: F811
+    svc = control.Service.in_prefix(tmp_path, model_dir, workers=1,
+                                    extra=("--no-reuse-cache",))
+    control.start(svc, timeout=120)
+    try:
+        msgs = [SYSTEM, {"role": "user", "content": "q"}]
+        for _ in range(2):
+            status, _, body = post(svc, "/v1/chat/completions", {"messages": msgs})
+            flags, reused, prompts = wire.decode(body)
+            assert prompts == [ref_chat(hf_tok, msgs)] and reused == 0
+            assert not flags & wire.FLAG_REUSED
+            msgs = msgs + [{"role": "assistant", "content": "a"},
+                           {"role": "user", "content": "q"}]
+    finally:
+        control.stop(svc)
+
+
+def test_a_directory_without_a_tokenizer_fails_to_start(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    svc = control.Service.in_prefix(tmp_path / "p", empty, workers=1)
+    with pytest.raises(control.TokenizerCtlError, match="cannot load a tokenizer"):
+        control.start(svc, timeout=120)
+    assert not svc.socket.exists()
