@@ -209,3 +209,16 @@ def test_a_directory_without_a_tokenizer_fails_to_start(tmp_path):
     with pytest.raises(control.TokenizerCtlError, match="cannot load a tokenizer"):
         control.start(svc, timeout=120)
     assert not svc.socket.exists()
+
+
+def test_the_micro_benchmark_runs(model_dir):  # noqa: F811
+    # shape only (no timing assertions): every measurement is there and ran
+    from omni_ctl.tokenizer import bench
+
+    results = bench.run(model_dir, requests=2, max_seconds=20, conversations=1, turns=2,
+                        emit=lambda line: None)
+    names = [(r["name"], r.get("kb"), r.get("reuse")) for r in results]
+    assert names == [(n, kb, None) for kb in bench.SIZES_KB
+                     for n in ("service", "transformers")] + \
+        [("multi-turn", None, "on"), ("multi-turn", None, "off")]
+    assert all(r["n"] >= 1 and r["p99_ms"] >= r["p50_ms"] > 0 for r in results)
