@@ -151,6 +151,11 @@ def test_chat_parity_template_features(mt, hf_tok):  # noqa: F811
     assert ids_of(res) == [ref_chat(hf_tok, msgs, thinking=True)]
     assert not res.sglang_safe
 
+    # kwargs that would change what rendering returns are not passed on
+    res = mt.chat({"messages": msgs, "chat_template_kwargs": {"tokenize": True,
+                                                              "chat_template": "x"}})
+    assert ids_of(res) == [ref_chat(hf_tok, msgs)]
+
     # vLLM hands the template tool-call arguments as an object
     calls = [{"id": "c1", "type": "function",
               "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]

@@ -541,14 +541,20 @@ class ModelTokenizer:
         extra = body.get("chat_template_kwargs")
         if extra is not None and not isinstance(extra, dict):
             raise BadRequest("'chat_template_kwargs' must be an object")
-        kwargs = {"add_generation_prompt": gen, "continue_final_message": cont}
-        kwargs.update(extra or {})
-        documents = body.get("documents")
-        safe = (safe and not tools and not extra and not cont and documents is None
+        kwargs = {"add_generation_prompt": gen, "continue_final_message": cont,
+                  "documents": body.get("documents")}
+        if body.get("reasoning_effort") is not None:
+            kwargs["reasoning_effort"] = body["reasoning_effort"]
+        # the request's kwargs win, except those that would change what
+        # rendering returns (vLLM drops them too)
+        kwargs.update({k: v for k, v in (extra or {}).items()
+                       if k not in ("tokenize", "chat_template")})
+        safe = (safe and not tools and not extra and not cont
+                and kwargs["documents"] is None and "reasoning_effort" not in kwargs
                 and body.get("functions") is None)
         try:
-            text = self.tok.apply_chat_template(
-                conv, tools=tools, documents=documents, tokenize=False, **kwargs)
+            text = self.tok.apply_chat_template(conv, tools=tools, tokenize=False,
+                                                **kwargs)
         except Exception as exc:    # jinja errors, raise_exception(), ...
             raise BadRequest(f"chat template error: {exc}") from None
         if not isinstance(text, str):
