@@ -25,6 +25,7 @@ from .engine import Engine, Seq, FINISHED
 from .faults import Fault, FaultError
 from .kvevents import KVEventPublisher
 from .metrics import render
+from ..tokenizer.core import template_kwargs
 from .tokenizer import ChatTemplateError
 
 
@@ -621,18 +622,15 @@ class Instance:
         return None
 
     def _render(self, body, msgs):
-        kwargs = body.get("chat_template_kwargs") or {}
-        if not isinstance(kwargs, dict):
-            raise SimError("'chat_template_kwargs' must be an object")
-        gen = body.get("add_generation_prompt", True)
-        cont = body.get("continue_final_message", False)
-        if gen and cont:
-            raise SimError("Cannot set both `continue_final_message` and "
-                           "`add_generation_prompt` to True.")
+        try:
+            kwargs, _ = template_kwargs(body)
+        except ValueError as exc:
+            raise SimError(str(exc)) from None
         try:
             return self.s.tokenizer.render_chat(
-                msgs, tools=body.get("tools"), add_generation_prompt=gen, kwargs=kwargs,
-                continue_final_message=cont,
+                msgs, tools=body.get("tools"),
+                add_generation_prompt=kwargs["add_generation_prompt"], kwargs=kwargs,
+                continue_final_message=kwargs["continue_final_message"],
                 add_special_tokens=bool(body.get("add_special_tokens", False)))
         except ChatTemplateError as exc:
             raise SimError(str(exc)) from None

@@ -184,6 +184,30 @@ def engine_tools(tools):
     return out
 
 
+def template_kwargs(body):
+    """The keyword arguments vLLM renders a chat body's template with, and
+    whether they are the plain ones (generation prompt, nothing else)."""
+    gen = _flag(body, "add_generation_prompt", True)
+    cont = _flag(body, "continue_final_message", False)
+    if gen and cont:
+        raise BadRequest("Cannot set both `continue_final_message` and "
+                         "`add_generation_prompt` to True.")
+    extra = body.get("chat_template_kwargs")
+    if extra is not None and not isinstance(extra, dict):
+        raise BadRequest("'chat_template_kwargs' must be an object")
+    kwargs = {"add_generation_prompt": gen, "continue_final_message": cont,
+              "documents": body.get("documents")}
+    if body.get("reasoning_effort") is not None:
+        kwargs["reasoning_effort"] = body["reasoning_effort"]
+    # the request's kwargs win, except those that would change what
+    # rendering returns (vLLM drops them too)
+    kwargs.update({k: v for k, v in (extra or {}).items()
+                   if k not in ("tokenize", "chat_template")})
+    plain = (not extra and not cont and kwargs["documents"] is None
+             and "reasoning_effort" not in kwargs)
+    return kwargs, plain
+
+
 def _flag(body, key, default):
     v = body.get(key, default)
     if v is None:
@@ -533,25 +557,8 @@ class ModelTokenizer:
             raise Unsupported("a request-supplied chat_template")
         conv, safe = engine_conversation(body.get("messages"))
         tools = engine_tools(body.get("tools"))
-        gen = _flag(body, "add_generation_prompt", True)
-        cont = _flag(body, "continue_final_message", False)
-        if gen and cont:
-            raise BadRequest("Cannot set both `continue_final_message` and "
-                             "`add_generation_prompt` to True.")
-        extra = body.get("chat_template_kwargs")
-        if extra is not None and not isinstance(extra, dict):
-            raise BadRequest("'chat_template_kwargs' must be an object")
-        kwargs = {"add_generation_prompt": gen, "continue_final_message": cont,
-                  "documents": body.get("documents")}
-        if body.get("reasoning_effort") is not None:
-            kwargs["reasoning_effort"] = body["reasoning_effort"]
-        # the request's kwargs win, except those that would change what
-        # rendering returns (vLLM drops them too)
-        kwargs.update({k: v for k, v in (extra or {}).items()
-                       if k not in ("tokenize", "chat_template")})
-        safe = (safe and not tools and not extra and not cont
-                and kwargs["documents"] is None and "reasoning_effort" not in kwargs
-                and body.get("functions") is None)
+        kwargs, plain = template_kwargs(body)
+        safe = safe and plain and not tools and body.get("functions") is None
         try:
             text = self.tok.apply_chat_template(conv, tools=tools, tokenize=False,
                                                 **kwargs)

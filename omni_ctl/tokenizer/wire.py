@@ -29,9 +29,8 @@ CONTENT_TYPE = "application/x-omni-tokens"
 FLAG_IDS_GIVEN = 0x1
 # the ids are a rendered chat conversation
 FLAG_CHAT = 0x2
-# chat only: the ids are what SGLang renders for this request (no tools,
-# functions, list content parts, chat_template_kwargs, reasoning fields,
-# continue_final_message, trailing assistant message, add_special_tokens),
+# chat only: the ids are what SGLang renders for this request (a plain
+# conversation: the list of what disqualifies one is in docs/tokenizer.md),
 # so they may be forwarded as `input_ids`
 FLAG_SGLANG_SAFE = 0x4
 # part of the ids came from the multi-turn reuse cache
