@@ -5,6 +5,10 @@ ever signalled after /proc/PID/cmdline shows it is an nginx master started
 with that very config file (`nginx: master process ... -c F`).  A stale pid
 file therefore never makes us signal a stranger, and other nginx instances
 on the machine are never touched.
+
+A config with `omni_model_path DIR;` also has a tokenizer service
+(omni_ctl.tokenizer, docs/tokenizer.md): `start` starts it before nginx and
+`stop` stops it after nginx, by its own pid file in the prefix.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import dataclasses
 import http.client
 import os
 import re
+import shlex
 import signal
 import subprocess
 import tempfile
@@ -23,6 +28,10 @@ import click
 
 from . import conf as confmod
 from . import paths
+from .procfs import cmdline_args
+from .procfs import ppid_state as _ppid_state
+from .procfs import read_pid as _read_pid
+from .tokenizer import control as tokctl
 
 # nginx's compiled-in prefix, against which it resolves a relative -c
 DEFAULT_NGINX_PREFIX = "/usr/share/nginx"
@@ -51,6 +60,8 @@ class ConfFacts:
     module_dir: Path | None
     listens: list[str]
     workers: int | None             # worker_processes; None for auto
+    model_path: Path | None = None  # omni_model_path: run a tokenizer service
+    tokenizer_args: tuple[str, ...] = ()   # `# omni-ctl: tokenizer ARGS`
 
 
 @dataclasses.dataclass
@@ -61,10 +72,12 @@ class Status:
     workers: list[int] = dataclasses.field(default_factory=list)
     listens: list[str] = dataclasses.field(default_factory=list)
     note: str | None = None
+    tokenizer: int | None = None    # pid of the config's tokenizer service
 
     def as_dict(self) -> dict:
         return {"conf_file": str(self.conf_file), "running": self.running, "pid": self.pid,
-                "workers": self.workers, "listen": self.listens, "note": self.note}
+                "workers": self.workers, "listen": self.listens, "note": self.note,
+                "tokenizer_pid": self.tokenizer}
 
 
 # ---------------------------------------------------------------------------
@@ -101,6 +114,8 @@ def read_conf(conf_file) -> ConfFacts:
     logs = [p for p in _directives(text, "error_log") if p != "stderr"]
     modules = [resolve(p) for p in _directives(text, "load_module")
                if p.endswith(paths.MODULE_FILE)]
+    models = _directives(text, "omni_model_path")
+    m = re.search(r"^# omni-ctl: tokenizer(.*)$", text, re.M)
     return ConfFacts(
         conf_file=conf_file,
         prefix=prefix,
@@ -110,7 +125,39 @@ def read_conf(conf_file) -> ConfFacts:
         listens=_directives(text, "listen"),
         workers=next((int(w) for w in _directives(text, "worker_processes")
                       if w.isdigit()), None if "worker_processes" in text else 1),
+        model_path=resolve(models[0]) if models else None,
+        tokenizer_args=tuple(shlex.split(m.group(1))) if m else (),
     )
+
+
+def tokenizer_service(facts: ConfFacts) -> tokctl.Service | None:
+    """The tokenizer service of a config, None when it names no model."""
+    if facts.model_path is None:
+        return None
+    workers = None if "--workers" in facts.tokenizer_args else facts.workers
+    return tokctl.Service.in_prefix(facts.prefix, facts.model_path, workers=workers,
+                                    extra=facts.tokenizer_args)
+
+
+def start_tokenizer(facts: ConfFacts, timeout: float) -> int | None:
+    svc = tokenizer_service(facts)
+    if svc is None:
+        return None
+    try:
+        return tokctl.start(svc, timeout=timeout)
+    except (tokctl.TokenizerCtlError, OSError) as exc:
+        raise NginxCtlError(f"tokenizer service: {exc}") from None
+
+
+def stop_tokenizer(facts: ConfFacts, timeout: float = 10.0) -> int | None:
+    """Stop the config's tokenizer service; its pid, None if none ran."""
+    svc = tokenizer_service(facts)
+    if svc is None:
+        return None
+    try:
+        return tokctl.stop(svc, timeout=timeout)
+    except tokctl.TokenizerCtlError as exc:
+        raise NginxCtlError(f"tokenizer service: {exc}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -118,22 +165,8 @@ def read_conf(conf_file) -> ConfFacts:
 
 
 def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
     # nginx rewrites its argv into one title string padded with NULs
-    return " ".join(part.decode("utf-8", "replace") for part in raw.split(b"\0") if part)
-
-
-def _ppid_state(pid: int) -> tuple[int, str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name may hold spaces and parentheses: split after the last ')'
-    fields = stat[stat.rfind(")") + 2:].split()
-    return int(fields[1]), fields[0]
+    return " ".join(cmdline_args(pid))
 
 
 def conf_from_title(title: str) -> Path | None:
@@ -195,25 +228,19 @@ def workers_of(pid: int, include_shutting_down: bool = False) -> list[int]:
     return sorted(out)
 
 
-def _read_pid(pid_file: Path) -> int | None:
-    try:
-        text = pid_file.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
 def status(conf_file) -> Status:
     facts = read_conf(conf_file)
+    svc = tokenizer_service(facts)
+    tok = tokctl.running_pid(svc) if svc else None
     pid = _read_pid(facts.pid_file)
     if pid is None:
         return Status(facts.conf_file, False, listens=facts.listens,
-                      note=f"no pid in {facts.pid_file}")
+                      note=f"no pid in {facts.pid_file}", tokenizer=tok)
     if not is_master_of(pid, facts.conf_file):
         return Status(facts.conf_file, False, listens=facts.listens,
                       note=f"stale pid file {facts.pid_file}: pid {pid} is not the "
-                           f"nginx master of {facts.conf_file}; left alone")
-    return Status(facts.conf_file, True, pid, workers_of(pid), facts.listens)
+                           f"nginx master of {facts.conf_file}; left alone", tokenizer=tok)
+    return Status(facts.conf_file, True, pid, workers_of(pid), facts.listens, tokenizer=tok)
 
 
 # ---------------------------------------------------------------------------
@@ -286,13 +313,25 @@ def http_ready(host: str, port: int, timeout: float = 1.0) -> bool:
 # start / stop / reload
 
 
-def start(conf_file, timeout: float = 15.0) -> Status:
-    """Start nginx on conf_file and wait until it answers HTTP, or raise with
-    the error.log lines it wrote."""
+def start(conf_file, timeout: float = 15.0, tokenizer_timeout: float = 120.0) -> Status:
+    """Start the config's tokenizer service (when it names a model), then
+    nginx on conf_file, and wait until both answer, or raise with the log
+    lines they wrote (and stop the service again when nginx fails)."""
     facts = read_conf(conf_file)
     current = status(conf_file)
     if current.running:
         raise NginxCtlError(f"already running: pid {current.pid} ({facts.conf_file})")
+    started = current.tokenizer is None and facts.model_path is not None
+    start_tokenizer(facts, tokenizer_timeout)
+    try:
+        return _start_nginx(conf_file, facts, timeout)
+    except BaseException:
+        if started:
+            stop_tokenizer(facts)
+        raise
+
+
+def _start_nginx(conf_file, facts: ConfFacts, timeout: float) -> Status:
     try:
         binary = paths.nginx_binary()
     except paths.NginxNotFound as exc:
@@ -355,8 +394,15 @@ def _wait_gone(pid: int, conf_file, timeout: float) -> bool:
 
 
 def stop(conf_file, timeout: float = 10.0, term_timeout: float = 5.0) -> Status:
-    """Graceful stop (QUIT), then TERM after timeout.  Returns the status
-    seen before stopping (running=False: there was nothing to stop)."""
+    """Graceful stop (QUIT), then TERM after timeout; then the tokenizer
+    service.  Returns the status seen before stopping (running=False: there
+    was no nginx to stop; tokenizer: the service's pid, None if none ran)."""
+    before = _stop_nginx(conf_file, timeout, term_timeout)
+    before.tokenizer = stop_tokenizer(read_conf(conf_file), timeout)
+    return before
+
+
+def _stop_nginx(conf_file, timeout: float, term_timeout: float) -> Status:
     before = status(conf_file)
     if not before.running:
         return before

@@ -17,17 +17,23 @@ _conf_file = click.option("--nginx-conf-file", required=True, metavar="PATH",
 def _describe(st: nginxctl.Status) -> str:
     workers = " ".join(map(str, st.workers)) or "none"
     listen = ", ".join(st.listens) or "?"
+    tok = f"; tokenizer pid {st.tokenizer}" if st.tokenizer else ""
     return (f"running: pid {st.pid}, {len(st.workers)} workers ({workers}), "
-            f"listening on {listen}")
+            f"listening on {listen}{tok}")
 
 
 @click.command()
 @_conf_file
 @click.option("--timeout", type=float, default=15.0, show_default=True,
               help="Seconds to wait until nginx answers HTTP.")
-def start(nginx_conf_file, timeout):
-    """Start the nginx that runs a generated config."""
-    st = nginxctl.start(nginx_conf_file, timeout=timeout)
+@click.option("--tokenizer-timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait until the tokenizer service answers (configs "
+                   "with omni_model_path).")
+def start(nginx_conf_file, timeout, tokenizer_timeout):
+    """Start the nginx that runs a generated config (and its tokenizer
+    service when the config names a model path)."""
+    st = nginxctl.start(nginx_conf_file, timeout=timeout,
+                        tokenizer_timeout=tokenizer_timeout)
     click.echo(_describe(st))
 
 
@@ -44,6 +50,8 @@ def stop(nginx_conf_file, timeout, rollback):
         click.echo(f"stopped: pid {before.pid}")
     else:
         click.echo(f"not running ({before.note})", err=True)
+    if before.tokenizer:
+        click.echo(f"stopped tokenizer: pid {before.tokenizer}")
     if rollback:
         bak = nginxctl.rollback_file(nginx_conf_file)
         click.echo(f"restored the previous config from {bak}")

@@ -32,6 +32,8 @@ class SimOptionError(click.ClickException):
 @click.option("--max-num-batched-tokens", type=int, default=None, help="Override the step token budget.")
 @click.option("--max-model-len", type=int, default=None, help="Override the context length.")
 @click.option("--jitter", type=float, default=None, help="Relative std-dev of step times.")
+@click.option("--tokenize-per-token", type=float, default=None, metavar="SECONDS",
+              help="Override the engine's tokenization cost per prompt token sent as text.")
 @click.option("--seed", type=int, default=0, help="Seed for jitter, error rates and event drops.")
 @click.option("--hash-seed", type=int, default=None,
               help="Seed of the KV block hashes (random per process by default, like vLLM).")
@@ -56,7 +58,8 @@ class SimOptionError(click.ClickException):
 @click.option("--fault", "faults", multiple=True, metavar="NAME=MODE[,k=v...]",
               help="Start with a fault, e.g. decode-0=error,rate=0.5 (repeatable; NAME may be 'all').")
 @click.option("--check-token-ids/--no-check-token-ids", default=True,
-              help="Count token-id prompts the tokenizer would not produce (real tokenizers only).")
+              help="Count forwarded token ids that differ from the simulator's own "
+                   "tokenization (sim:token_parity_mismatch_total).")
 @click.option("--uvloop/--no-uvloop", default=True, help="Use uvloop when it is installed.")
 @click.option("--oracle-port", type=int, default=None,
               help="Also run the oracle router (exact cache and queue knowledge) on 127.0.0.1:PORT.")

@@ -49,6 +49,7 @@ class SimConfig:
     max_num_batched_tokens: int = None
     max_model_len: int = None
     jitter: float = None
+    tokenize_per_token: float = None
     seed: int = 0
     hash_seed: int = None
     eos_rate: float = 0.0
@@ -122,7 +123,11 @@ def make_settings(cfg):
     preset = preset.with_overrides(
         num_blocks=cfg.num_blocks, block_size=cfg.block_size,
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-        max_model_len=cfg.max_model_len, jitter=cfg.jitter)
+        max_model_len=cfg.max_model_len, jitter=cfg.jitter,
+        tokenize_per_token=cfg.tokenize_per_token)
+    if preset.tokenize_per_token < 0:
+        raise SimConfigError("--tokenize-per-token",
+                             f"must be >= 0, got {preset.tokenize_per_token}")
     for opt, v in (("--num-blocks", preset.num_blocks), ("--block-size", preset.block_size),
                    ("--max-num-seqs", preset.max_num_seqs),
                    ("--max-num-batched-tokens", preset.max_num_batched_tokens),

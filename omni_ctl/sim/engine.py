@@ -135,6 +135,12 @@ class Engine:
         self.max_waiting_seen = 0
         self.max_running_seen = 0
         self.finished_by_reason = {}
+        # front end: tokenization (server.py charges it, counts parity)
+        self.tokenized_tokens = 0
+        self.tokenize_skipped_tokens = 0
+        self.tokenize_time = 0.0
+        self.token_parity_checked = 0
+        self.token_parity_mismatches = 0
         self.h_ttft = Histogram(TTFT_BUCKETS)
         self.h_itl = Histogram(ITL_BUCKETS)
         self.h_e2e = Histogram(E2E_BUCKETS)

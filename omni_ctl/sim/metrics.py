@@ -61,9 +61,19 @@ class _Writer:
         return "\n".join(self.lines) + "\n"
 
 
+def _sim_counters(w, model_name, eng):
+    """The simulator's own counters (no engine has them)."""
+    lab = {"model_name": model_name}
+    w.counter("sim:token_parity_mismatch", "Forwarded token-id prompts that differ "
+              "from the simulator's own tokenization.", lab, eng.token_parity_mismatches)
+    w.counter("sim:tokenize_skipped_tokens", "Prompt tokens received as ids, "
+              "not tokenized.", lab, eng.tokenize_skipped_tokens)
+
+
 def render(engine_kind, model_name, eng):
     """Prometheus text for one instance's Engine `eng`."""
     w = _Writer()
+    _sim_counters(w, model_name, eng)
     if engine_kind == "sglang":
         lab = {"model_name": model_name}
         w.gauge("sglang:num_running_reqs", "The number of running requests.", lab, len(eng.running))

@@ -12,6 +12,11 @@ of a forward pass (weights read once), `b` the per-token linear cost, `c` the
 attention cost per query-key pair, `e` the per-sequence cost, `f` the cost of
 reading one cached token during decode. Sources and fits are documented in
 docs/simulator.md.
+
+`tokenize_per_token` is the engine front end's tokenization cost: a request
+whose prompt arrives as text waits tokens x cost on the instance's one
+tokenizer lane before it is scheduled; one that arrives as token ids (the
+proxy's reuse forms) does not.
 """
 
 from dataclasses import dataclass, asdict, replace
@@ -34,6 +39,7 @@ class Preset:
     max_model_len: int
     kv_transfer_base: float       # s per KV transfer (setup)
     kv_transfer_per_token: float  # s per transferred token
+    tokenize_per_token: float = 0.0   # s per prompt token the engine tokenizes
 
     def as_dict(self):
         return asdict(self)
@@ -53,6 +59,7 @@ PRESETS = {
         max_num_seqs=256, max_num_batched_tokens=8192,
         max_model_len=131072,
         kv_transfer_base=1.0e-3, kv_transfer_per_token=5.2e-6,
+        tokenize_per_token=4.4e-6,
     ),
     # Llama-3.1-8B-Instruct, BF16, one A100-40GB, vLLM defaults.
     "llama3-8b-a100": Preset(
@@ -64,6 +71,7 @@ PRESETS = {
         max_num_seqs=256, max_num_batched_tokens=8192,
         max_model_len=131072,
         kv_transfer_base=1.0e-3, kv_transfer_per_token=1.0e-5,
+        tokenize_per_token=4.4e-6,
     ),
     # Small and fast: for tests and for load-testing proxies, not a GPU.
     "tiny": Preset(

@@ -25,6 +25,7 @@ from .engine import Engine, Seq, FINISHED
 from .faults import Fault, FaultError
 from .kvevents import KVEventPublisher
 from .metrics import render
+from ..tokenizer.core import template_kwargs
 from .tokenizer import ChatTemplateError
 
 
@@ -99,7 +100,13 @@ class _Waiter:
 class Parsed:
     __slots__ = ("api", "prompts", "max_tokens", "min_tokens", "ignore_eos",
                  "stream", "include_usage", "eos_at", "ktp", "mode", "rooms",
-                 "boot_hosts", "boot_ports", "text_prompts")
+                 "boot_hosts", "boot_ports", "text_prompts", "own_ids")
+
+
+def _id_list(v, what):
+    if not isinstance(v, list) or not v or not all(type(t) is int for t in v):
+        raise SimError(f"'{what}' must be a non-empty array of token ids")
+    return v
 
 
 class Settings:
@@ -152,7 +159,7 @@ class Instance:
         self.rng = random.Random(settings.seed * 1000003 + index)
         self.fault = Fault()
         self.dead = False
-        self.tokenization_mismatches = 0
+        self.tokenize_free_at = 0.0    # the front end's one tokenizer lane
         self.kv_pulls_served = 0
         self.kv_transfers_expired = 0
         self.transfers = {}        # remote_request_id -> (Seq, expiry handle)
@@ -277,7 +284,12 @@ class Instance:
             "requests_total": e.requests_total,
             "requests_finished": e.requests_finished,
             "errors_total": e.errors_total, "aborted_total": e.aborted_total,
-            "tokenization_mismatches": self.tokenization_mismatches,
+            "tokenization_mismatches": e.token_parity_mismatches,
+            "sim:token_parity_mismatch_total": e.token_parity_mismatches,
+            "token_parity_checked_total": e.token_parity_checked,
+            "tokenized_tokens_total": e.tokenized_tokens,
+            "tokenize_skipped_tokens_total": e.tokenize_skipped_tokens,
+            "tokenize_time_s": e.tokenize_time,
             "prompt_tokens_total": e.prompt_tokens_total,
             "generation_tokens_total": e.generation_tokens_total,
             "max_waiting_seen": e.max_waiting_seen,
@@ -490,6 +502,7 @@ class Instance:
         p = self.s.preset
         r = Parsed()
         r.api = api
+        r.own_ids = None
         r.stream = bool(body.get("stream", False))
         so = body.get("stream_options")
         r.include_usage = bool(r.stream and isinstance(so, dict) and so.get("include_usage"))
@@ -499,18 +512,18 @@ class Instance:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
                 raise SimError("'messages' must be a non-empty list of objects")
-            kwargs = body.get("chat_template_kwargs") or {}
-            if not isinstance(kwargs, dict):
-                raise SimError("'chat_template_kwargs' must be an object")
-            try:
-                ids = tok.render_chat(msgs, tools=body.get("tools"),
-                                      add_generation_prompt=body.get("add_generation_prompt", True),
-                                      kwargs=kwargs)
-            except ChatTemplateError as exc:
-                raise SimError(str(exc)) from None
-            except Exception as exc:   # a template that fails to render
-                raise SimError(f"chat template failed: {exc}") from None
-            r.prompts, r.text_prompts = [ids], True
+            given = self._given_chat_ids(body)
+            if given is None or self.s.check_token_ids:
+                try:
+                    ids = self._render(body, msgs)
+                except SimError:
+                    if given is None:
+                        raise
+                    ids = None      # the engine would not render: ids are used
+            if given is None:
+                r.prompts, r.text_prompts = [ids], True
+            else:
+                r.prompts, r.text_prompts, r.own_ids = [given], False, [ids]
             mt = body.get("max_completion_tokens")
             r.max_tokens = _int_field(body, "max_completion_tokens" if mt is not None else "max_tokens", None, 1)
             r.min_tokens = _int_field(body, "min_tokens", 0)
@@ -598,6 +611,74 @@ class Instance:
                 r.mode = "boot_prefill" if self.role == "prefill" else "boot_decode"
         return r
 
+    def _given_chat_ids(self, body):
+        """The token ids a chat request carries in the form this engine reads
+        (SGLang: `input_ids` beside `messages`; vLLM: a decode leg's
+        `kv_transfer_params.prompt_token_ids`), else None."""
+        if self.kind == "sglang":
+            v = body.get("input_ids")
+            return None if v is None else _id_list(v, "input_ids")
+        ktp = body.get("kv_transfer_params")
+        if isinstance(ktp, dict) and ktp.get("do_remote_prefill") \
+                and ktp.get("prompt_token_ids") is not None:
+            return _id_list(ktp["prompt_token_ids"], "kv_transfer_params.prompt_token_ids")
+        return None
+
+    def _render(self, body, msgs):
+        try:
+            kwargs, _ = template_kwargs(body)
+        except ValueError as exc:
+            raise SimError(str(exc)) from None
+        try:
+            return self.s.tokenizer.render_chat(
+                msgs, tools=body.get("tools"),
+                add_generation_prompt=kwargs["add_generation_prompt"], kwargs=kwargs,
+                continue_final_message=kwargs["continue_final_message"],
+                add_special_tokens=bool(body.get("add_special_tokens", False)))
+        except ChatTemplateError as exc:
+            raise SimError(str(exc)) from None
+        except Exception as exc:   # a template that fails to render
+            raise SimError(f"chat template failed: {exc}") from None
+
+    def _check_parity(self, r):
+        """Count forwarded id lists that differ from our own tokenization
+        (the rendered chat; for a completions id prompt, the ids' own
+        round trip through the tokenizer)."""
+        e = self.engine
+        if not self.s.check_token_ids or r.text_prompts:
+            return
+        if r.own_ids is not None:
+            for given, own in zip(r.prompts, r.own_ids):
+                e.token_parity_checked += 1
+                if given != own:
+                    e.token_parity_mismatches += 1
+            return
+        for ids in r.prompts:
+            ok = self.s.tokenizer.canonical(ids)
+            if ok is not None:
+                e.token_parity_checked += 1
+                if not ok:
+                    e.token_parity_mismatches += 1
+
+    async def _tokenize_delay(self, r):
+        """The engine front end tokenizes text prompts one request at a time:
+        wait our turn on the lane and the cost of our tokens.  Prompts sent
+        as ids skip it (that is what the proxy's reuse buys)."""
+        e = self.engine
+        n = sum(len(ids) for ids in r.prompts)
+        if not r.text_prompts:
+            e.tokenize_skipped_tokens += n
+            return
+        e.tokenized_tokens += n
+        cost = self.s.preset.tokenize_per_token * n / self.s.speedup
+        if cost <= 0:
+            return
+        now = time.monotonic()
+        start = max(now, self.tokenize_free_at)
+        self.tokenize_free_at = start + cost
+        e.tokenize_time += cost
+        await asyncio.sleep(self.tokenize_free_at - now)
+
     # -- inference -------------------------------------------------------------
     async def h_completions(self, request):
         return await self._serve(request, "completion")
@@ -639,11 +720,8 @@ class Instance:
         except SimError as exc:
             self.engine.errors_total += 1
             return error_response(exc.message, exc.status, exc.etype, xrid)
-        tok = self.s.tokenizer
-        if not r.text_prompts and self.s.check_token_ids:
-            for ids in r.prompts:
-                if tok.canonical(ids) is False:
-                    self.tokenization_mismatches += 1
+        self._check_parity(r)
+        await self._tokenize_delay(r)
         p = self.s.preset
         prefix = "chatcmpl" if api == "chat" else "cmpl"
         waiter = _Waiter(only_finish=not r.stream)

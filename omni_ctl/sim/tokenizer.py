@@ -6,7 +6,8 @@ piece is hashed into the rest of the id space. `HFTokenizer` wraps a local
 transformers tokenizer (`--model-path`). Both expose the same small interface:
 
     encode(text, add_special_tokens) -> list[int]
-    render_chat(messages, tools, add_generation_prompt, kwargs) -> list[int]
+    render_chat(messages, tools, add_generation_prompt, kwargs,
+                continue_final_message, add_special_tokens) -> list[int]
     piece(token_id) -> str              text of one generated token
     gen_ids                             ids the simulated model may generate
     eos_id, vocab_size
@@ -93,7 +94,8 @@ class BuiltinTokenizer:
         return ids
 
     def render_chat(self, messages, tools=None, add_generation_prompt=True,
-                    kwargs=None):
+                    kwargs=None, continue_final_message=False,
+                    add_special_tokens=False):
         parts = ["<s>"]
         if tools:
             parts.append("<|tool|>\n" + " ".join(
@@ -104,9 +106,11 @@ class BuiltinTokenizer:
             tag = {"system": "<|system|>", "user": "<|user|>",
                    "assistant": "<|assistant|>"}.get(role, "<|tool|>")
             parts.append(f"{tag}\n{_content_text(m.get('content'))}<|end|>\n")
-        if add_generation_prompt:
+        if continue_final_message and messages:
+            parts[-1] = parts[-1][:-len("<|end|>\n")]
+        elif add_generation_prompt:
             parts.append("<|assistant|>\n")
-        return self.encode("".join(parts), add_special_tokens=False)
+        return self.encode("".join(parts), add_special_tokens=add_special_tokens)
 
     def piece(self, tid):
         if self._WORD_BASE <= tid < self._hash_base:
@@ -145,17 +149,31 @@ class HFTokenizer:
         return self.tok.encode(text, add_special_tokens=add_special_tokens)
 
     def render_chat(self, messages, tools=None, add_generation_prompt=True,
-                    kwargs=None):
+                    kwargs=None, continue_final_message=False,
+                    add_special_tokens=False):
+        """The ids vLLM gives a chat request: its conversation (the rules
+        are omni_ctl.tokenizer.core's), rendered, encoded without special
+        tokens unless asked.  Non-text content parts are dropped."""
+        from ..tokenizer import core
+
         if not self.tok.chat_template:
             raise ChatTemplateError(
                 "the tokenizer has no chat template; start the simulator "
                 "with --chat-template FILE")
-        msgs = [dict(m, content=_content_text(m.get("content")))
-                if isinstance(m.get("content"), list) else m for m in messages]
-        text = self.tok.apply_chat_template(
-            msgs, tools=tools, add_generation_prompt=add_generation_prompt,
-            tokenize=False, **(kwargs or {}))
-        return self.tok.encode(text, add_special_tokens=False)
+        msgs = [dict(m, content=[p for p in m["content"] if not isinstance(p, dict)
+                                 or p.get("type") in core.TEXT_PARTS])
+                if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+                for m in messages]
+        try:
+            conv, _ = core.engine_conversation(msgs)
+            tools = core.engine_tools(tools)
+        except (core.BadRequest, core.Unsupported) as exc:
+            raise ChatTemplateError(str(exc)) from None
+        kw = {"add_generation_prompt": add_generation_prompt,
+              "continue_final_message": continue_final_message}
+        kw.update(kwargs or {})
+        text = self.tok.apply_chat_template(conv, tools=tools, tokenize=False, **kw)
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
 
     def piece(self, tid):
         p = self._pieces.get(tid)

@@ -1,0 +1,69 @@
+"""`omni-ctl start`/`stop` run the tokenizer service of a config that names
+a model path (real nginx with the module, real service)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from omni_ctl import nginxctl
+from omni_ctl.tokenizer import control, wire
+from test_nginxctl import managed, omni_ctl  # noqa: F401 (fixture)
+from tokmodel import hf_tok, model_dir  # noqa: F401 (fixtures)
+
+
+def test_start_and_stop_run_the_tokenizer(managed, model_dir, hf_tok):  # noqa: F811
+    conf_file, port = managed("--model-path", str(model_dir))
+    facts = nginxctl.read_conf(conf_file)
+    assert facts.model_path == model_dir
+    svc = nginxctl.tokenizer_service(facts)
+    assert svc.socket == conf_file.parent / "tokenizer.sock"
+
+    res = omni_ctl("start", "--nginx-conf-file", str(conf_file), timeout=300)
+    assert res.returncode == 0, res.stderr
+    st = nginxctl.status(conf_file)
+    assert st.running and st.tokenizer and control.is_service(st.tokenizer, svc.socket)
+    assert f"tokenizer pid {st.tokenizer}" in res.stdout
+    assert len(control.worker_pids(st.tokenizer)) == facts.workers     # one per nginx worker
+    status, _, body = control.request(svc.socket, "POST", "/v1/completions",
+                                      json.dumps({"prompt": "through the prefix"}).encode())
+    assert status == 200
+    assert wire.decode(body)[2] == [hf_tok.encode("through the prefix")]
+    js = json.loads(omni_ctl("status", "--nginx-conf-file", str(conf_file), "--json").stdout)
+    assert js["tokenizer_pid"] == st.tokenizer
+
+    res = omni_ctl("stop", "--nginx-conf-file", str(conf_file))
+    assert res.returncode == 0, res.stderr
+    assert f"stopped tokenizer: pid {st.tokenizer}" in res.stdout
+    assert not control.is_service(st.tokenizer, svc.socket)
+    assert not svc.socket.exists() and not svc.pid_file.exists()
+
+
+def test_options_from_the_config_comment(managed, model_dir, tmp_path):  # noqa: F811
+    conf_file, _ = managed("--model-path", str(model_dir))
+    conf_file.write_text(conf_file.read_text()
+                         + "# omni-ctl: tokenizer --workers 2 --no-reuse-cache\n")
+    svc = nginxctl.tokenizer_service(nginxctl.read_conf(conf_file))
+    assert svc.workers is None
+    assert svc.argv()[-3:] == ["--workers", "2", "--no-reuse-cache"]
+
+
+def test_a_failed_nginx_start_stops_the_tokenizer(managed, model_dir):  # noqa: F811
+    conf_file, port = managed("--model-path", str(model_dir))
+    svc = nginxctl.tokenizer_service(nginxctl.read_conf(conf_file))
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen()
+        res = omni_ctl("start", "--nginx-conf-file", str(conf_file), "--timeout", "5",
+                       timeout=300)
+    assert res.returncode != 0 and "Address already in use" in res.stderr
+    assert control.running_pid(svc) is None and not svc.socket.exists()
+    (conf_file.parent / "error.log").write_text("")    # the [emerg] was expected
+
+
+def test_a_config_without_model_path_has_no_tokenizer(managed):  # noqa: F811
+    conf_file, _ = managed()
+    assert nginxctl.tokenizer_service(nginxctl.read_conf(conf_file)) is None
+    res = omni_ctl("start", "--nginx-conf-file", str(conf_file))
+    assert res.returncode == 0 and "tokenizer" not in res.stdout
+    assert nginxctl.status(conf_file).tokenizer is None
