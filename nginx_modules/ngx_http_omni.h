@@ -10,7 +10,10 @@
  *   ngx_http_omni_legs.c      prefill/decode legs as subrequests through
  *                             nginx's proxy module, and their filters
  *   ngx_http_omni_upstream.c  the upstream balancer (omni_balance)
- *   ngx_http_omni_shm.c       the shared zone: instances, counters, metrics
+ *   ngx_http_omni_shm.c       the shared zone: instances, metrics
+ *   ngx_http_omni_ledger.c    the load ledger: every charge and release of a
+ *                             leg (load, predictor job, prefilling), the
+ *                             owners, what a dead process held
  *   ngx_http_omni_sched.c     the choice of instances, the release loop
  *   ngx_http_omni_queue.c     holding requests, waking their owners
  *   ngx_http_omni_status.c    /omni/status, /metrics, /health
@@ -181,6 +184,45 @@ typedef struct {
 } ngx_http_omni_inst_t;
 
 
+/*
+ * What a leg is charged with: its load on one instance and, for the leg that
+ * carries a request's prefill, the predictor's job and the `prefilling`
+ * count.  The ledger (ngx_http_omni_ledger.c) adds and removes all of it
+ * together, so it always follows the instance the leg actually uses.
+ */
+#define NGX_HTTP_OMNI_CHARGE_JOB         0x01  /* a predictor job */
+#define NGX_HTTP_OMNI_CHARGE_PREFILLING  0x02  /* counted in prefilling */
+
+typedef struct {
+    uint64_t                       tokens;      /* inflight_tokens */
+    uint32_t                       uncached;    /* prefill: new tokens */
+    uint32_t                       cached;      /*   and cached ones */
+    uint32_t                       flags;       /* what to charge */
+} ngx_http_omni_spec_t;
+
+
+/* One charge in the zone: a worker that dies leaves it where the next
+ * process finds it (its owner's list). */
+typedef struct {
+    ngx_queue_t                    link;        /* in the owner's list */
+    ngx_pid_t                      pid;         /* owner */
+    uint32_t                       slot;
+    uint32_t                       flags;       /* still held: JOB, ... */
+    ngx_http_omni_spec_t           spec;
+    omni_predict_job_t             job;
+} ngx_http_omni_charge_t;
+
+
+/* A process that may hold charges and requests in flight. */
+#define NGX_HTTP_OMNI_OWNERS         (2 * NGX_HTTP_OMNI_MAX_WORKERS)
+
+typedef struct {
+    ngx_pid_t                      pid;         /* 0: free */
+    uint64_t                       requests;    /* main requests in flight */
+    ngx_queue_t                    charges;
+} ngx_http_omni_owner_t;
+
+
 /* A request held in the proxy, in the shared zone. */
 #define NGX_HTTP_OMNI_QE_FREE        0
 #define NGX_HTTP_OMNI_QE_WAITING     1
@@ -209,11 +251,10 @@ typedef struct {
     uint64_t                       prompt_tokens;
     uint64_t                       output_tokens;
 
-    /* set when released: the binding, per tier */
+    /* set when released: the binding, per tier (charged to the owner) */
     uint32_t                       slot[NGX_HTTP_OMNI_TIERS];
-    uint64_t                       charge[NGX_HTTP_OMNI_TIERS];
+    ngx_http_omni_charge_t        *charge[NGX_HTTP_OMNI_TIERS];
     uint32_t                       cached_tokens;
-    omni_predict_job_t             job;
     ngx_msec_t                     released;
 } ngx_http_omni_qentry_t;
 
@@ -259,6 +300,8 @@ typedef struct {
     uint64_t                       timed_out;
     uint64_t                       starved;     /* released by the timeout */
     uint64_t                       hash_copy_failed;
+    uint64_t                       reaped_total; /* charges of dead
+                                                    processes given back */
 
     /* the scheduler's brain (scoring library), addressed by slot */
     omni_index_t                  *index;
@@ -272,12 +315,16 @@ typedef struct {
     double                         arrival_gap_us;  /* their mean gap */
 
     ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
+
+    /* after inst[]: not part of the status pages' copy */
+    ngx_http_omni_owner_t          owners[NGX_HTTP_OMNI_OWNERS];
 } ngx_http_omni_shctx_t;
 
 
-/* Where a leg stands in its accounting: a leg's load is added once when it
- * is dispatched (reserved) and removed exactly once, by the balancer's free
- * or, when the upstream never started, by the request's cleanup. */
+/* Where a leg stands in its accounting: its charge is added when it is
+ * bound (reserved) and removed exactly once through the ledger, by the
+ * balancer's free or, when no upstream holds it, by the request's cleanup;
+ * a retry to another instance charges that instance anew. */
 #define NGX_HTTP_OMNI_LEG_NONE       0
 #define NGX_HTTP_OMNI_LEG_RESERVED   1
 #define NGX_HTTP_OMNI_LEG_ACTIVE     2
@@ -290,6 +337,8 @@ typedef struct {
     ngx_uint_t                     index;       /* instance in the tier */
     ngx_uint_t                     slot;        /* instance in the zone */
     uint64_t                       tokens;      /* load it was charged */
+    ngx_http_omni_charge_t        *charge;      /* NULL: none held */
+    ngx_http_omni_spec_t           spec;        /* what it is charged */
     ngx_msec_t                     dispatched;
     ngx_msec_t                     finished;
 
@@ -308,7 +357,8 @@ typedef struct {
     unsigned                       suppress:1;  /* drop its body bytes */
     unsigned                       first:1;     /* first body byte seen */
 
-    omni_predict_job_t             job;         /* prefill prediction */
+    uint64_t                       predicted_us; /* its prefill's predicted
+                                                    completion, for the log */
     uint64_t                       last_chunk_us;
     uint64_t                       events;      /* SSE events passed */
 } ngx_http_omni_leg_t;
@@ -414,19 +464,45 @@ ngx_http_omni_shctx_t *ngx_http_omni_shm(ngx_http_omni_main_conf_t *mcf,
     ngx_slab_pool_t **shpool);
 ngx_uint_t ngx_http_omni_inst_usable(ngx_http_omni_inst_t *in,
     ngx_msec_t now);
-void ngx_http_omni_charge(ngx_http_omni_shctx_t *sh,
-    ngx_http_omni_upstream_conf_t *ucf, ngx_http_omni_leg_t *leg,
-    ngx_uint_t index, uint64_t tokens);
-void ngx_http_omni_leg_reserve(ngx_http_omni_upstream_conf_t *ucf,
-    ngx_http_omni_leg_t *leg, ngx_uint_t index, uint64_t tokens);
-void ngx_http_omni_leg_release(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_leg_t *leg, ngx_uint_t failed);
-void ngx_http_omni_request_begin(ngx_http_omni_main_conf_t *mcf);
-void ngx_http_omni_request_end(ngx_http_omni_main_conf_t *mcf,
+void ngx_http_omni_metrics_locked(ngx_http_omni_shctx_t *sh,
     ngx_uint_t route, ngx_uint_t mode, ngx_uint_t status,
     ngx_http_omni_ctx_t *ctx);
 extern const double  ngx_http_omni_bucket_bounds[NGX_HTTP_OMNI_BUCKETS];
 extern const ngx_uint_t  ngx_http_omni_status_codes[NGX_HTTP_OMNI_STATUSES];
+
+/* ngx_http_omni_ledger.c */
+#define NGX_HTTP_OMNI_OUTCOME_NONE    0
+#define NGX_HTTP_OMNI_OUTCOME_OK      1
+#define NGX_HTTP_OMNI_OUTCOME_FAILED  2
+
+ngx_uint_t ngx_http_omni_ledger_start_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool);
+ngx_pid_t ngx_http_omni_ledger_self(void);
+ngx_uint_t ngx_http_omni_ledger_gone_locked(ngx_http_omni_shctx_t *sh,
+    ngx_pid_t pid);
+ngx_http_omni_charge_t *ngx_http_omni_ledger_bind_locked(
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, ngx_pid_t pid,
+    uint32_t slot, ngx_http_omni_spec_t *spec, uint64_t now_us);
+void ngx_http_omni_ledger_prefill_end_locked(ngx_http_omni_shctx_t *sh,
+    ngx_http_omni_charge_t *ch, ngx_uint_t ok);
+void ngx_http_omni_ledger_unbind_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_http_omni_charge_t *ch);
+void ngx_http_omni_ledger_adopt(ngx_http_omni_leg_t *leg, ngx_uint_t index,
+    ngx_http_omni_charge_t *ch);
+ngx_int_t ngx_http_omni_ledger_leg_bind_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_http_omni_upstream_conf_t *ucf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t index, ngx_http_omni_spec_t *spec,
+    uint64_t now_us);
+ngx_int_t ngx_http_omni_ledger_leg_bind(ngx_http_omni_upstream_conf_t *ucf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t index);
+void ngx_http_omni_ledger_prefill_end(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t ok);
+void ngx_http_omni_ledger_release(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t outcome, ngx_uint_t prefill_ok);
+void ngx_http_omni_ledger_request_begin(ngx_http_omni_main_conf_t *mcf);
+void ngx_http_omni_ledger_request_end(ngx_http_omni_main_conf_t *mcf,
+    ngx_uint_t route, ngx_uint_t mode, ngx_uint_t status,
+    ngx_http_omni_ctx_t *ctx);
 
 /* ngx_http_omni_queue.c */
 ngx_int_t ngx_http_omni_queue_init_zone(ngx_http_omni_main_conf_t *mcf,

@@ -110,7 +110,7 @@ ngx_http_omni_handler(ngx_http_request_t *r)
     cln->handler = ngx_http_omni_cleanup;
     cln->data = ctx;
 
-    ngx_http_omni_request_begin(mcf);
+    ngx_http_omni_ledger_request_begin(mcf);
 
     if (!(r->method & NGX_HTTP_POST)) {
         return ngx_http_omni_send_error(r, NGX_HTTP_NOT_ALLOWED,
@@ -817,15 +817,14 @@ ngx_http_omni_cleanup(void *data)
 
     ngx_http_omni_unhold(ctx);
 
-    if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED) {
-        /* its prefill never answered with a first byte */
-        ngx_http_omni_prefill_observed(ctx, &ctx->legs[NGX_HTTP_OMNI_DECODE],
-                                       0);
-    }
-
-    /* a leg whose upstream never started still holds its charge */
+    /*
+     * A leg no upstream holds any more (never started, or finalized with
+     * no free: nothing is left to end it) gives back all it was charged,
+     * its predictor job and prefilling included.
+     */
     for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
-        ngx_http_omni_leg_release(ctx->mcf, &ctx->legs[t], 0);
+        ngx_http_omni_ledger_release(ctx->mcf, &ctx->legs[t],
+                                     NGX_HTTP_OMNI_OUTCOME_NONE, 0);
     }
 
     status = ctx->status ? ctx->status : r->headers_out.status;
@@ -842,6 +841,6 @@ ngx_http_omni_cleanup(void *data)
         ctx->t_end = ngx_current_msec;
     }
 
-    ngx_http_omni_request_end(ctx->mcf, ctx->route, ctx->mode, status,
-                              ctx);
+    ngx_http_omni_ledger_request_end(ctx->mcf, ctx->route, ctx->mode, status,
+                                     ctx);
 }

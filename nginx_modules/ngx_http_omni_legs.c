@@ -232,11 +232,8 @@ ngx_http_omni_leg_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
             leg->status = rc;
         }
 
-        if (sr->subrequest_in_memory) {
-            ngx_http_omni_prefill_observed(ctx, leg,
-                                           !leg->failed && leg->status >= 200
-                                           && leg->status < 300);
-        } else {
+        /* a prefill leg's job ended with its upstream (the ledger) */
+        if (!sr->subrequest_in_memory) {
             ngx_http_omni_decode_observed(ctx, leg, 0, 1);
         }
 

@@ -526,9 +526,7 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         leg = &ctx->legs[ctx->mode == NGX_HTTP_OMNI_AGGREGATED
                          ? NGX_HTTP_OMNI_DECODE : NGX_HTTP_OMNI_PREFILL];
 
-        if (leg->job.dispatch_us == 0
-            || leg->job.done_us < leg->job.dispatch_us)
-        {
+        if (leg->predicted_us == 0) {
             break;
         }
 
@@ -539,7 +537,7 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
 
         v->data = p;
         v->len = ngx_sprintf(p, "%uL",
-                             (leg->job.done_us - leg->job.dispatch_us) / 1000)
+                             leg->predicted_us / 1000)
                  - p;
         return NGX_OK;
 

@@ -414,38 +414,14 @@ ngx_http_omni_entry_free_locked(ngx_http_omni_shctx_t *sh,
 /* What a released-but-unused binding charged, given back. */
 static void
 ngx_http_omni_uncharge_locked(ngx_http_omni_shctx_t *sh,
-    ngx_http_omni_qentry_t *en, ngx_uint_t aggregated)
+    ngx_slab_pool_t *shpool, ngx_http_omni_qentry_t *en)
 {
-    ngx_uint_t             t;
-    ngx_http_omni_inst_t  *in;
+    ngx_uint_t  t;
 
     for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
-        if (en->slot[t] >= NGX_HTTP_OMNI_MAX_SLOTS) {
-            continue;
-        }
-
-        in = &sh->inst[en->slot[t]];
-
-        if (in->inflight_requests) {
-            in->inflight_requests--;
-        }
-
-        in->inflight_tokens -= ngx_min(in->inflight_tokens, en->charge[t]);
-
-        if (aggregated && in->prefilling) {
-            in->prefilling--;
-            in->prefilling_tokens -= ngx_min(in->prefilling_tokens,
-                                             en->job.n_new);
-        }
-    }
-
-    if (en->queue == NGX_HTTP_OMNI_Q_PREFILL && en->job.dispatch_us) {
-        t = aggregated ? NGX_HTTP_OMNI_DECODE : NGX_HTTP_OMNI_PREFILL;
-
-        if (en->slot[t] < NGX_HTTP_OMNI_MAX_SLOTS) {
-            (void) omni_predict_prefill_done(sh->predict, en->slot[t],
-                                             &en->job, ngx_http_omni_now_us(),
-                                             0);
+        if (en->charge[t]) {
+            ngx_http_omni_ledger_unbind_locked(sh, shpool, en->charge[t]);
+            en->charge[t] = NULL;
         }
     }
 }
@@ -604,7 +580,7 @@ ngx_http_omni_adopt(ngx_http_omni_ctx_t *ctx, ngx_http_omni_qentry_t *en)
     ngx_http_omni_upstream_conf_t  *ucf;
 
     for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
-        if (en->slot[t] == NGX_HTTP_OMNI_NONE) {
+        if (en->charge[t] == NULL) {
             continue;
         }
 
@@ -618,17 +594,13 @@ ngx_http_omni_adopt(ngx_http_omni_ctx_t *ctx, ngx_http_omni_qentry_t *en)
         }
 
         leg->tier = t;
-        leg->slot = en->slot[t];
-        leg->index = (ucf && i < ucf->n) ? i : NGX_HTTP_OMNI_NONE;
-        leg->tokens = en->charge[t];
-        leg->dispatched = ngx_current_msec;
-        leg->state = NGX_HTTP_OMNI_LEG_RESERVED;
+        ngx_http_omni_ledger_adopt(leg, (ucf && i < ucf->n)
+                                        ? i : NGX_HTTP_OMNI_NONE,
+                                   en->charge[t]);
+        en->charge[t] = NULL;
     }
 
     if (en->queue == NGX_HTTP_OMNI_Q_PREFILL) {
-        t = (ctx->mode == NGX_HTTP_OMNI_AGGREGATED) ? NGX_HTTP_OMNI_DECODE
-                                                    : NGX_HTTP_OMNI_PREFILL;
-        ctx->legs[t].job = en->job;
         ctx->t_released = en->released;
         ctx->cached_tokens = en->cached_tokens;
     }
@@ -746,7 +718,8 @@ ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx)
             /* bound by a worker of another configuration to an instance
              * this one does not have */
             ctx->legs[t].index = 0;
-            ngx_http_omni_leg_release(ctx->mcf, &ctx->legs[t], 0);
+            ngx_http_omni_ledger_release(ctx->mcf, &ctx->legs[t],
+                                         NGX_HTTP_OMNI_OUTCOME_NONE, 0);
             ctx->error = "stale_binding";
             return ngx_http_omni_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                             "server_error",
@@ -784,8 +757,7 @@ ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx)
             ngx_http_omni_queue_remove_locked(sh, shpool, e);
 
         } else if (en->state == NGX_HTTP_OMNI_QE_RELEASED) {
-            ngx_http_omni_uncharge_locked(sh, en,
-                                ctx->mode == NGX_HTTP_OMNI_AGGREGATED);
+            ngx_http_omni_uncharge_locked(sh, shpool, en);
         }
 
         ngx_http_omni_entry_free_locked(sh, shpool, e);
@@ -994,7 +966,7 @@ ngx_http_omni_close_fds(void *data)
 ngx_int_t
 ngx_http_omni_init_process(ngx_cycle_t *cycle)
 {
-    uint32_t                    e;
+    uint32_t                    e, t;
     ngx_slab_pool_t            *shpool;
     ngx_http_omni_shctx_t      *sh;
     ngx_http_omni_qentry_t     *en;
@@ -1028,27 +1000,34 @@ ngx_http_omni_init_process(ngx_cycle_t *cycle)
     ngx_http_omni_generation = sh->generation;
 
     /*
-     * Entries left by an earlier process in this worker slot of this
-     * configuration (it crashed and was respawned) have no owner any more.
+     * What processes that died (a crashed worker, respawned as this one)
+     * held is given back: their charges and requests by the ledger, their
+     * entries here.  The charges of their released entries were theirs.
      */
+
+    (void) ngx_http_omni_ledger_start_locked(sh, shpool);
 
     for (e = 0; e < sh->q_cap; e++) {
         en = &sh->entries[e];
 
         if (en->state == NGX_HTTP_OMNI_QE_FREE
-            || en->worker != ngx_worker
-            || en->generation != ngx_http_omni_generation
-            || en->pid == ngx_pid)
+            || !ngx_http_omni_ledger_gone_locked(sh, en->pid))
         {
             continue;
         }
 
         if (en->state == NGX_HTTP_OMNI_QE_WAITING) {
             ngx_http_omni_queue_remove_locked(sh, shpool, e);
+        }
 
-        } else {
-            ngx_http_omni_uncharge_locked(sh, en,
-                                mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED);
+        for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
+            /* bound after its owner was reaped: in no owner's list */
+            if (en->charge[t] && ngx_queue_next(&en->charge[t]->link)
+                                 == &en->charge[t]->link)
+            {
+                ngx_http_omni_ledger_unbind_locked(sh, shpool,
+                                                   en->charge[t]);
+            }
         }
 
         ngx_http_omni_entry_free_locked(sh, shpool, e);

@@ -42,17 +42,6 @@ static omni_prefill_cand_t  ngx_http_omni_pcands[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_decode_inst_t   ngx_http_omni_dcands[NGX_HTTP_OMNI_MAX_SLOTS];
 
 
-static ngx_inline void
-ngx_http_omni_bill(ngx_http_omni_inst_t *in, uint64_t tokens)
-{
-    in->inflight_requests++;
-    in->inflight_tokens += tokens;
-    in->requests_total++;
-    in->tokens_total += tokens;
-    in->last_seen = ngx_current_msec;
-}
-
-
 static ngx_inline ngx_uint_t
 ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf)
 {
@@ -228,6 +217,7 @@ ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
     ngx_uint_t                      best, start;
     ngx_slab_pool_t                *shpool;
     ngx_http_omni_leg_t            *leg;
+    ngx_http_omni_spec_t            spec;
     ngx_http_omni_shctx_t          *sh;
     ngx_http_omni_upstream_conf_t  *ucf;
 
@@ -254,9 +244,10 @@ ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
                               matched);
 
     if (best < ucf->n) {
-        ngx_http_omni_charge(sh, ucf, leg, best, tokens);
+        slot = (uint32_t) ucf->slots[best];
 
-        slot = ucf->slots[best];
+        ngx_memzero(&spec, sizeof(ngx_http_omni_spec_t));
+        spec.tokens = tokens;
 
         if (start && slot < NGX_HTTP_OMNI_MAX_SLOTS) {
             /* what the prefill of this leg will cost, for the predictor */
@@ -272,18 +263,24 @@ ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
             uncached = (uint32_t) (ctx->prompt_tokens - cached);
             ctx->cached_tokens = cached;
 
-            (void) omni_predict_prefill_dispatch(sh->predict, slot, uncached,
-                                                 cached, now_us, &leg->job);
+            spec.uncached = uncached;
+            spec.cached = cached;
+            spec.flags = NGX_HTTP_OMNI_CHARGE_JOB;
 
             if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED) {
-                sh->inst[slot].prefilling++;
-                sh->inst[slot].prefilling_tokens += uncached;
+                spec.flags |= NGX_HTTP_OMNI_CHARGE_PREFILLING;
             }
+        }
 
-            if (ctx->n_hashes && sh->index) {
-                (void) omni_index_insert(sh->index, slot, ctx->hashes,
-                                         ctx->n_hashes, now_us);
-            }
+        if (ngx_http_omni_ledger_leg_bind_locked(sh, shpool, ucf, leg, best,
+                                                 &spec, now_us)
+            != NGX_OK)
+        {
+            best = ucf->n;
+
+        } else if (start && ctx->n_hashes && sh->index) {
+            (void) omni_index_insert(sh->index, slot, ctx->hashes,
+                                     ctx->n_hashes, now_us);
         }
     }
 
@@ -443,12 +440,15 @@ ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
  */
 static ngx_int_t
 ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en, ngx_msec_t now,
-    uint64_t now_us, uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force)
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_http_omni_qentry_t *en, ngx_msec_t now, uint64_t now_us,
+    uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force)
 {
     int                             rc;
     uint32_t                       *matched, slot, dslot, cached, uncached;
-    uint64_t                        charge, slack;
+    uint64_t                        slack;
+    ngx_http_omni_spec_t            spec;
+    ngx_http_omni_charge_t         *ch;
     ngx_uint_t                      i, tier, room;
     omni_decision_t                 dec;
     omni_prefill_cand_t            *c;
@@ -643,46 +643,52 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
         }
     }
 
-    /* bind */
+    /* bind: the charges belong to the request's owner */
 
     slot = (uint32_t) ucf->slots[dec.choice];
     cached = c[dec.choice].cached_tokens;
     uncached = (uint32_t) ngx_max(en->prompt_tokens - cached, 1);
-    in = &sh->inst[slot];
 
-    charge = (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED)
-             ? en->prompt_tokens + en->output_tokens : uncached;
-
-    ngx_http_omni_bill(in, charge);
+    ngx_memzero(&spec, sizeof(ngx_http_omni_spec_t));
+    spec.tokens = (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED)
+                  ? en->prompt_tokens + en->output_tokens : uncached;
+    spec.uncached = uncached;
+    spec.cached = cached;
+    spec.flags = NGX_HTTP_OMNI_CHARGE_JOB;
 
     if (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED) {
-        in->prefilling++;
-        in->prefilling_tokens += uncached;
+        spec.flags |= NGX_HTTP_OMNI_CHARGE_PREFILLING;
+    }
+
+    ch = ngx_http_omni_ledger_bind_locked(sh, shpool, en->pid, slot, &spec,
+                                          now_us);
+    if (ch == NULL) {
+        return NGX_AGAIN;
+    }
+
+    if (dslot != NGX_HTTP_OMNI_NONE) {
+        ngx_memzero(&spec, sizeof(ngx_http_omni_spec_t));
+        spec.tokens = en->prompt_tokens + en->output_tokens;
+
+        en->charge[NGX_HTTP_OMNI_DECODE] =
+            ngx_http_omni_ledger_bind_locked(sh, shpool, en->pid, dslot,
+                                             &spec, now_us);
+
+        if (en->charge[NGX_HTTP_OMNI_DECODE] == NULL) {
+            ngx_http_omni_ledger_unbind_locked(sh, shpool, ch);
+            return NGX_AGAIN;
+        }
+
+        en->slot[NGX_HTTP_OMNI_DECODE] = dslot;
     }
 
     en->slot[tier] = slot;
-    en->charge[tier] = charge;
+    en->charge[tier] = ch;
     en->cached_tokens = cached;
-
-    if (omni_predict_prefill_dispatch(sh->predict, slot, uncached, cached,
-                                      now_us, &en->job)
-        == OMNI_OK)
-    {
-        in->last_service_us = en->job.service_us;
-        in->last_done_us = en->job.done_us;
-        in->last_start_us = en->job.start_us;
-    }
 
     if (en->n_hashes) {
         (void) omni_index_insert(sh->index, slot, en->hashes, en->n_hashes,
                                  now_us);
-    }
-
-    if (dslot != NGX_HTTP_OMNI_NONE) {
-        charge = en->prompt_tokens + en->output_tokens;
-        ngx_http_omni_bill(&sh->inst[dslot], charge);
-        en->slot[NGX_HTTP_OMNI_DECODE] = dslot;
-        en->charge[NGX_HTTP_OMNI_DECODE] = charge;
     }
 
     return NGX_OK;
@@ -692,10 +698,12 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 /* Sequential mode, prefill done: place the decode work. */
 static ngx_int_t
 ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en, ngx_msec_t now)
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_http_omni_qentry_t *en, ngx_msec_t now)
 {
-    uint32_t  slot;
-    uint64_t  charge;
+    uint32_t                 slot;
+    ngx_http_omni_spec_t     spec;
+    ngx_http_omni_charge_t  *ch;
 
     slot = ngx_http_omni_place_decode(mcf, sh, en, now);
 
@@ -703,10 +711,17 @@ ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
         return NGX_AGAIN;
     }
 
-    charge = en->prompt_tokens + en->output_tokens;
-    ngx_http_omni_bill(&sh->inst[slot], charge);
+    ngx_memzero(&spec, sizeof(ngx_http_omni_spec_t));
+    spec.tokens = en->prompt_tokens + en->output_tokens;
+
+    ch = ngx_http_omni_ledger_bind_locked(sh, shpool, en->pid, slot, &spec,
+                                          ngx_http_omni_now_us());
+    if (ch == NULL) {
+        return NGX_AGAIN;
+    }
+
     en->slot[NGX_HTTP_OMNI_DECODE] = slot;
-    en->charge[NGX_HTTP_OMNI_DECODE] = charge;
+    en->charge[NGX_HTTP_OMNI_DECODE] = ch;
 
     return NGX_OK;
 }
@@ -747,6 +762,7 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     en.n_hashes = (uint32_t) ctx->n_hashes;     /* only under this lock */
     en.slot[0] = NGX_HTTP_OMNI_NONE;
     en.slot[1] = NGX_HTTP_OMNI_NONE;
+    en.pid = ngx_pid;
 
     retry_us = 0;
     rc = NGX_DECLINED;
@@ -763,7 +779,8 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 
     if (queue == NGX_HTTP_OMNI_Q_DECODE) {
         if (sh->queues[queue].n == 0
-            && ngx_http_omni_bind_decode(ctx->mcf, sh, &en, now) == NGX_OK)
+            && ngx_http_omni_bind_decode(ctx->mcf, sh, shpool, &en, now)
+               == NGX_OK)
         {
             rc = NGX_OK;
         }
@@ -775,7 +792,7 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
             || ngx_http_omni_tier_usable(ctx->mcf, sh, NGX_HTTP_OMNI_DECODE,
                                          now)))
     {
-        if (ngx_http_omni_bind_start(ctx->mcf, sh, &en, now, now_us,
+        if (ngx_http_omni_bind_start(ctx->mcf, sh, shpool, &en, now, now_us,
                                      &retry_us, 1, 1)
             == NGX_OK)
         {
@@ -859,11 +876,12 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                     rc = NGX_OK;
 
                 } else if (q == NGX_HTTP_OMNI_Q_DECODE) {
-                    rc = ngx_http_omni_bind_decode(mcf, sh, &sh->entries[e],
-                                                   now);
+                    rc = ngx_http_omni_bind_decode(mcf, sh, shpool,
+                                                   &sh->entries[e], now);
 
                 } else {
-                    rc = ngx_http_omni_bind_start(mcf, sh, &sh->entries[e],
+                    rc = ngx_http_omni_bind_start(mcf, sh, shpool,
+                                                  &sh->entries[e],
                                                   now, now_us, &retry_us,
                                                   queue->n, 0);
 
@@ -882,7 +900,7 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                         }
 
                         attempts++;
-                        rc = ngx_http_omni_bind_start(mcf, sh,
+                        rc = ngx_http_omni_bind_start(mcf, sh, shpool,
                                                       &sh->entries[cand],
                                                       now, now_us, &retry_us,
                                                       queue->n, 0);
@@ -895,7 +913,7 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
 
                     if (rc == NGX_BUSY) {
                         attempts++;
-                        rc = ngx_http_omni_bind_start(mcf, sh,
+                        rc = ngx_http_omni_bind_start(mcf, sh, shpool,
                                                       &sh->entries[e],
                                                       now, now_us, &retry_us,
                                                       queue->n, 1);
@@ -956,35 +974,20 @@ void
 ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
     ngx_http_omni_leg_t *leg, ngx_uint_t ok)
 {
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_inst_t   *in;
-    ngx_http_omni_shctx_t  *sh;
-
-    if (leg->first || leg->job.dispatch_us == 0
-        || leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS)
-    {
-        leg->first = 1;
+    if (leg->first) {
         return;
     }
 
     leg->first = 1;
 
-    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
-    in = &sh->inst[leg->slot];
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    (void) omni_predict_prefill_done(sh->predict, (uint32_t) leg->slot,
-                                     &leg->job, ngx_http_omni_now_us(),
-                                     ok ? 1 : 0);
-
-    if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED && in->prefilling) {
-        in->prefilling--;
-        in->prefilling_tokens -= ngx_min(in->prefilling_tokens,
-                                         leg->job.n_new);
+    if (leg->charge == NULL
+        || !(leg->charge->flags & (NGX_HTTP_OMNI_CHARGE_JOB
+                                   |NGX_HTTP_OMNI_CHARGE_PREFILLING)))
+    {
+        return;
     }
 
-    ngx_shmtx_unlock(&shpool->mutex);
+    ngx_http_omni_ledger_prefill_end(ctx->mcf, leg, ok);
 
     /* a prefill slot opened: someone may go */
     ngx_http_omni_schedule(ctx->mcf);

@@ -274,115 +274,6 @@ ngx_http_omni_inst_usable(ngx_http_omni_inst_t *in, ngx_msec_t now)
 }
 
 
-/* Charge a leg's load to instance `index` of its tier; the zone is locked. */
-void
-ngx_http_omni_charge(ngx_http_omni_shctx_t *sh,
-    ngx_http_omni_upstream_conf_t *ucf, ngx_http_omni_leg_t *leg,
-    ngx_uint_t index, uint64_t tokens)
-{
-    ngx_http_omni_inst_t  *in;
-
-    leg->state = NGX_HTTP_OMNI_LEG_RESERVED;
-    leg->tier = ucf->role;
-    leg->index = index;
-    leg->slot = ucf->slots[index];
-    leg->tokens = tokens;
-    leg->dispatched = ngx_current_msec;
-
-    if (leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
-        return;
-    }
-
-    in = &sh->inst[leg->slot];
-
-    in->inflight_requests++;
-    in->inflight_tokens += tokens;
-    in->requests_total++;
-    in->tokens_total += tokens;
-    in->last_seen = ngx_current_msec;
-}
-
-
-void
-ngx_http_omni_leg_reserve(ngx_http_omni_upstream_conf_t *ucf,
-    ngx_http_omni_leg_t *leg, ngx_uint_t index, uint64_t tokens)
-{
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_shctx_t  *sh;
-
-    sh = ngx_http_omni_shm(ucf->mcf, &shpool);
-
-    ngx_shmtx_lock(&shpool->mutex);
-    ngx_http_omni_charge(sh, ucf, leg, index, tokens);
-    ngx_shmtx_unlock(&shpool->mutex);
-}
-
-
-void
-ngx_http_omni_leg_release(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_leg_t *leg, ngx_uint_t failed)
-{
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_inst_t   *in;
-    ngx_http_omni_shctx_t  *sh;
-
-    if (leg->state != NGX_HTTP_OMNI_LEG_RESERVED
-        && leg->state != NGX_HTTP_OMNI_LEG_ACTIVE)
-    {
-        return;
-    }
-
-    leg->state = NGX_HTTP_OMNI_LEG_DONE;
-    leg->finished = ngx_current_msec;
-
-    if (leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
-        return;
-    }
-
-    sh = ngx_http_omni_shm(mcf, &shpool);
-    in = &sh->inst[leg->slot];
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    if (in->inflight_requests) {
-        in->inflight_requests--;
-    }
-
-    in->inflight_tokens -= ngx_min(in->inflight_tokens, leg->tokens);
-    in->last_seen = ngx_current_msec;
-    in->last_latency_ms = leg->finished - leg->dispatched;
-
-    if (failed) {
-        in->errors_total++;
-        in->fails++;
-
-        if (in->max_fails && in->fails >= in->max_fails) {
-            in->down_until = ngx_current_msec + in->fail_timeout;
-        }
-
-    } else {
-        in->fails = 0;
-    }
-
-    ngx_shmtx_unlock(&shpool->mutex);
-}
-
-
-void
-ngx_http_omni_request_begin(ngx_http_omni_main_conf_t *mcf)
-{
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_shctx_t  *sh;
-
-    sh = ngx_http_omni_shm(mcf, &shpool);
-
-    ngx_shmtx_lock(&shpool->mutex);
-    sh->requests_total++;
-    sh->inflight_requests++;
-    ngx_shmtx_unlock(&shpool->mutex);
-}
-
-
 static void
 ngx_http_omni_observe_locked(ngx_http_omni_shctx_t *sh, ngx_uint_t hist,
     ngx_msec_t from, ngx_msec_t to)
@@ -410,14 +301,13 @@ ngx_http_omni_observe_locked(ngx_http_omni_shctx_t *sh, ngx_uint_t hist,
 }
 
 
+/* What a finished request adds to the metrics; the zone is locked. */
 void
-ngx_http_omni_request_end(ngx_http_omni_main_conf_t *mcf, ngx_uint_t route,
+ngx_http_omni_metrics_locked(ngx_http_omni_shctx_t *sh, ngx_uint_t route,
     ngx_uint_t mode, ngx_uint_t status, ngx_http_omni_ctx_t *ctx)
 {
-    ngx_uint_t              i;
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_leg_t    *p;
-    ngx_http_omni_shctx_t  *sh;
+    ngx_uint_t            i;
+    ngx_http_omni_leg_t  *p;
 
     for (i = 1; i < NGX_HTTP_OMNI_STATUSES; i++) {
         if (ngx_http_omni_status_codes[i] == status) {
@@ -429,16 +319,9 @@ ngx_http_omni_request_end(ngx_http_omni_main_conf_t *mcf, ngx_uint_t route,
         i = 0;
     }
 
-    sh = ngx_http_omni_shm(mcf, &shpool);
     p = &ctx->legs[NGX_HTTP_OMNI_PREFILL];
 
-    ngx_shmtx_lock(&shpool->mutex);
-
     sh->requests[route][mode][i]++;
-
-    if (sh->inflight_requests) {
-        sh->inflight_requests--;
-    }
 
     if (status >= 500 || status == 499) {
         sh->errors_total++;
@@ -452,6 +335,4 @@ ngx_http_omni_request_end(ngx_http_omni_main_conf_t *mcf, ngx_uint_t route,
                                  ctx->t_start, ctx->t_first_byte);
     ngx_http_omni_observe_locked(sh, NGX_HTTP_OMNI_HIST_TOTAL,
                                  ctx->t_start, ctx->t_end);
-
-    ngx_shmtx_unlock(&shpool->mutex);
 }

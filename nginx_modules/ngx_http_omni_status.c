@@ -176,7 +176,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"decision_us_mean\":%.1f,"
                     "\"typical_output_tokens\":[%.1f,%.1f]},"
                     "\"totals\":{\"requests\":%uL,\"inflight_requests\":%uL,"
-                    "\"errors\":%uL},\"instances\":[",
+                    "\"errors\":%uL,\"charges_reaped\":%uL},"
+                    "\"instances\":[",
                     NGX_HTTP_OMNI_VERSION,
                     ngx_http_omni_modes[mcf->pd_policy],
                     ngx_http_omni_policies[mcf->schedule_policy],
@@ -190,7 +191,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
                     sh->requests_total, sh->inflight_requests,
-                    sh->errors_total);
+                    sh->errors_total, sh->reaped_total);
 
     first = 1;
 
@@ -220,14 +221,15 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"healthy\":%s,\"fails\":%uD,"
                     "\"requests_total\":%uL,\"errors_total\":%uL,"
                     "\"tokens_total\":%uL,\"last_latency_ms\":%uL,"
-                    "\"prefilling\":%uD,",
+                    "\"prefilling\":%uD,\"prefilling_tokens\":%uL,",
                     ngx_http_omni_roles[t], i,
                     (size_t) in->addr_len, in->addr,
                     (int) in->bootstrap_port,
                     in->inflight_requests, in->inflight_tokens,
                     ngx_http_omni_inst_usable(in, now) ? "true" : "false",
                     in->fails, in->requests_total, in->errors_total,
-                    in->tokens_total, in->last_latency_ms, in->prefilling);
+                    in->tokens_total, in->last_latency_ms, in->prefilling,
+                    in->prefilling_tokens);
 
             p = ngx_http_omni_status_model(p, mcf, ucf->slots[i], now_us);
 
