@@ -234,6 +234,7 @@ typedef struct {
     uint8_t                        route;
     uint8_t                        rejected;    /* released with no instance:
                                                    a tier has none usable */
+    uint8_t                        mode;        /* owner's P/D policy */
     uint32_t                       worker;      /* owner's ngx_worker */
     ngx_pid_t                      pid;         /* owner */
     uint64_t                       generation;  /* owner's config load */
@@ -306,7 +307,13 @@ typedef struct {
     /* the scheduler's brain (scoring library), addressed by slot */
     omni_index_t                  *index;
     omni_predict_t                *predict;
+    /* what the zone was built with (a reload must agree or apply it) */
     uint32_t                       block_size;
+    uint32_t                       index_instances;
+    uint32_t                       index_entries;
+    uint32_t                       cache_blocks;    /* 0: as many as fit */
+    uint32_t                       pd_policy;
+    ngx_msec_t                     cache_ttl;
     uint64_t                       decisions;
     uint64_t                       decision_us; /* time spent deciding */
     double                         output_ewma[NGX_HTTP_OMNI_ROUTES];

@@ -590,7 +590,8 @@ ngx_http_omni_wake(ngx_http_request_t *r)
             return;
         }
 
-        if (rc == NGX_OK) {
+        /* NGX_OK with header_sent: an error answer already went out */
+        if (rc == NGX_OK && !ctx->header_sent) {
             rc = (ctx->qstage == NGX_HTTP_OMNI_Q_DECODE)
                  ? ngx_http_omni_start_decode_kv(ctx)
                  : ngx_http_omni_start(ctx);

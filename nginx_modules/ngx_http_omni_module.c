@@ -379,7 +379,7 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
 {
     ngx_http_omni_main_conf_t  *mcf = conf;
 
-    ngx_conf_init_size_value(mcf->zone_size, 16 * 1024 * 1024);
+    ngx_conf_init_size_value(mcf->zone_size, 64 * 1024 * 1024);
     ngx_conf_init_uint_value(mcf->pd_policy, NGX_HTTP_OMNI_SEQUENTIAL);
     ngx_conf_init_uint_value(mcf->schedule_policy, NGX_HTTP_OMNI_SCHED_OMNI);
     ngx_conf_init_uint_value(mcf->queue_order, NGX_HTTP_OMNI_ORDER_SJF);

@@ -181,6 +181,11 @@ ngx_http_omni_queue_init_zone(ngx_http_omni_main_conf_t *mcf,
     }
 
     sh->block_size = icfg.block_size;
+    sh->index_instances = icfg.max_instances;
+    sh->index_entries = icfg.max_entries;
+    sh->cache_blocks = (uint32_t) mcf->cache_blocks;
+    sh->cache_ttl = mcf->cache_ttl;
+    sh->pd_policy = (uint32_t) mcf->pd_policy;
 
     ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
                   "omni: prefix index of %uD (block, instance) entries "
@@ -474,6 +479,7 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     en->state = NGX_HTTP_OMNI_QE_WAITING;
     en->queue = (uint8_t) queue;
     en->route = (uint8_t) ctx->route;
+    en->mode = (uint8_t) ctx->mode;
     en->worker = (uint32_t) ngx_worker;
     en->pid = ngx_pid;
     en->generation = ngx_http_omni_generation;
@@ -553,6 +559,10 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     ctx->qstage = queue;
 
     ngx_queue_insert_tail(&ngx_http_omni_held_list, &ctx->held);
+
+    /* a worker that holds requests keeps the safety tick: a releaser of
+     * another configuration cannot reach its eventfd */
+    ngx_http_omni_arm_timer(NGX_HTTP_OMNI_SAFETY_TICK);
 
     /* a client that goes away is noticed; the write event is our wake-up */
     r->read_event_handler = ngx_http_test_reading;

@@ -861,7 +861,24 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
 
                 attempts++;
 
-                if (!ngx_http_omni_tier_usable(mcf, sh,
+                if (q == NGX_HTTP_OMNI_Q_PREFILL
+                    && sh->entries[e].mode != mcf->pd_policy)
+                {
+                    /*
+                     * Held under another P/D policy (a reload changed it):
+                     * no binding this worker makes fits it.  One of the
+                     * newest configuration is left to its workers; an
+                     * older one is answered 503 with Retry-After by its
+                     * owner (never bound for the wrong tier).
+                     */
+                    if (sh->entries[e].generation == sh->generation) {
+                        break;
+                    }
+
+                    sh->entries[e].rejected = 1;
+                    rc = NGX_OK;
+
+                } else if (!ngx_http_omni_tier_usable(mcf, sh,
                         q == NGX_HTTP_OMNI_Q_DECODE
                         ? NGX_HTTP_OMNI_DECODE
                         : ngx_http_omni_start_tier(mcf), now)

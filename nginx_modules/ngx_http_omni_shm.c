@@ -18,6 +18,10 @@ static ngx_int_t ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static void ngx_http_omni_map_slots(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_log_t *log);
+static ngx_int_t ngx_http_omni_zone_agrees(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_log_t *log);
+static void ngx_http_omni_zone_apply(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh);
 
 
 const double  ngx_http_omni_bucket_bounds[NGX_HTTP_OMNI_BUCKETS] = {
@@ -88,11 +92,24 @@ ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     zone = shm_zone->data;
 
     if (ozone) {
-        /* reload: the zone kept its size, keep its state */
+        /*
+         * reload: the zone kept its size, keep its state, if the new
+         * configuration agrees with what the zone was built with; if not,
+         * the reload is refused and the old configuration keeps serving.
+         */
         zone->shpool = ozone->shpool;
         zone->sh = ozone->sh;
 
         ngx_shmtx_lock(&zone->shpool->mutex);
+
+        if (ngx_http_omni_zone_agrees(zone->mcf, zone->sh, shm_zone->shm.log)
+            != NGX_OK)
+        {
+            ngx_shmtx_unlock(&zone->shpool->mutex);
+            return NGX_ERROR;
+        }
+
+        ngx_http_omni_zone_apply(zone->mcf, zone->sh);
         zone->sh->generation++;
         ngx_http_omni_map_slots(zone->mcf, zone->sh, shm_zone->shm.log);
         ngx_shmtx_unlock(&zone->shpool->mutex);
@@ -145,6 +162,98 @@ ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     ngx_http_omni_map_slots(zone->mcf, sh, shm_zone->shm.log);
 
     return NGX_OK;
+}
+
+
+/*
+ * What a reload cannot change in a zone that keeps its state (each refusal
+ * names the directive and both values, as limit_req does):
+ *
+ *   omni_block_size   the index holds hashes of blocks of the old size, and
+ *                     workers of both configurations would share it
+ *   omni_queue_max    above the capacity the queues were allocated with
+ *   omni_cache_ttl    the index's expiry is fixed when it is built
+ *   instances         more than the index was sized for
+ *
+ * omni_zone_size is nginx's: another size is another zone, built afresh.
+ * Everything else is applied (ngx_http_omni_zone_apply(), or read from the
+ * configuration by each worker).
+ */
+static ngx_int_t
+ngx_http_omni_zone_agrees(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_log_t *log)
+{
+    ngx_uint_t  t, n;
+
+    if (mcf->block_size != sh->block_size) {
+        ngx_log_error(NGX_LOG_EMERG, log, 0,
+                      "\"omni_block_size\" is %ui, the zone \"%V\" was built "
+                      "with %uD: restart nginx to change it",
+                      mcf->block_size, &ngx_http_omni_zone_name,
+                      sh->block_size);
+        return NGX_ERROR;
+    }
+
+    if (mcf->queue_max > sh->q_cap) {
+        ngx_log_error(NGX_LOG_EMERG, log, 0,
+                      "\"omni_queue_max\" is %ui, the zone \"%V\" was built "
+                      "with %uD: restart nginx to raise it",
+                      mcf->queue_max, &ngx_http_omni_zone_name, sh->q_cap);
+        return NGX_ERROR;
+    }
+
+    if (mcf->cache_ttl != sh->cache_ttl) {
+        ngx_log_error(NGX_LOG_EMERG, log, 0,
+                      "\"omni_cache_ttl\" is %Mms, the zone \"%V\" was built "
+                      "with %Mms: restart nginx to change it",
+                      mcf->cache_ttl, &ngx_http_omni_zone_name,
+                      sh->cache_ttl);
+        return NGX_ERROR;
+    }
+
+    n = 0;
+
+    for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
+        if (mcf->tiers[t]) {
+            n += mcf->tiers[t]->n;
+        }
+    }
+
+    if (n > sh->index_instances) {
+        ngx_log_error(NGX_LOG_EMERG, log, 0,
+                      "%ui instances are configured, the prefix index of "
+                      "zone \"%V\" was built for %uD: restart nginx to "
+                      "add more", n, &ngx_http_omni_zone_name,
+                      sh->index_instances);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* What a reload changes in a zone that keeps its state; locked. */
+static void
+ngx_http_omni_zone_apply(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh)
+{
+    uint32_t  s, cap;
+
+    if (mcf->cache_blocks != sh->cache_blocks) {
+        /* 0: as many as the index holds; a smaller capacity evicts now */
+        cap = (mcf->cache_blocks == 0 || mcf->cache_blocks > sh->index_entries)
+              ? sh->index_entries : (uint32_t) mcf->cache_blocks;
+
+        for (s = 0; s < sh->index_instances; s++) {
+            (void) omni_index_set_capacity(sh->index, s, cap);
+        }
+
+        sh->cache_blocks = (uint32_t) mcf->cache_blocks;
+    }
+
+    /* requests held under the old policy are answered, never rebound for
+     * the other tier (ngx_http_omni_schedule()) */
+    sh->pd_policy = (uint32_t) mcf->pd_policy;
 }
 
 
@@ -224,6 +333,16 @@ ngx_http_omni_map_slots(ngx_http_omni_main_conf_t *mcf,
 
                 in = &sh->inst[s];
                 ngx_memzero(in, sizeof(ngx_http_omni_inst_t));
+
+                /* a new instance: nothing learned or cached about the one
+                 * that had the slot before */
+                if (sh->predict) {
+                    (void) omni_predict_reset(sh->predict, (uint32_t) s);
+                }
+
+                if (sh->index && s < sh->index_instances) {
+                    (void) omni_index_clear(sh->index, (uint32_t) s);
+                }
                 in->used = 1;
                 in->role = (uint8_t) t;
                 in->addr_len = (uint16_t) ngx_min(name->len,

@@ -80,7 +80,7 @@ def leftovers(status):
             "inflight_requests": i["inflight_requests"],
             "inflight_tokens": i["inflight_tokens"],
             "prefilling": i["prefilling"],
-            "prefilling_tokens": i["prefilling_tokens"],
+            "prefilling_tokens": i.get("prefilling_tokens", 0),
             "predictor_jobs": i["predictor"]["prefills_in_flight"],
             "pending_ms": i["predictor"]["predicted_free_in_ms"],
         }
@@ -269,3 +269,82 @@ def test_client_abort(omni_nginx, sim, when):
     status, data = post(nginx, body())
     assert status == 200, data
     assert_all_given_back(nginx)
+
+
+# -- a worker that dies
+
+
+def _client(nginx, results, stream):
+    """One request; records (status, complete-and-well-formed) or the
+    connection closing."""
+    payload = body(stream=stream, max_tokens=30)
+    try:
+        conn = http.client.HTTPConnection(nginx.host, nginx.port, timeout=120)
+        conn.request("POST", "/v1/completions", body=json.dumps(payload),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+    except (OSError, http.client.HTTPException) as exc:
+        results.append(("closed", type(exc).__name__))
+        return
+    if resp.status != 200:
+        err = json.loads(data)["error"]
+        assert err["code"] == resp.status, data
+        results.append((resp.status, "error"))
+    elif stream:
+        events = [e for e in data.split(b"\n\n") if e]
+        assert all(e.startswith(b"data: ") for e in events), data
+        last = events[-1][6:]
+        assert last == b"[DONE]" or "error" in json.loads(last), data
+        results.append((200, "stream"))
+    else:
+        assert json.loads(data)["usage"]["completion_tokens"] == 30, data
+        results.append((200, "json"))
+
+
+def test_worker_killed_with_requests_in_flight_and_held(omni_nginx):
+    """kill -9 of a worker while it has legs in flight and requests held:
+    the process that starts next (the respawned worker) gives back its
+    charges, predictor jobs, prefilling and requests; every client gets one
+    well-formed answer or a closed connection; no entry stays queued."""
+    import os
+    import signal
+    import threading
+
+    with SimCluster(prefill=1, decode=1, engine="vllm", preset="tiny",
+                    args=["--speedup", "0.05"]) as cl:
+        # one worker: everything in flight and held is the killed one's; the
+        # master respawns it and the new process finds what it left
+        nginx = start_proxy(omni_nginx, "sequential", cl, core_num=1,
+                            prefill_max_num_seqs=1)
+        nginx.allow(r"exited on signal 9")
+        workers = nginx.workers
+        assert len(workers) == 1, workers
+        results = []
+        threads = [threading.Thread(target=_client, args=(nginx, results, i % 2 == 0))
+                   for i in range(16)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while True:
+            st = nginx.status()
+            held = st["queues"]["prefill_waiting"] + st["queues"]["decode_waiting"]
+            inflight = sum(i["inflight_requests"] for i in st["instances"])
+            if held >= 4 and inflight >= 1:
+                break
+            assert time.monotonic() < deadline, st["queues"]
+            time.sleep(0.02)
+        os.kill(workers[0], signal.SIGKILL)
+        for t in threads:
+            t.join(180)
+            assert not t.is_alive()
+        assert len(results) == 16, results
+        assert any(r[0] == "closed" for r in results), results
+        st = assert_all_given_back(nginx, timeout=30)
+        assert st["totals"]["charges_reaped"] >= 1, st["totals"]
+        # the zone is whole: a burst after it is served
+        for _ in range(3):
+            status, data = post(nginx, body())
+            assert status == 200, data
+        assert_all_given_back(nginx)
