@@ -266,14 +266,15 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
             first = 0;
 
             p = ngx_sprintf(p,
-                    "{\"role\":\"%s\",\"index\":%ui,\"address\":\"%*s\","
+                    "{\"role\":\"%s\",\"index\":%ui,\"slot\":%ui,"
+                    "\"address\":\"%*s\","
                     "\"bootstrap_port\":%d,"
                     "\"inflight_requests\":%uL,\"inflight_tokens\":%uL,"
                     "\"healthy\":%s,\"fails\":%uD,"
                     "\"requests_total\":%uL,\"errors_total\":%uL,"
                     "\"tokens_total\":%uL,\"last_latency_ms\":%uL,"
                     "\"prefilling\":%uD,\"prefilling_tokens\":%uL,",
-                    ngx_http_omni_roles[t], i,
+                    ngx_http_omni_roles[t], i, ucf->slots[i],
                     (size_t) in->addr_len, in->addr,
                     (int) in->bootstrap_port,
                     in->inflight_requests, in->inflight_tokens,

@@ -206,3 +206,44 @@ def test_reload_changing_pd_policy_never_rebinds_held_requests(omni_nginx, sim_p
             assert retry_after and json.loads(body)["error"]["code"] == 503
     assert fresh[0][0] in (200, 503), fresh
     _idle(nginx)
+
+
+def test_reused_slot_starts_empty(omni_nginx):
+    """Every slot of the zone is taken (1024 instances); a reload replaces
+    the prefill instance, whose slot (retired, idle) goes to the new one:
+    it starts with no cached blocks and no predictor state."""
+    from conftest import free_port
+
+    with SimCluster(prefill=2, decode=1, engine="vllm", preset="tiny") as sim:
+        # endpoints nobody listens on fill the slots; the one request below
+        # is placed on the first decode instance (least loaded, first)
+        fakes = [f"127.0.0.1:{free_port()}" for _ in range(1022)]
+        decode = ",".join([sim.decode_endpoints[0]] + fakes)
+        nginx = omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
+                           decode_endpoints=decode,
+                           schedule_policy="cache-aware")
+        resp = nginx.post("/v1/completions",
+                          json={"prompt": list(range(1, 700)), "max_tokens": 2},
+                          timeout=60)
+        assert resp.status == 200, resp.text
+
+        def prefill(st):
+            return [i for i in st["instances"] if i["role"] == "prefill"][0]
+
+        before = prefill(nginx.status())
+        assert before["address"] == sim.prefill_endpoints[0]
+        assert before["cache"]["blocks"] > 0, before
+        assert before["predictor"]["prefill_samples"] > 0 or \
+            before["predictor"]["prefill_mape"] > 0, before["predictor"]
+
+        old = nginx.workers
+        nginx.reload(prefill_endpoints=sim.prefill_endpoints[1], timeout=60)
+        _wait_new_workers(nginx, old, timeout=60)
+        after = prefill(nginx.status())
+        assert after["address"] == sim.prefill_endpoints[1]
+        assert after["slot"] == before["slot"], (before["slot"], after["slot"])
+        assert after["cache"]["blocks"] == 0, after["cache"]
+        p = after["predictor"]
+        assert p["prefill_samples"] == 0 and p["decode_samples"] == 0, p
+        assert p["prefills_in_flight"] == 0 and p["completion_mape"] == 0, p
+        assert after["requests_total"] == 0
