@@ -1,22 +1,31 @@
 /*
  * Omni Proxy nginx module: types shared by the module's files.
  *
- *   ngx_http_omni_module.c    directives, configuration, variables, init
- *   ngx_http_omni_flow.c      the request flow of /v1/completions and
- *                             /v1/chat/completions (modes, legs in order)
- *   ngx_http_omni_request.c   what the client sent (body, validation)
+ * Files, lowest layer first; a file calls only files above it in this list
+ * (tests/test_module_seams.py checks it on the built objects):
+ *
+ *   ngx_http_omni_zone.c      the shared zone: creation, what a reload may
+ *                             change, instance slots, metrics, the clock
+ *   ngx_http_omni_ledger.c    the load ledger: the one charge and release of
+ *                             a leg (load, predictor job, prefilling), their
+ *                             owners, what a dead process held
+ *   ngx_http_omni_queue.c     the holding queues as a data structure
+ *   ngx_http_omni_sched.c     the decisions: instance choice, binding, the
+ *                             queue order
+ *   ngx_http_omni_hold.c      holding and waking: the release loop, wake-ups,
+ *                             timers, process init and crash recovery
+ *   ngx_http_omni_feed.c      observations fed to the predictor
  *   ngx_http_omni_answer.c    what the client gets when the proxy answers
  *                             (errors, SSE error events, prefill answers)
+ *   ngx_http_omni_request.c   what the client sent (body, validation)
  *   ngx_http_omni_legs.c      prefill/decode legs as subrequests through
  *                             nginx's proxy module, and their filters
  *   ngx_http_omni_upstream.c  the upstream balancer (omni_balance)
- *   ngx_http_omni_shm.c       the shared zone: instances, metrics
- *   ngx_http_omni_ledger.c    the load ledger: every charge and release of a
- *                             leg (load, predictor job, prefilling), the
- *                             owners, what a dead process held
- *   ngx_http_omni_sched.c     the choice of instances, the release loop
- *   ngx_http_omni_queue.c     holding requests, waking their owners
+ *   ngx_http_omni_flow.c      the request flow of /v1/completions and
+ *                             /v1/chat/completions: the only one that
+ *                             decides what a client is answered
  *   ngx_http_omni_status.c    /omni/status, /metrics, /health
+ *   ngx_http_omni_module.c    directives, configuration, variables, init
  */
 
 #ifndef NGX_HTTP_OMNI_H_INCLUDED_
@@ -429,42 +438,7 @@ typedef struct {
 extern ngx_module_t  ngx_http_omni_module;
 
 
-/* ngx_http_omni_module.c */
-ngx_http_omni_ctx_t *ngx_http_omni_get_ctx(ngx_http_request_t *r);
-
-/* ngx_http_omni_flow.c */
-ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
-
-/* ngx_http_omni_request.c */
-ngx_int_t ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx);
-ngx_int_t ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx);
-ngx_int_t ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx);
-void ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx);
-
-/* ngx_http_omni_answer.c */
-void ngx_http_omni_retry_after(ngx_http_request_t *r);
-ngx_int_t ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status,
-    ngx_str_t *type, u_char *body, size_t len);
-ngx_int_t ngx_http_omni_send_error(ngx_http_request_t *r,
-    ngx_uint_t status, const char *type, const char *fmt, ...);
-ngx_int_t ngx_http_omni_leg_error(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier);
-ngx_int_t ngx_http_omni_stream_error(ngx_http_omni_ctx_t *ctx,
-    ngx_uint_t status, const char *type, const char *msg, size_t len);
-ngx_int_t ngx_http_omni_answer_from_prefill(ngx_http_omni_ctx_t *ctx,
-    u_char *resp, size_t len);
-
-/* ngx_http_omni_legs.c */
-ngx_int_t ngx_http_omni_start_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
-    ngx_chain_t *body, off_t len, ngx_uint_t in_memory);
-void ngx_http_omni_cancel_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier);
-ngx_int_t ngx_http_omni_filters_init(ngx_conf_t *cf);
-
-/* ngx_http_omni_upstream.c */
-char *ngx_http_omni_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
-char *ngx_http_omni_bootstrap(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-
-/* ngx_http_omni_shm.c */
+/* ngx_http_omni_zone.c */
 ngx_int_t ngx_http_omni_shm_add(ngx_conf_t *cf,
     ngx_http_omni_main_conf_t *mcf);
 ngx_http_omni_shctx_t *ngx_http_omni_shm(ngx_http_omni_main_conf_t *mcf,
@@ -477,6 +451,7 @@ void ngx_http_omni_metrics_locked(ngx_http_omni_shctx_t *sh,
 extern const double  ngx_http_omni_bucket_bounds[NGX_HTTP_OMNI_BUCKETS];
 extern const ngx_uint_t  ngx_http_omni_status_codes[NGX_HTTP_OMNI_STATUSES];
 
+uint64_t ngx_http_omni_now_us(void);
 /* ngx_http_omni_ledger.c */
 #define NGX_HTTP_OMNI_OUTCOME_NONE    0
 #define NGX_HTTP_OMNI_OUTCOME_OK      1
@@ -512,33 +487,20 @@ void ngx_http_omni_ledger_request_end(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_ctx_t *ctx);
 
 /* ngx_http_omni_queue.c */
-ngx_int_t ngx_http_omni_queue_init_zone(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, size_t zone_size);
-ngx_int_t ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue);
-ngx_int_t ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx);
-void ngx_http_omni_adopt(ngx_http_omni_ctx_t *ctx, ngx_http_omni_qentry_t *en);
-void ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx);
+uint32_t ngx_http_omni_entry_alloc_locked(ngx_http_omni_shctx_t *sh,
+    ngx_uint_t max);
+void ngx_http_omni_entry_free_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, uint32_t e);
+void ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh,
+    uint32_t e);
 void ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, uint32_t e);
 uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
-void ngx_http_omni_notify(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_qentry_t *e);
-void ngx_http_omni_arm_timer(ngx_msec_t after);
-ngx_int_t ngx_http_omni_init_module(ngx_cycle_t *cycle);
-ngx_int_t ngx_http_omni_init_process(ngx_cycle_t *cycle);
-uint64_t ngx_http_omni_now_us(void);
 
 /* ngx_http_omni_sched.c */
-void ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf);
-ngx_int_t ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx,
-    ngx_uint_t queue);
+ngx_uint_t ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf);
 ngx_int_t ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf);
-void ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
-    ngx_http_omni_leg_t *leg, ngx_uint_t ok);
-void ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
-    ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done);
-uint64_t ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx);
 uint64_t ngx_http_omni_best_uncached(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n_hashes,
     uint64_t prompt_tokens, size_t *slot);
@@ -546,6 +508,68 @@ ngx_int_t ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
     uint64_t tokens);
 ngx_int_t ngx_http_omni_choose_retry(ngx_http_request_t *r,
     ngx_http_omni_upstream_conf_t *ucf, uintptr_t *tried, ngx_uint_t *index);
+ngx_uint_t ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t tier, ngx_msec_t now);
+void ngx_http_omni_arrived(ngx_http_omni_shctx_t *sh, uint64_t now_us);
+ngx_int_t ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_http_omni_qentry_t *en, ngx_msec_t now, uint64_t now_us,
+    uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force);
+ngx_int_t ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_http_omni_qentry_t *en, ngx_msec_t now);
+void ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en);
+
+/* ngx_http_omni_hold.c */
+ngx_int_t ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue);
+ngx_int_t ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx,
+    ngx_uint_t queue);
+void ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf);
+ngx_int_t ngx_http_omni_init_module(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_omni_init_process(ngx_cycle_t *cycle);
+
+/* ngx_http_omni_feed.c */
+void ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, ngx_uint_t ok);
+void ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done);
+uint64_t ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx);
+
+/* ngx_http_omni_answer.c */
+void ngx_http_omni_retry_after(ngx_http_request_t *r);
+ngx_int_t ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *type, u_char *body, size_t len);
+ngx_int_t ngx_http_omni_send_error(ngx_http_request_t *r,
+    ngx_uint_t status, const char *type, const char *fmt, ...);
+ngx_int_t ngx_http_omni_leg_error(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier);
+ngx_int_t ngx_http_omni_stream_error(ngx_http_omni_ctx_t *ctx,
+    ngx_uint_t status, const char *type, const char *msg, size_t len);
+ngx_int_t ngx_http_omni_answer_from_prefill(ngx_http_omni_ctx_t *ctx,
+    u_char *resp, size_t len);
+
+/* ngx_http_omni_request.c */
+ngx_int_t ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx);
+
+/* ngx_http_omni_legs.c */
+ngx_http_omni_ctx_t *ngx_http_omni_get_ctx(ngx_http_request_t *r);
+ngx_int_t ngx_http_omni_start_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
+    ngx_chain_t *body, off_t len, ngx_uint_t in_memory);
+void ngx_http_omni_cancel_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier);
+ngx_int_t ngx_http_omni_filters_init(ngx_conf_t *cf);
+
+/* ngx_http_omni_upstream.c */
+char *ngx_http_omni_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *ngx_http_omni_bootstrap(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+/* ngx_http_omni_flow.c */
+ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
 
 /* ngx_http_omni_status.c */
 ngx_int_t ngx_http_omni_status_handler(ngx_http_request_t *r);

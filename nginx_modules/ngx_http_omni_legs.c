@@ -252,6 +252,13 @@ ngx_http_omni_leg_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
 }
 
 
+ngx_http_omni_ctx_t *
+ngx_http_omni_get_ctx(ngx_http_request_t *r)
+{
+    return ngx_http_get_module_ctx(r->main, ngx_http_omni_module);
+}
+
+
 static ngx_http_omni_leg_t *
 ngx_http_omni_find_leg(ngx_http_request_t *r, ngx_http_omni_ctx_t **pctx)
 {

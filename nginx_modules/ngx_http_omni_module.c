@@ -302,13 +302,6 @@ static const char  *ngx_http_omni_mode_names[] = {
 };
 
 
-ngx_http_omni_ctx_t *
-ngx_http_omni_get_ctx(ngx_http_request_t *r)
-{
-    return ngx_http_get_module_ctx(r->main, ngx_http_omni_module);
-}
-
-
 static ngx_int_t
 ngx_http_omni_add_variables(ngx_conf_t *cf)
 {

@@ -5,10 +5,11 @@
  *
  * - at once, when a request arrives (round-robin, least-loaded,
  *   cache-aware): ngx_http_omni_choose();
- * - held and released (omni): ngx_http_omni_schedule() runs the release
- *   loop over the queues of ngx_http_omni_queue.c whenever something
- *   changes (an arrival, a completion, a predicted instant).  The next
- *   request in queue order is bound to the instance with the least predicted
+ * - held and released (omni): the release loop (ngx_http_omni_hold.c)
+ *   asks, for the next request in queue order (its key is made here,
+ *   ngx_http_omni_queue_key_locked()), ngx_http_omni_bind_start() or
+ *   ngx_http_omni_bind_decode().  A request is bound to the instance with
+ *   the least predicted
  *   TTFT (expected wait + prefill of the tokens it does not hold), if one can
  *   take it within its limits and soon enough; decode work is placed longest
  *   first on the least-loaded decode instance.
@@ -23,10 +24,8 @@
 #include "ngx_http_omni.h"
 
 
-/* released per pass of the loop before owners are told */
-#define NGX_HTTP_OMNI_BATCH          64
-/* queue entries looked at past a head that waits for a busy instance */
-#define NGX_HTTP_OMNI_LOOKAHEAD      8
+/* a microsecond waited forgives this much predicted work (SJF aging) */
+#define NGX_HTTP_OMNI_AGING          1.0
 /* cache-aware: leave the best-matching instance when it has this many
  * more requests in flight than the least loaded one */
 #define NGX_HTTP_OMNI_BALANCE        8
@@ -42,7 +41,7 @@ static omni_prefill_cand_t  ngx_http_omni_pcands[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_decode_inst_t   ngx_http_omni_dcands[NGX_HTTP_OMNI_MAX_SLOTS];
 
 
-static ngx_inline ngx_uint_t
+ngx_uint_t
 ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf)
 {
     return mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED ? NGX_HTTP_OMNI_DECODE
@@ -337,7 +336,7 @@ ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf)
 
 
 /* Whether any instance of the tier could be chosen at all now. */
-static ngx_uint_t
+ngx_uint_t
 ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t tier, ngx_msec_t now)
 {
@@ -360,7 +359,7 @@ ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
 
 /* A request to start arrived: the mean gap between arrivals (under the
  * zone lock). */
-static void
+void
 ngx_http_omni_arrived(ngx_http_omni_shctx_t *sh, uint64_t now_us)
 {
     uint64_t  gap;
@@ -438,7 +437,7 @@ ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
  * nothing can take it now, nor anything else that needs a free instance
  * (*retry_us may be set).
  */
-static ngx_int_t
+ngx_int_t
 ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
     ngx_http_omni_qentry_t *en, ngx_msec_t now, uint64_t now_us,
@@ -696,7 +695,7 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 
 
 /* Sequential mode, prefill done: place the decode work. */
-static ngx_int_t
+ngx_int_t
 ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
     ngx_http_omni_qentry_t *en, ngx_msec_t now)
@@ -728,369 +727,38 @@ ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
 
 
 /*
- * The fast path of holding: nobody waits in `queue` and an instance can
- * take the request now, so it is bound at once, without a queue entry or a
- * wake-up.  NGX_OK: bound (the legs carry it); NGX_DECLINED: hold it.
- */
-ngx_int_t
-ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
-{
-    uint64_t                 now_us, retry_us;
-    ngx_int_t                rc;
-    ngx_msec_t               now;
-    ngx_slab_pool_t         *shpool;
-    ngx_http_omni_shctx_t   *sh;
-    ngx_http_omni_qentry_t   en;
-
-    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
-
-    /* an unlocked look first; a request to start is counted as an arrival
-     * under the lock below either way */
-    if (queue == NGX_HTTP_OMNI_Q_DECODE && sh->queues[queue].n) {
-        return NGX_DECLINED;
-    }
-
-    ngx_memzero(&en, sizeof(ngx_http_omni_qentry_t));
-
-    now = ngx_current_msec;
-    en.queue = (uint8_t) queue;
-    en.arrival = now;
-    en.released = now;
-    en.prompt_tokens = ctx->prompt_tokens;
-    en.output_tokens = ctx->output_tokens;
-    en.hashes = ctx->hashes;            /* this process's memory: used */
-    en.n_hashes = (uint32_t) ctx->n_hashes;     /* only under this lock */
-    en.slot[0] = NGX_HTTP_OMNI_NONE;
-    en.slot[1] = NGX_HTTP_OMNI_NONE;
-    en.pid = ngx_pid;
-
-    retry_us = 0;
-    rc = NGX_DECLINED;
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    now_us = ngx_http_omni_now_us();
-
-    if (queue == NGX_HTTP_OMNI_Q_PREFILL) {
-        ngx_http_omni_arrived(sh, now_us);
-    }
-
-    /* the order of arrival holds: only when nobody is waiting */
-
-    if (queue == NGX_HTTP_OMNI_Q_DECODE) {
-        if (sh->queues[queue].n == 0
-            && ngx_http_omni_bind_decode(ctx->mcf, sh, shpool, &en, now)
-               == NGX_OK)
-        {
-            rc = NGX_OK;
-        }
-
-    } else if (sh->queues[queue].n == 0
-        && ngx_http_omni_tier_usable(ctx->mcf, sh,
-                                     ngx_http_omni_start_tier(ctx->mcf), now)
-        && (ctx->mode != NGX_HTTP_OMNI_PARALLEL
-            || ngx_http_omni_tier_usable(ctx->mcf, sh, NGX_HTTP_OMNI_DECODE,
-                                         now)))
-    {
-        if (ngx_http_omni_bind_start(ctx->mcf, sh, shpool, &en, now, now_us,
-                                     &retry_us, 1, 1)
-            == NGX_OK)
-        {
-            sh->decisions++;
-            sh->decision_us += ngx_http_omni_now_us() - now_us;
-            rc = NGX_OK;
-        }
-    }
-
-    ngx_shmtx_unlock(&shpool->mutex);
-
-    if (rc == NGX_OK) {
-        ngx_http_omni_adopt(ctx, &en);
-    }
-
-    return rc;
-}
-
-
-void
-ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
-{
-    uint32_t                 e, cand;
-    uint64_t                 t0, now_us, retry_us;
-    ngx_int_t                rc;
-    ngx_uint_t               q, n, i, k, more, attempts;
-    ngx_msec_t               now;
-    ngx_slab_pool_t         *shpool;
-    ngx_http_omni_queue_t   *queue;
-    ngx_http_omni_shctx_t   *sh;
-    ngx_http_omni_qentry_t  *en, out[NGX_HTTP_OMNI_BATCH];
-
-    if (mcf->schedule_policy != NGX_HTTP_OMNI_SCHED_OMNI) {
-        return;
-    }
-
-    sh = ngx_http_omni_shm(mcf, &shpool);
-
-    do {
-        /* an unlocked look first: most calls find nothing waiting */
-        if (sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n == 0
-            && sh->queues[NGX_HTTP_OMNI_Q_DECODE].n == 0)
-        {
-            return;
-        }
-
-        n = 0;
-        more = 0;
-        attempts = 0;
-        retry_us = 0;
-
-        ngx_shmtx_lock(&shpool->mutex);
-
-        t0 = ngx_http_omni_now_us();
-        now_us = t0;
-        now = ngx_current_msec;
-
-        for (q = 0; q < NGX_HTTP_OMNI_QUEUES && n < NGX_HTTP_OMNI_BATCH; q++) {
-            queue = &sh->queues[q];
-
-            while (n < NGX_HTTP_OMNI_BATCH) {
-                e = ngx_http_omni_queue_next_locked(mcf, sh, q, now);
-                if (e == NGX_HTTP_OMNI_NONE) {
-                    break;
-                }
-
-                attempts++;
-
-                if (q == NGX_HTTP_OMNI_Q_PREFILL
-                    && sh->entries[e].mode != mcf->pd_policy)
-                {
-                    /*
-                     * Held under another P/D policy (a reload changed it):
-                     * no binding this worker makes fits it.  One of the
-                     * newest configuration is left to its workers; an
-                     * older one is answered 503 with Retry-After by its
-                     * owner (never bound for the wrong tier).
-                     */
-                    if (sh->entries[e].generation == sh->generation) {
-                        break;
-                    }
-
-                    sh->entries[e].rejected = 1;
-                    rc = NGX_OK;
-
-                } else if (!ngx_http_omni_tier_usable(mcf, sh,
-                        q == NGX_HTTP_OMNI_Q_DECODE
-                        ? NGX_HTTP_OMNI_DECODE
-                        : ngx_http_omni_start_tier(mcf), now)
-                    || (q == NGX_HTTP_OMNI_Q_PREFILL
-                        && mcf->pd_policy == NGX_HTTP_OMNI_PARALLEL
-                        && !ngx_http_omni_tier_usable(mcf, sh,
-                                                      NGX_HTTP_OMNI_DECODE,
-                                                      now)))
-                {
-                    /* nothing could take it: the owner answers 503 */
-                    sh->entries[e].rejected = 1;
-                    rc = NGX_OK;
-
-                } else if (q == NGX_HTTP_OMNI_Q_DECODE) {
-                    rc = ngx_http_omni_bind_decode(mcf, sh, shpool,
-                                                   &sh->entries[e], now);
-
-                } else {
-                    rc = ngx_http_omni_bind_start(mcf, sh, shpool,
-                                                  &sh->entries[e],
-                                                  now, now_us, &retry_us,
-                                                  queue->n, 0);
-
-                    /*
-                     * The head waits for a busy instance that will serve it
-                     * best: a few entries behind it may use what is free;
-                     * if none does, the head takes it.
-                     */
-                    for (k = 1; rc == NGX_BUSY && k < NGX_HTTP_OMNI_LOOKAHEAD
-                                && k < queue->n; k++)
-                    {
-                        cand = queue->heap[k];
-
-                        if (cand == e) {
-                            continue;
-                        }
-
-                        attempts++;
-                        rc = ngx_http_omni_bind_start(mcf, sh, shpool,
-                                                      &sh->entries[cand],
-                                                      now, now_us, &retry_us,
-                                                      queue->n, 0);
-                        if (rc == NGX_OK) {
-                            e = cand;
-                        } else if (rc == NGX_AGAIN) {
-                            rc = NGX_BUSY;
-                        }
-                    }
-
-                    if (rc == NGX_BUSY) {
-                        attempts++;
-                        rc = ngx_http_omni_bind_start(mcf, sh, shpool,
-                                                      &sh->entries[e],
-                                                      now, now_us, &retry_us,
-                                                      queue->n, 1);
-                    }
-                }
-
-                if (rc != NGX_OK) {
-                    break;
-                }
-
-                en = &sh->entries[e];
-
-                if (queue->n && e != queue->heap[0]
-                    && mcf->starvation_timeout
-                    && now - en->arrival >= mcf->starvation_timeout)
-                {
-                    sh->starved++;
-                }
-
-                ngx_http_omni_queue_remove_locked(sh, shpool, e);
-                en->state = NGX_HTTP_OMNI_QE_RELEASED;
-                en->released = now;
-
-                out[n++] = *en;
-            }
-
-            if (n == NGX_HTTP_OMNI_BATCH) {
-                more = 1;
-            }
-        }
-
-        sh->decisions += attempts;
-        sh->decision_us += ngx_http_omni_now_us() - t0;
-
-        ngx_shmtx_unlock(&shpool->mutex);
-
-        for (i = 0; i < n; i++) {
-            ngx_http_omni_notify(mcf, &out[i]);
-        }
-
-        if (retry_us) {
-            ngx_http_omni_arm_timer((ngx_msec_t) (retry_us / 1000) + 1);
-        }
-
-    } while (more);
-}
-
-
-/* ------------------------------------------------------------------------ */
-/* what the proxy observes                                                  */
-
-
-/*
- * The prefill of a leg is over: the prefill leg answered (sequential,
- * parallel), or the first byte of an aggregated leg came.  Exactly once.
+ * The order of a held request (smaller keys leave first), under the lock:
+ * decode work longest first; prefills first come first served, or shortest
+ * predicted work first with aging: a request's priority is its work minus
+ * AGING times the time it waited, i.e. work + AGING * arrival minus a term
+ * that is the same for everyone, so the order never needs re-sorting.  Work
+ * is the prefill time of the tokens the best instance does not hold yet.
  */
 void
-ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
-    ngx_http_omni_leg_t *leg, ngx_uint_t ok)
+ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en)
 {
-    if (leg->first) {
+    size_t    i;
+    int64_t   work;
+    uint64_t  best;
+
+    if (en->queue == NGX_HTTP_OMNI_Q_DECODE) {
+        en->key = -(double) (en->prompt_tokens + en->output_tokens);
         return;
     }
 
-    leg->first = 1;
-
-    if (leg->charge == NULL
-        || !(leg->charge->flags & (NGX_HTTP_OMNI_CHARGE_JOB
-                                   |NGX_HTTP_OMNI_CHARGE_PREFILLING)))
-    {
+    if (mcf->queue_order == NGX_HTTP_OMNI_ORDER_FCFS) {
+        en->key = (double) en->arrival;
         return;
     }
 
-    ngx_http_omni_ledger_prefill_end(ctx->mcf, leg, ok);
+    best = ngx_http_omni_best_uncached(mcf, sh, en->hashes, en->n_hashes,
+                                       en->prompt_tokens, &i);
 
-    /* a prefill slot opened: someone may go */
-    ngx_http_omni_schedule(ctx->mcf);
-}
-
-
-/*
- * A decode leg passed `events` SSE events now (done: it ended).  The gaps
- * between them train the decode step model; a finished stream's length
- * trains the typical output length of its route.
- */
-void
-ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
-    ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done)
-{
-    double                  out;
-    uint64_t                now_us, step;
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_inst_t   *in;
-    ngx_http_omni_shctx_t  *sh;
-
-    if (leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
-        return;
-    }
-
-    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
-    in = &sh->inst[leg->slot];
-    now_us = ngx_http_omni_now_us();
-
-    if (done) {
-        if (!ctx->stream || !leg->complete || leg->events < 2) {
-            return;
-        }
-
-        /* [DONE] and the usage chunk are not tokens */
-        out = (double) (leg->events - 1 - (ctx->include_usage ? 1 : 0));
-
-        ngx_shmtx_lock(&shpool->mutex);
-        sh->output_ewma[ctx->route] = sh->output_ewma[ctx->route] == 0
-                                      ? out
-                                      : 0.9 * sh->output_ewma[ctx->route]
-                                        + 0.1 * out;
-        ngx_shmtx_unlock(&shpool->mutex);
-
-        return;
-    }
-
-    if (events == 0) {
-        return;
-    }
-
-    if (leg->last_chunk_us && leg->events) {
-        step = (now_us - leg->last_chunk_us) / events;
-
-        ngx_shmtx_lock(&shpool->mutex);
-        (void) omni_predict_observe_decode(sh->predict, (uint32_t) leg->slot,
-                                           (uint32_t) in->inflight_requests,
-                                           in->inflight_tokens, step);
-        ngx_shmtx_unlock(&shpool->mutex);
-    }
-
-    leg->last_chunk_us = now_us;
-    leg->events += events;
-}
-
-
-uint64_t
-ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx)
-{
-    double                  typical;
-    uint64_t                asked;
-    ngx_http_omni_shctx_t  *sh;
-
-    asked = ctx->max_tokens >= 0 ? (uint64_t) ctx->max_tokens : 256;
-
-    if (ctx->ignore_eos) {
-        /* it will run to max_tokens */
-        return asked;
-    }
-
-    sh = ngx_http_omni_shm(ctx->mcf, NULL);
-    typical = sh->output_ewma[ctx->route];
-
-    if (typical >= 1 && (uint64_t) typical < asked) {
-        return (uint64_t) typical + 1;
-    }
-
-    return asked;
+    work = omni_predict_prefill_us(sh->predict, (uint32_t) i,
+                                   (uint32_t) best,
+                                   (uint32_t) (en->prompt_tokens - best));
+    en->work_us = work > 0 ? (uint64_t) work : 0;
+    en->key = (double) en->work_us
+              + NGX_HTTP_OMNI_AGING * (double) en->arrival * 1000;
 }

@@ -2,8 +2,10 @@
  * Omni Proxy nginx module: the shared zone.
  *
  * One slab zone holds what every worker must agree on: the instances of both
- * tiers with their load, health and totals, and the metrics.  Any worker
- * reads and updates it under the zone's mutex; there is no elected worker.
+ * tiers with their load, health and totals, the queues' entries, the prefix
+ * index and the predictor, and the metrics.  Any worker reads and updates it
+ * under the zone's mutex; there is no elected worker.  Here: its creation,
+ * what a reload may change in it, the instance slots, the clock.
  *
  * Instances keep their slot across reloads (matched by role and address), so
  * workers of the old configuration that still finish requests release the
@@ -22,6 +24,8 @@ static ngx_int_t ngx_http_omni_zone_agrees(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_log_t *log);
 static void ngx_http_omni_zone_apply(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh);
+static ngx_int_t ngx_http_omni_zone_build(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, size_t zone_size);
 
 
 const double  ngx_http_omni_bucket_bounds[NGX_HTTP_OMNI_BUCKETS] = {
@@ -152,8 +156,7 @@ ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     zone->shpool = shpool;
     zone->sh = sh;
 
-    if (ngx_http_omni_queue_init_zone(zone->mcf, sh, shpool,
-                                      shm_zone->shm.size)
+    if (ngx_http_omni_zone_build(zone->mcf, sh, shpool, shm_zone->shm.size)
         != NGX_OK)
     {
         return NGX_ERROR;
@@ -454,4 +457,142 @@ ngx_http_omni_metrics_locked(ngx_http_omni_shctx_t *sh, ngx_uint_t route,
                                  ctx->t_start, ctx->t_first_byte);
     ngx_http_omni_observe_locked(sh, NGX_HTTP_OMNI_HIST_TOTAL,
                                  ctx->t_start, ctx->t_end);
+}
+
+
+uint64_t
+ngx_http_omni_now_us(void)
+{
+    struct timespec  ts;
+
+    (void) clock_gettime(CLOCK_MONOTONIC, &ts);
+
+    return (uint64_t) ts.tv_sec * 1000000 + (uint64_t) ts.tv_nsec / 1000;
+}
+
+
+static ngx_int_t
+ngx_http_omni_zone_build(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, size_t zone_size)
+{
+    int                  rc;
+    void                *mem;
+    size_t               size, budget;
+    uint32_t             i, n, cap;
+    omni_index_cfg_t     icfg;
+    omni_predict_cfg_t   pcfg;
+
+    cap = (uint32_t) ngx_max(mcf->queue_max, 1);
+
+    sh->q_cap = cap;
+    sh->entries = ngx_slab_calloc(shpool,
+                                  cap * sizeof(ngx_http_omni_qentry_t));
+    if (sh->entries == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < cap; i++) {
+        sh->entries[i].next = (i + 1 < cap) ? i + 1 : NGX_HTTP_OMNI_NONE;
+    }
+
+    sh->q_free = 0;
+
+    for (i = 0; i < NGX_HTTP_OMNI_QUEUES; i++) {
+        sh->queues[i].head = NGX_HTTP_OMNI_NONE;
+        sh->queues[i].tail = NGX_HTTP_OMNI_NONE;
+        sh->queues[i].heap = ngx_slab_alloc(shpool, cap * sizeof(uint32_t));
+        if (sh->queues[i].heap == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    ngx_memzero(&pcfg, sizeof(omni_predict_cfg_t));
+    pcfg.max_instances = NGX_HTTP_OMNI_MAX_SLOTS;
+
+    size = omni_predict_size(&pcfg);
+    mem = ngx_slab_alloc(shpool, size);
+    if (mem == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = omni_predict_init(mem, size, &pcfg, &sh->predict);
+    if (rc != OMNI_OK) {
+        ngx_log_error(NGX_LOG_EMERG, ngx_cycle->log, 0,
+                      "omni: predictor: %s", omni_strerror(rc));
+        return NGX_ERROR;
+    }
+
+    /*
+     * The prefix index gets about half the zone; the rest is for the zone's
+     * own state and the block hashes of held requests.
+     */
+
+    budget = zone_size / 2;
+
+    /*
+     * The index keeps one bit per instance for every block, and a match
+     * reads all of them: size it for the instances configured (with room
+     * for as many more to come with reloads), not for every possible slot.
+     * Instances past it are scheduled without cache knowledge.
+     */
+
+    n = 0;
+
+    for (i = 0; i < NGX_HTTP_OMNI_TIERS; i++) {
+        if (mcf->tiers[i]) {
+            n += (uint32_t) mcf->tiers[i]->n;
+        }
+    }
+
+    n = ngx_align(ngx_max(2 * n, 64), 64);
+
+    ngx_memzero(&icfg, sizeof(omni_index_cfg_t));
+    icfg.max_instances = ngx_min(n, NGX_HTTP_OMNI_MAX_SLOTS);
+    icfg.block_size = (uint32_t) mcf->block_size;
+    icfg.instance_capacity = (uint32_t) mcf->cache_blocks;
+    icfg.approx_ttl_us = (uint64_t) mcf->cache_ttl * 1000;
+    icfg.max_entries = (uint32_t) ngx_min(budget / 32, OMNI_INDEX_MAX_ENTRIES);
+
+    for ( ;; ) {
+        size = omni_index_size(&icfg);
+
+        if (size && size <= budget) {
+            break;
+        }
+
+        if (icfg.max_entries < 1024) {
+            ngx_log_error(NGX_LOG_EMERG, ngx_cycle->log, 0,
+                          "omni: the zone is too small for the prefix "
+                          "index, raise \"omni_zone_size\"");
+            return NGX_ERROR;
+        }
+
+        icfg.max_entries -= icfg.max_entries / 8;
+    }
+
+    mem = ngx_slab_alloc(shpool, size);
+    if (mem == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = omni_index_init(mem, size, &icfg, &sh->index);
+    if (rc != OMNI_OK) {
+        ngx_log_error(NGX_LOG_EMERG, ngx_cycle->log, 0,
+                      "omni: prefix index: %s", omni_strerror(rc));
+        return NGX_ERROR;
+    }
+
+    sh->block_size = icfg.block_size;
+    sh->index_instances = icfg.max_instances;
+    sh->index_entries = icfg.max_entries;
+    sh->cache_blocks = (uint32_t) mcf->cache_blocks;
+    sh->cache_ttl = mcf->cache_ttl;
+    sh->pd_policy = (uint32_t) mcf->pd_policy;
+
+    ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                  "omni: prefix index of %uD (block, instance) entries "
+                  "for %uD instances, %uz bytes; queues of %uD requests",
+                  icfg.max_entries, icfg.max_instances, size, cap);
+
+    return NGX_OK;
 }
