@@ -276,15 +276,16 @@ if [ "$(cat "$BUILD/.pip-stamp" 2>/dev/null)" != "$pip_stamp" ] \
     rm -f "$BUILD/.cffi-stamp"
 fi
 
-# the scoring library as a cffi extension, in place next to omni_ctl/
-cffi_stamp=$(hash_of "flavor=$flavor" "$venv_version" "$ROOT/omni_ctl/_build_scoring.py" \
+# the scoring library as a cffi extension, in place in omni_ctl/scoring/
+cffi_stamp=$(hash_of "flavor=$flavor" "$venv_version" "$ROOT/omni_ctl/scoring/build.py" \
              "$ROOT"/nginx_modules/scoring/*.c "$ROOT"/nginx_modules/scoring/*.h \
-             "$ROOT"/omni_ctl/cdefs/*.cdef)
+             "$ROOT"/omni_ctl/scoring/cdefs/*.cdef)
 if [ "$(cat "$BUILD/.cffi-stamp" 2>/dev/null)" != "$cffi_stamp" ] \
-        || ! ls "$ROOT"/omni_ctl/_scoring*.so >/dev/null 2>&1; then
+        || ! ls "$ROOT"/omni_ctl/scoring/_scoring*.so >/dev/null 2>&1; then
     note "building the scoring library's cffi extension ($flavor)"
+    rm -f "$ROOT"/omni_ctl/_scoring*.so     # where it was before omni_ctl/scoring/
     run_step "cffi extension build" "$LOGS/cffi-$flavor.log" \
-        env OMNI_DEBUG="$debug" bash -c 'cd "$1" && "$2" -m omni_ctl._build_scoring' \
+        env OMNI_DEBUG="$debug" bash -c 'cd "$1" && "$2" omni_ctl/scoring/build.py' \
         _ "$ROOT" "$VENV/bin/python"
     echo "$cffi_stamp" >"$BUILD/.cffi-stamp"
 fi

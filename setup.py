@@ -2,4 +2,4 @@
 # `cffi_modules` only from setup(); everything else lives in pyproject.toml.
 from setuptools import setup
 
-setup(cffi_modules=["omni_ctl/_build_scoring.py:ffibuilder"])
+setup(cffi_modules=["omni_ctl/scoring/build.py:ffibuilder"])

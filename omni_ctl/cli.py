@@ -21,7 +21,7 @@ COMMANDS = {
     "compare": "omni_ctl.bench.cli:compare",
     "bench-overhead": "omni_ctl.bench.cli:bench_overhead",
     "demo": "omni_ctl.bench.cli:demo",
-    "bench-lib": "omni_ctl.scoring_bench:bench_lib",
+    "bench-lib": "omni_ctl.bench.lib:bench_lib",
 }
 
 HELP = {

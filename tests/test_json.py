@@ -1,4 +1,4 @@
-"""Unit tests of the JSON scanner/splicer through omni_ctl.scoring_json,
+"""Unit tests of the JSON scanner/splicer through omni_ctl.scoring.jsonscan,
 checked against Python's json module where a verdict or value is involved.
 
 Reference verdict: json.loads(body.decode("utf-8")) with strict decoding,
@@ -10,8 +10,8 @@ from decimal import Decimal
 
 import pytest
 
-from omni_ctl import scoring_errors as errors
-from omni_ctl.scoring_json import (
+from omni_ctl.scoring import errors
+from omni_ctl.scoring.jsonscan import (
     json_apply, json_edit, json_get, json_int64, json_plan, json_scan,
     json_string_decode, json_string_encode, json_u32_array, json_validate,
 )
@@ -436,7 +436,7 @@ def test_string_encode_matches_python():
 # ---- error translation ----------------------------------------------------------
 
 def test_error_classes_subclass_builtins():
-    from omni_ctl._scoring import lib
+    from omni_ctl.scoring._scoring import lib
     cases = {
         lib.OMNI_ENOMEM: MemoryError, lib.OMNI_EINVAL: ValueError,
         lib.OMNI_ERANGE: OverflowError, lib.OMNI_EJSON: ValueError,
@@ -459,7 +459,7 @@ def test_error_classes_subclass_builtins():
 # ---- benchmark function -----------------------------------------------------------
 
 def test_bench_bodies_are_valid_and_bench_runs():
-    from omni_ctl.scoring_json_bench import bench_json, format_json_bench, make_bodies
+    from omni_ctl.bench.lib_json import bench_json, format_json_bench, make_bodies
     bodies = make_bodies()
     for name, body in bodies.items():
         assert 190_000 <= len(body) <= 200_000, name

@@ -1,14 +1,14 @@
 """Raw cffi tests of omni_json.h: argument checks, buffer sizing, segment
 pointers, and robustness of the nested readers on unvalidated input.
 
-The Pythonic layer (omni_ctl.scoring_json) has the behavioural tests.
+The Pythonic layer (omni_ctl.scoring.jsonscan) has the behavioural tests.
 """
 
 import random
 
 import pytest
 
-from omni_ctl._scoring import ffi, lib
+from omni_ctl.scoring._scoring import ffi, lib
 
 
 def cbuf(data):

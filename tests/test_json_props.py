@@ -14,8 +14,8 @@ from decimal import Decimal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omni_ctl import scoring_errors as errors
-from omni_ctl.scoring_json import (
+from omni_ctl.scoring import errors
+from omni_ctl.scoring.jsonscan import (
     json_apply, json_plan, json_scan, json_string_decode, json_string_encode,
     json_get, json_int64, json_u32_array, json_validate,
 )

@@ -3,7 +3,7 @@ produce every figure (the numbers themselves are machine-dependent)."""
 
 from click.testing import CliRunner
 
-from omni_ctl.scoring_bench import bench_decision, bench_lib, format_bench, run_bench
+from omni_ctl.bench.lib import bench_decision, bench_lib, format_bench, run_bench
 
 
 def test_run_bench_quick_has_every_figure(tmp_path):

@@ -1,7 +1,7 @@
 """Raw cffi smoke test: the compiled library answers through ffi/lib alone,
 without the Pythonic layer (so a binding bug cannot hide a library bug)."""
 
-from omni_ctl._scoring import ffi, lib
+from omni_ctl.scoring._scoring import ffi, lib
 
 
 def test_error_strings_and_version():

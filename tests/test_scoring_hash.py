@@ -7,7 +7,7 @@ import pytest
 
 from omni_ctl.scoring import (MASK64, block_hashes, block_hashes_from,
                               engine_key, hash_root, text_block_hashes)
-from omni_ctl.scoring_errors import InvalidArgumentError
+from omni_ctl.scoring.errors import InvalidArgumentError
 
 TOKENS = list(range(64))
 

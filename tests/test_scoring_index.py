@@ -7,7 +7,7 @@ comparison with a pure-Python model is in test_scoring_index_model.py.
 import pytest
 
 from omni_ctl.scoring import PrefixIndex, block_hashes, ffi, lib
-from omni_ctl.scoring_errors import (IntegrityError, InvalidArgumentError,
+from omni_ctl.scoring.errors import (IntegrityError, InvalidArgumentError,
                                      NotFoundError)
 
 BS = 4
@@ -301,7 +301,7 @@ def test_init_in_place_attach_and_integrity_catches_corruption():
 
 
 def test_integrity_error_is_typed():
-    from omni_ctl.scoring_errors import check
+    from omni_ctl.scoring.errors import check
     with pytest.raises(IntegrityError):
         check(lib.OMNI_EINTEGRITY)
     with pytest.raises(RuntimeError):

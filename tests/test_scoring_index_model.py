@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from omni_ctl.scoring import PrefixIndex, block_hashes, block_hashes_from
-from omni_ctl.scoring_errors import NotFoundError
+from omni_ctl.scoring.errors import NotFoundError
 
 PRECISE, APPROX = 0, 1
 KIND_NAMES = {PRECISE: "precise", APPROX: "approx"}

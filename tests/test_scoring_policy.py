@@ -1,15 +1,22 @@
-"""Scheduling policies (omni_policy.h): prefill choice with hold, LPT decode
-ordering and placement, prefill queue order with aging."""
+"""Scheduling policies (omni_policy.h): prefill choice with hold, the held
+request's decision (step and budget rules, the free instance when the best
+is busy), decode placement and the LPT decode queue, the queues' order (SJF
+with aging, the most late past the starvation timeout), the at-once picks.
+
+These are the functions the nginx module calls (docs/scoring.md, "How the
+module calls the policies"); the scenarios mirror tests/test_scheduler.py's,
+which run them inside nginx."""
 
 import random
 
 import pytest
 
-from omni_ctl.scoring import (DecodeInstance, DecodeJob, PrefillCandidate,
-                              PrefixIndex, Predictor, QueueItem, add_prefill_delay,
-                              assign_decode, choose_prefill, lpt_order, place_decode,
-                              prepare_prefill, queue_order, queue_pick)
-from omni_ctl.scoring_errors import InvalidArgumentError
+from omni_ctl.scoring import (Arrivals, DecodeInstance, DecodeJob, PickCandidate,
+                              PrefillCandidate, PrefixIndex, Predictor, QueueItem,
+                              add_prefill_delay, choose_prefill, decide_prefill, lib,
+                              pick_now, place_decode, prepare_prefill, queue_key,
+                              queue_next, queue_order, queue_pick, queue_work)
+from omni_ctl.scoring.errors import InvalidArgumentError
 
 # ---- prefill choice ---------------------------------------------------------
 
@@ -140,13 +147,6 @@ def test_flags_and_ties():
 # ---- decode ------------------------------------------------------------------
 
 
-def test_lpt_order_longest_first_ties_by_arrival():
-    jobs = [DecodeJob(100, 100, arrival_us=5), DecodeJob(1000, 2000),
-            DecodeJob(150, 50, arrival_us=1), DecodeJob(10, 10)]
-    assert lpt_order(jobs) == [1, 2, 0, 3]
-    assert lpt_order([]) == []
-
-
 def test_place_on_least_loaded_within_limits_or_hold():
     insts = [DecodeInstance(0, load_tokens=500, running=2),
              DecodeInstance(1, load_tokens=100, running=8, max_running=8),
@@ -159,12 +159,40 @@ def test_place_on_least_loaded_within_limits_or_hold():
     assert d.hold and d.reason == "hold-limits"
 
 
-def _fcfs_least_loaded(n_inst, jobs):
-    loads = [0] * n_inst
-    for j in jobs:
-        i = min(range(n_inst), key=lambda k: (loads[k], k))
-        loads[i] += j.prompt_tokens + j.output_tokens
-    return loads
+def _release_decode(insts, jobs, order):
+    """A decode queue of `jobs` (queue order) released at one instant, as
+    the module's pass does: the next by queue order, placed with
+    place_decode, charged (prompt + output tokens, one running); the first
+    that must wait ends the pass.  Returns the instance of each job."""
+    items = [QueueItem(j.arrival_us, j.prompt_tokens + j.output_tokens) for j in jobs]
+    where = [None] * len(jobs)
+    for k in queue_order(items, now_us=10**9, order=order):
+        d = place_decode(insts, jobs[k])
+        if d.hold:
+            break
+        insts[d.choice].load_tokens += jobs[k].prompt_tokens + jobs[k].output_tokens
+        insts[d.choice].running += 1
+        where[k] = d.choice
+    return where
+
+
+def test_lpt_queue_evens_decode_load():
+    """test_scheduler.py::test_lpt_evens_decode_load: four short jobs, then
+    a long one.  In arrival order on the least-loaded instance the long job
+    lands on top of two short ones; longest first it gets an instance of its
+    own and the short ones fill the other."""
+    jobs = [DecodeJob(32, 40, arrival_us=k) for k in range(4)] + [DecodeJob(32, 160, 4)]
+    lpt = [DecodeInstance(0), DecodeInstance(1)]
+    where = _release_decode(lpt, jobs, "lpt")
+    assert where[4] == 0 and where[:3] == [1, 1, 1]
+    fcfs = [DecodeInstance(0), DecodeInstance(1)]
+    _release_decode(fcfs, jobs, "fcfs")
+
+    def imbalance(insts):
+        loads = [d.load_tokens for d in insts]
+        return max(loads) / (sum(loads) / len(loads))
+
+    assert imbalance(lpt) < 1.25 < imbalance(fcfs)
 
 
 def test_lpt_balances_better_than_fcfs_least_loaded():
@@ -174,28 +202,163 @@ def test_lpt_balances_better_than_fcfs_least_loaded():
         jobs = [DecodeJob(rnd.choice([200, 400, 4000]),
                           rnd.choice([50, 300, 3000]), arrival_us=k)
                 for k in range(24)]
-        insts = [DecodeInstance(i) for i in range(4)]
-        assign = assign_decode(insts, jobs)
-        assert None not in assign
-        lpt = [d.load_tokens for d in insts]
-        fcfs = _fcfs_least_loaded(4, jobs)
+        lpt = [DecodeInstance(i) for i in range(4)]
+        fcfs = [DecodeInstance(i) for i in range(4)]
+        assert None not in _release_decode(lpt, jobs, "lpt")
+        assert None not in _release_decode(fcfs, jobs, "fcfs")
+        lpt = [d.load_tokens for d in lpt]
+        fcfs = [d.load_tokens for d in fcfs]
         assert sum(lpt) == sum(fcfs)
-        mean = sum(lpt) / 4
-        assert max(lpt) / mean <= max(fcfs) / mean + 1e-9
+        assert max(lpt) <= max(fcfs)
         worse += max(lpt) < max(fcfs)
     assert worse >= 10          # strictly better most of the time
 
 
-def test_assign_holds_what_does_not_fit_and_strict_stops():
+def test_decode_pass_stops_at_the_first_job_that_must_wait():
+    """Longest first, and the first that does not fit ends the pass: small
+    jobs do not overtake a big one that waits for room."""
     insts = [DecodeInstance(0, running=1, load_tokens=0, max_tokens=1000)]
     jobs = [DecodeJob(900, 200), DecodeJob(300, 100), DecodeJob(100, 100)]
-    assert assign_decode(insts, jobs) == [None, 0, 0]
-    assert insts[0].running == 3 and insts[0].load_tokens == 600
-    insts = [DecodeInstance(0, running=1, load_tokens=0, max_tokens=1000)]
-    assert assign_decode(insts, jobs, strict=True) == [None, None, None]
+    assert _release_decode(insts, jobs, "lpt") == [None, None, None]
+    assert insts[0].running == 1
+    insts = [DecodeInstance(0, running=1, load_tokens=0, max_tokens=2000)]
+    assert _release_decode(insts, jobs, "lpt") == [0, 0, 0]
+    assert insts[0].running == 4 and insts[0].load_tokens == 1700
 
 
-# ---- prefill queue -----------------------------------------------------------
+def test_lpt_ties_keep_queue_order_and_starved_oldest_goes_first():
+    items = [QueueItem(0, 100), QueueItem(5, 300), QueueItem(7, 100), QueueItem(9, 300)]
+    assert queue_order(items, 10, order="lpt") == [1, 3, 0, 2]
+    # past the starvation timeout the oldest goes first, not the longest
+    assert queue_order(items, 1000, order="lpt", starvation_us=991) == [0, 1, 2, 3]
+    assert queue_order(items, 1000, order="lpt", starvation_us=1000) == [0, 1, 3, 2]
+
+
+# ---- the held request's decision -------------------------------------------
+
+
+def _pred(n=2):
+    # prefill = 2 ms + 100 us per 1000 new tokens... in us: (a, b per 1000, c)
+    return Predictor(n, prefill_prior=(2000, 100_000, 0))
+
+
+def _decide(pred, cands, prompt, now_us, slack_us=20_000, **kw):
+    return decide_prefill(pred, cands, None, 16, prompt, now_us, slack_us, **kw)
+
+
+def test_decide_idle_instance_is_chosen_at_once():
+    pred = _pred()
+    cands = [PrefillCandidate(0, max_running=16, max_tokens=16384),
+             PrefillCandidate(1, max_running=16, max_tokens=16384)]
+    d = _decide(pred, cands, 1000, now_us=1_000_000)
+    assert d.choice == 0 and d.reason == "chosen" and d.retry_us == 0
+    assert cands[0].prefill_us == pred.prefill_us(0, 1000)
+    # max_tokens became no limit for choose (the budget rule handled it)
+    assert cands[0].max_tokens == 0
+
+
+def test_decide_a_longer_request_does_not_join_a_shorter_ones_step():
+    """test_scheduler.py::test_a_longer_request_does_not_join_a_shorter_ones_step:
+    the instance's last prefill started less than a slack ago, is not done,
+    and is shorter than this one: this one waits until it is done, plus the
+    slack, so it reaches the engine after that one's step began."""
+    pred = _pred(1)
+    now = 10_000_000
+    job = pred.dispatch_prefill(0, 64, 0, now_us=now - 1_000)
+    slack = 300_000
+
+    def cand():
+        return [PrefillCandidate(0, running=1, inflight_tokens=64, max_running=16,
+                                 max_tokens=16384, step_start_us=job.start_us,
+                                 step_done_us=job.done_us,
+                                 step_service_us=job.service_us)]
+
+    long_ = cand()
+    d = _decide(pred, long_, 4000, now, slack_us=slack, force=True)
+    assert d.hold and d.reason == "hold-busy"
+    assert long_[0].wait_us == job.done_us - now + slack
+    assert d.retry_us == job.done_us - now
+    # the same request without the step record goes at once
+    free = cand()
+    free[0].step_start_us = free[0].step_done_us = free[0].step_service_us = 0
+    assert _decide(pred, free, 4000, now, slack_us=slack, force=True).choice == 0
+    # and a request no longer than the one in flight joins its step
+    assert _decide(pred, cand(), 64, now, slack_us=slack, force=True).choice == 0
+
+
+def test_decide_over_the_batch_budget_is_busy_not_excluded():
+    pred = _pred()
+    now = 5_000_000
+    cands = [PrefillCandidate(0, running=1, inflight_tokens=8000, max_running=16,
+                              max_tokens=8192),
+             PrefillCandidate(1, running=1, inflight_tokens=100, max_running=16,
+                              max_tokens=8192)]
+    d = _decide(pred, cands, 1000, now)
+    assert d.choice == 1
+    assert cands[0].wait_us == 20_001 and cands[1].wait_us == 0
+    # alone and over its budget: held, and nothing behind it may go either
+    # (no instance has room: every one is at its budget)
+    cands = [PrefillCandidate(0, running=1, inflight_tokens=8192, max_running=16,
+                              max_tokens=8192)]
+    d = _decide(pred, cands, 1000, now, force=True)
+    assert d.hold and d.reason == "hold-full" and d.best == 0
+    # 0 is no limit
+    cands = [PrefillCandidate(0, running=1, inflight_tokens=8192, max_running=16)]
+    assert _decide(pred, cands, 1000, now).choice == 0
+
+
+def test_decide_best_busy_offers_free_instances_then_takes_one():
+    """The best instance holds the prompt's prefix but is busy past the
+    slack: without force the request waits (one behind it may take the free
+    instance); with force it takes the free one, unless half its prompt or
+    more is cached on the best one."""
+    pred = _pred()
+    now = 1_000_000
+    pred.dispatch_prefill(0, 1000, 0, now_us=now)          # busy 102 ms
+    matched = [200, 0]                                     # blocks of 16
+    kw = dict(prompt_tokens=4000, now_us=now, hold_slack_us=20_000)
+
+    def cands():
+        return [PrefillCandidate(0, max_running=16), PrefillCandidate(1, max_running=16)]
+
+    c = cands()
+    d = decide_prefill(pred, c, matched, 16, waiting=1, **kw)
+    assert d.hold and d.reason == "hold-busy" and d.best == 0
+    assert d.retry_us == c[0].wait_us - 20_000 > 0
+    assert c[0].cached_tokens == 3200
+    d = decide_prefill(pred, cands(), matched, 16, waiting=1, force=True, **kw)
+    assert d.hold and d.reason == "hold-busy"          # 3200 of 4000 cached
+    # 1920 of 4000 cached on the busy one: the free one, with the retry kept
+    c = cands()
+    d = decide_prefill(pred, c, [120, 0], 16, waiting=1, force=True, **kw)
+    assert d.choice == 1 and d.retry_us > 0
+    assert c[0].draining and not c[1].draining
+
+
+def test_decide_no_room_anywhere_is_hold_full():
+    pred = _pred()
+    now = 1_000_000
+    pred.dispatch_prefill(0, 8000, 0, now_us=now)
+    pred.dispatch_prefill(1, 8000, 0, now_us=now)
+    c = [PrefillCandidate(0), PrefillCandidate(1)]
+    d = _decide(pred, c, 1000, now, force=True)
+    assert d.hold and d.reason == "hold-full" and d.retry_us > 0
+
+
+def test_decide_limits_and_errors():
+    pred = _pred()
+    c = [PrefillCandidate(0, running=4, max_running=4), PrefillCandidate(1, healthy=False)]
+    d = _decide(pred, c, 100, 0)
+    assert d.hold and d.reason == "hold-limits"
+    with pytest.raises(InvalidArgumentError):
+        _decide(pred, [PrefillCandidate(0)], 100, 0, arrival_gap_us=-1)
+    with pytest.raises(InvalidArgumentError):
+        _decide(pred, [PrefillCandidate(0)], 100, 0, slack_us=2**63)
+    with pytest.raises(InvalidArgumentError):          # unknown to the predictor
+        _decide(pred, [PrefillCandidate(7)], 100, 0)
+
+
+# ---- queues ------------------------------------------------------------------
 
 
 def test_fcfs_and_sjf_orders():
@@ -208,6 +371,20 @@ def test_fcfs_and_sjf_orders():
         queue_order(q, 30, order="lifo")
 
 
+def test_queue_keys_and_ties():
+    # SJF: work + aging * arrival (the module: aging 1, times in us)
+    assert queue_key(2_000_000, 150_000) == 2_150_000
+    assert queue_key(2_000_000, 150_000, aging=0.5) == 1_150_000
+    assert queue_key(7, 99, order="fcfs") == 7
+    assert queue_key(7, 99, order="lpt") == -99
+    # equal keys: queue order
+    q = [QueueItem(10, 100), QueueItem(0, 110), QueueItem(5, 105)]
+    assert queue_order(q, 20, aging=1.0) == [0, 1, 2]
+    assert lib.omni_policy_queue_before(1.0, 3, 1.0, 4) == 1
+    assert lib.omni_policy_queue_before(1.0, 4, 1.0, 3) == 0
+    assert lib.omni_policy_queue_before(0.5, 9, 1.0, 3) == 1
+
+
 def test_aging_lets_old_long_work_overtake_newcomers():
     q = [QueueItem(0, 1000), QueueItem(900, 200)]
     # after 900 us the long one has 'paid' 900 of its 1000: 100 < 200
@@ -215,10 +392,72 @@ def test_aging_lets_old_long_work_overtake_newcomers():
     assert queue_order(q, 900, aging=0.5) == [1, 0]
 
 
-def test_starvation_timeout_goes_first_in_arrival_order():
-    q = [QueueItem(0, 10**9), QueueItem(50, 10**9), QueueItem(5000, 1)]
-    assert queue_order(q, 6000, aging=0, starvation_us=5000) == [0, 1, 2]
-    assert queue_order(q, 4000, aging=0, starvation_us=5000) == [2, 0, 1]
+def test_past_the_starvation_timeout_the_most_late_goes_first():
+    """test_scheduler.py::test_past_the_starvation_timeout_the_most_late_goes_first:
+    a short prompt, then 50 ms later a long one, both held behind a long
+    blocker past the 200 ms timeout.  The long one's TTFT will be the larger
+    (waited + predicted work): it goes first, not the oldest, and not the
+    shortest."""
+    short, long_ = QueueItem(0, 10_000), QueueItem(50_000, 300_000)
+    now = 700_000
+    assert queue_order([short, long_], now, starvation_us=200_000) == [1, 0]
+    # shortest first alone, and before the timeout, takes the short one
+    assert queue_order([short, long_], now) == [0, 1]
+    assert queue_order([short, long_], 240_000, starvation_us=200_000) == [0, 1]
+    # FCFS past the timeout: the oldest
+    assert queue_pick([short, long_], now, order="fcfs", starvation_us=200_000) == 0
+
+
+def test_most_late_looks_at_the_oldest_starved_only():
+    # a newcomer with much more work is not starved: not considered
+    q = [QueueItem(0, 100), QueueItem(10, 200), QueueItem(4990, 10**9)]
+    assert queue_pick(q, 5000, starvation_us=1000) == 1
+    # the window is the oldest OMNI_POLICY_LATE_SCAN in queue order
+    n = lib.OMNI_POLICY_LATE_SCAN
+    q = [QueueItem(k, 100) for k in range(n)] + [QueueItem(n, 10**9)]
+    assert queue_pick(q, 10**7, starvation_us=1000) == 0
+    q[n - 1] = QueueItem(n - 1, 10**9)
+    assert queue_pick(q, 10**7, starvation_us=1000) == n - 1
+    # it stops at the first one in queue order that is not starved (a later
+    # arrival clock from another worker), as the module's walk does
+    q = [QueueItem(0, 100), QueueItem(9_500, 1), QueueItem(10, 10**6)]
+    assert queue_pick(q, 10_000, starvation_us=1000) == 0
+
+
+def test_queue_next_protocol():
+    assert queue_next([], 10, starvation_us=5) is None
+    late = [QueueItem(0, 10), QueueItem(2, 10), QueueItem(4, 15)]
+    assert queue_next(late, 100, starvation_us=5) == 2
+    assert queue_next(late[:2], 100, starvation_us=5) == 0         # ties: first
+    assert queue_next(late, 100, order="fcfs", starvation_us=5) == 0
+    opts = {"order": lib.OMNI_QUEUE_SJF, "aging": 1.0, "starvation_us": 0}
+    from omni_ctl.scoring import ffi
+    o = ffi.new("omni_queue_opts_t *", opts)
+    assert lib.omni_policy_late_scan(o) == 0
+    o.starvation_us = 5
+    assert lib.omni_policy_late_scan(o) == lib.OMNI_POLICY_LATE_SCAN
+    o.order = lib.OMNI_QUEUE_LPT
+    assert lib.omni_policy_late_scan(o) == 1
+    assert lib.omni_policy_starved(o, 10, 15) == 1
+    assert lib.omni_policy_starved(o, 10, 14) == 0
+    assert lib.omni_policy_starved(o, 20, 10) == 0     # a clock behind
+    items = ffi.new("omni_queue_item_t[]", lib.OMNI_POLICY_LATE_SCAN + 1)
+    assert lib.omni_policy_queue_next(o, items, lib.OMNI_POLICY_LATE_SCAN + 1,
+                                      0) == lib.OMNI_EINVAL
+
+
+def test_queue_work_is_the_best_instances_uncached_prefill():
+    pred = Predictor(4, prefill_prior=(1000, 50_000, 2_000))
+    # instance 2 holds 100 blocks of 16, instance 1 holds 10
+    assert queue_work(pred, [0, 10, 100, 0], 16, [1, 2, 3], 2000) == \
+        pred.prefill_us(2, 400, 1600)
+    # ties: the first; instance numbers past the match are not known to hold
+    assert queue_work(pred, [0, 10, 10], 16, [3, 2, 1], 2000) == \
+        pred.prefill_us(2, 1840, 160)
+    # fully cached: one token is computed
+    assert queue_work(pred, [500], 16, [0], 64) == pred.prefill_us(0, 1, 63)
+    # nothing matched: the first instance, the whole prompt
+    assert queue_work(pred, None, 16, [3, 1], 2000) == pred.prefill_us(3, 2000, 0)
 
 
 def _run_queue(aging, starvation_us=0, rounds=3000):
@@ -248,3 +487,42 @@ def test_aging_prevents_starvation():
     released = _run_queue(aging=1.0)
     assert released is not None and released <= 120_000
     assert _run_queue(aging=0, starvation_us=200_000) <= 210_000
+
+
+def test_arrival_gap_is_an_exponential_mean():
+    a = Arrivals().arrived(1_000)
+    assert a.gap_us == 0 and a.last_us == 1_000
+    a.arrived(101_000)
+    assert a.gap_us == 100_000
+    a.arrived(121_000)
+    assert a.gap_us == pytest.approx(100_000 + 0.05 * (20_000 - 100_000))
+    g = a.gap_us
+    a.arrived(121_000 + 60_000_000)                    # idle a minute: capped
+    assert a.gap_us == pytest.approx(g + 0.05 * (10_000_000 - g))
+
+
+# ---- at once -----------------------------------------------------------------
+
+
+def test_pick_now_round_robin_least_loaded_cache_aware():
+    c = [PickCandidate(running=1, load_tokens=500),
+         PickCandidate(running=0, load_tokens=100, healthy=False),
+         PickCandidate(running=2, load_tokens=300, matched=4),
+         PickCandidate(running=3, load_tokens=300, matched=9)]
+    assert pick_now(c, "round-robin", start=1) == 2
+    assert pick_now(c, "round-robin", start=0) == 0
+    assert pick_now(c, "least-loaded") == 2            # ties: first from start
+    assert pick_now(c, "least-loaded", start=3) == 3
+    assert pick_now(c, "cache-aware") == 3             # longest prefix
+    # the holder has BALANCE more running than the least busy: least loaded
+    c[3].running = 1 + lib.OMNI_POLICY_BALANCE
+    assert pick_now(c, "cache-aware") == 2
+    c[3].running = lib.OMNI_POLICY_BALANCE
+    assert pick_now(c, "cache-aware") == 3
+    # least-loaded ignores matches; tried ones are skipped
+    c[2].tried = True
+    assert pick_now(c, "least-loaded") == 3
+    assert pick_now([PickCandidate(healthy=False)], "round-robin") is None
+    assert pick_now([], "least-loaded") is None
+    with pytest.raises(ValueError):
+        pick_now(c, "random")

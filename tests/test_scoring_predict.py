@@ -8,7 +8,7 @@ import random
 import pytest
 
 from omni_ctl.scoring import Predictor
-from omni_ctl.scoring_errors import InvalidArgumentError
+from omni_ctl.scoring.errors import InvalidArgumentError
 
 TRUE_PREFILL = (3000.0, 50000.0, 2000.0)    # us, us per 1k new, us per Mi pairs
 TRUE_DECODE = (8000.0, 30.0, 15.0)          # us, us per seq, us per 1k KV

@@ -7,52 +7,6 @@
 #include "omni_policy.h"
 
 
-typedef int (*omni_policy_before_pt)(const void *ctx, uint32_t a, uint32_t b);
-
-
-/*
- * Heapsort of indices: in place, O(n log n) worst case, no allocation, no
- * recursion.  `before` is a strict total order, so stability is not needed.
- */
-static void
-omni_policy_sort(uint32_t *a, size_t n, omni_policy_before_pt before,
-    const void *ctx)
-{
-    size_t    start, end, root, child;
-    uint32_t  t;
-
-    if (n < 2) {
-        return;
-    }
-
-    /* Max-heap under "before" reversed: the root is the last in order. */
-    for (start = n / 2; start-- > 0; ) {
-        for (root = start; (child = 2 * root + 1) < n; root = child) {
-            if (child + 1 < n && before(ctx, a[child], a[child + 1])) {
-                child++;
-            }
-            if (!before(ctx, a[root], a[child])) {
-                break;
-            }
-            t = a[root]; a[root] = a[child]; a[child] = t;
-        }
-    }
-
-    for (end = n - 1; end > 0; end--) {
-        t = a[0]; a[0] = a[end]; a[end] = t;
-        for (root = 0; (child = 2 * root + 1) < end; root = child) {
-            if (child + 1 < end && before(ctx, a[child], a[child + 1])) {
-                child++;
-            }
-            if (!before(ctx, a[root], a[child])) {
-                break;
-            }
-            t = a[root]; a[root] = a[child]; a[child] = t;
-        }
-    }
-}
-
-
 /* ---- prefill ------------------------------------------------------------- */
 
 static inline uint32_t
@@ -226,52 +180,159 @@ omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
 }
 
 
+/*
+ * Engines batch in steps: what reaches an instance while a step runs waits
+ * for the next one, and everything waiting then shares it.  A request that
+ * waits there for the next step (or for its first one, just sent) and has
+ * less work than this one would finish with this one's first chunk, up to a
+ * whole step late, and so would have been mispredicted.  This one waits
+ * until that one is done (the slack at most; the engine's next step has
+ * it).  And an instance whose batch budget this request does not fit now is
+ * not out of the question: it is busy, and may be worth waiting for (it may
+ * hold the prompt's prefix, being computed by the request in flight).
+ */
+static void
+omni_policy_prefill_busy(omni_prefill_cand_t *c, size_t n,
+    uint32_t prompt_tokens, uint64_t now_us, uint64_t slack)
+{
+    uint64_t  uncached, wait;
+    size_t    i;
+
+    for (i = 0; i < n; i++) {
+        if (c[i].wait_us == 0 || c[i].wait_us > slack) {
+            continue;
+        }
+
+        /* (slack < UINT64_MAX / 2: checked by the caller) */
+        if (now_us < c[i].step_start_us + slack
+            && now_us < c[i].step_done_us
+            && c[i].prefill_us > c[i].step_service_us)
+        {
+            wait = c[i].step_done_us - now_us;
+            c[i].wait_us = (c[i].wait_us > wait ? c[i].wait_us : wait)
+                           + slack;
+        }
+    }
+
+    for (i = 0; i < n; i++) {
+        uncached = prompt_tokens > c[i].cached_tokens
+                   ? prompt_tokens - c[i].cached_tokens : 1;
+
+        if (c[i].inflight_tokens && c[i].max_tokens
+            && c[i].inflight_tokens + uncached > c[i].max_tokens
+            && c[i].wait_us <= slack)
+        {
+            c[i].wait_us = slack + 1;
+        }
+
+        c[i].max_tokens = OMNI_POLICY_UNLIMITED;
+    }
+}
+
+
+int
+omni_policy_prefill_decide(const omni_predict_t *p,
+    const uint32_t *matched, size_t n_matched, uint32_t block_size,
+    uint32_t prompt_tokens, uint64_t now_us, const omni_prefill_opts_t *o,
+    omni_prefill_cand_t *c, size_t n, omni_decision_t *out)
+{
+    uint64_t  slack, retry;
+    int32_t   best;
+    size_t    i;
+    int       rc, room;
+
+    if (o == NULL || out == NULL || o->hold_slack_us >= UINT64_MAX / 2) {
+        return OMNI_EINVAL;
+    }
+
+    memset(out, 0, sizeof(*out));
+    out->choice = -1;
+    out->best = -1;
+
+    rc = omni_policy_prefill_prepare(p, matched, n_matched, block_size,
+                                     prompt_tokens, now_us, c, n);
+    if (rc != OMNI_OK) {
+        return rc;
+    }
+
+    slack = o->hold_slack_us;
+    room = 0;
+
+    for (i = 0; i < n && !room; i++) {
+        room = c[i].flags == 0
+               && (c[i].max_running == 0 || c[i].running < c[i].max_running)
+               && (c[i].max_tokens == 0
+                   || c[i].inflight_tokens < c[i].max_tokens)
+               && c[i].wait_us <= slack;
+    }
+
+    omni_policy_prefill_busy(c, n, prompt_tokens, now_us, slack);
+
+    /* the cost of a choice: its own TTFT and what it takes from the others */
+
+    rc = omni_policy_prefill_add_delay(c, n, o->waiting, o->arrival_gap_us);
+    if (rc != OMNI_OK) {
+        return rc;
+    }
+
+    rc = omni_policy_prefill_choose(c, n, prompt_tokens, slack, out);
+
+    if (rc != OMNI_EHOLD || out->reason != OMNI_POLICY_HOLD_BUSY) {
+        return rc;
+    }
+
+    /*
+     * Its best instance is busy a while yet.  The caller first offers the
+     * free instances to the requests behind this one; if none of them wants
+     * one either (`force`), the request takes the best free one: an
+     * instance never idles while requests wait.  Only when none is free
+     * soon is the request held for its best one.
+     */
+
+    if (!room) {
+        out->reason = OMNI_POLICY_HOLD_FULL;
+        return OMNI_EHOLD;
+    }
+
+    if (!o->force) {
+        return OMNI_EHOLD;
+    }
+
+    best = out->best;
+
+    if (best >= 0 && (uint64_t) c[best].cached_tokens * 2 >= prompt_tokens) {
+        /* most of its prompt is (or is being) computed there: taking a
+         * free instance would redo it; it waits for that one */
+        return OMNI_EHOLD;
+    }
+
+    for (i = 0; i < n; i++) {
+        if (c[i].wait_us > slack) {
+            c[i].flags |= OMNI_POLICY_DRAINING;
+        }
+    }
+
+    retry = out->retry_us;
+
+    rc = omni_policy_prefill_choose(c, n, prompt_tokens, UINT64_MAX, out);
+
+    out->retry_us = retry;
+
+    if (rc == OMNI_EHOLD) {
+        out->best = best;
+        out->reason = OMNI_POLICY_HOLD_BUSY;
+    }
+
+    return rc;
+}
+
+
 /* ---- decode -------------------------------------------------------------- */
 
 static inline uint64_t
 omni_policy_work(const omni_decode_job_t *j)
 {
     return (uint64_t) j->prompt_tokens + j->output_tokens;
-}
-
-
-static int
-omni_policy_lpt_before(const void *ctx, uint32_t a, uint32_t b)
-{
-    const omni_decode_job_t  *j = ctx;
-    uint64_t                  wa = omni_policy_work(&j[a]);
-    uint64_t                  wb = omni_policy_work(&j[b]);
-
-    if (wa != wb) {
-        return wa > wb;
-    }
-    if (j[a].arrival_us != j[b].arrival_us) {
-        return j[a].arrival_us < j[b].arrival_us;
-    }
-
-    return a < b;
-}
-
-
-int
-omni_policy_lpt_order(const omni_decode_job_t *jobs, size_t n,
-    uint32_t *order)
-{
-    size_t  i;
-
-    if (n > 0 && (jobs == NULL || order == NULL)) {
-        return OMNI_EINVAL;
-    }
-    if (n > INT32_MAX) {
-        return OMNI_EINVAL;
-    }
-
-    for (i = 0; i < n; i++) {
-        order[i] = (uint32_t) i;
-    }
-    omni_policy_sort(order, n, omni_policy_lpt_before, jobs);
-
-    return OMNI_OK;
 }
 
 
@@ -329,115 +390,59 @@ omni_policy_decode_place(const omni_decode_inst_t *d, size_t n,
 }
 
 
+/* ---- queues -------------------------------------------------------------- */
+
 int
-omni_policy_decode_assign(omni_decode_inst_t *d, size_t n_inst,
-    const omni_decode_job_t *jobs, size_t n_jobs, int strict,
-    uint32_t *order, int32_t *assign)
+omni_policy_queue_work(const omni_predict_t *p, const uint32_t *matched,
+    size_t n_matched, uint32_t block_size, const uint32_t *inst, size_t n,
+    uint32_t prompt_tokens, uint64_t *work_us)
 {
-    omni_decision_t  dec;
-    size_t           k;
-    uint32_t         j;
-    int              rc, placed = 0, stop = 0;
+    uint64_t  cached;
+    uint32_t  best, at;
+    int64_t   us;
+    size_t    i;
 
-    if (n_jobs > 0 && (jobs == NULL || order == NULL || assign == NULL)) {
+    if (p == NULL || work_us == NULL || (n > 0 && inst == NULL)
+        || (n_matched > 0 && matched == NULL))
+    {
         return OMNI_EINVAL;
     }
-    if (n_inst > 0 && d == NULL) {
-        return OMNI_EINVAL;
-    }
 
-    rc = omni_policy_lpt_order(jobs, n_jobs, order);
-    if (rc != OMNI_OK) {
-        return rc;
-    }
+    best = prompt_tokens;
+    at = n ? inst[0] : 0;
 
-    for (k = 0; k < n_jobs; k++) {
-        j = order[k];
-        assign[j] = -1;
-
-        if (stop) {
+    for (i = 0; matched != NULL && i < n; i++) {
+        if (inst[i] >= n_matched) {
             continue;
         }
 
-        rc = omni_policy_decode_place(d, n_inst, &jobs[j], &dec);
-        if (rc == OMNI_EHOLD) {
-            stop = strict;
-            continue;
-        }
-        if (rc != OMNI_OK) {
-            return rc;
+        /* the engine recomputes the last token of a fully cached prompt */
+        cached = (uint64_t) matched[inst[i]] * block_size;
+        if (cached >= prompt_tokens) {
+            cached = prompt_tokens ? prompt_tokens - 1 : 0;
         }
 
-        assign[j] = dec.choice;
-        d[dec.choice].load_tokens += omni_policy_work(&jobs[j]);
-        d[dec.choice].running++;
-        placed++;
+        if (prompt_tokens - cached < best) {
+            best = prompt_tokens - (uint32_t) cached;
+            at = inst[i];
+        }
     }
 
-    return placed;
-}
+    /* an instance the predictor does not know: no work known */
+    us = omni_predict_prefill_us(p, at, best, prompt_tokens - best);
+    *work_us = us > 0 ? (uint64_t) us : 0;
 
-
-/* ---- prefill queue ------------------------------------------------------- */
-
-typedef struct {
-    const omni_queue_item_t  *q;
-    const omni_queue_opts_t  *o;
-    uint64_t                  now;
-} omni_policy_queue_ctx_t;
-
-
-static inline uint64_t
-omni_policy_waited(uint64_t now, uint64_t arrival)
-{
-    return now > arrival ? now - arrival : 0;
+    return OMNI_OK;
 }
 
 
 static int
-omni_policy_queue_before(const void *ctx, uint32_t a, uint32_t b)
+omni_policy_queue_check(const omni_queue_opts_t *o)
 {
-    const omni_policy_queue_ctx_t  *x = ctx;
-    const omni_queue_item_t        *qa = &x->q[a], *qb = &x->q[b];
-    uint64_t                        wa, wb;
-    double                          sa, sb;
-    int                             starved_a, starved_b;
-
-    if (x->o->order == OMNI_QUEUE_SJF) {
-        wa = omni_policy_waited(x->now, qa->arrival_us);
-        wb = omni_policy_waited(x->now, qb->arrival_us);
-
-        starved_a = x->o->starvation_us && wa >= x->o->starvation_us;
-        starved_b = x->o->starvation_us && wb >= x->o->starvation_us;
-
-        if (starved_a != starved_b) {
-            return starved_a;
-        }
-
-        if (!starved_a) {
-            sa = (double) qa->work_us - x->o->aging * (double) wa;
-            sb = (double) qb->work_us - x->o->aging * (double) wb;
-            if (sa != sb) {
-                return sa < sb;
-            }
-        }
-    }
-
-    if (qa->arrival_us != qb->arrival_us) {
-        return qa->arrival_us < qb->arrival_us;
-    }
-
-    return a < b;
-}
-
-
-static int
-omni_policy_queue_check(const omni_queue_item_t *q, size_t n,
-    const omni_queue_opts_t *opts)
-{
-    if (opts == NULL || (n > 0 && q == NULL) || n > INT32_MAX
-        || (opts->order != OMNI_QUEUE_FCFS && opts->order != OMNI_QUEUE_SJF)
-        || !(opts->aging >= 0) || opts->aging > 1e12)
+    if (o == NULL
+        || (o->order != OMNI_QUEUE_FCFS && o->order != OMNI_QUEUE_SJF
+            && o->order != OMNI_QUEUE_LPT)
+        || !(o->aging >= 0) || o->aging > 1e12)
     {
         return OMNI_EINVAL;
     }
@@ -446,28 +451,90 @@ omni_policy_queue_check(const omni_queue_item_t *q, size_t n,
 }
 
 
-int
-omni_policy_queue_pick(const omni_queue_item_t *q, size_t n,
-    uint64_t now_us, const omni_queue_opts_t *opts)
+double
+omni_policy_queue_key(const omni_queue_opts_t *o, uint64_t arrival_us,
+    uint64_t work)
 {
-    omni_policy_queue_ctx_t  ctx;
-    uint32_t                 best = 0, i;
-    int                      rc;
+    switch (o->order) {
 
-    rc = omni_policy_queue_check(q, n, opts);
-    if (rc != OMNI_OK) {
-        return rc;
+    case OMNI_QUEUE_SJF:
+        return (double) work + o->aging * (double) arrival_us;
+
+    case OMNI_QUEUE_LPT:
+        return -(double) work;
+
+    default:
+        return (double) arrival_us;
     }
+}
+
+
+static inline uint64_t
+omni_policy_waited(uint64_t now, uint64_t arrival)
+{
+    /* clocks of different processes: one may be a little behind */
+    return now > arrival ? now - arrival : 0;
+}
+
+
+int
+omni_policy_starved(const omni_queue_opts_t *o, uint64_t arrival_us,
+    uint64_t now_us)
+{
+    return o->starvation_us
+           && omni_policy_waited(now_us, arrival_us) >= o->starvation_us;
+}
+
+
+size_t
+omni_policy_late_scan(const omni_queue_opts_t *o)
+{
+    if (o->starvation_us == 0) {
+        return 0;
+    }
+
+    return o->order == OMNI_QUEUE_SJF ? OMNI_POLICY_LATE_SCAN : 1;
+}
+
+
+int
+omni_policy_queue_next(const omni_queue_opts_t *o,
+    const omni_queue_item_t *late, size_t n, uint64_t now_us)
+{
+    double  t, most;
+    size_t  i, best;
+
+    if (omni_policy_queue_check(o) != OMNI_OK || (n > 0 && late == NULL)
+        || n > OMNI_POLICY_LATE_SCAN)
+    {
+        return OMNI_EINVAL;
+    }
+
     if (n == 0) {
         return OMNI_ENOTFOUND;
     }
 
-    ctx.q = q;
-    ctx.o = opts;
-    ctx.now = now_us;
+    if (o->order != OMNI_QUEUE_SJF) {
+        return 0;
+    }
 
-    for (i = 1; i < n; i++) {
-        if (omni_policy_queue_before(&ctx, i, best)) {
+    /*
+     * Of the requests past the starvation timeout, the one whose TTFT will
+     * be the largest: the time it waited plus its predicted work.  Under a
+     * backlog every request is past the timeout; the oldest first would
+     * leave the long prompts that came last to the end of the drain, which
+     * is the tail; this way the wait is shared out by what it will cost.
+     */
+
+    best = 0;
+    most = -1;
+
+    for (i = 0; i < n; i++) {
+        t = (double) omni_policy_waited(now_us, late[i].arrival_us)
+            + (double) late[i].work_us;
+
+        if (t > most) {
+            most = t;
             best = i;
         }
     }
@@ -476,30 +543,184 @@ omni_policy_queue_pick(const omni_queue_item_t *q, size_t n,
 }
 
 
+#define omni_policy_at(idx, i)  ((idx) ? (idx)[i] : (uint32_t) (i))
+
+
+/*
+ * queue_next() over the items idx[0, m) of q in queue order (idx NULL: all
+ * of q, m = n), then the least key: the position in idx of the one to
+ * release next, as the module's queue gives it.
+ */
+static size_t
+omni_policy_pick_among(const omni_queue_item_t *q, const uint32_t *idx,
+    size_t m, uint64_t now_us, const omni_queue_opts_t *o)
+{
+    double                    key, best_key;
+    size_t                    i, n, scan, best;
+    int                       k;
+    omni_queue_item_t         late[OMNI_POLICY_LATE_SCAN];
+    const omni_queue_item_t  *it;
+
+    scan = omni_policy_late_scan(o);
+
+    for (n = 0; n < m && n < scan; n++) {
+        it = &q[omni_policy_at(idx, n)];
+
+        if (!omni_policy_starved(o, it->arrival_us, now_us)) {
+            break;
+        }
+
+        late[n] = *it;
+    }
+
+    k = omni_policy_queue_next(o, late, n, now_us);
+    if (k >= 0) {
+        return (size_t) k;
+    }
+
+    best = 0;
+    it = &q[omni_policy_at(idx, 0)];
+    best_key = omni_policy_queue_key(o, it->arrival_us, it->work_us);
+
+    for (i = 1; i < m; i++) {
+        it = &q[omni_policy_at(idx, i)];
+        key = omni_policy_queue_key(o, it->arrival_us, it->work_us);
+
+        if (omni_policy_queue_before(key, omni_policy_at(idx, i), best_key,
+                                     omni_policy_at(idx, best)))
+        {
+            best = i;
+            best_key = key;
+        }
+    }
+
+    return best;
+}
+
+
+int
+omni_policy_queue_pick(const omni_queue_item_t *q, size_t n,
+    uint64_t now_us, const omni_queue_opts_t *opts)
+{
+    if (omni_policy_queue_check(opts) != OMNI_OK || (n > 0 && q == NULL)
+        || n > INT32_MAX)
+    {
+        return OMNI_EINVAL;
+    }
+
+    if (n == 0) {
+        return OMNI_ENOTFOUND;
+    }
+
+    return (int) omni_policy_pick_among(q, NULL, n, now_us, opts);
+}
+
+
 int
 omni_policy_queue_order(const omni_queue_item_t *q, size_t n,
     uint64_t now_us, const omni_queue_opts_t *opts, uint32_t *order)
 {
-    omni_policy_queue_ctx_t  ctx;
-    size_t                   i;
-    int                      rc;
+    size_t    i, k;
+    uint32_t  t;
 
-    rc = omni_policy_queue_check(q, n, opts);
-    if (rc != OMNI_OK) {
-        return rc;
-    }
-    if (n > 0 && order == NULL) {
+    if (omni_policy_queue_check(opts) != OMNI_OK || (n > 0 && q == NULL)
+        || n > INT32_MAX || (n > 0 && order == NULL))
+    {
         return OMNI_EINVAL;
     }
-
-    ctx.q = q;
-    ctx.o = opts;
-    ctx.now = now_us;
 
     for (i = 0; i < n; i++) {
         order[i] = (uint32_t) i;
     }
-    omni_policy_sort(order, n, omni_policy_queue_before, &ctx);
+
+    /* order[i, n) holds what is left, in queue order */
+
+    for (i = 0; i + 1 < n; i++) {
+        k = omni_policy_pick_among(q, order + i, n - i, now_us, opts);
+        t = order[i + k];
+        memmove(order + i + 1, order + i, k * sizeof(uint32_t));
+        order[i] = t;
+    }
 
     return OMNI_OK;
+}
+
+
+void
+omni_policy_arrived(omni_arrivals_t *a, uint64_t now_us)
+{
+    uint64_t  gap;
+
+    if (a->last_us && now_us > a->last_us) {
+        gap = now_us - a->last_us;
+        if (gap > OMNI_POLICY_MAX_GAP_US) {
+            gap = OMNI_POLICY_MAX_GAP_US;
+        }
+
+        a->gap_us = a->gap_us
+                    ? a->gap_us
+                      + OMNI_POLICY_GAP_ALPHA * ((double) gap - a->gap_us)
+                    : (double) gap;
+    }
+
+    a->last_us = now_us;
+}
+
+
+/* ---- at once ------------------------------------------------------------- */
+
+int
+omni_policy_pick_now(const omni_pick_cand_t *c, size_t n, uint32_t policy,
+    size_t start)
+{
+    uint64_t  min_running, hit_running;
+    uint32_t  hit_best;
+    size_t    i, k, best, hit;
+
+    if ((n > 0 && c == NULL) || n > INT32_MAX
+        || (policy != OMNI_PICK_ROUND_ROBIN && policy != OMNI_PICK_LEAST_LOADED
+            && policy != OMNI_PICK_CACHE_AWARE))
+    {
+        return OMNI_EINVAL;
+    }
+
+    best = n;
+    hit = n;
+    hit_best = 0;
+    hit_running = 0;
+    min_running = UINT64_MAX;
+    start = n ? start % n : 0;
+
+    for (k = 0; k < n; k++) {
+        i = (start + k) % n;
+
+        if (c[i].flags) {
+            continue;
+        }
+
+        if (policy == OMNI_PICK_ROUND_ROBIN) {
+            return (int) i;
+        }
+
+        if (best == n || c[i].load_tokens < c[best].load_tokens) {
+            best = i;
+        }
+
+        if (c[i].running < min_running) {
+            min_running = c[i].running;
+        }
+
+        if (policy == OMNI_PICK_CACHE_AWARE && c[i].matched > hit_best) {
+            hit = i;
+            hit_best = c[i].matched;
+            hit_running = c[i].running;
+        }
+    }
+
+    /* cache-aware: the longest prefix, unless that piles up load */
+    if (hit < n && hit_running < min_running + OMNI_POLICY_BALANCE) {
+        best = hit;
+    }
+
+    return best < n ? (int) best : OMNI_ENOTFOUND;
 }

@@ -11,13 +11,21 @@
  *                    their limits; hold (OMNI_EHOLD) when none is, or when the
  *                    best one is predicted busy for longer than the slack, so
  *                    the request is bound late, when more is known.
- *   decode           longest-processing-time-first order of pending jobs
- *                    (prompt + expected output tokens), each placed on the
- *                    least-loaded decode instance within its limits, or held.
+ *   decode           least-loaded placement of one job (prompt + expected
+ *                    output tokens) on a decode instance within its limits,
+ *                    or hold; the decode queue releases longest first (LPT).
  *   prefill queue    FCFS, or shortest predicted work first with aging: a
- *                    request's score is its work minus `aging` times its wait,
- *                    so it overtakes any newcomer after a bounded time; one
- *                    waiting past the starvation timeout goes first.
+ *                    request's key is its work plus `aging` times its
+ *                    arrival, so it overtakes any newcomer after a bounded
+ *                    time.  Among requests past the starvation timeout the
+ *                    "most late" goes first: the one whose TTFT will be the
+ *                    largest, waited + predicted work (FCFS and LPT: the
+ *                    oldest).
+ *   at once          round robin, least loaded or cache-aware choice for
+ *                    the policies that do not hold requests.
+ *
+ * The nginx module calls exactly these functions (docs/scoring.md, "How the
+ * module calls the policies"); a test of them is a test of what nginx does.
  */
 
 #ifndef OMNI_POLICY_H
@@ -33,19 +41,43 @@ extern "C" {
 /* Candidate flags: such an instance is never chosen. */
 #define OMNI_POLICY_UNHEALTHY   0x1
 #define OMNI_POLICY_DRAINING    0x2
+#define OMNI_POLICY_TRIED       0x4     /* this leg tried it already */
 
 /* omni_decision_t.reason */
 #define OMNI_POLICY_CHOSEN      0   /* choice is set */
 #define OMNI_POLICY_HOLD_LIMITS 1   /* every candidate is over a limit */
 #define OMNI_POLICY_HOLD_BUSY   2   /* the best one is busy past the slack */
 #define OMNI_POLICY_HOLD_NONE   3   /* no usable candidate at all */
+#define OMNI_POLICY_HOLD_FULL   4   /* the best one is busy and no instance
+                                       has room now: nothing queued behind
+                                       can go either */
 
 /* Queue orders. */
 #define OMNI_QUEUE_FCFS         0
 #define OMNI_QUEUE_SJF          1
+#define OMNI_QUEUE_LPT          2   /* the decode queue: most tokens first */
+
+/* At-once policies (omni_policy_pick_now). */
+#define OMNI_PICK_ROUND_ROBIN   0
+#define OMNI_PICK_LEAST_LOADED  1
+#define OMNI_PICK_CACHE_AWARE   2
 
 /* No limit, for the max_* fields. */
 #define OMNI_POLICY_UNLIMITED   0
+
+/* SJF: predicted work forgiven per microsecond waited (omni_queue_opts_t) */
+#define OMNI_POLICY_AGING       1.0
+/* requests past the starvation timeout looked at for the most late one */
+#define OMNI_POLICY_LATE_SCAN   64
+/* a release pass: entries offered a free instance when the one to release
+ * next waits for a busy one (itself included) */
+#define OMNI_POLICY_LOOKAHEAD   8
+/* cache-aware: the best-matching instance is left when it has this many
+ * more requests in flight than the least busy one */
+#define OMNI_POLICY_BALANCE     8
+/* the mean gap between arrivals: weight of the newest, longest gap counted */
+#define OMNI_POLICY_GAP_ALPHA   0.05
+#define OMNI_POLICY_MAX_GAP_US  10000000
 
 typedef struct {
     uint32_t  inst;             /* instance number (index, predictor) */
@@ -58,6 +90,11 @@ typedef struct {
     uint64_t  max_tokens;       /* batched-token limit; 0: none */
     uint64_t  wait_us;          /* predicted time until it is free */
     uint64_t  prefill_us;       /* predicted prefill of this request there */
+    /* the prefill bound there last (omni_predict_job_t start_us, done_us,
+     * service_us); 0: none.  Read by omni_policy_prefill_decide() only. */
+    uint64_t  step_start_us;
+    uint64_t  step_done_us;
+    uint64_t  step_service_us;
 } omni_prefill_cand_t;
 
 typedef struct {
@@ -67,14 +104,24 @@ typedef struct {
     uint32_t  reason;     /* OMNI_POLICY_CHOSEN or _HOLD_* */
     uint32_t  skipped;    /* candidates over a limit or flagged */
     uint64_t  cost_us;    /* predicted TTFT (wait + prefill) of best */
-    uint64_t  retry_us;   /* holding on a prediction: decide again after
-                             this long; 0: on the next completion */
+    uint64_t  retry_us;   /* the best is busy past the slack: decide again
+                             after this long (prefill_decide: set even when
+                             a free instance was taken); 0: on the next
+                             completion */
 } omni_decision_t;
+
+typedef struct {
+    uint64_t  hold_slack_us;    /* bound now if its best is free within */
+    double    arrival_gap_us;   /* mean time between arrivals; 0: unknown */
+    uint32_t  waiting;          /* requests queued, counting this one */
+    uint32_t  force;            /* rather than wait for a busy best one,
+                                   take the best free one (see decide) */
+} omni_prefill_opts_t;
 
 typedef struct {
     uint32_t  prompt_tokens;
     uint32_t  output_tokens;    /* expected output tokens */
-    uint64_t  arrival_us;       /* earlier first among equal work */
+    uint64_t  arrival_us;       /* informational */
 } omni_decode_job_t;
 
 typedef struct {
@@ -89,15 +136,30 @@ typedef struct {
 
 typedef struct {
     uint64_t  arrival_us;
-    uint64_t  work_us;          /* predicted prefill work (or tokens) */
+    uint64_t  work_us;          /* SJF: predicted prefill work
+                                   (omni_policy_queue_work); LPT: prompt +
+                                   expected output tokens; FCFS: unused */
 } omni_queue_item_t;
 
 typedef struct {
-    uint32_t  order;            /* OMNI_QUEUE_FCFS or OMNI_QUEUE_SJF */
+    uint32_t  order;            /* OMNI_QUEUE_FCFS, _SJF or _LPT */
     uint32_t  pad;
-    double    aging;            /* SJF: work forgiven per us waited, >= 0 */
+    double    aging;            /* SJF: work forgiven per us waited, >= 0
+                                   (the module: OMNI_POLICY_AGING) */
     uint64_t  starvation_us;    /* waited this long: first; 0: off */
 } omni_queue_opts_t;
+
+typedef struct {
+    uint32_t  flags;            /* UNHEALTHY | DRAINING | TRIED: skipped */
+    uint32_t  matched;          /* prefix blocks it holds (cache-aware) */
+    uint64_t  running;          /* requests in flight */
+    uint64_t  load_tokens;      /* tokens in flight */
+} omni_pick_cand_t;
+
+typedef struct {
+    uint64_t  last_us;          /* the latest arrival; 0: none yet */
+    double    gap_us;           /* mean gap between arrivals; 0: unknown */
+} omni_arrivals_t;
 
 /* ---- prefill ------------------------------------------------------------- */
 
@@ -142,12 +204,41 @@ int omni_policy_prefill_choose(const omni_prefill_cand_t *c, size_t n,
 int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
     uint32_t waiting, double arrival_gap_us);
 
-/* ---- decode -------------------------------------------------------------- */
+/*
+ * The held-request decision for the start of a request (what the module
+ * binds): prepare(), then
+ *   - room: whether any candidate could start some request now (not
+ *     flagged, below max_running, inflight_tokens below max_tokens, free
+ *     within the slack);
+ *   - engines batch in steps: a candidate free within the slack whose last
+ *     prefill (step_*) has not started a slack ago and is not done, and
+ *     whose last service was shorter than this request's prefill, waits
+ *     until that one is done, plus the slack (a longer request does not
+ *     join a shorter one's step);
+ *   - a candidate whose batch budget this request does not fit now is busy
+ *     (wait past the slack), not out of the question; max_tokens is then
+ *     no limit for choose();
+ *   - add_delay(waiting, arrival_gap_us), choose(hold_slack_us);
+ *   - the best is busy past the slack: with no room anywhere, HOLD_FULL;
+ *     without `force`, HOLD_BUSY (the caller offers the free instances to
+ *     the requests behind); with `force`, HOLD_BUSY too when half the
+ *     prompt or more is cached on the best one, else the best candidate
+ *     free within the slack (HOLD_BUSY if none is).
+ * c is scratch: its fields are updated in place (c[choice].cached_tokens is
+ * what the chosen instance holds).  matched/n_matched/block_size as for
+ * prepare().
+ *
+ * Returns OMNI_OK (out->choice), OMNI_EHOLD (out->reason: HOLD_BUSY: this
+ * one waits, one behind it may go; HOLD_LIMITS, HOLD_NONE, HOLD_FULL:
+ * nothing that needs a free instance can go now), or an error.  Whatever
+ * the return, a nonzero out->retry_us is when to decide again.
+ */
+int omni_policy_prefill_decide(const omni_predict_t *p,
+    const uint32_t *matched, size_t n_matched, uint32_t block_size,
+    uint32_t prompt_tokens, uint64_t now_us, const omni_prefill_opts_t *o,
+    omni_prefill_cand_t *c, size_t n, omni_decision_t *out);
 
-/* order[0, n) = job indices, longest (prompt + output) first; ties: earlier
- * arrival, lower index. */
-int omni_policy_lpt_order(const omni_decode_job_t *jobs, size_t n,
-    uint32_t *order);
+/* ---- decode -------------------------------------------------------------- */
 
 /*
  * Place one job on the least-loaded instance (load_tokens) that is not
@@ -158,28 +249,83 @@ int omni_policy_lpt_order(const omni_decode_job_t *jobs, size_t n,
 int omni_policy_decode_place(const omni_decode_inst_t *d, size_t n,
     const omni_decode_job_t *job, omni_decision_t *out);
 
+/* ---- queues -------------------------------------------------------------- */
+
 /*
- * LPT assignment of a batch: jobs in omni_policy_lpt_order(), each placed
- * with omni_policy_decode_place(); a placed job's tokens and one running
- * sequence are added to its instance in d (the caller's copy, updated in
- * place).  assign[j] = instance index for job j, or -1 when it must wait;
- * with `strict`, the first job that must wait stops the pass (later ones wait
- * too, so small jobs cannot starve a big one).  order: n_jobs scratch slots.
- * Returns the number placed.
+ * SJF work of a prompt: the predicted prefill time, on the instance of
+ * inst[0, n) (predictor/index numbers) that holds the longest prefix of it
+ * (matched[], n_matched entries, as for prepare(); the first of equals; no
+ * match: inst[0]), of the tokens that instance does not hold.
  */
-int omni_policy_decode_assign(omni_decode_inst_t *d, size_t n_inst,
-    const omni_decode_job_t *jobs, size_t n_jobs, int strict,
-    uint32_t *order, int32_t *assign);
+int omni_policy_queue_work(const omni_predict_t *p, const uint32_t *matched,
+    size_t n_matched, uint32_t block_size, const uint32_t *inst, size_t n,
+    uint32_t prompt_tokens, uint64_t *work_us);
 
-/* ---- prefill queue ------------------------------------------------------- */
+/*
+ * The static key of a queued request (lower first; equal keys: queued
+ * earlier first, omni_policy_queue_before): FCFS arrival_us; SJF work_us +
+ * aging * arrival_us (work minus aging * waited, plus a term the same for
+ * everyone: the order never needs re-sorting); LPT -work.
+ */
+double omni_policy_queue_key(const omni_queue_opts_t *o, uint64_t arrival_us,
+    uint64_t work);
 
-/* The index of the item to release next, or OMNI_ENOTFOUND when n == 0. */
+/* Whether entry a goes before entry b (key, then queue sequence number). */
+static inline int
+omni_policy_queue_before(double key_a, uint64_t seq_a, double key_b,
+    uint64_t seq_b)
+{
+    return key_a != key_b ? key_a < key_b : seq_a < seq_b;
+}
+
+/* Whether a request that arrived at arrival_us waited past the starvation
+ * timeout at now_us. */
+int omni_policy_starved(const omni_queue_opts_t *o, uint64_t arrival_us,
+    uint64_t now_us);
+
+/* How many of the oldest entries omni_policy_queue_next() wants to see:
+ * 0 (no starvation timeout), 1 (FCFS, LPT), OMNI_POLICY_LATE_SCAN (SJF). */
+size_t omni_policy_late_scan(const omni_queue_opts_t *o);
+
+/*
+ * Which entry to release next.  late[0, n): the oldest entries in queue
+ * order, as long as they are starved, at most omni_policy_late_scan().
+ * Returns the index in late[] of the one to release (SJF: the most late,
+ * waited + work_us, the first of equals; others: late[0]), or
+ * OMNI_ENOTFOUND when n == 0: release the least key.
+ */
+int omni_policy_queue_next(const omni_queue_opts_t *o,
+    const omni_queue_item_t *late, size_t n, uint64_t now_us);
+
+/*
+ * The same over a whole queue q[0, n) in queue order (index = sequence):
+ * the index of the item to release next, or OMNI_ENOTFOUND when n == 0.
+ */
 int omni_policy_queue_pick(const omni_queue_item_t *q, size_t n,
     uint64_t now_us, const omni_queue_opts_t *opts);
 
-/* order[0, n) = item indices in release order (what repeated picks give). */
+/* order[0, n) = item indices in release order: what repeated picks at
+ * now_us give (a release pass in which every bind succeeds). */
 int omni_policy_queue_order(const omni_queue_item_t *q, size_t n,
     uint64_t now_us, const omni_queue_opts_t *opts, uint32_t *order);
+
+/* A request to start arrived: update the mean gap between arrivals (an
+ * exponential mean, OMNI_POLICY_GAP_ALPHA; gaps capped at
+ * OMNI_POLICY_MAX_GAP_US). */
+void omni_policy_arrived(omni_arrivals_t *a, uint64_t now_us);
+
+/* ---- at once ------------------------------------------------------------- */
+
+/*
+ * The at-once choice among c[0, n), scanned from index `start` (round
+ * robin's position) round: ROUND_ROBIN the first not flagged; LEAST_LOADED
+ * the least load_tokens (the first of equals); CACHE_AWARE the one with the
+ * most matched blocks (the first of equals) unless it has
+ * OMNI_POLICY_BALANCE more running than the least running, else least
+ * loaded.  Returns the index, or OMNI_ENOTFOUND when every one is flagged.
+ */
+int omni_policy_pick_now(const omni_pick_cand_t *c, size_t n,
+    uint32_t policy, size_t start);
 
 #ifdef __cplusplus
 }

@@ -15,7 +15,7 @@ surrogate escapes (kept as lone surrogates in the returned ``str``).
 """
 
 from ._scoring import ffi, lib
-from .scoring_errors import error_for
+from .errors import error_for
 
 __all__ = [
     "JSON_TYPES",

@@ -11,14 +11,17 @@ and offline what-if analysis.
   instance.
 - :class:`Predictor`: per-instance online models of prefill and decode step
   time, and the predicted moment each instance is free.
-- Policies: :func:`choose_prefill`, :func:`lpt_order`, :func:`place_decode`,
-  :func:`assign_decode`, :func:`queue_order`, :func:`queue_pick`.
-- The JSON scanner/splicer of :mod:`omni_ctl.scoring_json` (``json_edit``...)
+- Policies, the functions the nginx module calls: :func:`decide_prefill`
+  (with :func:`prepare_prefill`, :func:`add_prefill_delay`,
+  :func:`choose_prefill`), :func:`place_decode`, :func:`queue_work`,
+  :func:`queue_key`, :func:`queue_next`, :func:`queue_pick`,
+  :func:`queue_order`, :class:`Arrivals`, :func:`pick_now`.
+- The JSON scanner/splicer of :mod:`omni_ctl.scoring.jsonscan` (``json_edit``...)
   is re-exported here.
 
 Library handles are owned with ``ffi.gc`` (freed with the Python object).
 Negative library codes become the exceptions of
-:mod:`omni_ctl.scoring_errors`, which also subclass the matching builtins
+:mod:`omni_ctl.scoring.errors`, which also subclass the matching builtins
 (``ValueError``, ``LookupError``, ...).
 
 Time is always an argument (``now_us``, microseconds of a monotonic clock).
@@ -31,9 +34,9 @@ import time
 from dataclasses import dataclass
 
 from ._scoring import ffi, lib
-from .scoring_errors import check
-from .scoring_json import *                     # noqa: F401,F403
-from .scoring_json import __all__ as _json_all
+from .errors import check
+from .jsonscan import *                         # noqa: F401,F403
+from .jsonscan import __all__ as _json_all
 
 __all__ = [
     "ffi",
@@ -53,12 +56,18 @@ __all__ = [
     "DecodeInstance",
     "QueueItem",
     "prepare_prefill",
+    "add_prefill_delay",
     "choose_prefill",
-    "lpt_order",
+    "decide_prefill",
     "place_decode",
-    "assign_decode",
+    "queue_work",
+    "queue_key",
+    "queue_next",
     "queue_order",
     "queue_pick",
+    "Arrivals",
+    "PickCandidate",
+    "pick_now",
 ] + list(_json_all)
 
 MASK64 = (1 << 64) - 1
@@ -513,6 +522,7 @@ _REASONS = {
     lib.OMNI_POLICY_HOLD_LIMITS: "hold-limits",
     lib.OMNI_POLICY_HOLD_BUSY: "hold-busy",
     lib.OMNI_POLICY_HOLD_NONE: "hold-none",
+    lib.OMNI_POLICY_HOLD_FULL: "hold-full",
 }
 
 
@@ -530,6 +540,10 @@ class PrefillCandidate:
     prefill_us: int = 0
     healthy: bool = True
     draining: bool = False
+    # the prefill bound there last (decide_prefill only); 0: none
+    step_start_us: int = 0
+    step_done_us: int = 0
+    step_service_us: int = 0
 
     def _flags(self):
         return ((0 if self.healthy else lib.OMNI_POLICY_UNHEALTHY)
@@ -601,7 +615,20 @@ def _prefill_array(cands):
         a.max_tokens = c.max_tokens
         a.wait_us = c.wait_us
         a.prefill_us = c.prefill_us
+        a.step_start_us = c.step_start_us
+        a.step_done_us = c.step_done_us
+        a.step_service_us = c.step_service_us
     return arr
+
+
+def _prefill_back(arr, cands):
+    for i, c in enumerate(cands):
+        a = arr[i]
+        c.cached_tokens = a.cached_tokens
+        c.wait_us = a.wait_us
+        c.prefill_us = a.prefill_us
+        c.max_tokens = a.max_tokens
+        c.draining = bool(a.flags & lib.OMNI_POLICY_DRAINING)
 
 
 def prepare_prefill(predictor, candidates, cached_blocks, block_size,
@@ -652,6 +679,32 @@ def choose_prefill(candidates, prompt_tokens, hold_slack_us=None):
     return Decision._from_c(out)
 
 
+def decide_prefill(predictor, candidates, cached_blocks, block_size,
+                   prompt_tokens, now_us, hold_slack_us, waiting=1,
+                   arrival_gap_us=0.0, force=False):
+    """The module's decision for the start of a held request
+    (``omni_policy_prefill_decide``): prepare, the step and batch-budget
+    rules, the cost to the others, choose, and what to do when the best
+    instance is busy past the slack.  The candidates are updated as the C
+    function updates them.  ``Decision.reason`` "hold-busy": this one waits
+    and one behind it may go; "hold-limits"/"hold-none"/"hold-full": nothing
+    that needs a free instance can go now."""
+    arr = _prefill_array(candidates)
+    cached = list(cached_blocks or ())
+    blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
+    opts = ffi.new("omni_prefill_opts_t *", {
+        "hold_slack_us": hold_slack_us, "arrival_gap_us": float(arrival_gap_us),
+        "waiting": waiting, "force": int(bool(force))})
+    out = ffi.new("omni_decision_t *")
+    rc = lib.omni_policy_prefill_decide(predictor._h, blocks, len(cached),
+                                        block_size, prompt_tokens, now_us, opts,
+                                        arr, len(candidates), out)
+    if rc != lib.OMNI_EHOLD:
+        check(rc, "decide_prefill")
+    _prefill_back(arr, candidates)
+    return Decision._from_c(out)
+
+
 def _job_array(jobs):
     arr = ffi.new("omni_decode_job_t[]", max(len(jobs), 1))
     for i, j in enumerate(jobs):
@@ -673,14 +726,6 @@ def _decode_array(insts):
     return arr
 
 
-def lpt_order(jobs):
-    """Job indices, longest (prompt + output tokens) first."""
-    arr = _job_array(jobs)
-    order = _new_raw("uint32_t[]", max(len(jobs), 1))
-    check(lib.omni_policy_lpt_order(arr, len(jobs), order), "lpt_order")
-    return list(order[0:len(jobs)])
-
-
 def place_decode(instances, job):
     """The least-loaded decode instance within its limits, or hold."""
     arr = _decode_array(instances)
@@ -692,50 +737,126 @@ def place_decode(instances, job):
     return Decision._from_c(out)
 
 
-def assign_decode(instances, jobs, strict=False):
-    """LPT assignment of a batch of jobs.  Returns, per job, the index of its
-    instance or None (held); the instances' ``running``/``load_tokens`` are
-    updated in place for the placed jobs."""
-    arr = _decode_array(instances)
-    order = _new_raw("uint32_t[]", max(len(jobs), 1))
-    assign = _new_raw("int32_t[]", max(len(jobs), 1))
-    check(lib.omni_policy_decode_assign(arr, len(instances), _job_array(jobs),
-                                        len(jobs), int(bool(strict)), order,
-                                        assign), "assign_decode")
-    for i, d in enumerate(instances):
-        d.running = arr[i].running
-        d.load_tokens = arr[i].load_tokens
-    return [None if assign[j] < 0 else assign[j] for j in range(len(jobs))]
+_ORDERS = {"fcfs": lib.OMNI_QUEUE_FCFS, "sjf": lib.OMNI_QUEUE_SJF,
+           "lpt": lib.OMNI_QUEUE_LPT}
 
 
-def _queue_args(items, order, aging, starvation_us):
+def _queue_opts(order, aging, starvation_us):
+    if order not in _ORDERS:
+        raise ValueError(f"queue order must be 'fcfs', 'sjf' or 'lpt', not {order!r}")
+    return ffi.new("omni_queue_opts_t *", {
+        "order": _ORDERS[order], "aging": aging, "starvation_us": starvation_us,
+    })
+
+
+def _queue_items(items):
     arr = ffi.new("omni_queue_item_t[]", max(len(items), 1))
     for i, q in enumerate(items):
         arr[i].arrival_us = q.arrival_us
         arr[i].work_us = q.work_us
-    kinds = {"fcfs": lib.OMNI_QUEUE_FCFS, "sjf": lib.OMNI_QUEUE_SJF}
-    if order not in kinds:
-        raise ValueError(f"queue order must be 'fcfs' or 'sjf', not {order!r}")
-    opts = ffi.new("omni_queue_opts_t *", {
-        "order": kinds[order], "aging": aging, "starvation_us": starvation_us,
-    })
-    return arr, opts
+    return arr
+
+
+def queue_work(predictor, cached_blocks, block_size, instances, prompt_tokens):
+    """SJF work of a prompt: the predicted prefill, on the instance (of
+    ``instances``, predictor numbers) that holds most of it, of the tokens
+    it does not hold."""
+    cached = list(cached_blocks or ())
+    blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
+    inst = ffi.new("uint32_t[]", list(instances) or [0])
+    out = ffi.new("uint64_t *")
+    check(lib.omni_policy_queue_work(predictor._h, blocks, len(cached), block_size,
+                                     inst, len(instances), prompt_tokens, out),
+          "queue_work")
+    return out[0]
+
+
+def queue_key(arrival_us, work, order="sjf", aging=1.0):
+    """The static key of a queued request (lower goes first; equal keys:
+    queued earlier first)."""
+    return lib.omni_policy_queue_key(_queue_opts(order, aging, 0), arrival_us, work)
+
+
+def queue_next(late, now_us, order="sjf", aging=1.0, starvation_us=0):
+    """``late``: the oldest items, in queue order, that waited past the
+    starvation timeout.  The index of the one to release, or None when
+    there is none (release the least key)."""
+    opts = _queue_opts(order, aging, starvation_us)
+    rc = lib.omni_policy_queue_next(opts, _queue_items(late), len(late), now_us)
+    if rc == lib.OMNI_ENOTFOUND:
+        return None
+    return check(rc, "queue_next")
 
 
 def queue_order(items, now_us, order="sjf", aging=1.0, starvation_us=0):
-    """Indices of the prefill queue's items in release order."""
-    arr, opts = _queue_args(items, order, aging, starvation_us)
+    """Indices of a queue's items (in queue order) in release order: what
+    repeated picks at ``now_us`` give."""
+    opts = _queue_opts(order, aging, starvation_us)
     out = _new_raw("uint32_t[]", max(len(items), 1))
-    check(lib.omni_policy_queue_order(arr, len(items), now_us, opts, out),
-          "queue_order")
+    check(lib.omni_policy_queue_order(_queue_items(items), len(items), now_us,
+                                      opts, out), "queue_order")
     return list(out[0:len(items)])
 
 
 def queue_pick(items, now_us, order="sjf", aging=1.0, starvation_us=0):
-    """The index of the item to release next, or None for an empty queue."""
+    """The index of the item (of a queue, in queue order) that the module
+    releases next, or None for an empty queue."""
+    opts = _queue_opts(order, aging, starvation_us)
     if not items:
         return None
-    arr, opts = _queue_args(items, order, aging, starvation_us)
-    return check(lib.omni_policy_queue_pick(arr, len(items), now_us, opts),
-                 "queue_pick")
+    return check(lib.omni_policy_queue_pick(_queue_items(items), len(items), now_us,
+                                            opts), "queue_pick")
 
+
+class Arrivals:
+    """The mean gap between arrivals, as the module keeps it
+    (``omni_policy_arrived``)."""
+
+    def __init__(self):
+        self._a = ffi.new("omni_arrivals_t *")
+
+    def arrived(self, now_us):
+        lib.omni_policy_arrived(self._a, now_us)
+        return self
+
+    @property
+    def gap_us(self):
+        return self._a.gap_us
+
+    @property
+    def last_us(self):
+        return self._a.last_us
+
+
+@dataclass
+class PickCandidate:
+    """One instance for :func:`pick_now`."""
+
+    running: int = 0
+    load_tokens: int = 0
+    matched: int = 0              # prefix blocks held (cache-aware)
+    healthy: bool = True
+    tried: bool = False
+
+
+_PICKS = {"round-robin": lib.OMNI_PICK_ROUND_ROBIN,
+          "least-loaded": lib.OMNI_PICK_LEAST_LOADED,
+          "cache-aware": lib.OMNI_PICK_CACHE_AWARE}
+
+
+def pick_now(candidates, policy, start=0):
+    """The at-once choice (index), or None when every candidate is
+    unhealthy or tried."""
+    if policy not in _PICKS:
+        raise ValueError(f"policy must be one of {sorted(_PICKS)}, not {policy!r}")
+    arr = ffi.new("omni_pick_cand_t[]", max(len(candidates), 1))
+    for i, c in enumerate(candidates):
+        arr[i].flags = ((0 if c.healthy else lib.OMNI_POLICY_UNHEALTHY)
+                        | (lib.OMNI_POLICY_TRIED if c.tried else 0))
+        arr[i].running = c.running
+        arr[i].load_tokens = c.load_tokens
+        arr[i].matched = c.matched
+    rc = lib.omni_policy_pick_now(arr, len(candidates), _PICKS[policy], start)
+    if rc == lib.OMNI_ENOTFOUND:
+        return None
+    return check(rc, "pick_now")

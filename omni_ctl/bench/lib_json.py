@@ -26,7 +26,7 @@ import random
 import statistics
 import time
 
-from ._scoring import ffi, lib
+from ..scoring import ffi, lib
 
 __all__ = ["bench_json", "make_bodies", "format_json_bench"]
 
@@ -225,7 +225,7 @@ def format_json_bench(results):
     return lines
 
 
-if __name__ == "__main__":     # python -m omni_ctl.scoring_json_bench [seconds]
+if __name__ == "__main__":     # python -m omni_ctl.bench.lib_json [seconds]
     import sys
     for line in format_json_bench(bench_json(float(sys.argv[1]) if len(sys.argv) > 1 else 1.0)):
         print(line)

@@ -21,7 +21,7 @@ Figures (targets from issue 3 / issue 7):
   blocks (<= 100 us), with warm and with cold CPU caches;
 - bytes per (block, instance) entry (<= 64);
 - scheduling decision cost at 32 instances (<< 50 us);
-- JSON scan+splice rate, from omni_ctl.scoring_json_bench when present.
+- JSON scan+splice rate, from omni_ctl.bench.lib_json.
 """
 
 import json
@@ -31,9 +31,8 @@ import time
 
 import click
 
-from ._scoring import ffi, lib
-from .scoring import PrefixIndex, Predictor
-from .scoring_errors import check
+from ..scoring import PrefixIndex, Predictor, ffi, lib
+from ..scoring.errors import check
 
 __all__ = [
     "bench_hash",
@@ -373,7 +372,7 @@ def run_bench(quick=False, json_seconds=1.0, progress=None, hugepages=False):
 
 def _bench_json(seconds):
     try:
-        from .scoring_json_bench import bench_json
+        from .lib_json import bench_json
     except ImportError as exc:
         return {"error": f"not available: {exc}"}
     return bench_json(seconds)
@@ -431,7 +430,7 @@ def format_bench(res):
         lines.append(f"json      {js['error']}")
     elif js:
         try:
-            from .scoring_json_bench import format_json_bench
+            from .lib_json import format_json_bench
             lines.extend(format_json_bench(js))
         except ImportError:
             lines.append("json      " + json.dumps(js))

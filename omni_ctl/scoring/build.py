@@ -1,20 +1,31 @@
 """cffi (API, out-of-line) builder for the scoring library.
 
 The C sources live in nginx_modules/scoring/ and are compiled both into the
-nginx module (by nginx's own build) and into this Python extension.  The
-cdef text is kept in omni_ctl/cdefs/*.cdef, one file per component, and is
-concatenated in name order.
+nginx module (by nginx's own build) and into this Python extension,
+omni_ctl.scoring._scoring.  The cdef text is kept in
+omni_ctl/scoring/cdefs/*.cdef, one file per component, and is concatenated
+in name order.
 
-OMNI_DEBUG=1 in the environment builds with ASan/UBSan (build.sh --debug).
+Run by path (the package cannot be imported before its extension exists):
+``python omni_ctl/scoring/build.py`` builds in place (build.sh does);
+setup.py names it in ``cffi_modules``.  OMNI_DEBUG=1 in the environment
+builds with ASan/UBSan (build.sh --debug).
 """
 
 import os
 import pathlib
-
-from cffi import FFI
+import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parent.parent
+
+if (__name__ == "__main__" and sys.path and sys.path[0]
+        and pathlib.Path(sys.path[0]).resolve() == HERE):
+    # run as a script: this package's modules (errors, build...) must not
+    # stand in for top-level ones while cffi and setuptools import theirs
+    sys.path[0] = str(ROOT)
+
+from cffi import FFI                            # noqa: E402
 SCORING = ROOT / "nginx_modules" / "scoring"
 
 ffibuilder = FFI()
@@ -42,7 +53,7 @@ else:
     _ldflags = []
 
 ffibuilder.set_source(
-    "omni_ctl._scoring",
+    "omni_ctl.scoring._scoring",
     _headers,
     sources=_sources,
     include_dirs=[str(SCORING)],
@@ -52,7 +63,7 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    # build.sh compiles in place: python -m omni_ctl._build_scoring
+    # build.sh compiles in place: python omni_ctl/scoring/build.py
     # and moves the extension next to this file, replacing any other build
     # of it (pip's editable install names it _scoring.abi3.so).
     import shutil
