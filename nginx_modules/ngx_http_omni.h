@@ -326,9 +326,7 @@ typedef struct {
     uint64_t                       decisions;
     uint64_t                       decision_us; /* time spent deciding */
     double                         output_ewma[NGX_HTTP_OMNI_ROUTES];
-    uint64_t                       last_arrival_us; /* of a request to
-                                                       start (omni policy) */
-    double                         arrival_gap_us;  /* their mean gap */
+    omni_arrivals_t                arrivals;    /* of requests to start */
 
     ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
 
@@ -495,15 +493,10 @@ void ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh,
     uint32_t e);
 void ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, uint32_t e);
-uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
 
 /* ngx_http_omni_sched.c */
 ngx_uint_t ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf);
 ngx_int_t ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf);
-uint64_t ngx_http_omni_best_uncached(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n_hashes,
-    uint64_t prompt_tokens, size_t *slot);
 ngx_int_t ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
     uint64_t tokens);
 ngx_int_t ngx_http_omni_choose_retry(ngx_http_request_t *r,
@@ -520,6 +513,10 @@ ngx_int_t ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_qentry_t *en, ngx_msec_t now);
 void ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en);
+void ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
+    omni_queue_opts_t *o);
+uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
 
 /* ngx_http_omni_hold.c */
 ngx_int_t ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue);

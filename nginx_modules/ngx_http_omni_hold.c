@@ -28,8 +28,6 @@
 #define NGX_HTTP_OMNI_SAFETY_TICK    250
 /* released per pass of the loop before owners are told */
 #define NGX_HTTP_OMNI_BATCH          64
-/* queue entries looked at past a head that waits for a busy instance */
-#define NGX_HTTP_OMNI_LOOKAHEAD      8
 
 
 static void ngx_http_omni_arm_timer(ngx_msec_t after);
@@ -709,6 +707,7 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
     ngx_slab_pool_t         *shpool;
     ngx_http_omni_queue_t   *queue;
     ngx_http_omni_shctx_t   *sh;
+    omni_queue_opts_t        qo;
     ngx_http_omni_qentry_t  *en, out[NGX_HTTP_OMNI_BATCH];
 
     if (mcf->schedule_policy != NGX_HTTP_OMNI_SCHED_OMNI) {
@@ -793,7 +792,7 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                      * best: a few entries behind it may use what is free;
                      * if none does, the head takes it.
                      */
-                    for (k = 1; rc == NGX_BUSY && k < NGX_HTTP_OMNI_LOOKAHEAD
+                    for (k = 1; rc == NGX_BUSY && k < OMNI_POLICY_LOOKAHEAD
                                 && k < queue->n; k++)
                     {
                         cand = queue->heap[k];
@@ -829,9 +828,11 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
 
                 en = &sh->entries[e];
 
+                ngx_http_omni_queue_opts(mcf, q, &qo);
+
                 if (queue->n && e != queue->heap[0]
-                    && mcf->starvation_timeout
-                    && now - en->arrival >= mcf->starvation_timeout)
+                    && omni_policy_starved(&qo, (uint64_t) en->arrival * 1000,
+                                           (uint64_t) now * 1000))
                 {
                     sh->starved++;
                 }

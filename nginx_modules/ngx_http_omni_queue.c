@@ -14,104 +14,17 @@
 #include "ngx_http_omni.h"
 
 
-/* requests past the starvation timeout looked at for the most late one */
-#define NGX_HTTP_OMNI_LATE_SCAN     64
-
-
-static uint32_t ngx_http_omni_most_late_locked(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_http_omni_queue_t *queue, ngx_msec_t now);
 static void ngx_http_omni_heap_push(ngx_http_omni_shctx_t *sh,
     ngx_http_omni_queue_t *q, uint32_t e);
 static void ngx_http_omni_heap_remove(ngx_http_omni_shctx_t *sh,
     ngx_http_omni_queue_t *q, uint32_t pos);
 
 
-/* the entry to release next from queue q, or NGX_HTTP_OMNI_NONE */
-uint32_t
-ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now)
-{
-    ngx_http_omni_queue_t  *queue;
-
-    queue = &sh->queues[q];
-
-    if (queue->n == 0) {
-        return NGX_HTTP_OMNI_NONE;
-    }
-
-    /* a request that waited past the starvation timeout goes first */
-
-    if (mcf->starvation_timeout
-        && now - sh->entries[queue->head].arrival >= mcf->starvation_timeout)
-    {
-        if (q != NGX_HTTP_OMNI_Q_PREFILL
-            || mcf->queue_order != NGX_HTTP_OMNI_ORDER_SJF)
-        {
-            return queue->head;
-        }
-
-        return ngx_http_omni_most_late_locked(mcf, sh, queue, now);
-    }
-
-    return queue->heap[0];
-}
-
-
-/*
- * Of the prefill requests that waited past the starvation timeout (the
- * oldest ones, at the front of the arrival list), the one whose TTFT will
- * be the largest: the time it waited plus its predicted work.  Under a
- * backlog every request is past the timeout; the oldest first would leave
- * the long prompts that came last to the end of the drain, which is the
- * tail; this way the wait is shared out by what it will cost.
- */
-static uint32_t
-ngx_http_omni_most_late_locked(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_http_omni_queue_t *queue, ngx_msec_t now)
-{
-    double                   late, most;
-    uint32_t                 e, best;
-    ngx_uint_t               k;
-    ngx_http_omni_qentry_t  *en;
-
-    best = queue->head;
-    most = -1;
-
-    for (e = queue->head, k = 0;
-         e != NGX_HTTP_OMNI_NONE && k < NGX_HTTP_OMNI_LATE_SCAN;
-         e = en->next, k++)
-    {
-        en = &sh->entries[e];
-
-        if (now - en->arrival < mcf->starvation_timeout) {
-            break;
-        }
-
-        late = (double) (now - en->arrival) * 1000 + (double) en->work_us;
-
-        if (late > most) {
-            most = late;
-            best = e;
-        }
-    }
-
-    return best;
-}
-
-
 static ngx_inline ngx_uint_t
 ngx_http_omni_before(ngx_http_omni_shctx_t *sh, uint32_t a, uint32_t b)
 {
-    ngx_http_omni_qentry_t  *ea, *eb;
-
-    ea = &sh->entries[a];
-    eb = &sh->entries[b];
-
-    if (ea->key != eb->key) {
-        return ea->key < eb->key;
-    }
-
-    return ea->seq < eb->seq;
+    return omni_policy_queue_before(sh->entries[a].key, sh->entries[a].seq,
+                                    sh->entries[b].key, sh->entries[b].seq);
 }
 
 

@@ -24,21 +24,14 @@
 #include "ngx_http_omni.h"
 
 
-/* a microsecond waited forgives this much predicted work (SJF aging) */
-#define NGX_HTTP_OMNI_AGING          1.0
-/* cache-aware: leave the best-matching instance when it has this many
- * more requests in flight than the least loaded one */
-#define NGX_HTTP_OMNI_BALANCE        8
-/* the mean gap between arrivals: weight of the newest, and the longest gap
- * counted (an idle proxy is not a slow one forever) */
-#define NGX_HTTP_OMNI_GAP_ALPHA      0.05
-#define NGX_HTTP_OMNI_MAX_GAP_US     10000000
 
 
 /* per worker scratch, sized for every slot */
 static uint32_t             ngx_http_omni_matched[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_prefill_cand_t  ngx_http_omni_pcands[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_decode_inst_t   ngx_http_omni_dcands[NGX_HTTP_OMNI_MAX_SLOTS];
+static omni_pick_cand_t     ngx_http_omni_picks[NGX_HTTP_OMNI_MAX_SLOTS];
+static uint32_t             ngx_http_omni_start_slots[NGX_HTTP_OMNI_MAX_SLOTS];
 
 
 ngx_uint_t
@@ -87,123 +80,72 @@ ngx_http_omni_match(ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n,
 }
 
 
-uint64_t
-ngx_http_omni_best_uncached(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n_hashes,
-    uint64_t prompt_tokens, size_t *slot)
-{
-    uint32_t                       *matched;
-    uint64_t                        best, cached;
-    ngx_uint_t                      i;
-    ngx_http_omni_upstream_conf_t  *ucf;
-
-    ucf = mcf->tiers[ngx_http_omni_start_tier(mcf)];
-    best = prompt_tokens;
-    *slot = (ucf && ucf->n) ? ucf->slots[0] : 0;
-
-    matched = ngx_http_omni_match(sh, hashes, n_hashes, ngx_http_omni_now_us());
-
-    for (i = 0; matched && ucf && i < ucf->n; i++) {
-        if (ucf->slots[i] >= sh->n_slots) {
-            continue;
-        }
-
-        cached = (uint64_t) matched[ucf->slots[i]] * sh->block_size;
-        cached = ngx_min(cached, prompt_tokens ? prompt_tokens - 1 : 0);
-
-        if (prompt_tokens - cached < best) {
-            best = prompt_tokens - cached;
-            *slot = ucf->slots[i];
-        }
-    }
-
-    return best;
-}
-
-
 /* ------------------------------------------------------------------------ */
 /* at once                                                                  */
 
 
 /*
- * The best usable instance of a tier, or ucf->n when none is.  `tried` (may
- * be NULL) is round robin's bitmap of instances already tried by this leg.
+ * The best usable instance of a tier, or ucf->n when none is
+ * (omni_policy_pick_now(): round robin, least loaded or cache-aware).
+ * `tried` (may be NULL) is the bitmap of instances this leg tried already.
  */
 static ngx_uint_t
 ngx_http_omni_pick(ngx_http_omni_shctx_t *sh,
     ngx_http_omni_upstream_conf_t *ucf, ngx_uint_t policy, uintptr_t *tried,
     uint32_t *matched)
 {
-    uint64_t               load, best_load;
-    ngx_uint_t             i, k, start, best, slot, hit, hit_best;
-    ngx_uint_t             min_running, best_running;
+    int                    k;
+    uint32_t               how;
+    ngx_uint_t             i, slot;
     ngx_msec_t             now;
+    omni_pick_cand_t      *pc;
     ngx_http_omni_inst_t  *in;
 
     now = ngx_current_msec;
-    best = ucf->n;
-    hit = ucf->n;
-    hit_best = 0;
-    best_load = 0;
-    min_running = (ngx_uint_t) -1;
-    best_running = 0;
-    start = ucf->n ? sh->rr[ucf->role] % ucf->n : 0;
+    pc = ngx_http_omni_picks;
 
-    for (k = 0; k < ucf->n; k++) {
-        i = (start + k) % ucf->n;
+    for (i = 0; i < ucf->n; i++) {
+        ngx_memzero(&pc[i], sizeof(omni_pick_cand_t));
+        slot = ucf->slots[i];
 
         if (tried
             && (tried[i / (8 * sizeof(uintptr_t))]
                 & ((uintptr_t) 1 << i % (8 * sizeof(uintptr_t)))))
         {
-            continue;
+            pc[i].flags |= OMNI_POLICY_TRIED;
         }
 
-        slot = ucf->slots[i];
-
         if (slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
+            pc[i].flags |= OMNI_POLICY_UNHEALTHY;
             continue;
         }
 
         in = &sh->inst[slot];
 
         if (!ngx_http_omni_usable(ucf, i, in, now)) {
-            continue;
+            pc[i].flags |= OMNI_POLICY_UNHEALTHY;
         }
 
-        if (policy == NGX_HTTP_OMNI_SCHED_ROUND_ROBIN) {
-            best = i;
-            break;
-        }
+        pc[i].running = in->inflight_requests;
+        pc[i].load_tokens = in->inflight_tokens;
 
-        load = in->inflight_tokens;
-
-        if (best == ucf->n || load < best_load) {
-            best = i;
-            best_load = load;
-        }
-
-        min_running = ngx_min(min_running, in->inflight_requests);
-
-        if (matched && slot < sh->n_slots && matched[slot] > hit_best) {
-            hit = i;
-            hit_best = matched[slot];
-            best_running = in->inflight_requests;
+        if (matched && slot < sh->n_slots) {
+            pc[i].matched = matched[slot];
         }
     }
 
-    /* cache-aware: the longest prefix, unless that piles up load */
-    if (hit < ucf->n
-        && best_running < min_running + NGX_HTTP_OMNI_BALANCE)
-    {
-        best = hit;
+    how = policy == NGX_HTTP_OMNI_SCHED_ROUND_ROBIN ? OMNI_PICK_ROUND_ROBIN
+          : matched ? OMNI_PICK_CACHE_AWARE : OMNI_PICK_LEAST_LOADED;
+
+    k = omni_policy_pick_now(pc, ucf->n, how, sh->rr[ucf->role]);
+
+    if (k < 0) {
+        return ucf->n;
     }
 
-    if (best < ucf->n) {
-        sh->rr[ucf->role] = (uint32_t) (best + 1);
-    }
+    sh->rr[ucf->role] = (uint32_t) (k + 1);
 
-    return best;
+    return (ngx_uint_t) k;
 }
 
 
@@ -362,18 +304,7 @@ ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
 void
 ngx_http_omni_arrived(ngx_http_omni_shctx_t *sh, uint64_t now_us)
 {
-    uint64_t  gap;
-
-    if (sh->last_arrival_us && now_us > sh->last_arrival_us) {
-        gap = ngx_min(now_us - sh->last_arrival_us,
-                      NGX_HTTP_OMNI_MAX_GAP_US);
-        sh->arrival_gap_us = sh->arrival_gap_us
-            ? sh->arrival_gap_us
-              + NGX_HTTP_OMNI_GAP_ALPHA * ((double) gap - sh->arrival_gap_us)
-            : (double) gap;
-    }
-
-    sh->last_arrival_us = now_us;
+    omni_policy_arrived(&sh->arrivals, now_us);
 }
 
 
@@ -445,11 +376,11 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 {
     int                             rc;
     uint32_t                       *matched, slot, dslot, cached, uncached;
-    uint64_t                        slack;
+    ngx_uint_t                      i, tier;
+    omni_decision_t                 dec;
+    omni_prefill_opts_t             po;
     ngx_http_omni_spec_t            spec;
     ngx_http_omni_charge_t         *ch;
-    ngx_uint_t                      i, tier, room;
-    omni_decision_t                 dec;
     omni_prefill_cand_t            *c;
     ngx_http_omni_inst_t           *in;
     ngx_http_omni_upstream_conf_t  *ucf;
@@ -487,145 +418,33 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 
         c[i].max_running = (uint32_t) mcf->prefill_max_num_seqs;
         c[i].max_tokens = mcf->max_batch_num_token;
+        c[i].step_start_us = in->last_start_us;
+        c[i].step_done_us = in->last_done_us;
+        c[i].step_service_us = in->last_service_us;
     }
 
     matched = ngx_http_omni_match(sh, en->hashes, en->n_hashes, now_us);
 
-    rc = omni_policy_prefill_prepare(sh->predict, matched,
-                                     matched ? sh->n_slots : 0,
-                                     sh->block_size,
-                                     (uint32_t) ngx_min(en->prompt_tokens,
-                                                        UINT32_MAX),
-                                     now_us, c, ucf->n);
-    if (rc != OMNI_OK) {
-        return NGX_AGAIN;
-    }
+    /* the library decides (omni_policy_prefill_decide(), tested there) */
 
-    slack = (uint64_t) mcf->hold_slack * 1000;
+    po.hold_slack_us = (uint64_t) mcf->hold_slack * 1000;
+    po.arrival_gap_us = sh->arrivals.gap_us;
+    po.waiting = (uint32_t) waiting;
+    po.force = (uint32_t) force;
 
-    /*
-     * Whether any instance could start some request now (usable, below its
-     * limits, free within the slack, batch budget not used up): when none
-     * can, a request that waits here ends the release pass, as nobody
-     * behind it can go either.
-     */
-
-    room = 0;
-
-    for (i = 0; i < ucf->n && !room; i++) {
-        room = !(c[i].flags & OMNI_POLICY_UNHEALTHY)
-               && (c[i].max_running == 0 || c[i].running < c[i].max_running)
-               && (c[i].max_tokens == 0
-                   || c[i].inflight_tokens < c[i].max_tokens)
-               && c[i].wait_us <= slack;
-    }
-
-    /*
-     * Engines batch in steps: what reaches an instance while a step runs
-     * waits for the next one, and everything waiting then shares it.  A
-     * request that waits there for the next step (or for its first one,
-     * just sent) and has less work than this one would finish with this
-     * one's first chunk, up to a whole step late, and so would have been
-     * mispredicted.  This one waits until that one is done (the slack at
-     * most; the engine's next step has it).
-     */
-
-    for (i = 0; i < ucf->n; i++) {
-        slot = (uint32_t) ucf->slots[i];
-
-        if (slot >= NGX_HTTP_OMNI_MAX_SLOTS || c[i].wait_us == 0
-            || c[i].wait_us > slack)
-        {
-            continue;
-        }
-
-        in = &sh->inst[slot];
-
-        if (now_us < in->last_start_us + slack
-            && now_us < in->last_done_us
-            && c[i].prefill_us > in->last_service_us)
-        {
-            c[i].wait_us = ngx_max(c[i].wait_us,
-                                   in->last_done_us - now_us) + slack;
-        }
-    }
-
-    /*
-     * An instance whose batch budget this request does not fit now is not
-     * out of the question: it is busy, and may be worth waiting for (it may
-     * hold the prompt's prefix, being computed by the request in flight).
-     */
-
-    for (i = 0; i < ucf->n; i++) {
-        uncached = (uint32_t) ngx_max(en->prompt_tokens
-                                      - c[i].cached_tokens, 1);
-
-        if (c[i].inflight_tokens
-            && c[i].inflight_tokens + uncached > c[i].max_tokens)
-        {
-            c[i].wait_us = ngx_max(c[i].wait_us, slack + 1);
-        }
-
-        c[i].max_tokens = OMNI_POLICY_UNLIMITED;
-    }
-
-    /* the cost of a choice: its own TTFT and what it takes from the others */
-
-    (void) omni_policy_prefill_add_delay(c, ucf->n, (uint32_t) waiting,
-                                         sh->arrival_gap_us);
-
-    rc = omni_policy_prefill_choose(c, ucf->n,
+    rc = omni_policy_prefill_decide(sh->predict, matched,
+                                    matched ? sh->n_slots : 0,
+                                    sh->block_size,
                                     (uint32_t) ngx_min(en->prompt_tokens,
                                                        UINT32_MAX),
-                                    slack, &dec);
+                                    now_us, &po, c, ucf->n, &dec);
 
-    if (rc == OMNI_EHOLD && dec.reason == OMNI_POLICY_HOLD_BUSY) {
-        /*
-         * Its best instance is busy a while yet.  The caller first offers
-         * the free instances to the requests behind this one; if none of
-         * them wants one either (`force`), the request takes the best free
-         * one: an instance never idles while requests wait.  Only when
-         * none is free soon is the request held for its best one.
-         */
-        if (dec.retry_us && (*retry_us == 0 || dec.retry_us < *retry_us)) {
-            *retry_us = dec.retry_us;
-        }
-
-        if (!room) {
-            return NGX_AGAIN;
-        }
-
-        if (!force) {
-            return NGX_BUSY;
-        }
-
-        if (dec.best >= 0
-            && (uint64_t) c[dec.best].cached_tokens * 2 >= en->prompt_tokens)
-        {
-            /*
-             * Most of its prompt is (or is being) computed there: taking a
-             * free instance would redo it.  It waits for that one.
-             */
-            return NGX_BUSY;
-        }
-
-        for (i = 0; i < ucf->n; i++) {
-            if (c[i].wait_us > slack) {
-                c[i].flags |= OMNI_POLICY_DRAINING;
-            }
-        }
-
-        rc = omni_policy_prefill_choose(c, ucf->n,
-                                        (uint32_t) ngx_min(en->prompt_tokens,
-                                                           UINT32_MAX),
-                                        UINT64_MAX, &dec);
-        if (rc == OMNI_EHOLD) {
-            return NGX_BUSY;
-        }
+    if (dec.retry_us && (*retry_us == 0 || dec.retry_us < *retry_us)) {
+        *retry_us = dec.retry_us;
     }
 
-    if (rc == OMNI_EHOLD) {
-        return NGX_AGAIN;
+    if (rc == OMNI_EHOLD && dec.reason == OMNI_POLICY_HOLD_BUSY) {
+        return NGX_BUSY;
     }
 
     if (rc != OMNI_OK || dec.choice < 0) {
@@ -728,37 +547,117 @@ ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
 
 /*
  * The order of a held request (smaller keys leave first), under the lock:
- * decode work longest first; prefills first come first served, or shortest
- * predicted work first with aging: a request's priority is its work minus
- * AGING times the time it waited, i.e. work + AGING * arrival minus a term
- * that is the same for everyone, so the order never needs re-sorting.  Work
- * is the prefill time of the tokens the best instance does not hold yet.
+ * omni_policy_queue_key() with the queue's options: the decode queue longest
+ * first (LPT), the prefill queue first come first served or shortest
+ * predicted work first with aging (the work: omni_policy_queue_work(), the
+ * uncached prefill on the instance holding the longest prefix).
  */
 void
 ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en)
 {
-    size_t    i;
-    int64_t   work;
-    uint64_t  best;
+    uint32_t                       *matched;
+    uint64_t                        work;
+    ngx_uint_t                      i;
+    omni_queue_opts_t               o;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    ngx_http_omni_queue_opts(mcf, en->queue, &o);
+
+    work = 0;
 
     if (en->queue == NGX_HTTP_OMNI_Q_DECODE) {
-        en->key = -(double) (en->prompt_tokens + en->output_tokens);
-        return;
+        work = en->prompt_tokens + en->output_tokens;
+
+    } else if (o.order == OMNI_QUEUE_SJF) {
+        ucf = mcf->tiers[ngx_http_omni_start_tier(mcf)];
+
+        for (i = 0; ucf && i < ucf->n; i++) {
+            ngx_http_omni_start_slots[i] = ucf->slots[i]
+                                           < NGX_HTTP_OMNI_MAX_SLOTS
+                                           ? (uint32_t) ucf->slots[i]
+                                           : NGX_HTTP_OMNI_NONE;
+        }
+
+        matched = ngx_http_omni_match(sh, en->hashes, en->n_hashes,
+                                      ngx_http_omni_now_us());
+
+        (void) omni_policy_queue_work(sh->predict, matched,
+                                      matched ? sh->n_slots : 0,
+                                      sh->block_size,
+                                      ngx_http_omni_start_slots,
+                                      ucf ? ucf->n : 0,
+                                      (uint32_t) ngx_min(en->prompt_tokens,
+                                                         UINT32_MAX),
+                                      &en->work_us);
+        work = en->work_us;
     }
 
-    if (mcf->queue_order == NGX_HTTP_OMNI_ORDER_FCFS) {
-        en->key = (double) en->arrival;
-        return;
+    en->key = omni_policy_queue_key(&o, (uint64_t) en->arrival * 1000, work);
+}
+
+
+/* The library's options of queue q under this configuration. */
+void
+ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
+    omni_queue_opts_t *o)
+{
+    ngx_memzero(o, sizeof(omni_queue_opts_t));
+
+    o->order = (q == NGX_HTTP_OMNI_Q_DECODE) ? OMNI_QUEUE_LPT
+               : (mcf->queue_order == NGX_HTTP_OMNI_ORDER_SJF)
+                 ? OMNI_QUEUE_SJF : OMNI_QUEUE_FCFS;
+    o->aging = OMNI_POLICY_AGING;
+    o->starvation_us = (uint64_t) mcf->starvation_timeout * 1000;
+}
+
+
+/*
+ * The entry to release next from queue q, or NGX_HTTP_OMNI_NONE: the least
+ * key, unless requests waited past the starvation timeout; of those (the
+ * oldest, at the front of the arrival list) omni_policy_queue_next() says
+ * which goes first.
+ */
+uint32_t
+ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now)
+{
+    int                      k;
+    size_t                   n, max;
+    uint32_t                 e;
+    omni_queue_opts_t        o;
+    ngx_http_omni_queue_t   *queue;
+    ngx_http_omni_qentry_t  *en;
+    omni_queue_item_t        late[OMNI_POLICY_LATE_SCAN];
+    uint32_t                 ids[OMNI_POLICY_LATE_SCAN];
+
+    queue = &sh->queues[q];
+
+    if (queue->n == 0) {
+        return NGX_HTTP_OMNI_NONE;
     }
 
-    best = ngx_http_omni_best_uncached(mcf, sh, en->hashes, en->n_hashes,
-                                       en->prompt_tokens, &i);
+    ngx_http_omni_queue_opts(mcf, q, &o);
 
-    work = omni_predict_prefill_us(sh->predict, (uint32_t) i,
-                                   (uint32_t) best,
-                                   (uint32_t) (en->prompt_tokens - best));
-    en->work_us = work > 0 ? (uint64_t) work : 0;
-    en->key = (double) en->work_us
-              + NGX_HTTP_OMNI_AGING * (double) en->arrival * 1000;
+    max = ngx_min(omni_policy_late_scan(&o), OMNI_POLICY_LATE_SCAN);
+
+    for (n = 0, e = queue->head; e != NGX_HTTP_OMNI_NONE && n < max;
+         e = en->next)
+    {
+        en = &sh->entries[e];
+
+        if (!omni_policy_starved(&o, (uint64_t) en->arrival * 1000,
+                                 (uint64_t) now * 1000))
+        {
+            break;
+        }
+
+        late[n].arrival_us = (uint64_t) en->arrival * 1000;
+        late[n].work_us = en->work_us;
+        ids[n++] = e;
+    }
+
+    k = omni_policy_queue_next(&o, late, n, (uint64_t) now * 1000);
+
+    return k >= 0 ? ids[k] : queue->heap[0];
 }
