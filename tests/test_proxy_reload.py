@@ -247,3 +247,27 @@ def test_reused_slot_starts_empty(omni_nginx):
         assert p["prefill_samples"] == 0 and p["decode_samples"] == 0, p
         assert p["prefills_in_flight"] == 0 and p["completion_mape"] == 0, p
         assert after["requests_total"] == 0
+
+
+def test_reload_refuses_more_instances_than_the_index_holds(omni_nginx, sim_pd):
+    """The prefix index is sized for the instances at zone creation (twice
+    as many, at least 64): a reload past it is refused, naming both counts,
+    and the old configuration keeps serving."""
+    from conftest import free_port
+
+    nginx = _proxy(omni_nginx, sim_pd)
+    cap = nginx.status()["config"]["index_instances"]
+    assert cap == 64
+    nginx.allow(r"\[emerg\].*instances are configured")
+    fakes = [f"127.0.0.1:{free_port()}" for _ in range(cap)]
+    workers = nginx.workers
+    with pytest.raises(NginxCtlError) as err:
+        nginx.reload(decode_endpoints=",".join([sim_pd.decode_endpoints[0]] + fakes))
+    text = str(err.value)
+    assert f"{cap + 2} instances are configured" in text and f"built for {cap}" in text, text
+    assert nginx.workers == workers
+    st = nginx.status()
+    assert len(st["instances"]) == 2 and st["config_generation"] == 1
+    resp = nginx.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert resp.status == 200, resp.text
+    _idle(nginx)
