@@ -890,6 +890,9 @@ ngx_http_omni_cleanup(void *data)
                                      NGX_HTTP_OMNI_OUTCOME_NONE, 0);
     }
 
+    /* what it gave back may let a held request go */
+    ngx_http_omni_schedule(ctx->mcf);
+
     status = ctx->status ? ctx->status : r->headers_out.status;
 
     if (!ctx->answered && r->connection->error) {
