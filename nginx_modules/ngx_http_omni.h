@@ -1,19 +1,31 @@
 /*
  * Omni Proxy nginx module: types shared by the module's files.
  *
- *   ngx_http_omni_module.c    directives, configuration, variables, init
- *   ngx_http_omni_flow.c      the request flow of /v1/completions and
- *                             /v1/chat/completions (modes, legs in order)
- *   ngx_http_omni_request.c   what the client sent (body, validation)
+ * Files, lowest layer first; a file calls only files above it in this list
+ * (tests/test_module_seams.py checks it on the built objects):
+ *
+ *   ngx_http_omni_zone.c      the shared zone: creation, what a reload may
+ *                             change, instance slots, metrics, the clock
+ *   ngx_http_omni_ledger.c    the load ledger: the one charge and release of
+ *                             a leg (load, predictor job, prefilling), their
+ *                             owners, what a dead process held
+ *   ngx_http_omni_queue.c     the holding queues as a data structure
+ *   ngx_http_omni_sched.c     the decisions: instance choice, binding, the
+ *                             queue order
+ *   ngx_http_omni_hold.c      holding and waking: the release loop, wake-ups,
+ *                             timers, process init and crash recovery
+ *   ngx_http_omni_feed.c      observations fed to the predictor
  *   ngx_http_omni_answer.c    what the client gets when the proxy answers
  *                             (errors, SSE error events, prefill answers)
+ *   ngx_http_omni_request.c   what the client sent (body, validation)
  *   ngx_http_omni_legs.c      prefill/decode legs as subrequests through
  *                             nginx's proxy module, and their filters
  *   ngx_http_omni_upstream.c  the upstream balancer (omni_balance)
- *   ngx_http_omni_shm.c       the shared zone: instances, counters, metrics
- *   ngx_http_omni_sched.c     the choice of instances, the release loop
- *   ngx_http_omni_queue.c     holding requests, waking their owners
+ *   ngx_http_omni_flow.c      the request flow of /v1/completions and
+ *                             /v1/chat/completions: the only one that
+ *                             decides what a client is answered
  *   ngx_http_omni_status.c    /omni/status, /metrics, /health
+ *   ngx_http_omni_module.c    directives, configuration, variables, init
  */
 
 #ifndef NGX_HTTP_OMNI_H_INCLUDED_
@@ -181,6 +193,45 @@ typedef struct {
 } ngx_http_omni_inst_t;
 
 
+/*
+ * What a leg is charged with: its load on one instance and, for the leg that
+ * carries a request's prefill, the predictor's job and the `prefilling`
+ * count.  The ledger (ngx_http_omni_ledger.c) adds and removes all of it
+ * together, so it always follows the instance the leg actually uses.
+ */
+#define NGX_HTTP_OMNI_CHARGE_JOB         0x01  /* a predictor job */
+#define NGX_HTTP_OMNI_CHARGE_PREFILLING  0x02  /* counted in prefilling */
+
+typedef struct {
+    uint64_t                       tokens;      /* inflight_tokens */
+    uint32_t                       uncached;    /* prefill: new tokens */
+    uint32_t                       cached;      /*   and cached ones */
+    uint32_t                       flags;       /* what to charge */
+} ngx_http_omni_spec_t;
+
+
+/* One charge in the zone: a worker that dies leaves it where the next
+ * process finds it (its owner's list). */
+typedef struct {
+    ngx_queue_t                    link;        /* in the owner's list */
+    ngx_pid_t                      pid;         /* owner */
+    uint32_t                       slot;
+    uint32_t                       flags;       /* still held: JOB, ... */
+    ngx_http_omni_spec_t           spec;
+    omni_predict_job_t             job;
+} ngx_http_omni_charge_t;
+
+
+/* A process that may hold charges and requests in flight. */
+#define NGX_HTTP_OMNI_OWNERS         (2 * NGX_HTTP_OMNI_MAX_WORKERS)
+
+typedef struct {
+    ngx_pid_t                      pid;         /* 0: free */
+    uint64_t                       requests;    /* main requests in flight */
+    ngx_queue_t                    charges;
+} ngx_http_omni_owner_t;
+
+
 /* A request held in the proxy, in the shared zone. */
 #define NGX_HTTP_OMNI_QE_FREE        0
 #define NGX_HTTP_OMNI_QE_WAITING     1
@@ -192,6 +243,7 @@ typedef struct {
     uint8_t                        route;
     uint8_t                        rejected;    /* released with no instance:
                                                    a tier has none usable */
+    uint8_t                        mode;        /* owner's P/D policy */
     uint32_t                       worker;      /* owner's ngx_worker */
     ngx_pid_t                      pid;         /* owner */
     uint64_t                       generation;  /* owner's config load */
@@ -209,11 +261,10 @@ typedef struct {
     uint64_t                       prompt_tokens;
     uint64_t                       output_tokens;
 
-    /* set when released: the binding, per tier */
+    /* set when released: the binding, per tier (charged to the owner) */
     uint32_t                       slot[NGX_HTTP_OMNI_TIERS];
-    uint64_t                       charge[NGX_HTTP_OMNI_TIERS];
+    ngx_http_omni_charge_t        *charge[NGX_HTTP_OMNI_TIERS];
     uint32_t                       cached_tokens;
-    omni_predict_job_t             job;
     ngx_msec_t                     released;
 } ngx_http_omni_qentry_t;
 
@@ -259,25 +310,35 @@ typedef struct {
     uint64_t                       timed_out;
     uint64_t                       starved;     /* released by the timeout */
     uint64_t                       hash_copy_failed;
+    uint64_t                       reaped_total; /* charges of dead
+                                                    processes given back */
 
     /* the scheduler's brain (scoring library), addressed by slot */
     omni_index_t                  *index;
     omni_predict_t                *predict;
+    /* what the zone was built with (a reload must agree or apply it) */
     uint32_t                       block_size;
+    uint32_t                       index_instances;
+    uint32_t                       index_entries;
+    uint32_t                       cache_blocks;    /* 0: as many as fit */
+    uint32_t                       pd_policy;
+    ngx_msec_t                     cache_ttl;
     uint64_t                       decisions;
     uint64_t                       decision_us; /* time spent deciding */
     double                         output_ewma[NGX_HTTP_OMNI_ROUTES];
-    uint64_t                       last_arrival_us; /* of a request to
-                                                       start (omni policy) */
-    double                         arrival_gap_us;  /* their mean gap */
+    omni_arrivals_t                arrivals;    /* of requests to start */
 
     ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
+
+    /* after inst[]: not part of the status pages' copy */
+    ngx_http_omni_owner_t          owners[NGX_HTTP_OMNI_OWNERS];
 } ngx_http_omni_shctx_t;
 
 
-/* Where a leg stands in its accounting: a leg's load is added once when it
- * is dispatched (reserved) and removed exactly once, by the balancer's free
- * or, when the upstream never started, by the request's cleanup. */
+/* Where a leg stands in its accounting: its charge is added when it is
+ * bound (reserved) and removed exactly once through the ledger, by the
+ * balancer's free or, when no upstream holds it, by the request's cleanup;
+ * a retry to another instance charges that instance anew. */
 #define NGX_HTTP_OMNI_LEG_NONE       0
 #define NGX_HTTP_OMNI_LEG_RESERVED   1
 #define NGX_HTTP_OMNI_LEG_ACTIVE     2
@@ -290,6 +351,8 @@ typedef struct {
     ngx_uint_t                     index;       /* instance in the tier */
     ngx_uint_t                     slot;        /* instance in the zone */
     uint64_t                       tokens;      /* load it was charged */
+    ngx_http_omni_charge_t        *charge;      /* NULL: none held */
+    ngx_http_omni_spec_t           spec;        /* what it is charged */
     ngx_msec_t                     dispatched;
     ngx_msec_t                     finished;
 
@@ -308,7 +371,8 @@ typedef struct {
     unsigned                       suppress:1;  /* drop its body bytes */
     unsigned                       first:1;     /* first body byte seen */
 
-    omni_predict_job_t             job;         /* prefill prediction */
+    uint64_t                       predicted_us; /* its prefill's predicted
+                                                    completion, for the log */
     uint64_t                       last_chunk_us;
     uint64_t                       events;      /* SSE events passed */
 } ngx_http_omni_leg_t;
@@ -372,17 +436,104 @@ typedef struct {
 extern ngx_module_t  ngx_http_omni_module;
 
 
-/* ngx_http_omni_module.c */
-ngx_http_omni_ctx_t *ngx_http_omni_get_ctx(ngx_http_request_t *r);
+/* ngx_http_omni_zone.c */
+ngx_int_t ngx_http_omni_shm_add(ngx_conf_t *cf,
+    ngx_http_omni_main_conf_t *mcf);
+ngx_http_omni_shctx_t *ngx_http_omni_shm(ngx_http_omni_main_conf_t *mcf,
+    ngx_slab_pool_t **shpool);
+ngx_uint_t ngx_http_omni_inst_usable(ngx_http_omni_inst_t *in,
+    ngx_msec_t now);
+void ngx_http_omni_metrics_locked(ngx_http_omni_shctx_t *sh,
+    ngx_uint_t route, ngx_uint_t mode, ngx_uint_t status,
+    ngx_http_omni_ctx_t *ctx);
+extern const double  ngx_http_omni_bucket_bounds[NGX_HTTP_OMNI_BUCKETS];
+extern const ngx_uint_t  ngx_http_omni_status_codes[NGX_HTTP_OMNI_STATUSES];
 
-/* ngx_http_omni_flow.c */
-ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
+uint64_t ngx_http_omni_now_us(void);
+/* ngx_http_omni_ledger.c */
+#define NGX_HTTP_OMNI_OUTCOME_NONE    0
+#define NGX_HTTP_OMNI_OUTCOME_OK      1
+#define NGX_HTTP_OMNI_OUTCOME_FAILED  2
 
-/* ngx_http_omni_request.c */
-ngx_int_t ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx);
-ngx_int_t ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx);
-ngx_int_t ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx);
-void ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx);
+ngx_uint_t ngx_http_omni_ledger_start_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool);
+ngx_pid_t ngx_http_omni_ledger_self(void);
+ngx_uint_t ngx_http_omni_ledger_gone_locked(ngx_http_omni_shctx_t *sh,
+    ngx_pid_t pid);
+ngx_http_omni_charge_t *ngx_http_omni_ledger_bind_locked(
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, ngx_pid_t pid,
+    uint32_t slot, ngx_http_omni_spec_t *spec, uint64_t now_us);
+void ngx_http_omni_ledger_prefill_end_locked(ngx_http_omni_shctx_t *sh,
+    ngx_http_omni_charge_t *ch, ngx_uint_t ok);
+void ngx_http_omni_ledger_unbind_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_http_omni_charge_t *ch);
+void ngx_http_omni_ledger_adopt(ngx_http_omni_leg_t *leg, ngx_uint_t index,
+    ngx_http_omni_charge_t *ch);
+ngx_int_t ngx_http_omni_ledger_leg_bind_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_http_omni_upstream_conf_t *ucf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t index, ngx_http_omni_spec_t *spec,
+    uint64_t now_us);
+ngx_int_t ngx_http_omni_ledger_leg_bind(ngx_http_omni_upstream_conf_t *ucf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t index);
+void ngx_http_omni_ledger_prefill_end(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t ok);
+void ngx_http_omni_ledger_release(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_leg_t *leg, ngx_uint_t outcome, ngx_uint_t prefill_ok);
+void ngx_http_omni_ledger_request_begin(ngx_http_omni_main_conf_t *mcf);
+void ngx_http_omni_ledger_request_end(ngx_http_omni_main_conf_t *mcf,
+    ngx_uint_t route, ngx_uint_t mode, ngx_uint_t status,
+    ngx_http_omni_ctx_t *ctx);
+
+/* ngx_http_omni_queue.c */
+uint32_t ngx_http_omni_entry_alloc_locked(ngx_http_omni_shctx_t *sh,
+    ngx_uint_t max);
+void ngx_http_omni_entry_free_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, uint32_t e);
+void ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh,
+    uint32_t e);
+void ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, uint32_t e);
+
+/* ngx_http_omni_sched.c */
+ngx_uint_t ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf);
+ngx_int_t ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf);
+ngx_int_t ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
+    uint64_t tokens);
+ngx_int_t ngx_http_omni_choose_retry(ngx_http_request_t *r,
+    ngx_http_omni_upstream_conf_t *ucf, uintptr_t *tried, ngx_uint_t *index);
+ngx_uint_t ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t tier, ngx_msec_t now);
+void ngx_http_omni_arrived(ngx_http_omni_shctx_t *sh, uint64_t now_us);
+ngx_int_t ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_http_omni_qentry_t *en, ngx_msec_t now, uint64_t now_us,
+    uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force);
+ngx_int_t ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_http_omni_qentry_t *en, ngx_msec_t now);
+void ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en);
+void ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
+    omni_queue_opts_t *o);
+uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
+
+/* ngx_http_omni_hold.c */
+ngx_int_t ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue);
+ngx_int_t ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx,
+    ngx_uint_t queue);
+void ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf);
+ngx_int_t ngx_http_omni_init_module(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_omni_init_process(ngx_cycle_t *cycle);
+
+/* ngx_http_omni_feed.c */
+void ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, ngx_uint_t ok);
+void ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done);
+uint64_t ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx);
 
 /* ngx_http_omni_answer.c */
 void ngx_http_omni_retry_after(ngx_http_request_t *r);
@@ -396,7 +547,14 @@ ngx_int_t ngx_http_omni_stream_error(ngx_http_omni_ctx_t *ctx,
 ngx_int_t ngx_http_omni_answer_from_prefill(ngx_http_omni_ctx_t *ctx,
     u_char *resp, size_t len);
 
+/* ngx_http_omni_request.c */
+ngx_int_t ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx);
+
 /* ngx_http_omni_legs.c */
+ngx_http_omni_ctx_t *ngx_http_omni_get_ctx(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_start_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
     ngx_chain_t *body, off_t len, ngx_uint_t in_memory);
 void ngx_http_omni_cancel_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier);
@@ -407,62 +565,8 @@ char *ngx_http_omni_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *ngx_http_omni_bootstrap(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 
-/* ngx_http_omni_shm.c */
-ngx_int_t ngx_http_omni_shm_add(ngx_conf_t *cf,
-    ngx_http_omni_main_conf_t *mcf);
-ngx_http_omni_shctx_t *ngx_http_omni_shm(ngx_http_omni_main_conf_t *mcf,
-    ngx_slab_pool_t **shpool);
-ngx_uint_t ngx_http_omni_inst_usable(ngx_http_omni_inst_t *in,
-    ngx_msec_t now);
-void ngx_http_omni_charge(ngx_http_omni_shctx_t *sh,
-    ngx_http_omni_upstream_conf_t *ucf, ngx_http_omni_leg_t *leg,
-    ngx_uint_t index, uint64_t tokens);
-void ngx_http_omni_leg_reserve(ngx_http_omni_upstream_conf_t *ucf,
-    ngx_http_omni_leg_t *leg, ngx_uint_t index, uint64_t tokens);
-void ngx_http_omni_leg_release(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_leg_t *leg, ngx_uint_t failed);
-void ngx_http_omni_request_begin(ngx_http_omni_main_conf_t *mcf);
-void ngx_http_omni_request_end(ngx_http_omni_main_conf_t *mcf,
-    ngx_uint_t route, ngx_uint_t mode, ngx_uint_t status,
-    ngx_http_omni_ctx_t *ctx);
-extern const double  ngx_http_omni_bucket_bounds[NGX_HTTP_OMNI_BUCKETS];
-extern const ngx_uint_t  ngx_http_omni_status_codes[NGX_HTTP_OMNI_STATUSES];
-
-/* ngx_http_omni_queue.c */
-ngx_int_t ngx_http_omni_queue_init_zone(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, size_t zone_size);
-ngx_int_t ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue);
-ngx_int_t ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx);
-void ngx_http_omni_adopt(ngx_http_omni_ctx_t *ctx, ngx_http_omni_qentry_t *en);
-void ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx);
-void ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
-    ngx_slab_pool_t *shpool, uint32_t e);
-uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
-void ngx_http_omni_notify(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_qentry_t *e);
-void ngx_http_omni_arm_timer(ngx_msec_t after);
-ngx_int_t ngx_http_omni_init_module(ngx_cycle_t *cycle);
-ngx_int_t ngx_http_omni_init_process(ngx_cycle_t *cycle);
-uint64_t ngx_http_omni_now_us(void);
-
-/* ngx_http_omni_sched.c */
-void ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf);
-ngx_int_t ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx,
-    ngx_uint_t queue);
-ngx_int_t ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf);
-void ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
-    ngx_http_omni_leg_t *leg, ngx_uint_t ok);
-void ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
-    ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done);
-uint64_t ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx);
-uint64_t ngx_http_omni_best_uncached(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n_hashes,
-    uint64_t prompt_tokens, size_t *slot);
-ngx_int_t ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
-    uint64_t tokens);
-ngx_int_t ngx_http_omni_choose_retry(ngx_http_request_t *r,
-    ngx_http_omni_upstream_conf_t *ucf, uintptr_t *tried, ngx_uint_t *index);
+/* ngx_http_omni_flow.c */
+ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
 
 /* ngx_http_omni_status.c */
 ngx_int_t ngx_http_omni_status_handler(ngx_http_request_t *r);

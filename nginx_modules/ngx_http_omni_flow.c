@@ -26,6 +26,10 @@
 
 static void ngx_http_omni_body_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx);
+static ngx_int_t ngx_http_omni_held(ngx_http_omni_ctx_t *ctx,
+    ngx_uint_t queue);
+static ngx_int_t ngx_http_omni_not_released(ngx_http_omni_ctx_t *ctx,
+    ngx_int_t rc);
 static ngx_int_t ngx_http_omni_start(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_bootstrap_value(ngx_http_omni_ctx_t *ctx,
     ngx_uint_t which, omni_json_edit_t *e);
@@ -110,7 +114,7 @@ ngx_http_omni_handler(ngx_http_request_t *r)
     cln->handler = ngx_http_omni_cleanup;
     cln->data = ctx;
 
-    ngx_http_omni_request_begin(mcf);
+    ngx_http_omni_ledger_request_begin(mcf);
 
     if (!(r->method & NGX_HTTP_POST)) {
         return ngx_http_omni_send_error(r, NGX_HTTP_NOT_ALLOWED,
@@ -193,6 +197,62 @@ ngx_http_omni_no_instance(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier)
 }
 
 
+/* Hold the request; the proxy answers 429 itself when the queues are full. */
+static ngx_int_t
+ngx_http_omni_held(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
+{
+    if (ngx_http_omni_hold(ctx, queue) == NGX_DONE) {
+        return NGX_DONE;
+    }
+
+    ngx_http_omni_retry_after(ctx->request);
+
+    ctx->error = "queue_full";
+    return ngx_http_omni_send_error(ctx->request, NGX_HTTP_TOO_MANY_REQUESTS,
+                                    "rate_limit_error",
+                                    "the proxy's queue is full (%ui "
+                                    "requests waiting), retry later",
+                                    ctx->mcf->queue_max);
+}
+
+
+/* A held request that will not be released: its one answer. */
+static ngx_int_t
+ngx_http_omni_not_released(ngx_http_omni_ctx_t *ctx, ngx_int_t rc)
+{
+    ngx_http_request_t  *r;
+
+    r = ctx->request;
+
+    if (rc != NGX_HTTP_SERVICE_UNAVAILABLE) {
+        return rc;
+    }
+
+    if (ngx_strcmp(ctx->error, "stale_binding") == 0) {
+        return ngx_http_omni_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                        "server_error",
+                                        "the instance chosen for the "
+                                        "request left the configuration");
+    }
+
+    ngx_http_omni_retry_after(r);
+
+    if (ngx_strcmp(ctx->error, "queue_timeout") == 0) {
+        return ngx_http_omni_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                        "server_error",
+                                        "no instance could take the request "
+                                        "within %M ms (omni_queue_timeout)",
+                                        ngx_current_msec - ctx->t_start);
+    }
+
+    return ngx_http_omni_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                    "server_error", "no usable %s instance",
+                                    ctx->qstage == NGX_HTTP_OMNI_Q_DECODE
+                                    || ctx->mode == NGX_HTTP_OMNI_AGGREGATED
+                                    ? "decode" : "prefill");
+}
+
+
 /* Choose the instances now, or hold the request until the scheduler does. */
 static ngx_int_t
 ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx)
@@ -229,7 +289,7 @@ ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx)
             return ngx_http_omni_start(ctx);
         }
 
-        return ngx_http_omni_hold(ctx, NGX_HTTP_OMNI_Q_PREFILL);
+        return ngx_http_omni_held(ctx, NGX_HTTP_OMNI_Q_PREFILL);
     }
 
     switch (ctx->mode) {
@@ -590,7 +650,10 @@ ngx_http_omni_wake(ngx_http_request_t *r)
             return;
         }
 
-        if (rc == NGX_OK) {
+        if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+            rc = ngx_http_omni_not_released(ctx, rc);
+
+        } else if (rc == NGX_OK) {
             rc = (ctx->qstage == NGX_HTTP_OMNI_Q_DECODE)
                  ? ngx_http_omni_start_decode_kv(ctx)
                  : ngx_http_omni_start(ctx);
@@ -735,7 +798,7 @@ ngx_http_omni_after_prefill(ngx_http_omni_ctx_t *ctx)
         }
 
         /* decode work waits for a decode instance, longest first */
-        return ngx_http_omni_hold(ctx, NGX_HTTP_OMNI_Q_DECODE);
+        return ngx_http_omni_held(ctx, NGX_HTTP_OMNI_Q_DECODE);
     }
 
     if (ngx_http_omni_choose(ctx, NGX_HTTP_OMNI_DECODE,
@@ -817,16 +880,18 @@ ngx_http_omni_cleanup(void *data)
 
     ngx_http_omni_unhold(ctx);
 
-    if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED) {
-        /* its prefill never answered with a first byte */
-        ngx_http_omni_prefill_observed(ctx, &ctx->legs[NGX_HTTP_OMNI_DECODE],
-                                       0);
+    /*
+     * A leg no upstream holds any more (never started, or finalized with
+     * no free: nothing is left to end it) gives back all it was charged,
+     * its predictor job and prefilling included.
+     */
+    for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
+        ngx_http_omni_ledger_release(ctx->mcf, &ctx->legs[t],
+                                     NGX_HTTP_OMNI_OUTCOME_NONE, 0);
     }
 
-    /* a leg whose upstream never started still holds its charge */
-    for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
-        ngx_http_omni_leg_release(ctx->mcf, &ctx->legs[t], 0);
-    }
+    /* what it gave back may let a held request go */
+    ngx_http_omni_schedule(ctx->mcf);
 
     status = ctx->status ? ctx->status : r->headers_out.status;
 
@@ -842,6 +907,6 @@ ngx_http_omni_cleanup(void *data)
         ctx->t_end = ngx_current_msec;
     }
 
-    ngx_http_omni_request_end(ctx->mcf, ctx->route, ctx->mode, status,
-                              ctx);
+    ngx_http_omni_ledger_request_end(ctx->mcf, ctx->route, ctx->mode, status,
+                                     ctx);
 }

@@ -232,11 +232,8 @@ ngx_http_omni_leg_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
             leg->status = rc;
         }
 
-        if (sr->subrequest_in_memory) {
-            ngx_http_omni_prefill_observed(ctx, leg,
-                                           !leg->failed && leg->status >= 200
-                                           && leg->status < 300);
-        } else {
+        /* a prefill leg's job ended with its upstream (the ledger) */
+        if (!sr->subrequest_in_memory) {
             ngx_http_omni_decode_observed(ctx, leg, 0, 1);
         }
 
@@ -252,6 +249,13 @@ ngx_http_omni_leg_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
 
     /* the main request reports the failure; keep it alive */
     return NGX_OK;
+}
+
+
+ngx_http_omni_ctx_t *
+ngx_http_omni_get_ctx(ngx_http_request_t *r)
+{
+    return ngx_http_get_module_ctx(r->main, ngx_http_omni_module);
 }
 
 

@@ -302,13 +302,6 @@ static const char  *ngx_http_omni_mode_names[] = {
 };
 
 
-ngx_http_omni_ctx_t *
-ngx_http_omni_get_ctx(ngx_http_request_t *r)
-{
-    return ngx_http_get_module_ctx(r->main, ngx_http_omni_module);
-}
-
-
 static ngx_int_t
 ngx_http_omni_add_variables(ngx_conf_t *cf)
 {
@@ -379,7 +372,7 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
 {
     ngx_http_omni_main_conf_t  *mcf = conf;
 
-    ngx_conf_init_size_value(mcf->zone_size, 16 * 1024 * 1024);
+    ngx_conf_init_size_value(mcf->zone_size, 64 * 1024 * 1024);
     ngx_conf_init_uint_value(mcf->pd_policy, NGX_HTTP_OMNI_SEQUENTIAL);
     ngx_conf_init_uint_value(mcf->schedule_policy, NGX_HTTP_OMNI_SCHED_OMNI);
     ngx_conf_init_uint_value(mcf->queue_order, NGX_HTTP_OMNI_ORDER_SJF);
@@ -526,9 +519,7 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         leg = &ctx->legs[ctx->mode == NGX_HTTP_OMNI_AGGREGATED
                          ? NGX_HTTP_OMNI_DECODE : NGX_HTTP_OMNI_PREFILL];
 
-        if (leg->job.dispatch_us == 0
-            || leg->job.done_us < leg->job.dispatch_us)
-        {
+        if (leg->predicted_us == 0) {
             break;
         }
 
@@ -539,7 +530,7 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
 
         v->data = p;
         v->len = ngx_sprintf(p, "%uL",
-                             (leg->job.done_us - leg->job.dispatch_us) / 1000)
+                             leg->predicted_us / 1000)
                  - p;
         return NGX_OK;
 

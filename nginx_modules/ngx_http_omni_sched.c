@@ -5,10 +5,11 @@
  *
  * - at once, when a request arrives (round-robin, least-loaded,
  *   cache-aware): ngx_http_omni_choose();
- * - held and released (omni): ngx_http_omni_schedule() runs the release
- *   loop over the queues of ngx_http_omni_queue.c whenever something
- *   changes (an arrival, a completion, a predicted instant).  The next
- *   request in queue order is bound to the instance with the least predicted
+ * - held and released (omni): the release loop (ngx_http_omni_hold.c)
+ *   asks, for the next request in queue order (its key is made here,
+ *   ngx_http_omni_queue_key_locked()), ngx_http_omni_bind_start() or
+ *   ngx_http_omni_bind_decode().  A request is bound to the instance with
+ *   the least predicted
  *   TTFT (expected wait + prefill of the tokens it does not hold), if one can
  *   take it within its limits and soon enough; decode work is placed longest
  *   first on the least-loaded decode instance.
@@ -23,37 +24,17 @@
 #include "ngx_http_omni.h"
 
 
-/* released per pass of the loop before owners are told */
-#define NGX_HTTP_OMNI_BATCH          64
-/* queue entries looked at past a head that waits for a busy instance */
-#define NGX_HTTP_OMNI_LOOKAHEAD      8
-/* cache-aware: leave the best-matching instance when it has this many
- * more requests in flight than the least loaded one */
-#define NGX_HTTP_OMNI_BALANCE        8
-/* the mean gap between arrivals: weight of the newest, and the longest gap
- * counted (an idle proxy is not a slow one forever) */
-#define NGX_HTTP_OMNI_GAP_ALPHA      0.05
-#define NGX_HTTP_OMNI_MAX_GAP_US     10000000
 
 
 /* per worker scratch, sized for every slot */
 static uint32_t             ngx_http_omni_matched[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_prefill_cand_t  ngx_http_omni_pcands[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_decode_inst_t   ngx_http_omni_dcands[NGX_HTTP_OMNI_MAX_SLOTS];
+static omni_pick_cand_t     ngx_http_omni_picks[NGX_HTTP_OMNI_MAX_SLOTS];
+static uint32_t             ngx_http_omni_start_slots[NGX_HTTP_OMNI_MAX_SLOTS];
 
 
-static ngx_inline void
-ngx_http_omni_bill(ngx_http_omni_inst_t *in, uint64_t tokens)
-{
-    in->inflight_requests++;
-    in->inflight_tokens += tokens;
-    in->requests_total++;
-    in->tokens_total += tokens;
-    in->last_seen = ngx_current_msec;
-}
-
-
-static ngx_inline ngx_uint_t
+ngx_uint_t
 ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf)
 {
     return mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED ? NGX_HTTP_OMNI_DECODE
@@ -99,123 +80,72 @@ ngx_http_omni_match(ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n,
 }
 
 
-uint64_t
-ngx_http_omni_best_uncached(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n_hashes,
-    uint64_t prompt_tokens, size_t *slot)
-{
-    uint32_t                       *matched;
-    uint64_t                        best, cached;
-    ngx_uint_t                      i;
-    ngx_http_omni_upstream_conf_t  *ucf;
-
-    ucf = mcf->tiers[ngx_http_omni_start_tier(mcf)];
-    best = prompt_tokens;
-    *slot = (ucf && ucf->n) ? ucf->slots[0] : 0;
-
-    matched = ngx_http_omni_match(sh, hashes, n_hashes, ngx_http_omni_now_us());
-
-    for (i = 0; matched && ucf && i < ucf->n; i++) {
-        if (ucf->slots[i] >= sh->n_slots) {
-            continue;
-        }
-
-        cached = (uint64_t) matched[ucf->slots[i]] * sh->block_size;
-        cached = ngx_min(cached, prompt_tokens ? prompt_tokens - 1 : 0);
-
-        if (prompt_tokens - cached < best) {
-            best = prompt_tokens - cached;
-            *slot = ucf->slots[i];
-        }
-    }
-
-    return best;
-}
-
-
 /* ------------------------------------------------------------------------ */
 /* at once                                                                  */
 
 
 /*
- * The best usable instance of a tier, or ucf->n when none is.  `tried` (may
- * be NULL) is round robin's bitmap of instances already tried by this leg.
+ * The best usable instance of a tier, or ucf->n when none is
+ * (omni_policy_pick_now(): round robin, least loaded or cache-aware).
+ * `tried` (may be NULL) is the bitmap of instances this leg tried already.
  */
 static ngx_uint_t
 ngx_http_omni_pick(ngx_http_omni_shctx_t *sh,
     ngx_http_omni_upstream_conf_t *ucf, ngx_uint_t policy, uintptr_t *tried,
     uint32_t *matched)
 {
-    uint64_t               load, best_load;
-    ngx_uint_t             i, k, start, best, slot, hit, hit_best;
-    ngx_uint_t             min_running, best_running;
+    int                    k;
+    uint32_t               how;
+    ngx_uint_t             i, slot;
     ngx_msec_t             now;
+    omni_pick_cand_t      *pc;
     ngx_http_omni_inst_t  *in;
 
     now = ngx_current_msec;
-    best = ucf->n;
-    hit = ucf->n;
-    hit_best = 0;
-    best_load = 0;
-    min_running = (ngx_uint_t) -1;
-    best_running = 0;
-    start = ucf->n ? sh->rr[ucf->role] % ucf->n : 0;
+    pc = ngx_http_omni_picks;
 
-    for (k = 0; k < ucf->n; k++) {
-        i = (start + k) % ucf->n;
+    for (i = 0; i < ucf->n; i++) {
+        ngx_memzero(&pc[i], sizeof(omni_pick_cand_t));
+        slot = ucf->slots[i];
 
         if (tried
             && (tried[i / (8 * sizeof(uintptr_t))]
                 & ((uintptr_t) 1 << i % (8 * sizeof(uintptr_t)))))
         {
-            continue;
+            pc[i].flags |= OMNI_POLICY_TRIED;
         }
 
-        slot = ucf->slots[i];
-
         if (slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
+            pc[i].flags |= OMNI_POLICY_UNHEALTHY;
             continue;
         }
 
         in = &sh->inst[slot];
 
         if (!ngx_http_omni_usable(ucf, i, in, now)) {
-            continue;
+            pc[i].flags |= OMNI_POLICY_UNHEALTHY;
         }
 
-        if (policy == NGX_HTTP_OMNI_SCHED_ROUND_ROBIN) {
-            best = i;
-            break;
-        }
+        pc[i].running = in->inflight_requests;
+        pc[i].load_tokens = in->inflight_tokens;
 
-        load = in->inflight_tokens;
-
-        if (best == ucf->n || load < best_load) {
-            best = i;
-            best_load = load;
-        }
-
-        min_running = ngx_min(min_running, in->inflight_requests);
-
-        if (matched && slot < sh->n_slots && matched[slot] > hit_best) {
-            hit = i;
-            hit_best = matched[slot];
-            best_running = in->inflight_requests;
+        if (matched && slot < sh->n_slots) {
+            pc[i].matched = matched[slot];
         }
     }
 
-    /* cache-aware: the longest prefix, unless that piles up load */
-    if (hit < ucf->n
-        && best_running < min_running + NGX_HTTP_OMNI_BALANCE)
-    {
-        best = hit;
+    how = policy == NGX_HTTP_OMNI_SCHED_ROUND_ROBIN ? OMNI_PICK_ROUND_ROBIN
+          : matched ? OMNI_PICK_CACHE_AWARE : OMNI_PICK_LEAST_LOADED;
+
+    k = omni_policy_pick_now(pc, ucf->n, how, sh->rr[ucf->role]);
+
+    if (k < 0) {
+        return ucf->n;
     }
 
-    if (best < ucf->n) {
-        sh->rr[ucf->role] = (uint32_t) (best + 1);
-    }
+    sh->rr[ucf->role] = (uint32_t) (k + 1);
 
-    return best;
+    return (ngx_uint_t) k;
 }
 
 
@@ -228,6 +158,7 @@ ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
     ngx_uint_t                      best, start;
     ngx_slab_pool_t                *shpool;
     ngx_http_omni_leg_t            *leg;
+    ngx_http_omni_spec_t            spec;
     ngx_http_omni_shctx_t          *sh;
     ngx_http_omni_upstream_conf_t  *ucf;
 
@@ -254,9 +185,10 @@ ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
                               matched);
 
     if (best < ucf->n) {
-        ngx_http_omni_charge(sh, ucf, leg, best, tokens);
+        slot = (uint32_t) ucf->slots[best];
 
-        slot = ucf->slots[best];
+        ngx_memzero(&spec, sizeof(ngx_http_omni_spec_t));
+        spec.tokens = tokens;
 
         if (start && slot < NGX_HTTP_OMNI_MAX_SLOTS) {
             /* what the prefill of this leg will cost, for the predictor */
@@ -272,18 +204,24 @@ ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
             uncached = (uint32_t) (ctx->prompt_tokens - cached);
             ctx->cached_tokens = cached;
 
-            (void) omni_predict_prefill_dispatch(sh->predict, slot, uncached,
-                                                 cached, now_us, &leg->job);
+            spec.uncached = uncached;
+            spec.cached = cached;
+            spec.flags = NGX_HTTP_OMNI_CHARGE_JOB;
 
             if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED) {
-                sh->inst[slot].prefilling++;
-                sh->inst[slot].prefilling_tokens += uncached;
+                spec.flags |= NGX_HTTP_OMNI_CHARGE_PREFILLING;
             }
+        }
 
-            if (ctx->n_hashes && sh->index) {
-                (void) omni_index_insert(sh->index, slot, ctx->hashes,
-                                         ctx->n_hashes, now_us);
-            }
+        if (ngx_http_omni_ledger_leg_bind_locked(sh, shpool, ucf, leg, best,
+                                                 &spec, now_us)
+            != NGX_OK)
+        {
+            best = ucf->n;
+
+        } else if (start && ctx->n_hashes && sh->index) {
+            (void) omni_index_insert(sh->index, slot, ctx->hashes,
+                                     ctx->n_hashes, now_us);
         }
     }
 
@@ -340,7 +278,7 @@ ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf)
 
 
 /* Whether any instance of the tier could be chosen at all now. */
-static ngx_uint_t
+ngx_uint_t
 ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t tier, ngx_msec_t now)
 {
@@ -363,21 +301,10 @@ ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
 
 /* A request to start arrived: the mean gap between arrivals (under the
  * zone lock). */
-static void
+void
 ngx_http_omni_arrived(ngx_http_omni_shctx_t *sh, uint64_t now_us)
 {
-    uint64_t  gap;
-
-    if (sh->last_arrival_us && now_us > sh->last_arrival_us) {
-        gap = ngx_min(now_us - sh->last_arrival_us,
-                      NGX_HTTP_OMNI_MAX_GAP_US);
-        sh->arrival_gap_us = sh->arrival_gap_us
-            ? sh->arrival_gap_us
-              + NGX_HTTP_OMNI_GAP_ALPHA * ((double) gap - sh->arrival_gap_us)
-            : (double) gap;
-    }
-
-    sh->last_arrival_us = now_us;
+    omni_policy_arrived(&sh->arrivals, now_us);
 }
 
 
@@ -441,16 +368,19 @@ ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
  * nothing can take it now, nor anything else that needs a free instance
  * (*retry_us may be set).
  */
-static ngx_int_t
+ngx_int_t
 ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en, ngx_msec_t now,
-    uint64_t now_us, uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force)
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_http_omni_qentry_t *en, ngx_msec_t now, uint64_t now_us,
+    uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force)
 {
     int                             rc;
     uint32_t                       *matched, slot, dslot, cached, uncached;
-    uint64_t                        charge, slack;
-    ngx_uint_t                      i, tier, room;
+    ngx_uint_t                      i, tier;
     omni_decision_t                 dec;
+    omni_prefill_opts_t             po;
+    ngx_http_omni_spec_t            spec;
+    ngx_http_omni_charge_t         *ch;
     omni_prefill_cand_t            *c;
     ngx_http_omni_inst_t           *in;
     ngx_http_omni_upstream_conf_t  *ucf;
@@ -488,145 +418,33 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 
         c[i].max_running = (uint32_t) mcf->prefill_max_num_seqs;
         c[i].max_tokens = mcf->max_batch_num_token;
+        c[i].step_start_us = in->last_start_us;
+        c[i].step_done_us = in->last_done_us;
+        c[i].step_service_us = in->last_service_us;
     }
 
     matched = ngx_http_omni_match(sh, en->hashes, en->n_hashes, now_us);
 
-    rc = omni_policy_prefill_prepare(sh->predict, matched,
-                                     matched ? sh->n_slots : 0,
-                                     sh->block_size,
-                                     (uint32_t) ngx_min(en->prompt_tokens,
-                                                        UINT32_MAX),
-                                     now_us, c, ucf->n);
-    if (rc != OMNI_OK) {
-        return NGX_AGAIN;
-    }
+    /* the library decides (omni_policy_prefill_decide(), tested there) */
 
-    slack = (uint64_t) mcf->hold_slack * 1000;
+    po.hold_slack_us = (uint64_t) mcf->hold_slack * 1000;
+    po.arrival_gap_us = sh->arrivals.gap_us;
+    po.waiting = (uint32_t) waiting;
+    po.force = (uint32_t) force;
 
-    /*
-     * Whether any instance could start some request now (usable, below its
-     * limits, free within the slack, batch budget not used up): when none
-     * can, a request that waits here ends the release pass, as nobody
-     * behind it can go either.
-     */
-
-    room = 0;
-
-    for (i = 0; i < ucf->n && !room; i++) {
-        room = !(c[i].flags & OMNI_POLICY_UNHEALTHY)
-               && (c[i].max_running == 0 || c[i].running < c[i].max_running)
-               && (c[i].max_tokens == 0
-                   || c[i].inflight_tokens < c[i].max_tokens)
-               && c[i].wait_us <= slack;
-    }
-
-    /*
-     * Engines batch in steps: what reaches an instance while a step runs
-     * waits for the next one, and everything waiting then shares it.  A
-     * request that waits there for the next step (or for its first one,
-     * just sent) and has less work than this one would finish with this
-     * one's first chunk, up to a whole step late, and so would have been
-     * mispredicted.  This one waits until that one is done (the slack at
-     * most; the engine's next step has it).
-     */
-
-    for (i = 0; i < ucf->n; i++) {
-        slot = (uint32_t) ucf->slots[i];
-
-        if (slot >= NGX_HTTP_OMNI_MAX_SLOTS || c[i].wait_us == 0
-            || c[i].wait_us > slack)
-        {
-            continue;
-        }
-
-        in = &sh->inst[slot];
-
-        if (now_us < in->last_start_us + slack
-            && now_us < in->last_done_us
-            && c[i].prefill_us > in->last_service_us)
-        {
-            c[i].wait_us = ngx_max(c[i].wait_us,
-                                   in->last_done_us - now_us) + slack;
-        }
-    }
-
-    /*
-     * An instance whose batch budget this request does not fit now is not
-     * out of the question: it is busy, and may be worth waiting for (it may
-     * hold the prompt's prefix, being computed by the request in flight).
-     */
-
-    for (i = 0; i < ucf->n; i++) {
-        uncached = (uint32_t) ngx_max(en->prompt_tokens
-                                      - c[i].cached_tokens, 1);
-
-        if (c[i].inflight_tokens
-            && c[i].inflight_tokens + uncached > c[i].max_tokens)
-        {
-            c[i].wait_us = ngx_max(c[i].wait_us, slack + 1);
-        }
-
-        c[i].max_tokens = OMNI_POLICY_UNLIMITED;
-    }
-
-    /* the cost of a choice: its own TTFT and what it takes from the others */
-
-    (void) omni_policy_prefill_add_delay(c, ucf->n, (uint32_t) waiting,
-                                         sh->arrival_gap_us);
-
-    rc = omni_policy_prefill_choose(c, ucf->n,
+    rc = omni_policy_prefill_decide(sh->predict, matched,
+                                    matched ? sh->n_slots : 0,
+                                    sh->block_size,
                                     (uint32_t) ngx_min(en->prompt_tokens,
                                                        UINT32_MAX),
-                                    slack, &dec);
+                                    now_us, &po, c, ucf->n, &dec);
 
-    if (rc == OMNI_EHOLD && dec.reason == OMNI_POLICY_HOLD_BUSY) {
-        /*
-         * Its best instance is busy a while yet.  The caller first offers
-         * the free instances to the requests behind this one; if none of
-         * them wants one either (`force`), the request takes the best free
-         * one: an instance never idles while requests wait.  Only when
-         * none is free soon is the request held for its best one.
-         */
-        if (dec.retry_us && (*retry_us == 0 || dec.retry_us < *retry_us)) {
-            *retry_us = dec.retry_us;
-        }
-
-        if (!room) {
-            return NGX_AGAIN;
-        }
-
-        if (!force) {
-            return NGX_BUSY;
-        }
-
-        if (dec.best >= 0
-            && (uint64_t) c[dec.best].cached_tokens * 2 >= en->prompt_tokens)
-        {
-            /*
-             * Most of its prompt is (or is being) computed there: taking a
-             * free instance would redo it.  It waits for that one.
-             */
-            return NGX_BUSY;
-        }
-
-        for (i = 0; i < ucf->n; i++) {
-            if (c[i].wait_us > slack) {
-                c[i].flags |= OMNI_POLICY_DRAINING;
-            }
-        }
-
-        rc = omni_policy_prefill_choose(c, ucf->n,
-                                        (uint32_t) ngx_min(en->prompt_tokens,
-                                                           UINT32_MAX),
-                                        UINT64_MAX, &dec);
-        if (rc == OMNI_EHOLD) {
-            return NGX_BUSY;
-        }
+    if (dec.retry_us && (*retry_us == 0 || dec.retry_us < *retry_us)) {
+        *retry_us = dec.retry_us;
     }
 
-    if (rc == OMNI_EHOLD) {
-        return NGX_AGAIN;
+    if (rc == OMNI_EHOLD && dec.reason == OMNI_POLICY_HOLD_BUSY) {
+        return NGX_BUSY;
     }
 
     if (rc != OMNI_OK || dec.choice < 0) {
@@ -643,46 +461,52 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
         }
     }
 
-    /* bind */
+    /* bind: the charges belong to the request's owner */
 
     slot = (uint32_t) ucf->slots[dec.choice];
     cached = c[dec.choice].cached_tokens;
     uncached = (uint32_t) ngx_max(en->prompt_tokens - cached, 1);
-    in = &sh->inst[slot];
 
-    charge = (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED)
-             ? en->prompt_tokens + en->output_tokens : uncached;
-
-    ngx_http_omni_bill(in, charge);
+    ngx_memzero(&spec, sizeof(ngx_http_omni_spec_t));
+    spec.tokens = (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED)
+                  ? en->prompt_tokens + en->output_tokens : uncached;
+    spec.uncached = uncached;
+    spec.cached = cached;
+    spec.flags = NGX_HTTP_OMNI_CHARGE_JOB;
 
     if (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED) {
-        in->prefilling++;
-        in->prefilling_tokens += uncached;
+        spec.flags |= NGX_HTTP_OMNI_CHARGE_PREFILLING;
+    }
+
+    ch = ngx_http_omni_ledger_bind_locked(sh, shpool, en->pid, slot, &spec,
+                                          now_us);
+    if (ch == NULL) {
+        return NGX_AGAIN;
+    }
+
+    if (dslot != NGX_HTTP_OMNI_NONE) {
+        ngx_memzero(&spec, sizeof(ngx_http_omni_spec_t));
+        spec.tokens = en->prompt_tokens + en->output_tokens;
+
+        en->charge[NGX_HTTP_OMNI_DECODE] =
+            ngx_http_omni_ledger_bind_locked(sh, shpool, en->pid, dslot,
+                                             &spec, now_us);
+
+        if (en->charge[NGX_HTTP_OMNI_DECODE] == NULL) {
+            ngx_http_omni_ledger_unbind_locked(sh, shpool, ch);
+            return NGX_AGAIN;
+        }
+
+        en->slot[NGX_HTTP_OMNI_DECODE] = dslot;
     }
 
     en->slot[tier] = slot;
-    en->charge[tier] = charge;
+    en->charge[tier] = ch;
     en->cached_tokens = cached;
-
-    if (omni_predict_prefill_dispatch(sh->predict, slot, uncached, cached,
-                                      now_us, &en->job)
-        == OMNI_OK)
-    {
-        in->last_service_us = en->job.service_us;
-        in->last_done_us = en->job.done_us;
-        in->last_start_us = en->job.start_us;
-    }
 
     if (en->n_hashes) {
         (void) omni_index_insert(sh->index, slot, en->hashes, en->n_hashes,
                                  now_us);
-    }
-
-    if (dslot != NGX_HTTP_OMNI_NONE) {
-        charge = en->prompt_tokens + en->output_tokens;
-        ngx_http_omni_bill(&sh->inst[dslot], charge);
-        en->slot[NGX_HTTP_OMNI_DECODE] = dslot;
-        en->charge[NGX_HTTP_OMNI_DECODE] = charge;
     }
 
     return NGX_OK;
@@ -690,12 +514,14 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 
 
 /* Sequential mode, prefill done: place the decode work. */
-static ngx_int_t
+ngx_int_t
 ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en, ngx_msec_t now)
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_http_omni_qentry_t *en, ngx_msec_t now)
 {
-    uint32_t  slot;
-    uint64_t  charge;
+    uint32_t                 slot;
+    ngx_http_omni_spec_t     spec;
+    ngx_http_omni_charge_t  *ch;
 
     slot = ngx_http_omni_place_decode(mcf, sh, en, now);
 
@@ -703,374 +529,135 @@ ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
         return NGX_AGAIN;
     }
 
-    charge = en->prompt_tokens + en->output_tokens;
-    ngx_http_omni_bill(&sh->inst[slot], charge);
+    ngx_memzero(&spec, sizeof(ngx_http_omni_spec_t));
+    spec.tokens = en->prompt_tokens + en->output_tokens;
+
+    ch = ngx_http_omni_ledger_bind_locked(sh, shpool, en->pid, slot, &spec,
+                                          ngx_http_omni_now_us());
+    if (ch == NULL) {
+        return NGX_AGAIN;
+    }
+
     en->slot[NGX_HTTP_OMNI_DECODE] = slot;
-    en->charge[NGX_HTTP_OMNI_DECODE] = charge;
+    en->charge[NGX_HTTP_OMNI_DECODE] = ch;
 
     return NGX_OK;
 }
 
 
 /*
- * The fast path of holding: nobody waits in `queue` and an instance can
- * take the request now, so it is bound at once, without a queue entry or a
- * wake-up.  NGX_OK: bound (the legs carry it); NGX_DECLINED: hold it.
+ * The order of a held request (smaller keys leave first), under the lock:
+ * omni_policy_queue_key() with the queue's options: the decode queue longest
+ * first (LPT), the prefill queue first come first served or shortest
+ * predicted work first with aging (the work: omni_policy_queue_work(), the
+ * uncached prefill on the instance holding the longest prefix).
  */
-ngx_int_t
-ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
+void
+ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en)
 {
-    uint64_t                 now_us, retry_us;
-    ngx_int_t                rc;
-    ngx_msec_t               now;
-    ngx_slab_pool_t         *shpool;
-    ngx_http_omni_shctx_t   *sh;
-    ngx_http_omni_qentry_t   en;
+    uint32_t                       *matched;
+    uint64_t                        work;
+    ngx_uint_t                      i;
+    omni_queue_opts_t               o;
+    ngx_http_omni_upstream_conf_t  *ucf;
 
-    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
+    ngx_http_omni_queue_opts(mcf, en->queue, &o);
 
-    /* an unlocked look first; a request to start is counted as an arrival
-     * under the lock below either way */
-    if (queue == NGX_HTTP_OMNI_Q_DECODE && sh->queues[queue].n) {
-        return NGX_DECLINED;
-    }
+    work = 0;
 
-    ngx_memzero(&en, sizeof(ngx_http_omni_qentry_t));
+    if (en->queue == NGX_HTTP_OMNI_Q_DECODE) {
+        work = en->prompt_tokens + en->output_tokens;
 
-    now = ngx_current_msec;
-    en.queue = (uint8_t) queue;
-    en.arrival = now;
-    en.released = now;
-    en.prompt_tokens = ctx->prompt_tokens;
-    en.output_tokens = ctx->output_tokens;
-    en.hashes = ctx->hashes;            /* this process's memory: used */
-    en.n_hashes = (uint32_t) ctx->n_hashes;     /* only under this lock */
-    en.slot[0] = NGX_HTTP_OMNI_NONE;
-    en.slot[1] = NGX_HTTP_OMNI_NONE;
+    } else if (o.order == OMNI_QUEUE_SJF) {
+        ucf = mcf->tiers[ngx_http_omni_start_tier(mcf)];
 
-    retry_us = 0;
-    rc = NGX_DECLINED;
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    now_us = ngx_http_omni_now_us();
-
-    if (queue == NGX_HTTP_OMNI_Q_PREFILL) {
-        ngx_http_omni_arrived(sh, now_us);
-    }
-
-    /* the order of arrival holds: only when nobody is waiting */
-
-    if (queue == NGX_HTTP_OMNI_Q_DECODE) {
-        if (sh->queues[queue].n == 0
-            && ngx_http_omni_bind_decode(ctx->mcf, sh, &en, now) == NGX_OK)
-        {
-            rc = NGX_OK;
+        for (i = 0; ucf && i < ucf->n; i++) {
+            ngx_http_omni_start_slots[i] = ucf->slots[i]
+                                           < NGX_HTTP_OMNI_MAX_SLOTS
+                                           ? (uint32_t) ucf->slots[i]
+                                           : NGX_HTTP_OMNI_NONE;
         }
 
-    } else if (sh->queues[queue].n == 0
-        && ngx_http_omni_tier_usable(ctx->mcf, sh,
-                                     ngx_http_omni_start_tier(ctx->mcf), now)
-        && (ctx->mode != NGX_HTTP_OMNI_PARALLEL
-            || ngx_http_omni_tier_usable(ctx->mcf, sh, NGX_HTTP_OMNI_DECODE,
-                                         now)))
-    {
-        if (ngx_http_omni_bind_start(ctx->mcf, sh, &en, now, now_us,
-                                     &retry_us, 1, 1)
-            == NGX_OK)
-        {
-            sh->decisions++;
-            sh->decision_us += ngx_http_omni_now_us() - now_us;
-            rc = NGX_OK;
-        }
+        matched = ngx_http_omni_match(sh, en->hashes, en->n_hashes,
+                                      ngx_http_omni_now_us());
+
+        (void) omni_policy_queue_work(sh->predict, matched,
+                                      matched ? sh->n_slots : 0,
+                                      sh->block_size,
+                                      ngx_http_omni_start_slots,
+                                      ucf ? ucf->n : 0,
+                                      (uint32_t) ngx_min(en->prompt_tokens,
+                                                         UINT32_MAX),
+                                      &en->work_us);
+        work = en->work_us;
     }
 
-    ngx_shmtx_unlock(&shpool->mutex);
-
-    if (rc == NGX_OK) {
-        ngx_http_omni_adopt(ctx, &en);
-    }
-
-    return rc;
+    en->key = omni_policy_queue_key(&o, (uint64_t) en->arrival * 1000, work);
 }
 
 
+/* The library's options of queue q under this configuration. */
 void
-ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
+ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
+    omni_queue_opts_t *o)
 {
-    uint32_t                 e, cand;
-    uint64_t                 t0, now_us, retry_us;
-    ngx_int_t                rc;
-    ngx_uint_t               q, n, i, k, more, attempts;
-    ngx_msec_t               now;
-    ngx_slab_pool_t         *shpool;
+    ngx_memzero(o, sizeof(omni_queue_opts_t));
+
+    o->order = (q == NGX_HTTP_OMNI_Q_DECODE) ? OMNI_QUEUE_LPT
+               : (mcf->queue_order == NGX_HTTP_OMNI_ORDER_SJF)
+                 ? OMNI_QUEUE_SJF : OMNI_QUEUE_FCFS;
+    o->aging = OMNI_POLICY_AGING;
+    o->starvation_us = (uint64_t) mcf->starvation_timeout * 1000;
+}
+
+
+/*
+ * The entry to release next from queue q, or NGX_HTTP_OMNI_NONE: the least
+ * key, unless requests waited past the starvation timeout; of those (the
+ * oldest, at the front of the arrival list) omni_policy_queue_next() says
+ * which goes first.
+ */
+uint32_t
+ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now)
+{
+    int                      k;
+    size_t                   n, max;
+    uint32_t                 e;
+    omni_queue_opts_t        o;
     ngx_http_omni_queue_t   *queue;
-    ngx_http_omni_shctx_t   *sh;
-    ngx_http_omni_qentry_t  *en, out[NGX_HTTP_OMNI_BATCH];
+    ngx_http_omni_qentry_t  *en;
+    omni_queue_item_t        late[OMNI_POLICY_LATE_SCAN];
+    uint32_t                 ids[OMNI_POLICY_LATE_SCAN];
 
-    if (mcf->schedule_policy != NGX_HTTP_OMNI_SCHED_OMNI) {
-        return;
+    queue = &sh->queues[q];
+
+    if (queue->n == 0) {
+        return NGX_HTTP_OMNI_NONE;
     }
 
-    sh = ngx_http_omni_shm(mcf, &shpool);
+    ngx_http_omni_queue_opts(mcf, q, &o);
 
-    do {
-        /* an unlocked look first: most calls find nothing waiting */
-        if (sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n == 0
-            && sh->queues[NGX_HTTP_OMNI_Q_DECODE].n == 0)
-        {
-            return;
-        }
+    max = ngx_min(omni_policy_late_scan(&o), OMNI_POLICY_LATE_SCAN);
 
-        n = 0;
-        more = 0;
-        attempts = 0;
-        retry_us = 0;
-
-        ngx_shmtx_lock(&shpool->mutex);
-
-        t0 = ngx_http_omni_now_us();
-        now_us = t0;
-        now = ngx_current_msec;
-
-        for (q = 0; q < NGX_HTTP_OMNI_QUEUES && n < NGX_HTTP_OMNI_BATCH; q++) {
-            queue = &sh->queues[q];
-
-            while (n < NGX_HTTP_OMNI_BATCH) {
-                e = ngx_http_omni_queue_next_locked(mcf, sh, q, now);
-                if (e == NGX_HTTP_OMNI_NONE) {
-                    break;
-                }
-
-                attempts++;
-
-                if (!ngx_http_omni_tier_usable(mcf, sh,
-                        q == NGX_HTTP_OMNI_Q_DECODE
-                        ? NGX_HTTP_OMNI_DECODE
-                        : ngx_http_omni_start_tier(mcf), now)
-                    || (q == NGX_HTTP_OMNI_Q_PREFILL
-                        && mcf->pd_policy == NGX_HTTP_OMNI_PARALLEL
-                        && !ngx_http_omni_tier_usable(mcf, sh,
-                                                      NGX_HTTP_OMNI_DECODE,
-                                                      now)))
-                {
-                    /* nothing could take it: the owner answers 503 */
-                    sh->entries[e].rejected = 1;
-                    rc = NGX_OK;
-
-                } else if (q == NGX_HTTP_OMNI_Q_DECODE) {
-                    rc = ngx_http_omni_bind_decode(mcf, sh, &sh->entries[e],
-                                                   now);
-
-                } else {
-                    rc = ngx_http_omni_bind_start(mcf, sh, &sh->entries[e],
-                                                  now, now_us, &retry_us,
-                                                  queue->n, 0);
-
-                    /*
-                     * The head waits for a busy instance that will serve it
-                     * best: a few entries behind it may use what is free;
-                     * if none does, the head takes it.
-                     */
-                    for (k = 1; rc == NGX_BUSY && k < NGX_HTTP_OMNI_LOOKAHEAD
-                                && k < queue->n; k++)
-                    {
-                        cand = queue->heap[k];
-
-                        if (cand == e) {
-                            continue;
-                        }
-
-                        attempts++;
-                        rc = ngx_http_omni_bind_start(mcf, sh,
-                                                      &sh->entries[cand],
-                                                      now, now_us, &retry_us,
-                                                      queue->n, 0);
-                        if (rc == NGX_OK) {
-                            e = cand;
-                        } else if (rc == NGX_AGAIN) {
-                            rc = NGX_BUSY;
-                        }
-                    }
-
-                    if (rc == NGX_BUSY) {
-                        attempts++;
-                        rc = ngx_http_omni_bind_start(mcf, sh,
-                                                      &sh->entries[e],
-                                                      now, now_us, &retry_us,
-                                                      queue->n, 1);
-                    }
-                }
-
-                if (rc != NGX_OK) {
-                    break;
-                }
-
-                en = &sh->entries[e];
-
-                if (queue->n && e != queue->heap[0]
-                    && mcf->starvation_timeout
-                    && now - en->arrival >= mcf->starvation_timeout)
-                {
-                    sh->starved++;
-                }
-
-                ngx_http_omni_queue_remove_locked(sh, shpool, e);
-                en->state = NGX_HTTP_OMNI_QE_RELEASED;
-                en->released = now;
-
-                out[n++] = *en;
-            }
-
-            if (n == NGX_HTTP_OMNI_BATCH) {
-                more = 1;
-            }
-        }
-
-        sh->decisions += attempts;
-        sh->decision_us += ngx_http_omni_now_us() - t0;
-
-        ngx_shmtx_unlock(&shpool->mutex);
-
-        for (i = 0; i < n; i++) {
-            ngx_http_omni_notify(mcf, &out[i]);
-        }
-
-        if (retry_us) {
-            ngx_http_omni_arm_timer((ngx_msec_t) (retry_us / 1000) + 1);
-        }
-
-    } while (more);
-}
-
-
-/* ------------------------------------------------------------------------ */
-/* what the proxy observes                                                  */
-
-
-/*
- * The prefill of a leg is over: the prefill leg answered (sequential,
- * parallel), or the first byte of an aggregated leg came.  Exactly once.
- */
-void
-ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
-    ngx_http_omni_leg_t *leg, ngx_uint_t ok)
-{
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_inst_t   *in;
-    ngx_http_omni_shctx_t  *sh;
-
-    if (leg->first || leg->job.dispatch_us == 0
-        || leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS)
+    for (n = 0, e = queue->head; e != NGX_HTTP_OMNI_NONE && n < max;
+         e = en->next)
     {
-        leg->first = 1;
-        return;
-    }
+        en = &sh->entries[e];
 
-    leg->first = 1;
-
-    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
-    in = &sh->inst[leg->slot];
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    (void) omni_predict_prefill_done(sh->predict, (uint32_t) leg->slot,
-                                     &leg->job, ngx_http_omni_now_us(),
-                                     ok ? 1 : 0);
-
-    if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED && in->prefilling) {
-        in->prefilling--;
-        in->prefilling_tokens -= ngx_min(in->prefilling_tokens,
-                                         leg->job.n_new);
-    }
-
-    ngx_shmtx_unlock(&shpool->mutex);
-
-    /* a prefill slot opened: someone may go */
-    ngx_http_omni_schedule(ctx->mcf);
-}
-
-
-/*
- * A decode leg passed `events` SSE events now (done: it ended).  The gaps
- * between them train the decode step model; a finished stream's length
- * trains the typical output length of its route.
- */
-void
-ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
-    ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done)
-{
-    double                  out;
-    uint64_t                now_us, step;
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_inst_t   *in;
-    ngx_http_omni_shctx_t  *sh;
-
-    if (leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
-        return;
-    }
-
-    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
-    in = &sh->inst[leg->slot];
-    now_us = ngx_http_omni_now_us();
-
-    if (done) {
-        if (!ctx->stream || !leg->complete || leg->events < 2) {
-            return;
+        if (!omni_policy_starved(&o, (uint64_t) en->arrival * 1000,
+                                 (uint64_t) now * 1000))
+        {
+            break;
         }
 
-        /* [DONE] and the usage chunk are not tokens */
-        out = (double) (leg->events - 1 - (ctx->include_usage ? 1 : 0));
-
-        ngx_shmtx_lock(&shpool->mutex);
-        sh->output_ewma[ctx->route] = sh->output_ewma[ctx->route] == 0
-                                      ? out
-                                      : 0.9 * sh->output_ewma[ctx->route]
-                                        + 0.1 * out;
-        ngx_shmtx_unlock(&shpool->mutex);
-
-        return;
+        late[n].arrival_us = (uint64_t) en->arrival * 1000;
+        late[n].work_us = en->work_us;
+        ids[n++] = e;
     }
 
-    if (events == 0) {
-        return;
-    }
+    k = omni_policy_queue_next(&o, late, n, (uint64_t) now * 1000);
 
-    if (leg->last_chunk_us && leg->events) {
-        step = (now_us - leg->last_chunk_us) / events;
-
-        ngx_shmtx_lock(&shpool->mutex);
-        (void) omni_predict_observe_decode(sh->predict, (uint32_t) leg->slot,
-                                           (uint32_t) in->inflight_requests,
-                                           in->inflight_tokens, step);
-        ngx_shmtx_unlock(&shpool->mutex);
-    }
-
-    leg->last_chunk_us = now_us;
-    leg->events += events;
-}
-
-
-uint64_t
-ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx)
-{
-    double                  typical;
-    uint64_t                asked;
-    ngx_http_omni_shctx_t  *sh;
-
-    asked = ctx->max_tokens >= 0 ? (uint64_t) ctx->max_tokens : 256;
-
-    if (ctx->ignore_eos) {
-        /* it will run to max_tokens */
-        return asked;
-    }
-
-    sh = ngx_http_omni_shm(ctx->mcf, NULL);
-    typical = sh->output_ewma[ctx->route];
-
-    if (typical >= 1 && (uint64_t) typical < asked) {
-        return (uint64_t) typical + 1;
-    }
-
-    return asked;
+    return k >= 0 ? ids[k] : queue->heap[0];
 }

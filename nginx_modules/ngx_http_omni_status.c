@@ -23,6 +23,7 @@ static const char  *ngx_http_omni_modes[] = {
 static const char  *ngx_http_omni_policies[] = {
     "omni", "cache-aware", "least-loaded", "round-robin"
 };
+static const char  *ngx_http_omni_orders[] = { "sjf", "fcfs" };
 static const char  *ngx_http_omni_routes[] = {
     "completions", "chat_completions", "other"
 };
@@ -135,6 +136,55 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
 }
 
 
+/*
+ * "config": the effective value of every omni_* http-level directive, keyed
+ * by its name without the prefix (durations in ms with a _ms suffix, sizes
+ * in bytes).  What the zone runs with comes from the zone: a reload either
+ * applies a change or is refused (ngx_http_omni_shm.c), so they agree.
+ */
+static u_char *
+ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh)
+{
+    p = ngx_sprintf(p,
+            "\"config\":{\"zone_size\":%uz,\"pd_policy\":\"%s\","
+            "\"schedule_policy\":\"%s\",\"prefill_queue_order\":\"%s\","
+            "\"max_batch_num_token\":%ui,\"prefill_max_num_seqs\":%ui,"
+            "\"decode_max_num_seqs\":%ui,"
+            "\"prefill_starvation_timeout_ms\":%M,"
+            "\"queue_max\":%ui,\"queue_capacity\":%uD,"
+            "\"queue_timeout_ms\":%M,"
+            "\"block_size\":%uD,\"index_max_tokens\":%ui,"
+            "\"index_instances\":%uD,"
+            "\"cache_blocks\":%uD,\"cache_ttl_ms\":%M,"
+            "\"decode_max_tokens\":%ui,\"hold_slack_ms\":%M,"
+            "\"model_path\":",
+            mcf->zone_size, ngx_http_omni_modes[mcf->pd_policy],
+            ngx_http_omni_policies[mcf->schedule_policy],
+            ngx_http_omni_orders[mcf->queue_order],
+            mcf->max_batch_num_token, mcf->prefill_max_num_seqs,
+            mcf->decode_max_num_seqs, mcf->starvation_timeout,
+            mcf->queue_max, sh->q_cap, mcf->queue_timeout,
+            sh->block_size, mcf->index_max_tokens, sh->index_instances,
+            sh->cache_blocks, sh->cache_ttl,
+            mcf->decode_max_tokens, mcf->hold_slack);
+
+    if (mcf->model_path.len) {
+        *p++ = '"';
+        p = (u_char *) ngx_escape_json(p, mcf->model_path.data,
+                                       mcf->model_path.len);
+        *p++ = '"';
+
+    } else {
+        p = ngx_cpymem(p, "null", 4);
+    }
+
+    *p++ = '}';
+
+    return p;
+}
+
+
 ngx_int_t
 ngx_http_omni_status_handler(ngx_http_request_t *r)
 {
@@ -155,7 +205,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
     }
 
     now_us = ngx_http_omni_now_us();
-    size = 2048 + (size_t) sh->n_slots * (1536 + NGX_HTTP_OMNI_ADDR_LEN);
+    size = 3072 + 6 * mcf->model_path.len
+           + (size_t) sh->n_slots * (1536 + NGX_HTTP_OMNI_ADDR_LEN);
 
     body = ngx_pnalloc(r->pool, size);
     if (body == NULL) {
@@ -176,7 +227,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"decision_us_mean\":%.1f,"
                     "\"typical_output_tokens\":[%.1f,%.1f]},"
                     "\"totals\":{\"requests\":%uL,\"inflight_requests\":%uL,"
-                    "\"errors\":%uL},\"instances\":[",
+                    "\"errors\":%uL,\"charges_reaped\":%uL},"
+                    "\"instances\":[",
                     NGX_HTTP_OMNI_VERSION,
                     ngx_http_omni_modes[mcf->pd_policy],
                     ngx_http_omni_policies[mcf->schedule_policy],
@@ -190,7 +242,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
                     sh->requests_total, sh->inflight_requests,
-                    sh->errors_total);
+                    sh->errors_total, sh->reaped_total);
 
     first = 1;
 
@@ -214,20 +266,22 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
             first = 0;
 
             p = ngx_sprintf(p,
-                    "{\"role\":\"%s\",\"index\":%ui,\"address\":\"%*s\","
+                    "{\"role\":\"%s\",\"index\":%ui,\"slot\":%ui,"
+                    "\"address\":\"%*s\","
                     "\"bootstrap_port\":%d,"
                     "\"inflight_requests\":%uL,\"inflight_tokens\":%uL,"
                     "\"healthy\":%s,\"fails\":%uD,"
                     "\"requests_total\":%uL,\"errors_total\":%uL,"
                     "\"tokens_total\":%uL,\"last_latency_ms\":%uL,"
-                    "\"prefilling\":%uD,",
-                    ngx_http_omni_roles[t], i,
+                    "\"prefilling\":%uD,\"prefilling_tokens\":%uL,",
+                    ngx_http_omni_roles[t], i, ucf->slots[i],
                     (size_t) in->addr_len, in->addr,
                     (int) in->bootstrap_port,
                     in->inflight_requests, in->inflight_tokens,
                     ngx_http_omni_inst_usable(in, now) ? "true" : "false",
                     in->fails, in->requests_total, in->errors_total,
-                    in->tokens_total, in->last_latency_ms, in->prefilling);
+                    in->tokens_total, in->last_latency_ms, in->prefilling,
+                    in->prefilling_tokens);
 
             p = ngx_http_omni_status_model(p, mcf, ucf->slots[i], now_us);
 
@@ -235,7 +289,9 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
         }
     }
 
-    p = ngx_cpymem(p, "]}\n", 3);
+    p = ngx_cpymem(p, "],", 2);
+    p = ngx_http_omni_status_config(p, mcf, sh);
+    p = ngx_cpymem(p, "}\n", 2);
 
     return ngx_http_omni_reply(r, NGX_HTTP_OK, "application/json", body,
                                p - body);

@@ -304,10 +304,18 @@ ngx_http_omni_get_peer(ngx_peer_connection_t *pc, void *data)
             return NGX_BUSY;
         }
 
-        leg->tier = pd->ucf->role;
+        /*
+         * The ledger charges the new instance with all the leg carried
+         * (its load, its prefill's predictor job, prefilling): the free
+         * of the failed try gave all of it back on the old one.
+         */
+
         leg->sr = pd->request;
 
-        ngx_http_omni_leg_reserve(pd->ucf, leg, index, leg->tokens);
+        if (ngx_http_omni_ledger_leg_bind(pd->ucf, leg, index) != NGX_OK) {
+            pc->name = &pd->ucf->upstream->host;
+            return NGX_BUSY;
+        }
     }
 
     if (index >= pd->ucf->n) {
@@ -339,12 +347,29 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
 {
     ngx_http_omni_peer_data_t  *pd = data;
 
+    ngx_uint_t            failed;
+    ngx_http_upstream_t  *u;
+
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, pc->log, 0,
                    "omni free peer, tries: %ui, state: %ui", pc->tries, state);
 
-    ngx_http_omni_leg_release(pd->ucf->mcf, pd->leg,
-                              (state & NGX_PEER_FAILED) != 0
-                              && !pd->leg->cancelled);
+    /*
+     * One release for every end of a try: success, engine error, refused
+     * connection, timeout, a retry to come, a cancel, a client that went
+     * away (the upstream's cleanup frees it too).  The prefill it carried
+     * succeeded only with a 2xx answer read whole.
+     */
+
+    failed = (state & NGX_PEER_FAILED) != 0 && !pd->leg->cancelled;
+    u = pd->request->upstream;
+
+    ngx_http_omni_ledger_release(pd->ucf->mcf, pd->leg,
+                                 failed ? NGX_HTTP_OMNI_OUTCOME_FAILED
+                                        : NGX_HTTP_OMNI_OUTCOME_OK,
+                                 !(state & NGX_PEER_FAILED)
+                                 && !pd->leg->cancelled && u
+                                 && u->headers_in.status_n >= 200
+                                 && u->headers_in.status_n < 300);
 
     /* the load it gave back may let a held request go */
     ngx_http_omni_schedule(pd->ucf->mcf);
