@@ -773,6 +773,42 @@ def make_conf(nginx_conf_file, allow_missing_cores: bool = False,
         **plain)
 
 
+def unreachable_dir(conf: ProxyConf) -> Path | None:
+    """When gen-conf runs as root (so nginx will too) and the workers run as
+    another user: the first directory on the way to the prefix that this
+    user cannot enter (nginx creates the temp directories for the workers'
+    user, but cannot open the way to them).  None when all is well or
+    unknown (not root, the user does not exist here)."""
+    import grp
+    import pwd
+    if os.geteuid() != 0:
+        return None
+    name = conf.user or "nobody"            # nginx's built-in worker user
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    if pw.pw_uid == 0:
+        return None
+    groups = set(os.getgrouplist(name, pw.pw_gid))
+    groups |= {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
+    blocked = None
+    for d in [conf.prefix, *conf.prefix.parents]:
+        try:
+            st = d.stat()
+        except OSError:
+            continue                        # created later by gen-conf, 0755
+        if st.st_uid == pw.pw_uid:
+            ok = st.st_mode & 0o100
+        elif st.st_gid in groups:
+            ok = st.st_mode & 0o010
+        else:
+            ok = st.st_mode & 0o001
+        if not ok:
+            blocked = d                     # keep the outermost
+    return blocked
+
+
 # ---------------------------------------------------------------------------
 # rendering
 

@@ -64,6 +64,11 @@ def gen_conf(nginx_conf_file, check, allow_missing_cores, **options):
     if max(result.conf.cores) >= ncpu:
         click.echo(f"warning: workers are pinned to cores up to {max(result.conf.cores)} "
                    f"but this machine has {ncpu} cores (0-{ncpu - 1})", err=True)
+    blocked = conf.unreachable_dir(result.conf)
+    if blocked is not None:
+        click.echo(f"warning: the workers' user ({result.conf.user or 'nobody'}) cannot "
+                   f"enter {blocked}, on the way to the prefix's temp directories; "
+                   "choose another --prefix or pass --user", err=True)
     if not result.conf.module_path.is_file():
         click.echo(f"warning: {result.conf.module_path} does not exist yet "
                    "(run `bash build.sh`)", err=True)
