@@ -107,182 +107,178 @@ class Option:
         return None if self.default is None else str(self.default)
 
 
-def _opt(name, kind, default, help, section, **kw) -> Option:
-    return Option(name, kind, default, help, section, **kw)
-
-
 OPTIONS: tuple[Option, ...] = (
     # -- instances and modes
-    _opt("prefill_endpoints", "special", "", (
+    Option("prefill_endpoints", "special", "", (
         "Prefill instances, comma separated; IPv6 as [::1]:8001; @BOOT is an "
         "SGLang bootstrap port (parallel mode, default 8998)."), "instances",
-         metavar="H:P[@BOOT],...", seed=True, default_doc="none", doc=(
-             "A host name is resolved by nginx when it loads the config; @BOOT "
-             "needs an IP address, because nginx matches it by resolved address. "
-             "Required in sequential and parallel mode, refused in aggregated mode.")),
-    _opt("decode_endpoints", "special", "", (
+           metavar="H:P[@BOOT],...", seed=True, default_doc="none", doc=(
+               "A host name is resolved by nginx when it loads the config; @BOOT "
+               "needs an IP address, because nginx matches it by resolved address. "
+               "Required in sequential and parallel mode, refused in aggregated mode.")),
+    Option("decode_endpoints", "special", "", (
         "Decode instances (in aggregated mode: the only tier)."), "instances",
-         metavar="H:P,...", seed=True, default_doc="none", doc="Always required."),
-    _opt("pd_policy", "choice", "sequential", (
+           metavar="H:P,...", seed=True, default_doc="none", doc="Always required."),
+    Option("pd_policy", "choice", "sequential", (
         "sequential (vLLM), parallel (SGLang) or aggregated (no P/D)."), "instances",
-         choices=PD_POLICIES, directive="omni_pd_policy", doc=(
-             "sequential: prefill, then decode with the prefill's "
-             "`kv_transfer_params`; parallel: both legs at once with a bootstrap "
-             "room; aggregated: one tier.")),
-    _opt("schedule_policy", "choice", "omni", "How instances are chosen.", "instances",
-         choices=SCHEDULE_POLICIES, directive="omni_schedule_policy", doc=(
-             "`omni` is predictive, cache-aware and holds requests.")),
-    _opt("prefill_queue_order", "choice", "sjf", "Order of held prefill requests.",
-         "instances", choices=QUEUE_ORDERS, directive="omni_prefill_queue_order", doc=(
-             "`sjf`: shortest predicted work first, with aging.")),
-    _opt("model_path", "special", None, "Model directory (tokenizer, chat template).",
-         "instances", metavar="DIR", directive="omni_model_path", default_doc="none",
-         doc="Must exist; rendered only when given."),
+           choices=PD_POLICIES, directive="omni_pd_policy", doc=(
+               "sequential: prefill, then decode with the prefill's "
+               "`kv_transfer_params`; parallel: both legs at once with a bootstrap "
+               "room; aggregated: one tier.")),
+    Option("schedule_policy", "choice", "omni", "How instances are chosen.", "instances",
+           choices=SCHEDULE_POLICIES, directive="omni_schedule_policy", doc=(
+               "`omni` is predictive, cache-aware and holds requests.")),
+    Option("prefill_queue_order", "choice", "sjf", "Order of held prefill requests.",
+           "instances", choices=QUEUE_ORDERS, directive="omni_prefill_queue_order", doc=(
+               "`sjf`: shortest predicted work first, with aging.")),
+    Option("model_path", "special", None, "Model directory (tokenizer, chat template).",
+           "instances", metavar="DIR", directive="omni_model_path", default_doc="none",
+           doc="Must exist; rendered only when given."),
     # -- the scheduler
-    _opt("max_batch_num_token", "int", 16384, "Prefill tokens per instance batch.",
-         "scheduler", metavar="N", minimum=1, directive="omni_max_batch_num_token", doc=(
-             "About the engines' `max_num_batched_tokens`: an instance with prefill "
-             "tokens in flight counts as busy for a request that would take it "
-             "past this.")),
-    _opt("prefill_max_num_seqs", "int", 16, "Requests in flight per prefill instance.",
-         "scheduler", metavar="N", minimum=1, directive="omni_prefill_max_num_seqs"),
-    _opt("decode_max_num_seqs", "int", 256, "Requests in flight per decode instance.",
-         "scheduler", metavar="N", minimum=1, directive="omni_decode_max_num_seqs"),
-    _opt("prefill_starvation_timeout", "duration", "2000ms", (
+    Option("max_batch_num_token", "int", 16384, "Prefill tokens per instance batch.",
+           "scheduler", metavar="N", minimum=1, directive="omni_max_batch_num_token", doc=(
+               "About the engines' `max_num_batched_tokens`: an instance with prefill "
+               "tokens in flight counts as busy for a request that would take it "
+               "past this.")),
+    Option("prefill_max_num_seqs", "int", 16, "Requests in flight per prefill instance.",
+           "scheduler", metavar="N", minimum=1, directive="omni_prefill_max_num_seqs"),
+    Option("decode_max_num_seqs", "int", 256, "Requests in flight per decode instance.",
+           "scheduler", metavar="N", minimum=1, directive="omni_decode_max_num_seqs"),
+    Option("prefill_starvation_timeout", "duration", "2000ms", (
         "A prefill request held this long goes first (bare number: ms)."), "scheduler",
-         metavar="T", unit="ms", directive="omni_prefill_starvation_timeout", doc=(
-             "Among several, the one that will be the latest (waited + predicted "
-             "work).")),
-    _opt("queue_max", "int", 4096, "Held requests before new ones get 429.", "scheduler",
-         metavar="N", minimum=1, directive="omni_queue_max"),
-    _opt("queue_timeout", "duration", "600s", "Longest a request is held before 503.",
-         "scheduler", metavar="T", directive="omni_queue_timeout"),
-    _opt("decode_max_tokens", "int", 0, (
+           metavar="T", unit="ms", directive="omni_prefill_starvation_timeout", doc=(
+               "Among several, the one that will be the latest (waited + predicted "
+               "work).")),
+    Option("queue_max", "int", 4096, "Held requests before new ones get 429.", "scheduler",
+           metavar="N", minimum=1, directive="omni_queue_max"),
+    Option("queue_timeout", "duration", "600s", "Longest a request is held before 503.",
+           "scheduler", metavar="T", directive="omni_queue_timeout"),
+    Option("decode_max_tokens", "int", 0, (
         "KV-token budget per decode instance (prompt + expected output of the work "
         "in flight; 0: none)."), "scheduler", metavar="N", minimum=0,
-         directive="omni_decode_max_tokens",
-         doc="With 0 only `--decode-max-num-seqs` limits a decode instance."),
-    _opt("hold_slack", "duration", "20ms", (
+           directive="omni_decode_max_tokens",
+           doc="With 0 only `--decode-max-num-seqs` limits a decode instance."),
+    Option("hold_slack", "duration", "20ms", (
         "Release a request to an instance predicted busy for at most this long "
         "(bare number: ms)."), "scheduler", metavar="T", unit="ms",
-         directive="omni_hold_slack", doc=(
-             "Longer, and it is held (or goes elsewhere if that finishes sooner).")),
-    _opt("block_size", "int", 256, (
+           directive="omni_hold_slack", doc=(
+               "Longer, and it is held (or goes elsewhere if that finishes sooner).")),
+    Option("block_size", "int", 256, (
         "Tokens per block of the proxy's prefix index (text: 4 bytes per token)."),
-         "scheduler", metavar="N", minimum=1, directive="omni_block_size", doc=(
-             "A cached prefix is counted to within one block; fewer, larger blocks "
-             "are less work per request.")),
-    _opt("index_max_tokens", "int", 131072, (
+           "scheduler", metavar="N", minimum=1, directive="omni_block_size", doc=(
+               "A cached prefix is counted to within one block; fewer, larger blocks "
+               "are less work per request.")),
+    Option("index_max_tokens", "int", 131072, (
         "Prompt tokens indexed per request (the leading ones)."), "scheduler",
-         metavar="N", minimum=0, directive="omni_index_max_tokens", doc=(
-             "Bounds the index's work per request whatever the prompt's size. A "
-             "longer prompt whose indexed part is all cached is assumed to need "
-             "the rest computed.")),
-    _opt("cache_blocks", "int", 0, (
+           metavar="N", minimum=0, directive="omni_index_max_tokens", doc=(
+               "Bounds the index's work per request whatever the prompt's size. A "
+               "longer prompt whose indexed part is all cached is assumed to need "
+               "the rest computed.")),
+    Option("cache_blocks", "int", 0, (
         "Prefix-cache capacity assumed per instance, in index blocks (0: share the "
         "index's capacity)."), "scheduler", metavar="N", minimum=0,
-         directive="omni_cache_blocks", doc=(
-             "Set it to the engines' KV capacity: vLLM logs `# GPU blocks: G` at "
-             "start, so N = G x the engine's block size / `--block-size` (the "
-             "simulator's `llama3-8b-h100` preset: 26000 x 16 / 256 = 1625). Left "
-             "at 0, the index keeps prefixes the engines have evicted and predicts "
-             "hits that do not happen.")),
-    _opt("cache_ttl", "duration", "600s", (
+           directive="omni_cache_blocks", doc=(
+               "Set it to the engines' KV capacity: vLLM logs `# GPU blocks: G` at "
+               "start, so N = G x the engine's block size / `--block-size` (the "
+               "simulator's `llama3-8b-h100` preset: 26000 x 16 / 256 = 1625). Left "
+               "at 0, the index keeps prefixes the engines have evicted and predicts "
+               "hits that do not happen.")),
+    Option("cache_ttl", "duration", "600s", (
         "How long the index assumes a dispatched prefix stays cached."), "scheduler",
-         metavar="T", directive="omni_cache_ttl"),
-    _opt("zone_size", "size", "64m", "Shared-memory zone size.", "scheduler",
-         metavar="SIZE", minimum=1 << 20, directive="omni_zone_size", doc=(
-             "The one zone holds instances, queues and the prefix index; at least "
-             "`1m`.")),
+           metavar="T", directive="omni_cache_ttl"),
+    Option("zone_size", "size", "64m", "Shared-memory zone size.", "scheduler",
+           metavar="SIZE", minimum=1 << 20, directive="omni_zone_size", doc=(
+               "The one zone holds instances, queues and the prefix index; at least "
+               "`1m`.")),
     # -- the front door
-    _opt("engine_routes", "special", "/v1/models,/version", (
+    Option("engine_routes", "special", "/v1/models,/version", (
         "Read-only engine routes (GET and HEAD) passed to the decode tier, comma "
         "separated; every other path gets 404."), "front", metavar="PATH,...",
-         renders="`location = PATH` with `omni_methods GET HEAD`", doc=(
-             "Exact paths. `/v1/completions` and `/v1/chat/completions` (POST) are "
-             "always served; `/health` is the proxy's own. Engine admin "
-             "endpoints (`/flush_cache`, `/sleep`, ...) stay unreachable unless "
-             "listed. `none`: no engine route.")),
-    _opt("api_key", "special", None, (
+           renders="`location = PATH` with `omni_methods GET HEAD`", doc=(
+               "Exact paths. `/v1/completions` and `/v1/chat/completions` (POST) are "
+               "always served; `/health` is the proxy's own. Engine admin "
+               "endpoints (`/flush_cache`, `/sleep`, ...) stay unreachable unless "
+               "listed. `none`: no engine route.")),
+    Option("api_key", "special", None, (
         "Require `Authorization: Bearer KEY` on /v1/* (compared in constant time)."),
-         "front", metavar="KEY", renders="`omni_api_key_file PREFIX/api_key`",
-         default_doc="none", doc=(
-             "Written to `PREFIX/api_key` (mode 0600), not into nginx.conf. A "
-             "request without it or with another key gets 401 with "
-             "`WWW-Authenticate`. Printable ASCII, no spaces.")),
-    _opt("api_key_file", "special", None, "File holding the API key (instead of --api-key).",
-         "front", metavar="PATH", renders="`omni_api_key_file PATH`", default_doc="none",
-         doc="Read by nginx when it loads the config; one line."),
-    _opt("status_allow", "special", "127.0.0.1,::1", (
+           "front", metavar="KEY", renders="`omni_api_key_file PREFIX/api_key`",
+           default_doc="none", doc=(
+               "Written to `PREFIX/api_key` (mode 0600), not into nginx.conf. A "
+               "request without it or with another key gets 401 with "
+               "`WWW-Authenticate`. Printable ASCII, no spaces.")),
+    Option("api_key_file", "special", None, "File holding the API key (instead of --api-key).",
+           "front", metavar="PATH", renders="`omni_api_key_file PATH`", default_doc="none",
+           doc="Read by nginx when it loads the config; one line."),
+    Option("status_allow", "special", "127.0.0.1,::1", (
         "Addresses or networks allowed to read /omni/status and /metrics "
         "(`all`: any)."), "front", metavar="NET,...",
-         renders="`allow NET; deny all;` in `/omni/status` and `/metrics`", doc=(
-             "Others get 403.")),
-    _opt("status_token", "special", None, (
+           renders="`allow NET; deny all;` in `/omni/status` and `/metrics`", doc=(
+               "Others get 403.")),
+    Option("status_token", "special", None, (
         "Also require `Authorization: Bearer TOKEN` for /omni/status and /metrics."),
-         "front", metavar="TOKEN", renders="`omni_api_key_file PREFIX/status_token`",
-         default_doc="none", doc="Written to `PREFIX/status_token` (mode 0600)."),
-    _opt("status_token_file", "special", None, (
+           "front", metavar="TOKEN", renders="`omni_api_key_file PREFIX/status_token`",
+           default_doc="none", doc="Written to `PREFIX/status_token` (mode 0600)."),
+    Option("status_token_file", "special", None, (
         "File holding the status token (instead of --status-token)."), "front",
-         metavar="PATH", renders="`omni_api_key_file PATH`", default_doc="none"),
+           metavar="PATH", renders="`omni_api_key_file PATH`", default_doc="none"),
     # -- listening, workers, processes
-    _opt("listen_host", "special", "127.0.0.1", "Address to listen on (0.0.0.0 for all).",
-         "listen", metavar="IP", seed=True, renders="`listen`"),
-    _opt("listen_port", "int", 8080, "Port to listen on.", "listen", metavar="PORT",
-         minimum=1, maximum=65535, seed=True, renders="`listen` (`reuseport backlog=4096`)"),
-    _opt("core_num", "int", 1, "Worker processes, one pinned per core.", "listen",
-         metavar="N", minimum=1, seed=True, renders="`worker_processes`"),
-    _opt("start_core_index", "int", 0, (
+    Option("listen_host", "special", "127.0.0.1", "Address to listen on (0.0.0.0 for all).",
+           "listen", metavar="IP", seed=True, renders="`listen`"),
+    Option("listen_port", "int", 8080, "Port to listen on.", "listen", metavar="PORT",
+           minimum=1, maximum=65535, seed=True, renders="`listen` (`reuseport backlog=4096`)"),
+    Option("core_num", "int", 1, "Worker processes, one pinned per core.", "listen",
+           metavar="N", minimum=1, seed=True, renders="`worker_processes`"),
+    Option("start_core_index", "int", 0, (
         "First core; workers use cores N..N+core-num-1."), "listen", metavar="N",
-         minimum=0, seed=True, renders="`worker_cpu_affinity`", doc=(
-             "Cores the machine does not have are an error that says how many it "
-             "has; `--allow-missing-cores` makes it a warning.")),
-    _opt("worker_connections", "int", 4096, (
+           minimum=0, seed=True, renders="`worker_cpu_affinity`", doc=(
+               "Cores the machine does not have are an error that says how many it "
+               "has; `--allow-missing-cores` makes it a warning.")),
+    Option("worker_connections", "int", 4096, (
         "Connections per worker (clients and upstreams)."), "listen", metavar="N",
-         minimum=32, renders="`worker_connections`"),
-    _opt("user", "special", None, "Worker user when nginx starts as root.", "listen",
-         metavar="NAME", renders="`user`", default_doc="nginx's own (nobody)", doc=(
-             "Left unset, nginx's built-in unprivileged user: nginx creates the "
-             "temp directories in the prefix for it, and the prefix must be "
-             "searchable by it. `--user root` keeps workers root (a prefix "
-             "private to root).")),
+           minimum=32, renders="`worker_connections`"),
+    Option("user", "special", None, "Worker user when nginx starts as root.", "listen",
+           metavar="NAME", renders="`user`", default_doc="nginx's own (nobody)", doc=(
+               "Left unset, nginx's built-in unprivileged user: nginx creates the "
+               "temp directories in the prefix for it, and the prefix must be "
+               "searchable by it. `--user root` keeps workers root (a prefix "
+               "private to root).")),
     # -- upstreams and timeouts
-    _opt("connect_timeout", "duration", "10s", "Upstream connect timeout.", "upstream",
-         metavar="T", renders="`proxy_connect_timeout` of both legs and engine routes"),
-    _opt("prefill_read_timeout", "duration", "600s", "Read/send timeout of the prefill leg.",
-         "upstream", metavar="T",
-         renders="`proxy_read_timeout`, `proxy_send_timeout` of the prefill leg"),
-    _opt("decode_read_timeout", "duration", "600s", (
+    Option("connect_timeout", "duration", "10s", "Upstream connect timeout.", "upstream",
+           metavar="T", renders="`proxy_connect_timeout` of both legs and engine routes"),
+    Option("prefill_read_timeout", "duration", "600s", "Read/send timeout of the prefill leg.",
+           "upstream", metavar="T",
+           renders="`proxy_read_timeout`, `proxy_send_timeout` of the prefill leg"),
+    Option("decode_read_timeout", "duration", "600s", (
         "Read/send timeout of the decode leg and of engine routes."), "upstream",
-         metavar="T", renders="`proxy_read_timeout`, `proxy_send_timeout` of the decode "
-         "leg and engine routes", doc="Long generations stream for minutes."),
-    _opt("keepalive", "int", 256, "Idle upstream connections kept per worker and tier.",
-         "upstream", metavar="N", minimum=1, renders="`keepalive` in each upstream"),
-    _opt("max_fails", "int", 3, (
+           metavar="T", renders="`proxy_read_timeout`, `proxy_send_timeout` of the decode "
+           "leg and engine routes", doc="Long generations stream for minutes."),
+    Option("keepalive", "int", 256, "Idle upstream connections kept per worker and tier.",
+           "upstream", metavar="N", minimum=1, renders="`keepalive` in each upstream"),
+    Option("max_fails", "int", 3, (
         "Failures within --fail-timeout that mark an instance down (0: never)."),
-         "upstream", metavar="N", minimum=0, renders="`max_fails=` on every `server`"),
-    _opt("fail_timeout", "duration", "10s", (
+           "upstream", metavar="N", minimum=0, renders="`max_fails=` on every `server`"),
+    Option("fail_timeout", "duration", "10s", (
         "Window for --max-fails and how long a failed instance rests."), "upstream",
-         metavar="T", renders="`fail_timeout=` on every `server`"),
-    _opt("max_body_size", "size", "64m", "Largest request body (0: no limit).",
-         "upstream", metavar="SIZE", renders="`client_max_body_size`",
-         doc="Larger bodies get 413."),
+           metavar="T", renders="`fail_timeout=` on every `server`"),
+    Option("max_body_size", "size", "64m", "Largest request body (0: no limit).",
+           "upstream", metavar="SIZE", renders="`client_max_body_size`",
+           doc="Larger bodies get 413."),
     # -- files
-    _opt("prefix", "special", None, (
+    Option("prefix", "special", None, (
         "Directory for the pid file, logs and temp files."), "files", metavar="DIR",
-         seed=True, default_doc="the conf file's directory", doc=(
-             "Every path in the file is absolute and inside the prefix (or the log "
-             "paths given), so `nginx -t -p PREFIX -c PATH` works as a normal user.")),
-    _opt("log_file", "special", None, "nginx error log.", "files", metavar="PATH",
-         seed=True, default_doc="PREFIX/error.log", renders="`error_log`"),
-    _opt("log_level", "choice", "warn", "error_log level.", "files", seed=True,
-         choices=LOG_LEVELS, renders="`error_log`"),
-    _opt("access_log_file", "special", None, "Access log in the `omni` format.", "files",
-         metavar="PATH|off", seed=True, default_doc="PREFIX/access.log",
-         renders="`access_log PATH omni`", doc="`off` disables it."),
-    _opt("module_dir", "special", None, "Where ngx_http_omni_module.so is.", "files",
-         metavar="DIR", default_doc="$OMNI_MODULE_DIR or build/modules",
-         renders="`load_module`"),
+           seed=True, default_doc="the conf file's directory", doc=(
+               "Every path in the file is absolute and inside the prefix (or the log "
+               "paths given), so `nginx -t -p PREFIX -c PATH` works as a normal user.")),
+    Option("log_file", "special", None, "nginx error log.", "files", metavar="PATH",
+           seed=True, default_doc="PREFIX/error.log", renders="`error_log`"),
+    Option("log_level", "choice", "warn", "error_log level.", "files", seed=True,
+           choices=LOG_LEVELS, renders="`error_log`"),
+    Option("access_log_file", "special", None, "Access log in the `omni` format.", "files",
+           metavar="PATH|off", seed=True, default_doc="PREFIX/access.log",
+           renders="`access_log PATH omni`", doc="`off` disables it."),
+    Option("module_dir", "special", None, "Where ngx_http_omni_module.so is.", "files",
+           metavar="DIR", default_doc="$OMNI_MODULE_DIR or build/modules",
+           renders="`load_module`"),
 )
 
 OPTION = {o.name: o for o in OPTIONS}
@@ -953,9 +949,7 @@ def install_checked(conf: ProxyConf, text: str, check: bool):
             _remove_dirs(created)
             raise ConfError(option, d, f"cannot create directory: {exc.strerror}") from None
         created.extend(missing)
-    # keys go to files nginx reads as root, never into the world-readable conf
-    for path, secret in conf.secrets().items():
-        install_file(path, secret, backup=False, mode=0o600)
+    write_secrets(conf)
     output = None
     if check:
         fd, tmp = tempfile.mkstemp(prefix=f".{conf.conf_file.name}.", suffix=".check",
@@ -976,6 +970,14 @@ def install_checked(conf: ProxyConf, text: str, check: bool):
         raise ConfError("--nginx-conf-file", conf.conf_file,
                         f"cannot write: {exc.strerror}") from None
     return backup, output
+
+
+def write_secrets(conf: ProxyConf) -> None:
+    """The API key and status token given on the command line go to files
+    (mode 0600) that nginx reads when it loads the config, never into the
+    world-readable nginx.conf.  Written before `nginx -t` needs them."""
+    for path, secret in conf.secrets().items():
+        install_file(path, secret, backup=False, mode=0o600)
 
 
 def _missing_parents(d: Path) -> list[Path]:

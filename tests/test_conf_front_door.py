@@ -298,3 +298,20 @@ def test_private_prefix_is_reported(tmp_path):
     assert confmod.unreachable_dir(
         confmod.make_conf(tmp_path / "nginx.conf", decode_endpoints="127.0.0.1:1",
                           pd_policy="aggregated", core_num=1, user="root")) is None
+
+
+def test_reload_adds_an_api_key(omni_nginx, engines):
+    """`omni-ctl reload` with --api-key writes the key file before it tests
+    and reloads the new config."""
+    from click.testing import CliRunner
+    from omni_ctl.cli import main
+    proxy = _proxy(omni_nginx, engines)
+    assert proxy.post("/v1/completions", json=PROMPT).status == 200
+    args = ["reload", "--nginx-conf-file", str(proxy.conf_path), "--api-key", KEY]
+    for name, value in proxy.options.items():
+        args += [confmod.OPTION[name].flag, str(value)]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    _json_error(proxy.post("/v1/completions", json=PROMPT), 401)
+    assert proxy.post("/v1/completions", json=PROMPT,
+                      headers={"Authorization": f"Bearer {KEY}"}).status == 200
