@@ -11,15 +11,12 @@
 #   --decode-endpoints H:P,...
 #   --log-file PATH               --log-level LEVEL
 #   --access-log-file PATH|off    --prefix DIR
-#   --omni-proxy-pd-policy sequential|parallel|aggregated
-#   --omni-proxy-model-path DIR
-#   --omni-proxy-schedule-policy omni|cache-aware|least-loaded|round-robin
-#   --omni-proxy-prefill-queue-order sjf|fcfs
-#   --omni-proxy-max-batch-num-token N
-#   --omni-proxy-prefill-max-num-seqs N
-#   --omni-proxy-decode-max-num-seqs N
-#   --omni-proxy-prefill-starvation-timeout MS
-#   --omni-proxy-queue-max N      --omni-proxy-queue-timeout TIME
+#   --omni-proxy-X VALUE          any gen-conf option --X VALUE, e.g.
+#                                 --omni-proxy-pd-policy sequential|parallel|aggregated
+#                                 --omni-proxy-model-path DIR
+#                                 --omni-proxy-schedule-policy omni|cache-aware|...
+#                                 --omni-proxy-queue-max N  --omni-proxy-api-key KEY
+#                                 (`omni-ctl gen-conf --help` lists them all)
 #
 # Actions (default: render, test, then start, or reload when it already runs):
 #   --dry-run     render and test (nginx -t) only; cores this machine lacks
@@ -80,14 +77,12 @@ while [ $# -gt 0 ]; do
         value_given=1
     fi
     case "$arg" in
+        # the seed's own names (the options marked seed=True in
+        # omni_ctl/conf.py's table; tests/test_omni_proxy_sh.py checks)
         --nginx-conf-file|--listen-port|--listen-host|--core-num|--start-core-index|\
         --prefill-endpoints|--decode-endpoints|--log-file|--log-level|\
         --access-log-file|--prefix|\
-        --omni-proxy-pd-policy|--omni-proxy-model-path|--omni-proxy-schedule-policy|\
-        --omni-proxy-prefill-queue-order|--omni-proxy-max-batch-num-token|\
-        --omni-proxy-prefill-max-num-seqs|--omni-proxy-decode-max-num-seqs|\
-        --omni-proxy-prefill-starvation-timeout|--omni-proxy-queue-max|\
-        --omni-proxy-queue-timeout)
+        --omni-proxy-?*)
             if [ $# -eq 0 ]; then
                 usage >&2
                 fail "$arg needs a value"

@@ -47,47 +47,249 @@ ERROR_PAGES = {
     504: (504, "server_error", "gateway timeout: the upstream instance did not answer in time"),
 }
 
-# Option defaults (the values used when an option is not given).  Durations
-# and sizes use nginx's syntax; see docs/configuration.md.
-DEFAULTS = {
-    "prefix": None,                       # the conf file's directory
-    "prefill_endpoints": "",
-    "decode_endpoints": "",
-    "listen_host": "127.0.0.1",
-    "listen_port": 8080,
-    "core_num": 1,
-    "start_core_index": 0,
-    "pd_policy": "sequential",
-    "schedule_policy": "omni",
-    "prefill_queue_order": "sjf",
-    "model_path": None,
-    "log_file": None,                     # <prefix>/error.log
-    "log_level": "warn",
-    "access_log_file": None,              # <prefix>/access.log; "off" disables
-    "max_batch_num_token": 16384,
-    "prefill_max_num_seqs": 16,
-    "decode_max_num_seqs": 256,
-    "prefill_starvation_timeout": "2000ms",
-    "queue_max": 4096,
-    "queue_timeout": "600s",
-    "decode_max_tokens": 0,
-    "hold_slack": "20ms",
-    "block_size": 256,
-    "index_max_tokens": 131072,
-    "cache_blocks": 0,
-    "cache_ttl": "600s",
-    "worker_connections": 4096,
-    "zone_size": "64m",
-    "prefill_read_timeout": "600s",
-    "decode_read_timeout": "600s",
-    "connect_timeout": "10s",
-    "keepalive": 256,
-    "max_body_size": "64m",
-    "max_fails": 3,
-    "fail_timeout": "10s",
-    "module_dir": None,                   # paths.module_dir()
-    "user": None,                         # nginx's compiled-in worker user
+# ---------------------------------------------------------------------------
+# the option table: every gen-conf option is declared here once.  The click
+# options (conf_cli), the defaults, the validated ProxyConf's fields, the
+# omni_* http directives the template renders, omni_proxy.sh's --omni-proxy-X
+# and the option tables of docs/configuration.md all come from it.
+
+SECTIONS = {
+    "instances": "Instances and modes",
+    "scheduler": "Limits of the scheduler",
+    "front": "The front door",
+    "listen": "Listening, workers, processes",
+    "upstream": "Upstreams and timeouts",
+    "files": "Files",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One gen-conf option.
+
+    kind says how the value is validated: "int" (minimum/maximum), "duration"
+    (nginx units; a bare number is in `unit`; stored in ms as NAME_ms),
+    "size" (nginx units, stored as nginx writes it), "choice" (choices), or
+    "special" (validated by make_conf itself).  directive is the omni_* http
+    directive the option becomes (rendered from this table, and reported
+    by /omni/status under its name without omni_); renders says, for the
+    docs, where any other option ends up."""
+
+    name: str
+    kind: str
+    default: object
+    help: str
+    section: str
+    metavar: str | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    unit: str = "s"
+    choices: tuple = ()
+    directive: str | None = None
+    renders: str = ""
+    doc: str = ""                   # docs only: said after help
+    default_doc: str | None = None  # how the docs and --help show the default
+    seed: bool = False              # omni_proxy.sh takes it without --omni-proxy-
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def field(self) -> str:
+        """ProxyConf's attribute for the validated value."""
+        return f"{self.name}_ms" if self.kind == "duration" else self.name
+
+    @property
+    def shown_default(self) -> str | None:
+        if self.default_doc is not None:
+            return self.default_doc
+        return None if self.default is None else str(self.default)
+
+
+OPTIONS: tuple[Option, ...] = (
+    # -- instances and modes
+    Option("prefill_endpoints", "special", "", (
+        "Prefill instances, comma separated; IPv6 as [::1]:8001; @BOOT is an "
+        "SGLang bootstrap port (parallel mode, default 8998)."), "instances",
+           metavar="H:P[@BOOT],...", seed=True, default_doc="none", doc=(
+               "A host name is resolved by nginx when it loads the config; @BOOT "
+               "needs an IP address, because nginx matches it by resolved address. "
+               "Required in sequential and parallel mode, refused in aggregated mode.")),
+    Option("decode_endpoints", "special", "", (
+        "Decode instances (in aggregated mode: the only tier)."), "instances",
+           metavar="H:P,...", seed=True, default_doc="none", doc="Always required."),
+    Option("pd_policy", "choice", "sequential", (
+        "sequential (vLLM), parallel (SGLang) or aggregated (no P/D)."), "instances",
+           choices=PD_POLICIES, directive="omni_pd_policy", doc=(
+               "sequential: prefill, then decode with the prefill's "
+               "`kv_transfer_params`; parallel: both legs at once with a bootstrap "
+               "room; aggregated: one tier.")),
+    Option("schedule_policy", "choice", "omni", "How instances are chosen.", "instances",
+           choices=SCHEDULE_POLICIES, directive="omni_schedule_policy", doc=(
+               "`omni` is predictive, cache-aware and holds requests.")),
+    Option("prefill_queue_order", "choice", "sjf", "Order of held prefill requests.",
+           "instances", choices=QUEUE_ORDERS, directive="omni_prefill_queue_order", doc=(
+               "`sjf`: shortest predicted work first, with aging.")),
+    Option("model_path", "special", None, "Model directory (tokenizer, chat template).",
+           "instances", metavar="DIR", directive="omni_model_path", default_doc="none",
+           doc="Must exist; rendered only when given."),
+    # -- the scheduler
+    Option("max_batch_num_token", "int", 16384, "Prefill tokens per instance batch.",
+           "scheduler", metavar="N", minimum=1, directive="omni_max_batch_num_token", doc=(
+               "About the engines' `max_num_batched_tokens`: an instance with prefill "
+               "tokens in flight counts as busy for a request that would take it "
+               "past this.")),
+    Option("prefill_max_num_seqs", "int", 16, "Requests in flight per prefill instance.",
+           "scheduler", metavar="N", minimum=1, directive="omni_prefill_max_num_seqs"),
+    Option("decode_max_num_seqs", "int", 256, "Requests in flight per decode instance.",
+           "scheduler", metavar="N", minimum=1, directive="omni_decode_max_num_seqs"),
+    Option("prefill_starvation_timeout", "duration", "2000ms", (
+        "A prefill request held this long goes first (bare number: ms)."), "scheduler",
+           metavar="T", unit="ms", directive="omni_prefill_starvation_timeout", doc=(
+               "Among several, the one that will be the latest (waited + predicted "
+               "work).")),
+    Option("queue_max", "int", 4096, "Held requests before new ones get 429.", "scheduler",
+           metavar="N", minimum=1, directive="omni_queue_max"),
+    Option("queue_timeout", "duration", "600s", "Longest a request is held before 503.",
+           "scheduler", metavar="T", directive="omni_queue_timeout"),
+    Option("decode_max_tokens", "int", 0, (
+        "KV-token budget per decode instance (prompt + expected output of the work "
+        "in flight; 0: none)."), "scheduler", metavar="N", minimum=0,
+           directive="omni_decode_max_tokens",
+           doc="With 0 only `--decode-max-num-seqs` limits a decode instance."),
+    Option("hold_slack", "duration", "20ms", (
+        "Release a request to an instance predicted busy for at most this long "
+        "(bare number: ms)."), "scheduler", metavar="T", unit="ms",
+           directive="omni_hold_slack", doc=(
+               "Longer, and it is held (or goes elsewhere if that finishes sooner).")),
+    Option("block_size", "int", 256, (
+        "Tokens per block of the proxy's prefix index (text: 4 bytes per token)."),
+           "scheduler", metavar="N", minimum=1, directive="omni_block_size", doc=(
+               "A cached prefix is counted to within one block; fewer, larger blocks "
+               "are less work per request.")),
+    Option("index_max_tokens", "int", 131072, (
+        "Prompt tokens indexed per request (the leading ones)."), "scheduler",
+           metavar="N", minimum=0, directive="omni_index_max_tokens", doc=(
+               "Bounds the index's work per request whatever the prompt's size. A "
+               "longer prompt whose indexed part is all cached is assumed to need "
+               "the rest computed.")),
+    Option("cache_blocks", "int", 0, (
+        "Prefix-cache capacity assumed per instance, in index blocks (0: share the "
+        "index's capacity)."), "scheduler", metavar="N", minimum=0,
+           directive="omni_cache_blocks", doc=(
+               "Set it to the engines' KV capacity: vLLM logs `# GPU blocks: G` at "
+               "start, so N = G x the engine's block size / `--block-size` (the "
+               "simulator's `llama3-8b-h100` preset: 26000 x 16 / 256 = 1625). Left "
+               "at 0, the index keeps prefixes the engines have evicted and predicts "
+               "hits that do not happen.")),
+    Option("cache_ttl", "duration", "600s", (
+        "How long the index assumes a dispatched prefix stays cached."), "scheduler",
+           metavar="T", directive="omni_cache_ttl"),
+    Option("zone_size", "size", "64m", "Shared-memory zone size.", "scheduler",
+           metavar="SIZE", minimum=1 << 20, directive="omni_zone_size", doc=(
+               "The one zone holds instances, queues and the prefix index; at least "
+               "`1m`.")),
+    # -- the front door
+    Option("engine_routes", "special", "/v1/models,/version", (
+        "Read-only engine routes (GET and HEAD) passed to the decode tier, comma "
+        "separated; every other path gets 404."), "front", metavar="PATH,...",
+           renders="`location = PATH` with `omni_methods GET HEAD`", doc=(
+               "Exact paths. `/v1/completions` and `/v1/chat/completions` (POST) are "
+               "always served; `/health` is the proxy's own. Engine admin "
+               "endpoints (`/flush_cache`, `/sleep`, ...) stay unreachable unless "
+               "listed. `none`: no engine route.")),
+    Option("api_key", "special", None, (
+        "Require `Authorization: Bearer KEY` on /v1/* (compared in constant time)."),
+           "front", metavar="KEY", renders="`omni_api_key_file PREFIX/api_key`",
+           default_doc="none", doc=(
+               "Written to `PREFIX/api_key` (mode 0600), not into nginx.conf. A "
+               "request without it or with another key gets 401 with "
+               "`WWW-Authenticate`. Printable ASCII, no spaces.")),
+    Option("api_key_file", "special", None, "File holding the API key (instead of --api-key).",
+           "front", metavar="PATH", renders="`omni_api_key_file PATH`", default_doc="none",
+           doc="Read by nginx when it loads the config; one line."),
+    Option("status_allow", "special", "127.0.0.1,::1", (
+        "Addresses or networks allowed to read /omni/status and /metrics "
+        "(`all`: any)."), "front", metavar="NET,...",
+           renders="`allow NET; deny all;` in `/omni/status` and `/metrics`", doc=(
+               "Others get 403.")),
+    Option("status_token", "special", None, (
+        "Also require `Authorization: Bearer TOKEN` for /omni/status and /metrics."),
+           "front", metavar="TOKEN", renders="`omni_api_key_file PREFIX/status_token`",
+           default_doc="none", doc="Written to `PREFIX/status_token` (mode 0600)."),
+    Option("status_token_file", "special", None, (
+        "File holding the status token (instead of --status-token)."), "front",
+           metavar="PATH", renders="`omni_api_key_file PATH`", default_doc="none"),
+    # -- listening, workers, processes
+    Option("listen_host", "special", "127.0.0.1", "Address to listen on (0.0.0.0 for all).",
+           "listen", metavar="IP", seed=True, renders="`listen`"),
+    Option("listen_port", "int", 8080, "Port to listen on.", "listen", metavar="PORT",
+           minimum=1, maximum=65535, seed=True, renders="`listen` (`reuseport backlog=4096`)"),
+    Option("core_num", "int", 1, "Worker processes, one pinned per core.", "listen",
+           metavar="N", minimum=1, seed=True, renders="`worker_processes`"),
+    Option("start_core_index", "int", 0, (
+        "First core; workers use cores N..N+core-num-1."), "listen", metavar="N",
+           minimum=0, seed=True, renders="`worker_cpu_affinity`", doc=(
+               "Cores the machine does not have are an error that says how many it "
+               "has; `--allow-missing-cores` makes it a warning.")),
+    Option("worker_connections", "int", 4096, (
+        "Connections per worker (clients and upstreams)."), "listen", metavar="N",
+           minimum=32, renders="`worker_connections`"),
+    Option("user", "special", None, "Worker user when nginx starts as root.", "listen",
+           metavar="NAME", renders="`user`", default_doc="nginx's own (nobody)", doc=(
+               "Left unset, nginx's built-in unprivileged user: nginx creates the "
+               "temp directories in the prefix for it, and the prefix must be "
+               "searchable by it. `--user root` keeps workers root (a prefix "
+               "private to root).")),
+    # -- upstreams and timeouts
+    Option("connect_timeout", "duration", "10s", "Upstream connect timeout.", "upstream",
+           metavar="T", renders="`proxy_connect_timeout` of both legs and engine routes"),
+    Option("prefill_read_timeout", "duration", "600s", "Read/send timeout of the prefill leg.",
+           "upstream", metavar="T",
+           renders="`proxy_read_timeout`, `proxy_send_timeout` of the prefill leg"),
+    Option("decode_read_timeout", "duration", "600s", (
+        "Read/send timeout of the decode leg and of engine routes."), "upstream",
+           metavar="T", renders="`proxy_read_timeout`, `proxy_send_timeout` of the decode "
+           "leg and engine routes", doc="Long generations stream for minutes."),
+    Option("keepalive", "int", 256, "Idle upstream connections kept per worker and tier.",
+           "upstream", metavar="N", minimum=1, renders="`keepalive` in each upstream"),
+    Option("max_fails", "int", 3, (
+        "Failures within --fail-timeout that mark an instance down (0: never)."),
+           "upstream", metavar="N", minimum=0, renders="`max_fails=` on every `server`"),
+    Option("fail_timeout", "duration", "10s", (
+        "Window for --max-fails and how long a failed instance rests."), "upstream",
+           metavar="T", renders="`fail_timeout=` on every `server`"),
+    Option("max_body_size", "size", "64m", "Largest request body (0: no limit).",
+           "upstream", metavar="SIZE", renders="`client_max_body_size`",
+           doc="Larger bodies get 413."),
+    # -- files
+    Option("prefix", "special", None, (
+        "Directory for the pid file, logs and temp files."), "files", metavar="DIR",
+           seed=True, default_doc="the conf file's directory", doc=(
+               "Every path in the file is absolute and inside the prefix (or the log "
+               "paths given), so `nginx -t -p PREFIX -c PATH` works as a normal user.")),
+    Option("log_file", "special", None, "nginx error log.", "files", metavar="PATH",
+           seed=True, default_doc="PREFIX/error.log", renders="`error_log`"),
+    Option("log_level", "choice", "warn", "error_log level.", "files", seed=True,
+           choices=LOG_LEVELS, renders="`error_log`"),
+    Option("access_log_file", "special", None, "Access log in the `omni` format.", "files",
+           metavar="PATH|off", seed=True, default_doc="PREFIX/access.log",
+           renders="`access_log PATH omni`", doc="`off` disables it."),
+    Option("module_dir", "special", None, "Where ngx_http_omni_module.so is.", "files",
+           metavar="DIR", default_doc="$OMNI_MODULE_DIR or build/modules",
+           renders="`load_module`"),
+)
+
+OPTION = {o.name: o for o in OPTIONS}
+
+# Option defaults (the values used when an option is not given).
+DEFAULTS = {o.name: o.default for o in OPTIONS}
+
+# routes the proxy schedules itself (POST only)
+SCHEDULED_ROUTES = ("/v1/completions", "/v1/chat/completions")
+# the proxy's own locations: never an engine route
+PROXY_ROUTES = SCHEDULED_ROUTES + ("/health", "/omni/status", "/metrics")
 
 # Characters that would need quoting or change meaning in nginx.conf
 # (`$` starts a variable in log paths, `#` a comment, `;{}` end directives).
@@ -97,6 +299,9 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h)?$")
 _SIZE = re.compile(r"^(\d+)([kKmMgG]?)$")
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_ROUTE = re.compile(r"^/[A-Za-z0-9/._~-]*$")
+# what a client can send in an Authorization header, minus quoting trouble
+_SECRET = re.compile(r"^[\x21-\x7e]+$")
 
 
 class ConfError(click.ClickException):
@@ -134,47 +339,8 @@ class Endpoint:
         return f"{self.host}:{self.port}"
 
 
-@dataclasses.dataclass(frozen=True)
-class ProxyConf:
-    """Validated gen-conf options, ready to render."""
-
-    conf_file: Path
-    prefix: Path
-    prefill: tuple[Endpoint, ...]
-    decode: tuple[Endpoint, ...]
-    listen_host: str
-    listen_port: int
-    cores: tuple[int, ...]
-    pd_policy: str
-    schedule_policy: str
-    prefill_queue_order: str
-    model_path: Path | None
-    log_file: Path
-    log_level: str
-    access_log_file: Path | None
-    max_batch_num_token: int
-    prefill_max_num_seqs: int
-    decode_max_num_seqs: int
-    prefill_starvation_timeout_ms: int
-    queue_max: int
-    queue_timeout_ms: int
-    decode_max_tokens: int
-    hold_slack_ms: int
-    block_size: int
-    index_max_tokens: int
-    cache_blocks: int
-    cache_ttl_ms: int
-    worker_connections: int
-    zone_size: str
-    prefill_read_timeout_ms: int
-    decode_read_timeout_ms: int
-    connect_timeout_ms: int
-    keepalive: int
-    max_body_size: str
-    max_fails: int
-    fail_timeout_ms: int
-    module_dir: Path
-    user: str | None
+class _ProxyConfBase:
+    """What every ProxyConf derives from its fields."""
 
     @property
     def module_path(self) -> Path:
@@ -189,6 +355,65 @@ class ProxyConf:
         if ":" in self.listen_host:
             return f"[{self.listen_host}]:{self.listen_port}"
         return f"{self.listen_host}:{self.listen_port}"
+
+    @property
+    def api_key_path(self) -> Path | None:
+        """The file nginx reads the API key from (None: no key required)."""
+        return self._secret_path("api_key")
+
+    @property
+    def status_token_path(self) -> Path | None:
+        return self._secret_path("status_token")
+
+    def _secret_path(self, name: str) -> Path | None:
+        if getattr(self, name) is not None:
+            return self.prefix / name
+        return getattr(self, f"{name}_file")
+
+    def secrets(self) -> dict[Path, str]:
+        """Files gen-conf writes (mode 0600) next to the config."""
+        return {self.prefix / name: getattr(self, name) + "\n"
+                for name in ("api_key", "status_token") if getattr(self, name) is not None}
+
+    def omni_directives(self) -> list[tuple[str, str]]:
+        """(directive, value) of every omni_* http directive, in table order."""
+        out = []
+        for opt in OPTIONS:
+            if opt.directive is None:
+                continue
+            value = getattr(self, opt.field)
+            if value is None:
+                continue
+            out.append((opt.directive,
+                        format_duration(value) if opt.kind == "duration" else str(value)))
+        return out
+
+
+# the fields of options make_conf validates itself (kind "special"), and
+# what they become
+_SPECIAL_FIELDS = [
+    ("conf_file", Path), ("prefix", Path),
+    ("prefill", tuple), ("decode", tuple),      # of Endpoint
+    ("listen_host", str), ("cores", tuple),
+    ("model_path", "Path | None"), ("log_file", Path),
+    ("access_log_file", "Path | None"), ("module_dir", Path), ("user", "str | None"),
+    ("engine_routes", tuple), ("status_allow", tuple),   # () allows all
+    ("api_key_file", "Path | None"), ("status_token_file", "Path | None"),
+    ("api_key", "str | None", dataclasses.field(repr=False)),
+    ("status_token", "str | None", dataclasses.field(repr=False)),
+]
+assert {f[0] for f in _SPECIAL_FIELDS} >= {o.name for o in OPTIONS if o.kind == "special"} - {
+    "prefill_endpoints", "decode_endpoints"}
+
+_KIND_TYPES = {"int": int, "duration": int, "size": str, "choice": str}
+
+ProxyConf = dataclasses.make_dataclass(
+    "ProxyConf",
+    _SPECIAL_FIELDS + [(o.field, _KIND_TYPES[o.kind]) for o in OPTIONS
+                       if o.kind != "special"],
+    bases=(_ProxyConfBase,), frozen=True,
+    namespace={"__doc__": "Validated gen-conf options, ready to render (one field "
+                          "per option of OPTIONS; durations in ms as NAME_ms)."})
 
 
 # ---------------------------------------------------------------------------
@@ -350,9 +575,100 @@ def _choice(option: str, value, choices) -> str:
 # the whole option set
 
 
+def parse_option(opt: Option, value):
+    """Validate one option of a plain kind (not "special")."""
+    if opt.kind == "int":
+        return parse_int(opt.flag, value, opt.minimum, opt.maximum)
+    if opt.kind == "duration":
+        return parse_duration(opt.flag, value, opt.unit)
+    if opt.kind == "size":
+        return parse_size(opt.flag, value, opt.minimum or 0)
+    if opt.kind == "choice":
+        return _choice(opt.flag, value, opt.choices)
+    raise AssertionError(f"{opt.name}: kind {opt.kind} is validated by make_conf")
+
+
+def size_bytes(text: str) -> int:
+    """A size as parse_size normalizes it ("64m") -> bytes."""
+    m = _SIZE.match(text)
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2)]
+
+
+def directive_defaults() -> dict:
+    """What /omni/status's "config" object shows when no omni_* directive is
+    set: the option table's defaults, keyed by directive name without
+    omni_ (durations in ms as NAME_ms, sizes in bytes)."""
+    out = {}
+    for opt in OPTIONS:
+        if opt.directive is None or opt.default is None:
+            continue
+        key = opt.directive[len("omni_"):]
+        value = parse_option(opt, opt.default)
+        if opt.kind == "duration":
+            key += "_ms"
+        elif opt.kind == "size":
+            value = size_bytes(value)
+        out[key] = value
+    return out
+
+
+def parse_routes(value) -> tuple[str, ...]:
+    opt = OPTION["engine_routes"]
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if isinstance(value, str) and value.strip() in ("", "none"):
+        return ()
+    routes = []
+    for raw in items:
+        route = str(raw).strip()
+        if not _ROUTE.match(route):
+            raise ConfError(opt.flag, value, f"{route!r} is not a path such as /v1/models")
+        if route in PROXY_ROUTES or route.startswith("/_omni/"):
+            raise ConfError(opt.flag, value, f"{route} is the proxy's own route")
+        if route in routes:
+            raise ConfError(opt.flag, value, f"lists {route} twice")
+        routes.append(route)
+    return tuple(routes)
+
+
+def parse_networks(value) -> tuple[str, ...]:
+    """Addresses or networks for allow lines; () means everyone."""
+    opt = OPTION["status_allow"]
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if isinstance(value, str) and value.strip() == "all":
+        return ()
+    nets = []
+    for raw in items:
+        text = str(raw).strip()
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfError(opt.flag, value, f"{text!r} is not an address or network "
+                            "(127.0.0.1, 10.0.0.0/8, ::1; or all)") from None
+        nets.append(str(net.network_address) if net.num_addresses == 1 else str(net))
+    if not nets:
+        raise ConfError(opt.flag, value, "is empty (write `all` to allow everyone)")
+    return tuple(nets)
+
+
+def _secret(o: dict, name: str):
+    """(literal, file) of a key given as --NAME or --NAME-file."""
+    opt, file_opt = OPTION[name], OPTION[f"{name}_file"]
+    literal, path = o[name], o[f"{name}_file"]
+    if literal is not None and path is not None:
+        raise ConfError(opt.flag, "***", f"give {opt.flag} or {file_opt.flag}, not both")
+    if literal is not None and not _SECRET.match(str(literal)):
+        # the value itself is not repeated: it is a secret
+        raise ConfError(opt.flag, "***", "must be printable ASCII without spaces")
+    if path is not None:
+        path = parse_path(file_opt.flag, path)
+        if not path.is_file():
+            raise ConfError(file_opt.flag, path, "is not a file")
+    return literal, path
+
+
 def make_conf(nginx_conf_file, allow_missing_cores: bool = False,
               **options) -> ProxyConf:
-    """Validate gen-conf options (names as in DEFAULTS; None means "not
+    """Validate gen-conf options (names as in OPTIONS; None means "not
     given") into a ProxyConf.  Raises ConfError naming the first bad one.
     allow_missing_cores accepts cores this machine does not have (a config
     rendered for another machine)."""
@@ -372,7 +688,11 @@ def make_conf(nginx_conf_file, allow_missing_cores: bool = False,
     if prefix.exists() and not prefix.is_dir():
         raise ConfError("--prefix", o["prefix"], "exists and is not a directory")
 
-    pd_policy = _choice("--pd-policy", o["pd_policy"], PD_POLICIES)
+    # every option of a plain kind, in table order
+    plain = {opt.field: parse_option(opt, o[opt.name])
+             for opt in OPTIONS if opt.kind != "special"}
+
+    pd_policy = plain["pd_policy"]
     prefill = parse_endpoints("--prefill-endpoints", o["prefill_endpoints"])
     decode = parse_endpoints("--decode-endpoints", o["decode_endpoints"])
     if not decode:
@@ -401,11 +721,9 @@ def make_conf(nginx_conf_file, allow_missing_cores: bool = False,
                             "(nginx matches bootstrap ports by resolved address)")
 
     listen_host = parse_listen_host(o["listen_host"])
-    listen_port = parse_int("--listen-port", o["listen_port"], 1, 65535)
 
     ncpu = cpu_count()
-    start = parse_int("--start-core-index", o["start_core_index"], 0)
-    num = parse_int("--core-num", o["core_num"], 1)
+    start, num = plain["start_core_index"], plain["core_num"]
     if start >= ncpu and not allow_missing_cores:
         raise ConfError("--start-core-index", o["start_core_index"],
                         f"this machine has {ncpu} cores (0-{ncpu - 1})")
@@ -436,49 +754,55 @@ def make_conf(nginx_conf_file, allow_missing_cores: bool = False,
     if user is not None and not _USER.match(str(user)):
         raise ConfError("--user", user, "must be a user name")
 
+    engine_routes = parse_routes(o["engine_routes"])
+    status_allow = parse_networks(o["status_allow"])
+    api_key, api_key_file = _secret(o, "api_key")
+    status_token, status_token_file = _secret(o, "status_token")
+
     return ProxyConf(
-        conf_file=conf_file,
-        prefix=prefix,
-        prefill=prefill,
-        decode=decode,
-        listen_host=listen_host,
-        listen_port=listen_port,
-        cores=tuple(range(start, start + num)),
-        pd_policy=pd_policy,
-        schedule_policy=_choice("--schedule-policy", o["schedule_policy"], SCHEDULE_POLICIES),
-        prefill_queue_order=_choice("--prefill-queue-order", o["prefill_queue_order"],
-                                    QUEUE_ORDERS),
-        model_path=model_path,
-        log_file=log_file,
-        log_level=_choice("--log-level", o["log_level"], LOG_LEVELS),
-        access_log_file=access_log,
-        max_batch_num_token=parse_int("--max-batch-num-token", o["max_batch_num_token"], 1),
-        prefill_max_num_seqs=parse_int("--prefill-max-num-seqs", o["prefill_max_num_seqs"], 1),
-        decode_max_num_seqs=parse_int("--decode-max-num-seqs", o["decode_max_num_seqs"], 1),
-        prefill_starvation_timeout_ms=parse_duration(
-            "--prefill-starvation-timeout", o["prefill_starvation_timeout"], "ms"),
-        queue_max=parse_int("--queue-max", o["queue_max"], 1),
-        queue_timeout_ms=parse_duration("--queue-timeout", o["queue_timeout"]),
-        decode_max_tokens=parse_int("--decode-max-tokens", o["decode_max_tokens"], 0),
-        hold_slack_ms=parse_duration("--hold-slack", o["hold_slack"], "ms"),
-        block_size=parse_int("--block-size", o["block_size"], 1),
-        index_max_tokens=parse_int("--index-max-tokens", o["index_max_tokens"], 0),
-        cache_blocks=parse_int("--cache-blocks", o["cache_blocks"], 0),
-        cache_ttl_ms=parse_duration("--cache-ttl", o["cache_ttl"]),
-        worker_connections=parse_int("--worker-connections", o["worker_connections"], 32),
-        zone_size=parse_size("--zone-size", o["zone_size"], 1 << 20),
-        prefill_read_timeout_ms=parse_duration("--prefill-read-timeout",
-                                               o["prefill_read_timeout"]),
-        decode_read_timeout_ms=parse_duration("--decode-read-timeout",
-                                              o["decode_read_timeout"]),
-        connect_timeout_ms=parse_duration("--connect-timeout", o["connect_timeout"]),
-        keepalive=parse_int("--keepalive", o["keepalive"], 1),
-        max_body_size=parse_size("--max-body-size", o["max_body_size"]),
-        max_fails=parse_int("--max-fails", o["max_fails"], 0),
-        fail_timeout_ms=parse_duration("--fail-timeout", o["fail_timeout"]),
-        module_dir=module_dir,
-        user=user,
-    )
+        conf_file=conf_file, prefix=prefix, prefill=prefill, decode=decode,
+        listen_host=listen_host, cores=tuple(range(start, start + num)),
+        model_path=model_path, log_file=log_file, access_log_file=access_log,
+        module_dir=module_dir, user=user, engine_routes=engine_routes,
+        status_allow=status_allow, api_key=api_key, api_key_file=api_key_file,
+        status_token=status_token, status_token_file=status_token_file,
+        **plain)
+
+
+def unreachable_dir(conf: ProxyConf) -> Path | None:
+    """When gen-conf runs as root (so nginx will too) and the workers run as
+    another user: the first directory on the way to the prefix that this
+    user cannot enter (nginx creates the temp directories for the workers'
+    user, but cannot open the way to them).  None when all is well or
+    unknown (not root, the user does not exist here)."""
+    import grp
+    import pwd
+    if os.geteuid() != 0:
+        return None
+    name = conf.user or "nobody"            # nginx's built-in worker user
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    if pw.pw_uid == 0:
+        return None
+    groups = set(os.getgrouplist(name, pw.pw_gid))
+    groups |= {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
+    blocked = None
+    for d in [conf.prefix, *conf.prefix.parents]:
+        try:
+            st = d.stat()
+        except OSError:
+            continue                        # created later by gen-conf, 0755
+        if st.st_uid == pw.pw_uid:
+            ok = st.st_mode & 0o100
+        elif st.st_gid in groups:
+            ok = st.st_mode & 0o010
+        else:
+            ok = st.st_mode & 0o001
+        if not ok:
+            blocked = d                     # keep the outermost
+    return blocked
 
 
 # ---------------------------------------------------------------------------
@@ -532,6 +856,7 @@ def render_conf(conf: ProxyConf) -> str:
         affinity=" ".join(affinity_masks(conf.cores)),
         error_pages=error_pages(),
         default_bootstrap_port=DEFAULT_BOOTSTRAP_PORT,
+        scheduled_routes=SCHEDULED_ROUTES,
     )
 
 
@@ -564,7 +889,7 @@ def backup_path(conf_file) -> Path:
     return Path(str(conf_file) + ".prev")
 
 
-def install_file(path, text: str, backup: bool = True) -> Path | None:
+def install_file(path, text: str, backup: bool = True, mode: int = 0o644) -> Path | None:
     """Write text to path atomically (temp file + rename in the same
     directory).  The replaced file, when different, becomes path.prev.
     Returns the backup's path when one was made."""
@@ -574,7 +899,7 @@ def install_file(path, text: str, backup: bool = True) -> Path | None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         made = None
         if backup and path.is_file() and path.read_text() != text:
             bak = backup_path(path)
@@ -624,6 +949,7 @@ def install_checked(conf: ProxyConf, text: str, check: bool):
             _remove_dirs(created)
             raise ConfError(option, d, f"cannot create directory: {exc.strerror}") from None
         created.extend(missing)
+    write_secrets(conf)
     output = None
     if check:
         fd, tmp = tempfile.mkstemp(prefix=f".{conf.conf_file.name}.", suffix=".check",
@@ -644,6 +970,14 @@ def install_checked(conf: ProxyConf, text: str, check: bool):
         raise ConfError("--nginx-conf-file", conf.conf_file,
                         f"cannot write: {exc.strerror}") from None
     return backup, output
+
+
+def write_secrets(conf: ProxyConf) -> None:
+    """The API key and status token given on the command line go to files
+    (mode 0600) that nginx reads when it loads the config, never into the
+    world-readable nginx.conf.  Written before `nginx -t` needs them."""
+    for path, secret in conf.secrets().items():
+        install_file(path, secret, backup=False, mode=0o600)
 
 
 def _missing_parents(d: Path) -> list[Path]:

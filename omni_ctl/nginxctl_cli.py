@@ -76,7 +76,9 @@ def reload(nginx_conf_file, rollback, timeout, **options):
         raise click.UsageError("--rollback takes no gen-conf options")
     text = None
     if given:
-        text = conf.render_conf(conf.make_conf(nginx_conf_file, **given))
+        new = conf.make_conf(nginx_conf_file, **given)
+        conf.write_secrets(new)
+        text = conf.render_conf(new)
     st = nginxctl.reload(nginx_conf_file, new_text=text, rollback=rollback,
                          timeout=timeout)
     click.echo(("rolled back and reloaded; " if rollback else "reloaded; ") + _describe(st))

@@ -1,5 +1,6 @@
 """gen-conf as plain functions: parsing, validation, rendering, writing."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -189,6 +190,18 @@ def test_module_dir_from_environment(tmp_path, monkeypatch):
     (dict(fail_timeout="x"), "--fail-timeout", "x"),
     (dict(user="root;"), "--user", "root;"),
     (dict(log_file="/tmp/with space.log"), "--log-file", "/tmp/with space.log"),
+    (dict(engine_routes="/v1/models,v1/x"), "--engine-routes", "/v1/models,v1/x"),
+    (dict(engine_routes="/v1/completions"), "--engine-routes", "/v1/completions"),
+    (dict(engine_routes="/_omni/decode/x"), "--engine-routes", "/_omni/decode/x"),
+    (dict(engine_routes="/a;b"), "--engine-routes", "/a;b"),
+    (dict(engine_routes="/a,/a"), "--engine-routes", "/a,/a"),
+    (dict(status_allow="localhost"), "--status-allow", "localhost"),
+    (dict(status_allow=""), "--status-allow", ""),
+    (dict(api_key="two words"), "--api-key", "***"),
+    (dict(api_key="k", api_key_file="/etc/hostname"), "--api-key", "***"),
+    (dict(status_token="t\u00e9"), "--status-token", "***"),
+    (dict(status_token_file="/nonexistent/token"), "--status-token-file",
+     "/nonexistent/token"),
 ])
 def test_bad_option(tmp_path, options, option, value):
     with pytest.raises(ConfError) as exc:
@@ -231,6 +244,34 @@ def test_affinity_masks():
     assert conf.affinity_masks([0]) == ["1"]
     assert conf.affinity_masks([0, 1]) == ["01", "10"]
     assert conf.affinity_masks([2, 3]) == ["0100", "1000"]
+
+
+# -- the option table
+
+
+def test_option_table_is_the_one_source():
+    from omni_ctl import conf_cli
+    names = [o.name for o in conf.OPTIONS]
+    assert len(names) == len(set(names))
+    assert list(conf.DEFAULTS) == names
+    assert [d[0] for d, _ in conf_cli.CONF_OPTIONS] == [o.flag for o in conf.OPTIONS]
+    fields = {f.name for f in dataclasses.fields(conf.ProxyConf)}
+    for opt in conf.OPTIONS:
+        if opt.kind != "special":
+            assert opt.field in fields, opt.name
+            conf.parse_option(opt, opt.default)      # every default is valid
+        assert opt.section in conf.SECTIONS, opt.name
+        assert opt.directive is None or opt.directive.startswith("omni_")
+
+
+def test_every_omni_directive_is_rendered_from_the_table(tmp_path):
+    text = conf.render_conf(make(tmp_path, model_path=str(tmp_path)))
+    http_level = re.findall(r"^    (omni_\w+) ", text, re.M)
+    assert http_level == [o.directive for o in conf.OPTIONS if o.directive]
+    expected = conf.directive_defaults()
+    assert directives(text, "omni_zone_size") == ["64m"]
+    assert expected["zone_size"] == 64 << 20
+    assert expected["queue_timeout_ms"] == 600_000 and expected["block_size"] == 256
 
 
 # -- rendering
@@ -300,7 +341,7 @@ def test_render_options(tmp_path):
     assert directives(text, "error_log") == [f"{tmp_path}/error.log info"]
     assert directives(text, "omni_schedule_policy") == ["round-robin"]
     assert directives(text, "omni_prefill_queue_order") == ["fcfs"]
-    assert directives(text, "omni_prefill_starvation_timeout") == ["3000ms"]
+    assert directives(text, "omni_prefill_starvation_timeout") == ["3s"]
     assert directives(text, "omni_zone_size") == ["128m"]
     assert directives(text, "omni_queue_max") == ["10"]
     assert directives(text, "omni_queue_timeout") == ["300s"]
@@ -334,6 +375,63 @@ def test_status_and_metrics_are_loopback_only(tmp_path):
         body = block(text, loc)
         assert directives(body, "allow") == ["127.0.0.1", "::1"]
         assert directives(body, "deny") == ["all"]
+        assert directives(body, "omni_api_key_file") == []
+
+
+def test_status_allow_and_token(tmp_path):
+    c = make(tmp_path, status_allow="10.1.2.3, 10.0.0.0/8,::1", status_token="s3cret")
+    text = conf.render_conf(c)
+    for loc in ("location = /omni/status", "location = /metrics"):
+        body = block(text, loc)
+        assert directives(body, "allow") == ["10.1.2.3", "10.0.0.0/8", "::1"]
+        assert directives(body, "deny") == ["all"]
+        assert directives(body, "omni_api_key_file") == [f"{tmp_path}/status_token"]
+    assert "s3cret" not in text and "s3cret" not in repr(c)
+    body = block(conf.render_conf(make(tmp_path, status_allow="all")), "location = /metrics")
+    assert directives(body, "allow") == [] and directives(body, "deny") == []
+
+
+def test_front_door_locations(tmp_path):
+    """Only the scheduled routes, the proxy's pages and the listed engine
+    routes have a location; everything else is the 404 of `location /`."""
+    text = conf.render_conf(make(tmp_path, engine_routes="/v1/models,/get_model_info"))
+    assert directives(block(text, "location / "), "return") == ["404"]
+    assert "proxy_pass" not in block(text, "location / ")
+    for route in ("/v1/completions", "/v1/chat/completions"):
+        body = block(text, f"location = {route} ")
+        assert directives(body, "omni_methods") == ["POST"]
+        assert directives(body, "omni_api_key_file") == []
+    for route in ("/v1/models", "/get_model_info"):
+        body = block(text, f"location = {route} ")
+        assert directives(body, "omni_methods") == ["GET HEAD"]
+        assert directives(body, "proxy_pass") == ["http://omni_decode"]
+    # the only locations that reach an engine: the two legs and the routes
+    passes = re.findall(r"location ([^{]*)\{[^}]*proxy_pass", text)
+    assert sorted(p.strip() for p in passes) == [
+        "/_omni/decode/", "/_omni/prefill/", "= /get_model_info", "= /v1/models"]
+    text = conf.render_conf(make(tmp_path, engine_routes="none"))
+    assert re.findall(r"location = (\S+) \{[^}]*proxy_pass", text) == []
+
+
+def test_api_key_goes_to_a_private_file(tmp_path):
+    import stat
+    c = make(tmp_path, api_key="sk-test-1", core_num=1)
+    text = conf.render_conf(c)
+    assert "sk-test-1" not in text
+    for route in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/version"):
+        body = block(text, f"location = {route} ")
+        assert directives(body, "omni_api_key_file") == [f"{tmp_path}/api_key"]
+    for loc in ("location = /health", "location = /omni/status"):
+        assert "omni_api_key" not in block(text, loc)
+    conf.install_checked(c, text, check=False)
+    key = tmp_path / "api_key"
+    assert key.read_text() == "sk-test-1\n"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(c.conf_file.stat().st_mode) == 0o644
+    keyfile = tmp_path / "given_key"
+    keyfile.write_text("k\n")
+    c = make(tmp_path, api_key_file=str(keyfile))
+    assert c.api_key_path == keyfile and c.secrets() == {}
 
 
 def test_log_format_uses_every_module_variable(tmp_path):

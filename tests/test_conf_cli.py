@@ -70,6 +70,9 @@ BAD = [
     ("--core-num", "3", None),
     ("--zone-size", "big", None),
     ("--prefill-starvation-timeout", "later", None),
+    ("--engine-routes", "v1/models", "v1/models"),
+    ("--status-allow", "everyone", "everyone"),
+    ("--api-key-file", "/nonexistent/key", "/nonexistent/key"),
 ]
 
 
@@ -196,3 +199,22 @@ def test_nginx_t_as_a_normal_user(omni_module):
         assert "test is successful" in res.stderr
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+def test_api_key_and_status_token_from_the_command_line(omni_module, tmp_path):
+    """The secrets end up in private files nginx -t accepts, never in the
+    config or in an error message."""
+    out = tmp_path / "nginx.conf"
+    result = gen_conf("--nginx-conf-file", str(out), *GOOD, "--api-key", "sk-cli-123",
+                      "--status-token", "st-cli-456", "--module-dir", str(omni_module.parent),
+                      "--check")
+    assert result.exit_code == 0, text(result)
+    conf_text = out.read_text()
+    assert "sk-cli-123" not in conf_text and "st-cli-456" not in conf_text
+    assert (tmp_path / "api_key").read_text() == "sk-cli-123\n"
+    assert (tmp_path / "status_token").read_text() == "st-cli-456\n"
+    assert oct((tmp_path / "api_key").stat().st_mode & 0o777) == "0o600"
+    result = gen_conf("--nginx-conf-file", str(tmp_path / "y" / "nginx.conf"), *GOOD,
+                      "--api-key", "has space secret")
+    assert result.exit_code != 0
+    assert "has space secret" not in text(result) and "--api-key" in text(result)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -64,6 +65,31 @@ def test_seed_example_renders_what_omni_ctl_renders(omni_module, tmp_path):
     assert conf_file.read_text() == from_script
     assert f"omni_model_path {tmp_path};" in from_script
     assert "worker_cpu_affinity 0001 0010 0100 1000;" in from_script
+
+
+def test_every_gen_conf_option_maps_through_omni_proxy_prefix(omni_module, tmp_path):
+    """--omni-proxy-X reaches gen-conf as --X for options the seed never had."""
+    conf_file = tmp_path / "nginx.conf"
+    res = run(*seed_args(conf_file, tmp_path), "--dry-run", "--omni-proxy-queue-max", "77",
+              "--omni-proxy-engine-routes", "/get_model_info",
+              "--omni-proxy-status-allow=10.0.0.0/8", OMNI_CPU_COUNT="8")
+    assert res.returncode == 0, res.stderr
+    text = conf_file.read_text()
+    assert "omni_queue_max 77;" in text
+    assert "location = /get_model_info {" in text and "location = /v1/models" not in text
+    assert "allow 10.0.0.0/8;" in text
+    res = run(*seed_args(conf_file, tmp_path), "--dry-run", "--omni-proxy-no-such", "1")
+    assert res.returncode != 0 and "--no-such" in res.stderr
+
+
+def test_seed_names_are_the_tables():
+    """The options the script takes under their own names are those the
+    option table marks as the seed's."""
+    from omni_ctl import conf
+    script = SCRIPT.read_text()
+    case = script[script.index("# the seed's own names"):script.index("--omni-proxy-?*)")]
+    names = set(re.findall(r"--[a-z-]+", case)) - {"--nginx-conf-file"}
+    assert names == {o.flag for o in conf.OPTIONS if o.seed}
 
 
 def test_pythonhashseed_changes_nothing(omni_module, tmp_path):
