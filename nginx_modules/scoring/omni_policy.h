@@ -21,6 +21,12 @@
  *                    "most late" goes first: the one whose TTFT will be the
  *                    largest, waited + predicted work (FCFS and LPT: the
  *                    oldest).
+ *   SLO release      with TTFT deadlines: lost requests after those that
+ *                    can still meet theirs, the queue order while no
+ *                    deadline is at risk, else the most that can be on
+ *                    time (Moore-Hodgson); the early 429 and Retry-After
+ *                    from the queue's expected drain; decode placement
+ *                    that meets a TPOT target when it can.
  *   at once          round robin, least loaded or cache-aware choice for
  *                    the policies that do not hold requests.
  *
