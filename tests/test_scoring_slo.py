@@ -12,8 +12,9 @@ import random
 
 import pytest
 
-from omni_ctl.scoring import (DecodeInstance, DecodeJob, QueueItem, SloItem, ffi,
-                              lib, place_decode, place_decode_tpot, queue_pick,
+from omni_ctl.scoring import (DecodeInstance, DecodeJob, PrefillCandidate, Predictor,
+                              QueueItem, SloItem, decide_prefill, ffi, lib,
+                              place_decode, place_decode_tpot, queue_pick,
                               retry_after, slo_admit, slo_next, slo_starved)
 from omni_ctl.scoring.errors import InvalidArgumentError
 
@@ -358,3 +359,41 @@ def test_decode_placement_meets_the_tpot_target_when_it_can():
     out = ffi.new("omni_decision_t *")
     assert lib.omni_policy_decode_place_tpot(d, 1, j, ffi.NULL, 5,
                                              out) == lib.OMNI_EINVAL
+
+
+# ---- placement with a deadline ---------------------------------------------------
+
+
+def test_placement_keeps_the_request_on_time_before_weighing_the_others():
+    """Instance 0 holds most of the prompt but is busy ~500 ms; instance 1
+    is free and would recompute it all (~400 ms).  With 5 waiting, what a
+    long prefill costs the others makes instance 0 the cheaper choice (the
+    request waits for it).  With a deadline 450 ms away only instance 1
+    finishes it in time: it goes there now.  When neither can, the choice
+    is the same as without a deadline."""
+    pred = Predictor(2, prefill_prior=(2000, 100_000, 0))
+    now = 1_000_000
+    pred.dispatch_prefill(0, 4980, 0, now_us=now)
+    kw = dict(prompt_tokens=4000, now_us=now, hold_slack_us=20_000, waiting=5,
+              force=True)
+
+    def cands():
+        return [PrefillCandidate(0, max_running=16), PrefillCandidate(1, max_running=16)]
+
+    c = cands()
+    d = decide_prefill(pred, c, [200, 0], 16, **kw)
+    assert d.hold and d.best == 0
+    c = cands()
+    d = decide_prefill(pred, c, [200, 0], 16, deadline_us=now + 450_000, **kw)
+    assert d.choice == 1 and c[0].draining
+    own = [x.wait_us + pred.prefill_us(i, 4000 - x.cached_tokens, x.cached_tokens)
+           for i, x in enumerate(c)]
+    assert own[0] > 450_000 >= own[1]
+    # nobody in time: as without a deadline
+    d = decide_prefill(pred, cands(), [200, 0], 16, deadline_us=now + 100_000, **kw)
+    assert d.hold and d.best == 0
+    # the one in time is over its request limit: as without a deadline
+    c = cands()
+    c[1].running = c[1].max_running = 1
+    d = decide_prefill(pred, c, [200, 0], 16, deadline_us=now + 450_000, **kw)
+    assert d.hold and d.best == 0

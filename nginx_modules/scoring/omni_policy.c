@@ -231,6 +231,33 @@ omni_policy_prefill_busy(omni_prefill_cand_t *c, size_t n,
 }
 
 
+/*
+ * An SLO: an instance where the request would finish past its deadline is
+ * out of the question when another one, within its limits, would finish it
+ * in time (waiting for it if need be).  When none would, nothing changes:
+ * it is late anyway, and the cost rule limits the harm to the others.
+ */
+static void
+omni_policy_prefill_on_time(omni_prefill_cand_t *c, size_t n,
+    uint64_t now_us, uint64_t deadline_us)
+{
+    size_t  i;
+    int     any;
+
+    for (any = 0, i = 0; i < n && !any; i++) {
+        any = c[i].flags == 0
+              && (c[i].max_running == 0 || c[i].running < c[i].max_running)
+              && now_us + c[i].wait_us + c[i].prefill_us <= deadline_us;
+    }
+
+    for (i = 0; any && i < n; i++) {
+        if (now_us + c[i].wait_us + c[i].prefill_us > deadline_us) {
+            c[i].flags |= OMNI_POLICY_DRAINING;
+        }
+    }
+}
+
+
 int
 omni_policy_prefill_decide(const omni_predict_t *p,
     const uint32_t *matched, size_t n_matched, uint32_t block_size,
@@ -268,6 +295,10 @@ omni_policy_prefill_decide(const omni_predict_t *p,
     }
 
     omni_policy_prefill_busy(c, n, prompt_tokens, now_us, slack);
+
+    if (o->deadline_us) {
+        omni_policy_prefill_on_time(c, n, now_us, o->deadline_us);
+    }
 
     /* the cost of a choice: its own TTFT and what it takes from the others */
 

@@ -122,6 +122,7 @@ typedef struct {
     uint32_t  waiting;          /* requests queued, counting this one */
     uint32_t  force;            /* rather than wait for a busy best one,
                                    take the best free one (see decide) */
+    uint64_t  deadline_us;      /* its TTFT deadline (SLO); 0: none */
 } omni_prefill_opts_t;
 
 typedef struct {
@@ -224,6 +225,10 @@ int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  *   - a candidate whose batch budget this request does not fit now is busy
  *     (wait past the slack), not out of the question; max_tokens is then
  *     no limit for choose();
+ *   - with a deadline: when some candidate (not flagged, below
+ *     max_running) would finish it by the deadline (now + wait + prefill),
+ *     the ones that would not are flagged DRAINING: placement keeps it on
+ *     time before it weighs the cost to the others;
  *   - add_delay(waiting, arrival_gap_us), choose(hold_slack_us);
  *   - the best is busy past the slack: with no room anywhere, HOLD_FULL;
  *     without `force`, HOLD_BUSY (the caller offers the free instances to

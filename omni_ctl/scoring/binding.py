@@ -688,20 +688,22 @@ def choose_prefill(candidates, prompt_tokens, hold_slack_us=None):
 
 def decide_prefill(predictor, candidates, cached_blocks, block_size,
                    prompt_tokens, now_us, hold_slack_us, waiting=1,
-                   arrival_gap_us=0.0, force=False):
+                   arrival_gap_us=0.0, force=False, deadline_us=0):
     """The module's decision for the start of a held request
     (``omni_policy_prefill_decide``): prepare, the step and batch-budget
     rules, the cost to the others, choose, and what to do when the best
     instance is busy past the slack.  The candidates are updated as the C
     function updates them.  ``Decision.reason`` "hold-busy": this one waits
     and one behind it may go; "hold-limits"/"hold-none"/"hold-full": nothing
-    that needs a free instance can go now."""
+    that needs a free instance can go now.  ``deadline_us``: its TTFT
+    deadline (an SLO; 0: none), same clock as ``now_us``."""
     arr = _prefill_array(candidates)
     cached = list(cached_blocks or ())
     blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
     opts = ffi.new("omni_prefill_opts_t *", {
         "hold_slack_us": hold_slack_us, "arrival_gap_us": float(arrival_gap_us),
-        "waiting": waiting, "force": int(bool(force))})
+        "waiting": waiting, "force": int(bool(force)),
+        "deadline_us": deadline_us})
     out = ffi.new("omni_decision_t *")
     rc = lib.omni_policy_prefill_decide(predictor._h, blocks, len(cached),
                                         block_size, prompt_tokens, now_us, opts,
