@@ -252,6 +252,81 @@ def test_without_slos_the_release_is_the_queue_functions(seed):
     assert keep[slo_next(sub, waits, now, **kw).index] == want
 
 
+# ---- the rule as written in the header, in Python ---------------------------------
+
+
+def _ref_next(items, waits, now, starvation_us, aging=1.0):
+    """omni_policy_slo_next() as omni_policy.h states it (SJF keys), written
+    plainly: a full re-plan at every step."""
+    import heapq
+    inf = float("inf")
+    n = len(items)
+    seq = [it.seq for it in items]
+    dl = [it.deadline_us or inf for it in items]
+    work = [it.work_us for it in items]
+
+    def key(i):
+        return (work[i] + aging * items[i].arrival_us, seq[i])
+
+    late = []
+    for i in sorted(range(n), key=lambda i: seq[i])[:lib.OMNI_POLICY_LATE_SCAN]:
+        it = items[i]
+        anchor = max(it.deadline_us, it.arrival_us)
+        if not (starvation_us and now > anchor and now - anchor >= starvation_us):
+            break
+        late.append(i)
+    if late:
+        waited = [max(now - items[i].arrival_us, 0) + work[i] for i in late]
+        return late[waited.index(max(waited))], "starved"
+    free = sorted(now + w for w in waits) or [now]
+
+    def plan(order):
+        h = list(free)
+        for pos, i in enumerate(order):
+            t = heapq.heappop(h) + work[i]
+            if t > dl[i]:
+                return pos
+            heapq.heappush(h, t)
+        return -1
+
+    korder = sorted(range(n), key=key)
+    feas = [i for i in korder if free[0] + work[i] <= dl[i]]
+    if not feas:
+        return korder[0], "lost"
+    if plan(feas) < 0:
+        return feas[0], "order"
+    kept = []
+    for j in sorted(feas, key=lambda i: (dl[i],) + key(i)):
+        kept.append(j)
+        miss = plan(kept)
+        while miss >= 0:
+            longest = max(range(miss + 1), key=lambda p: (work[kept[p]], p))
+            del kept[longest]
+            miss = plan(kept)
+    for c in sorted(kept, key=key)[:lib.OMNI_POLICY_SLO_TRY]:
+        if plan([c] + [x for x in kept if x != c]) < 0:
+            return c, "plan"
+    return kept[0], "plan"
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_c_rule_is_the_rule_as_written(seed):
+    rng = random.Random(seed)
+    now = rng.randrange(3 * S, 10 * S)
+    items = []
+    for k in range(rng.randrange(1, 40)):
+        arrival = now - rng.randrange(0, 3 * S)
+        deadline = 0 if rng.random() < 0.2 else arrival + rng.choice(
+            [200 * MS, 1 * S, 2 * S, rng.randrange(1, 4 * S)])
+        items.append(SloItem(arrival, rng.randrange(1, 800 * MS), deadline,
+                             seq=rng.randrange(10**6) * 64 + k))
+    waits = [rng.choice([0, rng.randrange(0, 1 * S)])
+             for _ in range(rng.randrange(0, 7))]
+    starvation = rng.choice([0, 0, 500 * MS, 2 * S])
+    p = slo_next(items, waits, now, starvation_us=starvation)
+    assert (p.index, p.reason) == _ref_next(items, waits, now, starvation)
+
+
 # ---- goodput: a simulation of the prefill queue ----------------------------------
 
 

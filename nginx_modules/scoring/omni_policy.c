@@ -879,16 +879,16 @@ omni_slo_by_seq(const void *a, const void *b)
 }
 
 
-/* the min-heap of free times h[0, m): h[0] changed, restore */
+/* the min-heap of free times h[0, m): h[at] grew, restore */
 static void
-omni_slo_sift(uint64_t *h, size_t m)
+omni_slo_sift_at(uint64_t *h, size_t m, size_t at)
 {
     uint64_t  v;
     size_t    i, c;
 
-    v = h[0];
+    v = h[at];
 
-    for (i = 0; (c = 2 * i + 1) < m; i = c) {
+    for (i = at; (c = 2 * i + 1) < m; i = c) {
         if (c + 1 < m && h[c + 1] < h[c]) {
             c++;
         }
@@ -902,6 +902,9 @@ omni_slo_sift(uint64_t *h, size_t m)
 
     h[i] = v;
 }
+
+
+#define omni_slo_sift(h, m)  omni_slo_sift_at(h, m, 0)
 
 
 /*
@@ -970,7 +973,7 @@ omni_policy_slo_next(const omni_queue_opts_t *o, const omni_slo_item_t *q,
     long               miss;
     size_t             i, j, k, f, scan, mm, best, tried, last;
     uint32_t          *feas, *kept;
-    uint64_t          *free0, *h, t;
+    uint64_t          *free0, *h;
     omni_slo_rec_t    *r;
     omni_queue_item_t  late[OMNI_POLICY_LATE_SCAN];
     int                rc;
@@ -1032,7 +1035,7 @@ omni_policy_slo_next(const omni_queue_opts_t *o, const omni_slo_item_t *q,
         return OMNI_OK;
     }
 
-    /* the instances' free instants: a heap (a sorted array is one) */
+    /* the instances' free instants: a heap */
 
     for (i = 0; i < m; i++) {
         free0[i] = omni_slo_clamp(now_us) + omni_slo_clamp(wait_us[i]);
@@ -1042,12 +1045,8 @@ omni_policy_slo_next(const omni_queue_opts_t *o, const omni_slo_item_t *q,
         free0[0] = omni_slo_clamp(now_us);
     }
 
-    for (i = 1; i < mm; i++) {
-        t = free0[i];
-        for (j = i; j > 0 && free0[j - 1] > t; j--) {
-            free0[j] = free0[j - 1];
-        }
-        free0[j] = t;
+    for (i = mm / 2; i-- > 0; /* void */) {
+        omni_slo_sift_at(free0, mm, i);
     }
 
     /* 2. feasible: could meet its deadline if released now */
