@@ -338,7 +338,7 @@ int omni_policy_queue_order(const omni_queue_item_t *q, size_t n,
  * OMNI_POLICY_MAX_GAP_US). */
 void omni_policy_arrived(omni_arrivals_t *a, uint64_t now_us);
 
-/* ---- SLO-aware release ---------------------------------------------------- */
+/* ---- SLO-aware release --------------------------------------------------- */
 
 /*
  * With a TTFT objective (SLO) per request, the prefill queue releases so as
