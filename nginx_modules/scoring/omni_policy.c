@@ -2,6 +2,7 @@
  * Omni Proxy scoring library: scheduling policies (see omni_policy.h).
  */
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "omni_policy.h"
@@ -230,6 +231,33 @@ omni_policy_prefill_busy(omni_prefill_cand_t *c, size_t n,
 }
 
 
+/*
+ * An SLO: an instance where the request would finish past its deadline is
+ * out of the question when another one, within its limits, would finish it
+ * in time (waiting for it if need be).  When none would, nothing changes:
+ * it is late anyway, and the cost rule limits the harm to the others.
+ */
+static void
+omni_policy_prefill_on_time(omni_prefill_cand_t *c, size_t n,
+    uint64_t now_us, uint64_t deadline_us)
+{
+    size_t  i;
+    int     any;
+
+    for (any = 0, i = 0; i < n && !any; i++) {
+        any = c[i].flags == 0
+              && (c[i].max_running == 0 || c[i].running < c[i].max_running)
+              && now_us + c[i].wait_us + c[i].prefill_us <= deadline_us;
+    }
+
+    for (i = 0; any && i < n; i++) {
+        if (now_us + c[i].wait_us + c[i].prefill_us > deadline_us) {
+            c[i].flags |= OMNI_POLICY_DRAINING;
+        }
+    }
+}
+
+
 int
 omni_policy_prefill_decide(const omni_predict_t *p,
     const uint32_t *matched, size_t n_matched, uint32_t block_size,
@@ -267,6 +295,10 @@ omni_policy_prefill_decide(const omni_predict_t *p,
     }
 
     omni_policy_prefill_busy(c, n, prompt_tokens, now_us, slack);
+
+    if (o->deadline_us) {
+        omni_policy_prefill_on_time(c, n, now_us, o->deadline_us);
+    }
 
     /* the cost of a choice: its own TTFT and what it takes from the others */
 
@@ -336,9 +368,12 @@ omni_policy_work(const omni_decode_job_t *j)
 }
 
 
-int
-omni_policy_decode_place(const omni_decode_inst_t *d, size_t n,
-    const omni_decode_job_t *job, omni_decision_t *out)
+/* decode_place(), among the instances whose step_us meets tpot_us when
+ * step_us is not NULL */
+static int
+omni_policy_decode_among(const omni_decode_inst_t *d, size_t n,
+    const omni_decode_job_t *job, const uint64_t *step_us, uint64_t tpot_us,
+    omni_decision_t *out)
 {
     const omni_decode_inst_t  *di;
     uint64_t                   work;
@@ -367,6 +402,10 @@ omni_policy_decode_place(const omni_decode_inst_t *d, size_t n,
             continue;
         }
 
+        if (step_us != NULL && step_us[i] > tpot_us) {
+            continue;
+        }
+
         if (best < 0 || di->load_tokens < d[best].load_tokens
             || (di->load_tokens == d[best].load_tokens
                 && di->running < d[best].running))
@@ -387,6 +426,40 @@ omni_policy_decode_place(const omni_decode_inst_t *d, size_t n,
     out->reason = OMNI_POLICY_CHOSEN;
 
     return OMNI_OK;
+}
+
+
+int
+omni_policy_decode_place(const omni_decode_inst_t *d, size_t n,
+    const omni_decode_job_t *job, omni_decision_t *out)
+{
+    return omni_policy_decode_among(d, n, job, NULL, 0, out);
+}
+
+
+int
+omni_policy_decode_place_tpot(const omni_decode_inst_t *d, size_t n,
+    const omni_decode_job_t *job, const uint64_t *step_us, uint64_t tpot_us,
+    omni_decision_t *out)
+{
+    int  rc;
+
+    if (tpot_us == 0) {
+        return omni_policy_decode_among(d, n, job, NULL, 0, out);
+    }
+
+    if (n > 0 && step_us == NULL) {
+        return OMNI_EINVAL;
+    }
+
+    rc = omni_policy_decode_among(d, n, job, step_us, tpot_us, out);
+
+    if (rc == OMNI_EHOLD) {
+        /* none meets the target (or none is within its limits) */
+        rc = omni_policy_decode_among(d, n, job, NULL, 0, out);
+    }
+
+    return rc;
 }
 
 
@@ -723,4 +796,457 @@ omni_policy_pick_now(const omni_pick_cand_t *c, size_t n, uint32_t policy,
     }
 
     return best < n ? (int) best : OMNI_ENOTFOUND;
+}
+
+
+/* ---- SLO-aware release --------------------------------------------------- */
+
+/* times and works are clamped here: sums of a few thousand never wrap */
+#define OMNI_SLO_MAX_US  ((uint64_t) 1 << 50)
+#define OMNI_SLO_NONE    UINT64_MAX
+
+typedef struct {
+    double    key;              /* omni_policy_queue_key() */
+    uint64_t  deadline;         /* absolute; OMNI_SLO_NONE: none */
+    uint64_t  work;
+    uint64_t  seq;
+    uint32_t  idx;              /* into q[] */
+    uint32_t  pad;
+} omni_slo_rec_t;
+
+
+static inline uint64_t
+omni_slo_clamp(uint64_t us)
+{
+    return us < OMNI_SLO_MAX_US ? us : OMNI_SLO_MAX_US;
+}
+
+
+int
+omni_policy_slo_starved(const omni_queue_opts_t *o, const omni_slo_item_t *it,
+    uint64_t now_us)
+{
+    uint64_t  from;
+
+    from = it->deadline_us > it->arrival_us ? it->deadline_us
+                                            : it->arrival_us;
+
+    return omni_policy_starved(o, from, now_us);
+}
+
+
+size_t
+omni_policy_slo_scratch_size(size_t n, size_t m)
+{
+    /* records, two heaps of free times, two index lists */
+    return n * sizeof(omni_slo_rec_t) + 2 * (m ? m : 1) * sizeof(uint64_t)
+           + 2 * n * sizeof(uint32_t);
+}
+
+
+static int
+omni_slo_by_key(const void *a, const void *b)
+{
+    const omni_slo_rec_t  *x = a, *y = b;
+
+    if (x->key != y->key) {
+        return x->key < y->key ? -1 : 1;
+    }
+
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+
+static int
+omni_slo_by_deadline(const void *a, const void *b)
+{
+    const omni_slo_rec_t  *x = a, *y = b;
+
+    if (x->deadline != y->deadline) {
+        return x->deadline < y->deadline ? -1 : 1;
+    }
+
+    return omni_slo_by_key(a, b);
+}
+
+
+static int
+omni_slo_by_seq(const void *a, const void *b)
+{
+    const omni_slo_rec_t  *x = a, *y = b;
+
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+
+/* the min-heap of free times h[0, m): h[at] grew, restore */
+static void
+omni_slo_sift_at(uint64_t *h, size_t m, size_t at)
+{
+    uint64_t  v;
+    size_t    i, c;
+
+    v = h[at];
+
+    for (i = at; (c = 2 * i + 1) < m; i = c) {
+        if (c + 1 < m && h[c + 1] < h[c]) {
+            c++;
+        }
+
+        if (h[c] >= v) {
+            break;
+        }
+
+        h[i] = h[c];
+    }
+
+    h[i] = v;
+}
+
+
+#define omni_slo_sift(h, m)  omni_slo_sift_at(h, m, 0)
+
+
+/*
+ * The plan: r[first] (if first < n_rec) then r[ord[0, k)] (skipping first)
+ * each start on the instance free first (h, a heap copied from free0) and
+ * take their work.  Returns the position in ord of the first that misses
+ * its deadline (k for `first`), or -1 when every one meets its own.
+ */
+static long
+omni_slo_plan(const omni_slo_rec_t *r, const uint32_t *ord, size_t k,
+    size_t first, size_t n_rec, const uint64_t *free0, uint64_t *h, size_t m)
+{
+    const omni_slo_rec_t  *x;
+    size_t                 i;
+
+    memcpy(h, free0, m * sizeof(uint64_t));
+
+    for (i = 0; i <= k; i++) {
+        if (i == 0 && first < n_rec) {
+            x = &r[first];
+
+        } else if (i == 0 || ord[i - 1] == first) {
+            continue;
+
+        } else {
+            x = &r[ord[i - 1]];
+        }
+
+        h[0] += x->work;
+
+        if (h[0] > x->deadline) {
+            return i == 0 ? (long) k : (long) (i - 1);
+        }
+
+        omni_slo_sift(h, m);
+    }
+
+    return -1;
+}
+
+
+/* drop the longest of ord[0, upto] (the last of equals: the latest due) */
+static size_t
+omni_slo_drop_longest(const omni_slo_rec_t *r, uint32_t *ord, size_t k,
+    size_t upto)
+{
+    size_t  i, l;
+
+    for (l = 0, i = 1; i <= upto; i++) {
+        if (r[ord[i]].work >= r[ord[l]].work) {
+            l = i;
+        }
+    }
+
+    memmove(ord + l, ord + l + 1, (k - l - 1) * sizeof(uint32_t));
+
+    return k - 1;
+}
+
+
+int
+omni_policy_slo_next(const omni_queue_opts_t *o, const omni_slo_item_t *q,
+    size_t n, const uint64_t *wait_us, size_t m, uint64_t now_us,
+    void *scratch, size_t scratch_size, omni_slo_pick_t *out)
+{
+    long               miss;
+    size_t             i, j, k, f, scan, mm, best, tried, last;
+    uint32_t          *feas, *kept;
+    uint64_t          *free0, *h;
+    omni_slo_rec_t    *r;
+    omni_queue_item_t  late[OMNI_POLICY_LATE_SCAN];
+    int                rc;
+
+    if (out == NULL || omni_policy_queue_check(o) != OMNI_OK
+        || (n > 0 && q == NULL) || (m > 0 && wait_us == NULL)
+        || n > INT32_MAX || (n > 0 && scratch == NULL)
+        || ((uintptr_t) scratch & 7))
+    {
+        return OMNI_EINVAL;
+    }
+
+    memset(out, 0, sizeof(*out));
+    out->index = -1;
+
+    if (n == 0) {
+        return OMNI_ENOTFOUND;
+    }
+
+    if (scratch_size < omni_policy_slo_scratch_size(n, m)) {
+        return OMNI_ERANGE;
+    }
+
+    mm = m ? m : 1;
+    r = scratch;
+    free0 = (uint64_t *) (r + n);
+    h = free0 + mm;
+    feas = (uint32_t *) (h + mm);
+    kept = feas + n;
+
+    for (i = 0; i < n; i++) {
+        r[i].key = omni_policy_queue_key(o, q[i].arrival_us, q[i].work_us);
+        r[i].deadline = q[i].deadline_us ? q[i].deadline_us : OMNI_SLO_NONE;
+        r[i].work = omni_slo_clamp(q[i].work_us);
+        r[i].seq = q[i].seq;
+        r[i].idx = (uint32_t) i;
+        r[i].pad = 0;
+    }
+
+    /* 1. the starvation guarantee, the oldest first */
+
+    qsort(r, n, sizeof(omni_slo_rec_t), omni_slo_by_seq);
+
+    scan = omni_policy_late_scan(o);
+
+    for (k = 0; k < n && k < scan; k++) {
+        if (!omni_policy_slo_starved(o, &q[r[k].idx], now_us)) {
+            break;
+        }
+
+        late[k].arrival_us = q[r[k].idx].arrival_us;
+        late[k].work_us = q[r[k].idx].work_us;
+    }
+
+    rc = omni_policy_queue_next(o, late, k, now_us);
+    if (rc >= 0) {
+        out->index = (int32_t) r[rc].idx;
+        out->reason = OMNI_SLO_STARVED;
+        return OMNI_OK;
+    }
+
+    /* the instances' free instants: a heap */
+
+    for (i = 0; i < m; i++) {
+        free0[i] = omni_slo_clamp(now_us) + omni_slo_clamp(wait_us[i]);
+    }
+
+    if (m == 0) {
+        free0[0] = omni_slo_clamp(now_us);
+    }
+
+    for (i = mm / 2; i-- > 0; /* void */) {
+        omni_slo_sift_at(free0, mm, i);
+    }
+
+    /* 2. feasible: could meet its deadline if released now */
+
+    qsort(r, n, sizeof(omni_slo_rec_t), omni_slo_by_key);
+
+    for (f = 0, i = 0; i < n; i++) {
+        if (free0[0] + r[i].work <= r[i].deadline) {
+            feas[f++] = (uint32_t) i;
+        }
+    }
+
+    out->feasible = (uint32_t) f;
+
+    if (f == 0) {
+        /* 5. all lost: the queue order (the least key) */
+        out->index = (int32_t) r[0].idx;
+        out->reason = OMNI_SLO_LOST;
+        return OMNI_OK;
+    }
+
+    /* 3. nothing at risk in queue order: the queue order stands */
+
+    if (omni_slo_plan(r, feas, f, n, n, free0, h, mm) < 0) {
+        out->index = (int32_t) r[feas[0]].idx;
+        out->on_time = (uint32_t) f;
+        out->reason = OMNI_SLO_ORDER;
+        return OMNI_OK;
+    }
+
+    /*
+     * 4. The most that can be on time: in deadline order, keep each while
+     * the plan of those kept meets every deadline, else drop the longest
+     * of those up to the one that missed (on one instance this keeps a
+     * largest on-time set: Moore-Hodgson).  With several instances list
+     * scheduling has anomalies (dropping one may delay another), so the
+     * plan is checked again after each drop.
+     */
+
+    /* feas[] in deadline order (an insertion sort of positions) */
+
+    memcpy(kept, feas, f * sizeof(uint32_t));
+
+    for (i = 1; i < f; i++) {
+        last = kept[i];
+        for (j = i; j > 0
+             && omni_slo_by_deadline(&r[kept[j - 1]], &r[last]) > 0; j--)
+        {
+            kept[j] = kept[j - 1];
+        }
+        kept[j] = (uint32_t) last;
+    }
+
+    memcpy(feas, kept, f * sizeof(uint32_t));
+    memcpy(h, free0, mm * sizeof(uint64_t));
+
+    for (k = 0, i = 0; i < f; i++) {
+        kept[k++] = feas[i];
+
+        if (h[0] + r[feas[i]].work <= r[feas[i]].deadline) {
+            h[0] += r[feas[i]].work;
+            omni_slo_sift(h, mm);
+            continue;
+        }
+
+        miss = (long) (k - 1);
+
+        do {
+            k = omni_slo_drop_longest(r, kept, k, (size_t) miss);
+            miss = omni_slo_plan(r, kept, k, n, n, free0, h, mm);
+        } while (miss >= 0);
+    }
+
+    out->on_time = (uint32_t) k;
+
+    /* released: the first in queue order that keeps them all on time */
+
+    best = kept[0];
+    last = 0;
+
+    for (tried = 0; tried < OMNI_POLICY_SLO_TRY && tried < k; tried++) {
+        /* the next least key among kept[] (r is in key order) */
+        j = n;
+        for (i = 0; i < k; i++) {
+            if (kept[i] < j && (tried == 0 || kept[i] > last)) {
+                j = kept[i];
+            }
+        }
+
+        last = j;
+
+        if (omni_slo_plan(r, kept, k, j, n, free0, h, mm) < 0) {
+            best = j;
+            break;
+        }
+    }
+
+    out->index = (int32_t) r[best].idx;
+    out->reason = OMNI_SLO_PLAN;
+
+    return OMNI_OK;
+}
+
+
+int
+omni_policy_retry_after(const uint64_t *wait_us, size_t m,
+    uint64_t queued_work_us, uint64_t slack_us, uint32_t *seconds)
+{
+    uint64_t  lo, hi, mid, sum, w, s;
+    size_t    i;
+
+    if (seconds == NULL || m == 0 || wait_us == NULL) {
+        return OMNI_EINVAL;
+    }
+
+    /* the least level T with sum(max(0, T - wait)) >= work: bisection */
+
+    w = omni_slo_clamp(queued_work_us);
+    lo = OMNI_SLO_MAX_US;
+    for (i = 0; i < m; i++) {
+        if (omni_slo_clamp(wait_us[i]) < lo) {
+            lo = omni_slo_clamp(wait_us[i]);
+        }
+    }
+    hi = lo + w;
+
+    while (lo < hi) {
+        mid = lo + (hi - lo) / 2;
+
+        for (sum = 0, i = 0; i < m && sum < w; i++) {
+            if (mid > omni_slo_clamp(wait_us[i])) {
+                sum += mid - omni_slo_clamp(wait_us[i]);
+            }
+        }
+
+        if (sum >= w) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+
+    slack_us = omni_slo_clamp(slack_us);
+    s = lo > slack_us ? (lo - slack_us + 999999) / 1000000 : 0;
+
+    *seconds = s < 1 ? 1 : s > OMNI_POLICY_RETRY_MAX_S
+                           ? OMNI_POLICY_RETRY_MAX_S : (uint32_t) s;
+
+    return OMNI_OK;
+}
+
+
+int
+omni_policy_slo_admit(const omni_slo_item_t *req, const omni_slo_item_t *q,
+    size_t n, const uint64_t *wait_us, size_t m, uint64_t now_us,
+    uint64_t queued_work_us, uint32_t *retry_after_s)
+{
+    uint64_t  start, slo;
+    size_t    i;
+
+    if (req == NULL || retry_after_s == NULL || (n > 0 && q == NULL)
+        || wait_us == NULL || m == 0 || req->deadline_us == 0)
+    {
+        return OMNI_EINVAL;
+    }
+
+    *retry_after_s = 0;
+
+    start = OMNI_SLO_MAX_US;
+    for (i = 0; i < m; i++) {
+        if (omni_slo_clamp(wait_us[i]) < start) {
+            start = omni_slo_clamp(wait_us[i]);
+        }
+    }
+    start += omni_slo_clamp(now_us);
+
+    slo = req->deadline_us > req->arrival_us
+          ? req->deadline_us - req->arrival_us : 0;
+
+    /* too long for its SLO even alone, or it can still make it: admit */
+
+    if (omni_slo_clamp(req->work_us) > slo
+        || start + omni_slo_clamp(req->work_us) <= req->deadline_us)
+    {
+        return 0;
+    }
+
+    /* some queued request can still meet its own: the queue is useful */
+
+    for (i = 0; i < n; i++) {
+        if (q[i].deadline_us == 0
+            || start + omni_slo_clamp(q[i].work_us) <= q[i].deadline_us)
+        {
+            return 0;
+        }
+    }
+
+    (void) omni_policy_retry_after(wait_us, m, queued_work_us,
+                                   slo - omni_slo_clamp(req->work_us),
+                                   retry_after_s);
+
+    return 1;
 }

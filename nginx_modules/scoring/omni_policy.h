@@ -21,6 +21,12 @@
  *                    "most late" goes first: the one whose TTFT will be the
  *                    largest, waited + predicted work (FCFS and LPT: the
  *                    oldest).
+ *   SLO release      with TTFT deadlines: lost requests after those that
+ *                    can still meet theirs, the queue order while no
+ *                    deadline is at risk, else the most that can be on
+ *                    time (Moore-Hodgson); the early 429 and Retry-After
+ *                    from the queue's expected drain; decode placement
+ *                    that meets a TPOT target when it can.
  *   at once          round robin, least loaded or cache-aware choice for
  *                    the policies that do not hold requests.
  *
@@ -116,6 +122,7 @@ typedef struct {
     uint32_t  waiting;          /* requests queued, counting this one */
     uint32_t  force;            /* rather than wait for a busy best one,
                                    take the best free one (see decide) */
+    uint64_t  deadline_us;      /* its TTFT deadline (SLO); 0: none */
 } omni_prefill_opts_t;
 
 typedef struct {
@@ -218,6 +225,10 @@ int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  *   - a candidate whose batch budget this request does not fit now is busy
  *     (wait past the slack), not out of the question; max_tokens is then
  *     no limit for choose();
+ *   - with a deadline: when some candidate (not flagged, below
+ *     max_running) would finish it by the deadline (now + wait + prefill),
+ *     the ones that would not are flagged DRAINING: placement keeps it on
+ *     time before it weighs the cost to the others;
  *   - add_delay(waiting, arrival_gap_us), choose(hold_slack_us);
  *   - the best is busy past the slack: with no room anywhere, HOLD_FULL;
  *     without `force`, HOLD_BUSY (the caller offers the free instances to
@@ -248,6 +259,19 @@ int omni_policy_prefill_decide(const omni_predict_t *p,
  */
 int omni_policy_decode_place(const omni_decode_inst_t *d, size_t n,
     const omni_decode_job_t *job, omni_decision_t *out);
+
+/*
+ * decode_place() with a TPOT target (the request's time per output token,
+ * us; 0: none, then exactly decode_place()): step_us[i] is d[i]'s predicted
+ * decode step with this job added (omni_predict_decode_step_us() at
+ * running + 1 sequences and its KV tokens plus the job's).  Of the
+ * instances decode_place() would accept, the least loaded whose step_us
+ * meets the target; if none does, decode_place()'s choice (the target is
+ * missed anyway; the least loaded misses it least often).
+ */
+int omni_policy_decode_place_tpot(const omni_decode_inst_t *d, size_t n,
+    const omni_decode_job_t *job, const uint64_t *step_us, uint64_t tpot_us,
+    omni_decision_t *out);
 
 /* ---- queues -------------------------------------------------------------- */
 
@@ -313,6 +337,132 @@ int omni_policy_queue_order(const omni_queue_item_t *q, size_t n,
  * exponential mean, OMNI_POLICY_GAP_ALPHA; gaps capped at
  * OMNI_POLICY_MAX_GAP_US). */
 void omni_policy_arrived(omni_arrivals_t *a, uint64_t now_us);
+
+/* ---- SLO-aware release --------------------------------------------------- */
+
+/*
+ * With a TTFT objective (SLO) per request, the prefill queue releases so as
+ * to maximise the number of requests that meet theirs (goodput); see
+ * omni_policy_slo_next().  Without deadlines these functions give exactly
+ * the queue functions' answers (the module calls those when no SLO is
+ * configured).
+ */
+
+/* omni_slo_pick_t.reason */
+#define OMNI_SLO_STARVED        0   /* past the starvation timeout */
+#define OMNI_SLO_ORDER          1   /* no deadline at risk: the queue order's
+                                       first that can still meet its own */
+#define OMNI_SLO_PLAN           2   /* a deadline is at risk: released from
+                                       the plan that keeps the most on time */
+#define OMNI_SLO_LOST           3   /* nothing can meet its deadline: the
+                                       queue order */
+
+/* release candidates (in queue order) tried against the on-time plan */
+#define OMNI_POLICY_SLO_TRY     8
+/* newest entries the module gathers for omni_policy_slo_next() */
+#define OMNI_POLICY_SLO_SCAN    256
+/* Retry-After, seconds: at least 1, at most this */
+#define OMNI_POLICY_RETRY_MAX_S 3600
+
+typedef struct {
+    uint64_t  arrival_us;
+    uint64_t  work_us;          /* predicted prefill work
+                                   (omni_policy_queue_work) */
+    uint64_t  deadline_us;      /* TTFT deadline: arrival + its SLO; 0: none */
+    uint64_t  seq;              /* queue sequence: ties, and the oldest */
+} omni_slo_item_t;
+
+typedef struct {
+    int32_t   index;            /* into q[]; -1: q is empty */
+    uint32_t  reason;           /* OMNI_SLO_* */
+    uint32_t  feasible;         /* items that can still meet their deadline
+                                   (no deadline counts) if released now */
+    uint32_t  on_time;          /* of them, how many the plan keeps on time
+                                   (= feasible unless reason is PLAN) */
+} omni_slo_pick_t;
+
+/*
+ * Whether an entry is past the starvation timeout with SLOs: counted from
+ * its deadline when it has one (before, the SLO rule serves it if it can be
+ * served on time; after, it is lost to goodput but waits at most this much
+ * more), from its arrival when not (as omni_policy_starved()).
+ */
+int omni_policy_slo_starved(const omni_queue_opts_t *o,
+    const omni_slo_item_t *it, uint64_t now_us);
+
+/* Bytes of (8-byte aligned) scratch omni_policy_slo_next() needs for n
+ * items and m instances. */
+size_t omni_policy_slo_scratch_size(size_t n, size_t m);
+
+/*
+ * Which entry of q[0, n) (any order; seq gives queue order) to release
+ * next.  wait_us[0, m): each usable instance's predicted time until it is
+ * free (omni_predict_wait_us); m = 0 counts as one instance free now.  The
+ * plan behind the rule: entries released in a given order each start on
+ * the instance predicted free first and take work_us; an entry meets its
+ * deadline when now + its start + work_us <= deadline_us.
+ *
+ *   1. the oldest entries (seq order) past the starvation timeout
+ *      (omni_policy_slo_starved), at most omni_policy_late_scan(o) of them
+ *      while they are: omni_policy_queue_next() among them (STARVED);
+ *   2. feasible: the entries without deadline, and those that would meet
+ *      theirs if released now; the others are lost and go after them;
+ *   3. if the feasible ones in queue order (the key of
+ *      omni_policy_queue_key) all meet their deadlines, the first of them
+ *      (ORDER): nothing is at risk, the queue order stands (SJF with aging
+ *      stays SJF with aging);
+ *   4. else the on-time set: the feasible entries in deadline order (no
+ *      deadline last; ties by key, then seq), each kept if the plan of
+ *      those kept so far meets every deadline, else the longest of them is
+ *      dropped (Moore-Hodgson, which on one instance keeps the most that can
+ *      be on time).  Released: the first in queue order, of at most
+ *      OMNI_POLICY_SLO_TRY, that keeps the whole set on time when released
+ *      first and the rest follow in deadline order; the set's first by
+ *      deadline if none does (PLAN);
+ *   5. nothing feasible: the least key (LOST).
+ *
+ * out->index is the item to release.  Returns OMNI_OK (OMNI_ENOTFOUND with
+ * index -1 when n == 0), OMNI_ERANGE when scratch is smaller than
+ * omni_policy_slo_scratch_size(n, m), OMNI_EINVAL.  Costs O(n log n + f^2)
+ * for f feasible entries when nothing is at risk, plus O(f log m) per entry
+ * dropped and per candidate tried when something is.
+ */
+int omni_policy_slo_next(const omni_queue_opts_t *o, const omni_slo_item_t *q,
+    size_t n, const uint64_t *wait_us, size_t m, uint64_t now_us,
+    void *scratch, size_t scratch_size, omni_slo_pick_t *out);
+
+/*
+ * Retry-After for a request refused by a full or overloaded queue: when the
+ * instances, each from its predicted free time wait_us[0, m), would have
+ * done queued_work_us between them (the work shared out as evenly as it
+ * can be: the level T where sum(max(0, T - wait_us[i])) = queued_work_us),
+ * less slack_us (an SLO request: its SLO less its own work, the time it can
+ * afford to wait), in whole seconds rounded up, at least 1, at most
+ * OMNI_POLICY_RETRY_MAX_S.  OMNI_EINVAL when m == 0.
+ */
+int omni_policy_retry_after(const uint64_t *wait_us, size_t m,
+    uint64_t queued_work_us, uint64_t slack_us, uint32_t *seconds);
+
+/*
+ * Early refusal (429) of an arriving request req (deadline set; work_us as
+ * for the queue) given the queue q[0, n): refuse when admitting it would
+ * only add to a queue that cannot meet any SLO, that is when all of
+ *   - it could meet its SLO on an idle instance (work_us <= deadline -
+ *     arrival: a prompt too long for its SLO is never refused for that),
+ *   - it cannot even if released first (now + min wait_us + work_us >
+ *     deadline),
+ *   - no queued entry can meet its own (each has a deadline, and now + min
+ *     wait_us + its work > its deadline).
+ * q must hold every queued entry not yet past its deadline (older ones are
+ * lost anyway); queued_work_us is the work of the whole queue.
+ *
+ * Returns 1 (refuse; *retry_after_s from omni_policy_retry_after() with the
+ * slack deadline - arrival - work_us), 0 (admit; *retry_after_s 0), or
+ * OMNI_EINVAL (a NULL, req without deadline, m == 0).
+ */
+int omni_policy_slo_admit(const omni_slo_item_t *req,
+    const omni_slo_item_t *q, size_t n, const uint64_t *wait_us, size_t m,
+    uint64_t now_us, uint64_t queued_work_us, uint32_t *retry_after_s);
 
 /* ---- at once ------------------------------------------------------------- */
 

@@ -61,11 +61,18 @@ __all__ = [
     "choose_prefill",
     "decide_prefill",
     "place_decode",
+    "place_decode_tpot",
     "queue_work",
     "queue_key",
     "queue_next",
     "queue_order",
     "queue_pick",
+    "SloItem",
+    "SloPick",
+    "slo_starved",
+    "slo_next",
+    "slo_admit",
+    "retry_after",
     "Arrivals",
     "PickCandidate",
     "pick_now",
@@ -747,20 +754,22 @@ def choose_prefill(candidates, prompt_tokens, hold_slack_us=None):
 
 def decide_prefill(predictor, candidates, cached_blocks, block_size,
                    prompt_tokens, now_us, hold_slack_us, waiting=1,
-                   arrival_gap_us=0.0, force=False):
+                   arrival_gap_us=0.0, force=False, deadline_us=0):
     """The module's decision for the start of a held request
     (``omni_policy_prefill_decide``): prepare, the step and batch-budget
     rules, the cost to the others, choose, and what to do when the best
     instance is busy past the slack.  The candidates are updated as the C
     function updates them.  ``Decision.reason`` "hold-busy": this one waits
     and one behind it may go; "hold-limits"/"hold-none"/"hold-full": nothing
-    that needs a free instance can go now."""
+    that needs a free instance can go now.  ``deadline_us``: its TTFT
+    deadline (an SLO; 0: none), same clock as ``now_us``."""
     arr = _prefill_array(candidates)
     cached = list(cached_blocks or ())
     blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
     opts = ffi.new("omni_prefill_opts_t *", {
         "hold_slack_us": hold_slack_us, "arrival_gap_us": float(arrival_gap_us),
-        "waiting": waiting, "force": int(bool(force))})
+        "waiting": waiting, "force": int(bool(force)),
+        "deadline_us": deadline_us})
     out = ffi.new("omni_decision_t *")
     rc = lib.omni_policy_prefill_decide(predictor._h, blocks, len(cached),
                                         block_size, prompt_tokens, now_us, opts,
@@ -800,6 +809,24 @@ def place_decode(instances, job):
                                       out)
     if rc != lib.OMNI_EHOLD:
         check(rc, "place_decode")
+    return Decision._from_c(out)
+
+
+def place_decode_tpot(instances, job, step_us, tpot_us):
+    """:func:`place_decode` with a TPOT target: the least loaded of the
+    instances whose predicted step with this job (``step_us``, one per
+    instance) meets ``tpot_us``; if none does, :func:`place_decode`'s
+    choice.  ``tpot_us`` 0: :func:`place_decode`."""
+    arr = _decode_array(instances)
+    steps = list(step_us)
+    if len(steps) != len(instances):
+        raise ValueError("step_us needs one value per instance")
+    out = ffi.new("omni_decision_t *")
+    rc = lib.omni_policy_decode_place_tpot(arr, len(instances), _job_array([job]),
+                                           ffi.new("uint64_t[]", steps or [0]),
+                                           tpot_us, out)
+    if rc != lib.OMNI_EHOLD:
+        check(rc, "place_decode_tpot")
     return Decision._from_c(out)
 
 
@@ -872,6 +899,98 @@ def queue_pick(items, now_us, order="sjf", aging=1.0, starvation_us=0):
         return None
     return check(lib.omni_policy_queue_pick(_queue_items(items), len(items), now_us,
                                             opts), "queue_pick")
+
+
+@dataclass
+class SloItem:
+    """A queued request for the SLO functions: ``deadline_us`` is its
+    arrival plus its TTFT SLO (0: none); ``seq`` its place in the queue
+    (None: its index in the list given)."""
+
+    arrival_us: int
+    work_us: int = 0
+    deadline_us: int = 0
+    seq: object = None
+
+
+@dataclass(frozen=True)
+class SloPick:
+    """:func:`slo_next`'s answer: ``index`` into the list given, why
+    (``reason``: "starved", "order", "plan", "lost"), how many could still
+    meet their deadline and how many of those the plan keeps on time."""
+
+    index: int
+    reason: str
+    feasible: int
+    on_time: int
+
+
+_SLO_REASONS = {lib.OMNI_SLO_STARVED: "starved", lib.OMNI_SLO_ORDER: "order",
+                lib.OMNI_SLO_PLAN: "plan", lib.OMNI_SLO_LOST: "lost"}
+
+
+def _slo_items(items):
+    arr = ffi.new("omni_slo_item_t[]", max(len(items), 1))
+    for i, q in enumerate(items):
+        arr[i].arrival_us = q.arrival_us
+        arr[i].work_us = q.work_us
+        arr[i].deadline_us = q.deadline_us
+        arr[i].seq = i if q.seq is None else q.seq
+    return arr
+
+
+def _waits(wait_us):
+    waits = list(wait_us)
+    return ffi.new("uint64_t[]", waits or [0]), len(waits)
+
+
+def slo_starved(item, now_us, order="sjf", aging=1.0, starvation_us=0):
+    """Whether a queued request is past the starvation timeout, counted
+    from its deadline when it has one."""
+    return bool(lib.omni_policy_slo_starved(
+        _queue_opts(order, aging, starvation_us), _slo_items([item]), now_us))
+
+
+def slo_next(items, wait_us, now_us, order="sjf", aging=1.0, starvation_us=0):
+    """The SLO-aware release (``omni_policy_slo_next``): which of the queued
+    ``items`` to release next, given each usable instance's predicted time
+    until it is free (``wait_us``).  None for an empty queue."""
+    if not items:
+        return None
+    opts = _queue_opts(order, aging, starvation_us)
+    waits, m = _waits(wait_us)
+    size = lib.omni_policy_slo_scratch_size(len(items), m)
+    scratch = _new_raw("uint64_t[]", size // 8 + 1)
+    out = ffi.new("omni_slo_pick_t *")
+    check(lib.omni_policy_slo_next(opts, _slo_items(items), len(items), waits, m,
+                                   now_us, scratch, size, out), "slo_next")
+    return SloPick(index=out.index, reason=_SLO_REASONS[out.reason],
+                   feasible=out.feasible, on_time=out.on_time)
+
+
+def retry_after(wait_us, queued_work_us, slack_us=0):
+    """Retry-After seconds for a refused request: when the instances (each
+    free after ``wait_us``) would have done the queued work between them,
+    less ``slack_us``; 1 to OMNI_POLICY_RETRY_MAX_S."""
+    waits, m = _waits(wait_us)
+    out = ffi.new("uint32_t *")
+    check(lib.omni_policy_retry_after(waits, m, queued_work_us, slack_us, out),
+          "retry_after")
+    return out[0]
+
+
+def slo_admit(request, items, wait_us, now_us, queued_work_us=None):
+    """The early 429 (``omni_policy_slo_admit``): None to admit the arriving
+    ``request`` (an :class:`SloItem` with a deadline), else the Retry-After
+    seconds.  ``queued_work_us`` defaults to the items' total work."""
+    waits, m = _waits(wait_us)
+    if queued_work_us is None:
+        queued_work_us = sum(q.work_us for q in items)
+    out = ffi.new("uint32_t *")
+    rc = check(lib.omni_policy_slo_admit(_slo_items([request]), _slo_items(items),
+                                         len(items), waits, m, now_us,
+                                         queued_work_us, out), "slo_admit")
+    return out[0] if rc == 1 else None
 
 
 class Arrivals:
