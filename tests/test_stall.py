@@ -145,3 +145,30 @@ def test_aborted_prefill_legs_leave_no_predicted_work(cluster, omni_nginx):
     assert status["queues"]["held_total"] == held, (
         f"{mode}: {status['queues']['held_total'] - held} of 5 lone requests "
         f"to an idle proxy were held")
+
+
+def test_bench_overhead_reports_what_a_round_left_behind():
+    """The benchmark's own check (omni-ctl bench-overhead): a round after
+    which an idle proxy still predicts prefill work in flight, or still has
+    load charged, is listed as a LEAK (and the command fails), next to the
+    COLLAPSE check of the rounds' rates."""
+    from omni_ctl.bench import overhead
+
+    clean = {"settled": True, "inflight_requests": 0, "prefill_jobs": 0,
+             "predicted_busy_ms": 0.0, "held_total": 0, "decisions": 0,
+             "requests": 100}
+    runs = [{"target": "omni-parallel", "size": 1024, "round": 0, "rps": 9000,
+             "after": clean},
+            {"target": "omni-parallel", "size": 1024, "round": 1, "rps": 700,
+             "after": {**clean, "prefill_jobs": 17, "predicted_busy_ms": 0.1}},
+            {"target": "omni-sequential", "size": 1024, "round": 1, "rps": 8000,
+             "after": {**clean, "settled": False, "inflight_requests": 2}},
+            {"target": "nginx", "size": 1024, "round": 1, "rps": 20000}]
+    found = overhead.leaks(runs)
+    assert [(f["target"], f["round"]) for f in found] == [("omni-parallel", 1),
+                                                          ("omni-sequential", 1)]
+    text = overhead.markdown_overhead({"sizes": [1024], "duration_s": 1, "repeat": 2,
+                                       "wrk_threads": 1, "connections": 32,
+                                       "rows": [], "leaks": found})
+    assert "**LEAK**: omni-parallel 1 KB after round 2, idle: 17 prefill job(s)" in text
+    assert "load still charged" in text
