@@ -341,6 +341,8 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
                             after = idle_state(status[name])
                             done = max(1, after["requests"] - last[name]["requests"])
                             r["after"] = after
+                            # holds per request (sequential mode may hold one
+                            # request twice: before prefill and before decode)
                             r["held_share"] = (after["held_total"]
                                                - last[name]["held_total"]) / done
                             r["decisions_per_request"] = (after["decisions"]
