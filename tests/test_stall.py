@@ -147,6 +147,42 @@ def test_aborted_prefill_legs_leave_no_predicted_work(cluster, omni_nginx):
         f"to an idle proxy were held")
 
 
+@pytest.fixture(scope="module")
+def parallel_cluster():
+    with SimCluster(prefill=1, decode=1, engine="sglang", preset="tiny",
+                    args=["--speedup", "0.2"]) as sim:
+        yield sim
+
+
+def test_cancelled_prefill_leg_leaves_no_predicted_work(parallel_cluster, omni_nginx):
+    """Parallel mode: the decode leg fails (500) while the prefill leg is at
+    the engine, so the proxy cancels the prefill leg
+    (ngx_http_omni_cancel_leg: a background leg is finalized at once, without
+    its post-subrequest handler).  The client gets one error; the prefill
+    instance's predictor must not keep the cancelled job."""
+    sim = parallel_cluster
+    nginx = _proxy(omni_nginx, "parallel", sim)
+    sim.fault(sim.prefill_urls[0], mode="hang")
+    sim.fault(sim.decode_urls[0], mode="error", status=500)
+    try:
+        for k in range(3):
+            resp = nginx.post("/v1/completions",
+                              json={"prompt": f"decode fails {k}", "max_tokens": 4},
+                              timeout=60)
+            assert resp.status >= 500, resp.text
+            assert resp.json()["error"]["code"] == resp.status
+        status = _ledger_idle(nginx)
+    finally:
+        sim.fault(sim.prefill_urls[0], mode="none")
+        sim.fault(sim.decode_urls[0], mode="none")
+    for inst in _prefill(status):
+        pred = inst["predictor"]
+        assert pred["prefills_in_flight"] == 0, (
+            f"{pred['prefills_in_flight']} cancelled prefill job(s) still predicted "
+            f"in flight on {inst['address']}")
+        assert pred["predicted_free_in_ms"] == 0, pred
+
+
 def test_bench_overhead_reports_what_a_round_left_behind():
     """The benchmark's own check (omni-ctl bench-overhead): a round after
     which an idle proxy still predicts prefill work in flight, or still has
