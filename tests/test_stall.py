@@ -27,11 +27,14 @@ requests whose prefill legs are at the engine, the instance's predictor
 holds no job of theirs (`prefills_in_flight` 0, `predicted_free_in_ms` 0),
 just as its in-flight requests and tokens are back to 0; and an idle proxy
 never holds a lone request afterwards (`queues.held_total` does not move).
+The same holds in parallel mode for a prefill leg the proxy cancels because
+the decode leg failed.
 
 The engines are the simulator (sglang for parallel, vLLM for sequential),
 its `hang` fault keeping the prefill legs at the engine until the clients
 go.  The load-level check (one round under half of the others) stays in the
-benchmark (`omni-ctl bench-overhead` exits non-zero on COLLAPSE).
+benchmark (`omni-ctl bench-overhead` exits non-zero on COLLAPSE, and on LEAK
+when a round leaves an idle proxy with predicted prefill work in flight).
 """
 
 import json
