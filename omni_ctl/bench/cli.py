@@ -193,10 +193,16 @@ def bench_overhead(**kw):
     res = overhead.run_overhead(**kw, log=_log)
     click.echo(res["markdown"])
     click.echo(f"results: {res['json_path']}")
+    problems = []
     if res["collapses"]:
-        raise click.ClickException(
-            f"{len(res['collapses'])} round(s) fell under half of the other rounds' "
-            "median (see COLLAPSE above): a target stalled during the run")
+        problems.append(f"{len(res['collapses'])} round(s) fell under half of the other "
+                        "rounds' median (see COLLAPSE above): a target stalled during "
+                        "the run")
+    if res.get("leaks"):
+        problems.append(f"{len(res['leaks'])} round(s) left an idle Omni Proxy with "
+                        "load or predicted prefill work in flight (see LEAK above)")
+    if problems:
+        raise click.ClickException("; ".join(problems))
 
 
 @click.command(name="compare")

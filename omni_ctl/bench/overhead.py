@@ -32,6 +32,8 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 
 from . import omni, peers, procs
 from .errors import BenchError
@@ -150,6 +152,51 @@ def run_wrk(url: str, body_path: str, duration: float, connections: int,
         raise BenchError(f"wrk failed ({res.returncode}): "
                          f"{(res.stderr or res.stdout).strip()}")
     return parse_wrk(res.stdout)
+
+
+# --- the proxy's state between rounds ------------------------------------------------
+
+def idle_state(status_url: str, timeout: float = 10.0) -> dict:
+    """Omni Proxy's /omni/status once nothing is in flight (wrk has gone):
+    what the round left behind.  `settled` is False when requests or tokens
+    were still charged at the deadline; `prefill_jobs` counts the predictor
+    jobs still in flight (0 when every way a leg ended gave its job back);
+    `held_total`/`decisions` are the zone's counters (deltas between rounds:
+    how many requests were held, how many release decisions were taken)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(status_url, timeout=5) as resp:
+                st = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise BenchError(f"{status_url}: {exc}") from None
+        insts = st.get("instances", [])
+        charged = st["totals"]["inflight_requests"] + sum(
+            i["inflight_requests"] + i["inflight_tokens"] for i in insts)
+        if charged == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    pred = [i.get("predictor", {}) for i in insts if i.get("role") == "prefill"
+            or st.get("pd_policy") == "aggregated"]
+    return {"settled": charged == 0,
+            "inflight_requests": st["totals"]["inflight_requests"],
+            "prefill_jobs": sum(p.get("prefills_in_flight", 0) for p in pred),
+            "predicted_busy_ms": max([p.get("predicted_free_in_ms", 0) for p in pred]
+                                     or [0]),
+            "held_total": st["queues"]["held_total"],
+            "decisions": st["scheduler"]["decisions"],
+            "requests": st["totals"]["requests"]}
+
+
+def leaks(runs: list[dict]) -> list[dict]:
+    """Rounds after which an idle Omni Proxy still had load charged or
+    predicted prefill work in flight: the state that makes later rounds
+    collapse (docs/internals.md, "Parallel mode under load")."""
+    return [{"target": r["target"], "size": r["size"], "round": r["round"],
+             **r["after"]}
+            for r in runs if r.get("after") and (not r["after"]["settled"]
+                                                  or r["after"]["prefill_jobs"]
+                                                  or r["after"]["predicted_busy_ms"])]
 
 
 # --- targets ------------------------------------------------------------------------
@@ -274,20 +321,41 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
                 live[name] = url + "/v1/completions"
                 log(f"[overhead] {name}: {url}")
             order = list(live)
+            status = {name: url[:-len("/v1/completions")] + "/omni/status"
+                      for name, url in live.items() if name.startswith("omni-")}
+            last = {}
             for name in order:
                 if warmup:
                     run_wrk(live[name], bodies[size_list[0]], warmup, connections,
                             wrk_threads)
+                if name in status:
+                    last[name] = idle_state(status[name])
             for rnd in range(repeat):
                 for size in size_list:
                     k = rnd % len(order) if order else 0
                     for name in order[k:] + order[:k]:
                         r = run_wrk(live[name], bodies[size], duration, connections,
                                     wrk_threads)
+                        note = ""
+                        if name in status:
+                            after = idle_state(status[name])
+                            done = max(1, after["requests"] - last[name]["requests"])
+                            r["after"] = after
+                            # holds per request (sequential mode may hold one
+                            # request twice: before prefill and before decode)
+                            r["held_share"] = (after["held_total"]
+                                               - last[name]["held_total"]) / done
+                            r["decisions_per_request"] = (after["decisions"]
+                                                          - last[name]["decisions"]) / done
+                            last[name] = after
+                            note = (f", held {r['held_share']:.0%}, "
+                                    f"{r['decisions_per_request']:.1f} decisions/req, "
+                                    f"idle after: {after['prefill_jobs']} prefill "
+                                    f"job(s) predicted in flight")
                         log(f"[overhead] round {rnd + 1}/{repeat} {name} "
                             f"{size_label(size)}: {r['rps']:.0f} req/s, "
                             f"p50 {r.get('p50_ms', 0):.2f} ms, "
-                            f"p99 {r.get('p99_ms', 0):.2f} ms")
+                            f"p99 {r.get('p99_ms', 0):.2f} ms{note}")
                         runs.append({"target": name, "size": size, "round": rnd, **r})
     finally:
         if not keep_dir:
@@ -299,7 +367,7 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
               "load_average": {"start": load_start, "end": os.getloadavg()},
               "omni_module": omni.module_label(omni_module_dir),
               "rows": median_rows(runs) + skipped, "runs": runs,
-              "collapses": collapses(runs),
+              "collapses": collapses(runs), "leaks": leaks(runs),
               "tmp_dir": tmp if keep_dir else None}
     result["markdown"] = markdown_overhead(result)
     os.makedirs(out_dir, exist_ok=True)
@@ -388,4 +456,10 @@ def markdown_overhead(result: dict) -> str:
         skipped.append(f"**COLLAPSE**: {c['target']} {size_label(c['size'])} round "
                        f"{c['round'] + 1}: {c['rps']:.0f} req/s, under half of the other "
                        f"rounds' median {c['others_median']:.0f}")
+    for c in result.get("leaks", []):
+        skipped.append(f"**LEAK**: {c['target']} {size_label(c['size'])} after round "
+                       f"{c['round'] + 1}, idle: {c['prefill_jobs']} prefill job(s) "
+                       f"predicted in flight, predicted busy {c['predicted_busy_ms']} ms, "
+                       f"{c['inflight_requests']} request(s) in flight"
+                       + ("" if c["settled"] else ", load still charged"))
     return "\n".join(lines + [""] + skipped) + "\n"
