@@ -26,6 +26,10 @@
  *                             decides what a client is answered
  *   ngx_http_omni_status.c    /omni/status, /metrics, /health
  *   ngx_http_omni_module.c    directives, configuration, variables, init
+ *
+ * ngx_http_omni_access_module.c is a module of its own in the same .so (the
+ * front door's methods, API key and status token checks, access phase); it
+ * calls none of the files above and none of them calls it.
  */
 
 #ifndef NGX_HTTP_OMNI_H_INCLUDED_
