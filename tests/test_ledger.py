@@ -361,3 +361,49 @@ def test_worker_killed_with_requests_in_flight_and_held(omni_nginx):
             status, data = post(nginx, body())
             assert status == 200, data
         assert_all_given_back(nginx)
+
+
+def test_aborted_prefills_leave_no_phantom_work(omni_nginx, sim):
+    """Issue 23's lead, the mechanism as state: prefill legs that end by a
+    client abort must finish their predictor jobs.  If they do not, the
+    instance keeps them in flight for ever, and every later completion
+    re-anchors its predicted free time on their predicted work
+    (free_at = done + pending): each new request is predicted to queue
+    behind work that does not exist, and holding waits for it.  After the
+    aborts and one request served, nothing may be predicted pending."""
+    mode, cl = sim
+    nginx = start_proxy(omni_nginx, mode, cl)
+    urls = cl.decode_urls if mode == "aggregated" else cl.prefill_urls
+    for url in urls:
+        cl.fault(url, mode="hang")
+    socks = [send_raw(nginx, body(stream=True, max_tokens=50)) for _ in range(4)]
+    wait_charged(nginx, "decode" if mode == "aggregated" else "prefill")
+    for sock in socks:
+        sock.close()
+    # the clients are gone: their legs' load is released (the upstreams'
+    # cleanup), whatever happens to the predictor
+    deadline = time.monotonic() + 15
+    while any(i["inflight_requests"] for i in nginx.status()["instances"]):
+        assert time.monotonic() < deadline, nginx.status()["instances"]
+        time.sleep(0.05)
+    for url in cl.urls:
+        try:
+            cl.fault(url, mode="none", instance="all")
+            break
+        except OSError:
+            continue
+    status, data = post(nginx, body())
+    assert status == 200, data
+    # (a parallel-mode prefill leg may end just after the client's answer:
+    # polled, with a deadline a phantom job never meets)
+    deadline = time.monotonic() + 15
+    while True:
+        phantom = [(i["address"], i["predictor"]["prefills_in_flight"],
+                    i["predictor"]["predicted_free_in_ms"])
+                   for i in nginx.status()["instances"]
+                   if i["predictor"]["prefills_in_flight"]
+                   or i["predictor"]["predicted_free_in_ms"]]
+        if not phantom:
+            break
+        assert time.monotonic() < deadline, f"phantom predicted work: {phantom}"
+        time.sleep(0.05)
