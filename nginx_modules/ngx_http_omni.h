@@ -12,6 +12,8 @@
  *   ngx_http_omni_queue.c     the holding queues as a data structure
  *   ngx_http_omni_sched.c     the decisions: instance choice, binding, the
  *                             queue order
+ *   ngx_http_omni_slo.c       SLO-aware release: the next held request with
+ *                             deadlines, the early 429, Retry-After
  *   ngx_http_omni_hold.c      holding and waking: the release loop, wake-ups,
  *                             timers, process init and crash recovery
  *   ngx_http_omni_feed.c      observations fed to the predictor
@@ -549,7 +551,13 @@ void ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
     omni_queue_opts_t *o);
 uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
+ngx_uint_t ngx_http_omni_usable(ngx_http_omni_upstream_conf_t *ucf,
+    ngx_uint_t i, ngx_http_omni_inst_t *in, ngx_msec_t now);
+
+/* ngx_http_omni_slo.c */
 ngx_int_t ngx_http_omni_slo_init(ngx_cycle_t *cycle);
+uint32_t ngx_http_omni_release_next_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
 uint32_t ngx_http_omni_slo_again_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, uint32_t tried, ngx_msec_t now);
 uint32_t ngx_http_omni_retry_after_locked(ngx_http_omni_main_conf_t *mcf,

@@ -36,7 +36,7 @@ ngx_http_omni_retry_after(ngx_http_request_t *r)
     ngx_str_set(&h->key, "Retry-After");
     ngx_str_set(&h->value, "1");
 
-    ctx = ngx_http_omni_get_ctx(r);
+    ctx = ngx_http_get_module_ctx(r->main, ngx_http_omni_module);
 
     if (ctx == NULL || ctx->retry_after_s <= 1) {
         return;
@@ -292,7 +292,7 @@ ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status, ngx_str_t *type,
     ngx_table_elt_t      *h;
     ngx_http_omni_ctx_t  *ctx;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_omni_module);
+    ctx = ngx_http_get_module_ctx(r->main, ngx_http_omni_module);
 
     if (ctx && ctx->header_sent) {
         ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,

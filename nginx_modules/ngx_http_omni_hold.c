@@ -772,7 +772,7 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
             queue = &sh->queues[q];
 
             while (n < NGX_HTTP_OMNI_BATCH) {
-                e = ngx_http_omni_queue_next_locked(mcf, sh, q, now);
+                e = ngx_http_omni_release_next_locked(mcf, sh, q, now);
                 if (e == NGX_HTTP_OMNI_NONE) {
                     break;
                 }
