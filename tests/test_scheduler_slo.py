@@ -216,6 +216,24 @@ def test_a_full_queue_says_when_it_will_have_drained(omni_nginx, one_by_one, tmp
     assert 2 <= retry[1] < retry[3] <= 60, retry
 
 
+def test_a_queue_timeout_says_when_the_queue_will_have_drained(omni_nginx, one_by_one,
+                                                               tmp_path):
+    """The 503 of a queue timeout too: the first of three held 12000-token
+    requests times out with two still queued behind a blocker of over a
+    second, and is told to come back in more than 1 s."""
+    sim = one_by_one
+    nginx = _one_at_a_time(omni_nginx, sim, tmp_path, queue_timeout="700ms")
+    tag = time.monotonic_ns()
+    pool, futures = _queue_of_long_ones(nginx, tag, 3)
+    answers = [f.result(timeout=120) for f in futures]
+    pool.shutdown()
+    _ok(answers[0])
+    first = answers[1]
+    assert first.status == 503, (first.status, first.text)
+    assert "omni_queue_timeout" in first.text
+    assert 2 <= int(first.headers["retry-after"]) <= 60, first.headers
+
+
 def test_early_429_when_the_queue_cannot_meet_any_slo(omni_nginx, one_by_one,
                                                       tmp_path):
     """--slo-ttft 300ms --slo-reject on: three 12000-token prompts (each
