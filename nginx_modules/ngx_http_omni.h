@@ -12,6 +12,8 @@
  *   ngx_http_omni_queue.c     the holding queues as a data structure
  *   ngx_http_omni_sched.c     the decisions: instance choice, binding, the
  *                             queue order
+ *   ngx_http_omni_slo.c       SLO-aware release: the next held request with
+ *                             deadlines, the early 429, Retry-After
  *   ngx_http_omni_hold.c      holding and waking: the release loop, wake-ups,
  *                             timers, process init and crash recovery
  *   ngx_http_omni_feed.c      observations fed to the predictor
@@ -154,6 +156,10 @@ struct ngx_http_omni_main_conf_s {
     ngx_msec_t                     cache_ttl;
     ngx_uint_t                     decode_max_tokens;
     ngx_msec_t                     hold_slack;
+    ngx_msec_t                     slo_ttft;        /* 0: none */
+    ngx_msec_t                     slo_tpot;        /* 0: none */
+    ngx_msec_t                     slo_max;         /* header SLO cap */
+    ngx_flag_t                     slo_reject;      /* the early 429 */
 
     ngx_http_omni_upstream_conf_t *tiers[NGX_HTTP_OMNI_TIERS];
 
@@ -237,6 +243,15 @@ typedef struct {
 
 
 /* A request held in the proxy, in the shared zone. */
+/* why a request to start went when it did ($omni_release_reason) */
+#define NGX_HTTP_OMNI_REL_NONE       0
+#define NGX_HTTP_OMNI_REL_NOW        1      /* not held: free instance */
+#define NGX_HTTP_OMNI_REL_ORDER      2      /* the queue order */
+#define NGX_HTTP_OMNI_REL_STARVED    3      /* the starvation timeout */
+#define NGX_HTTP_OMNI_REL_PLAN       4      /* SLO: a deadline at risk */
+#define NGX_HTTP_OMNI_REL_LOST       5      /* SLO: nothing can make it */
+#define NGX_HTTP_OMNI_RELEASE_REASONS 6
+
 #define NGX_HTTP_OMNI_QE_FREE        0
 #define NGX_HTTP_OMNI_QE_WAITING     1
 #define NGX_HTTP_OMNI_QE_RELEASED    2
@@ -270,6 +285,11 @@ typedef struct {
     ngx_http_omni_charge_t        *charge[NGX_HTTP_OMNI_TIERS];
     uint32_t                       cached_tokens;
     ngx_msec_t                     released;
+
+    /* SLO: TTFT deadline (arrival * 1000 + its SLO, us; 0: none), TPOT */
+    uint64_t                       deadline_us;
+    uint64_t                       tpot_us;
+    uint8_t                        reason;      /* NGX_HTTP_OMNI_REL_* */
 } ngx_http_omni_qentry_t;
 
 
@@ -278,6 +298,8 @@ typedef struct {
     uint32_t                       head;        /* oldest */
     uint32_t                       tail;
     uint32_t                      *heap;        /* entry numbers */
+    uint32_t                       n_slo;       /* entries with a deadline */
+    uint64_t                       work_us;     /* sum of entries' work_us */
 } ngx_http_omni_queue_t;
 
 
@@ -313,6 +335,8 @@ typedef struct {
     uint64_t                       rejected_full;
     uint64_t                       timed_out;
     uint64_t                       starved;     /* released by the timeout */
+    uint64_t                       released[NGX_HTTP_OMNI_RELEASE_REASONS];
+    uint64_t                       rejected_slo; /* early 429 */
     uint64_t                       hash_copy_failed;
     uint64_t                       reaped_total; /* charges of dead
                                                     processes given back */
@@ -377,6 +401,7 @@ typedef struct {
 
     uint64_t                       predicted_us; /* its prefill's predicted
                                                     completion, for the log */
+    uint64_t                       predicted_wait_us; /* and its start */
     uint64_t                       last_chunk_us;
     uint64_t                       events;      /* SSE events passed */
 } ngx_http_omni_leg_t;
@@ -426,6 +451,10 @@ typedef struct {
     uint64_t                       output_tokens;   /* expected */
     uint64_t                       cached_tokens;   /* predicted at the
                                                        chosen instance */
+    uint64_t                       slo_ttft_us;     /* 0: none */
+    uint64_t                       slo_tpot_us;     /* 0: none */
+    ngx_uint_t                     release_reason;  /* NGX_HTTP_OMNI_REL_* */
+    uint32_t                       retry_after_s;   /* 0: "1" */
 
     /* holding */
     ngx_queue_t                    held;            /* in the worker's list */
@@ -438,6 +467,7 @@ typedef struct {
 
 
 extern ngx_module_t  ngx_http_omni_module;
+extern const char  *ngx_http_omni_release_names[];
 
 
 /* ngx_http_omni_zone.c */
@@ -521,6 +551,20 @@ void ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
     omni_queue_opts_t *o);
 uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
+ngx_uint_t ngx_http_omni_usable(ngx_http_omni_upstream_conf_t *ucf,
+    ngx_uint_t i, ngx_http_omni_inst_t *in, ngx_msec_t now);
+
+/* ngx_http_omni_slo.c */
+ngx_int_t ngx_http_omni_slo_init(ngx_cycle_t *cycle);
+uint32_t ngx_http_omni_release_next_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
+uint32_t ngx_http_omni_slo_again_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, uint32_t tried, ngx_msec_t now);
+uint32_t ngx_http_omni_retry_after_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_msec_t now);
+ngx_int_t ngx_http_omni_slo_admit_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en, ngx_msec_t now,
+    uint32_t *retry_after_s);
 
 /* ngx_http_omni_hold.c */
 ngx_int_t ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue);
@@ -556,6 +600,7 @@ ngx_int_t ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx);
 void ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_set_slo(ngx_http_omni_ctx_t *ctx);
 
 /* ngx_http_omni_legs.c */
 ngx_http_omni_ctx_t *ngx_http_omni_get_ctx(ngx_http_request_t *r);

@@ -18,17 +18,34 @@ static ngx_str_t  ngx_http_omni_json_type = ngx_string("application/json");
 static ngx_str_t  ngx_http_omni_sse_type = ngx_string("text/event-stream");
 
 
-/* 429/503 answers say when to come back. */
+/* 429/503 answers say when to come back: the queue's expected drain when
+ * the holding code worked it out (ctx->retry_after_s), else 1 second. */
 void
 ngx_http_omni_retry_after(ngx_http_request_t *r)
 {
-    ngx_table_elt_t  *h;
+    u_char               *p;
+    ngx_table_elt_t      *h;
+    ngx_http_omni_ctx_t  *ctx;
 
     h = ngx_list_push(&r->headers_out.headers);
-    if (h != NULL) {
-        h->hash = 1;
-        ngx_str_set(&h->key, "Retry-After");
-        ngx_str_set(&h->value, "1");
+    if (h == NULL) {
+        return;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Retry-After");
+    ngx_str_set(&h->value, "1");
+
+    ctx = ngx_http_get_module_ctx(r->main, ngx_http_omni_module);
+
+    if (ctx == NULL || ctx->retry_after_s <= 1) {
+        return;
+    }
+
+    p = ngx_pnalloc(r->pool, NGX_INT32_LEN);
+    if (p != NULL) {
+        h->value.data = p;
+        h->value.len = ngx_sprintf(p, "%uD", ctx->retry_after_s) - p;
     }
 }
 
@@ -275,7 +292,7 @@ ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status, ngx_str_t *type,
     ngx_table_elt_t      *h;
     ngx_http_omni_ctx_t  *ctx;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_omni_module);
+    ctx = ngx_http_get_module_ctx(r->main, ngx_http_omni_module);
 
     if (ctx && ctx->header_sent) {
         ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,

@@ -105,6 +105,7 @@ ngx_http_omni_handler(ngx_http_request_t *r)
 
     ngx_http_set_ctx(r, ctx, ngx_http_omni_module);
     ngx_http_omni_set_request_id(ctx);
+    ngx_http_omni_set_slo(ctx);
 
     cln = ngx_pool_cleanup_add(r->pool, 0);
     if (cln == NULL) {
@@ -201,11 +202,27 @@ ngx_http_omni_no_instance(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier)
 static ngx_int_t
 ngx_http_omni_held(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 {
-    if (ngx_http_omni_hold(ctx, queue) == NGX_DONE) {
+    ngx_int_t  rc;
+
+    rc = ngx_http_omni_hold(ctx, queue);
+
+    if (rc == NGX_DONE) {
         return NGX_DONE;
     }
 
     ngx_http_omni_retry_after(ctx->request);
+
+    if (rc == NGX_BUSY) {
+        ctx->error = "slo_reject";
+        return ngx_http_omni_send_error(ctx->request,
+                                        NGX_HTTP_TOO_MANY_REQUESTS,
+                                        "rate_limit_error",
+                                        "the proxy's queue cannot meet the "
+                                        "request's TTFT objective (%M ms), "
+                                        "retry later",
+                                        (ngx_msec_t) (ctx->slo_ttft_us
+                                                      / 1000));
+    }
 
     ctx->error = "queue_full";
     return ngx_http_omni_send_error(ctx->request, NGX_HTTP_TOO_MANY_REQUESTS,

@@ -66,7 +66,8 @@ ngx_http_omni_uncharge_locked(ngx_http_omni_shctx_t *sh,
 
 /*
  * Hold a request in `queue`.  NGX_DONE: held (its write event wakes it);
- * NGX_DECLINED: the queues are full (the flow answers 429).
+ * NGX_DECLINED: the queues are full, NGX_BUSY: refused early, the queue
+ * cannot meet any SLO (the flow answers 429; ctx->retry_after_s set).
  */
 ngx_int_t
 ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
@@ -86,6 +87,8 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 
     if (e == NGX_HTTP_OMNI_NONE) {
         sh->rejected_full++;
+        ctx->retry_after_s = ngx_http_omni_retry_after_locked(ctx->mcf, sh,
+                                                              ngx_current_msec);
         ngx_shmtx_unlock(&shpool->mutex);
         return NGX_DECLINED;
     }
@@ -103,6 +106,9 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     en->arrival = ngx_current_msec;
     en->prompt_tokens = ctx->prompt_tokens;
     en->output_tokens = ctx->output_tokens;
+    en->deadline_us = ctx->slo_ttft_us && queue == NGX_HTTP_OMNI_Q_PREFILL
+                      ? (uint64_t) en->arrival * 1000 + ctx->slo_ttft_us : 0;
+    en->tpot_us = ctx->slo_tpot_us;
 
     if (queue == NGX_HTTP_OMNI_Q_PREFILL && ctx->n_hashes) {
         en->hashes = ngx_slab_alloc_locked(shpool,
@@ -119,6 +125,19 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     }
 
     ngx_http_omni_queue_key_locked(ctx->mcf, sh, en);
+
+    if (queue == NGX_HTTP_OMNI_Q_PREFILL
+        && ngx_http_omni_slo_admit_locked(ctx->mcf, sh, en, en->arrival,
+                                          &ctx->retry_after_s)
+           == NGX_DECLINED)
+    {
+        /* the early 429: the queue cannot meet any SLO */
+        ngx_http_omni_entry_free_locked(sh, shpool, e);
+        sh->rejected_slo++;
+        ngx_shmtx_unlock(&shpool->mutex);
+        return NGX_BUSY;
+    }
+
     ngx_http_omni_queue_insert_locked(sh, e);
 
     sh->held_total++;
@@ -183,6 +202,7 @@ ngx_http_omni_adopt(ngx_http_omni_ctx_t *ctx, ngx_http_omni_qentry_t *en)
     if (en->queue == NGX_HTTP_OMNI_Q_PREFILL) {
         ctx->t_released = en->released;
         ctx->cached_tokens = en->cached_tokens;
+        ctx->release_reason = en->reason;
     }
 }
 
@@ -236,6 +256,8 @@ ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx)
         ngx_http_omni_queue_remove_locked(sh, shpool, e);
         ngx_http_omni_entry_free_locked(sh, shpool, e);
         sh->timed_out++;
+        ctx->retry_after_s = ngx_http_omni_retry_after_locked(ctx->mcf, sh,
+                                                              ngx_current_msec);
 
         ngx_shmtx_unlock(&shpool->mutex);
 
@@ -550,6 +572,10 @@ ngx_http_omni_init_process(ngx_cycle_t *cycle)
 
     ngx_http_omni_worker_mcf = mcf;
 
+    if (ngx_http_omni_slo_init(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     ngx_http_omni_timer.handler = ngx_http_omni_timer_handler;
     ngx_http_omni_timer.log = cycle->log;
     ngx_http_omni_timer.data = mcf;
@@ -647,6 +673,10 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     en.slot[0] = NGX_HTTP_OMNI_NONE;
     en.slot[1] = NGX_HTTP_OMNI_NONE;
     en.pid = ngx_pid;
+    en.deadline_us = ctx->slo_ttft_us && queue == NGX_HTTP_OMNI_Q_PREFILL
+                     ? (uint64_t) now * 1000 + ctx->slo_ttft_us : 0;
+    en.tpot_us = ctx->slo_tpot_us;
+    en.reason = NGX_HTTP_OMNI_REL_NOW;
 
     retry_us = 0;
     rc = NGX_DECLINED;
@@ -682,6 +712,7 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
         {
             sh->decisions++;
             sh->decision_us += ngx_http_omni_now_us() - now_us;
+            sh->released[NGX_HTTP_OMNI_REL_NOW]++;
             rc = NGX_OK;
         }
     }
@@ -707,6 +738,8 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
     ngx_slab_pool_t         *shpool;
     ngx_http_omni_queue_t   *queue;
     ngx_http_omni_shctx_t   *sh;
+    ngx_uint_t               slo;
+    omni_slo_item_t          item;
     omni_queue_opts_t        qo;
     ngx_http_omni_qentry_t  *en, out[NGX_HTTP_OMNI_BATCH];
 
@@ -739,7 +772,7 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
             queue = &sh->queues[q];
 
             while (n < NGX_HTTP_OMNI_BATCH) {
-                e = ngx_http_omni_queue_next_locked(mcf, sh, q, now);
+                e = ngx_http_omni_release_next_locked(mcf, sh, q, now);
                 if (e == NGX_HTTP_OMNI_NONE) {
                     break;
                 }
@@ -792,13 +825,30 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                      * best: a few entries behind it may use what is free;
                      * if none does, the head takes it.
                      */
+                    slo = queue->n_slo != 0;
+                    cand = e;
+
                     for (k = 1; rc == NGX_BUSY && k < OMNI_POLICY_LOOKAHEAD
                                 && k < queue->n; k++)
                     {
-                        cand = queue->heap[k];
+                        /* with SLOs, the next by the same rule: the heap's
+                         * order would offer the free instance to a lost
+                         * request before one that can still make it */
+                        cand = slo ? ngx_http_omni_slo_again_locked(mcf, sh,
+                                                                    cand, now)
+                                   : queue->heap[k];
+
+                        if (cand == NGX_HTTP_OMNI_NONE) {
+                            break;
+                        }
 
                         if (cand == e) {
                             continue;
+                        }
+
+                        if (!slo) {
+                            sh->entries[cand].reason =
+                                                    NGX_HTTP_OMNI_REL_ORDER;
                         }
 
                         attempts++;
@@ -830,11 +880,29 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
 
                 ngx_http_omni_queue_opts(mcf, q, &qo);
 
-                if (queue->n && e != queue->heap[0]
+                if (q == NGX_HTTP_OMNI_Q_PREFILL && en->deadline_us) {
+                    item.arrival_us = (uint64_t) en->arrival * 1000;
+                    item.work_us = en->work_us;
+                    item.deadline_us = en->deadline_us;
+                    item.seq = en->seq;
+
+                    if (omni_policy_slo_starved(&qo, &item,
+                                                (uint64_t) now * 1000))
+                    {
+                        sh->starved++;
+                    }
+
+                } else if (queue->n && e != queue->heap[0]
                     && omni_policy_starved(&qo, (uint64_t) en->arrival * 1000,
                                            (uint64_t) now * 1000))
                 {
                     sh->starved++;
+                }
+
+                if (q == NGX_HTTP_OMNI_Q_PREFILL
+                    && en->reason < NGX_HTTP_OMNI_RELEASE_REASONS)
+                {
+                    sh->released[en->reason]++;
                 }
 
                 ngx_http_omni_queue_remove_locked(sh, shpool, e);

@@ -298,6 +298,9 @@ ngx_http_omni_ledger_adopt(ngx_http_omni_leg_t *leg, ngx_uint_t index,
 
     if (ch->flags & NGX_HTTP_OMNI_CHARGE_JOB) {
         leg->predicted_us = ch->job.done_us - ch->job.dispatch_us;
+        leg->predicted_wait_us = ch->job.start_us
+                                 - ngx_min(ch->job.start_us,
+                                           ch->job.dispatch_us);
     }
 }
 

@@ -164,6 +164,34 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       offsetof(ngx_http_omni_main_conf_t, hold_slack),
       NULL },
 
+    { ngx_string("omni_slo_ttft"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, slo_ttft),
+      NULL },
+
+    { ngx_string("omni_slo_tpot"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, slo_tpot),
+      NULL },
+
+    { ngx_string("omni_slo_max"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, slo_max),
+      NULL },
+
+    { ngx_string("omni_slo_reject"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, slo_reject),
+      NULL },
+
     { ngx_string("omni_balance"),
       NGX_HTTP_UPS_CONF|NGX_CONF_TAKE1,
       ngx_http_omni_balance,
@@ -253,6 +281,9 @@ ngx_module_t  ngx_http_omni_module = {
 #define NGX_HTTP_OMNI_VAR_ERROR        9
 #define NGX_HTTP_OMNI_VAR_CACHED       10
 #define NGX_HTTP_OMNI_VAR_PREFILL_PRED 11
+#define NGX_HTTP_OMNI_VAR_RELEASE      12
+#define NGX_HTTP_OMNI_VAR_START_US     13
+#define NGX_HTTP_OMNI_VAR_PRED_WAIT    14
 
 
 static ngx_http_variable_t  ngx_http_omni_vars[] = {
@@ -293,7 +324,22 @@ static ngx_http_variable_t  ngx_http_omni_vars[] = {
     { ngx_string("omni_prefill_pred_ms"), NULL, ngx_http_omni_variable,
       NGX_HTTP_OMNI_VAR_PREFILL_PRED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
+    { ngx_string("omni_release_reason"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_RELEASE, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_start_us"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_START_US, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_prefill_pred_wait_ms"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_PRED_WAIT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
       ngx_http_null_variable
+};
+
+
+/* NGX_HTTP_OMNI_REL_*, as $omni_release_reason and the status counters */
+const char  *ngx_http_omni_release_names[] = {
+    "", "now", "order", "starved", "plan", "lost"
 };
 
 
@@ -362,6 +408,10 @@ ngx_http_omni_create_main_conf(ngx_conf_t *cf)
     mcf->cache_ttl = NGX_CONF_UNSET_MSEC;
     mcf->decode_max_tokens = NGX_CONF_UNSET_UINT;
     mcf->hold_slack = NGX_CONF_UNSET_MSEC;
+    mcf->slo_ttft = NGX_CONF_UNSET_MSEC;
+    mcf->slo_tpot = NGX_CONF_UNSET_MSEC;
+    mcf->slo_max = NGX_CONF_UNSET_MSEC;
+    mcf->slo_reject = NGX_CONF_UNSET;
 
     return mcf;
 }
@@ -388,6 +438,10 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->cache_ttl, 600000);
     ngx_conf_init_uint_value(mcf->decode_max_tokens, 0);
     ngx_conf_init_msec_value(mcf->hold_slack, 20);
+    ngx_conf_init_msec_value(mcf->slo_ttft, 0);
+    ngx_conf_init_msec_value(mcf->slo_tpot, 0);
+    ngx_conf_init_msec_value(mcf->slo_max, 60000);
+    ngx_conf_init_value(mcf->slo_reject, 0);
 
     if (mcf->block_size == 0 || mcf->block_size > OMNI_HASH_MAX_BLOCK_SIZE) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -514,8 +568,10 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
                  - p;
         return NGX_OK;
 
+    case NGX_HTTP_OMNI_VAR_PRED_WAIT:
     case NGX_HTTP_OMNI_VAR_PREFILL_PRED:
-        /* the predictor's completion estimate for this request's prefill */
+        /* the predictor's completion estimate for this request's prefill,
+         * or its wait before the prefill's first step, at release */
         leg = &ctx->legs[ctx->mode == NGX_HTTP_OMNI_AGGREGATED
                          ? NGX_HTTP_OMNI_DECODE : NGX_HTTP_OMNI_PREFILL];
 
@@ -530,7 +586,33 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
 
         v->data = p;
         v->len = ngx_sprintf(p, "%uL",
-                             leg->predicted_us / 1000)
+                             (data == NGX_HTTP_OMNI_VAR_PRED_WAIT
+                              ? leg->predicted_wait_us
+                              : leg->predicted_us) / 1000)
+                 - p;
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_RELEASE:
+        if (ctx->release_reason == NGX_HTTP_OMNI_REL_NONE
+            || ctx->release_reason >= NGX_HTTP_OMNI_RELEASE_REASONS)
+        {
+            break;
+        }
+
+        v->data = (u_char *) ngx_http_omni_release_names[ctx->release_reason];
+        v->len = ngx_strlen(v->data);
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_START_US:
+        /* arrival, Unix microseconds (nginx's request start time) */
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->data = p;
+        v->len = ngx_sprintf(p, "%uL", (uint64_t) r->start_sec * 1000000
+                                       + (uint64_t) r->start_msec * 1000)
                  - p;
         return NGX_OK;
 

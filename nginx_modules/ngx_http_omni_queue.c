@@ -123,6 +123,11 @@ ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
     q->n--;
     ngx_http_omni_heap_remove(sh, q, en->heap_pos);
 
+    q->work_us -= ngx_min(q->work_us, en->work_us);
+    if (en->deadline_us) {
+        q->n_slo--;
+    }
+
     if (en->prev != NGX_HTTP_OMNI_NONE) {
         sh->entries[en->prev].next = en->next;
     } else {
@@ -203,6 +208,12 @@ ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh, uint32_t e)
 
     ngx_http_omni_heap_push(sh, q, e);
     q->n++;
+
+    /* what the drain (Retry-After) and the SLO release need */
+    q->work_us += en->work_us;
+    if (en->deadline_us) {
+        q->n_slo++;
+    }
 
     en->prev = q->tail;
     en->next = NGX_HTTP_OMNI_NONE;

@@ -587,3 +587,70 @@ ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
 
     ctx->request_id_len = p - ctx->request_id;
 }
+
+
+/*
+ * A request's SLOs: X-Omni-SLO-TTFT and X-Omni-SLO-TPOT (milliseconds, a
+ * positive integer), capped at omni_slo_max; without a valid header the
+ * configured omni_slo_ttft / omni_slo_tpot (0: none).  A header of 0 or
+ * one that does not parse is ignored.
+ */
+void
+ngx_http_omni_set_slo(ngx_http_omni_ctx_t *ctx)
+{
+    ngx_int_t                   ms;
+    ngx_uint_t                  n, i;
+    ngx_list_part_t            *part;
+    ngx_table_elt_t            *h;
+    ngx_http_omni_main_conf_t  *mcf;
+    static ngx_str_t            names[] = {
+        ngx_string("X-Omni-SLO-TTFT"), ngx_string("X-Omni-SLO-TPOT")
+    };
+
+    mcf = ctx->mcf;
+
+    ctx->slo_ttft_us = (uint64_t) mcf->slo_ttft * 1000;
+    ctx->slo_tpot_us = (uint64_t) mcf->slo_tpot * 1000;
+
+    if (mcf->slo_max == 0) {
+        return;
+    }
+
+    part = &ctx->request->headers_in.headers.part;
+    h = part->elts;
+
+    for (n = 0; /* void */ ; n++) {
+
+        if (n >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            n = 0;
+        }
+
+        for (i = 0; i < 2; i++) {
+            if (h[n].key.len != names[i].len
+                || ngx_strncasecmp(h[n].key.data, names[i].data,
+                                   names[i].len) != 0)
+            {
+                continue;
+            }
+
+            ms = ngx_atoi(h[n].value.data, h[n].value.len);
+            if (ms <= 0) {
+                break;
+            }
+
+            ms = ngx_min((ngx_msec_t) ms, mcf->slo_max);
+
+            if (i == 0) {
+                ctx->slo_ttft_us = (uint64_t) ms * 1000;
+            } else {
+                ctx->slo_tpot_us = (uint64_t) ms * 1000;
+            }
+        }
+    }
+}

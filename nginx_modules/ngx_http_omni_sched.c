@@ -26,10 +26,13 @@
 
 
 
+
 /* per worker scratch, sized for every slot */
 static uint32_t             ngx_http_omni_matched[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_prefill_cand_t  ngx_http_omni_pcands[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_decode_inst_t   ngx_http_omni_dcands[NGX_HTTP_OMNI_MAX_SLOTS];
+/* each decode candidate's predicted step with the job (TPOT placement) */
+static uint64_t             ngx_http_omni_dstep[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_pick_cand_t     ngx_http_omni_picks[NGX_HTTP_OMNI_MAX_SLOTS];
 static uint32_t             ngx_http_omni_start_slots[NGX_HTTP_OMNI_MAX_SLOTS];
 
@@ -42,7 +45,7 @@ ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf)
 }
 
 
-static ngx_uint_t
+ngx_uint_t
 ngx_http_omni_usable(ngx_http_omni_upstream_conf_t *ucf, ngx_uint_t i,
     ngx_http_omni_inst_t *in, ngx_msec_t now)
 {
@@ -313,6 +316,8 @@ static uint32_t
 ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en, ngx_msec_t now)
 {
+    int                             rc;
+    int64_t                         w;
     ngx_uint_t                      i, slot;
     omni_decision_t                 dec;
     omni_decode_job_t               job;
@@ -331,6 +336,7 @@ ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
         slot = ucf->slots[i];
         ngx_memzero(&d[i], sizeof(omni_decode_inst_t));
         d[i].inst = (uint32_t) i;
+        ngx_http_omni_dstep[i] = 0;
 
         if (slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
             d[i].flags = OMNI_POLICY_UNHEALTHY;
@@ -344,15 +350,27 @@ ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
         d[i].max_running = (uint32_t) mcf->decode_max_num_seqs;
         d[i].load_tokens = in->inflight_tokens;
         d[i].max_tokens = mcf->decode_max_tokens;
+
+        if (en->tpot_us) {
+            w = omni_predict_decode_step_us(sh->predict, (uint32_t) slot,
+                    d[i].running + 1,
+                    in->inflight_tokens + en->prompt_tokens
+                    + en->output_tokens);
+            ngx_http_omni_dstep[i] = w > 0 ? (uint64_t) w : 0;
+        }
     }
 
     job.prompt_tokens = (uint32_t) ngx_min(en->prompt_tokens, UINT32_MAX);
     job.output_tokens = (uint32_t) ngx_min(en->output_tokens, UINT32_MAX);
     job.arrival_us = (uint64_t) en->arrival * 1000;
 
-    if (omni_policy_decode_place(d, ucf->n, &job, &dec) != OMNI_OK
-        || dec.choice < 0)
-    {
+    /* with a TPOT target, the least loaded instance that meets it */
+    rc = en->tpot_us
+         ? omni_policy_decode_place_tpot(d, ucf->n, &job, ngx_http_omni_dstep,
+                                         en->tpot_us, &dec)
+         : omni_policy_decode_place(d, ucf->n, &job, &dec);
+
+    if (rc != OMNI_OK || dec.choice < 0) {
         return NGX_HTTP_OMNI_NONE;
     }
 
@@ -431,6 +449,7 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     po.arrival_gap_us = sh->arrivals.gap_us;
     po.waiting = (uint32_t) waiting;
     po.force = (uint32_t) force;
+    po.deadline_us = en->deadline_us;   /* 0 without SLO: unchanged */
 
     rc = omni_policy_prefill_decide(sh->predict, matched,
                                     matched ? sh->n_slots : 0,
@@ -569,7 +588,8 @@ ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
     if (en->queue == NGX_HTTP_OMNI_Q_DECODE) {
         work = en->prompt_tokens + en->output_tokens;
 
-    } else if (o.order == OMNI_QUEUE_SJF) {
+    } else {
+        /* FCFS too: the drain (Retry-After) and the SLO plan need it */
         ucf = mcf->tiers[ngx_http_omni_start_tier(mcf)];
 
         for (i = 0; ucf && i < ucf->n; i++) {
@@ -590,7 +610,7 @@ ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
                                       (uint32_t) ngx_min(en->prompt_tokens,
                                                          UINT32_MAX),
                                       &en->work_us);
-        work = en->work_us;
+        work = o.order == OMNI_QUEUE_SJF ? en->work_us : 0;
     }
 
     en->key = omni_policy_queue_key(&o, (uint64_t) en->arrival * 1000, work);
@@ -659,5 +679,12 @@ ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
 
     k = omni_policy_queue_next(&o, late, n, (uint64_t) now * 1000);
 
-    return k >= 0 ? ids[k] : queue->heap[0];
+    e = k >= 0 ? ids[k] : queue->heap[0];
+
+    if (q == NGX_HTTP_OMNI_Q_PREFILL) {
+        sh->entries[e].reason = k >= 0 ? NGX_HTTP_OMNI_REL_STARVED
+                                       : NGX_HTTP_OMNI_REL_ORDER;
+    }
+
+    return e;
 }

@@ -158,6 +158,8 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             "\"index_instances\":%uD,"
             "\"cache_blocks\":%uD,\"cache_ttl_ms\":%M,"
             "\"decode_max_tokens\":%ui,\"hold_slack_ms\":%M,"
+            "\"slo_ttft_ms\":%M,\"slo_tpot_ms\":%M,\"slo_max_ms\":%M,"
+            "\"slo_reject\":\"%s\","
             "\"model_path\":",
             mcf->zone_size, ngx_http_omni_modes[mcf->pd_policy],
             ngx_http_omni_policies[mcf->schedule_policy],
@@ -167,7 +169,9 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             mcf->queue_max, sh->q_cap, mcf->queue_timeout,
             sh->block_size, mcf->index_max_tokens, sh->index_instances,
             sh->cache_blocks, sh->cache_ttl,
-            mcf->decode_max_tokens, mcf->hold_slack);
+            mcf->decode_max_tokens, mcf->hold_slack,
+            mcf->slo_ttft, mcf->slo_tpot, mcf->slo_max,
+            mcf->slo_reject ? "on" : "off");
 
     if (mcf->model_path.len) {
         *p++ = '"';
@@ -222,7 +226,10 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"queues\":{\"prefill_waiting\":%uD,"
                     "\"decode_waiting\":%uD,\"held_total\":%uL,"
                     "\"rejected_full\":%uL,\"timed_out\":%uL,"
-                    "\"released_by_starvation_timeout\":%uL},"
+                    "\"released_by_starvation_timeout\":%uL,"
+                    "\"rejected_slo\":%uL,"
+                    "\"released\":{\"now\":%uL,\"order\":%uL,"
+                    "\"starved\":%uL,\"plan\":%uL,\"lost\":%uL}},"
                     "\"scheduler\":{\"decisions\":%uL,"
                     "\"decision_us_mean\":%.1f,"
                     "\"typical_output_tokens\":[%.1f,%.1f]},"
@@ -236,6 +243,12 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
                     sh->queues[NGX_HTTP_OMNI_Q_DECODE].n, sh->held_total,
                     sh->rejected_full, sh->timed_out, sh->starved,
+                    sh->rejected_slo,
+                    sh->released[NGX_HTTP_OMNI_REL_NOW],
+                    sh->released[NGX_HTTP_OMNI_REL_ORDER],
+                    sh->released[NGX_HTTP_OMNI_REL_STARVED],
+                    sh->released[NGX_HTTP_OMNI_REL_PLAN],
+                    sh->released[NGX_HTTP_OMNI_REL_LOST],
                     sh->decisions,
                     sh->decisions ? (double) sh->decision_us / sh->decisions
                                   : 0.0,
@@ -374,10 +387,27 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "omni_queue_timeouts_total %uL\n"
             "# HELP omni_held_total Requests that were held before dispatch."
             "\n# TYPE omni_held_total counter\n"
-            "omni_held_total %uL\n",
+            "omni_held_total %uL\n"
+            "# HELP omni_slo_rejected_total Requests refused early (429): "
+            "the queue could meet no SLO.\n"
+            "# TYPE omni_slo_rejected_total counter\n"
+            "omni_slo_rejected_total %uL\n"
+            "# HELP omni_released_total Requests to start, by why they "
+            "went when they did.\n"
+            "# TYPE omni_released_total counter\n"
+            "omni_released_total{reason=\"now\"} %uL\n"
+            "omni_released_total{reason=\"order\"} %uL\n"
+            "omni_released_total{reason=\"starved\"} %uL\n"
+            "omni_released_total{reason=\"plan\"} %uL\n"
+            "omni_released_total{reason=\"lost\"} %uL\n",
             sh->inflight_requests, sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
             sh->queues[NGX_HTTP_OMNI_Q_DECODE].n, sh->rejected_full,
-            sh->timed_out, sh->held_total);
+            sh->timed_out, sh->held_total, sh->rejected_slo,
+            sh->released[NGX_HTTP_OMNI_REL_NOW],
+            sh->released[NGX_HTTP_OMNI_REL_ORDER],
+            sh->released[NGX_HTTP_OMNI_REL_STARVED],
+            sh->released[NGX_HTTP_OMNI_REL_PLAN],
+            sh->released[NGX_HTTP_OMNI_REL_LOST]);
 
 #define omni_inst_metric(name, type, help)                                   \
     p = ngx_sprintf(p, "# HELP " name " " help "\n# TYPE " name " " type "\n");\

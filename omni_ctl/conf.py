@@ -163,6 +163,30 @@ OPTIONS: tuple[Option, ...] = (
         "(bare number: ms)."), "scheduler", metavar="T", unit="ms",
            directive="omni_hold_slack", doc=(
                "Longer, and it is held (or goes elsewhere if that finishes sooner).")),
+    Option("slo_ttft", "duration", "0", (
+        "Time-to-first-token objective of every request (bare number: ms; 0: "
+        "none)."), "scheduler", metavar="T", unit="ms", minimum=0,
+           directive="omni_slo_ttft", default_doc="0 (none)", doc=(
+               "With an objective the held requests are released so that as many "
+               "as possible meet it (docs/scheduler.md, \"SLO-aware release\"); "
+               "a request that can no longer meet it goes after those that can.")),
+    Option("slo_tpot", "duration", "0", (
+        "Time-per-output-token objective of every request (bare number: ms; 0: "
+        "none)."), "scheduler", metavar="T", unit="ms", minimum=0,
+           directive="omni_slo_tpot", default_doc="0 (none)", doc=(
+               "Decode goes to the least loaded instance predicted to meet it.")),
+    Option("slo_max", "duration", "60s", (
+        "Largest objective a request may ask for with the X-Omni-SLO-TTFT and "
+        "X-Omni-SLO-TPOT headers (ms); larger ones are cut to this."), "scheduler",
+           metavar="T", unit="ms", directive="omni_slo_max", doc=(
+               "A header overrides `--slo-ttft` / `--slo-tpot` for its request.")),
+    Option("slo_reject", "choice", "off", (
+        "Refuse a request at once (429 with Retry-After) when the queue cannot "
+        "meet any objective."), "scheduler", choices=("on", "off"),
+           directive="omni_slo_reject", doc=(
+               "Only a request that could meet its objective on an idle instance, "
+               "cannot even if released first, while no queued request can meet "
+               "its own.")),
     Option("block_size", "int", 256, (
         "Tokens per block of the proxy's prefix index (text: 4 bytes per token)."),
            "scheduler", metavar="N", minimum=1, directive="omni_block_size", doc=(
@@ -580,7 +604,8 @@ def parse_option(opt: Option, value):
     if opt.kind == "int":
         return parse_int(opt.flag, value, opt.minimum, opt.maximum)
     if opt.kind == "duration":
-        return parse_duration(opt.flag, value, opt.unit)
+        return parse_duration(opt.flag, value, opt.unit,
+                              1 if opt.minimum is None else opt.minimum)
     if opt.kind == "size":
         return parse_size(opt.flag, value, opt.minimum or 0)
     if opt.kind == "choice":

@@ -36,7 +36,7 @@ def write_run(root, reqs, slack=20, starve=2000, status_starved=None, mode="sequ
             f'prompt_tokens={r.get("prompt", 1000)} cached_tokens={r.get("index_hit", 0)} '
             f'queue_ms={r["queue"]} '
             f'prefill_ms={r["leg"] if mode != "aggregated" else "-"} '
-            f'prefill_pred_ms={r["leg"]} '
+            f'prefill_pred_ms={r["leg"]} {r.get("log", "")} '
             f'ttft_ms={proxy_ttft} total_ms={end - r["arrive"]} error=- '
             f't={(T0 * 1000 + end) / 1000:.3f}')
         client.append({"index": i, "ok": True, "ttft_ms": r["ttft"],
@@ -112,6 +112,37 @@ def test_a_longer_request_released_by_the_starvation_timeout_ahead(tmp_path):
     assert causes(res, 2)["starved"] == 0 and causes(res, 2)["wait"] == pytest.approx(350)
     assert res["released_by_starvation"] == 2      # both waited past 300 ms
     assert any("/omni/status counts 1" in n for n in res["notes"])
+
+
+def test_the_proxys_release_reason_predicted_wait_and_arrival_are_used(tmp_path):
+    # the starvation case above, from a proxy that logs why each request
+    # went (release=), the engine wait it predicted (prefill_pred_wait_ms=)
+    # and its arrival in Unix us (start_us=): request 3 also waited past the
+    # timeout but was released by the queue order, so only request 2 counts
+    # as starved, as /omni/status says
+    def log(i, arrive, release, wait=0):
+        return dict(log=f"prefill_pred_wait_ms={wait} release={release} "
+                        f"start_us={int(T0 * 1e6) + arrive * 1000}")
+    d = write_run(tmp_path, [
+        dict(arrive=0, queue=0, leg=2000, inst=P0, ttft=2050, **log(0, 0, "now")),
+        dict(arrive=0, queue=0, leg=400, inst=P1, ttft=450, **log(1, 0, "now")),
+        dict(arrive=50, queue=350, leg=1000, inst=P1, ttft=1400, prompt=5000,
+             **log(2, 50, "starved")),
+        dict(arrive=100, queue=1300, leg=10, inst=P1, ttft=1320, prompt=100,
+             engine_queue=30, engine_ttft=8, decode=2, **log(3, 100, "order", 25))],
+        starve=300, status_starved=1)
+    res = ex.explain(str(d))
+    assert res["released_by_starvation"] == 1
+    assert not any("/omni/status counts" in n for n in res["notes"])
+    assert res["release_reasons"] == {"now": 2, "starved": 1, "order": 1}
+    c = causes(res, 3)
+    assert c["starved"] == pytest.approx(1000, abs=0.01)
+    # 25 ms of engine queueing was predicted at release: beyond it, 5 ms
+    assert c["mispredict"] == pytest.approx(5, abs=0.01)
+    # what the log records is no longer listed as missing
+    assert not any("$omni_release_reason" in m or "$omni_start_us" in m
+                   or "$omni_prefill_pred_wait_ms" in m for m in res["missing"])
+    assert "released (the proxy's $omni_release_reason): now 2" in res["markdown"]
 
 
 def test_a_hit_the_index_expected_and_the_engine_did_not_have(tmp_path):

@@ -452,7 +452,8 @@ def test_queue_bounds_and_a_client_that_leaves(omni_nginx, one_by_one):
     # the queue is full
     full = nginx.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
     assert full.status == 429, full.text
-    assert full.headers.get("retry-after") == "1"
+    # when the queue will have drained (omni_policy_retry_after), whole s
+    assert 1 <= int(full.headers.get("retry-after")) <= 3600
     assert full.json()["error"]["type"] == "rate_limit_error"
 
     # the leaver goes: its place is free at once
@@ -465,7 +466,7 @@ def test_queue_bounds_and_a_client_that_leaves(omni_nginx, one_by_one):
     # the other one waits past the queue timeout (the blocker takes longer)
     resp = waiter.result(timeout=30)
     assert resp.status == 503, resp.text
-    assert resp.headers.get("retry-after") == "1"
+    assert 1 <= int(resp.headers.get("retry-after")) <= 3600
     assert "omni_queue_timeout" in resp.json()["error"]["message"]
 
     assert blocker.result(timeout=60).status == 200

@@ -50,9 +50,13 @@ CAUSES = (("wait", "no instance free"), ("idle", "idle instance"),
 
 _FIELD = re.compile(r"(\w+)=(\S+)")
 _NUMERIC = ("prompt_tokens", "cached_tokens", "queue_ms", "prefill_ms",
-            "prefill_pred_ms", "ttft_ms", "total_ms")
+            "prefill_pred_ms", "ttft_ms", "total_ms", "prefill_pred_wait_ms",
+            "start_us")
 
-# what no source records, said with every explanation
+# what no source records, said with every explanation; a proxy that logs
+# release=, prefill_pred_wait_ms= and start_us= (its log_format since the
+# SLO release) records the first three, which are then left out
+MISSING_BY_FIELD = ("release", "prefill_pred_wait_ms", "start_us")
 MISSING = (
     "Why a request was released: the access log has no release reason, so a request "
     "counts as released by the starvation timeout when its queue_ms reached "
@@ -86,11 +90,38 @@ def parse_access_log(path: str) -> list[dict]:
                 continue
             row = {"id": fields["id"], "prefill": fields.get("prefill", "-"),
                    "decode": fields.get("decode", "-"), "mode": fields.get("mode", "-"),
-                   "error": fields.get("error", "-"), "t": float(fields["t"])}
+                   "error": fields.get("error", "-"), "t": float(fields["t"]),
+                   "release": fields.get("release", "-")}
             for k in _NUMERIC:
                 v = fields.get(k, "-")
                 row[k] = int(v) if v.isdigit() else None
             out.append(row)
+    return out
+
+
+def _arrival(row) -> float:
+    """A request's arrival, Unix seconds: $omni_start_us when logged, else
+    rebuilt from t=$msec less total_ms (whole milliseconds)."""
+    if row.get("start_us") is not None:
+        return row["start_us"] / 1e6
+    return row["t"] - row["total_ms"] / 1000.0
+
+
+def _count(values) -> dict:
+    out = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def _missing(log) -> list[str]:
+    """MISSING less what every line of this log records."""
+    out = []
+    for i, text in enumerate(MISSING):
+        if i < len(MISSING_BY_FIELD) and log and all(
+                row.get(MISSING_BY_FIELD[i]) not in (None, "-") for row in log):
+            continue
+        out.append(text)
     return out
 
 
@@ -234,7 +265,7 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
         if row["prefill_ms"] is None or row["total_ms"] is None \
                 or row["queue_ms"] is None or row["prefill"] == "-":
             continue
-        arrive = row["t"] - row["total_ms"] / 1000.0
+        arrive = _arrival(row)
         send = arrive + row["queue_ms"] / 1000.0
         legs.append((row["prefill"], send, send + row["prefill_ms"] / 1000.0, row["id"]))
     instances = sorted({leg[0] for leg in legs})
@@ -252,7 +283,7 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
         if row is None or row["queue_ms"] is None or row["total_ms"] is None:
             unmatched += 1
             continue
-        arrive = row["t"] - row["total_ms"] / 1000.0
+        arrive = _arrival(row)
         rows.append({"index": r["index"], "id": row["id"], "ttft_ms": r["ttft_ms"],
                      "row": row, "arrive": arrive,
                      "send": arrive + row["queue_ms"] / 1000.0})
@@ -272,7 +303,11 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
     for x in rows:
         row = x["row"]
         work[x["id"]] = (row["prompt_tokens"] or 0) - (row["cached_tokens"] or 0)
-    starved = {x["id"] for x in rows if x["row"]["queue_ms"] >= starve - 1}
+    # the proxy's own release reason when it logs one, else a guess from
+    # the time held
+    starved = {x["id"] for x in rows
+               if (x["row"]["release"] == "starved" if x["row"]["release"] != "-"
+                   else x["row"]["queue_ms"] >= starve - 1)}
     leg_of = {leg[3]: leg for leg in legs}
 
     out = []
@@ -302,8 +337,12 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
             # the engine's time beyond the model's is shared steps; below it
             # (float noise, a hit the record undercounts) comes off its own work
             own = max(0.0, alone - wrong - max(0.0, alone - service))
-            c["wait"] += min(queue_e, slack)
-            c["mispredict"] = max(0.0, queue_e - slack) + wrong
+            # the engine queueing the proxy predicted at release (or, not
+            # logged, the hold slack) is waiting; beyond it, a misprediction
+            expect_q = slack if row["prefill_pred_wait_ms"] is None \
+                else max(slack, float(row["prefill_pred_wait_ms"]))
+            c["wait"] += min(queue_e, expect_q)
+            c["mispredict"] = max(0.0, queue_e - expect_q) + wrong
             c["shared"] = max(0.0, service - alone)
             c["prefill"] = own
             c["overhead"] += leg - (pr.get("ttft_s") or 0.0) * 1000.0
@@ -322,7 +361,8 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
                     "cached_tokens_engine": pr.get("cached_tokens") if pr else None,
                     "queue_ms": held, "prefill_ms": row["prefill_ms"],
                     "prefill_pred_ms": row["prefill_pred_ms"],
-                    "starved": x["id"] in starved, "causes_ms": c})
+                    "starved": x["id"] in starved, "release": row["release"],
+                    "causes_ms": c})
 
     total = sum(r["ttft_ms"] for r in out)
     totals = {k: sum(r["causes_ms"][k] for r in out) for k, _ in CAUSES}
@@ -340,7 +380,8 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
            "hold_slack_ms": slack, "starvation_timeout_ms": starve,
            "released_by_starvation": n_starved, "prefill_duration_mape": mape,
            "cluster": cluster.describe() if cluster else None,
-           "notes": notes, "missing": list(MISSING)}
+           "release_reasons": _count(r["release"] for r in out),
+           "notes": notes, "missing": _missing(log)}
     res["markdown"] = markdown(res, worst)
     return res
 
@@ -369,6 +410,10 @@ def markdown(res: dict, worst: int = 10) -> str:
               + (f"; predicted prefill leg vs measured: MAPE "
                  f"{100 * res['prefill_duration_mape']:.1f}%"
                  if res["prefill_duration_mape"] is not None else ""), ""]
+    reasons = {k: v for k, v in res.get("release_reasons", {}).items() if k != "-"}
+    if reasons:
+        lines += ["released (the proxy's $omni_release_reason): "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())), ""]
     top = sorted(res["requests"], key=lambda r: -r["ttft_ms"])[:worst]
     if top:
         lines += [f"The {len(top)} slowest (ms):", "",

@@ -57,6 +57,8 @@ COMPARE_COLUMNS = (
     ("req/s", lambda s: _f(s["request_throughput"], 2)),
     ("out tok/s", lambda s: _f(s["output_token_throughput"], 0)),
     ("goodput", lambda s: _f(s["goodput"], 2)),
+    ("SLO met", lambda s: "-" if s.get("slo_attainment") is None
+        else f"{100 * s['slo_attainment']:.1f}%"),
     ("TTFT mean", lambda s: _f(s["ttft_ms"]["mean"], 0)),
     ("TTFT p99", lambda s: _f(s["ttft_ms"]["p99"], 0)),
     ("TPOT mean", lambda s: _f(s["tpot_ms"]["mean"], 1)),
