@@ -483,6 +483,21 @@ void ngx_http_omni_ledger_prefill_end(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_leg_t *leg, ngx_uint_t ok);
 void ngx_http_omni_ledger_release(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_leg_t *leg, ngx_uint_t outcome, ngx_uint_t prefill_ok);
+/*
+ * Health: one state per instance (fails, down_until) fed by every source.
+ * ok = 0 counts a failure (max_fails of them rest the instance for
+ * fail_timeout), ok = 1 clears the count.  source: who saw it (the legs'
+ * outcomes, or the agent's active /health probes).  The _locked form is for
+ * callers holding the zone's mutex.
+ */
+#define NGX_HTTP_OMNI_HEALTH_PASSIVE  0
+#define NGX_HTTP_OMNI_HEALTH_PROBE    1
+
+void ngx_http_omni_health_report(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_inst_t *in, ngx_uint_t ok, ngx_uint_t source,
+    ngx_msec_t now);
+void ngx_http_omni_health_report_locked(ngx_http_omni_inst_t *in,
+    ngx_uint_t ok, ngx_uint_t source, ngx_msec_t now);
 void ngx_http_omni_ledger_request_begin(ngx_http_omni_main_conf_t *mcf);
 void ngx_http_omni_ledger_request_end(ngx_http_omni_main_conf_t *mcf,
     ngx_uint_t route, ngx_uint_t mode, ngx_uint_t status,

@@ -542,8 +542,11 @@ ngx_http_omni_start_decode(ngx_http_omni_ctx_t *ctx, omni_json_edit_t *edits,
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
+        /* start and end too: a retry rewinds the body to start */
         b->pos = ctx->body;
         b->last = ctx->body + ctx->body_len;
+        b->start = b->pos;
+        b->end = b->last;
         b->memory = 1;
         b->last_buf = 1;
 
@@ -605,8 +608,11 @@ ngx_http_omni_build_body(ngx_http_omni_ctx_t *ctx, omni_json_edit_t *edits,
             return NGX_ERROR;
         }
 
+        /* start and end too: a retry rewinds the body to start */
         b->pos = (u_char *) segs[i].ptr;
         b->last = b->pos + segs[i].len;
+        b->start = b->pos;
+        b->end = b->last;
         b->memory = 1;
 
         cl->buf = b;

@@ -360,8 +360,21 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
      * succeeded only with a 2xx answer read whole.
      */
 
-    failed = (state & NGX_PEER_FAILED) != 0 && !pd->leg->cancelled;
     u = pd->request->upstream;
+
+    /*
+     * An engine's 5xx answer passed on (the last try) arrives here as a
+     * success: it counts against the instance all the same, in our health
+     * state and in round robin's (which would otherwise reset its fails).
+     */
+
+    if (!(state & NGX_PEER_FAILED) && !pd->leg->cancelled && u
+        && u->headers_in.status_n >= 500)
+    {
+        state |= NGX_PEER_FAILED;
+    }
+
+    failed = (state & NGX_PEER_FAILED) != 0 && !pd->leg->cancelled;
 
     ngx_http_omni_ledger_release(pd->ucf->mcf, pd->leg,
                                  failed ? NGX_HTTP_OMNI_OUTCOME_FAILED

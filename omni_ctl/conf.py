@@ -254,6 +254,21 @@ OPTIONS: tuple[Option, ...] = (
            "leg and engine routes", doc="Long generations stream for minutes."),
     Option("keepalive", "int", 256, "Idle upstream connections kept per worker and tier.",
            "upstream", metavar="N", minimum=1, renders="`keepalive` in each upstream"),
+    Option("upstream_keepalive_timeout", "duration", "4s", (
+        "How long an idle engine connection is kept for reuse."), "upstream", metavar="T",
+           renders="`keepalive_timeout` in each upstream", doc=(
+               "Shorter than the engines' own idle timeout (uvicorn: 5 s), so nginx never "
+               "sends a request on a connection the engine is closing; a request that "
+               "fails on a reused connection anyway is retried on another connection.")),
+    Option("max_retries", "int", 2, (
+        "Other instances a failed leg is tried on before the client gets 502/504."),
+           "upstream", metavar="N", minimum=0, maximum=64,
+           renders="`proxy_next_upstream_tries` (N+1) of both legs", doc=(
+               "A leg is retried when it could not connect, timed out or got a 5xx "
+               "answer, only before anything was sent to the client: a prefill on another "
+               "prefill instance, a decode on another decode instance with the same "
+               "`kv_transfer_params`. A parallel-mode prefill is never retried (the decode "
+               "leg was told its address).")),
     Option("max_fails", "int", 3, (
         "Failures within --fail-timeout that mark an instance down (0: never)."),
            "upstream", metavar="N", minimum=0, renders="`max_fails=` on every `server`"),
