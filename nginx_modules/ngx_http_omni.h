@@ -316,6 +316,7 @@ typedef struct {
     uint64_t                       hash_copy_failed;
     uint64_t                       reaped_total; /* charges of dead
                                                     processes given back */
+    uint64_t                       legs_cancelled; /* legs ended by us */
 
     /* the scheduler's brain (scoring library), addressed by slot */
     omni_index_t                  *index;
@@ -498,6 +499,7 @@ void ngx_http_omni_health_report(ngx_http_omni_main_conf_t *mcf,
     ngx_msec_t now);
 void ngx_http_omni_health_report_locked(ngx_http_omni_inst_t *in,
     ngx_uint_t ok, ngx_uint_t source, ngx_msec_t now);
+void ngx_http_omni_ledger_cancelled(ngx_http_omni_main_conf_t *mcf);
 void ngx_http_omni_ledger_request_begin(ngx_http_omni_main_conf_t *mcf);
 void ngx_http_omni_ledger_request_end(ngx_http_omni_main_conf_t *mcf,
     ngx_uint_t route, ngx_uint_t mode, ngx_uint_t status,

@@ -470,6 +470,21 @@ ngx_http_omni_health_report(ngx_http_omni_main_conf_t *mcf,
 }
 
 
+/* A leg the proxy cancelled (fail-fast P/D): counted apart from errors. */
+void
+ngx_http_omni_ledger_cancelled(ngx_http_omni_main_conf_t *mcf)
+{
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_shctx_t  *sh;
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+    sh->legs_cancelled++;
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
 /* ------------------------------------------------------------------------ */
 /* main requests in flight                                                  */
 

@@ -144,6 +144,8 @@ ngx_http_omni_cancel_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier)
     leg->cancelled = 1;
     leg->suppress = 1;
 
+    ngx_http_omni_ledger_cancelled(ctx->mcf);
+
     ngx_log_error(NGX_LOG_INFO, ctx->request->connection->log, 0,
                   "omni: cancelling the %s leg of request %*s",
                   tier == NGX_HTTP_OMNI_PREFILL ? "prefill" : "decode",

@@ -227,7 +227,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"decision_us_mean\":%.1f,"
                     "\"typical_output_tokens\":[%.1f,%.1f]},"
                     "\"totals\":{\"requests\":%uL,\"inflight_requests\":%uL,"
-                    "\"errors\":%uL,\"charges_reaped\":%uL},"
+                    "\"errors\":%uL,\"charges_reaped\":%uL,"
+                    "\"legs_cancelled\":%uL},"
                     "\"instances\":[",
                     NGX_HTTP_OMNI_VERSION,
                     ngx_http_omni_modes[mcf->pd_policy],
@@ -242,7 +243,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
                     sh->requests_total, sh->inflight_requests,
-                    sh->errors_total, sh->reaped_total);
+                    sh->errors_total, sh->reaped_total, sh->legs_cancelled);
 
     first = 1;
 
@@ -374,10 +375,14 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "omni_queue_timeouts_total %uL\n"
             "# HELP omni_held_total Requests that were held before dispatch."
             "\n# TYPE omni_held_total counter\n"
-            "omni_held_total %uL\n",
+            "omni_held_total %uL\n"
+            "# HELP omni_legs_cancelled_total Legs the proxy cancelled "
+            "because the other leg of their request failed.\n"
+            "# TYPE omni_legs_cancelled_total counter\n"
+            "omni_legs_cancelled_total %uL\n",
             sh->inflight_requests, sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
             sh->queues[NGX_HTTP_OMNI_Q_DECODE].n, sh->rejected_full,
-            sh->timed_out, sh->held_total);
+            sh->timed_out, sh->held_total, sh->legs_cancelled);
 
 #define omni_inst_metric(name, type, help)                                   \
     p = ngx_sprintf(p, "# HELP " name " " help "\n# TYPE " name " " type "\n");\

@@ -258,6 +258,17 @@ ngx_http_omni_init_peer(ngx_http_request_t *r,
     ctx = (r != r->main) ? ngx_http_omni_get_ctx(r) : NULL;
     leg = ctx ? &ctx->legs[ucf->role] : NULL;
 
+    if (leg && leg->sr == r && leg->cancelled) {
+        /*
+         * Cancelled before it connected (the other leg failed first): it
+         * never starts.  Its charge goes back now; the error ends the
+         * subrequest quietly and the request answers for the other leg.
+         */
+        ngx_http_omni_ledger_release(ucf->mcf, leg,
+                                     NGX_HTTP_OMNI_OUTCOME_NONE, 0);
+        return NGX_ERROR;
+    }
+
     if (leg && leg->sr == r && leg->state == NGX_HTTP_OMNI_LEG_RESERVED) {
         pd->leg = leg;
 
