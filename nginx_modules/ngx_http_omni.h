@@ -147,6 +147,7 @@ struct ngx_http_omni_main_conf_s {
     ngx_msec_t                     starvation_timeout;
     ngx_uint_t                     queue_max;
     ngx_msec_t                     queue_timeout;
+    ngx_msec_t                     request_timeout;  /* 0: none */
     ngx_str_t                      model_path;
     ngx_uint_t                     block_size;      /* tokens per block */
     ngx_uint_t                     index_max_tokens; /* prompt prefix indexed */
@@ -399,6 +400,7 @@ typedef struct {
     unsigned                       include_usage:1;
     unsigned                       header_sent:1;   /* to the client */
     unsigned                       answered:1;      /* last byte queued */
+    unsigned                       deadline_hit:1;  /* answer 504 */
     unsigned                       token_prompt:1;
     unsigned                       ignore_eos:1;
 
@@ -414,6 +416,8 @@ typedef struct {
     ngx_http_omni_leg_t            legs[NGX_HTTP_OMNI_TIERS];
 
     ngx_msec_t                     t_start;
+    ngx_msec_t                     deadline_ms;     /* from t_start */
+    ngx_event_t                    deadline_ev;
     ngx_msec_t                     t_released;
     ngx_msec_t                     t_first_byte;
     ngx_msec_t                     t_end;

@@ -115,6 +115,13 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       offsetof(ngx_http_omni_main_conf_t, queue_timeout),
       NULL },
 
+    { ngx_string("omni_request_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, request_timeout),
+      NULL },
+
     { ngx_string("omni_model_path"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_str_slot,
@@ -356,6 +363,7 @@ ngx_http_omni_create_main_conf(ngx_conf_t *cf)
     mcf->starvation_timeout = NGX_CONF_UNSET_MSEC;
     mcf->queue_max = NGX_CONF_UNSET_UINT;
     mcf->queue_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->request_timeout = NGX_CONF_UNSET_MSEC;
     mcf->block_size = NGX_CONF_UNSET_UINT;
     mcf->index_max_tokens = NGX_CONF_UNSET_UINT;
     mcf->cache_blocks = NGX_CONF_UNSET_UINT;
@@ -382,6 +390,7 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->starvation_timeout, 2000);
     ngx_conf_init_uint_value(mcf->queue_max, 4096);
     ngx_conf_init_msec_value(mcf->queue_timeout, 600000);
+    ngx_conf_init_msec_value(mcf->request_timeout, 0);
     ngx_conf_init_uint_value(mcf->block_size, 256);
     ngx_conf_init_uint_value(mcf->index_max_tokens, 131072);
     ngx_conf_init_uint_value(mcf->cache_blocks, 0);

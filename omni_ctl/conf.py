@@ -153,6 +153,12 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N", minimum=1, directive="omni_queue_max"),
     Option("queue_timeout", "duration", "600s", "Longest a request is held before 503.",
            "scheduler", metavar="T", directive="omni_queue_timeout"),
+    Option("request_timeout", "duration", "0s", (
+        "Deadline of a request through the queue and both legs (0: none)."), "scheduler",
+           metavar="T", minimum=0, directive="omni_request_timeout", doc=(
+               "Past it the request gets 504, or one SSE error event when its stream "
+               "had started; its legs are cancelled. A client may lower it (never "
+               "raise it) with the header `X-Omni-Request-Timeout: <ms>`.")),
     Option("decode_max_tokens", "int", 0, (
         "KV-token budget per decode instance (prompt + expected output of the work "
         "in flight; 0: none)."), "scheduler", metavar="N", minimum=0,
@@ -595,7 +601,8 @@ def parse_option(opt: Option, value):
     if opt.kind == "int":
         return parse_int(opt.flag, value, opt.minimum, opt.maximum)
     if opt.kind == "duration":
-        return parse_duration(opt.flag, value, opt.unit)
+        return parse_duration(opt.flag, value, opt.unit,
+                              1 if opt.minimum is None else opt.minimum)
     if opt.kind == "size":
         return parse_size(opt.flag, value, opt.minimum or 0)
     if opt.kind == "choice":
