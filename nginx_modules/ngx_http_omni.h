@@ -21,6 +21,8 @@
  *   ngx_http_omni_legs.c      prefill/decode legs as subrequests through
  *                             nginx's proxy module, and their filters
  *   ngx_http_omni_upstream.c  the upstream balancer (omni_balance)
+ *   ngx_http_omni_deadline.c  the request's deadline: out of the queue,
+ *                             legs cancelled, 504 or an SSE error event
  *   ngx_http_omni_flow.c      the request flow of /v1/completions and
  *                             /v1/chat/completions: the only one that
  *                             decides what a client is answered
@@ -411,6 +413,10 @@ typedef struct {
     size_t                         batch;           /* prompts in a list */
 
     u_char                         request_id[NGX_HTTP_OMNI_REQUEST_ID_LEN];
+    /* the client's X-Request-Id, sanitised: for logs and the answer only,
+     * never sent to an engine (two clients may send the same) */
+    u_char                         client_id[NGX_HTTP_OMNI_REQUEST_ID_LEN];
+    size_t                         client_id_len;
     size_t                         request_id_len;
 
     ngx_http_omni_leg_t            legs[NGX_HTTP_OMNI_TIERS];
@@ -597,6 +603,11 @@ ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_status_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_metrics_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_health_handler(ngx_http_request_t *r);
+
+
+/* the request's deadline (deadline.c) */
+ngx_int_t ngx_http_omni_deadline_arm(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_deadline_answer(ngx_http_omni_ctx_t *ctx);
 
 
 #endif /* NGX_HTTP_OMNI_H_INCLUDED_ */

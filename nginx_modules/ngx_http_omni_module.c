@@ -260,6 +260,7 @@ ngx_module_t  ngx_http_omni_module = {
 #define NGX_HTTP_OMNI_VAR_ERROR        9
 #define NGX_HTTP_OMNI_VAR_CACHED       10
 #define NGX_HTTP_OMNI_VAR_PREFILL_PRED 11
+#define NGX_HTTP_OMNI_VAR_CLIENT_ID    12
 
 
 static ngx_http_variable_t  ngx_http_omni_vars[] = {
@@ -299,6 +300,9 @@ static ngx_http_variable_t  ngx_http_omni_vars[] = {
 
     { ngx_string("omni_prefill_pred_ms"), NULL, ngx_http_omni_variable,
       NGX_HTTP_OMNI_VAR_PREFILL_PRED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_client_request_id"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_CLIENT_ID, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -486,6 +490,11 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
     case NGX_HTTP_OMNI_VAR_REQUEST_ID:
         v->data = ctx->request_id;
         v->len = ctx->request_id_len;
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_CLIENT_ID:
+        v->data = ctx->client_id;
+        v->len = ctx->client_id_len;
         return NGX_OK;
 
     case NGX_HTTP_OMNI_VAR_PD_MODE:

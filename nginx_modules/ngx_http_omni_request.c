@@ -535,7 +535,7 @@ ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
     ngx_list_part_t   *part;
     ngx_table_elt_t   *h;
 
-    p = ctx->request_id;
+    p = ctx->client_id;
 
     part = &ctx->request->headers_in.headers.part;
     h = part->elts;
@@ -570,7 +570,7 @@ ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
             {
                 *p++ = c;
 
-                if (p == ctx->request_id + NGX_HTTP_OMNI_REQUEST_ID_LEN) {
+                if (p == ctx->client_id + NGX_HTTP_OMNI_REQUEST_ID_LEN) {
                     break;
                 }
             }
@@ -579,11 +579,15 @@ ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
         break;
     }
 
-    if (p == ctx->request_id) {
-        p = ngx_sprintf(p, "%08xD%08xD%08xD%08xD",
-                        (uint32_t) ngx_random(), (uint32_t) ngx_random(),
-                        (uint32_t) ngx_random(), (uint32_t) ngx_random());
-    }
+    ctx->client_id_len = p - ctx->client_id;
+
+    /*
+     * The id the engines see is always ours: engines and KV connectors key
+     * requests and transfers on it, and clients' ids may collide.
+     */
+    p = ngx_sprintf(ctx->request_id, "%08xD%08xD%08xD%08xD",
+                    (uint32_t) ngx_random(), (uint32_t) ngx_random(),
+                    (uint32_t) ngx_random(), (uint32_t) ngx_random());
 
     ctx->request_id_len = p - ctx->request_id;
 }
