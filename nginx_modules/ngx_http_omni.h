@@ -568,6 +568,8 @@ uint64_t ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx);
 
 /* ngx_http_omni_answer.c */
 void ngx_http_omni_retry_after(ngx_http_request_t *r);
+ngx_int_t ngx_http_omni_id_headers(ngx_http_request_t *r,
+    ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status,
     ngx_str_t *type, u_char *body, size_t len);
 ngx_int_t ngx_http_omni_send_error(ngx_http_request_t *r,

@@ -281,6 +281,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("fail_timeout", "duration", "10s", (
         "Window for --max-fails and how long a failed instance rests."), "upstream",
            metavar="T", renders="`fail_timeout=` on every `server`"),
+    Option("client_body_timeout", "duration", "60s", (
+        "Longest pause between two reads of a client's body."), "upstream", metavar="T",
+           renders="`client_body_timeout`", doc=(
+               "A client slower than this is answered 408 (or its connection closed) and "
+               "leaves nothing behind.")),
     Option("max_body_size", "size", "64m", "Largest request body (0: no limit).",
            "upstream", metavar="SIZE", renders="`client_max_body_size`",
            doc="Larger bodies get 413."),
