@@ -150,6 +150,9 @@ struct ngx_http_omni_main_conf_s {
     ngx_uint_t                     queue_max;
     ngx_msec_t                     queue_timeout;
     ngx_msec_t                     request_timeout;  /* 0: none */
+    /* which failed tries count against an instance (NGX_HTTP_OMNI_PH_*) */
+    ngx_uint_t                     passive_health;
+    ngx_str_t                      passive_health_text;
     ngx_str_t                      model_path;
     ngx_uint_t                     block_size;      /* tokens per block */
     ngx_uint_t                     index_max_tokens; /* prompt prefix indexed */
@@ -501,6 +504,10 @@ void ngx_http_omni_ledger_release(ngx_http_omni_main_conf_t *mcf,
  * outcomes, or the agent's active /health probes).  The _locked form is for
  * callers holding the zone's mutex.
  */
+#define NGX_HTTP_OMNI_PH_ERROR    0x01
+#define NGX_HTTP_OMNI_PH_TIMEOUT  0x02
+#define NGX_HTTP_OMNI_PH_5XX      0x04
+
 #define NGX_HTTP_OMNI_HEALTH_PASSIVE  0
 #define NGX_HTTP_OMNI_HEALTH_PROBE    1
 

@@ -154,6 +154,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             "\"prefill_starvation_timeout_ms\":%M,"
             "\"queue_max\":%ui,\"queue_capacity\":%uD,"
             "\"queue_timeout_ms\":%M,\"request_timeout_ms\":%M,"
+            "\"passive_health_on\":\"%V\","
             "\"block_size\":%uD,\"index_max_tokens\":%ui,"
             "\"index_instances\":%uD,"
             "\"cache_blocks\":%uD,\"cache_ttl_ms\":%M,"
@@ -165,7 +166,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             mcf->max_batch_num_token, mcf->prefill_max_num_seqs,
             mcf->decode_max_num_seqs, mcf->starvation_timeout,
             mcf->queue_max, sh->q_cap, mcf->queue_timeout,
-            mcf->request_timeout,
+            mcf->request_timeout, &mcf->passive_health_text,
             sh->block_size, mcf->index_max_tokens, sh->index_instances,
             sh->cache_blocks, sh->cache_ttl,
             mcf->decode_max_tokens, mcf->hold_slack);

@@ -41,6 +41,8 @@ static ngx_int_t ngx_http_omni_get_peer(ngx_peer_connection_t *pc,
     void *data);
 static void ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
     ngx_uint_t state);
+static ngx_uint_t ngx_http_omni_failure_kind(ngx_peer_connection_t *pc,
+    ngx_http_upstream_t *u);
 
 
 char *
@@ -429,6 +431,14 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
 
     failed = (state & NGX_PEER_FAILED) != 0 && !pd->leg->cancelled;
 
+    if (failed
+        && !(ngx_http_omni_failure_kind(pc, u) & pd->ucf->mcf->passive_health))
+    {
+        /* a kind of failure --passive-health-on does not count */
+        failed = 0;
+        state &= ~NGX_PEER_FAILED;
+    }
+
     ngx_http_omni_ledger_release(pd->ucf->mcf, pd->leg,
                                  failed ? NGX_HTTP_OMNI_OUTCOME_FAILED
                                         : NGX_HTTP_OMNI_OUTCOME_OK,
@@ -449,4 +459,24 @@ rr:
     ngx_http_upstream_free_round_robin_peer(pc, &pd->rrp, state);
 
     pd->rrp.current = NULL;
+}
+
+
+/* what a failed try was: NGX_HTTP_OMNI_PH_ERROR, _TIMEOUT or _5XX */
+static ngx_uint_t
+ngx_http_omni_failure_kind(ngx_peer_connection_t *pc, ngx_http_upstream_t *u)
+{
+    ngx_connection_t  *c;
+
+    if (u && u->headers_in.status_n >= 500) {
+        return NGX_HTTP_OMNI_PH_5XX;
+    }
+
+    c = pc->connection;
+
+    if (c && (c->read->timedout || c->write->timedout)) {
+        return NGX_HTTP_OMNI_PH_TIMEOUT;
+    }
+
+    return NGX_HTTP_OMNI_PH_ERROR;
 }

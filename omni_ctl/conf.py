@@ -275,6 +275,14 @@ OPTIONS: tuple[Option, ...] = (
                "prefill instance, a decode on another decode instance with the same "
                "`kv_transfer_params`. A parallel-mode prefill is never retried (the decode "
                "leg was told its address).")),
+    Option("passive_health_on", "choice", "error,timeout,5xx", (
+        "Failed tries that count against an instance's health."), "upstream",
+           metavar="KINDS", choices=("error,timeout,5xx", "error,timeout", "error,5xx",
+                                     "timeout,5xx", "error", "timeout", "5xx", "none"),
+           directive="omni_passive_health_on", doc=(
+               "error: connect and read errors; timeout: connect/read timeouts; 5xx: an "
+               "engine's 5xx answer. --max-fails of them within --fail-timeout rest the "
+               "instance; a success clears the count. Retries happen either way.")),
     Option("max_fails", "int", 3, (
         "Failures within --fail-timeout that mark an instance down (0: never)."),
            "upstream", metavar="N", minimum=0, renders="`max_fails=` on every `server`"),

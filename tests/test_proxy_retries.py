@@ -108,3 +108,21 @@ def test_retries_stop_at_the_bound(omni_nginx, clean_sim, max_retries, stream):
     status = _idle(nginx)
     assert sum(i["fails"] for i in status["instances"]
                if i["role"] == "prefill") == max_retries + 1
+
+
+@pytest.mark.parametrize("kinds, counted", [("error,timeout,5xx", True),
+                                            ("error,timeout", False)])
+def test_passive_health_on_says_which_failures_count(omni_nginx, clean_sim, kinds,
+                                                     counted):
+    """A 5xx answer counts against the instance (and, at --max-fails, rests
+    it) unless --passive-health-on leaves 5xx out; the retry happens either
+    way."""
+    nginx = _proxy(omni_nginx, clean_sim, passive_health_on=kinds, max_fails=100)
+    assert nginx.status()["config"]["passive_health_on"] == kinds
+    clean_sim.fault(clean_sim.prefill_urls[0], mode="error", status=500)
+    before = _errors(clean_sim, clean_sim.prefill_urls[:1])
+    for _ in range(4):
+        assert nginx.post("/v1/completions", json=BODY).status == 200
+    assert _errors(clean_sim, clean_sim.prefill_urls[:1]) > before
+    inst = _inst(_idle(nginx), clean_sim.prefill_endpoints[0].split("@")[0])
+    assert (inst["fails"] > 0) == counted, inst
