@@ -24,6 +24,8 @@ PANELS = [
     ("Refused and timed out in the queue (per s)", "reqps",
      [("sum(rate(omni_queue_rejected_total[1m]))", "429 queue full"),
       ("sum(rate(omni_queue_timeouts_total[1m]))", "503 queue timeout")], "timeseries"),
+    ("Legs cancelled by fail-fast P/D (per s)", "reqps",
+     [("sum(rate(omni_legs_cancelled_total[1m]))", "cancelled")], "timeseries"),
     ("Time to first byte", "s",
      [("histogram_quantile(0.5, sum by (le) (rate(omni_time_to_first_byte_seconds_bucket[1m])))",
        "p50"),
