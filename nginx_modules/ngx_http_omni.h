@@ -23,6 +23,8 @@
  *   ngx_http_omni_legs.c      prefill/decode legs as subrequests through
  *                             nginx's proxy module, and their filters
  *   ngx_http_omni_upstream.c  the upstream balancer (omni_balance)
+ *   ngx_http_omni_deadline.c  the request's deadline: out of the queue,
+ *                             legs cancelled, 504 or an SSE error event
  *   ngx_http_omni_flow.c      the request flow of /v1/completions and
  *                             /v1/chat/completions: the only one that
  *                             decides what a client is answered
@@ -149,6 +151,10 @@ struct ngx_http_omni_main_conf_s {
     ngx_msec_t                     starvation_timeout;
     ngx_uint_t                     queue_max;
     ngx_msec_t                     queue_timeout;
+    ngx_msec_t                     request_timeout;  /* 0: none */
+    /* which failed tries count against an instance (NGX_HTTP_OMNI_PH_*) */
+    ngx_uint_t                     passive_health;
+    ngx_str_t                      passive_health_text;
     ngx_str_t                      model_path;
     ngx_uint_t                     block_size;      /* tokens per block */
     ngx_uint_t                     index_max_tokens; /* prompt prefix indexed */
@@ -340,6 +346,7 @@ typedef struct {
     uint64_t                       hash_copy_failed;
     uint64_t                       reaped_total; /* charges of dead
                                                     processes given back */
+    uint64_t                       legs_cancelled; /* legs ended by us */
 
     /* the scheduler's brain (scoring library), addressed by slot */
     omni_index_t                  *index;
@@ -423,6 +430,7 @@ typedef struct {
     unsigned                       include_usage:1;
     unsigned                       header_sent:1;   /* to the client */
     unsigned                       answered:1;      /* last byte queued */
+    unsigned                       deadline_hit:1;  /* answer 504 */
     unsigned                       token_prompt:1;
     unsigned                       ignore_eos:1;
 
@@ -433,11 +441,17 @@ typedef struct {
     size_t                         batch;           /* prompts in a list */
 
     u_char                         request_id[NGX_HTTP_OMNI_REQUEST_ID_LEN];
+    /* the client's X-Request-Id, sanitised: for logs and the answer only,
+     * never sent to an engine (two clients may send the same) */
+    u_char                         client_id[NGX_HTTP_OMNI_REQUEST_ID_LEN];
+    size_t                         client_id_len;
     size_t                         request_id_len;
 
     ngx_http_omni_leg_t            legs[NGX_HTTP_OMNI_TIERS];
 
     ngx_msec_t                     t_start;
+    ngx_msec_t                     deadline_ms;     /* from t_start */
+    ngx_event_t                    deadline_ev;
     ngx_msec_t                     t_released;
     ngx_msec_t                     t_first_byte;
     ngx_msec_t                     t_end;
@@ -513,6 +527,26 @@ void ngx_http_omni_ledger_prefill_end(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_leg_t *leg, ngx_uint_t ok);
 void ngx_http_omni_ledger_release(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_leg_t *leg, ngx_uint_t outcome, ngx_uint_t prefill_ok);
+/*
+ * Health: one state per instance (fails, down_until) fed by every source.
+ * ok = 0 counts a failure (max_fails of them rest the instance for
+ * fail_timeout), ok = 1 clears the count.  source: who saw it (the legs'
+ * outcomes, or the agent's active /health probes).  The _locked form is for
+ * callers holding the zone's mutex.
+ */
+#define NGX_HTTP_OMNI_PH_ERROR    0x01
+#define NGX_HTTP_OMNI_PH_TIMEOUT  0x02
+#define NGX_HTTP_OMNI_PH_5XX      0x04
+
+#define NGX_HTTP_OMNI_HEALTH_PASSIVE  0
+#define NGX_HTTP_OMNI_HEALTH_PROBE    1
+
+void ngx_http_omni_health_report(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_inst_t *in, ngx_uint_t ok, ngx_uint_t source,
+    ngx_msec_t now);
+void ngx_http_omni_health_report_locked(ngx_http_omni_inst_t *in,
+    ngx_uint_t ok, ngx_uint_t source, ngx_msec_t now);
+void ngx_http_omni_ledger_cancelled(ngx_http_omni_main_conf_t *mcf);
 void ngx_http_omni_ledger_request_begin(ngx_http_omni_main_conf_t *mcf);
 void ngx_http_omni_ledger_request_end(ngx_http_omni_main_conf_t *mcf,
     ngx_uint_t route, ngx_uint_t mode, ngx_uint_t status,
@@ -585,6 +619,8 @@ uint64_t ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx);
 
 /* ngx_http_omni_answer.c */
 void ngx_http_omni_retry_after(ngx_http_request_t *r);
+ngx_int_t ngx_http_omni_id_headers(ngx_http_request_t *r,
+    ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status,
     ngx_str_t *type, u_char *body, size_t len);
 ngx_int_t ngx_http_omni_send_error(ngx_http_request_t *r,
@@ -621,6 +657,11 @@ ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_status_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_metrics_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_health_handler(ngx_http_request_t *r);
+
+
+/* the request's deadline (deadline.c) */
+ngx_int_t ngx_http_omni_deadline_arm(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_deadline_answer(ngx_http_omni_ctx_t *ctx);
 
 
 #endif /* NGX_HTTP_OMNI_H_INCLUDED_ */

@@ -279,6 +279,44 @@ ngx_http_omni_answer_from_prefill(ngx_http_omni_ctx_t *ctx, u_char *resp,
 
 
 /*
+ * The ids of every answer: X-Omni-Request-Id, the id the engines saw
+ * (always the proxy's own), and X-Request-Id, the client's own id back
+ * when it sent one.
+ */
+ngx_int_t
+ngx_http_omni_id_headers(ngx_http_request_t *r, ngx_http_omni_ctx_t *ctx)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "X-Omni-Request-Id");
+    h->value.data = ctx->request_id;
+    h->value.len = ctx->request_id_len;
+
+    if (ctx->client_id_len == 0) {
+        return NGX_OK;
+    }
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "X-Request-Id");
+    h->value.data = ctx->client_id;
+    h->value.len = ctx->client_id_len;
+
+    return NGX_OK;
+}
+
+
+/*
  * Send a whole response from the main request (for an omni request also
  * its X-Request-Id and timings; status pages have no ctx).
  */
@@ -289,7 +327,6 @@ ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status, ngx_str_t *type,
     ngx_int_t             rc;
     ngx_buf_t            *b;
     ngx_chain_t           out;
-    ngx_table_elt_t      *h;
     ngx_http_omni_ctx_t  *ctx;
 
     ctx = ngx_http_get_module_ctx(r->main, ngx_http_omni_module);
@@ -313,15 +350,9 @@ ngx_http_omni_send(ngx_http_request_t *r, ngx_uint_t status, ngx_str_t *type,
     r->headers_out.content_length_n = len;
 
     if (ctx) {
-        h = ngx_list_push(&r->headers_out.headers);
-        if (h == NULL) {
+        if (ngx_http_omni_id_headers(r, ctx) != NGX_OK) {
             return NGX_ERROR;
         }
-
-        h->hash = 1;
-        ngx_str_set(&h->key, "X-Request-Id");
-        h->value.data = ctx->request_id;
-        h->value.len = ctx->request_id_len;
 
         ctx->header_sent = 1;
         ctx->status = status;

@@ -170,7 +170,11 @@ ngx_http_omni_body_handler(ngx_http_request_t *r)
         r->read_event_handler = ngx_http_test_reading;
         r->write_event_handler = ngx_http_omni_wake;
 
-        rc = ngx_http_omni_dispatch(ctx);
+        rc = ngx_http_omni_deadline_arm(ctx);
+
+        if (rc == NGX_OK) {
+            rc = ngx_http_omni_dispatch(ctx);
+        }
     }
 
     if (rc == NGX_DONE) {
@@ -559,8 +563,11 @@ ngx_http_omni_start_decode(ngx_http_omni_ctx_t *ctx, omni_json_edit_t *edits,
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
+        /* start and end too: a retry rewinds the body to start */
         b->pos = ctx->body;
         b->last = ctx->body + ctx->body_len;
+        b->start = b->pos;
+        b->end = b->last;
         b->memory = 1;
         b->last_buf = 1;
 
@@ -622,8 +629,11 @@ ngx_http_omni_build_body(ngx_http_omni_ctx_t *ctx, omni_json_edit_t *edits,
             return NGX_ERROR;
         }
 
+        /* start and end too: a retry rewinds the body to start */
         b->pos = (u_char *) segs[i].ptr;
         b->last = b->pos + segs[i].len;
+        b->start = b->pos;
+        b->end = b->last;
         b->memory = 1;
 
         cl->buf = b;
@@ -675,6 +685,9 @@ ngx_http_omni_wake(ngx_http_request_t *r)
                  ? ngx_http_omni_start_decode_kv(ctx)
                  : ngx_http_omni_start(ctx);
         }
+
+    } else if (ctx->deadline_hit) {
+        rc = ngx_http_omni_deadline_answer(ctx);
 
     } else {
         rc = ngx_http_omni_advance(ctx);
@@ -897,6 +910,10 @@ ngx_http_omni_cleanup(void *data)
 
     ngx_http_omni_unhold(ctx);
 
+    if (ctx->deadline_ev.timer_set) {
+        ngx_del_timer(&ctx->deadline_ev);
+    }
+
     /*
      * A leg no upstream holds any more (never started, or finalized with
      * no free: nothing is left to end it) gives back all it was charged,
@@ -927,3 +944,4 @@ ngx_http_omni_cleanup(void *data)
     ngx_http_omni_ledger_request_end(ctx->mcf, ctx->route, ctx->mode, status,
                                      ctx);
 }
+

@@ -421,16 +421,69 @@ ngx_http_omni_ledger_release(ngx_http_omni_main_conf_t *mcf,
 
     if (outcome == NGX_HTTP_OMNI_OUTCOME_FAILED) {
         in->errors_total++;
-        in->fails++;
-
-        if (in->max_fails && in->fails >= in->max_fails) {
-            in->down_until = ngx_current_msec + in->fail_timeout;
-        }
+        ngx_http_omni_health_report_locked(in, 0, NGX_HTTP_OMNI_HEALTH_PASSIVE,
+                                           ngx_current_msec);
 
     } else if (outcome == NGX_HTTP_OMNI_OUTCOME_OK) {
-        in->fails = 0;
+        ngx_http_omni_health_report_locked(in, 1, NGX_HTTP_OMNI_HEALTH_PASSIVE,
+                                           ngx_current_msec);
     }
 
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+/*
+ * The ONE health state of an instance (fails, down_until), fed by every
+ * source: the legs' outcomes (passive) and the agent's /health probes
+ * (active).  A failure counts towards max_fails and, once reached, rests
+ * the instance for fail_timeout; a success clears the count.  The caller
+ * holds the zone's mutex.
+ */
+void
+ngx_http_omni_health_report_locked(ngx_http_omni_inst_t *in, ngx_uint_t ok,
+    ngx_uint_t source, ngx_msec_t now)
+{
+    if (ok) {
+        in->fails = 0;
+        return;
+    }
+
+    in->fails++;
+
+    if (in->max_fails && in->fails >= in->max_fails) {
+        in->down_until = now + in->fail_timeout;
+    }
+}
+
+
+/* The same, taking the zone's mutex: for callers outside the ledger. */
+void
+ngx_http_omni_health_report(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_inst_t *in, ngx_uint_t ok, ngx_uint_t source,
+    ngx_msec_t now)
+{
+    ngx_slab_pool_t  *shpool;
+
+    (void) ngx_http_omni_shm(mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+    ngx_http_omni_health_report_locked(in, ok, source, now);
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+/* A leg the proxy cancelled (fail-fast P/D): counted apart from errors. */
+void
+ngx_http_omni_ledger_cancelled(ngx_http_omni_main_conf_t *mcf)
+{
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_shctx_t  *sh;
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+    sh->legs_cancelled++;
     ngx_shmtx_unlock(&shpool->mutex);
 }
 

@@ -36,8 +36,6 @@ static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
 
 static ngx_str_t  ngx_http_omni_post = ngx_string("POST");
 static ngx_str_t  ngx_http_omni_sse_type = ngx_string("text/event-stream");
-static ngx_str_t  ngx_http_omni_request_id_header =
-    ngx_string("X-Request-Id");
 
 
 ngx_int_t
@@ -143,6 +141,8 @@ ngx_http_omni_cancel_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier)
 
     leg->cancelled = 1;
     leg->suppress = 1;
+
+    ngx_http_omni_ledger_cancelled(ctx->mcf);
 
     ngx_log_error(NGX_LOG_INFO, ctx->request->connection->log, 0,
                   "omni: cancelling the %s leg of request %*s",
@@ -289,7 +289,6 @@ static ngx_int_t
 ngx_http_omni_header_filter(ngx_http_request_t *r)
 {
     ngx_int_t             rc;
-    ngx_table_elt_t      *h;
     ngx_http_request_t   *mr;
     ngx_http_omni_ctx_t  *ctx;
     ngx_http_omni_leg_t  *leg;
@@ -341,15 +340,9 @@ ngx_http_omni_header_filter(ngx_http_request_t *r)
         mr->headers_out.content_length_n = r->headers_out.content_length_n;
     }
 
-    h = ngx_list_push(&mr->headers_out.headers);
-    if (h == NULL) {
+    if (ngx_http_omni_id_headers(mr, ctx) != NGX_OK) {
         return NGX_ERROR;
     }
-
-    h->hash = 1;
-    h->key = ngx_http_omni_request_id_header;
-    h->value.data = ctx->request_id;
-    h->value.len = ctx->request_id_len;
 
     ctx->header_sent = 1;
     ctx->status = mr->headers_out.status;

@@ -12,6 +12,8 @@ static ngx_int_t ngx_http_omni_add_variables(ngx_conf_t *cf);
 static ngx_int_t ngx_http_omni_postconfiguration(ngx_conf_t *cf);
 static void *ngx_http_omni_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf);
+static char *ngx_http_omni_passive_health_on(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static void *ngx_http_omni_create_srv_conf(ngx_conf_t *cf);
 static char *ngx_http_omni_set_handler(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -113,6 +115,20 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       ngx_conf_set_msec_slot,
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_omni_main_conf_t, queue_timeout),
+      NULL },
+
+    { ngx_string("omni_request_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, request_timeout),
+      NULL },
+
+    { ngx_string("omni_passive_health_on"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_omni_passive_health_on,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
       NULL },
 
     { ngx_string("omni_model_path"),
@@ -284,6 +300,7 @@ ngx_module_t  ngx_http_omni_module = {
 #define NGX_HTTP_OMNI_VAR_RELEASE      12
 #define NGX_HTTP_OMNI_VAR_START_US     13
 #define NGX_HTTP_OMNI_VAR_PRED_WAIT    14
+#define NGX_HTTP_OMNI_VAR_CLIENT_ID    15
 
 
 static ngx_http_variable_t  ngx_http_omni_vars[] = {
@@ -332,6 +349,9 @@ static ngx_http_variable_t  ngx_http_omni_vars[] = {
 
     { ngx_string("omni_prefill_pred_wait_ms"), NULL, ngx_http_omni_variable,
       NGX_HTTP_OMNI_VAR_PRED_WAIT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_client_request_id"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_CLIENT_ID, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -402,6 +422,8 @@ ngx_http_omni_create_main_conf(ngx_conf_t *cf)
     mcf->starvation_timeout = NGX_CONF_UNSET_MSEC;
     mcf->queue_max = NGX_CONF_UNSET_UINT;
     mcf->queue_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->request_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->passive_health = NGX_CONF_UNSET_UINT;
     mcf->block_size = NGX_CONF_UNSET_UINT;
     mcf->index_max_tokens = NGX_CONF_UNSET_UINT;
     mcf->cache_blocks = NGX_CONF_UNSET_UINT;
@@ -432,6 +454,13 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->starvation_timeout, 2000);
     ngx_conf_init_uint_value(mcf->queue_max, 4096);
     ngx_conf_init_msec_value(mcf->queue_timeout, 600000);
+    ngx_conf_init_msec_value(mcf->request_timeout, 0);
+
+    if (mcf->passive_health == NGX_CONF_UNSET_UINT) {
+        mcf->passive_health = NGX_HTTP_OMNI_PH_ERROR|NGX_HTTP_OMNI_PH_TIMEOUT
+                              |NGX_HTTP_OMNI_PH_5XX;
+        ngx_str_set(&mcf->passive_health_text, "error,timeout,5xx");
+    }
     ngx_conf_init_uint_value(mcf->block_size, 256);
     ngx_conf_init_uint_value(mcf->index_max_tokens, 131072);
     ngx_conf_init_uint_value(mcf->cache_blocks, 0);
@@ -531,6 +560,11 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
     case NGX_HTTP_OMNI_VAR_REQUEST_ID:
         v->data = ctx->request_id;
         v->len = ctx->request_id_len;
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_CLIENT_ID:
+        v->data = ctx->client_id;
+        v->len = ctx->client_id_len;
         return NGX_OK;
 
     case NGX_HTTP_OMNI_VAR_PD_MODE:
@@ -663,4 +697,60 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
     v->len = 1;
 
     return NGX_OK;
+}
+
+
+/* omni_passive_health_on error,timeout,5xx | none */
+static char *
+ngx_http_omni_passive_health_on(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_omni_main_conf_t  *mcf = conf;
+
+    u_char      *p, *last, *comma;
+    size_t       len;
+    ngx_str_t   *value;
+    ngx_uint_t   mask;
+
+    if (mcf->passive_health != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    mask = 0;
+
+    if (ngx_strcmp(value[1].data, "none") != 0) {
+        p = value[1].data;
+        last = p + value[1].len;
+
+        while (p < last) {
+            comma = ngx_strlchr(p, last, ',');
+            len = (comma ? comma : last) - p;
+
+            if (len == 5 && ngx_strncmp(p, "error", 5) == 0) {
+                mask |= NGX_HTTP_OMNI_PH_ERROR;
+
+            } else if (len == 7 && ngx_strncmp(p, "timeout", 7) == 0) {
+                mask |= NGX_HTTP_OMNI_PH_TIMEOUT;
+
+            } else if (len == 3 && ngx_strncmp(p, "5xx", 3) == 0) {
+                mask |= NGX_HTTP_OMNI_PH_5XX;
+
+            } else {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid value \"%V\" in \"%V\": a "
+                                   "comma-separated list of error, timeout "
+                                   "and 5xx, or none", &value[1],
+                                   &cmd->name);
+                return NGX_CONF_ERROR;
+            }
+
+            p += len + 1;
+        }
+    }
+
+    mcf->passive_health = mask;
+    mcf->passive_health_text = value[1];
+
+    return NGX_CONF_OK;
 }

@@ -156,6 +156,23 @@ done:
 }
 
 
+/* the top-level keys the proxy reads or sets */
+static ngx_str_t  ngx_http_omni_read_keys[] = {
+    ngx_string("prompt"),
+    ngx_string("messages"),
+    ngx_string("stream"),
+    ngx_string("stream_options"),
+    ngx_string("max_tokens"),
+    ngx_string("max_completion_tokens"),
+    ngx_string("ignore_eos"),
+    ngx_string("kv_transfer_params"),
+    ngx_string("bootstrap_host"),
+    ngx_string("bootstrap_port"),
+    ngx_string("bootstrap_room"),
+    ngx_null_string
+};
+
+
 ngx_int_t
 ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
 {
@@ -219,6 +236,30 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
 
 #define omni_find(key)                                                       \
     omni_json_find(ctx->body, m, ctx->n_members, key, sizeof(key) - 1)
+
+    /*
+     * A key the proxy reads or sets must appear once: with two, the proxy
+     * and an engine may each take a different one (JSON parsers disagree
+     * on which duplicate wins).
+     */
+    for (k = 0; ngx_http_omni_read_keys[k].len; k++) {
+        i = omni_json_find(ctx->body, m, ctx->n_members,
+                           (char *) ngx_http_omni_read_keys[k].data,
+                           ngx_http_omni_read_keys[k].len);
+
+        if (i > 0
+            && omni_json_find(ctx->body, m, (size_t) i,
+                              (char *) ngx_http_omni_read_keys[k].data,
+                              ngx_http_omni_read_keys[k].len) >= 0)
+        {
+            ctx->error = "duplicate_key";
+            return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                            "invalid_request_error",
+                                            "duplicate key \"%V\" in the "
+                                            "request body",
+                                            &ngx_http_omni_read_keys[k]);
+        }
+    }
 
     /* stream */
 
@@ -535,7 +576,7 @@ ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
     ngx_list_part_t   *part;
     ngx_table_elt_t   *h;
 
-    p = ctx->request_id;
+    p = ctx->client_id;
 
     part = &ctx->request->headers_in.headers.part;
     h = part->elts;
@@ -570,7 +611,7 @@ ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
             {
                 *p++ = c;
 
-                if (p == ctx->request_id + NGX_HTTP_OMNI_REQUEST_ID_LEN) {
+                if (p == ctx->client_id + NGX_HTTP_OMNI_REQUEST_ID_LEN) {
                     break;
                 }
             }
@@ -579,11 +620,15 @@ ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
         break;
     }
 
-    if (p == ctx->request_id) {
-        p = ngx_sprintf(p, "%08xD%08xD%08xD%08xD",
-                        (uint32_t) ngx_random(), (uint32_t) ngx_random(),
-                        (uint32_t) ngx_random(), (uint32_t) ngx_random());
-    }
+    ctx->client_id_len = p - ctx->client_id;
+
+    /*
+     * The id the engines see is always ours: engines and KV connectors key
+     * requests and transfers on it, and clients' ids may collide.
+     */
+    p = ngx_sprintf(ctx->request_id, "%08xD%08xD%08xD%08xD",
+                    (uint32_t) ngx_random(), (uint32_t) ngx_random(),
+                    (uint32_t) ngx_random(), (uint32_t) ngx_random());
 
     ctx->request_id_len = p - ctx->request_id;
 }

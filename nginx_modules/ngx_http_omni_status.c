@@ -153,7 +153,8 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             "\"decode_max_num_seqs\":%ui,"
             "\"prefill_starvation_timeout_ms\":%M,"
             "\"queue_max\":%ui,\"queue_capacity\":%uD,"
-            "\"queue_timeout_ms\":%M,"
+            "\"queue_timeout_ms\":%M,\"request_timeout_ms\":%M,"
+            "\"passive_health_on\":\"%V\","
             "\"block_size\":%uD,\"index_max_tokens\":%ui,"
             "\"index_instances\":%uD,"
             "\"cache_blocks\":%uD,\"cache_ttl_ms\":%M,"
@@ -167,6 +168,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             mcf->max_batch_num_token, mcf->prefill_max_num_seqs,
             mcf->decode_max_num_seqs, mcf->starvation_timeout,
             mcf->queue_max, sh->q_cap, mcf->queue_timeout,
+            mcf->request_timeout, &mcf->passive_health_text,
             sh->block_size, mcf->index_max_tokens, sh->index_instances,
             sh->cache_blocks, sh->cache_ttl,
             mcf->decode_max_tokens, mcf->hold_slack,
@@ -234,7 +236,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"decision_us_mean\":%.1f,"
                     "\"typical_output_tokens\":[%.1f,%.1f]},"
                     "\"totals\":{\"requests\":%uL,\"inflight_requests\":%uL,"
-                    "\"errors\":%uL,\"charges_reaped\":%uL},"
+                    "\"errors\":%uL,\"charges_reaped\":%uL,"
+                    "\"legs_cancelled\":%uL},"
                     "\"instances\":[",
                     NGX_HTTP_OMNI_VERSION,
                     ngx_http_omni_modes[mcf->pd_policy],
@@ -255,7 +258,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
                     sh->requests_total, sh->inflight_requests,
-                    sh->errors_total, sh->reaped_total);
+                    sh->errors_total, sh->reaped_total, sh->legs_cancelled);
 
     first = 1;
 
@@ -399,7 +402,11 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "omni_released_total{reason=\"order\"} %uL\n"
             "omni_released_total{reason=\"starved\"} %uL\n"
             "omni_released_total{reason=\"plan\"} %uL\n"
-            "omni_released_total{reason=\"lost\"} %uL\n",
+            "omni_released_total{reason=\"lost\"} %uL\n"
+            "# HELP omni_legs_cancelled_total Legs the proxy cancelled "
+            "because the other leg of their request failed.\n"
+            "# TYPE omni_legs_cancelled_total counter\n"
+            "omni_legs_cancelled_total %uL\n",
             sh->inflight_requests, sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
             sh->queues[NGX_HTTP_OMNI_Q_DECODE].n, sh->rejected_full,
             sh->timed_out, sh->held_total, sh->rejected_slo,
@@ -407,7 +414,7 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             sh->released[NGX_HTTP_OMNI_REL_ORDER],
             sh->released[NGX_HTTP_OMNI_REL_STARVED],
             sh->released[NGX_HTTP_OMNI_REL_PLAN],
-            sh->released[NGX_HTTP_OMNI_REL_LOST]);
+            sh->released[NGX_HTTP_OMNI_REL_LOST], sh->legs_cancelled);
 
 #define omni_inst_metric(name, type, help)                                   \
     p = ngx_sprintf(p, "# HELP " name " " help "\n# TYPE " name " " type "\n");\

@@ -23,6 +23,13 @@ typedef struct {
     ngx_http_omni_leg_t               *leg;
     /* accounting of a request that is not an omni leg (location /) */
     ngx_http_omni_leg_t                plain;
+
+    /* the instance of the last try, and whether it failed on a reused
+     * idle connection (the engine closed it as we sent): retried once on
+     * the same instance, not counted against it */
+    ngx_uint_t                         last;
+    unsigned                           stale:1;
+    unsigned                           stale_retried:1;
 } ngx_http_omni_peer_data_t;
 
 
@@ -34,6 +41,8 @@ static ngx_int_t ngx_http_omni_get_peer(ngx_peer_connection_t *pc,
     void *data);
 static void ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
     ngx_uint_t state);
+static ngx_uint_t ngx_http_omni_failure_kind(ngx_peer_connection_t *pc,
+    ngx_http_upstream_t *u);
 
 
 char *
@@ -251,6 +260,17 @@ ngx_http_omni_init_peer(ngx_http_request_t *r,
     ctx = (r != r->main) ? ngx_http_omni_get_ctx(r) : NULL;
     leg = ctx ? &ctx->legs[ucf->role] : NULL;
 
+    if (leg && leg->sr == r && leg->cancelled) {
+        /*
+         * Cancelled before it connected (the other leg failed first): it
+         * never starts.  Its charge goes back now; the error ends the
+         * subrequest quietly and the request answers for the other leg.
+         */
+        ngx_http_omni_ledger_release(ucf->mcf, leg,
+                                     NGX_HTTP_OMNI_OUTCOME_NONE, 0);
+        return NGX_ERROR;
+    }
+
     if (leg && leg->sr == r && leg->state == NGX_HTTP_OMNI_LEG_RESERVED) {
         pd->leg = leg;
 
@@ -294,6 +314,19 @@ ngx_http_omni_get_peer(ngx_peer_connection_t *pc, void *data)
     if (leg->state == NGX_HTTP_OMNI_LEG_RESERVED) {
         index = leg->index;
 
+    } else if (pd->stale) {
+        /* once more on the same instance: nginx added the try */
+        pd->stale = 0;
+        pd->stale_retried = 1;
+        index = pd->last;
+
+        leg->sr = pd->request;
+
+        if (ngx_http_omni_ledger_leg_bind(pd->ucf, leg, index) != NGX_OK) {
+            pc->name = &pd->ucf->upstream->host;
+            return NGX_BUSY;
+        }
+
     } else {
         /* a retry, or a request the scheduler did not place */
         if (ngx_http_omni_choose_retry(pd->request, pd->ucf, pd->rrp.tried,
@@ -329,6 +362,7 @@ ngx_http_omni_get_peer(ngx_peer_connection_t *pc, void *data)
     pd->rrp.tried[n] |= m;
 
     pd->rrp.current = peer;
+    pd->last = index;
     peer->conns++;
 
     leg->state = NGX_HTTP_OMNI_LEG_ACTIVE;
@@ -360,8 +394,50 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
      * succeeded only with a 2xx answer read whole.
      */
 
-    failed = (state & NGX_PEER_FAILED) != 0 && !pd->leg->cancelled;
     u = pd->request->upstream;
+
+    /*
+     * A failure on a reused idle connection is the engine's idle close
+     * racing our request, not the instance failing: nginx gives it one
+     * more try (peer.cached), and we make it the same instance.
+     */
+
+    if ((state & NGX_PEER_FAILED) && pc->cached && !pd->stale_retried
+        && !pd->leg->cancelled)
+    {
+        ngx_log_error(NGX_LOG_INFO, pc->log, 0,
+                      "omni: reused connection to %V failed, retrying on a "
+                      "new one", pc->name);
+
+        pd->stale = 1;
+        state &= ~NGX_PEER_FAILED;
+
+        ngx_http_omni_ledger_release(pd->ucf->mcf, pd->leg,
+                                     NGX_HTTP_OMNI_OUTCOME_NONE, 0);
+        goto rr;
+    }
+
+    /*
+     * An engine's 5xx answer passed on (the last try) arrives here as a
+     * success: it counts against the instance all the same, in our health
+     * state and in round robin's (which would otherwise reset its fails).
+     */
+
+    if (!(state & NGX_PEER_FAILED) && !pd->leg->cancelled && u
+        && u->headers_in.status_n >= 500)
+    {
+        state |= NGX_PEER_FAILED;
+    }
+
+    failed = (state & NGX_PEER_FAILED) != 0 && !pd->leg->cancelled;
+
+    if (failed
+        && !(ngx_http_omni_failure_kind(pc, u) & pd->ucf->mcf->passive_health))
+    {
+        /* a kind of failure --passive-health-on does not count */
+        failed = 0;
+        state &= ~NGX_PEER_FAILED;
+    }
 
     ngx_http_omni_ledger_release(pd->ucf->mcf, pd->leg,
                                  failed ? NGX_HTTP_OMNI_OUTCOME_FAILED
@@ -370,6 +446,8 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
                                  && !pd->leg->cancelled && u
                                  && u->headers_in.status_n >= 200
                                  && u->headers_in.status_n < 300);
+
+rr:
 
     /* the load it gave back may let a held request go */
     ngx_http_omni_schedule(pd->ucf->mcf);
@@ -381,4 +459,24 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
     ngx_http_upstream_free_round_robin_peer(pc, &pd->rrp, state);
 
     pd->rrp.current = NULL;
+}
+
+
+/* what a failed try was: NGX_HTTP_OMNI_PH_ERROR, _TIMEOUT or _5XX */
+static ngx_uint_t
+ngx_http_omni_failure_kind(ngx_peer_connection_t *pc, ngx_http_upstream_t *u)
+{
+    ngx_connection_t  *c;
+
+    if (u && u->headers_in.status_n >= 500) {
+        return NGX_HTTP_OMNI_PH_5XX;
+    }
+
+    c = pc->connection;
+
+    if (c && (c->read->timedout || c->write->timedout)) {
+        return NGX_HTTP_OMNI_PH_TIMEOUT;
+    }
+
+    return NGX_HTTP_OMNI_PH_ERROR;
 }

@@ -153,6 +153,12 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N", minimum=1, directive="omni_queue_max"),
     Option("queue_timeout", "duration", "600s", "Longest a request is held before 503.",
            "scheduler", metavar="T", directive="omni_queue_timeout"),
+    Option("request_timeout", "duration", "0s", (
+        "Deadline of a request through the queue and both legs (0: none)."), "scheduler",
+           metavar="T", minimum=0, directive="omni_request_timeout", doc=(
+               "Past it the request gets 504, or one SSE error event when its stream "
+               "had started; its legs are cancelled. A client may lower it (never "
+               "raise it) with the header `X-Omni-Request-Timeout: <ms>`.")),
     Option("decode_max_tokens", "int", 0, (
         "KV-token budget per decode instance (prompt + expected output of the work "
         "in flight; 0: none)."), "scheduler", metavar="N", minimum=0,
@@ -278,12 +284,40 @@ OPTIONS: tuple[Option, ...] = (
            "leg and engine routes", doc="Long generations stream for minutes."),
     Option("keepalive", "int", 256, "Idle upstream connections kept per worker and tier.",
            "upstream", metavar="N", minimum=1, renders="`keepalive` in each upstream"),
+    Option("upstream_keepalive_timeout", "duration", "4s", (
+        "How long an idle engine connection is kept for reuse."), "upstream", metavar="T",
+           renders="`keepalive_timeout` in each upstream", doc=(
+               "Shorter than the engines' own idle timeout (uvicorn: 5 s), so nginx never "
+               "sends a request on a connection the engine is closing; a request that "
+               "fails on a reused connection anyway is retried on another connection.")),
+    Option("max_retries", "int", 2, (
+        "Other instances a failed leg is tried on before the client gets 502/504."),
+           "upstream", metavar="N", minimum=0, maximum=64,
+           renders="`proxy_next_upstream_tries` (N+1) of both legs", doc=(
+               "A leg is retried when it could not connect, timed out or got a 5xx "
+               "answer, only before anything was sent to the client: a prefill on another "
+               "prefill instance, a decode on another decode instance with the same "
+               "`kv_transfer_params`. A parallel-mode prefill is never retried (the decode "
+               "leg was told its address).")),
+    Option("passive_health_on", "choice", "error,timeout,5xx", (
+        "Failed tries that count against an instance's health."), "upstream",
+           metavar="KINDS", choices=("error,timeout,5xx", "error,timeout", "error,5xx",
+                                     "timeout,5xx", "error", "timeout", "5xx", "none"),
+           directive="omni_passive_health_on", doc=(
+               "error: connect and read errors; timeout: connect/read timeouts; 5xx: an "
+               "engine's 5xx answer. --max-fails of them within --fail-timeout rest the "
+               "instance; a success clears the count. Retries happen either way.")),
     Option("max_fails", "int", 3, (
         "Failures within --fail-timeout that mark an instance down (0: never)."),
            "upstream", metavar="N", minimum=0, renders="`max_fails=` on every `server`"),
     Option("fail_timeout", "duration", "10s", (
         "Window for --max-fails and how long a failed instance rests."), "upstream",
            metavar="T", renders="`fail_timeout=` on every `server`"),
+    Option("client_body_timeout", "duration", "60s", (
+        "Longest pause between two reads of a client's body."), "upstream", metavar="T",
+           renders="`client_body_timeout`", doc=(
+               "A client slower than this is answered 408 (or its connection closed) and "
+               "leaves nothing behind.")),
     Option("max_body_size", "size", "64m", "Largest request body (0: no limit).",
            "upstream", metavar="SIZE", renders="`client_max_body_size`",
            doc="Larger bodies get 413."),

@@ -27,6 +27,8 @@ PANELS = [
       ("sum(rate(omni_slo_rejected_total[1m]))", "429 SLO (early)")], "timeseries"),
     ("Requests started, by release reason (per s)", "reqps",
      [("sum by (reason) (rate(omni_released_total[1m]))", "{{reason}}")], "timeseries"),
+    ("Legs cancelled by fail-fast P/D (per s)", "reqps",
+     [("sum(rate(omni_legs_cancelled_total[1m]))", "cancelled")], "timeseries"),
     ("Time to first byte", "s",
      [("histogram_quantile(0.5, sum by (le) (rate(omni_time_to_first_byte_seconds_bucket[1m])))",
        "p50"),

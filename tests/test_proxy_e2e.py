@@ -110,7 +110,7 @@ def _stream(nginx, path, body, headers=None):
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
-        rid = resp.headers["X-Request-Id"]
+        rid = (resp.headers["X-Request-Id"], resp.headers["X-Omni-Request-Id"])
         buf = b""
         while True:
             chunk = resp.read1(65536)
@@ -145,17 +145,20 @@ def test_completion_answer_and_legs(proxy, tmp_path, stream):
     else:
         resp = nginx.post("/v1/completions", json=body, headers={"X-Request-Id": rid_in})
         assert resp.status == 200, resp.text
-        rid = resp.headers["x-request-id"]
+        rid = (resp.headers["x-request-id"], resp.headers["x-omni-request-id"])
         answer = resp.json()
         assert answer["usage"]["completion_tokens"] == 12
         assert answer["choices"][0]["finish_reason"] == "length"
 
-    assert rid == rid_in
+    # the client's id comes back; the engines saw the proxy's own id
+    rid, engine_rid = rid
+    assert rid == rid_in and engine_rid != rid_in
 
-    # the simulator saw the request id on each leg, on the instances the
-    # proxy logged as its choices
+    # the simulator saw the proxy's request id on each leg, on the instances
+    # the proxy logged as its choices
     line = _access_line(tmp_path, rid)
-    seen = _sim_requests(sim, rid)
+    assert _field(line, "id") == engine_rid and _field(line, "client_id") == rid_in
+    seen = _sim_requests(sim, engine_rid)
     roles = sorted(role for _, role, _ in seen)
     prefill_addr, decode_addr = _field(line, "prefill"), _field(line, "decode")
     if mode == "aggregated":
@@ -276,7 +279,7 @@ def test_finished_in_prefill(proxy):
     assert chunks[0]["choices"][0]["text"] == answer["choices"][0]["text"]
     assert chunks[-1]["usage"]["completion_tokens"] == 1
     # no decode leg was sent
-    assert [role for _, role, _ in _sim_requests(sim, rid)] == ["prefill"]
+    assert [role for _, role, _ in _sim_requests(sim, rid[1])] == ["prefill"]
 
 
 def test_other_paths_and_health(proxy):

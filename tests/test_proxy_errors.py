@@ -103,7 +103,7 @@ def test_bad_requests_are_400(omni_nginx, clean_sim):
                              headers={"Content-Type": "application/json"})
         err = _error(resp, 400, "invalid_request_error")
         assert mention in err["message"], (body, err)
-        assert resp.headers.get("x-request-id")
+        assert resp.headers.get("x-omni-request-id")
     # none of them reached an engine
     after = clean_sim.stats()["cluster"]
     assert [i["requests_total"] for i in after] == [i["requests_total"] for i in before]
