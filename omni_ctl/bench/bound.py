@@ -442,14 +442,16 @@ def _field(r, name):
 def jobs_for(records, sim: dict | None, run_id: str):
     """The completed requests of a run as Jobs: arrival = when the client
     sent it, prompt and cache hit from the simulator's record of its prefill
-    (found by X-Request-Id RUN_ID-INDEX), output from the client. Returns
+    (found by the id the engines saw: the proxy's X-Omni-Request-Id when the
+    answer carried one, else the client's X-Request-Id RUN_ID-INDEX), output
+    from the client. Returns
     (jobs, record indexes, how many lacked a simulator record)."""
     pre = prefill_records(sim)
     jobs, idx, missing = [], [], 0
     for r in records:
         if not _field(r, "ok") or _field(r, "start_s") is None:
             continue
-        rec = pre.get(f"{run_id}-{_field(r, 'index')}")
+        rec = pre.get(_field(r, "engine_request_id") or f"{run_id}-{_field(r, 'index')}")
         if rec is None:
             missing += 1
             prompt = _field(r, "prompt_tokens") or _field(r, "prompt_len")

@@ -202,6 +202,8 @@ async def send_request(http: aiohttp.ClientSession, url: str, body: bytes,
         async with asyncio.timeout(timeout_s):
             async with http.post(url, data=body, headers=headers) as resp:
                 rec.http_status = resp.status
+                # behind Omni Proxy the engines see the proxy's own id, not ours
+                rec.engine_request_id = resp.headers.get("X-Omni-Request-Id")
                 if resp.status != 200:
                     payload = await resp.content.read(64 * 1024)
                     _fail(rec, f"http_{resp.status}", _error_message(payload))

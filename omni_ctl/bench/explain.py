@@ -279,7 +279,9 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
     for r in records:
         if not r.get("ok") or r.get("ttft_ms") is None:
             continue
-        row = by_id.get(f"{run_id}-{r['index']}")
+        # the id the engines and the access log saw: the proxy's own when the
+        # answer said it (X-Omni-Request-Id), else the client's RUN_ID-INDEX
+        row = by_id.get(r.get("engine_request_id") or f"{run_id}-{r['index']}")
         if row is None or row["queue_ms"] is None or row["total_ms"] is None:
             unmatched += 1
             continue

@@ -69,6 +69,7 @@ class RequestRecord:
     error_kind: str | None = None
     error: str | None = None
     error_json: bool | None = None     # an HTTP error's body was a JSON error
+    engine_request_id: str | None = None  # X-Omni-Request-Id: the id the engines saw
     text: str = ""                     # generated text (kept for multiturn)
 
     @property
