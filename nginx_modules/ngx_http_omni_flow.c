@@ -169,7 +169,15 @@ ngx_http_omni_body_handler(ngx_http_request_t *r)
         r->read_event_handler = ngx_http_test_reading;
         r->write_event_handler = ngx_http_omni_wake;
 
-        rc = ngx_http_omni_dispatch(ctx);
+        /* NGX_DONE: waiting for the tokenizer, ngx_http_omni_wake() goes on */
+        rc = ngx_http_omni_tokenize(ctx);
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_omni_dispatch(ctx);
+
+        } else if (rc == NGX_ERROR) {
+            rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
     }
 
     if (rc == NGX_DONE) {
@@ -641,7 +649,18 @@ ngx_http_omni_wake(ngx_http_request_t *r)
         return;
     }
 
-    if (ctx->qentry != NGX_HTTP_OMNI_NONE) {
+    if (ctx->tok.pending) {
+        rc = ngx_http_omni_tokenized(ctx);
+
+        if (rc == NGX_AGAIN) {
+            return;
+        }
+
+        if (rc == NGX_OK) {
+            rc = ngx_http_omni_dispatch(ctx);
+        }
+
+    } else if (ctx->qentry != NGX_HTTP_OMNI_NONE) {
         /* held: released, timed out, or a spurious wake-up */
 
         rc = ngx_http_omni_held_wake(ctx);
@@ -877,6 +896,10 @@ ngx_http_omni_cleanup(void *data)
     ngx_http_request_t   *r;
 
     r = ctx->request;
+
+    if (ctx->tok.timer.timer_set) {
+        ngx_del_timer(&ctx->tok.timer);
+    }
 
     ngx_http_omni_unhold(ctx);
 

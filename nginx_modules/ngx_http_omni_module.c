@@ -122,6 +122,27 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       offsetof(ngx_http_omni_main_conf_t, model_path),
       NULL },
 
+    { ngx_string("omni_tokenize_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, tokenize_timeout),
+      NULL },
+
+    { ngx_string("omni_tokenize_timeout_per_kb"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, tokenize_timeout_per_kb),
+      NULL },
+
+    { ngx_string("omni_tokenize_max_body"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, tokenize_max_body),
+      NULL },
+
     { ngx_string("omni_block_size"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -362,6 +383,9 @@ ngx_http_omni_create_main_conf(ngx_conf_t *cf)
     mcf->cache_ttl = NGX_CONF_UNSET_MSEC;
     mcf->decode_max_tokens = NGX_CONF_UNSET_UINT;
     mcf->hold_slack = NGX_CONF_UNSET_MSEC;
+    mcf->tokenize_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->tokenize_timeout_per_kb = NGX_CONF_UNSET_MSEC;
+    mcf->tokenize_max_body = NGX_CONF_UNSET_SIZE;
 
     return mcf;
 }
@@ -388,6 +412,9 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->cache_ttl, 600000);
     ngx_conf_init_uint_value(mcf->decode_max_tokens, 0);
     ngx_conf_init_msec_value(mcf->hold_slack, 20);
+    ngx_conf_init_msec_value(mcf->tokenize_timeout, 50);
+    ngx_conf_init_msec_value(mcf->tokenize_timeout_per_kb, 1);
+    ngx_conf_init_size_value(mcf->tokenize_max_body, 64 * 1024 * 1024);
 
     if (mcf->block_size == 0 || mcf->block_size > OMNI_HASH_MAX_BLOCK_SIZE) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,

@@ -158,6 +158,8 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             "\"index_instances\":%uD,"
             "\"cache_blocks\":%uD,\"cache_ttl_ms\":%M,"
             "\"decode_max_tokens\":%ui,\"hold_slack_ms\":%M,"
+            "\"tokenize_timeout_ms\":%M,\"tokenize_timeout_per_kb_ms\":%M,"
+            "\"tokenize_max_body\":%uz,"
             "\"model_path\":",
             mcf->zone_size, ngx_http_omni_modes[mcf->pd_policy],
             ngx_http_omni_policies[mcf->schedule_policy],
@@ -167,7 +169,9 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             mcf->queue_max, sh->q_cap, mcf->queue_timeout,
             sh->block_size, mcf->index_max_tokens, sh->index_instances,
             sh->cache_blocks, sh->cache_ttl,
-            mcf->decode_max_tokens, mcf->hold_slack);
+            mcf->decode_max_tokens, mcf->hold_slack,
+            mcf->tokenize_timeout, mcf->tokenize_timeout_per_kb,
+            mcf->tokenize_max_body);
 
     if (mcf->model_path.len) {
         *p++ = '"';
@@ -228,6 +232,9 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"typical_output_tokens\":[%.1f,%.1f]},"
                     "\"totals\":{\"requests\":%uL,\"inflight_requests\":%uL,"
                     "\"errors\":%uL,\"charges_reaped\":%uL},"
+                    "\"tokenize\":{\"tokenized\":%uL,\"fallback\":{"
+                    "\"down\":%uL,\"timeout\":%uL,\"error\":%uL,"
+                    "\"unsupported\":%uL,\"too_large\":%uL}},"
                     "\"instances\":[",
                     NGX_HTTP_OMNI_VERSION,
                     ngx_http_omni_modes[mcf->pd_policy],
@@ -242,7 +249,13 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
                     sh->requests_total, sh->inflight_requests,
-                    sh->errors_total, sh->reaped_total);
+                    sh->errors_total, sh->reaped_total,
+                    sh->tokenized_total,
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_DOWN],
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TIMEOUT],
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_ERROR],
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_UNSUPPORTED],
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE]);
 
     first = 1;
 
@@ -378,6 +391,26 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             sh->inflight_requests, sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
             sh->queues[NGX_HTTP_OMNI_Q_DECODE].n, sh->rejected_full,
             sh->timed_out, sh->held_total);
+
+    p = ngx_sprintf(p,
+            "# HELP omni_tokenized_total Requests scheduled on the tokenizer "
+            "service's ids.\n"
+            "# TYPE omni_tokenized_total counter\n"
+            "omni_tokenized_total %uL\n"
+            "# HELP omni_tokenize_fallback_total Requests scheduled on the "
+            "estimate because the tokenizer service could not tokenize them."
+            "\n# TYPE omni_tokenize_fallback_total counter\n"
+            "omni_tokenize_fallback_total{reason=\"down\"} %uL\n"
+            "omni_tokenize_fallback_total{reason=\"timeout\"} %uL\n"
+            "omni_tokenize_fallback_total{reason=\"error\"} %uL\n"
+            "omni_tokenize_fallback_total{reason=\"unsupported\"} %uL\n"
+            "omni_tokenize_fallback_total{reason=\"too_large\"} %uL\n",
+            sh->tokenized_total,
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_DOWN],
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TIMEOUT],
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_ERROR],
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_UNSUPPORTED],
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE]);
 
 #define omni_inst_metric(name, type, help)                                   \
     p = ngx_sprintf(p, "# HELP " name " " help "\n# TYPE " name " " type "\n");\
