@@ -169,6 +169,7 @@ struct ngx_http_omni_main_conf_s {
     ngx_msec_t                     tokenize_timeout;
     ngx_msec_t                     tokenize_timeout_per_kb;
     size_t                         tokenize_max_body;
+    ngx_uint_t                     token_reuse;     /* auto: 1, off: 0 */
 
     ngx_http_omni_upstream_conf_t *tiers[NGX_HTTP_OMNI_TIERS];
 
@@ -410,6 +411,8 @@ typedef struct {
     unsigned                       timedout:1;
     unsigned                       down:1;      /* never connected */
     unsigned                       ok:1;        /* ids in token_ids */
+    u_char                        *ids_json;    /* vLLM chat: for the */
+    size_t                         ids_json_len; /*  decode leg */
 } ngx_http_omni_tok_t;
 
 
@@ -606,6 +609,8 @@ char *ngx_http_omni_bootstrap(ngx_conf_t *cf, ngx_command_t *cmd,
 ngx_int_t ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_tokenized(ngx_http_omni_ctx_t *ctx);
 void ngx_http_omni_tokenize_cancel(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_tokenize_kv(ngx_http_omni_ctx_t *ctx, u_char **kv,
+    size_t *len);
 
 /* ngx_http_omni_flow.c */
 ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);

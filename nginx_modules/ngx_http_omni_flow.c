@@ -837,6 +837,12 @@ ngx_http_omni_start_decode_kv(ngx_http_omni_ctx_t *ctx)
 {
     omni_json_edit_t  edit;
 
+    if (ngx_http_omni_tokenize_kv(ctx, &ctx->kv_params, &ctx->kv_params_len)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     ngx_http_omni_edit(&edit, OMNI_JSON_SET, "kv_transfer_params",
                        ctx->kv_params, ctx->kv_params_len);
 

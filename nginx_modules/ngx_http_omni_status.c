@@ -159,7 +159,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             "\"cache_blocks\":%uD,\"cache_ttl_ms\":%M,"
             "\"decode_max_tokens\":%ui,\"hold_slack_ms\":%M,"
             "\"tokenize_timeout_ms\":%M,\"tokenize_timeout_per_kb_ms\":%M,"
-            "\"tokenize_max_body\":%uz,"
+            "\"tokenize_max_body\":%uz,\"token_reuse\":\"%s\","
             "\"model_path\":",
             mcf->zone_size, ngx_http_omni_modes[mcf->pd_policy],
             ngx_http_omni_policies[mcf->schedule_policy],
@@ -171,7 +171,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             sh->cache_blocks, sh->cache_ttl,
             mcf->decode_max_tokens, mcf->hold_slack,
             mcf->tokenize_timeout, mcf->tokenize_timeout_per_kb,
-            mcf->tokenize_max_body);
+            mcf->tokenize_max_body, mcf->token_reuse ? "auto" : "off");
 
     if (mcf->model_path.len) {
         *p++ = '"';

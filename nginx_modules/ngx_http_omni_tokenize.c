@@ -22,6 +22,7 @@
 #define NGX_HTTP_OMNI_TOK_VERSION    1
 #define NGX_HTTP_OMNI_TOK_IDS_GIVEN  0x1
 #define NGX_HTTP_OMNI_TOK_CHAT       0x2
+#define NGX_HTTP_OMNI_TOK_SGLANG     0x4
 #define NGX_HTTP_OMNI_TOK_HEADER     16
 
 
@@ -31,6 +32,8 @@ static void ngx_http_omni_tokenize_timeout(ngx_event_t *ev);
 static ngx_int_t ngx_http_omni_tokenize_decode(ngx_http_omni_ctx_t *ctx);
 static void ngx_http_omni_tokenize_count(ngx_http_omni_ctx_t *ctx,
     ngx_int_t reason);
+static ngx_int_t ngx_http_omni_tokenize_reuse(ngx_http_omni_ctx_t *ctx,
+    u_char *lens, u_char *ids, uint32_t count, uint32_t flags);
 
 
 static ngx_str_t  ngx_http_omni_tok_post = ngx_string("POST");
@@ -389,6 +392,156 @@ ngx_http_omni_tokenize_decode(ngx_http_omni_ctx_t *ctx)
 
     ngx_http_omni_tokenize_count(ctx, -1);
 
+    if (ctx->mcf->token_reuse
+        && ngx_http_omni_tokenize_reuse(ctx, p + NGX_HTTP_OMNI_TOK_HEADER,
+                                        ids, count, flags)
+           != NGX_OK)
+    {
+        /* the body is unchanged: the engines tokenize it themselves */
+        ngx_log_error(NGX_LOG_ERR, ctx->request->connection->log, 0,
+                      "omni: could not put the ids of request %*s in its "
+                      "body", ctx->request_id_len, ctx->request_id);
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Reuse downstream (omni_token_reuse auto): the ids go in the body both
+ * legs are built from, so every mode sends them on each leg.
+ *
+ * - /v1/completions: "prompt" becomes the ids (a list of lists for a list
+ *   of prompts), unless "echo" asks for the prompt's text back;
+ * - chat, SGLang (parallel mode): "input_ids" next to "messages", only when
+ *   the service says SGLang renders the same ids;
+ * - chat, vLLM (sequential mode): kept for the decode leg's
+ *   kv_transfer_params.prompt_token_ids (ngx_http_omni_flow.c).
+ */
+static ngx_int_t
+ngx_http_omni_tokenize_reuse(ngx_http_omni_ctx_t *ctx, u_char *lens,
+    u_char *ids, uint32_t count, uint32_t flags)
+{
+    int                  rc;
+    u_char              *v, *q, *body;
+    size_t               size, len, n;
+    uint32_t             k, j, plen;
+    const char          *key;
+    omni_json_doc_t      doc;
+    omni_json_edit_t     edit;
+    omni_json_member_t  *members;
+
+    if (ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT) {
+        if (ctx->mode == NGX_HTTP_OMNI_PARALLEL
+            && (flags & NGX_HTTP_OMNI_TOK_SGLANG))
+        {
+            key = "input_ids";
+
+        } else if (ctx->mode == NGX_HTTP_OMNI_SEQUENTIAL) {
+            key = NULL;
+
+        } else {
+            return NGX_OK;
+        }
+
+    } else {
+        if (omni_json_find(ctx->body, ctx->members, ctx->n_members, "echo",
+                           sizeof("echo") - 1) >= 0)
+        {
+            return NGX_OK;
+        }
+
+        key = "prompt";
+    }
+
+    /* the ids as JSON: at most 10 digits and a comma each */
+
+    size = 2 * (size_t) count + 2 + 11 * (size_t) ctx->prompt_tokens;
+
+    v = ngx_pnalloc(ctx->request->pool, size);
+    if (v == NULL) {
+        return NGX_ERROR;
+    }
+
+    q = v;
+
+    if (ctx->batch) {
+        *q++ = '[';
+    }
+
+    for (k = 0; k < count; k++) {
+        plen = ngx_http_omni_le32(lens + 4 * k);
+
+        if (k) {
+            *q++ = ',';
+        }
+
+        *q++ = '[';
+
+        for (j = 0; j < plen; j++) {
+            if (j) {
+                *q++ = ',';
+            }
+
+            q = ngx_sprintf(q, "%uD", ngx_http_omni_le32(ids));
+            ids += 4;
+        }
+
+        *q++ = ']';
+    }
+
+    if (ctx->batch) {
+        *q++ = ']';
+    }
+
+    if (key == NULL) {
+        ctx->tok.ids_json = v;
+        ctx->tok.ids_json_len = q - v;
+        return NGX_OK;
+    }
+
+    edit.op = OMNI_JSON_SET;
+    edit.key = key;
+    edit.key_len = ngx_strlen(key);
+    edit.value = v;
+    edit.value_len = q - v;
+
+    rc = omni_json_apply(ctx->body, ctx->body_len, ctx->members,
+                         ctx->n_members, &edit, 1, NULL, 0, &len);
+    if (rc != OMNI_ERANGE && rc != OMNI_OK) {
+        return NGX_ERROR;
+    }
+
+    body = ngx_pnalloc(ctx->request->pool, len + 1);
+    if (body == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = omni_json_apply(ctx->body, ctx->body_len, ctx->members,
+                         ctx->n_members, &edit, 1, body, len, &len);
+    if (rc != OMNI_OK) {
+        return NGX_ERROR;
+    }
+
+    /* the members of the new body: one more at most */
+
+    n = ctx->n_members + 1;
+
+    members = ngx_palloc(ctx->request->pool, n * sizeof(omni_json_member_t));
+    if (members == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = omni_json_scan(body, len, 0, members, n, &doc);
+    if (rc != OMNI_OK) {
+        return NGX_ERROR;
+    }
+
+    ctx->body = body;
+    ctx->body_len = len;
+    ctx->members = members;
+    ctx->n_members = doc.n_members;
+
     return NGX_OK;
 }
 
@@ -415,4 +568,76 @@ ngx_http_omni_tokenize_count(ngx_http_omni_ctx_t *ctx, ngx_int_t reason)
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+/*
+ * vLLM chat (sequential mode): the decode leg's kv_transfer_params (the
+ * prefill's answer) with the rendered prompt's ids as prompt_token_ids,
+ * which vLLM's decode chat path reads instead of rendering again.
+ */
+ngx_int_t
+ngx_http_omni_tokenize_kv(ngx_http_omni_ctx_t *ctx, u_char **kv, size_t *len)
+{
+    int                  rc;
+    u_char              *out;
+    size_t               n, size;
+    omni_json_doc_t      doc;
+    omni_json_edit_t     edit;
+    omni_json_member_t  *members;
+
+    if (ctx->tok.ids_json == NULL) {
+        return NGX_OK;
+    }
+
+    n = NGX_HTTP_OMNI_MEMBERS;
+
+    for ( ;; ) {
+        members = ngx_palloc(ctx->request->pool,
+                             n * sizeof(omni_json_member_t));
+        if (members == NULL) {
+            return NGX_ERROR;
+        }
+
+        rc = omni_json_scan(*kv, *len, 0, members, n, &doc);
+
+        if (rc != OMNI_ERANGE || n >= doc.n_members) {
+            break;
+        }
+
+        n = doc.n_members;
+    }
+
+    if (rc != OMNI_OK || doc.type != OMNI_JSON_OBJECT) {
+        /* not ours to judge: the engine gets what the prefill said */
+        return NGX_OK;
+    }
+
+    edit.op = OMNI_JSON_SET;
+    edit.key = "prompt_token_ids";
+    edit.key_len = sizeof("prompt_token_ids") - 1;
+    edit.value = ctx->tok.ids_json;
+    edit.value_len = ctx->tok.ids_json_len;
+
+    rc = omni_json_apply(*kv, *len, members, doc.n_members, &edit, 1, NULL, 0,
+                         &size);
+    if (rc != OMNI_ERANGE && rc != OMNI_OK) {
+        return NGX_ERROR;
+    }
+
+    out = ngx_pnalloc(ctx->request->pool, size + 1);
+    if (out == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = omni_json_apply(*kv, *len, members, doc.n_members, &edit, 1, out,
+                         size, &size);
+    if (rc != OMNI_OK) {
+        return NGX_ERROR;
+    }
+
+    *kv = out;
+    *len = size;
+
+    return NGX_OK;
 }

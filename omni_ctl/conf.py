@@ -158,6 +158,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("tokenize_timeout_per_kb", "duration", "1ms", (
         "Added to --tokenize-timeout per KB of request body (bare number: ms)."),
            "instances", metavar="T", unit="ms", directive="omni_tokenize_timeout_per_kb"),
+    Option("token_reuse", "choice", "auto", (
+        "Send the tokenizer's ids to the engines (auto) or the request as sent (off)."),
+           "instances", choices=("auto", "off"), directive="omni_token_reuse", doc=(
+               "With `--model-path`. `/v1/completions`: `prompt` becomes the ids on "
+               "both legs (every mode; not with `echo`); chat in parallel mode "
+               "(SGLang): `input_ids` next to `messages` when the service says "
+               "SGLang renders the same ids; chat in sequential mode (vLLM): the "
+               "decode leg's `kv_transfer_params.prompt_token_ids`. The client's "
+               "answer is unchanged in form.")),
     Option("tokenize_max_body", "size", "64m", (
         "Largest body sent to the tokenizer service; larger ones are scheduled on "
         "the estimate."), "instances", metavar="SIZE", minimum=1,

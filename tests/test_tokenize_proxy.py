@@ -197,3 +197,80 @@ def test_killed_service_falls_back_and_recovers(proxy, hf_tok, tmp_path):  # noq
     assert all(a == b for a, b in got)
     metrics = proxy.get("/metrics").text
     assert f'omni_tokenize_fallback_total{{reason="down"}} {before + 3}' in metrics
+
+
+# -- reuse downstream: the ids reach the engines, and they are the engines' own
+
+MODES = {                       # engine, prefill, decode, both
+    "sequential": ("vllm", 1, 1, 0),
+    "parallel": ("sglang", 1, 1, 0),
+    "aggregated": ("vllm", 0, 0, 1),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def mode_sim(request, model_dir):  # noqa: F811
+    engine, p, d, both = MODES[request.param]
+    with SimCluster(prefill=p, decode=d, both=both, engine=engine, preset="tiny", env=ENV,
+                    ready_timeout=120, args=["--model-path", str(model_dir)]) as cluster:
+        yield request.param, cluster
+
+
+def parity(sim) -> tuple[int, int]:
+    """(ids checked, ids that differ) over every instance."""
+    insts = sim.stats()["cluster"]
+    return (sum(i["token_parity_checked_total"] for i in insts),
+            sum(i["sim:token_parity_mismatch_total"] for i in insts))
+
+
+TRACE_LIKE = [
+    "Summarize the following document:\n\n" + " ".join(f"Section {i}: data {i * 7}."
+                                                      for i in range(200)),
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n# explain\n",
+    "Q: " + "长文本测试。" * 150 + "\nA:",
+]
+
+
+def test_parity_in_every_mode(mode_sim, omni_nginx, model_dir, tmp_path, hf_tok):  # noqa: F811
+    mode, sim = mode_sim
+    opts = dict(pd_policy=mode, model_path=str(model_dir), tokenize_timeout="5s",
+                tokenizer_workers=1, decode_endpoints=",".join(sim.decode_endpoints),
+                access_log_file=str(tmp_path / "access.log"))
+    if mode != "aggregated":
+        opts["prefill_endpoints"] = ",".join(sim.prefill_endpoints)
+    nginx = omni_nginx(timeout=180, **opts)
+    checked0, bad0 = parity(sim)
+
+    prompts = CORPUS + TRACE_LIKE
+    for i, text in enumerate(prompts):
+        resp = nginx.post("/v1/completions", json={"prompt": text, "max_tokens": 3},
+                          timeout=60)
+        assert resp.status == 200, resp.text
+        d = resp.json()
+        assert d["object"] == "text_completion" and d["usage"]["prompt_tokens"] == len(
+            hf_tok.encode(text))
+    if mode != "sequential":        # a list of prompts is refused in sequential mode
+        resp = nginx.post("/v1/completions", json={"prompt": CORPUS[:3], "max_tokens": 2},
+                          timeout=60)
+        assert resp.status == 200 and len(resp.json()["choices"]) == 3, resp.text
+    checked1, bad1 = parity(sim)
+    # completions: every leg got ids (the decode leg of sequential mode too)
+    legs = 1 if mode == "aggregated" else 2
+    expected = legs * len(prompts) + (0 if mode == "sequential" else legs * 3)
+    assert (checked1 - checked0, bad1 - bad0) == (expected, 0)
+
+    for i, text in enumerate(prompts):
+        msgs = [SYSTEM, {"role": "user", "content": text}]
+        resp = nginx.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 3},
+                          timeout=60)
+        assert resp.status == 200, resp.text
+        d = resp.json()
+        assert d["object"] == "chat.completion"
+        assert d["usage"]["prompt_tokens"] == len(ref_chat(hf_tok, msgs))
+    checked2, bad2 = parity(sim)
+    # chat: SGLang gets input_ids on both legs, vLLM's decode leg
+    # prompt_token_ids, an aggregated vLLM engine renders itself
+    legs = {"parallel": 2, "sequential": 1, "aggregated": 0}[mode]
+    assert (checked2 - checked1, bad2 - bad1) == (legs * len(prompts), 0)
+    assert nginx.status()["tokenize"]["fallback"] == {
+        "down": 0, "timeout": 0, "error": 0, "unsupported": 0, "too_large": 0}
