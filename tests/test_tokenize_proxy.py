@@ -274,3 +274,38 @@ def test_parity_in_every_mode(mode_sim, omni_nginx, model_dir, tmp_path, hf_tok)
     assert (checked2 - checked1, bad2 - bad1) == (legs * len(prompts), 0)
     assert nginx.status()["tokenize"]["fallback"] == {
         "down": 0, "timeout": 0, "error": 0, "unsupported": 0, "too_large": 0}
+
+
+def test_omni_proxy_sh_starts_and_stops_the_tokenizer(omni_module, model_dir, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+
+    conf_file = tmp_path / "conf" / "nginx.conf"
+    script = Path(__file__).resolve().parent.parent / "omni_proxy.sh"
+    env = dict(os.environ, OMNI_CTL=str(Path(sys.executable).parent / "omni-ctl"))
+    args = ["--nginx-conf-file", str(conf_file), "--listen-port", str(free_port()),
+            "--listen-host", "127.0.0.1", "--core-num", "1", "--start-core-index", "0",
+            "--prefill-endpoints", f"127.0.0.1:{free_port()}",
+            "--decode-endpoints", f"127.0.0.1:{free_port()}",
+            "--omni-proxy-model-path", str(model_dir),
+            "--omni-proxy-tokenizer-workers", "1"]
+    if os.geteuid() == 0:
+        args += ["--omni-proxy-user", "root"]
+    res = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                         timeout=300, env=env)
+    try:
+        assert res.returncode == 0, res.stderr
+        st = nginxctl.status(conf_file)
+        sock = conf_file.parent / "tokenizer.sock"
+        assert st.running and st.tokenizer and control.is_service(st.tokenizer, sock)
+        assert len(control.worker_pids(st.tokenizer)) == 1
+    finally:
+        res = subprocess.run(["bash", str(script), "--nginx-conf-file", str(conf_file),
+                              "--stop"], capture_output=True, text=True, timeout=120,
+                             env=env)
+    assert res.returncode == 0, res.stderr
+    assert not control.is_service(st.tokenizer, sock) and not sock.exists()
+    assert not nginxctl.status(conf_file).running
