@@ -454,9 +454,10 @@ ngx_http_omni_tokenize_reuse(ngx_http_omni_ctx_t *ctx, u_char *lens,
         key = "prompt";
     }
 
-    /* the ids as JSON: at most 10 digits and a comma each */
+    /* the ids as JSON: at most 10 digits and a comma each, brackets and a
+     * comma per prompt, the batch's brackets */
 
-    size = 2 * (size_t) count + 2 + 11 * (size_t) ctx->prompt_tokens;
+    size = 3 * (size_t) count + 2 + 11 * (size_t) ctx->prompt_tokens;
 
     v = ngx_pnalloc(ctx->request->pool, size);
     if (v == NULL) {

@@ -309,3 +309,19 @@ def test_omni_proxy_sh_starts_and_stops_the_tokenizer(omni_module, model_dir, tm
     assert res.returncode == 0, res.stderr
     assert not control.is_service(st.tokenizer, sock) and not sock.exists()
     assert not nginxctl.status(conf_file).running
+
+
+def test_body_past_the_limit_is_not_sent(sim, omni_nginx, model_dir, tmp_path, hf_tok):  # noqa: F811
+    nginx = omni_nginx(timeout=180, model_path=str(model_dir), tokenize_max_body="1k",
+                       tokenize_timeout="2s", tokenizer_workers=1,
+                       prefill_endpoints=",".join(sim.prefill_endpoints),
+                       decode_endpoints=",".join(sim.decode_endpoints),
+                       access_log_file=str(tmp_path / "access.log"))
+    small, big = "short prompt", "long prompt " * 200
+    for i, text in enumerate((small, big)):
+        resp, line = send(nginx, tmp_path, "/v1/completions",
+                          {"prompt": text, "max_tokens": 2}, f"limit-{i}")
+        assert resp.status == 200, resp.text
+    st = tok_counts(nginx)
+    assert st["tokenized"] == 1 and st["fallback"]["too_large"] == 1
+    assert int(_field(line, "prompt_tokens")) == len(big) // 4 + 1    # the estimate
