@@ -272,6 +272,15 @@ def test_parity_in_every_mode(mode_sim, omni_nginx, model_dir, tmp_path, hf_tok)
     # prompt_token_ids, an aggregated vLLM engine renders itself
     legs = {"parallel": 2, "sequential": 1, "aggregated": 0}[mode]
     assert (checked2 - checked1, bad2 - bad1) == (legs * len(prompts), 0)
+    if mode == "parallel":
+        # with tools SGLang renders otherwise: no input_ids (FLAG_SGLANG_SAFE unset)
+        tools = [{"type": "function", "function": {"name": "get", "description": "d",
+                                                   "parameters": {"type": "object"}}}]
+        resp = nginx.post("/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "call it"}], "tools": tools,
+            "max_tokens": 3})
+        assert resp.status == 200, resp.text
+        assert parity(sim) == (checked2, bad2)
     assert nginx.status()["tokenize"]["fallback"] == {
         "down": 0, "timeout": 0, "error": 0, "unsupported": 0, "too_large": 0}
 
