@@ -25,6 +25,8 @@
  *   ngx_http_omni_upstream.c  the upstream balancer (omni_balance)
  *   ngx_http_omni_deadline.c  the request's deadline: out of the queue,
  *                             legs cancelled, 504 or an SSE error event
+ *   ngx_http_omni_tokenize.c  the tokenizer service's subrequest: ids for
+ *                             the prompt, or a counted fallback
  *   ngx_http_omni_flow.c      the request flow of /v1/completions and
  *                             /v1/chat/completions: the only one that
  *                             decides what a client is answered
@@ -82,6 +84,16 @@
 /* the internal locations the legs are sent to (see templates/) */
 #define NGX_HTTP_OMNI_PREFILL_PREFIX "/_omni/prefill"
 #define NGX_HTTP_OMNI_DECODE_PREFIX  "/_omni/decode"
+
+#define NGX_HTTP_OMNI_TOKENIZE_PREFIX "/_omni/tokenize"
+
+/* why a request was scheduled on the estimate (docs/tokenizer.md) */
+#define NGX_HTTP_OMNI_TOK_DOWN         0
+#define NGX_HTTP_OMNI_TOK_TIMEOUT      1
+#define NGX_HTTP_OMNI_TOK_ERROR        2
+#define NGX_HTTP_OMNI_TOK_UNSUPPORTED  3
+#define NGX_HTTP_OMNI_TOK_TOO_LARGE    4
+#define NGX_HTTP_OMNI_TOK_REASONS      5
 
 #define NGX_HTTP_OMNI_REQUEST_ID_LEN 64
 
@@ -166,6 +178,10 @@ struct ngx_http_omni_main_conf_s {
     ngx_msec_t                     slo_tpot;        /* 0: none */
     ngx_msec_t                     slo_max;         /* header SLO cap */
     ngx_flag_t                     slo_reject;      /* the early 429 */
+    ngx_msec_t                     tokenize_timeout;
+    ngx_msec_t                     tokenize_timeout_per_kb;
+    size_t                         tokenize_max_body;
+    ngx_uint_t                     token_reuse;     /* auto: 1, off: 0 */
 
     ngx_http_omni_upstream_conf_t *tiers[NGX_HTTP_OMNI_TIERS];
 
@@ -362,6 +378,8 @@ typedef struct {
     uint64_t                       decision_us; /* time spent deciding */
     double                         output_ewma[NGX_HTTP_OMNI_ROUTES];
     omni_arrivals_t                arrivals;    /* of requests to start */
+    uint64_t                       tokenized_total;
+    uint64_t                       tokenize_fallback[NGX_HTTP_OMNI_TOK_REASONS];
 
     ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
 
@@ -412,6 +430,22 @@ typedef struct {
     uint64_t                       last_chunk_us;
     uint64_t                       events;      /* SSE events passed */
 } ngx_http_omni_leg_t;
+
+
+/* The tokenizer service's subrequest of a request. */
+typedef struct {
+    ngx_http_request_t            *sr;
+    ngx_event_t                    timer;       /* the deadline */
+    ngx_uint_t                     status;      /* its HTTP status */
+    ngx_buf_t                     *response;    /* in memory */
+    unsigned                       pending:1;   /* the request waits */
+    unsigned                       done:1;      /* subrequest finished */
+    unsigned                       timedout:1;
+    unsigned                       down:1;      /* never connected */
+    unsigned                       ok:1;        /* ids in token_ids */
+    u_char                        *ids_json;    /* vLLM chat: for the */
+    size_t                         ids_json_len; /*  decode leg */
+} ngx_http_omni_tok_t;
 
 
 typedef struct {
@@ -477,6 +511,8 @@ typedef struct {
     ngx_uint_t                     qstage;          /* which queue */
     u_char                        *kv_params;       /* sequential: from */
     size_t                         kv_params_len;   /*   the prefill answer */
+
+    ngx_http_omni_tok_t            tok;
 } ngx_http_omni_ctx_t;
 
 
@@ -649,6 +685,13 @@ ngx_int_t ngx_http_omni_filters_init(ngx_conf_t *cf);
 char *ngx_http_omni_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *ngx_http_omni_bootstrap(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+
+/* ngx_http_omni_tokenize.c */
+ngx_int_t ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_tokenized(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_tokenize_cancel(ngx_http_omni_ctx_t *ctx);
+ngx_int_t ngx_http_omni_tokenize_kv(ngx_http_omni_ctx_t *ctx, u_char **kv,
+    size_t *len);
 
 /* ngx_http_omni_flow.c */
 ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);

@@ -173,7 +173,16 @@ ngx_http_omni_body_handler(ngx_http_request_t *r)
         rc = ngx_http_omni_deadline_arm(ctx);
 
         if (rc == NGX_OK) {
-            rc = ngx_http_omni_dispatch(ctx);
+            /* NGX_DONE: waiting for the tokenizer, ngx_http_omni_wake()
+             * goes on */
+            rc = ngx_http_omni_tokenize(ctx);
+
+            if (rc == NGX_DECLINED) {
+                rc = ngx_http_omni_dispatch(ctx);
+
+            } else if (rc == NGX_ERROR) {
+                rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+            }
         }
     }
 
@@ -668,7 +677,18 @@ ngx_http_omni_wake(ngx_http_request_t *r)
         return;
     }
 
-    if (ctx->qentry != NGX_HTTP_OMNI_NONE) {
+    if (ctx->tok.pending) {
+        rc = ngx_http_omni_tokenized(ctx);
+
+        if (rc == NGX_AGAIN) {
+            return;
+        }
+
+        if (rc == NGX_OK) {
+            rc = ngx_http_omni_dispatch(ctx);
+        }
+
+    } else if (ctx->qentry != NGX_HTTP_OMNI_NONE) {
         /* held: released, timed out, or a spurious wake-up */
 
         rc = ngx_http_omni_held_wake(ctx);
@@ -848,6 +868,12 @@ ngx_http_omni_start_decode_kv(ngx_http_omni_ctx_t *ctx)
 {
     omni_json_edit_t  edit;
 
+    if (ngx_http_omni_tokenize_kv(ctx, &ctx->kv_params, &ctx->kv_params_len)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     ngx_http_omni_edit(&edit, OMNI_JSON_SET, "kv_transfer_params",
                        ctx->kv_params, ctx->kv_params_len);
 
@@ -907,6 +933,10 @@ ngx_http_omni_cleanup(void *data)
     ngx_http_request_t   *r;
 
     r = ctx->request;
+
+    if (ctx->tok.timer.timer_set) {
+        ngx_del_timer(&ctx->tok.timer);
+    }
 
     ngx_http_omni_unhold(ctx);
 

@@ -21,6 +21,13 @@ static ngx_int_t ngx_http_omni_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 
 
+static ngx_conf_enum_t  ngx_http_omni_token_reuse[] = {
+    { ngx_string("off"), 0 },
+    { ngx_string("auto"), 1 },
+    { ngx_null_string, 0 }
+};
+
+
 static ngx_conf_enum_t  ngx_http_omni_pd_policies[] = {
     { ngx_string("sequential"), NGX_HTTP_OMNI_SEQUENTIAL },
     { ngx_string("parallel"), NGX_HTTP_OMNI_PARALLEL },
@@ -136,6 +143,34 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       ngx_conf_set_str_slot,
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_omni_main_conf_t, model_path),
+      NULL },
+
+    { ngx_string("omni_tokenize_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, tokenize_timeout),
+      NULL },
+
+    { ngx_string("omni_tokenize_timeout_per_kb"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, tokenize_timeout_per_kb),
+      NULL },
+
+    { ngx_string("omni_token_reuse"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, token_reuse),
+      &ngx_http_omni_token_reuse },
+
+    { ngx_string("omni_tokenize_max_body"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, tokenize_max_body),
       NULL },
 
     { ngx_string("omni_block_size"),
@@ -434,6 +469,10 @@ ngx_http_omni_create_main_conf(ngx_conf_t *cf)
     mcf->slo_tpot = NGX_CONF_UNSET_MSEC;
     mcf->slo_max = NGX_CONF_UNSET_MSEC;
     mcf->slo_reject = NGX_CONF_UNSET;
+    mcf->tokenize_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->tokenize_timeout_per_kb = NGX_CONF_UNSET_MSEC;
+    mcf->tokenize_max_body = NGX_CONF_UNSET_SIZE;
+    mcf->token_reuse = NGX_CONF_UNSET_UINT;
 
     return mcf;
 }
@@ -471,6 +510,10 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->slo_tpot, 0);
     ngx_conf_init_msec_value(mcf->slo_max, 60000);
     ngx_conf_init_value(mcf->slo_reject, 0);
+    ngx_conf_init_msec_value(mcf->tokenize_timeout, 50);
+    ngx_conf_init_msec_value(mcf->tokenize_timeout_per_kb, 1);
+    ngx_conf_init_size_value(mcf->tokenize_max_body, 64 * 1024 * 1024);
+    ngx_conf_init_uint_value(mcf->token_reuse, 1);
 
     if (mcf->block_size == 0 || mcf->block_size > OMNI_HASH_MAX_BLOCK_SIZE) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,

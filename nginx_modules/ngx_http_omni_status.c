@@ -161,6 +161,8 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             "\"decode_max_tokens\":%ui,\"hold_slack_ms\":%M,"
             "\"slo_ttft_ms\":%M,\"slo_tpot_ms\":%M,\"slo_max_ms\":%M,"
             "\"slo_reject\":\"%s\","
+            "\"tokenize_timeout_ms\":%M,\"tokenize_timeout_per_kb_ms\":%M,"
+            "\"tokenize_max_body\":%uz,\"token_reuse\":\"%s\","
             "\"model_path\":",
             mcf->zone_size, ngx_http_omni_modes[mcf->pd_policy],
             ngx_http_omni_policies[mcf->schedule_policy],
@@ -173,7 +175,9 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             sh->cache_blocks, sh->cache_ttl,
             mcf->decode_max_tokens, mcf->hold_slack,
             mcf->slo_ttft, mcf->slo_tpot, mcf->slo_max,
-            mcf->slo_reject ? "on" : "off");
+            mcf->slo_reject ? "on" : "off",
+            mcf->tokenize_timeout, mcf->tokenize_timeout_per_kb,
+            mcf->tokenize_max_body, mcf->token_reuse ? "auto" : "off");
 
     if (mcf->model_path.len) {
         *p++ = '"';
@@ -211,7 +215,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
     }
 
     now_us = ngx_http_omni_now_us();
-    size = 3072 + 6 * mcf->model_path.len
+    size = 4096 + 6 * mcf->model_path.len
            + (size_t) sh->n_slots * (1536 + NGX_HTTP_OMNI_ADDR_LEN);
 
     body = ngx_pnalloc(r->pool, size);
@@ -238,6 +242,9 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"totals\":{\"requests\":%uL,\"inflight_requests\":%uL,"
                     "\"errors\":%uL,\"charges_reaped\":%uL,"
                     "\"legs_cancelled\":%uL},"
+                    "\"tokenize\":{\"tokenized\":%uL,\"fallback\":{"
+                    "\"down\":%uL,\"timeout\":%uL,\"error\":%uL,"
+                    "\"unsupported\":%uL,\"too_large\":%uL}},"
                     "\"instances\":[",
                     NGX_HTTP_OMNI_VERSION,
                     ngx_http_omni_modes[mcf->pd_policy],
@@ -258,7 +265,13 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
                     sh->requests_total, sh->inflight_requests,
-                    sh->errors_total, sh->reaped_total, sh->legs_cancelled);
+                    sh->errors_total, sh->reaped_total, sh->legs_cancelled,
+                    sh->tokenized_total,
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_DOWN],
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TIMEOUT],
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_ERROR],
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_UNSUPPORTED],
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE]);
 
     first = 1;
 
@@ -415,6 +428,26 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             sh->released[NGX_HTTP_OMNI_REL_STARVED],
             sh->released[NGX_HTTP_OMNI_REL_PLAN],
             sh->released[NGX_HTTP_OMNI_REL_LOST], sh->legs_cancelled);
+
+    p = ngx_sprintf(p,
+            "# HELP omni_tokenized_total Requests scheduled on the tokenizer "
+            "service's ids.\n"
+            "# TYPE omni_tokenized_total counter\n"
+            "omni_tokenized_total %uL\n"
+            "# HELP omni_tokenize_fallback_total Requests scheduled on the "
+            "estimate because the tokenizer service could not tokenize them."
+            "\n# TYPE omni_tokenize_fallback_total counter\n"
+            "omni_tokenize_fallback_total{reason=\"down\"} %uL\n"
+            "omni_tokenize_fallback_total{reason=\"timeout\"} %uL\n"
+            "omni_tokenize_fallback_total{reason=\"error\"} %uL\n"
+            "omni_tokenize_fallback_total{reason=\"unsupported\"} %uL\n"
+            "omni_tokenize_fallback_total{reason=\"too_large\"} %uL\n",
+            sh->tokenized_total,
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_DOWN],
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TIMEOUT],
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_ERROR],
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_UNSUPPORTED],
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE]);
 
 #define omni_inst_metric(name, type, help)                                   \
     p = ngx_sprintf(p, "# HELP " name " " help "\n# TYPE " name " " type "\n");\

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -133,7 +134,45 @@ OPTIONS: tuple[Option, ...] = (
                "`sjf`: shortest predicted work first, with aging.")),
     Option("model_path", "special", None, "Model directory (tokenizer, chat template).",
            "instances", metavar="DIR", directive="omni_model_path", default_doc="none",
-           doc="Must exist; rendered only when given."),
+           doc=(
+               "Must exist; rendered only when given. With it, `omni-ctl start` "
+               "runs the tokenizer service (docs/tokenizer.md) and the proxy "
+               "tokenizes every text prompt and chat request once through it: "
+               "block hashes, prefix matching and token counts use the real "
+               "ids.")),
+    Option("tokenizer_workers", "int", 0, (
+        "Tokenizer service worker processes (0: one per nginx worker)."), "instances",
+           metavar="N", minimum=0, renders="`# omni-ctl: tokenizer --workers N`",
+           doc="Used with `--model-path`."),
+    Option("chat_template", "special", None, (
+        "Jinja chat template replacing the model's, as the engines' "
+        "--chat-template."), "instances", metavar="FILE", default_doc="the model's",
+           renders="`# omni-ctl: tokenizer --chat-template FILE`",
+           doc="Must exist; used with `--model-path`; give the engines the same file."),
+    Option("tokenize_timeout", "duration", "50ms", (
+        "Deadline of the tokenizer service's answer (bare number: ms); past it the "
+        "request is scheduled on the estimate."), "instances", metavar="T", unit="ms",
+           directive="omni_tokenize_timeout", doc=(
+               "Counted in `omni_tokenize_fallback_total{reason=\"timeout\"}`; the "
+               "request is never refused for it.")),
+    Option("tokenize_timeout_per_kb", "duration", "1ms", (
+        "Added to --tokenize-timeout per KB of request body (bare number: ms)."),
+           "instances", metavar="T", unit="ms", directive="omni_tokenize_timeout_per_kb"),
+    Option("token_reuse", "choice", "auto", (
+        "Send the tokenizer's ids to the engines (auto) or the request as sent (off)."),
+           "instances", choices=("auto", "off"), directive="omni_token_reuse", doc=(
+               "With `--model-path`. `/v1/completions`: `prompt` becomes the ids on "
+               "both legs (every mode; not with `echo`); chat in parallel mode "
+               "(SGLang): `input_ids` next to `messages` when the service says "
+               "SGLang renders the same ids; chat in sequential mode (vLLM): the "
+               "decode leg's `kv_transfer_params.prompt_token_ids`. The client's "
+               "answer is unchanged in form.")),
+    Option("tokenize_max_body", "size", "64m", (
+        "Largest body sent to the tokenizer service; larger ones are scheduled on "
+        "the estimate."), "instances", metavar="SIZE", minimum=1,
+           directive="omni_tokenize_max_body", doc=(
+               "Keep it at most the service's `--max-body-mb` (64 MB); counted as "
+               "`too_large`.")),
     # -- the scheduler
     Option("max_batch_num_token", "int", 16384, "Prefill tokens per instance batch.",
            "scheduler", metavar="N", minimum=1, directive="omni_max_batch_num_token", doc=(
@@ -433,6 +472,18 @@ class _ProxyConfBase:
         return {self.prefix / name: getattr(self, name) + "\n"
                 for name in ("api_key", "status_token") if getattr(self, name) is not None}
 
+    def tokenizer_args(self) -> str | None:
+        """The arguments of `omni-ctl tokenizer` that `omni-ctl start` reads
+        from the `# omni-ctl: tokenizer` line; None without a model path."""
+        if self.model_path is None:
+            return None
+        args = []
+        if self.tokenizer_workers:
+            args += ["--workers", str(self.tokenizer_workers)]
+        if self.chat_template is not None:
+            args += ["--chat-template", str(self.chat_template)]
+        return shlex.join(args)
+
     def omni_directives(self) -> list[tuple[str, str]]:
         """(directive, value) of every omni_* http directive, in table order."""
         out = []
@@ -453,7 +504,7 @@ _SPECIAL_FIELDS = [
     ("conf_file", Path), ("prefix", Path),
     ("prefill", tuple), ("decode", tuple),      # of Endpoint
     ("listen_host", str), ("cores", tuple),
-    ("model_path", "Path | None"), ("log_file", Path),
+    ("model_path", "Path | None"), ("chat_template", "Path | None"), ("log_file", Path),
     ("access_log_file", "Path | None"), ("module_dir", Path), ("user", "str | None"),
     ("engine_routes", tuple), ("status_allow", tuple),   # () allows all
     ("api_key_file", "Path | None"), ("status_token_file", "Path | None"),
@@ -796,6 +847,11 @@ def make_conf(nginx_conf_file, allow_missing_cores: bool = False,
         model_path = parse_path("--model-path", o["model_path"])
         if not model_path.is_dir():
             raise ConfError("--model-path", o["model_path"], "is not a directory")
+    chat_template = None
+    if o["chat_template"] is not None:
+        chat_template = parse_path("--chat-template", o["chat_template"])
+        if not chat_template.is_file():
+            raise ConfError("--chat-template", o["chat_template"], "is not a file")
 
     log_file = (parse_path("--log-file", o["log_file"]) if o["log_file"] is not None
                 else prefix / "error.log")
@@ -821,7 +877,8 @@ def make_conf(nginx_conf_file, allow_missing_cores: bool = False,
     return ProxyConf(
         conf_file=conf_file, prefix=prefix, prefill=prefill, decode=decode,
         listen_host=listen_host, cores=tuple(range(start, start + num)),
-        model_path=model_path, log_file=log_file, access_log_file=access_log,
+        model_path=model_path, chat_template=chat_template, log_file=log_file,
+        access_log_file=access_log,
         module_dir=module_dir, user=user, engine_routes=engine_routes,
         status_allow=status_allow, api_key=api_key, api_key_file=api_key_file,
         status_token=status_token, status_token_file=status_token_file,

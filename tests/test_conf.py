@@ -349,7 +349,8 @@ def test_render_options(tmp_path):
     assert directives(text, "user") == ["root"]
     assert directives(text, "client_max_body_size") == ["1m"]
     assert "server 127.0.0.1:9001 max_fails=0 fail_timeout=30s;" in text
-    assert directives(text, "keepalive") == ["32", "32"]
+    # prefill, decode and (with a model path) the tokenizer's upstream
+    assert directives(text, "keepalive") == ["32", "32", "32"]
     decode = block(text, "location /_omni/decode/")
     assert directives(decode, "proxy_read_timeout") == ["3600s"]
     assert directives(decode, "proxy_connect_timeout") == ["500ms"]
