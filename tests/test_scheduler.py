@@ -48,20 +48,25 @@ def _access(tmp_path):
     for line in path.read_text().splitlines():
         fields = dict(p.split("=", 1) for p in line.split() if "=" in p)
         if "id" in fields:
-            out[fields["id"]] = fields
+            # the engines see the proxy's own id; the client's is client_id
+            key = fields.get("client_id", "-")
+            out[key if key != "-" else fields["id"]] = fields
     return out
 
 
-def _prefill_starts(sim, rids):
+def _prefill_starts(sim, rids, tmp_path):
     """request id -> arrival time at its prefill instance (unix seconds)."""
+    # the engines saw the proxy's ids: back to the clients' through the log
+    to_client = {f["id"]: k for k, f in _access(tmp_path).items()}
     stats = sim.stats(requests=500)
     out = {}
     for inst in stats["cluster"]:
         if inst["role"] not in ("prefill", "both"):
             continue
         for req in inst.get("requests", []):
-            if req.get("x_request_id") in rids:
-                out[req["x_request_id"]] = req["arrival_unix"]
+            rid = to_client.get(req.get("x_request_id"), req.get("x_request_id"))
+            if rid in rids:
+                out[rid] = req["arrival_unix"]
     return out
 
 
@@ -134,7 +139,7 @@ def test_burst_is_held_and_released_in_policy_order(omni_nginx, one_by_one, tmp_
         if inst["role"] == "prefill":
             assert inst["max_waiting_seen"] <= 1, inst
 
-    starts = _prefill_starts(sim, set(names))
+    starts = _prefill_starts(sim, set(names), tmp_path)
     released = sorted(names, key=lambda n: starts[n])
     if order == "sjf":
         assert [n.split("-")[0] for n in released] == ["short0", "short1", "long0", "long1"]
@@ -252,7 +257,7 @@ def test_past_the_starvation_timeout_the_most_late_goes_first(omni_nginx, one_by
     nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="200ms")
     names = _short_then_long(nginx, block=12000, long=6000, gap=0.05)
 
-    starts = _prefill_starts(sim, {names["short"], names["long"]})
+    starts = _prefill_starts(sim, {names["short"], names["long"]}, tmp_path)
     assert starts[names["long"]] < starts[names["short"]], starts
     log = _access(tmp_path)
     # both were held past the timeout (the blocker takes ~600 ms)

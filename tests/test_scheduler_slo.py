@@ -52,18 +52,23 @@ def _access(tmp_path):
     for line in path.read_text().splitlines():
         fields = dict(p.split("=", 1) for p in line.split() if "=" in p)
         if "id" in fields:
-            out[fields["id"]] = fields
+            # the engines see the proxy's own id; the client's is client_id
+            key = fields.get("client_id", "-")
+            out[key if key != "-" else fields["id"]] = fields
     return out
 
 
-def _prefill_starts(sim, rids):
+def _prefill_starts(sim, rids, tmp_path):
+    # the engines saw the proxy's ids: back to the clients' through the log
+    to_client = {f["id"]: k for k, f in _access(tmp_path).items()}
     out = {}
     for inst in sim.stats(requests=500)["cluster"]:
         if inst["role"] not in ("prefill", "both"):
             continue
         for req in inst.get("requests", []):
-            if req.get("x_request_id") in rids:
-                out[req["x_request_id"]] = req["arrival_unix"]
+            rid = to_client.get(req.get("x_request_id"), req.get("x_request_id"))
+            if rid in rids:
+                out[rid] = req["arrival_unix"]
     return out
 
 
@@ -132,7 +137,7 @@ def test_a_request_that_cannot_make_its_slo_goes_after_those_that_can(
     pool.shutdown()
 
     held = [names["lost"], names["m0"], names["m1"]]
-    starts = _prefill_starts(sim, set(held))
+    starts = _prefill_starts(sim, set(held), tmp_path)
     order = sorted(held, key=lambda n: starts[n])
     assert order == [names["m0"], names["m1"], names["lost"]], (order, starts)
 
@@ -174,7 +179,7 @@ def test_without_slo_the_short_request_goes_first(omni_nginx, one_by_one, tmp_pa
         _ok(f.result(timeout=120))
     pool.shutdown()
 
-    starts = _prefill_starts(sim, {names["short"], names["m0"]})
+    starts = _prefill_starts(sim, {names["short"], names["m0"]}, tmp_path)
     assert starts[names["short"]] < starts[names["m0"]], starts
     log = _access(tmp_path)
     assert log[names["short"]]["release"] == "order"
@@ -314,7 +319,7 @@ def test_an_urgent_long_request_goes_before_shorter_ones_that_can_wait(
 
     log = _access(tmp_path)
     held = [names["urgent"]] + [names[f"m{k}"] for k in range(4)]
-    starts = _prefill_starts(sim, set(held))
+    starts = _prefill_starts(sim, set(held), tmp_path)
     order = [n.split("-")[0] for n in sorted(held, key=lambda n: starts[n])]
     info = {n.split("-")[0]: (log[n]["release"], log[n]["queue_ms"],
                               log[n]["ttft_ms"], log[n]["prefill_pred_ms"],
