@@ -25,6 +25,8 @@
  *                             /v1/chat/completions: the only one that
  *                             decides what a client is answered
  *   ngx_http_omni_status.c    /omni/status, /metrics, /health
+ *   ngx_http_omni_ingest.c    the KV-event agent's batches (omni_ingest),
+ *                             its TTL and the health it reports
  *   ngx_http_omni_module.c    directives, configuration, variables, init
  *
  * ngx_http_omni_access_module.c is a module of its own in the same .so (the
@@ -46,6 +48,7 @@
 #include "omni_index.h"
 #include "omni_predict.h"
 #include "omni_policy.h"
+#include "omni_ingest.h"
 
 
 #define NGX_HTTP_OMNI_VERSION        "0.1.0"
@@ -194,6 +197,9 @@ typedef struct {
     /* aggregated mode: legs whose first byte has not come (prefilling) */
     uint32_t                       prefilling;
     uint64_t                       prefilling_tokens;
+
+    /* the KV-event agent reports it down (ngx_http_omni_ingest.c) */
+    uint8_t                        agent_down;
 } ngx_http_omni_inst_t;
 
 
@@ -331,11 +337,15 @@ typedef struct {
     uint64_t                       decision_us; /* time spent deciding */
     double                         output_ewma[NGX_HTTP_OMNI_ROUTES];
     omni_arrivals_t                arrivals;    /* of requests to start */
+    omni_ingest_stats_t            ingest_stats; /* the agent's batches */
 
     ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
 
     /* after inst[]: not part of the status pages' copy */
     ngx_http_omni_owner_t          owners[NGX_HTTP_OMNI_OWNERS];
+
+    /* what the KV-event agent reported, by slot (omni_ingest_apply) */
+    omni_ingest_inst_t             ingest[NGX_HTTP_OMNI_MAX_SLOTS];
 } ngx_http_omni_shctx_t;
 
 
@@ -575,6 +585,9 @@ ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
 /* ngx_http_omni_status.c */
 ngx_int_t ngx_http_omni_status_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_metrics_handler(ngx_http_request_t *r);
+
+/* ngx_http_omni_ingest.c */
+ngx_int_t ngx_http_omni_ingest_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_health_handler(ngx_http_request_t *r);
 
 

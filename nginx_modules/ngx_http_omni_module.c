@@ -206,6 +206,13 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       0,
       ngx_http_omni_health_handler },
 
+    { ngx_string("omni_ingest"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_omni_set_handler,
+      0,
+      0,
+      ngx_http_omni_ingest_handler },
+
       ngx_null_command
 };
 
