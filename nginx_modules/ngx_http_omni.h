@@ -106,6 +106,9 @@
 
 #define NGX_HTTP_OMNI_NONE           ((uint32_t) -1)
 
+/* a silent KV-event agent: its instances' reports count this long */
+#define NGX_HTTP_OMNI_INGEST_TTL_US  5000000
+
 /* most worker processes a config may have (one wake-up eventfd each) */
 #define NGX_HTTP_OMNI_MAX_WORKERS    256
 
@@ -200,6 +203,11 @@ typedef struct {
 
     /* the KV-event agent reports it down (ngx_http_omni_ingest.c) */
     uint8_t                        agent_down;
+
+    /* predictions checked against the engine's cached tokens (feed.c) */
+    uint64_t                       cache_checked;     /* prefills compared */
+    uint64_t                       cache_missing;     /* predicted, not found */
+    uint64_t                       cache_unpredicted; /* found, not predicted */
 } ngx_http_omni_inst_t;
 
 
@@ -436,6 +444,8 @@ typedef struct {
     uint64_t                       output_tokens;   /* expected */
     uint64_t                       cached_tokens;   /* predicted at the
                                                        chosen instance */
+    int64_t                        engine_cached;   /* the engine says
+                                                       (-1: not said) */
 
     /* holding */
     ngx_queue_t                    held;            /* in the worker's list */
@@ -548,6 +558,9 @@ void ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
 void ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
     ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done);
 uint64_t ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_cache_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, u_char *resp, omni_json_member_t *members,
+    size_t n);
 
 /* ngx_http_omni_answer.c */
 void ngx_http_omni_retry_after(ngx_http_request_t *r);

@@ -15,8 +15,6 @@
 #include "omni_ingest.h"
 
 
-/* a silent agent: its instances fall back to approximate after this */
-#define NGX_HTTP_OMNI_INGEST_TTL      5000
 #define NGX_HTTP_OMNI_INGEST_TICK     1000
 /* the agent's batches stay under 256 KiB plus one record */
 #define NGX_HTTP_OMNI_INGEST_MAX      (4 * 1024 * 1024)
@@ -67,7 +65,7 @@ ngx_http_omni_ingest_expire_locked(ngx_http_omni_shctx_t *sh,
     uint64_t             ttl_us;
     omni_ingest_inst_t  *ii;
 
-    ttl_us = (uint64_t) NGX_HTTP_OMNI_INGEST_TTL * 1000;
+    ttl_us = NGX_HTTP_OMNI_INGEST_TTL_US;
 
     (void) omni_ingest_expire(sh->ingest, sh->n_slots, now_us, ttl_us);
 

@@ -260,6 +260,7 @@ ngx_module_t  ngx_http_omni_module = {
 #define NGX_HTTP_OMNI_VAR_ERROR        9
 #define NGX_HTTP_OMNI_VAR_CACHED       10
 #define NGX_HTTP_OMNI_VAR_PREFILL_PRED 11
+#define NGX_HTTP_OMNI_VAR_ENGINE_CACHED 12
 
 
 static ngx_http_variable_t  ngx_http_omni_vars[] = {
@@ -296,6 +297,9 @@ static ngx_http_variable_t  ngx_http_omni_vars[] = {
 
     { ngx_string("omni_cached_tokens"), NULL, ngx_http_omni_variable,
       NGX_HTTP_OMNI_VAR_CACHED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_engine_cached_tokens"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_ENGINE_CACHED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("omni_prefill_pred_ms"), NULL, ngx_http_omni_variable,
       NGX_HTTP_OMNI_VAR_PREFILL_PRED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
@@ -539,6 +543,20 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         v->len = ngx_sprintf(p, "%uL",
                              leg->predicted_us / 1000)
                  - p;
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_ENGINE_CACHED:
+        if (ctx->engine_cached < 0) {
+            break;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->data = p;
+        v->len = ngx_sprintf(p, "%L", ctx->engine_cached) - p;
         return NGX_OK;
 
     case NGX_HTTP_OMNI_VAR_ERROR:

@@ -309,7 +309,9 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"healthy\":%s,\"fails\":%uD,"
                     "\"requests_total\":%uL,\"errors_total\":%uL,"
                     "\"tokens_total\":%uL,\"last_latency_ms\":%uL,"
-                    "\"prefilling\":%uD,\"prefilling_tokens\":%uL,",
+                    "\"prefilling\":%uD,\"prefilling_tokens\":%uL,"
+                    "\"cache_check\":{\"checked\":%uL,\"missing\":%uL,"
+                    "\"unpredicted\":%uL},",
                     ngx_http_omni_roles[t], i, ucf->slots[i],
                     (size_t) in->addr_len, in->addr,
                     (int) in->bootstrap_port,
@@ -317,7 +319,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     ngx_http_omni_inst_usable(in, now) ? "true" : "false",
                     in->fails, in->requests_total, in->errors_total,
                     in->tokens_total, in->last_latency_ms, in->prefilling,
-                    in->prefilling_tokens);
+                    in->prefilling_tokens, in->cache_checked,
+                    in->cache_missing, in->cache_unpredicted);
 
             p = ngx_http_omni_status_model(p, mcf, ucf->slots[i], now_us);
             p = ngx_http_omni_status_agent(p, &sh->ingest[ucf->slots[i]],
@@ -463,6 +466,21 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
 #define OMNI_VALUE  ngx_http_omni_inst_usable(in, now)
     omni_inst_metric("omni_instance_healthy", "gauge",
                      "1 when the instance may be chosen.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  in->cache_missing
+    omni_inst_metric("omni_instance_cache_missing_tokens_total", "counter",
+                     "Cached tokens the proxy predicted that the engine did "
+                     "not report.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  in->cache_unpredicted
+    omni_inst_metric("omni_instance_cache_unpredicted_tokens_total",
+                     "counter", "Cached tokens the engine reported that the "
+                     "proxy did not predict.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  in->cache_checked
+    omni_inst_metric("omni_instance_cache_checked_total", "counter",
+                     "Prefill answers whose cached tokens were compared "
+                     "with the prediction.")
 #undef OMNI_VALUE
 #define OMNI_VALUE  (sh->ingest[in - sh->inst].mode == OMNI_INGEST_PRECISE)
     omni_inst_metric("omni_instance_agent_precise", "gauge",

@@ -92,6 +92,13 @@ def _via_proxy(nginx, prompt):
     return went[0]
 
 
+def _last_completion(nginx):
+    """The access log fields of the last client completion."""
+    lines = [ln for ln in (nginx.prefix / "access.log").read_text().splitlines()
+             if "POST /v1/completions" in ln]
+    return dict(p.split("=", 1) for p in lines[-1].split() if "=" in p)
+
+
 def _cluster():
     return SimCluster(prefill=2, decode=1, engine="vllm", preset="tiny",
                       args=["--kv-events", "--num-blocks", "4096"])
@@ -131,6 +138,13 @@ def test_engine_cache_steers_and_reset_stops_it(omni_nginx):
                 # a prompt sharing that prefix goes where the engine has it
                 ask = prompt + _tokens(BLOCK * 2, f"tail-{k}")
                 assert _via_proxy(nginx, ask) == addr
+                # the prediction next to what the engine reports
+                line = _last_completion(nginx)
+                assert int(line["cached_tokens"]) == len(prompt)
+                assert int(line["engine_cached_tokens"]) == len(prompt)
+                check = _insts(nginx)[addr]["cache_check"]
+                assert check["checked"] >= 1
+                assert check["missing"] == 0 and check["unpredicted"] == 0
 
             # an engine cache reset (AllBlocksCleared) empties its index
             addr = _addrs(sim)[0]
