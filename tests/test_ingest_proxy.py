@@ -243,3 +243,31 @@ def test_two_proxies_converge(omni_nginx):
         finally:
             for p in agents:
                 _stop(p)
+
+
+def test_start_and_stop_run_the_agent(omni_nginx):
+    """gen-conf's KV-event options: `omni-ctl start` runs the agent (pushing
+    to /omni/ingest), `omni-ctl stop` stops it."""
+    from omni_ctl import nginxctl
+    from omni_ctl.agent import control as agentctl
+    with _cluster() as sim:
+        nginx = _proxy(omni_nginx, sim, kv_events_port_offset=100,
+                       kv_replay_port_offset=200)
+        text = nginx.conf_path.read_text()
+        assert ("# omni-ctl: agent --kv-events-port-offset 100 "
+                "--kv-replay-port-offset 200") in text
+        svc = nginxctl.agent_service(nginxctl.read_conf(nginx.conf_path))
+        pid = agentctl.running_pid(svc)
+        assert pid is not None
+        wait_until(lambda: _all_precise(nginx), timeout=30,
+                   what="every instance precise")
+        nginx.stop()
+        assert agentctl.running_pid(svc) is None
+        assert not svc.pid_file.exists()
+
+
+def test_no_agent_without_kv_event_options(omni_nginx):
+    from omni_ctl import nginxctl
+    nginx = omni_nginx()
+    assert "# omni-ctl: agent" not in nginx.conf_path.read_text()
+    assert nginxctl.agent_service(nginxctl.read_conf(nginx.conf_path)) is None
