@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,53 @@ def test_no_agent_without_kv_event_options(omni_nginx):
     nginx = omni_nginx()
     assert "# omni-ctl: agent" not in nginx.conf_path.read_text()
     assert nginxctl.agent_service(nginxctl.read_conf(nginx.conf_path)) is None
+
+
+def test_unfillable_gap_falls_back_to_approximate_and_recovers(omni_nginx):
+    """Without a replay endpoint a lost KV-event message cannot be replayed:
+    the agent clears the instance and marks it approximate; after a
+    gap-free --settle period it is precise again."""
+    with _cluster() as sim:
+        nginx = _proxy(omni_nginx, sim)
+        cmd_extra = ("--settle", "1", "--idle-check", "60")
+        agent = subprocess.Popen(
+            [str(Path(sys.executable).parent / "omni-ctl"), "agent",
+             "--conf", str(nginx.conf_path), "--kv-events-port-offset", "100",
+             "--metrics-interval", "0.2", "--health-interval", "0",
+             "--push", f"{nginx.url}/omni/ingest", *cmd_extra],
+            stdout=open(nginx.prefix / "agent.log", "wb"),
+            stderr=subprocess.STDOUT)
+        try:
+            addr = _addrs(sim)[0]
+            url = dict(zip(_addrs(sim), sim.prefill_urls))[addr]
+            # no replay: approximate at start, precise once events flowed
+            # for --settle seconds without a gap
+            k = 0
+            deadline = time.monotonic() + 60
+            while _insts(nginx)[addr]["agent"]["mode"] != "precise":
+                assert time.monotonic() < deadline, "never precise"
+                _direct(url, _tokens(BLOCK * 2, f"gap-{k}"))
+                k += 1
+                time.sleep(0.1)
+            resyncs = _insts(nginx)[addr]["agent"]["resyncs"]
+            clears = _insts(nginx)[addr]["agent"]["clears"]
+            _post_url(url, "/sim/fault", {"mode": "kv_drop", "rate": 0.5})
+            deadline = time.monotonic() + 60
+            while _insts(nginx)[addr]["agent"]["resyncs"] == resyncs:
+                assert time.monotonic() < deadline, "no resync"
+                _direct(url, _tokens(BLOCK * 2, f"gap-{k}"))
+                k += 1
+            st = _insts(nginx)[addr]["agent"]
+            assert st["mode"] == "approximate"
+            # its precise state was dropped (the agent's CLEAR)
+            assert st["clears"] > clears
+            _post_url(url, "/sim/fault", {"mode": "none"})
+            # events flowing without a gap: precise again
+            deadline = time.monotonic() + 60
+            while _insts(nginx)[addr]["agent"]["mode"] != "precise":
+                assert time.monotonic() < deadline, "not precise again"
+                _direct(url, _tokens(BLOCK * 2, f"gap-{k}"))
+                k += 1
+                time.sleep(0.1)
+        finally:
+            _stop(agent)
