@@ -154,6 +154,9 @@ def test_engine_cache_steers_and_reset_stops_it(omni_nginx):
             wait_until(lambda: _insts(nginx)[addr]["agent"]["clears"] > clears,
                        timeout=30, what="clear applied")
             assert _insts(nginx)[addr]["cache"]["precise"] == 0
+            # the KV capacity comes from the engines' /metrics
+            assert all(i["agent"]["capacity_tokens"] > 0
+                       for i in nginx.status()["instances"])
             st = nginx.status()
             assert st["ingest"]["rejected"] == 0
             assert st["ingest"]["batches"] > 0
