@@ -70,6 +70,12 @@ PANELS = [
     ("KV-event agent: age of the last report", "ms",
      [("max by (role, instance) (omni_instance_agent_update_age_ms)",
        "{{role}} {{instance}}")], "timeseries"),
+    ("Prediction check: cached tokens predicted but missing / found but unpredicted "
+     "(per s)", "short",
+     [("sum by (instance) (rate(omni_instance_cache_missing_tokens_total[1m]))",
+       "missing {{instance}}"),
+      ("sum by (instance) (rate(omni_instance_cache_unpredicted_tokens_total[1m]))",
+       "unpredicted {{instance}}")], "timeseries"),
     ("Engine-reported load", "short",
      [("max by (role, instance) (omni_instance_engine_running)", "running {{instance}}"),
       ("max by (role, instance) (omni_instance_engine_waiting)", "waiting {{instance}}")],
