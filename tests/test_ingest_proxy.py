@@ -209,16 +209,26 @@ def test_health_takes_an_instance_out_and_back(omni_nginx):
                        timeout=30, what="every instance up")
             addr = _addrs(sim)[0]
             url = dict(zip(_addrs(sim), sim.prefill_urls))[addr]
+            t0 = time.monotonic()
             _post_url(url, "/sim/fault", {"mode": "hang"})
             wait_until(lambda: not _insts(nginx)[addr]["healthy"],
                        timeout=30, what="instance out")
+            # probes every 0.2 s, fall 2 (timing shown, not asserted)
+            print(f"out after {time.monotonic() - t0:.2f}s")
             assert _insts(nginx)[addr]["agent"]["health"] == "down"
             other = _addrs(sim)[1]
             for k in range(4):
                 assert _via_proxy(nginx, _tokens(64, f"h-{k}")) == other
+            t0 = time.monotonic()
             _post_url(url, "/sim/fault", {"mode": "none"})
             wait_until(lambda: _insts(nginx)[addr]["healthy"],
                        timeout=30, what="instance back")
+            print(f"back after {time.monotonic() - t0:.2f}s")
+            for k in range(4):
+                resp = nginx.post("/v1/completions", json={
+                    "model": "m", "prompt": _tokens(64, f"hb-{k}"),
+                    "max_tokens": 2}, timeout=60)
+                assert resp.status == 200, resp.text
         finally:
             _stop(agent)
 
