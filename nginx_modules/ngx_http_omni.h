@@ -31,6 +31,8 @@
  *                             /v1/chat/completions: the only one that
  *                             decides what a client is answered
  *   ngx_http_omni_status.c    /omni/status, /metrics, /health
+ *   ngx_http_omni_ingest.c    the KV-event agent's batches (omni_ingest),
+ *                             its TTL and the health it reports
  *   ngx_http_omni_module.c    directives, configuration, variables, init
  *
  * ngx_http_omni_access_module.c is a module of its own in the same .so (the
@@ -52,6 +54,7 @@
 #include "omni_index.h"
 #include "omni_predict.h"
 #include "omni_policy.h"
+#include "omni_ingest.h"
 
 
 #define NGX_HTTP_OMNI_VERSION        "0.1.0"
@@ -118,6 +121,9 @@
 #define NGX_HTTP_OMNI_QUEUES         2
 
 #define NGX_HTTP_OMNI_NONE           ((uint32_t) -1)
+
+/* a silent KV-event agent: its instances' reports count this long */
+#define NGX_HTTP_OMNI_INGEST_TTL_US  5000000
 
 /* most worker processes a config may have (one wake-up eventfd each) */
 #define NGX_HTTP_OMNI_MAX_WORKERS    256
@@ -222,6 +228,14 @@ typedef struct {
     /* aggregated mode: legs whose first byte has not come (prefilling) */
     uint32_t                       prefilling;
     uint64_t                       prefilling_tokens;
+
+    /* the KV-event agent reports it down (ngx_http_omni_ingest.c) */
+    uint8_t                        agent_down;
+
+    /* predictions checked against the engine's cached tokens (feed.c) */
+    uint64_t                       cache_checked;     /* prefills compared */
+    uint64_t                       cache_missing;     /* predicted, not found */
+    uint64_t                       cache_unpredicted; /* found, not predicted */
 } ngx_http_omni_inst_t;
 
 
@@ -380,11 +394,15 @@ typedef struct {
     omni_arrivals_t                arrivals;    /* of requests to start */
     uint64_t                       tokenized_total;
     uint64_t                       tokenize_fallback[NGX_HTTP_OMNI_TOK_REASONS];
+    omni_ingest_stats_t            ingest_stats; /* the agent's batches */
 
     ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
 
     /* after inst[]: not part of the status pages' copy */
     ngx_http_omni_owner_t          owners[NGX_HTTP_OMNI_OWNERS];
+
+    /* what the KV-event agent reported, by slot (omni_ingest_apply) */
+    omni_ingest_inst_t             ingest[NGX_HTTP_OMNI_MAX_SLOTS];
 } ngx_http_omni_shctx_t;
 
 
@@ -503,6 +521,8 @@ typedef struct {
     uint64_t                       slo_tpot_us;     /* 0: none */
     ngx_uint_t                     release_reason;  /* NGX_HTTP_OMNI_REL_* */
     uint32_t                       retry_after_s;   /* 0: "1" */
+    int64_t                        engine_cached;   /* the engine says
+                                                       (-1: not said) */
 
     /* holding */
     ngx_queue_t                    held;            /* in the worker's list */
@@ -652,6 +672,9 @@ void ngx_http_omni_prefill_observed(ngx_http_omni_ctx_t *ctx,
 void ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
     ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done);
 uint64_t ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_cache_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, u_char *resp, omni_json_member_t *members,
+    size_t n);
 
 /* ngx_http_omni_answer.c */
 void ngx_http_omni_retry_after(ngx_http_request_t *r);
@@ -699,6 +722,9 @@ ngx_int_t ngx_http_omni_handler(ngx_http_request_t *r);
 /* ngx_http_omni_status.c */
 ngx_int_t ngx_http_omni_status_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_metrics_handler(ngx_http_request_t *r);
+
+/* ngx_http_omni_ingest.c */
+ngx_int_t ngx_http_omni_ingest_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_omni_health_handler(ngx_http_request_t *r);
 
 

@@ -121,3 +121,83 @@ ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx)
 
     return asked;
 }
+
+
+/*
+ * A prefill answer in memory: the cached tokens the engine reports (vLLM
+ * usage.prompt_tokens_details.cached_tokens, SGLang meta_info.cached_tokens)
+ * next to the proxy's prediction, per request (the access log) and per
+ * instance (what was predicted but not found, found but not predicted).
+ */
+void
+ngx_http_omni_cache_observed(ngx_http_omni_ctx_t *ctx,
+    ngx_http_omni_leg_t *leg, u_char *resp, omni_json_member_t *members,
+    size_t n)
+{
+    int                     type;
+    long                    i;
+    size_t                  off, len;
+    int64_t                 found, pred;
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_inst_t   *in;
+    ngx_http_omni_shctx_t  *sh;
+
+    i = omni_json_find(resp, members, n, "usage", sizeof("usage") - 1);
+
+    if (i >= 0 && members[i].type == OMNI_JSON_OBJECT
+        && omni_json_object_get(resp, members[i].val_off,
+                                members[i].val_len, "prompt_tokens_details",
+                                sizeof("prompt_tokens_details") - 1,
+                                &off, &len, &type)
+           == OMNI_OK
+        && type == OMNI_JSON_OBJECT
+        && omni_json_object_get(resp, off, len, "cached_tokens",
+                                sizeof("cached_tokens") - 1,
+                                &off, &len, &type)
+           == OMNI_OK)
+    {
+        /* vLLM */
+
+    } else {
+        i = omni_json_find(resp, members, n, "meta_info",
+                           sizeof("meta_info") - 1);
+
+        if (i < 0 || members[i].type != OMNI_JSON_OBJECT
+            || omni_json_object_get(resp, members[i].val_off,
+                                    members[i].val_len, "cached_tokens",
+                                    sizeof("cached_tokens") - 1,
+                                    &off, &len, &type)
+               != OMNI_OK)
+        {
+            return;
+        }
+    }
+
+    if (omni_json_int64(resp, off, len, &found) != OMNI_OK || found < 0) {
+        return;
+    }
+
+    ctx->engine_cached = found;
+
+    if (leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
+        return;
+    }
+
+    pred = (int64_t) ctx->cached_tokens;
+
+    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    in = &sh->inst[leg->slot];
+    in->cache_checked++;
+
+    if (pred > found) {
+        in->cache_missing += (uint64_t) (pred - found);
+
+    } else {
+        in->cache_unpredicted += (uint64_t) (found - pred);
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}

@@ -86,6 +86,7 @@ ngx_http_omni_handler(ngx_http_request_t *r)
     ctx->mode = mcf->pd_policy;
     ctx->t_start = ngx_current_msec;
     ctx->max_tokens = -1;
+    ctx->engine_cached = -1;
     ctx->qentry = NGX_HTTP_OMNI_NONE;
     ngx_queue_init(&ctx->held);
     ctx->legs[NGX_HTTP_OMNI_PREFILL].tier = NGX_HTTP_OMNI_PREFILL;
@@ -819,6 +820,9 @@ ngx_http_omni_after_prefill(ngx_http_omni_ctx_t *ctx)
                                         "the prefill instance returned "
                                         "invalid JSON");
     }
+
+    ngx_http_omni_cache_observed(ctx, p, resp, members,
+                                 ngx_min(doc.n_members, NGX_HTTP_OMNI_MEMBERS));
 
     i = omni_json_find(resp, members,
                        ngx_min(doc.n_members, NGX_HTTP_OMNI_MEMBERS),

@@ -285,6 +285,13 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       0,
       ngx_http_omni_health_handler },
 
+    { ngx_string("omni_ingest"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_omni_set_handler,
+      0,
+      0,
+      ngx_http_omni_ingest_handler },
+
       ngx_null_command
 };
 
@@ -336,6 +343,7 @@ ngx_module_t  ngx_http_omni_module = {
 #define NGX_HTTP_OMNI_VAR_START_US     13
 #define NGX_HTTP_OMNI_VAR_PRED_WAIT    14
 #define NGX_HTTP_OMNI_VAR_CLIENT_ID    15
+#define NGX_HTTP_OMNI_VAR_ENGINE_CACHED 16
 
 
 static ngx_http_variable_t  ngx_http_omni_vars[] = {
@@ -372,6 +380,9 @@ static ngx_http_variable_t  ngx_http_omni_vars[] = {
 
     { ngx_string("omni_cached_tokens"), NULL, ngx_http_omni_variable,
       NGX_HTTP_OMNI_VAR_CACHED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_engine_cached_tokens"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_ENGINE_CACHED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("omni_prefill_pred_ms"), NULL, ngx_http_omni_variable,
       NGX_HTTP_OMNI_VAR_PREFILL_PRED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
@@ -691,6 +702,20 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         v->len = ngx_sprintf(p, "%uL", (uint64_t) r->start_sec * 1000000
                                        + (uint64_t) r->start_msec * 1000)
                  - p;
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_ENGINE_CACHED:
+        if (ctx->engine_cached < 0) {
+            break;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->data = p;
+        v->len = ngx_sprintf(p, "%L", ctx->engine_cached) - p;
         return NGX_OK;
 
     case NGX_HTTP_OMNI_VAR_ERROR:

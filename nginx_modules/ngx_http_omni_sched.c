@@ -79,6 +79,10 @@ ngx_http_omni_match(ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n,
         return NULL;
     }
 
+    /* what the KV-event agent says: approximate instances weigh less */
+    (void) omni_ingest_discount(sh->ingest, sh->n_slots,
+                                ngx_http_omni_matched, sh->n_slots);
+
     return ngx_http_omni_matched;
 }
 
@@ -346,7 +350,10 @@ ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
         in = &sh->inst[slot];
         d[i].flags = ngx_http_omni_usable(ucf, i, in, now)
                      ? 0 : OMNI_POLICY_UNHEALTHY;
-        d[i].running = (uint32_t) in->inflight_requests;
+        d[i].running = omni_ingest_blend_running(&sh->ingest[slot],
+                           (uint32_t) in->inflight_requests,
+                           ngx_http_omni_now_us(),
+                           NGX_HTTP_OMNI_INGEST_TTL_US);
         d[i].max_running = (uint32_t) mcf->decode_max_num_seqs;
         d[i].load_tokens = in->inflight_tokens;
         d[i].max_tokens = mcf->decode_max_tokens;
@@ -433,6 +440,11 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
             c[i].running = (uint32_t) in->inflight_requests;
             c[i].inflight_tokens = in->inflight_tokens;
         }
+
+        /* work other proxies sent, as the engine reports it */
+        c[i].running = omni_ingest_blend_running(&sh->ingest[slot],
+                                                 c[i].running, now_us,
+                                                 NGX_HTTP_OMNI_INGEST_TTL_US);
 
         c[i].max_running = (uint32_t) mcf->prefill_max_num_seqs;
         c[i].max_tokens = mcf->max_batch_num_token;

@@ -65,6 +65,8 @@ ngx_http_omni_snapshot(ngx_http_request_t *r, ngx_http_omni_main_conf_t **pmcf,
     ngx_shmtx_lock(&shpool->mutex);
     ngx_memcpy(copy, sh, offsetof(ngx_http_omni_shctx_t, inst)
                          + sh->n_slots * sizeof(ngx_http_omni_inst_t));
+    ngx_memcpy(copy->ingest, sh->ingest,
+               sh->n_slots * sizeof(omni_ingest_inst_t));
     ngx_shmtx_unlock(&shpool->mutex);
 
     *psh = copy;
@@ -133,6 +135,40 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                wait > 0 ? (double) wait / 1000 : 0.0, ps.inflight,
                ps.reach_us / 1000,
                is.blocks, is.precise, is.approx, is.evicted);
+}
+
+
+static const char  *ngx_http_omni_agent_modes[] = {
+    "unknown", "precise", "approximate"
+};
+
+static const char  *ngx_http_omni_agent_health[] = {
+    "unknown", "up", "down"
+};
+
+
+/* What the KV-event agent reported about an instance (a copy). */
+static u_char *
+ngx_http_omni_status_agent(u_char *p, omni_ingest_inst_t *ii,
+    uint64_t now_us)
+{
+    return ngx_sprintf(p,
+               ",\"agent\":{\"mode\":\"%s\",\"health\":\"%s\","
+               "\"last_update_ms_ago\":%L,\"running\":%uD,"
+               "\"waiting\":%uD,\"kv_usage\":%.4f,"
+               "\"capacity_tokens\":%uL,\"stores\":%uL,"
+               "\"blocks_stored\":%uL,\"removals\":%uL,"
+               "\"blocks_removed\":%uL,\"clears\":%uL,"
+               "\"orphans\":%uL,\"resyncs\":%uL}",
+               ngx_http_omni_agent_modes[ii->mode > 2 ? 0 : ii->mode],
+               ngx_http_omni_agent_health[ii->health > 2 ? 0 : ii->health],
+               ii->last_update_us
+                   ? (int64_t) (now_us - ii->last_update_us) / 1000
+                   : (int64_t) -1,
+               ii->running, ii->waiting,
+               (double) ii->kv_usage_ppm / 1000000, ii->capacity_tokens,
+               ii->stores, ii->blocks_stored, ii->removals,
+               ii->blocks_removed, ii->clears, ii->orphans, ii->resyncs);
 }
 
 
@@ -302,7 +338,9 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"healthy\":%s,\"fails\":%uD,"
                     "\"requests_total\":%uL,\"errors_total\":%uL,"
                     "\"tokens_total\":%uL,\"last_latency_ms\":%uL,"
-                    "\"prefilling\":%uD,\"prefilling_tokens\":%uL,",
+                    "\"prefilling\":%uD,\"prefilling_tokens\":%uL,"
+                    "\"cache_check\":{\"checked\":%uL,\"missing\":%uL,"
+                    "\"unpredicted\":%uL},",
                     ngx_http_omni_roles[t], i, ucf->slots[i],
                     (size_t) in->addr_len, in->addr,
                     (int) in->bootstrap_port,
@@ -310,15 +348,24 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     ngx_http_omni_inst_usable(in, now) ? "true" : "false",
                     in->fails, in->requests_total, in->errors_total,
                     in->tokens_total, in->last_latency_ms, in->prefilling,
-                    in->prefilling_tokens);
+                    in->prefilling_tokens, in->cache_checked,
+                    in->cache_missing, in->cache_unpredicted);
 
             p = ngx_http_omni_status_model(p, mcf, ucf->slots[i], now_us);
+            p = ngx_http_omni_status_agent(p, &sh->ingest[ucf->slots[i]],
+                                           now_us);
 
             *p++ = '}';
         }
     }
 
     p = ngx_cpymem(p, "],", 2);
+    p = ngx_sprintf(p, "\"ingest\":{\"batches\":%uL,\"rejected\":%uL,"
+                    "\"records\":%uL,\"unknown_names\":%uL,"
+                    "\"last_reject\":\"%s\"},",
+                    sh->ingest_stats.batches, sh->ingest_stats.rejected,
+                    sh->ingest_stats.records, sh->ingest_stats.unknown_names,
+                    omni_ingest_strreason(sh->ingest_stats.last_reason));
     p = ngx_http_omni_status_config(p, mcf, sh);
     p = ngx_cpymem(p, "}\n", 2);
 
@@ -333,7 +380,7 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
     ngx_int_t                       rc;
     u_char                         *body, *p;
     size_t                          size;
-    uint64_t                        cum;
+    uint64_t                        cum, now_us;
     ngx_uint_t                      t, i, k, m, s;
     ngx_msec_t                      now;
     ngx_http_omni_hist_t           *h;
@@ -348,6 +395,8 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
     }
 
     size = 32768 + (size_t) sh->n_slots * (1024 + 8 * NGX_HTTP_OMNI_ADDR_LEN);
+    /* the KV-event agent's figures */
+    size += (size_t) sh->n_slots * (1024 + 12 * NGX_HTTP_OMNI_ADDR_LEN);
 
     body = ngx_pnalloc(r->pool, size);
     if (body == NULL) {
@@ -355,6 +404,7 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
     }
 
     now = ngx_current_msec;
+    now_us = ngx_http_omni_now_us();
     p = body;
 
     p = ngx_sprintf(p,
@@ -487,7 +537,80 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
     omni_inst_metric("omni_instance_healthy", "gauge",
                      "1 when the instance may be chosen.")
 #undef OMNI_VALUE
+#define OMNI_VALUE  in->cache_missing
+    omni_inst_metric("omni_instance_cache_missing_tokens_total", "counter",
+                     "Cached tokens the proxy predicted that the engine did "
+                     "not report.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  in->cache_unpredicted
+    omni_inst_metric("omni_instance_cache_unpredicted_tokens_total",
+                     "counter", "Cached tokens the engine reported that the "
+                     "proxy did not predict.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  in->cache_checked
+    omni_inst_metric("omni_instance_cache_checked_total", "counter",
+                     "Prefill answers whose cached tokens were compared "
+                     "with the prediction.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  (sh->ingest[in - sh->inst].mode == OMNI_INGEST_PRECISE)
+    omni_inst_metric("omni_instance_agent_precise", "gauge",
+                     "1 when the index holds the engine's own cache state "
+                     "(KV events), 0 when approximate.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  sh->ingest[in - sh->inst].health
+    omni_inst_metric("omni_instance_agent_health", "gauge",
+                     "Health the agent's probes report: 0 unknown, 1 up, "
+                     "2 down.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  sh->ingest[in - sh->inst].blocks_stored
+    omni_inst_metric("omni_instance_agent_blocks_stored_total", "counter",
+                     "Index blocks stored from the engine's KV events.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  sh->ingest[in - sh->inst].blocks_removed
+    omni_inst_metric("omni_instance_agent_blocks_removed_total", "counter",
+                     "Index blocks removed by the engine's KV events.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  sh->ingest[in - sh->inst].clears
+    omni_inst_metric("omni_instance_agent_clears_total", "counter",
+                     "Instance caches cleared (engine clear, restart or "
+                     "resynchronisation).")
+#undef OMNI_VALUE
+#define OMNI_VALUE  sh->ingest[in - sh->inst].resyncs
+    omni_inst_metric("omni_instance_agent_resyncs_total", "counter",
+                     "Precise to approximate transitions (lost events or "
+                     "a silent agent).")
+#undef OMNI_VALUE
+#define OMNI_VALUE  sh->ingest[in - sh->inst].running
+    omni_inst_metric("omni_instance_engine_running", "gauge",
+                     "Requests running on the engine, from its /metrics.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  sh->ingest[in - sh->inst].waiting
+    omni_inst_metric("omni_instance_engine_waiting", "gauge",
+                     "Requests waiting in the engine, from its /metrics.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  (sh->ingest[in - sh->inst].last_update_us                \
+                     ? (now_us - sh->ingest[in - sh->inst].last_update_us)   \
+                       / 1000 : 0)
+    omni_inst_metric("omni_instance_agent_update_age_ms", "gauge",
+                     "Milliseconds since the agent last reported the "
+                     "instance (0: never).")
+#undef OMNI_VALUE
 #undef omni_inst_metric
+
+    p = ngx_sprintf(p,
+            "# HELP omni_ingest_batches_total Agent batches applied.\n"
+            "# TYPE omni_ingest_batches_total counter\n"
+            "omni_ingest_batches_total %uL\n"
+            "# HELP omni_ingest_rejected_total Agent batches rejected as "
+            "malformed.\n"
+            "# TYPE omni_ingest_rejected_total counter\n"
+            "omni_ingest_rejected_total %uL\n"
+            "# HELP omni_ingest_records_total Records of applied agent "
+            "batches.\n"
+            "# TYPE omni_ingest_records_total counter\n"
+            "omni_ingest_records_total %uL\n",
+            sh->ingest_stats.batches, sh->ingest_stats.rejected,
+            sh->ingest_stats.records);
 
     for (k = 0; k < NGX_HTTP_OMNI_HISTS; k++) {
         h = &sh->hists[k];

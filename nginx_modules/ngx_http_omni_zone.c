@@ -346,6 +346,8 @@ ngx_http_omni_map_slots(ngx_http_omni_main_conf_t *mcf,
                 if (sh->index && s < sh->index_instances) {
                     (void) omni_index_clear(sh->index, (uint32_t) s);
                 }
+
+                ngx_memzero(&sh->ingest[s], sizeof(omni_ingest_inst_t));
                 in->used = 1;
                 in->role = (uint8_t) t;
                 in->addr_len = (uint16_t) ngx_min(name->len,
@@ -383,6 +385,11 @@ ngx_uint_t
 ngx_http_omni_inst_usable(ngx_http_omni_inst_t *in, ngx_msec_t now)
 {
     if (!in->used || !in->configured) {
+        return 0;
+    }
+
+    /* the KV-event agent's /health probes (ngx_http_omni_ingest.c) */
+    if (in->agent_down) {
         return 0;
     }
 

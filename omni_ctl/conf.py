@@ -61,6 +61,7 @@ SECTIONS = {
     "listen": "Listening, workers, processes",
     "upstream": "Upstreams and timeouts",
     "files": "Files",
+    "agent": "The KV-event agent",
 }
 
 
@@ -107,6 +108,8 @@ class Option:
             return self.default_doc
         return None if self.default is None else str(self.default)
 
+
+_AGENT_LINE = "the `# omni-ctl: agent ...` line (`omni-ctl start` runs the agent)"
 
 OPTIONS: tuple[Option, ...] = (
     # -- instances and modes
@@ -376,7 +379,34 @@ OPTIONS: tuple[Option, ...] = (
     Option("module_dir", "special", None, "Where ngx_http_omni_module.so is.", "files",
            metavar="DIR", default_doc="$OMNI_MODULE_DIR or build/modules",
            renders="`load_module`"),
+    # -- the KV-event agent (docs/agent.md): `omni-ctl start` runs it when
+    #    the engines' publishers are given
+    Option("kv_events_port", "int", 0, (
+        "KV-event publisher port on every instance's host (0: none)."), "agent",
+           metavar="P", minimum=0, maximum=65535, renders=_AGENT_LINE, doc=(
+               "With this or `--kv-events-port-offset`, `omni-ctl start` runs "
+               "`omni-ctl agent --push` to the proxy's `/omni/ingest`, and "
+               "`omni-ctl stop` stops it.")),
+    Option("kv_events_port_offset", "int", 0, (
+        "KV-event publisher port = instance port + N (0: none)."), "agent",
+           metavar="N", minimum=0, maximum=65535, renders=_AGENT_LINE),
+    Option("kv_replay_port", "int", 0, (
+        "KV-event replay port on every instance's host (0: none)."), "agent",
+           metavar="P", minimum=0, maximum=65535, renders=_AGENT_LINE),
+    Option("kv_replay_port_offset", "int", 0, (
+        "KV-event replay port = instance port + N (0: none)."), "agent",
+           metavar="N", minimum=0, maximum=65535, renders=_AGENT_LINE),
+    Option("kv_dp_ranks", "int", 1, (
+        "Data-parallel ranks per engine: rank r publishes on port + r."), "agent",
+           metavar="N", minimum=1, maximum=1024, renders=_AGENT_LINE),
 )
+
+# the agent options, as `omni-ctl agent` takes them
+AGENT_FLAGS = {"kv_events_port": "--kv-events-port",
+               "kv_events_port_offset": "--kv-events-port-offset",
+               "kv_replay_port": "--kv-replay-port",
+               "kv_replay_port_offset": "--kv-replay-port-offset",
+               "kv_dp_ranks": "--dp-ranks"}
 
 OPTION = {o.name: o for o in OPTIONS}
 
@@ -386,7 +416,8 @@ DEFAULTS = {o.name: o.default for o in OPTIONS}
 # routes the proxy schedules itself (POST only)
 SCHEDULED_ROUTES = ("/v1/completions", "/v1/chat/completions")
 # the proxy's own locations: never an engine route
-PROXY_ROUTES = SCHEDULED_ROUTES + ("/health", "/omni/status", "/metrics")
+PROXY_ROUTES = SCHEDULED_ROUTES + ("/health", "/omni/status", "/metrics",
+                                   "/omni/ingest")
 
 # Characters that would need quoting or change meaning in nginx.conf
 # (`$` starts a variable in log paths, `#` a comment, `;{}` end directives).
@@ -452,6 +483,19 @@ class _ProxyConfBase:
         if ":" in self.listen_host:
             return f"[{self.listen_host}]:{self.listen_port}"
         return f"{self.listen_host}:{self.listen_port}"
+
+    @property
+    def agent_args(self) -> tuple[str, ...]:
+        """`omni-ctl agent` options for this config; () when the engines'
+        KV-event publishers are not given (no agent)."""
+        if not (self.kv_events_port or self.kv_events_port_offset):
+            return ()
+        args = []
+        for name, flag in AGENT_FLAGS.items():
+            value = getattr(self, name)
+            if value and not (name == "kv_dp_ranks" and value == 1):
+                args += [flag, str(value)]
+        return tuple(args)
 
     @property
     def api_key_path(self) -> Path | None:

@@ -8,7 +8,10 @@ on the machine are never touched.
 
 A config with `omni_model_path DIR;` also has a tokenizer service
 (omni_ctl.tokenizer, docs/tokenizer.md): `start` starts it before nginx and
-`stop` stops it after nginx, by its own pid file in the prefix.
+`stop` stops it after nginx, by its own pid file in the prefix.  A config
+with `# omni-ctl: agent ARGS` (gen-conf's KV-event options) also has a
+KV-event agent (omni_ctl.agent.control, docs/agent.md): `start` runs it after
+nginx answers, pushing to nginx's /omni/ingest; `stop` stops it first.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from . import paths
 from .procfs import cmdline_args
 from .procfs import ppid_state as _ppid_state
 from .procfs import read_pid as _read_pid
+from .agent import control as agentctl
 from .tokenizer import control as tokctl
 
 # nginx's compiled-in prefix, against which it resolves a relative -c
@@ -62,6 +66,7 @@ class ConfFacts:
     workers: int | None             # worker_processes; None for auto
     model_path: Path | None = None  # omni_model_path: run a tokenizer service
     tokenizer_args: tuple[str, ...] = ()   # `# omni-ctl: tokenizer ARGS`
+    agent_args: tuple[str, ...] | None = None  # `# omni-ctl: agent ARGS`
 
 
 @dataclasses.dataclass
@@ -116,6 +121,7 @@ def read_conf(conf_file) -> ConfFacts:
                if p.endswith(paths.MODULE_FILE)]
     models = _directives(text, "omni_model_path")
     m = re.search(r"^# omni-ctl: tokenizer(.*)$", text, re.M)
+    a = re.search(r"^# omni-ctl: agent(.*)$", text, re.M)
     return ConfFacts(
         conf_file=conf_file,
         prefix=prefix,
@@ -127,6 +133,7 @@ def read_conf(conf_file) -> ConfFacts:
                       if w.isdigit()), None if "worker_processes" in text else 1),
         model_path=resolve(models[0]) if models else None,
         tokenizer_args=tuple(shlex.split(m.group(1))) if m else (),
+        agent_args=(tuple(shlex.split(a.group(1))) if a else None),
     )
 
 
@@ -158,6 +165,41 @@ def stop_tokenizer(facts: ConfFacts, timeout: float = 10.0) -> int | None:
         return tokctl.stop(svc, timeout=timeout)
     except tokctl.TokenizerCtlError as exc:
         raise NginxCtlError(f"tokenizer service: {exc}") from None
+
+
+def agent_service(facts: ConfFacts) -> agentctl.AgentService | None:
+    """The KV-event agent of a config, None when it has none."""
+    if facts.agent_args is None:
+        return None
+    addr = probe_address(facts.listens[0]) if facts.listens else None
+    if addr is None:
+        raise NginxCtlError(f"{facts.conf_file}: no address to push the agent's "
+                            "batches to (listen)")
+    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    return agentctl.AgentService.in_prefix(
+        facts.prefix, facts.conf_file, f"http://{host}:{addr[1]}/omni/ingest",
+        facts.agent_args)
+
+
+def start_agent(facts: ConfFacts, timeout: float = 30.0) -> int | None:
+    svc = agent_service(facts)
+    if svc is None:
+        return None
+    try:
+        return agentctl.start(svc, timeout=timeout)
+    except (agentctl.AgentCtlError, OSError) as exc:
+        raise NginxCtlError(f"KV-event agent: {exc}") from None
+
+
+def stop_agent(facts: ConfFacts, timeout: float = 10.0) -> int | None:
+    """Stop the config's KV-event agent; its pid, None if none ran."""
+    svc = agent_service(facts)
+    if svc is None:
+        return None
+    try:
+        return agentctl.stop(svc, timeout=timeout)
+    except agentctl.AgentCtlError as exc:
+        raise NginxCtlError(f"KV-event agent: {exc}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -324,11 +366,19 @@ def start(conf_file, timeout: float = 15.0, tokenizer_timeout: float = 120.0) ->
     started = current.tokenizer is None and facts.model_path is not None
     start_tokenizer(facts, tokenizer_timeout)
     try:
-        return _start_nginx(conf_file, facts, timeout)
+        st = _start_nginx(conf_file, facts, timeout)
     except BaseException:
         if started:
             stop_tokenizer(facts)
         raise
+    try:
+        start_agent(facts)
+    except BaseException:
+        _stop_nginx(conf_file, timeout, 5.0)
+        if started:
+            stop_tokenizer(facts)
+        raise
+    return st
 
 
 def _start_nginx(conf_file, facts: ConfFacts, timeout: float) -> Status:
@@ -397,6 +447,7 @@ def stop(conf_file, timeout: float = 10.0, term_timeout: float = 5.0) -> Status:
     """Graceful stop (QUIT), then TERM after timeout; then the tokenizer
     service.  Returns the status seen before stopping (running=False: there
     was no nginx to stop; tokenizer: the service's pid, None if none ran)."""
+    stop_agent(read_conf(conf_file), timeout)
     before = _stop_nginx(conf_file, timeout, term_timeout)
     before.tokenizer = stop_tokenizer(read_conf(conf_file), timeout)
     return before

@@ -347,7 +347,8 @@ def test_render_options(tmp_path):
     assert directives(text, "omni_queue_timeout") == ["300s"]
     assert directives(text, "worker_connections") == ["1024"]
     assert directives(text, "user") == ["root"]
-    assert directives(text, "client_max_body_size") == ["1m"]
+    # the http level's, then /omni/ingest's own (the agent's batches)
+    assert directives(text, "client_max_body_size") == ["1m", "4m"]
     assert "server 127.0.0.1:9001 max_fails=0 fail_timeout=30s;" in text
     # prefill, decode and (with a model path) the tokenizer's upstream
     assert directives(text, "keepalive") == ["32", "32", "32"]

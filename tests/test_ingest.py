@@ -137,6 +137,30 @@ def test_state_metrics_capacity_and_ttl():
     assert t.instance(0)["health"] == "down"
 
 
+def test_scheduling_discounts_approximate_and_blends_engine_load():
+    t = target(16)
+    # unknown (no agent) and precise instances keep their match
+    assert t.discount([8, 8]) == [8, 8]
+    b = Batch(16)
+    b.state(A, "precise", "up")
+    b.state(B, "approx", "up")
+    b.metrics(A, running=3, waiting=4)
+    t.apply(b.encode(), now_us=10_000)
+    assert t.discount([8, 8]) == [8, 8 // lib.OMNI_INGEST_APPROX_DIV]
+    assert t.discount([0, 1]) == [0, 1 // lib.OMNI_INGEST_APPROX_DIV]
+    # the engine's running + waiting when more than the proxy's own legs
+    assert t.blend_running(0, 2, ttl_us=5_000, now_us=11_000) == 7
+    assert t.blend_running(0, 9, ttl_us=5_000, now_us=11_000) == 9
+    # a report older than the TTL counts no more
+    assert t.blend_running(0, 2, ttl_us=5_000, now_us=20_000) == 2
+    # an instance the agent never reported: the proxy's figure
+    t2 = target(16)
+    assert t2.blend_running(1, 4, ttl_us=5_000, now_us=11_000) == 4
+    # a silent agent: precise turns approximate and is discounted
+    t.expire(ttl_us=5_000, now_us=20_000)
+    assert t.discount([8, 8])[0] == 8 // lib.OMNI_INGEST_APPROX_DIV
+
+
 def test_bad_batches_are_rejected_counted_and_change_nothing():
     t = target(16)
     toks = list(range(32))

@@ -616,6 +616,55 @@ omni_ingest_expire(omni_ingest_inst_t *insts, size_t n_insts,
 }
 
 
+int
+omni_ingest_discount(const omni_ingest_inst_t *insts, size_t n_insts,
+    uint32_t *matched, size_t n)
+{
+    size_t  i;
+    int     got = 0;
+
+    if ((n > 0 && matched == NULL) || (n_insts > 0 && insts == NULL)) {
+        return OMNI_EINVAL;
+    }
+
+    for (i = 0; i < n && i < n_insts; i++) {
+        /* The index only guesses what an approximate instance holds (the
+         * proxy's own dispatches, possibly evicted since): half weight. */
+        if (insts[i].mode == OMNI_INGEST_APPROX && matched[i] > 0) {
+            matched[i] /= OMNI_INGEST_APPROX_DIV;
+            got++;
+        }
+    }
+
+    return got;
+}
+
+
+uint32_t
+omni_ingest_blend_running(const omni_ingest_inst_t *inst,
+    uint32_t proxy_running, uint64_t now_us, uint64_t ttl_us)
+{
+    uint64_t  engine;
+
+    if (inst == NULL || inst->last_update_us == 0
+        || now_us < inst->last_update_us
+        || now_us - inst->last_update_us > ttl_us)
+    {
+        return proxy_running;
+    }
+
+    /* The engine counts our work too, a scrape late; what it reports
+     * beyond ours is work other proxies (or clients) sent it. */
+    engine = (uint64_t) inst->running + inst->waiting;
+
+    if (engine <= proxy_running) {
+        return proxy_running;
+    }
+
+    return engine > UINT32_MAX ? UINT32_MAX : (uint32_t) engine;
+}
+
+
 const char *
 omni_ingest_strreason(uint32_t reason)
 {

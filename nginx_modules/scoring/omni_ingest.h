@@ -180,6 +180,26 @@ int omni_ingest_apply(omni_index_t *idx, omni_ingest_inst_t *insts,
 int omni_ingest_expire(omni_ingest_inst_t *insts, size_t n_insts,
     uint64_t now_us, uint64_t ttl_us);
 
+/*
+ * Scheduling with what the agent said.  An instance whose state is
+ * approximate (events lost, a silent agent) has its matched prefix
+ * (matched[i], blocks, per index instance i < n) divided by
+ * OMNI_INGEST_APPROX_DIV: the index only guesses what it holds.  Precise
+ * and unknown (no agent) instances keep theirs.  Returns how many changed.
+ */
+#define OMNI_INGEST_APPROX_DIV   2
+
+int omni_ingest_discount(const omni_ingest_inst_t *insts, size_t n_insts,
+    uint32_t *matched, size_t n);
+
+/*
+ * The running figure of an instance: the proxy's own legs in flight, or
+ * what the engine last reported running and waiting when that is more
+ * (work other proxies sent), as long as the report is younger than ttl_us.
+ */
+uint32_t omni_ingest_blend_running(const omni_ingest_inst_t *inst,
+    uint32_t proxy_running, uint64_t now_us, uint64_t ttl_us);
+
 /* The key an index block gets when it ends `offset` tokens into the engine
  * block `engine_hash` (offset < the engine's block size). */
 uint64_t omni_ingest_inner_key(uint64_t engine_hash, uint32_t offset);

@@ -441,6 +441,23 @@ class IngestTarget:
             self._insts, self.index.num_instances, self.index._now(now_us),
             ttl_us), "ingest expire")
 
+    def discount(self, matched):
+        """The matched prefix per instance (blocks) as the scheduler weighs
+        it: approximate instances' divided (omni_ingest_discount)."""
+        arr = ffi.new("uint32_t[]", list(matched) or [0])
+        check(lib.omni_ingest_discount(self._insts, self.index.num_instances,
+                                       arr, len(matched)), "ingest discount")
+        return list(arr)[:len(matched)]
+
+    def blend_running(self, inst, proxy_running, ttl_us, now_us=None):
+        """The running figure the scheduler uses for ``inst``
+        (omni_ingest_blend_running)."""
+        if not 0 <= inst < self.index.num_instances:
+            raise IndexError(inst)
+        return lib.omni_ingest_blend_running(
+            ffi.addressof(self._insts, inst), proxy_running,
+            self.index._now(now_us), ttl_us)
+
     def instance(self, inst):
         if not 0 <= inst < self.index.num_instances:
             raise IndexError(inst)
