@@ -231,12 +231,15 @@ def test_a_longer_request_does_not_join_a_shorter_ones_step(omni_nginx, one_by_o
     names = _short_then_long(nginx, block=4000, long=4000, gap=0.01)
 
     seen = {}
+    # the engines saw the proxy's ids: back to the clients' through the log
+    to_client = {f["id"]: k for k, f in _access(tmp_path).items()}
     for inst in sim.stats(requests=500)["cluster"]:
         if inst["role"] != "prefill":
             continue
         for req in inst.get("requests", []):
-            if req.get("x_request_id") in names.values():
-                seen[req["x_request_id"]] = req
+            rid = to_client.get(req.get("x_request_id"))
+            if rid in names.values():
+                seen[rid] = req
     short, long_ = seen[names["short"]], seen[names["long"]]
     short_step = short["arrival_unix"] + short["queue_s"]
     assert long_["arrival_unix"] > short_step, (short, long_)
@@ -274,7 +277,10 @@ def two_prefill():
         yield sim
 
 
-def _prefill_instance(sim, rid):
+def _prefill_instance(sim, resp):
+    """The prefill instance that served an answer, by the id the engines saw
+    (the proxy's own, X-Omni-Request-Id), and its cached tokens there."""
+    rid = resp.headers.get("x-omni-request-id")
     for inst in sim.stats(requests=500)["cluster"]:
         for req in inst.get("requests", []):
             if req.get("x_request_id") == rid and inst["role"] == "prefill":
@@ -290,12 +296,12 @@ def test_prefix_affinity_yields_to_load(omni_nginx, two_prefill):
     tag = time.monotonic_ns()
     shared = _tokens(2048, 7)
 
-    _post(nginx, {"prompt": shared + _tokens(16, 8), "max_tokens": 1}, f"first-{tag}")
-    holder, _ = _prefill_instance(sim, f"first-{tag}")
+    resp = _post(nginx, {"prompt": shared + _tokens(16, 8), "max_tokens": 1}, f"first-{tag}")
+    holder, _ = _prefill_instance(sim, resp)
 
     # the same long prefix again: it goes where the prefix is cached
-    _post(nginx, {"prompt": shared + _tokens(16, 9), "max_tokens": 1}, f"again-{tag}")
-    url, cached = _prefill_instance(sim, f"again-{tag}")
+    resp = _post(nginx, {"prompt": shared + _tokens(16, 9), "max_tokens": 1}, f"again-{tag}")
+    url, cached = _prefill_instance(sim, resp)
     assert url == holder and cached >= 2000, (url, holder, cached)
 
     # now keep the holder busy with a long uncached prefill: recomputing the
@@ -318,8 +324,8 @@ def test_prefix_affinity_yields_to_load(omni_nginx, two_prefill):
     else:
         pytest.fail("could not get a long prefill onto the prefix holder")
 
-    _post(nginx, {"prompt": shared + _tokens(16, 30), "max_tokens": 1}, f"busy-{tag}")
-    url, cached = _prefill_instance(sim, f"busy-{tag}")
+    resp = _post(nginx, {"prompt": shared + _tokens(16, 30), "max_tokens": 1}, f"busy-{tag}")
+    url, cached = _prefill_instance(sim, resp)
     assert url == other, (url, other, holder)
     blocker.result(timeout=60)
     pool.shutdown()
