@@ -19,6 +19,8 @@ import pytest
 
 from omni_ctl.sim.cluster import SimCluster
 
+import schedlog
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -39,35 +41,8 @@ def _post(nginx, body, rid, timeout=60):
     return resp
 
 
-def _access(tmp_path):
-    """request id -> {field: value} from the proxy's access log."""
-    out = {}
-    path = tmp_path / "access.log"
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        fields = dict(p.split("=", 1) for p in line.split() if "=" in p)
-        if "id" in fields:
-            # the engines see the proxy's own id; the client's is client_id
-            key = fields.get("client_id", "-")
-            out[key if key != "-" else fields["id"]] = fields
-    return out
-
-
-def _prefill_starts(sim, rids, tmp_path):
-    """request id -> arrival time at its prefill instance (unix seconds)."""
-    # the engines saw the proxy's ids: back to the clients' through the log
-    to_client = {f["id"]: k for k, f in _access(tmp_path).items()}
-    stats = sim.stats(requests=500)
-    out = {}
-    for inst in stats["cluster"]:
-        if inst["role"] not in ("prefill", "both"):
-            continue
-        for req in inst.get("requests", []):
-            rid = to_client.get(req.get("x_request_id"), req.get("x_request_id"))
-            if rid in rids:
-                out[rid] = req["arrival_unix"]
-    return out
+_access = schedlog.access
+_prefill_starts = schedlog.prefill_starts
 
 
 def _wait_busy(nginx, role, timeout=10):
