@@ -146,27 +146,6 @@ def tokenizer_service(facts: ConfFacts) -> tokctl.Service | None:
                                     extra=facts.tokenizer_args)
 
 
-def start_tokenizer(facts: ConfFacts, timeout: float) -> int | None:
-    svc = tokenizer_service(facts)
-    if svc is None:
-        return None
-    try:
-        return tokctl.start(svc, timeout=timeout)
-    except (tokctl.TokenizerCtlError, OSError) as exc:
-        raise NginxCtlError(f"tokenizer service: {exc}") from None
-
-
-def stop_tokenizer(facts: ConfFacts, timeout: float = 10.0) -> int | None:
-    """Stop the config's tokenizer service; its pid, None if none ran."""
-    svc = tokenizer_service(facts)
-    if svc is None:
-        return None
-    try:
-        return tokctl.stop(svc, timeout=timeout)
-    except tokctl.TokenizerCtlError as exc:
-        raise NginxCtlError(f"tokenizer service: {exc}") from None
-
-
 def agent_service(facts: ConfFacts) -> agentctl.AgentService | None:
     """The KV-event agent of a config, None when it has none."""
     if facts.agent_args is None:
@@ -181,25 +160,51 @@ def agent_service(facts: ConfFacts) -> agentctl.AgentService | None:
         facts.agent_args)
 
 
-def start_agent(facts: ConfFacts, timeout: float = 30.0) -> int | None:
-    svc = agent_service(facts)
+# the sidecars a config may run: (what it is called, its service, its control
+# module, the control module's error)
+def _sidecar(kind: str):
+    if kind == "tokenizer":
+        return "tokenizer service", tokenizer_service, tokctl, tokctl.TokenizerCtlError
+    return "KV-event agent", agent_service, agentctl, agentctl.AgentCtlError
+
+
+def _start_sidecar(kind: str, facts: ConfFacts, timeout: float) -> int | None:
+    name, service, ctl, error = _sidecar(kind)
+    svc = service(facts)
     if svc is None:
         return None
     try:
-        return agentctl.start(svc, timeout=timeout)
-    except (agentctl.AgentCtlError, OSError) as exc:
-        raise NginxCtlError(f"KV-event agent: {exc}") from None
+        return ctl.start(svc, timeout=timeout)
+    except (error, OSError) as exc:
+        raise NginxCtlError(f"{name}: {exc}") from None
+
+
+def _stop_sidecar(kind: str, facts: ConfFacts, timeout: float) -> int | None:
+    """Stop a config's sidecar; its pid, None if none ran."""
+    name, service, ctl, error = _sidecar(kind)
+    svc = service(facts)
+    if svc is None:
+        return None
+    try:
+        return ctl.stop(svc, timeout=timeout)
+    except error as exc:
+        raise NginxCtlError(f"{name}: {exc}") from None
+
+
+def start_tokenizer(facts: ConfFacts, timeout: float) -> int | None:
+    return _start_sidecar("tokenizer", facts, timeout)
+
+
+def stop_tokenizer(facts: ConfFacts, timeout: float = 10.0) -> int | None:
+    return _stop_sidecar("tokenizer", facts, timeout)
+
+
+def start_agent(facts: ConfFacts, timeout: float = 30.0) -> int | None:
+    return _start_sidecar("agent", facts, timeout)
 
 
 def stop_agent(facts: ConfFacts, timeout: float = 10.0) -> int | None:
-    """Stop the config's KV-event agent; its pid, None if none ran."""
-    svc = agent_service(facts)
-    if svc is None:
-        return None
-    try:
-        return agentctl.stop(svc, timeout=timeout)
-    except agentctl.AgentCtlError as exc:
-        raise NginxCtlError(f"KV-event agent: {exc}") from None
+    return _stop_sidecar("agent", facts, timeout)
 
 
 # ---------------------------------------------------------------------------
