@@ -561,9 +561,10 @@ uint64_t ngx_http_omni_now_us(void);
 
 ngx_uint_t ngx_http_omni_ledger_start_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool);
+ngx_uint_t ngx_http_omni_ledger_reap_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_uint_t starting);
 ngx_pid_t ngx_http_omni_ledger_self(void);
-ngx_uint_t ngx_http_omni_ledger_gone_locked(ngx_http_omni_shctx_t *sh,
-    ngx_pid_t pid);
+ngx_uint_t ngx_http_omni_ledger_dead(ngx_pid_t pid, ngx_uint_t starting);
 ngx_http_omni_charge_t *ngx_http_omni_ledger_bind_locked(
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, ngx_pid_t pid,
     uint32_t slot, ngx_http_omni_spec_t *spec, uint64_t now_us);

@@ -39,11 +39,19 @@ static void ngx_http_omni_post_released(void);
 static void ngx_http_omni_wake_handler(ngx_event_t *ev);
 static void ngx_http_omni_timer_handler(ngx_event_t *ev);
 static void ngx_http_omni_close_fds(void *data);
+static ngx_uint_t ngx_http_omni_reap_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_uint_t starting);
+static void ngx_http_omni_reaper_handler(ngx_event_t *ev);
+
+
+/* how often a worker looks for processes that died with no successor */
+#define NGX_HTTP_OMNI_REAP_TICK  1000
 
 
 /* per worker process */
 static ngx_queue_t                 ngx_http_omni_held_list;
 static ngx_event_t                 ngx_http_omni_timer;
+static ngx_event_t                 ngx_http_omni_reaper;
 static ngx_http_omni_main_conf_t  *ngx_http_omni_worker_mcf;
 static uint64_t                    ngx_http_omni_generation;
 
@@ -550,10 +558,8 @@ ngx_http_omni_close_fds(void *data)
 ngx_int_t
 ngx_http_omni_init_process(ngx_cycle_t *cycle)
 {
-    uint32_t                    e, t;
     ngx_slab_pool_t            *shpool;
     ngx_http_omni_shctx_t      *sh;
-    ngx_http_omni_qentry_t     *en;
     ngx_http_omni_main_conf_t  *mcf;
 
     ngx_queue_init(&ngx_http_omni_held_list);
@@ -589,39 +595,19 @@ ngx_http_omni_init_process(ngx_cycle_t *cycle)
 
     /*
      * What processes that died (a crashed worker, respawned as this one)
-     * held is given back: their charges and requests by the ledger, their
-     * entries here.  The charges of their released entries were theirs.
+     * held is given back: their entries, then their charges and requests.
      */
 
+    (void) ngx_http_omni_reap_locked(sh, shpool, 1);
     (void) ngx_http_omni_ledger_start_locked(sh, shpool);
 
-    for (e = 0; e < sh->q_cap; e++) {
-        en = &sh->entries[e];
-
-        if (en->state == NGX_HTTP_OMNI_QE_FREE
-            || !ngx_http_omni_ledger_gone_locked(sh, en->pid))
-        {
-            continue;
-        }
-
-        if (en->state == NGX_HTTP_OMNI_QE_WAITING) {
-            ngx_http_omni_queue_remove_locked(sh, shpool, e);
-        }
-
-        for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
-            /* bound after its owner was reaped: in no owner's list */
-            if (en->charge[t] && ngx_queue_next(&en->charge[t]->link)
-                                 == &en->charge[t]->link)
-            {
-                ngx_http_omni_ledger_unbind_locked(sh, shpool,
-                                                   en->charge[t]);
-            }
-        }
-
-        ngx_http_omni_entry_free_locked(sh, shpool, e);
-    }
-
     ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_http_omni_reaper.handler = ngx_http_omni_reaper_handler;
+    ngx_http_omni_reaper.log = cycle->log;
+    ngx_http_omni_reaper.data = mcf;
+    ngx_http_omni_reaper.cancelable = 1;
+    ngx_add_timer(&ngx_http_omni_reaper, NGX_HTTP_OMNI_REAP_TICK);
 
     if (ngx_worker < mcf->n_wake_fds
         && ngx_add_channel_event(cycle, mcf->wake_fds[ngx_worker],
@@ -931,4 +917,87 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
         }
 
     } while (more);
+}
+
+
+/*
+ * Give back what dead processes held: their queue entries (waiting ones
+ * leave the queue; the charges of released ones, in their owner's list or
+ * bound after it was reaped, are unbound), then through the ledger their
+ * legs' charges and requests.  `starting`: see ngx_http_omni_ledger_dead().
+ * Returns the number of dead owners found.
+ */
+static ngx_uint_t
+ngx_http_omni_reap_locked(ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_uint_t starting)
+{
+    uint32_t                 e;
+    ngx_uint_t               i, dead;
+    ngx_http_omni_qentry_t  *en;
+
+    dead = 0;
+
+    for (i = 0; i < NGX_HTTP_OMNI_OWNERS; i++) {
+        if (sh->owners[i].pid != ngx_http_omni_ledger_self()
+            && ngx_http_omni_ledger_dead(sh->owners[i].pid, starting))
+        {
+            dead++;
+        }
+    }
+
+    if (dead == 0 && !starting) {
+        /* the entries of a dead process are reaped with its owner record */
+        return 0;
+    }
+
+    for (e = 0; e < sh->q_cap; e++) {
+        en = &sh->entries[e];
+
+        if (en->state == NGX_HTTP_OMNI_QE_FREE
+            || en->pid == ngx_http_omni_ledger_self()
+            || !ngx_http_omni_ledger_dead(en->pid, starting))
+        {
+            continue;
+        }
+
+        if (en->state == NGX_HTTP_OMNI_QE_WAITING) {
+            ngx_http_omni_queue_remove_locked(sh, shpool, e);
+        }
+
+        ngx_http_omni_uncharge_locked(sh, shpool, en);
+        ngx_http_omni_entry_free_locked(sh, shpool, e);
+    }
+
+    return ngx_http_omni_ledger_reap_locked(sh, shpool, starting);
+}
+
+
+/*
+ * A worker killed after a reload (an old worker finishing its requests) or
+ * one the master does not respawn has no successor whose start would give
+ * back what it held: every worker looks for such processes once a second.
+ */
+static void
+ngx_http_omni_reaper_handler(ngx_event_t *ev)
+{
+    ngx_uint_t                  dead;
+    ngx_slab_pool_t            *shpool;
+    ngx_http_omni_shctx_t      *sh;
+    ngx_http_omni_main_conf_t  *mcf;
+
+    mcf = ev->data;
+    sh = ngx_http_omni_shm(mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+    dead = ngx_http_omni_reap_locked(sh, shpool, 0);
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (dead) {
+        /* what they held may let a held request go */
+        ngx_http_omni_schedule(mcf);
+    }
+
+    if (!ngx_exiting && !ngx_quit && !ngx_terminate) {
+        ngx_add_timer(ev, NGX_HTTP_OMNI_REAP_TICK);
+    }
 }

@@ -19,7 +19,9 @@
  * it is) and is linked into that owner's list in the zone, as are the
  * owner's main requests in flight.  When a process dies without giving back
  * what it held, the next process that starts (the respawned worker, or the
- * workers of a reload) finds the dead owner and gives it all back.
+ * workers of a reload) finds the dead owner and gives it all back; so does
+ * every worker once a second (an old worker killed after a reload has no
+ * successor).
  *
  * Callers hold the zone lock for the _locked functions; the others take it.
  * This file calls only the zone (ngx_http_omni_shm.c) and the library.
@@ -99,6 +101,62 @@ ngx_http_omni_reap_owner_locked(ngx_http_omni_shctx_t *sh,
 
 
 /*
+ * Whether the process `pid` of an owner record or a queue entry is gone.
+ * `starting`: this process is starting, so a record with its own pid is a
+ * dead predecessor's (the pid was reused); otherwise it is this process's.
+ */
+ngx_uint_t
+ngx_http_omni_ledger_dead(ngx_pid_t pid, ngx_uint_t starting)
+{
+    if (pid == 0) {
+        return 0;
+    }
+
+    if (pid == ngx_pid) {
+        return starting;
+    }
+
+    return ngx_http_omni_pid_dead(pid);
+}
+
+
+/*
+ * Give back what dead owners held (see ngx_http_omni_ledger_dead() for
+ * `starting`).  Returns the number of dead owners found.  Their queue
+ * entries are the queue's to free first (ngx_http_omni_reap_locked() in
+ * ngx_http_omni_hold.c).
+ */
+ngx_uint_t
+ngx_http_omni_ledger_reap_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_uint_t starting)
+{
+    ngx_uint_t              i, dead;
+    ngx_http_omni_owner_t  *o;
+
+    dead = 0;
+
+    for (i = 0; i < NGX_HTTP_OMNI_OWNERS; i++) {
+        o = &sh->owners[i];
+
+        if (o == ngx_http_omni_me
+            || !ngx_http_omni_ledger_dead(o->pid, starting))
+        {
+            continue;
+        }
+
+        if (o->charges.next == NULL) {
+            ngx_queue_init(&o->charges);
+        }
+
+        ngx_http_omni_reap_owner_locked(sh, shpool, o);
+        dead++;
+    }
+
+    return dead;
+}
+
+
+/*
  * This process starts: give back what dead processes held, then take a
  * record in the owner table.  Returns the number of dead owners found.
  */
@@ -109,24 +167,18 @@ ngx_http_omni_ledger_start_locked(ngx_http_omni_shctx_t *sh,
     ngx_uint_t              i, dead;
     ngx_http_omni_owner_t  *o, *free_o;
 
-    dead = 0;
+    ngx_http_omni_me = NULL;
+
+    dead = ngx_http_omni_ledger_reap_locked(sh, shpool, 1);
+
     free_o = NULL;
 
     for (i = 0; i < NGX_HTTP_OMNI_OWNERS; i++) {
         o = &sh->owners[i];
 
-        if (o->pid && (o->pid == ngx_pid || ngx_http_omni_pid_dead(o->pid)))
-        {
-            if (o->charges.next == NULL) {
-                ngx_queue_init(&o->charges);
-            }
-
-            ngx_http_omni_reap_owner_locked(sh, shpool, o);
-            dead++;
-        }
-
-        if (o->pid == 0 && free_o == NULL) {
+        if (o->pid == 0) {
             free_o = o;
+            break;
         }
     }
 
@@ -152,19 +204,6 @@ ngx_pid_t
 ngx_http_omni_ledger_self(void)
 {
     return ngx_http_omni_me ? ngx_pid : 0;
-}
-
-
-/* Whether the process that owns queue entries of `pid` is gone. */
-ngx_uint_t
-ngx_http_omni_ledger_gone_locked(ngx_http_omni_shctx_t *sh, ngx_pid_t pid)
-{
-    if (pid == 0 || pid == ngx_pid) {
-        return 0;
-    }
-
-    return ngx_http_omni_owner(sh, pid) == NULL
-           && ngx_http_omni_pid_dead(pid);
 }
 
 

@@ -363,6 +363,58 @@ def test_worker_killed_with_requests_in_flight_and_held(omni_nginx):
         assert_all_given_back(nginx)
 
 
+def test_old_worker_killed_after_a_reload(omni_nginx):
+    """A reload, then `kill -9` of the old worker while it still finishes
+    its requests (legs in flight, requests held).  The master respawns no
+    worker for an old one, so no process start comes to give back what it
+    held (the chaos run's leak: charges left on four instances); the
+    workers' reaper does, within seconds, and the zone is whole after."""
+    import os
+    import signal
+    import threading
+
+    with SimCluster(prefill=1, decode=1, engine="vllm", preset="tiny",
+                    args=["--speedup", "0.05"]) as cl:
+        nginx = start_proxy(omni_nginx, "sequential", cl, core_num=1,
+                            prefill_max_num_seqs=1)
+        nginx.allow(r"exited on signal 9")
+        old = nginx.workers
+        assert len(old) == 1, old
+        results = []
+        threads = [threading.Thread(target=_client, args=(nginx, results, i % 2 == 0))
+                   for i in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while True:
+            st = nginx.status()
+            held = st["queues"]["prefill_waiting"] + st["queues"]["decode_waiting"]
+            inflight = sum(i["inflight_requests"] for i in st["instances"])
+            if held >= 2 and inflight >= 1:
+                break
+            assert time.monotonic() < deadline, st["queues"]
+            time.sleep(0.02)
+        nginx.reload()
+        new = [w for w in nginx.workers if w not in old]
+        assert new, "no new worker after the reload"
+        # the old worker is still finishing its requests: killed now
+        os.kill(old[0], 0)
+        os.kill(old[0], signal.SIGKILL)
+        for t in threads:
+            t.join(180)
+            assert not t.is_alive()
+        assert len(results) == 8, results
+        assert any(r[0] == "closed" for r in results), results
+        st = assert_all_given_back(nginx, timeout=20)
+        assert st["totals"]["charges_reaped"] >= 1, st["totals"]
+        # no process started after the kill: the new worker gave it back
+        assert set(nginx.workers) == set(new), (nginx.workers, new)
+        for _ in range(3):
+            status, data = post(nginx, body())
+            assert status == 200, data
+        assert_all_given_back(nginx)
+
+
 def test_aborted_prefills_leave_no_phantom_work(omni_nginx, sim):
     """Issue 23's lead, the mechanism as state: prefill legs that end by a
     client abort must finish their predictor jobs.  If they do not, the
