@@ -23,6 +23,10 @@
 
 static ngx_int_t ngx_http_omni_leg_done(ngx_http_request_t *sr, void *data,
     ngx_int_t rc);
+static ssize_t ngx_http_omni_cancelled_recv(ngx_connection_t *c, u_char *buf,
+    size_t size);
+static ssize_t ngx_http_omni_cancelled_recv_chain(ngx_connection_t *c,
+    ngx_chain_t *in, off_t limit);
 static ngx_http_omni_leg_t *ngx_http_omni_find_leg(ngx_http_request_t *r,
     ngx_http_omni_ctx_t **pctx);
 static ngx_int_t ngx_http_omni_header_filter(ngx_http_request_t *r);
@@ -170,14 +174,42 @@ ngx_http_omni_cancel_leg(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier)
 
     /*
      * A leg that owns the client's output must end through the normal
-     * subrequest path so the main request is woken: make its upstream
-     * connection time out now, with no retry.
+     * subrequest path so the main request is woken.  Its next read fails
+     * (no retry: one try left, the connection not a cached one nginx would
+     * try again), which nginx's upstream ends as a 502 and logs nothing of:
+     * not a timeout, and not at error level; the line above says what it
+     * was.
      */
 
     pc = u->peer.connection;
     u->peer.tries = 1;
-    pc->read->timedout = 1;
+    u->peer.cached = 0;
+    pc->recv = ngx_http_omni_cancelled_recv;
+    pc->recv_chain = ngx_http_omni_cancelled_recv_chain;
+    pc->read->ready = 1;
     ngx_post_event(pc->read, &ngx_posted_events);
+}
+
+
+/* The reads of a cancelled leg's upstream connection. */
+static ssize_t
+ngx_http_omni_cancelled_recv(ngx_connection_t *c, u_char *buf, size_t size)
+{
+    c->read->error = 1;
+    c->read->ready = 0;
+
+    return NGX_ERROR;
+}
+
+
+static ssize_t
+ngx_http_omni_cancelled_recv_chain(ngx_connection_t *c, ngx_chain_t *in,
+    off_t limit)
+{
+    c->read->error = 1;
+    c->read->ready = 0;
+
+    return NGX_ERROR;
 }
 
 
