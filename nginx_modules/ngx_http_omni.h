@@ -618,6 +618,8 @@ void ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh,
     uint32_t e);
 void ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, uint32_t e);
+ngx_uint_t ngx_http_omni_queue_reap_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_uint_t starting);
 
 /* ngx_http_omni_sched.c */
 ngx_uint_t ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf);

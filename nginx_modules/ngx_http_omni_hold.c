@@ -39,8 +39,6 @@ static void ngx_http_omni_post_released(void);
 static void ngx_http_omni_wake_handler(ngx_event_t *ev);
 static void ngx_http_omni_timer_handler(ngx_event_t *ev);
 static void ngx_http_omni_close_fds(void *data);
-static ngx_uint_t ngx_http_omni_reap_locked(ngx_http_omni_shctx_t *sh,
-    ngx_slab_pool_t *shpool, ngx_uint_t starting);
 static void ngx_http_omni_reaper_handler(ngx_event_t *ev);
 
 
@@ -598,7 +596,7 @@ ngx_http_omni_init_process(ngx_cycle_t *cycle)
      * held is given back: their entries, then their charges and requests.
      */
 
-    (void) ngx_http_omni_reap_locked(sh, shpool, 1);
+    (void) ngx_http_omni_queue_reap_locked(sh, shpool, 1);
     (void) ngx_http_omni_ledger_start_locked(sh, shpool);
 
     ngx_shmtx_unlock(&shpool->mutex);
@@ -921,58 +919,6 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
 
 
 /*
- * Give back what dead processes held: their queue entries (waiting ones
- * leave the queue; the charges of released ones, in their owner's list or
- * bound after it was reaped, are unbound), then through the ledger their
- * legs' charges and requests.  `starting`: see ngx_http_omni_ledger_dead().
- * Returns the number of dead owners found.
- */
-static ngx_uint_t
-ngx_http_omni_reap_locked(ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
-    ngx_uint_t starting)
-{
-    uint32_t                 e;
-    ngx_uint_t               i, dead;
-    ngx_http_omni_qentry_t  *en;
-
-    dead = 0;
-
-    for (i = 0; i < NGX_HTTP_OMNI_OWNERS; i++) {
-        if (sh->owners[i].pid != ngx_http_omni_ledger_self()
-            && ngx_http_omni_ledger_dead(sh->owners[i].pid, starting))
-        {
-            dead++;
-        }
-    }
-
-    if (dead == 0 && !starting) {
-        /* the entries of a dead process are reaped with its owner record */
-        return 0;
-    }
-
-    for (e = 0; e < sh->q_cap; e++) {
-        en = &sh->entries[e];
-
-        if (en->state == NGX_HTTP_OMNI_QE_FREE
-            || en->pid == ngx_http_omni_ledger_self()
-            || !ngx_http_omni_ledger_dead(en->pid, starting))
-        {
-            continue;
-        }
-
-        if (en->state == NGX_HTTP_OMNI_QE_WAITING) {
-            ngx_http_omni_queue_remove_locked(sh, shpool, e);
-        }
-
-        ngx_http_omni_uncharge_locked(sh, shpool, en);
-        ngx_http_omni_entry_free_locked(sh, shpool, e);
-    }
-
-    return ngx_http_omni_ledger_reap_locked(sh, shpool, starting);
-}
-
-
-/*
  * A worker killed after a reload (an old worker finishing its requests) or
  * one the master does not respawn has no successor whose start would give
  * back what it held: every worker looks for such processes once a second.
@@ -989,7 +935,7 @@ ngx_http_omni_reaper_handler(ngx_event_t *ev)
     sh = ngx_http_omni_shm(mcf, &shpool);
 
     ngx_shmtx_lock(&shpool->mutex);
-    dead = ngx_http_omni_reap_locked(sh, shpool, 0);
+    dead = ngx_http_omni_queue_reap_locked(sh, shpool, 0);
     ngx_shmtx_unlock(&shpool->mutex);
 
     if (dead) {

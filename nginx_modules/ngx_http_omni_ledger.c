@@ -123,8 +123,7 @@ ngx_http_omni_ledger_dead(ngx_pid_t pid, ngx_uint_t starting)
 /*
  * Give back what dead owners held (see ngx_http_omni_ledger_dead() for
  * `starting`).  Returns the number of dead owners found.  Their queue
- * entries are the queue's to free first (ngx_http_omni_reap_locked() in
- * ngx_http_omni_hold.c).
+ * entries are the queue's to free first (ngx_http_omni_queue_reap_locked()).
  */
 ngx_uint_t
 ngx_http_omni_ledger_reap_locked(ngx_http_omni_shctx_t *sh,

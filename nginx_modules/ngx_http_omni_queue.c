@@ -226,3 +226,62 @@ ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh, uint32_t e)
 
     q->tail = e;
 }
+
+
+/*
+ * Give back what dead processes held: their queue entries (waiting ones
+ * leave the queue; the charges of released ones, in their owner's list or
+ * bound after it was reaped, are unbound), then through the ledger their
+ * legs' charges and requests.  `starting`: see ngx_http_omni_ledger_dead().
+ * Returns the number of dead owners found.
+ */
+ngx_uint_t
+ngx_http_omni_queue_reap_locked(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_uint_t starting)
+{
+    uint32_t                 e;
+    ngx_uint_t               i, t, dead;
+    ngx_http_omni_qentry_t  *en;
+
+    dead = 0;
+
+    for (i = 0; i < NGX_HTTP_OMNI_OWNERS; i++) {
+        if (sh->owners[i].pid != ngx_http_omni_ledger_self()
+            && ngx_http_omni_ledger_dead(sh->owners[i].pid, starting))
+        {
+            dead++;
+        }
+    }
+
+    if (dead == 0 && !starting) {
+        /* the entries of a dead process are reaped with its owner record */
+        return 0;
+    }
+
+    for (e = 0; e < sh->q_cap; e++) {
+        en = &sh->entries[e];
+
+        if (en->state == NGX_HTTP_OMNI_QE_FREE
+            || en->pid == ngx_http_omni_ledger_self()
+            || !ngx_http_omni_ledger_dead(en->pid, starting))
+        {
+            continue;
+        }
+
+        if (en->state == NGX_HTTP_OMNI_QE_WAITING) {
+            ngx_http_omni_queue_remove_locked(sh, shpool, e);
+        }
+
+        for (t = 0; t < NGX_HTTP_OMNI_TIERS; t++) {
+            if (en->charge[t]) {
+                ngx_http_omni_ledger_unbind_locked(sh, shpool, en->charge[t]);
+                en->charge[t] = NULL;
+            }
+        }
+
+        ngx_http_omni_entry_free_locked(sh, shpool, e);
+    }
+
+    return ngx_http_omni_ledger_reap_locked(sh, shpool, starting);
+}
+
