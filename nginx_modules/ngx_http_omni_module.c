@@ -504,7 +504,8 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->starvation_timeout, 2000);
     ngx_conf_init_uint_value(mcf->queue_max, 4096);
     ngx_conf_init_msec_value(mcf->queue_timeout, 600000);
-    ngx_conf_init_msec_value(mcf->request_timeout, 0);
+    /* the OpenAI clients' default timeout: conf.py request_timeout */
+    ngx_conf_init_msec_value(mcf->request_timeout, 600000);
 
     if (mcf->passive_health == NGX_CONF_UNSET_UINT) {
         mcf->passive_health = NGX_HTTP_OMNI_PH_ERROR|NGX_HTTP_OMNI_PH_TIMEOUT

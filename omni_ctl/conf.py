@@ -195,12 +195,15 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N", minimum=1, directive="omni_queue_max"),
     Option("queue_timeout", "duration", "600s", "Longest a request is held before 503.",
            "scheduler", metavar="T", directive="omni_queue_timeout"),
-    Option("request_timeout", "duration", "0s", (
+    Option("request_timeout", "duration", "600s", (
         "Deadline of a request through the queue and both legs (0: none)."), "scheduler",
            metavar="T", minimum=0, directive="omni_request_timeout", doc=(
                "Past it the request gets 504, or one SSE error event when its stream "
                "had started; its legs are cancelled. A client may lower it (never "
-               "raise it) with the header `X-Omni-Request-Timeout: <ms>`.")),
+               "raise it) with the header `X-Omni-Request-Timeout: <ms>`. The default "
+               "is the OpenAI clients' own default timeout (600 s): no request waits "
+               "longer on a hung or stalled engine, and none the clients would still "
+               "wait for is cut. Raise it (or 0) for longer generations.")),
     Option("decode_max_tokens", "int", 0, (
         "KV-token budget per decode instance (prompt + expected output of the work "
         "in flight; 0: none)."), "scheduler", metavar="N", minimum=0,
@@ -1013,6 +1016,7 @@ def render_conf(conf: ProxyConf) -> str:
         conf=conf,
         prefix=str(conf.prefix),
         module_path=str(conf.module_path),
+        sanitized=paths.build_info(conf.module_dir).get("debug") == "1",
         affinity=" ".join(affinity_masks(conf.cores)),
         error_pages=error_pages(),
         default_bootstrap_port=DEFAULT_BOOTSTRAP_PORT,
