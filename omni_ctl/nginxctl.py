@@ -474,6 +474,52 @@ def _stop_nginx(conf_file, timeout: float, term_timeout: float) -> Status:
                         f"and TERM ({term_timeout:g}s)")
 
 
+def upgrade(conf_file, timeout: float = 30.0, drain_timeout: float = 600.0) -> Status:
+    """Binary upgrade on the fly, nginx's way: USR2 makes the master start
+    the nginx binary on disk as a new master (same config, same listening
+    sockets, its own shared zone); WINCH makes the old master's workers stop
+    accepting and finish the requests they hold; QUIT then ends the old
+    master.  Waits for each step; returns the new master's status.  If the
+    new binary does not come up, the old master keeps serving untouched."""
+    facts = read_conf(conf_file)
+    before = status(conf_file)
+    if not before.running:
+        raise NotRunning(f"not running ({before.note}); use `omni-ctl start`")
+    old = before.pid
+    confmod.nginx_test(facts.conf_file, facts.prefix, facts.module_dir)
+    offset = _log_size(facts.error_log)
+    _signal(old, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid = _read_pid(facts.pid_file)
+        if (pid and pid != old and is_master_of(pid, facts.conf_file)
+                and len(workers_of(pid)) >= (facts.workers or 1)):
+            new = pid
+            break
+        log = log_since(facts.error_log, offset)
+        failed = [line for line in log.splitlines()
+                  if "[emerg]" in line or "execve()" in line]
+        if failed or time.monotonic() > deadline:
+            raise NginxCtlError(_with_log(
+                f"the new nginx master did not start within {timeout:g}s after USR2; "
+                f"the old master {old} keeps serving", log))
+        time.sleep(0.05)
+    # the old workers finish what they hold, accepting nothing new
+    _signal(old, signal.SIGWINCH)
+    deadline = time.monotonic() + drain_timeout
+    while workers_of(old, include_shutting_down=True):
+        if time.monotonic() > deadline:
+            raise NginxCtlError(
+                f"the old workers still hold requests after {drain_timeout:g}s; both "
+                f"masters run (old {old}, new {new}): QUIT {old} to finish, or HUP "
+                f"{old} and QUIT {new} to go back")
+        time.sleep(0.05)
+    _signal(old, signal.SIGQUIT)
+    if not _wait_gone(old, facts.conf_file, timeout):
+        raise NginxCtlError(f"the old nginx master {old} did not exit after QUIT")
+    return status(conf_file)
+
+
 def rollback_file(conf_file) -> Path:
     """Swap conf_file with conf_file.prev; returns the backup path."""
     conf_file = Path(os.path.abspath(conf_file))

@@ -86,6 +86,24 @@ def reload(nginx_conf_file, rollback, timeout, **options):
 
 @click.command()
 @_conf_file
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the new master and its workers.")
+@click.option("--drain-timeout", type=float, default=600.0, show_default=True,
+              help="Seconds the old workers may take to finish their requests.")
+def upgrade(nginx_conf_file, timeout, drain_timeout):
+    """Replace the running nginx binary on the fly (USR2, WINCH, QUIT).
+
+    A new master runs the nginx binary on disk with the same config and
+    listening sockets; the old master's workers stop accepting and finish
+    the requests they hold; then the old master exits.  The new master has
+    a shared zone of its own: its counters start at zero.
+    """
+    st = nginxctl.upgrade(nginx_conf_file, timeout=timeout, drain_timeout=drain_timeout)
+    click.echo("upgraded; " + _describe(st))
+
+
+@click.command()
+@_conf_file
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON.")
 def status(nginx_conf_file, as_json):
     """Show whether the nginx of a config runs, its pid and workers.
