@@ -439,9 +439,13 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
         state &= ~NGX_PEER_FAILED;
     }
 
+    /* a cancelled leg says nothing of its instance, good or bad */
+
     ngx_http_omni_ledger_release(pd->ucf->mcf, pd->leg,
-                                 failed ? NGX_HTTP_OMNI_OUTCOME_FAILED
-                                        : NGX_HTTP_OMNI_OUTCOME_OK,
+                                 pd->leg->cancelled
+                                 ? NGX_HTTP_OMNI_OUTCOME_NONE
+                                 : failed ? NGX_HTTP_OMNI_OUTCOME_FAILED
+                                          : NGX_HTTP_OMNI_OUTCOME_OK,
                                  !(state & NGX_PEER_FAILED)
                                  && !pd->leg->cancelled && u
                                  && u->headers_in.status_n >= 200

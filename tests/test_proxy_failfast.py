@@ -136,6 +136,17 @@ def test_cancelled_decode_is_logged_as_a_cancel(omni_nginx, sim):
     counted as one: no "upstream timed out", no 504, no error-level line
     about the decode leg."""
     nginx = _proxy(omni_nginx, sim)
+    # one failure on the decode instance first: a cancel must neither add
+    # to it nor clear it (it says nothing of the instance)
+    sim.fault(sim.decode_urls[0], mode="error", status=500)
+    resp = nginx.post("/v1/completions", json={"prompt": "one failure", "max_tokens": 2},
+                      timeout=60)
+    assert resp.status >= 500 or b"error" in resp.body, resp.body
+
+    def decode(st):
+        return next(i for i in st["instances"] if i["role"] == "decode")
+
+    assert decode(_idle(nginx))["fails"] == 1
     sim.fault(sim.decode_urls[0], mode="hang")
     try:
         before = nginx.status()["totals"]["legs_cancelled"]
@@ -151,6 +162,7 @@ def test_cancelled_decode_is_logged_as_a_cancel(omni_nginx, sim):
         assert "prefill" in err["message"], err
         status = _idle(nginx)
         assert status["totals"]["legs_cancelled"] == before + 1
+        assert decode(status)["fails"] == 1, decode(status)
         log = nginx.error_log
         cancel = [l for l in log.splitlines() if "cancelling the decode leg" in l]
         assert len(cancel) == 1 and "[info]" in cancel[0], cancel
