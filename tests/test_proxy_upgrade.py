@@ -45,7 +45,6 @@ def test_binary_upgrade_under_load_loses_nothing(omni_nginx, sim):
                        decode_endpoints=sim.decode_endpoints[0],
                        schedule_policy="omni", prefill_max_num_seqs=1,
                        prefill_read_timeout="60s", core_num=2)
-    # nginx writes these at notice level; the rest of the log must stay clean
     old_master = nginx.pid
     old_workers = nginx.workers
     assert old_master and old_workers
@@ -110,8 +109,10 @@ def test_binary_upgrade_under_load_loses_nothing(omni_nginx, sim):
             break
         assert time.monotonic() < deadline, busy
         time.sleep(0.05)
+    # the later requests went to either master (both accept until WINCH):
+    # the new one counts no more than those, and none of the first wave
     taken = st["totals"]["requests"]
-    assert 0 < taken <= N, taken
+    assert 0 <= taken <= N, taken
     # and it serves
     resp = nginx.post("/v1/completions", json={"prompt": "after", "max_tokens": 2})
     assert resp.status == 200, resp.text
