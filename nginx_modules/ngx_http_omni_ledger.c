@@ -89,9 +89,12 @@ ngx_http_omni_reap_owner_locked(ngx_http_omni_shctx_t *sh,
 
     sh->inflight_requests -= ngx_min(sh->inflight_requests, o->requests);
 
-    ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
-                  "omni: process %P exited holding %ui charges and %uL "
-                  "requests: given back", o->pid, n, o->requests);
+    if (n || o->requests) {
+        /* (an old worker that finished its requests and exited: quiet) */
+        ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                      "omni: process %P exited holding %ui charges and %uL "
+                      "requests: given back", o->pid, n, o->requests);
+    }
 
     sh->reaped_total += n;
 
