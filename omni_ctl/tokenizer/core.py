@@ -331,12 +331,16 @@ class ModelTokenizer:
         if chat_template is not None:
             self.tok.chat_template = chat_template
         self.vocab_size = len(self.tok)
+        # the same ids without the character offsets nobody here reads
+        # (tokenizers >= 0.20): a third less time per encode
+        self._fast = getattr(self.backend, "encode_batch_fast", None)
         self.verify_rate = verify_rate
         self.cache = ReuseCache(cache_tokens)
         self.stats = {"requests": 0, "texts": 0, "tokens": 0, "reused_tokens": 0,
                       "reuse_hits": 0, "reuse_joint_fallbacks": 0,
                       "reuse_verified": 0, "reuse_mismatches": 0,
-                      "bad_requests": 0, "unsupported": 0}
+                      "bad_requests": 0, "unsupported": 0,
+                      "busy_s": 0.0, "cpu_s": 0.0}
         self.lead = self._lead_ids()
         self._boundary_re, self._first_chars, self.boundary_ids = None, [], {}
         if reuse:
@@ -345,6 +349,8 @@ class ModelTokenizer:
     # -- load-time facts -----------------------------------------------------
     def _enc(self, text, special=False):
         try:
+            if self._fast is not None:
+                return self._fast([text], add_special_tokens=special)[0].ids
             return self.backend.encode(text, add_special_tokens=special).ids
         except Exception as exc:    # the library's: e.g. a lone surrogate
             raise BadRequest(f"cannot tokenize the prompt: {exc}") from None
@@ -438,9 +444,13 @@ class ModelTokenizer:
             prev = pos
         return out
 
-    def _keys(self, ids, bounds, digests):
-        """[(digest, ntokens)] for the boundaries whose token sits where the
-        text says; [] when ids and text do not line up one to one."""
+    @staticmethod
+    def _keys(ids, bounds, digests, offset=0):
+        """[(digest, offset + ntokens)] for the boundaries whose token sits
+        where the text says; None when ids and text do not line up one to
+        one."""
+        if not bounds:
+            return []
         import numpy as np
 
         arr = np.frombuffer(ids, dtype=np.uint32) if isinstance(ids, array) \
@@ -448,9 +458,24 @@ class ModelTokenizer:
         want = np.fromiter((b[1] for b in bounds), dtype=np.uint32, count=len(bounds))
         at = np.flatnonzero(np.isin(arr, np.unique(want)))
         if len(at) != len(bounds) or not np.array_equal(arr[at], want):
-            return []
-        keep = range(max(0, len(bounds) - _KEYS_PER_TEXT), len(bounds))
-        return [(digests[j], int(at[j]) + 1) for j in keep]
+            return None
+        first = max(0, len(bounds) - _KEYS_PER_TEXT)
+        return [(digests[j], offset + int(at[j]) + 1) for j in range(first, len(bounds))]
+
+    def _reused_keys(self, digests, j, n, tail, bounds):
+        """The keys of a text whose first n ids came from the cache (its
+        boundaries up to j) and whose rest is tail[1:]: the earlier
+        boundaries' keys as the cache holds them (the same text before them,
+        so the same ids), only the tail's positions searched; None when the
+        tail does not line up."""
+        later = self._keys(tail[1:], bounds[j + 1:], digests[j + 1:], n)
+        if later is None:
+            return None
+        index = self.cache.index
+        first = max(0, j + 1 + len(later) - _KEYS_PER_TEXT)
+        earlier = [(digests[i], index[digests[i]][1])
+                   for i in range(first, j) if digests[i] in index]
+        return (earlier + [(digests[j], n)] + later)[-_KEYS_PER_TEXT:]
 
     def encode(self, text: str, add_special_tokens: bool):
         """(ids, reused tokens) of one text, as the engine encodes it."""
@@ -470,7 +495,7 @@ class ModelTokenizer:
         if not bounds:
             return array("I", lead + self._enc(text)), 0
         digests = self._digests(text, bounds)
-        ids, reused, whole = None, 0, False
+        ids, reused, whole, keys = None, 0, False, None
         hit = self.cache.find(digests)
         if hit is not None:
             j, cached, n = hit
@@ -482,6 +507,7 @@ class ModelTokenizer:
                     tail = self._enc(s + text[pos:])
                     if tail and tail[0] == tid:
                         ids = cached[:n] + array("I", tail[1:])
+                        keys = self._reused_keys(digests, j, n, tail, bounds)
             if ids is None:
                 self.stats["reuse_joint_fallbacks"] += 1
             else:
@@ -492,11 +518,13 @@ class ModelTokenizer:
                     full = self._enc(text)
                     if ids.tolist() != full:
                         self.stats["reuse_mismatches"] += 1
-                        ids, reused, whole = array("I", full), 0, False
+                        ids, reused, whole, keys = array("I", full), 0, False, None
         if ids is None:
             ids = array("I", self._enc(text))
         if not whole:
-            self.cache.add(ids, self._keys(ids, bounds, digests))
+            if keys is None:
+                keys = self._keys(ids, bounds, digests)
+            self.cache.add(ids, keys or [])
         if lead:
             ids = array("I", lead) + ids
         return ids, reused
