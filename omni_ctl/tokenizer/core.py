@@ -345,6 +345,19 @@ class ModelTokenizer:
         self._boundary_re, self._first_chars, self.boundary_ids = None, [], {}
         if reuse:
             self._find_boundaries()
+        self._warm_up()
+
+    def _warm_up(self):
+        """Pay the one-time costs at load, not in the first request: the
+        chat template's compilation, numpy's import (the reuse keys)."""
+        if self.boundary_ids:
+            import numpy  # noqa: F401
+        if self.tok.chat_template:
+            try:
+                self.tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                             tokenize=False, add_generation_prompt=True)
+            except Exception:   # noqa: BLE001 - a template error shows per request
+                pass
 
     # -- load-time facts -----------------------------------------------------
     def _enc(self, text, special=False):
