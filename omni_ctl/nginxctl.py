@@ -528,11 +528,16 @@ def reload(conf_file, new_text: str | None = None, rollback: bool = False,
     # new workers connect to it; stopped again if nginx refuses the config
     added = _start_added_tokenizer(conf_file, before)
     try:
-        return _hup_and_wait(conf_file, facts, before, saved, timeout)
+        st = _hup_and_wait(conf_file, facts, before, saved, timeout)
     except BaseException:
         if added is not None:
             stop_tokenizer(added)
         raise
+    if before.tokenizer is not None and read_conf(conf_file).model_path is None:
+        # the new workers no longer use it, and `stop` reads the new config
+        stop_tokenizer(facts)
+        st.tokenizer = None
+    return st
 
 
 def _start_added_tokenizer(conf_file, before: Status) -> ConfFacts | None:
