@@ -56,6 +56,8 @@ _PROBE_LEFT = ("Hello wor", "", " 12", "中文")
 _PROBE_RIGHT = ("ld again", " x", "\n\n  y", "12", "")
 # boundaries kept per cached text (the last ones: a next turn shares most)
 _KEYS_PER_TEXT = 64
+# id lists at least this long are lined up with their boundaries by numpy
+_NUMPY_FROM = 4096
 
 
 class BadRequest(ValueError):
@@ -284,6 +286,13 @@ class ReuseCache:
         self.tokens = 0
 
 
+def _kept(digests, at, offset):
+    """The cache keys of the last _KEYS_PER_TEXT boundaries: (digest, token
+    count up to and including the boundary's token at position at[j])."""
+    first = max(0, len(at) - _KEYS_PER_TEXT)
+    return [(digests[j], offset + at[j] + 1) for j in range(first, len(at))]
+
+
 def _trie_pattern(words):
     """A regex matching the longest of words at a position, as a trie (one
     branch per next character instead of one per word: an added-token
@@ -464,16 +473,24 @@ class ModelTokenizer:
         one."""
         if not bounds:
             return []
+        want = [b[1] for b in bounds]
+        if len(ids) < _NUMPY_FROM:
+            # a reused turn's new tail: numpy's per-call costs would dominate
+            kinds = set(want)
+            at = [i for i, t in enumerate(ids) if t in kinds]
+            if len(at) == len(want) and all(
+                    ids[i] == w for i, w in zip(at, want)):
+                return _kept(digests, at, offset)
+            return None
         import numpy as np
 
         arr = np.frombuffer(ids, dtype=np.uint32) if isinstance(ids, array) \
             else np.asarray(ids, dtype=np.uint32)
-        want = np.fromiter((b[1] for b in bounds), dtype=np.uint32, count=len(bounds))
+        want = np.asarray(want, dtype=np.uint32)
         at = np.flatnonzero(np.isin(arr, np.unique(want)))
         if len(at) != len(bounds) or not np.array_equal(arr[at], want):
             return None
-        first = max(0, len(bounds) - _KEYS_PER_TEXT)
-        return [(digests[j], offset + int(at[j]) + 1) for j in range(first, len(bounds))]
+        return _kept(digests, at.tolist(), offset)
 
     def _reused_keys(self, digests, j, n, tail, bounds):
         """The keys of a text whose first n ids came from the cache (its
