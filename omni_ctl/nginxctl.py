@@ -570,6 +570,38 @@ def reload(conf_file, new_text: str | None = None, rollback: bool = False,
     else:
         confmod.nginx_test(facts.conf_file, facts.prefix, facts.module_dir)
 
+    # a config that now names a model needs its tokenizer service before the
+    # new workers connect to it; stopped again if nginx refuses the config
+    added = _start_added_tokenizer(conf_file, before)
+    try:
+        st = _hup_and_wait(conf_file, facts, before, saved, timeout)
+    except BaseException:
+        if added is not None:
+            stop_tokenizer(added)
+        raise
+    if before.tokenizer is not None and read_conf(conf_file).model_path is None:
+        # the new workers no longer use it, and `stop` reads the new config
+        stop_tokenizer(facts)
+        st.tokenizer = None
+    return st
+
+
+def _start_added_tokenizer(conf_file, before: Status) -> ConfFacts | None:
+    """Start the tokenizer service of the config about to be reloaded when
+    it names a model and no service runs (a reload that adds --model-path);
+    the facts it was started for, None when nothing was started."""
+    new = read_conf(conf_file)
+    if new.model_path is None or before.tokenizer is not None:
+        return None
+    svc = tokenizer_service(new)
+    if tokctl.running_pid(svc) is not None:
+        return None
+    start_tokenizer(new, 120.0)
+    return new
+
+
+def _hup_and_wait(conf_file, facts: ConfFacts, before: Status, saved: dict,
+                  timeout: float) -> Status:
     # a re-rendered file may name another log; the master logs to the old one
     offset = _log_size(facts.error_log)
     old = set(before.workers) | set(workers_of(before.pid, include_shutting_down=True))

@@ -10,6 +10,7 @@ import pytest
 
 from omni_ctl.bench import overhead, procs
 from omni_ctl.bench.errors import BenchError
+from tokmodel import model_dir  # noqa: F401 (fixture)
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:31901/v1/completions
   1 threads and 32 connections
@@ -141,3 +142,36 @@ def test_a_round_under_half_of_the_others_median_is_a_collapse():
                                        "wrk_threads": 1, "connections": 1,
                                        "rows": [], "collapses": found[:1]})
     assert "**COLLAPSE**: omni-parallel 1 KB round 2: 1394 req/s" in text
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_tokenizing_target_in_a_short_run(tmp_path, model_dir):  # noqa: F811
+    # omni-sequential-tok starts the tokenizer sidecar (real deepseek
+    # tokenizer); the run reports what it tokenized and the engine-side cost
+    logs = []
+    res = overhead.run_overhead(sizes="1k,16k", targets="omni-sequential,omni-sequential-tok",
+                                duration=1, repeat=1, warmup=0, connections=2,
+                                out_dir=str(tmp_path), model_path=str(model_dir),
+                                log=logs.append)
+    rows = {(r["target"], r["size"]): r for r in res["rows"]}
+    for key in [(t, s) for t in ("omni-sequential", "omni-sequential-tok")
+                for s in (1024, 16384)]:
+        assert rows[key]["rps"] > 0 and rows[key]["non_2xx"] == 0, rows[key]
+    tok = {t["size"]: t for t in res["tokenize"]}
+    assert set(tok) == {1024, 16384} and all(t["target"] == "omni-sequential-tok"
+                                             for t in tok.values())
+    assert tok[1024]["tokenized"] > 0, (tok, logs)
+    # the sidecar was reachable from the workers all along
+    assert tok[1024]["down"] == tok[16384]["down"] == 0, (tok, logs)
+    eng = {e["size"]: e for e in res["engine_tokenize"]}
+    assert set(eng) == {1024, 16384}
+    assert 0 < eng[1024]["tokens"] < eng[16384]["tokens"]
+    assert all(0 < e["p50_ms"] <= e["p99_ms"] for e in eng.values())
+    assert "engine-side tokenization it replaces, 16 KB" in res["markdown"]
+    assert "omni-sequential-tok 1 KB:" in res["markdown"]
+
+
+def test_the_tokenizing_target_needs_a_model_path(tmp_path):
+    with pytest.raises(overhead.Skip, match="--model-path"):
+        overhead.start_target("omni-sequential-tok", str(tmp_path), [1, 2, 3, 4], 1,
+                              5, b"{}")

@@ -329,6 +329,32 @@ def test_a_next_turn_replaces_the_cached_turn(model_dir):  # noqa: F811
     assert all(id(entry) in held for entry, _ in m.cache.index.values())
 
 
+@pytest.mark.parametrize("numpy_from", [0, 1 << 30])
+def test_a_reused_text_is_cached_under_the_keys_of_its_whole_encoding(  # noqa: F811
+        model_dir, monkeypatch, numpy_from):
+    # the reuse path searches only the new tail for boundary tokens and takes
+    # the earlier keys from the cache: the same keys as searching the whole
+    # ids, also past the per-text cap of kept keys (40 turns); both ways of
+    # lining ids up with boundaries (numpy for long lists, a loop for short)
+    monkeypatch.setattr(core, "_NUMPY_FROM", numpy_from)
+    m = core.ModelTokenizer(model_dir)
+    added = []
+    add = m.cache.add
+    m.cache.add = lambda ids, keys: (added.append((ids, keys)), add(ids, keys))[1]
+    msgs = [SYSTEM, {"role": "user", "content": "q0"}]
+    for t in range(1, 41):
+        res = m.chat({"messages": msgs})
+        ids, keys = added[-1]
+        text, _ = m.render({"messages": msgs})
+        bounds = m._boundaries(text)
+        assert keys == m._keys(ids, bounds, m._digests(text, bounds))
+        assert all(type(n) is int for _, n in keys)
+        assert len(keys) == min(len(bounds), core._KEYS_PER_TEXT)
+        assert t == 1 or res.reused > 0
+        msgs = msgs + [{"role": "assistant", "content": f"answer {t} 中文 ✓"},
+                       {"role": "user", "content": f"q{t}"}]
+
+
 def test_no_reuse_still_encodes_the_same(model_dir, hf_tok):  # noqa: F811
     m = core.ModelTokenizer(model_dir, reuse=False)
     for msgs in _turns("q", EDGE_ANSWERS[:3], EDGE_USERS[:3]):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import socket
 
+from conftest import free_port
 from omni_ctl import nginxctl
 from omni_ctl.tokenizer import control, wire
-from test_nginxctl import managed, omni_ctl  # noqa: F401 (fixture)
+from test_nginxctl import ROOT_USER, managed, omni_ctl  # noqa: F401 (fixture)
 from tokmodel import hf_tok, model_dir  # noqa: F401 (fixtures)
 
 
@@ -67,3 +68,39 @@ def test_a_config_without_model_path_has_no_tokenizer(managed):  # noqa: F811
     res = omni_ctl("start", "--nginx-conf-file", str(conf_file))
     assert res.returncode == 0 and "tokenizer" not in res.stdout
     assert nginxctl.status(conf_file).tokenizer is None
+
+
+def test_a_reload_adding_a_model_path_starts_the_tokenizer_dropping_it_stops_it(  # noqa: F811
+        managed, model_dir, hf_tok):
+    conf_file, port = managed()
+    assert omni_ctl("start", "--nginx-conf-file", str(conf_file)).returncode == 0
+    assert nginxctl.status(conf_file).tokenizer is None
+
+    options = ["--listen-port", str(port), "--core-num", "1",
+               "--prefill-endpoints", f"127.0.0.1:{free_port()}",
+               "--decode-endpoints", f"127.0.0.1:{free_port()}", *ROOT_USER]
+    res = omni_ctl("reload", "--nginx-conf-file", str(conf_file), *options,
+                   "--model-path", str(model_dir), timeout=300)
+    assert res.returncode == 0, res.stderr
+    facts = nginxctl.read_conf(conf_file)
+    assert facts.model_path == model_dir
+    svc = nginxctl.tokenizer_service(facts)
+    st = nginxctl.status(conf_file)
+    assert st.running and st.tokenizer and control.is_service(st.tokenizer, svc.socket)
+    status, _, body = control.request(svc.socket, "POST", "/v1/completions",
+                                      json.dumps({"prompt": "after the reload"}).encode())
+    assert status == 200 and wire.decode(body)[2] == [hf_tok.encode("after the reload")]
+
+    # a second reload of the same config keeps the one service running
+    res = omni_ctl("reload", "--nginx-conf-file", str(conf_file), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert nginxctl.status(conf_file).tokenizer == st.tokenizer
+
+    # a reload that drops the model path stops the service (`stop` would
+    # not find it any more: it reads the new config)
+    res = omni_ctl("reload", "--nginx-conf-file", str(conf_file), *options, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert nginxctl.read_conf(conf_file).model_path is None
+    assert nginxctl.status(conf_file).tokenizer is None
+    assert not control.is_service(st.tokenizer, svc.socket) and not svc.socket.exists()
+    assert nginxctl.status(conf_file).running

@@ -222,3 +222,9 @@ def test_the_micro_benchmark_runs(model_dir):  # noqa: F811
                      for n in ("service", "transformers")] + \
         [("multi-turn", None, "on"), ("multi-turn", None, "off")]
     assert all(r["n"] >= 1 and r["p99_ms"] >= r["p50_ms"] > 0 for r in results)
+    on, off = results[-2:]
+    # the service's own time is counted, and the second turn came from the
+    # cache only with it
+    assert on["service_ms"] > 0 and off["service_ms"] > 0 and on["service_cpu_ms"] > 0
+    assert on["tokens"] == off["tokens"] > 0
+    assert on["reused_tokens"] > 0 and off["reused_tokens"] == 0

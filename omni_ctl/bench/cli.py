@@ -165,7 +165,8 @@ def _url(target: str) -> str:
 @click.option("--targets", default=None,
               help="Comma list (default: all available): " + ", ".join(
                   ["direct", "nginx", "omni-aggregated", "omni-aggregated-ll",
-                   "omni-sequential", "omni-parallel", "sglang-router-pd",
+                   "omni-sequential", "omni-parallel", "omni-sequential-tok",
+                   "sglang-router-pd",
                    "vllm-router-pd", "sglang-router-rr", "vllm-router-rr",
                    "sglang-router-ca", "vllm-router-ca"]))
 @click.option("--duration", type=click.IntRange(1), default=3, show_default=True,
@@ -186,6 +187,9 @@ def _url(target: str) -> str:
 @click.option("--prompt-kind", type=click.Choice(["text", "tokens"]), default="text",
               show_default=True, help="Prompt as a string or as token ids.")
 @click.option("--keep-dir", is_flag=True, help="Keep the temporary prefix (configs, logs).")
+@click.option("--model-path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Tokenizer directory for omni-sequential-tok (and the engine-side "
+                   "tokenization it replaces).")
 def bench_overhead(**kw):
     """Requests/s and p50/p99 of plain nginx, Omni Proxy and peer routers in
     front of one canned fast backend, at several prompt sizes, measured with wrk."""

@@ -13,6 +13,10 @@ given sizes, non-streaming), side by side in one run:
                       request path alone: no prefix index, no holding)
     omni-sequential   Omni Proxy, vLLM-style P/D (prefill leg, then decode leg)
     omni-parallel     Omni Proxy, SGLang-style P/D (both legs at once)
+    omni-sequential-tok  omni-sequential with --model-path: every prompt
+                      tokenized by the tokenizer sidecar and forwarded as ids
+                      (needs --model-path; the run also times the engine-side
+                      tokenization this replaces, transformers in-process)
     vllm-router-pd    vllm-router --vllm-pd-disaggregation, cache_aware prefill
     sglang-router-pd  sglang-router --pd-disaggregation, cache_aware prefill
     vllm-router-rr    vllm-router, plain round robin over 2 ports
@@ -40,7 +44,7 @@ from .errors import BenchError
 from .workloads import content_key, text_block, token_block
 
 TARGETS = ("direct", "nginx", "omni-aggregated", "omni-aggregated-ll", "omni-sequential",
-           "omni-parallel",
+           "omni-parallel", "omni-sequential-tok",
            "vllm-router-pd", "sglang-router-pd", "vllm-router-rr", "sglang-router-rr",
            "vllm-router-ca", "sglang-router-ca")
 
@@ -202,7 +206,8 @@ def leaks(runs: list[dict]) -> list[dict]:
 # --- targets ------------------------------------------------------------------------
 
 def start_target(name: str, tmp: str, backend_ports: list[int], workers: int,
-                 port: int, probe: bytes, module_dir: str | None = None):
+                 port: int, probe: bytes, module_dir: str | None = None,
+                 model_path: str | None = None):
     """Start target `name` on `port` and wait until it answers; return
     (url, process or None for "direct"). The caller stops the process."""
     urls = [f"http://127.0.0.1:{p}" for p in backend_ports]
@@ -222,6 +227,13 @@ def start_target(name: str, tmp: str, backend_ports: list[int], workers: int,
         extra = ["--access-log-file", "off"]         # as plain nginx
         if variant == "ll":
             extra += ["--schedule-policy", "least-loaded"]
+        if variant == "tok":
+            if not model_path:
+                raise Skip("needs --model-path (a tokenizer directory)")
+            extra += ["--model-path", os.path.abspath(model_path)]
+            # the tokenizer's socket is in the prefix: nginx workers running
+            # as another user must get through mkdtemp's 0700 directory
+            os.chmod(tmp, 0o711)
         try:
             proc = omni.start_proxy(prefix, port, mode, workers=workers,
                                     prefill=prefill if mode != "aggregated" else [],
@@ -256,6 +268,46 @@ def peer_argv(name: str, binary: str, port: int, urls: list[str]) -> list[str]:
     return peers.peer_argv(router, binary, port, workers=urls[:2], policy=policy)
 
 
+# --- tokenization: the proxy's sidecar against the engine's own ------------------
+
+def tokenize_counts(status_url: str) -> dict:
+    """Omni Proxy's tokenize counters: requests scheduled on the tokenizer's
+    ids, and fallbacks to the estimate by reason."""
+    try:
+        with urllib.request.urlopen(status_url, timeout=5) as resp:
+            tok = json.loads(resp.read())["tokenize"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+        raise BenchError(f"{status_url}: {exc}") from None
+    return {"tokenized": tok["tokenized"], **tok["fallback"]}
+
+
+def tokenize_delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def engine_tokenize_cost(model_path: str, bodies: dict, requests: int = 20,
+                         max_seconds: float = 20.0) -> list[dict]:
+    """Per size: what an engine spends tokenizing the body's prompt itself
+    (the model's tokenizer through transformers, in this process, as vLLM's
+    front end encodes a completions prompt), p50/p99/mean ms over up to
+    `requests` encodes."""
+    from transformers import AutoTokenizer
+
+    from ..tokenizer import bench as tokbench
+
+    tok = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
+    rows = []
+    for size, path in bodies.items():
+        with open(path, "rb") as f:
+            prompt = json.loads(f.read())["prompt"]
+        if not isinstance(prompt, str):
+            continue            # token-id prompts: nothing for an engine to do
+        times = tokbench._timed(lambda: tok.encode(prompt), requests, max_seconds)
+        rows.append(tokbench._summary("engine tokenize", times, size=size,
+                                      tokens=len(tok.encode(prompt))))
+    return rows
+
+
 def parse_targets(text: str | None) -> list[str]:
     if not text:
         return list(TARGETS)
@@ -270,7 +322,8 @@ def parse_targets(text: str | None) -> list[str]:
 def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
                  wrk_threads=1, workers=1, backend_workers=1, base_port=0,
                  out_dir="bench-out/overhead", keep_dir=False, prompt_kind="text",
-                 warmup=1, repeat=3, omni_module_dir=None, log=None) -> dict:
+                 warmup=1, repeat=3, omni_module_dir=None, model_path=None,
+                 log=None) -> dict:
     """Measure every target at every size; write overhead.json and .md.
 
     All targets run at once (each on its own port, idle while not measured),
@@ -295,6 +348,12 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
         with open(bodies[size], "wb") as f:
             f.write(make_body(size, prompt_kind))
     runs, skipped = [], []
+    engine_tok = engine_tokenize_cost(model_path, bodies) \
+        if model_path and any(n.endswith("-tok") for n in names) else []
+    for row in engine_tok:
+        log(f"[overhead] engine-side tokenization {size_label(row['size'])}: "
+            f"p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms "
+            f"({row['tokens']} tokens)")
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_start = os.getloadavg()
     try:
@@ -311,7 +370,7 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
             for name, port in zip(names, ports[4:]):
                 try:
                     url, proc = start_target(name, tmp, backend_ports, workers, port,
-                                             probe, omni_module_dir)
+                                             probe, omni_module_dir, model_path)
                 except Skip as exc:
                     log(f"[overhead] {name}: skipped: {exc}")
                     skipped.append({"target": name, "skipped": str(exc)})
@@ -323,13 +382,15 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
             order = list(live)
             status = {name: url[:-len("/v1/completions")] + "/omni/status"
                       for name, url in live.items() if name.startswith("omni-")}
-            last = {}
+            last, tok_last = {}, {}
             for name in order:
                 if warmup:
                     run_wrk(live[name], bodies[size_list[0]], warmup, connections,
                             wrk_threads)
                 if name in status:
                     last[name] = idle_state(status[name])
+                if name.endswith("-tok"):
+                    tok_last[name] = tokenize_counts(status[name])
             for rnd in range(repeat):
                 for size in size_list:
                     k = rnd % len(order) if order else 0
@@ -356,6 +417,14 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
                             f"{size_label(size)}: {r['rps']:.0f} req/s, "
                             f"p50 {r.get('p50_ms', 0):.2f} ms, "
                             f"p99 {r.get('p99_ms', 0):.2f} ms{note}")
+                        if name in tok_last:
+                            now = tokenize_counts(status[name])
+                            r["tokenize"] = tokenize_delta(tok_last[name], now)
+                            tok_last[name] = now
+                            log(f"[overhead]   tokenized {r['tokenize']['tokenized']}, "
+                                "fallbacks " + ", ".join(
+                                    f"{k} {v}" for k, v in r["tokenize"].items()
+                                    if k != "tokenized"))
                         runs.append({"target": name, "size": size, "round": rnd, **r})
     finally:
         if not keep_dir:
@@ -367,6 +436,7 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
               "load_average": {"start": load_start, "end": os.getloadavg()},
               "omni_module": omni.module_label(omni_module_dir),
               "rows": median_rows(runs) + skipped, "runs": runs,
+              "engine_tokenize": engine_tok, "tokenize": tokenize_rows(runs),
               "collapses": collapses(runs), "leaks": leaks(runs),
               "tmp_dir": tmp if keep_dir else None}
     result["markdown"] = markdown_overhead(result)
@@ -377,6 +447,19 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
     with open(os.path.join(out_dir, "overhead.md"), "w") as f:
         f.write(result["markdown"])
     return result
+
+
+def tokenize_rows(runs: list[dict]) -> list[dict]:
+    """Per tokenizing target and size, the rounds' tokenize counters summed:
+    how many requests the sidecar tokenized and how many fell back."""
+    out: dict[tuple, dict] = {}
+    for r in runs:
+        if "tokenize" in r:
+            row = out.setdefault((r["target"], r["size"]),
+                                 {"target": r["target"], "size": r["size"]})
+            for k, v in r["tokenize"].items():
+                row[k] = row.get(k, 0) + v
+    return list(out.values())
 
 
 def median_rows(runs: list[dict]) -> list[dict]:
@@ -447,6 +530,15 @@ def markdown_overhead(result: dict) -> str:
                     f"{c.get('p50_ms', float('nan')):.2f}",
                     f"{c.get('p99_ms', float('nan')):.2f}"]
         lines.append("| " + " | ".join(row) + " |")
+    for t in result.get("tokenize", []):
+        fell = {k: v for k, v in t.items() if k not in ("target", "size", "tokenized") and v}
+        skipped.append(f"{t['target']} {size_label(t['size'])}: {t['tokenized']} requests "
+                       f"tokenized by the sidecar, fallbacks to the estimate: "
+                       + (", ".join(f"{k} {v}" for k, v in fell.items()) or "none"))
+    for e in result.get("engine_tokenize", []):
+        skipped.append(f"engine-side tokenization it replaces, {size_label(e['size'])} "
+                       f"({e['tokens']} tokens): p50 {e['p50_ms']:.2f} ms, p99 "
+                       f"{e['p99_ms']:.2f} ms, mean {e['mean_ms']:.2f} ms ({e['n']} encodes)")
     mod = result.get("omni_module") or {}
     if any(r["target"].startswith("omni-") and "skipped" not in r for r in result["rows"]):
         flavor = {"1": "debug build with sanitizers", "0": "release build"}.get(

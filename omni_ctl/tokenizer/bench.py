@@ -78,9 +78,20 @@ def by_size(svc, model_path, requests, max_seconds):
     return out
 
 
+def _service_stats(svc):
+    status, _, body = control.request(svc.socket, "GET", "/stats")
+    if status != 200:
+        raise click.ClickException(f"the service answered {status} to /stats")
+    return json.loads(body)
+
+
 def multi_turn(svc, conversations, turns, max_seconds, label):
+    """Round trip per request, and the service's own time per request (its
+    /stats busy_s and cpu_s: parse, render, tokenize, answer, without the
+    transport, which is the same with and without the cache)."""
     sessions = workloads.multiturn_workload(conversations * turns, turns, 1000, 400, 200,
                                             seed=11)
+    before = _service_stats(svc)
     times, deadline = [], time.monotonic() + max_seconds
     for s in sessions:
         if time.monotonic() > deadline:
@@ -99,7 +110,13 @@ def multi_turn(svc, conversations, turns, max_seconds, label):
                                  workloads.content_key("tok-bench-a", s.index, t), 200)})
         finally:
             conn.close()
-    return _summary("multi-turn", times, reuse=label, turns=turns)
+    after = _service_stats(svc)
+    n = after["requests"] - before["requests"]
+    return _summary("multi-turn", times, reuse=label, turns=turns,
+                    service_ms=(after["busy_s"] - before["busy_s"]) / n * 1e3,
+                    service_cpu_ms=(after["cpu_s"] - before["cpu_s"]) / n * 1e3,
+                    tokens=after["tokens"] - before["tokens"],
+                    reused_tokens=after["reused_tokens"] - before["reused_tokens"])
 
 
 def run(model_path, chat_template=None, requests=50, max_seconds=30.0, conversations=8,
@@ -138,12 +155,22 @@ def main(model_path, chat_template, requests, conversations, turns, max_seconds)
     """Benchmark the tokenizer service (see the module docstring)."""
     results = run(model_path, chat_template, requests, max_seconds, conversations, turns,
                   emit=lambda line: click.echo(line, err=True))
+    turns_ = {r["reuse"]: r for r in results if r["name"] == "multi-turn"}
     click.echo(f"{'what':<28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'n':>6}")
     for r in results:
         what = (f"{r['name']} {r['kb']} KB" if "kb" in r
                 else f"{r['name']} reuse {r['reuse']}")
         click.echo(f"{what:<28}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
                    f"{r['mean_ms']:>10.3f}{r['n']:>6}")
+    if len(turns_) == 2:
+        on, off = turns_["on"], turns_["off"]
+        # the cache's bound here: tokens encoded without it / with it
+        encoded = off["tokens"] / max(1, on["tokens"] - on["reused_tokens"])
+        click.echo("multi-turn, without / with the reuse cache: "
+                   + ", ".join(f"{k} {off[k] / on[k]:.2f}x" for k in
+                               ("mean_ms", "p50_ms", "p99_ms", "service_ms",
+                                "service_cpu_ms"))
+                   + f"; tokens encoded {encoded:.2f}x")
 
 
 if __name__ == "__main__":
