@@ -326,6 +326,16 @@ typedef struct {
     uint64_t                       deadline_us;
     uint64_t                       tpot_us;
     uint8_t                        reason;      /* NGX_HTTP_OMNI_REL_* */
+
+    /* its last decision per `force` (0, 1), kept while nothing it depends
+     * on changed (sched_epoch + 1; 0: none), ngx_http_omni_hold.c */
+    uint64_t                       dec_epoch[2];
+    uint64_t                       dec_until_us[2];
+    uint64_t                       dec_retry_at_us[2];
+    double                         dec_gap[2];
+    uint32_t                       dec_waiting[2];
+    ngx_int_t                      dec_rc[2];
+    uint32_t                       decided;     /* policy decisions made */
 } ngx_http_omni_qentry_t;
 
 
@@ -390,6 +400,13 @@ typedef struct {
     ngx_msec_t                     cache_ttl;
     uint64_t                       decisions;
     uint64_t                       decision_us; /* time spent deciding */
+    /* bumped by whatever may change a held request's decision: an
+     * instance's load or health, the predictor, the queue's head */
+    uint64_t                       sched_epoch;
+    uint64_t                       decisions_reused; /* not re-decided */
+    uint64_t                       held_decided;    /* decisions of held */
+    uint64_t                       held_finished;   /*   requests, ended */
+    uint64_t                       held_decided_max; /* most for one */
     double                         output_ewma[NGX_HTTP_OMNI_ROUTES];
     omni_arrivals_t                arrivals;    /* of requests to start */
     uint64_t                       tokenized_total;
@@ -662,6 +679,13 @@ ngx_int_t ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx);
 void ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx,
     ngx_uint_t queue);
+ngx_int_t ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
+    ngx_msec_t now, uint64_t now_us, uint64_t *retry_us, ngx_uint_t waiting,
+    ngx_uint_t force, ngx_uint_t *attempts);
+ngx_int_t ngx_http_omni_decide_decode(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
+    ngx_msec_t now, uint64_t now_us, ngx_uint_t *attempts);
 void ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf);
 ngx_int_t ngx_http_omni_init_module(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_omni_init_process(ngx_cycle_t *cycle);

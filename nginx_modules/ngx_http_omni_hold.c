@@ -39,6 +39,8 @@ static void ngx_http_omni_post_released(void);
 static void ngx_http_omni_wake_handler(ngx_event_t *ev);
 static void ngx_http_omni_timer_handler(ngx_event_t *ev);
 static void ngx_http_omni_close_fds(void *data);
+static void ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
+    ngx_uint_t changed);
 
 
 /* per worker process */
@@ -161,7 +163,8 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "omni hold: entry %uD in queue %ui", e, queue);
 
-    ngx_http_omni_schedule(ctx->mcf);
+    /* an arrival: only the new entry (and a new head) need a decision */
+    ngx_http_omni_schedule_pass(ctx->mcf, 0);
 
     return NGX_DONE;
 }
@@ -321,6 +324,7 @@ void
 ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx)
 {
     uint32_t                 e;
+    ngx_uint_t               changed;
     ngx_slab_pool_t         *shpool;
     ngx_http_omni_shctx_t   *sh;
     ngx_http_omni_qentry_t  *en;
@@ -330,6 +334,8 @@ ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx)
     if (e == NGX_HTTP_OMNI_NONE) {
         return;
     }
+
+    changed = 0;
 
     sh = ngx_http_omni_shm(ctx->mcf, &shpool);
     en = &sh->entries[e];
@@ -342,6 +348,7 @@ ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx)
 
         } else if (en->state == NGX_HTTP_OMNI_QE_RELEASED) {
             ngx_http_omni_uncharge_locked(sh, shpool, en);
+            changed = 1;
         }
 
         ngx_http_omni_entry_free_locked(sh, shpool, e);
@@ -352,8 +359,9 @@ ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx)
     ctx->qentry = NGX_HTTP_OMNI_NONE;
     ngx_queue_remove(&ctx->held);
 
-    /* the load it gave back may let someone else go */
-    ngx_http_omni_schedule(ctx->mcf);
+    /* the load it gave back may let someone else go; a waiting one gave
+     * back nothing (the queue's own change is seen by the decisions) */
+    ngx_http_omni_schedule_pass(ctx->mcf, changed);
 }
 
 
@@ -468,7 +476,8 @@ ngx_http_omni_timer_handler(ngx_event_t *ev)
         return;
     }
 
-    ngx_http_omni_schedule(ngx_http_omni_worker_mcf);
+    /* the clock: decisions past their retry instant are made again */
+    ngx_http_omni_schedule_pass(ngx_http_omni_worker_mcf, 0);
 
     /* held requests are looked after even when nothing else happens */
     if (!ngx_queue_empty(&ngx_http_omni_held_list)) {
@@ -713,6 +722,7 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
             sh->decisions++;
             sh->decision_us += ngx_http_omni_now_us() - now_us;
             sh->released[NGX_HTTP_OMNI_REL_NOW]++;
+            sh->sched_epoch++;
             rc = NGX_OK;
         }
     }
@@ -727,8 +737,20 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 }
 
 
+/*
+ * Something a held request's decision depends on changed (an instance's
+ * load, health or predicted work; the caller changed it): decide again.
+ */
 void
 ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
+{
+    ngx_http_omni_schedule_pass(mcf, 1);
+}
+
+
+static void
+ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
+    ngx_uint_t changed)
 {
     uint32_t                 e, cand;
     uint64_t                 t0, now_us, retry_us;
@@ -768,6 +790,11 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
         now_us = t0;
         now = ngx_current_msec;
 
+        if (changed) {
+            sh->sched_epoch++;
+            changed = 0;
+        }
+
         for (q = 0; q < NGX_HTTP_OMNI_QUEUES && n < NGX_HTTP_OMNI_BATCH; q++) {
             queue = &sh->queues[q];
 
@@ -776,8 +803,6 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                 if (e == NGX_HTTP_OMNI_NONE) {
                     break;
                 }
-
-                attempts++;
 
                 if (q == NGX_HTTP_OMNI_Q_PREFILL
                     && sh->entries[e].mode != mcf->pd_policy)
@@ -794,6 +819,7 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                     }
 
                     sh->entries[e].rejected = 1;
+                    sh->sched_epoch++;
                     rc = NGX_OK;
 
                 } else if (!ngx_http_omni_tier_usable(mcf, sh,
@@ -808,17 +834,17 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                 {
                     /* nothing could take it: the owner answers 503 */
                     sh->entries[e].rejected = 1;
+                    sh->sched_epoch++;
                     rc = NGX_OK;
 
                 } else if (q == NGX_HTTP_OMNI_Q_DECODE) {
-                    rc = ngx_http_omni_bind_decode(mcf, sh, shpool,
-                                                   &sh->entries[e], now);
+                    rc = ngx_http_omni_decide_decode(mcf, sh, shpool, e,
+                                                     now, now_us, &attempts);
 
                 } else {
-                    rc = ngx_http_omni_bind_start(mcf, sh, shpool,
-                                                  &sh->entries[e],
-                                                  now, now_us, &retry_us,
-                                                  queue->n, 0);
+                    rc = ngx_http_omni_decide_start(mcf, sh, shpool, e,
+                                                    now, now_us, &retry_us,
+                                                    queue->n, 0, &attempts);
 
                     /*
                      * The head waits for a busy instance that will serve it
@@ -851,11 +877,10 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                                                     NGX_HTTP_OMNI_REL_ORDER;
                         }
 
-                        attempts++;
-                        rc = ngx_http_omni_bind_start(mcf, sh, shpool,
-                                                      &sh->entries[cand],
-                                                      now, now_us, &retry_us,
-                                                      queue->n, 0);
+                        rc = ngx_http_omni_decide_start(mcf, sh, shpool,
+                                                        cand, now, now_us,
+                                                        &retry_us, queue->n,
+                                                        0, &attempts);
                         if (rc == NGX_OK) {
                             e = cand;
                         } else if (rc == NGX_AGAIN) {
@@ -864,11 +889,10 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                     }
 
                     if (rc == NGX_BUSY) {
-                        attempts++;
-                        rc = ngx_http_omni_bind_start(mcf, sh, shpool,
-                                                      &sh->entries[e],
-                                                      now, now_us, &retry_us,
-                                                      queue->n, 1);
+                        rc = ngx_http_omni_decide_start(mcf, sh, shpool, e,
+                                                        now, now_us,
+                                                        &retry_us, queue->n,
+                                                        1, &attempts);
                     }
                 }
 

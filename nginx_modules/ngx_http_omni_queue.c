@@ -120,6 +120,12 @@ ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
     en = &sh->entries[e];
     q = &sh->queues[en->queue];
 
+    if (en->heap_pos == 0) {
+        /* a new head: the decisions about the queue are stale (fewer
+         * waiting is checked by each kept decision) */
+        sh->sched_epoch++;
+    }
+
     q->n--;
     ngx_http_omni_heap_remove(sh, q, en->heap_pos);
 
@@ -152,6 +158,13 @@ ngx_http_omni_entry_free_locked(ngx_http_omni_shctx_t *sh,
     ngx_http_omni_qentry_t  *en;
 
     en = &sh->entries[e];
+
+    if (en->state != NGX_HTTP_OMNI_QE_FREE) {
+        /* how often the scheduler decided about it while it was held */
+        sh->held_decided += en->decided;
+        sh->held_finished++;
+        sh->held_decided_max = ngx_max(sh->held_decided_max, en->decided);
+    }
 
     if (en->hashes) {
         ngx_slab_free_locked(shpool, en->hashes);
@@ -208,6 +221,11 @@ ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh, uint32_t e)
 
     ngx_http_omni_heap_push(sh, q, e);
     q->n++;
+
+    if (q->heap[0] == e) {
+        /* a new head: the decisions about the queue are stale */
+        sh->sched_epoch++;
+    }
 
     /* what the drain (Retry-After) and the SLO release need */
     q->work_us += en->work_us;

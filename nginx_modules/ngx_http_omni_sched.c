@@ -24,6 +24,12 @@
 #include "ngx_http_omni.h"
 
 
+/* a kept decision is made again after this long at most (us): what only
+ * time changes (an instance back from its fail timeout, the index's and
+ * the agent's expiry) is seen by then */
+#define NGX_HTTP_OMNI_DECISION_TTL   1000000
+
+
 
 
 
@@ -541,6 +547,115 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * One decision about a held request to start, through
+ * ngx_http_omni_bind_start() (codes as there), or the one made last if
+ * nothing it depends on changed since: the same epoch (no change of load,
+ * health, predictor or queue head), the same `force`, no fewer waiting, no
+ * longer gap between arrivals (both only make waiting more attractive: a
+ * hold stays a hold), before its retry instant and its TTL.  A request
+ * with an SLO is always decided again: its deadline moves the choice.
+ */
+ngx_int_t
+ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
+    ngx_msec_t now, uint64_t now_us, uint64_t *retry_us, ngx_uint_t waiting,
+    ngx_uint_t force, ngx_uint_t *attempts)
+{
+    uint64_t                 r;
+    ngx_int_t                rc;
+    ngx_uint_t               f;
+    ngx_http_omni_qentry_t  *en;
+
+    en = &sh->entries[e];
+    f = force ? 1 : 0;
+
+    if (en->deadline_us == 0 && en->tpot_us == 0
+        && en->dec_epoch[f] == sh->sched_epoch + 1
+        && now_us < en->dec_until_us[f]
+        && waiting >= en->dec_waiting[f]
+        && sh->arrivals.gap_us <= en->dec_gap[f])
+    {
+        sh->decisions_reused++;
+
+        if (en->dec_retry_at_us[f] > now_us) {
+            r = en->dec_retry_at_us[f] - now_us;
+
+            if (*retry_us == 0 || r < *retry_us) {
+                *retry_us = r;
+            }
+        }
+
+        return en->dec_rc[f];
+    }
+
+    r = 0;
+    (*attempts)++;
+    en->decided++;
+
+    rc = ngx_http_omni_bind_start(mcf, sh, shpool, en, now, now_us, &r,
+                                  waiting, force);
+
+    if (r && (*retry_us == 0 || r < *retry_us)) {
+        *retry_us = r;
+    }
+
+    if (rc == NGX_OK) {
+        /* an instance took it: every other decision is stale */
+        sh->sched_epoch++;
+        return rc;
+    }
+
+    en->dec_epoch[f] = sh->sched_epoch + 1;
+    en->dec_rc[f] = rc;
+    en->dec_waiting[f] = (uint32_t) waiting;
+    en->dec_gap[f] = sh->arrivals.gap_us;
+    en->dec_retry_at_us[f] = r ? now_us + r : 0;
+    en->dec_until_us[f] = now_us + (r && r < NGX_HTTP_OMNI_DECISION_TTL
+                                    ? r : NGX_HTTP_OMNI_DECISION_TTL);
+
+    return rc;
+}
+
+
+/* The same for the decode placement of a held request (sequential mode);
+ * it depends on the decode instances alone. */
+ngx_int_t
+ngx_http_omni_decide_decode(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
+    ngx_msec_t now, uint64_t now_us, ngx_uint_t *attempts)
+{
+    ngx_int_t                rc;
+    ngx_http_omni_qentry_t  *en;
+
+    en = &sh->entries[e];
+
+    if (en->tpot_us == 0
+        && en->dec_epoch[0] == sh->sched_epoch + 1
+        && now_us < en->dec_until_us[0])
+    {
+        sh->decisions_reused++;
+        return en->dec_rc[0];
+    }
+
+    (*attempts)++;
+    en->decided++;
+
+    rc = ngx_http_omni_bind_decode(mcf, sh, shpool, en, now);
+
+    if (rc == NGX_OK) {
+        sh->sched_epoch++;
+        return rc;
+    }
+
+    en->dec_epoch[0] = sh->sched_epoch + 1;
+    en->dec_rc[0] = rc;
+    en->dec_until_us[0] = now_us + NGX_HTTP_OMNI_DECISION_TTL;
+
+    return rc;
 }
 
 
