@@ -356,6 +356,21 @@ typedef struct {
 } ngx_http_omni_hist_t;
 
 
+/*
+ * The entries another worker released for one worker, so that its wake-up
+ * posts exactly those (ngx_http_omni_queue.c); more than fit: `overflow`,
+ * the worker looks at all it holds.
+ */
+#define NGX_HTTP_OMNI_WAKE_RING      16
+
+typedef struct {
+    uint32_t                       n;
+    uint32_t                       overflow;
+    uint32_t                       entry[NGX_HTTP_OMNI_WAKE_RING];
+    uint32_t                       seq[NGX_HTTP_OMNI_WAKE_RING]; /* low bits */
+} ngx_http_omni_wake_t;
+
+
 typedef struct {
     uint32_t                       n_slots;     /* highest used slot + 1 */
     uint32_t                       rr[NGX_HTTP_OMNI_TIERS];
@@ -420,6 +435,9 @@ typedef struct {
 
     /* what the KV-event agent reported, by slot (omni_ingest_apply) */
     omni_ingest_inst_t             ingest[NGX_HTTP_OMNI_MAX_SLOTS];
+
+    /* per worker: its entries released by others since it last woke */
+    ngx_http_omni_wake_t           wake[NGX_HTTP_OMNI_MAX_WORKERS];
 } ngx_http_omni_shctx_t;
 
 
@@ -632,6 +650,10 @@ void ngx_http_omni_entry_free_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, uint32_t e);
 void ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh,
     uint32_t e);
+void ngx_http_omni_wake_push_locked(ngx_http_omni_shctx_t *sh, uint32_t e);
+ngx_int_t ngx_http_omni_wake_take(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_uint_t worker, uint32_t *entries,
+    uint32_t *seqs);
 void ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, uint32_t e);
 

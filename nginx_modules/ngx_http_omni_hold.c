@@ -431,8 +431,15 @@ ngx_http_omni_post_released(void)
 static void
 ngx_http_omni_wake_handler(ngx_event_t *ev)
 {
-    uint64_t           n;
-    ngx_connection_t  *c;
+    uint64_t                 n;
+    ngx_int_t                i, k;
+    ngx_slab_pool_t         *shpool;
+    ngx_connection_t        *c;
+    ngx_http_omni_ctx_t     *ctx;
+    ngx_http_omni_shctx_t   *sh;
+    ngx_http_omni_qentry_t  *en;
+    uint32_t                 entries[NGX_HTTP_OMNI_WAKE_RING];
+    uint32_t                 seqs[NGX_HTTP_OMNI_WAKE_RING];
 
     c = ev->data;
 
@@ -440,8 +447,38 @@ ngx_http_omni_wake_handler(ngx_event_t *ev)
         /* drain */
     }
 
-    if (ngx_http_omni_worker_mcf != NULL) {
+    if (ngx_http_omni_worker_mcf == NULL) {
+        return;
+    }
+
+    sh = ngx_http_omni_shm(ngx_http_omni_worker_mcf, &shpool);
+
+    /* notes are by worker number: an older configuration's looks at all */
+    k = ngx_http_omni_generation == sh->generation
+        ? ngx_http_omni_wake_take(sh, shpool, ngx_worker, entries, seqs)
+        : NGX_ERROR;
+
+    if (k == NGX_ERROR) {
         ngx_http_omni_post_released();
+        return;
+    }
+
+    /* the entries released for it (only this process frees them) */
+    for (i = 0; i < k; i++) {
+        en = &sh->entries[entries[i]];
+
+        if (en->pid != ngx_pid || (uint32_t) en->seq != seqs[i]
+            || en->state != NGX_HTTP_OMNI_QE_RELEASED)
+        {
+            continue;
+        }
+
+        ctx = en->ctx;
+
+        if (ctx->qentry == entries[i] && ctx->qseq == en->seq) {
+            ngx_post_event(ctx->request->connection->write,
+                           &ngx_posted_events);
+        }
     }
 }
 
@@ -932,6 +969,10 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
                 ngx_http_omni_queue_remove_locked(sh, shpool, e);
                 en->state = NGX_HTTP_OMNI_QE_RELEASED;
                 en->released = now;
+
+                if (en->pid != ngx_pid && en->generation == sh->generation) {
+                    ngx_http_omni_wake_push_locked(sh, e);  /* for its owner */
+                }
 
                 out[n++] = *en;
             }

@@ -244,3 +244,66 @@ ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh, uint32_t e)
 
     q->tail = e;
 }
+
+
+/* Entry e was released for a worker other than this process: note it for
+ * the owner's wake-up. */
+void
+ngx_http_omni_wake_push_locked(ngx_http_omni_shctx_t *sh, uint32_t e)
+{
+    ngx_http_omni_wake_t    *w;
+    ngx_http_omni_qentry_t  *en;
+
+    en = &sh->entries[e];
+
+    if (en->worker >= NGX_HTTP_OMNI_MAX_WORKERS) {
+        return;
+    }
+
+    w = &sh->wake[en->worker];
+
+    if (w->n == NGX_HTTP_OMNI_WAKE_RING) {
+        w->overflow = 1;
+        return;
+    }
+
+    w->entry[w->n] = e;
+    w->seq[w->n] = (uint32_t) en->seq;
+    w->n++;
+}
+
+
+/*
+ * What was released for `worker` since it last looked, into entries and
+ * seqs (NGX_HTTP_OMNI_WAKE_RING each); the count, or NGX_ERROR when more
+ * were released than noted (look at every held request).
+ */
+ngx_int_t
+ngx_http_omni_wake_take(ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_uint_t worker, uint32_t *entries, uint32_t *seqs)
+{
+    ngx_int_t              n;
+    ngx_http_omni_wake_t  *w;
+
+    if (worker >= NGX_HTTP_OMNI_MAX_WORKERS) {
+        return NGX_ERROR;
+    }
+
+    w = &sh->wake[worker];
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    n = w->overflow ? NGX_ERROR : (ngx_int_t) w->n;
+
+    if (n > 0) {
+        ngx_memcpy(entries, w->entry, n * sizeof(uint32_t));
+        ngx_memcpy(seqs, w->seq, n * sizeof(uint32_t));
+    }
+
+    w->n = 0;
+    w->overflow = 0;
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return n;
+}

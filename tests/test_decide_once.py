@@ -50,10 +50,15 @@ def _metric(text: str, name: str) -> int:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_held_request_is_not_redecided_on_arrivals(cluster, omni_nginx):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_held_request_is_not_redecided_on_arrivals(cluster, omni_nginx, workers):
+    """With 2 workers the requests are held by both, and released by
+    whichever sees the load change: a worker woken through its eventfd
+    posts exactly the entries released for it (the wake notes in the zone),
+    and every held request is served."""
     sim = cluster
     nginx = omni_nginx(pd_policy="parallel", schedule_policy="omni",
-                       prefill_max_num_seqs=1,
+                       prefill_max_num_seqs=1, core_num=workers,
                        prefill_endpoints=",".join(sim.prefill_endpoints),
                        decode_endpoints=",".join(sim.decode_endpoints))
     sim.fault(sim.prefill_urls[0], mode="hang")
