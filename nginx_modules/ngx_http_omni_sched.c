@@ -42,6 +42,21 @@ static uint64_t             ngx_http_omni_dstep[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_pick_cand_t     ngx_http_omni_picks[NGX_HTTP_OMNI_MAX_SLOTS];
 static uint32_t             ngx_http_omni_start_slots[NGX_HTTP_OMNI_MAX_SLOTS];
 
+/* the last hold decided in this process: a request with the same inputs,
+ * decided in the same pass, is held the same way */
+static struct {
+    uint64_t                    epoch;      /* sched_epoch + 1; 0: none */
+    uint64_t                    now_us;
+    uint64_t                    prompt_tokens;
+    uint64_t                    seq;        /* the entry, while it waits */
+    uint32_t                    entry;
+    uint32_t                    n_hashes;
+    uint32_t                    waiting;
+    ngx_uint_t                  force;
+    ngx_int_t                   rc;
+    uint64_t                    retry_us;
+} ngx_http_omni_last;
+
 
 ngx_uint_t
 ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf)
@@ -551,6 +566,44 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 
 
 /*
+ * Whether bind_start() of en now would see exactly what it saw for the
+ * last hold decided: the same pass (zone unchanged, same instant), the
+ * same prompt (its blocks' hashes), no SLO.
+ */
+static ngx_uint_t
+ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
+    ngx_http_omni_qentry_t *en, uint64_t now_us, ngx_uint_t waiting,
+    ngx_uint_t force)
+{
+    ngx_http_omni_qentry_t  *last;
+
+    if (ngx_http_omni_last.epoch != sh->sched_epoch + 1
+        || ngx_http_omni_last.now_us != now_us
+        || ngx_http_omni_last.force != force
+        || ngx_http_omni_last.waiting != waiting
+        || ngx_http_omni_last.prompt_tokens != en->prompt_tokens
+        || ngx_http_omni_last.n_hashes != en->n_hashes
+        || en->deadline_us)
+    {
+        return 0;
+    }
+
+    last = &sh->entries[ngx_http_omni_last.entry];
+
+    if (last->seq != ngx_http_omni_last.seq
+        || last->state != NGX_HTTP_OMNI_QE_WAITING
+        || (last->hashes == NULL) != (en->hashes == NULL))
+    {
+        return 0;
+    }
+
+    return en->hashes == NULL
+           || ngx_memcmp(last->hashes, en->hashes,
+                         en->n_hashes * sizeof(uint64_t)) == 0;
+}
+
+
+/*
  * One decision about a held request to start, through
  * ngx_http_omni_bind_start() (codes as there), or the one made last if
  * nothing it depends on changed since: the same epoch (no change of load,
@@ -593,11 +646,21 @@ ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
     }
 
     r = 0;
-    (*attempts)++;
-    en->decided++;
 
-    rc = ngx_http_omni_bind_start(mcf, sh, shpool, en, now, now_us, &r,
-                                  waiting, force);
+    if (ngx_http_omni_same_inputs(sh, en, now_us, waiting, force)) {
+        /* the same function of the same inputs: the same hold (the look
+         * ahead of identical prompts behind the head) */
+        sh->decisions_reused++;
+        rc = ngx_http_omni_last.rc;
+        r = ngx_http_omni_last.retry_us;
+
+    } else {
+        (*attempts)++;
+        en->decided++;
+
+        rc = ngx_http_omni_bind_start(mcf, sh, shpool, en, now, now_us, &r,
+                                      waiting, force);
+    }
 
     if (r && (*retry_us == 0 || r < *retry_us)) {
         *retry_us = r;
@@ -607,6 +670,19 @@ ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
         /* an instance took it: every other decision is stale */
         sh->sched_epoch++;
         return rc;
+    }
+
+    if (en->deadline_us == 0) {
+        ngx_http_omni_last.epoch = sh->sched_epoch + 1;
+        ngx_http_omni_last.now_us = now_us;
+        ngx_http_omni_last.prompt_tokens = en->prompt_tokens;
+        ngx_http_omni_last.entry = e;
+        ngx_http_omni_last.seq = en->seq;
+        ngx_http_omni_last.n_hashes = en->n_hashes;
+        ngx_http_omni_last.waiting = (uint32_t) waiting;
+        ngx_http_omni_last.force = force;
+        ngx_http_omni_last.rc = rc;
+        ngx_http_omni_last.retry_us = r;
     }
 
     en->dec_epoch[f] = sh->sched_epoch + 1;
