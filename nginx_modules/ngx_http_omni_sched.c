@@ -48,6 +48,7 @@ static struct {
     uint64_t                    epoch;      /* sched_epoch + 1; 0: none */
     uint64_t                    now_us;
     uint64_t                    prompt_tokens;
+    uint64_t                    output_tokens;  /* parallel: decode too */
     uint64_t                    seq;        /* the entry, while it waits */
     uint32_t                    entry;
     uint32_t                    n_hashes;
@@ -568,7 +569,7 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 /*
  * Whether bind_start() of en now would see exactly what it saw for the
  * last hold decided: the same pass (zone unchanged, same instant), the
- * same prompt (its blocks' hashes), no SLO.
+ * same prompt (its blocks' hashes) and length, no SLO.
  */
 static ngx_uint_t
 ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
@@ -582,8 +583,9 @@ ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
         || ngx_http_omni_last.force != force
         || ngx_http_omni_last.waiting != waiting
         || ngx_http_omni_last.prompt_tokens != en->prompt_tokens
+        || ngx_http_omni_last.output_tokens != en->output_tokens
         || ngx_http_omni_last.n_hashes != en->n_hashes
-        || en->deadline_us)
+        || en->deadline_us || en->tpot_us)
     {
         return 0;
     }
@@ -672,10 +674,11 @@ ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
         return rc;
     }
 
-    if (en->deadline_us == 0) {
+    if (en->deadline_us == 0 && en->tpot_us == 0) {
         ngx_http_omni_last.epoch = sh->sched_epoch + 1;
         ngx_http_omni_last.now_us = now_us;
         ngx_http_omni_last.prompt_tokens = en->prompt_tokens;
+        ngx_http_omni_last.output_tokens = en->output_tokens;
         ngx_http_omni_last.entry = e;
         ngx_http_omni_last.seq = en->seq;
         ngx_http_omni_last.n_hashes = en->n_hashes;
