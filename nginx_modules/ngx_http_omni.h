@@ -5,7 +5,8 @@
  * (tests/test_module_seams.py checks it on the built objects):
  *
  *   ngx_http_omni_zone.c      the shared zone: creation, what a reload may
- *                             change, instance slots, metrics, the clock
+ *                             change, instance slots, metrics, the clock,
+ *                             the workers' wake-up eventfds (module init)
  *   ngx_http_omni_ledger.c    the load ledger: the one charge and release of
  *                             a leg (load, predictor job, prefilling), their
  *                             owners, what a dead process held
@@ -326,6 +327,16 @@ typedef struct {
     uint64_t                       deadline_us;
     uint64_t                       tpot_us;
     uint8_t                        reason;      /* NGX_HTTP_OMNI_REL_* */
+
+    /* its last decision per `force` (0, 1), kept while nothing it depends
+     * on changed (sched_epoch + 1; 0: none), ngx_http_omni_hold.c */
+    uint64_t                       dec_epoch[2];
+    uint64_t                       dec_until_us[2];
+    uint64_t                       dec_retry_at_us[2];
+    double                         dec_gap[2];
+    uint32_t                       dec_waiting[2];
+    ngx_int_t                      dec_rc[2];
+    uint32_t                       decided;     /* policy decisions made */
 } ngx_http_omni_qentry_t;
 
 
@@ -344,6 +355,21 @@ typedef struct {
     uint64_t                       count;
     uint64_t                       sum_ms;
 } ngx_http_omni_hist_t;
+
+
+/*
+ * The entries another worker released for one worker, so that its wake-up
+ * posts exactly those (ngx_http_omni_queue.c); more than fit: `overflow`,
+ * the worker looks at all it holds.
+ */
+#define NGX_HTTP_OMNI_WAKE_RING      16
+
+typedef struct {
+    uint32_t                       n;
+    uint32_t                       overflow;
+    uint32_t                       entry[NGX_HTTP_OMNI_WAKE_RING];
+    uint32_t                       seq[NGX_HTTP_OMNI_WAKE_RING]; /* low bits */
+} ngx_http_omni_wake_t;
 
 
 typedef struct {
@@ -390,6 +416,13 @@ typedef struct {
     ngx_msec_t                     cache_ttl;
     uint64_t                       decisions;
     uint64_t                       decision_us; /* time spent deciding */
+    /* bumped by whatever may change a held request's decision: an
+     * instance's load or health, the predictor, the queue's head */
+    uint64_t                       sched_epoch;
+    uint64_t                       decisions_reused; /* not re-decided */
+    uint64_t                       held_decided;    /* decisions of held */
+    uint64_t                       held_finished;   /*   requests, ended */
+    uint64_t                       held_decided_max; /* most for one */
     double                         output_ewma[NGX_HTTP_OMNI_ROUTES];
     omni_arrivals_t                arrivals;    /* of requests to start */
     uint64_t                       tokenized_total;
@@ -403,6 +436,9 @@ typedef struct {
 
     /* what the KV-event agent reported, by slot (omni_ingest_apply) */
     omni_ingest_inst_t             ingest[NGX_HTTP_OMNI_MAX_SLOTS];
+
+    /* per worker: its entries released by others since it last woke */
+    ngx_http_omni_wake_t           wake[NGX_HTTP_OMNI_MAX_WORKERS];
 } ngx_http_omni_shctx_t;
 
 
@@ -554,6 +590,7 @@ extern const double  ngx_http_omni_bucket_bounds[NGX_HTTP_OMNI_BUCKETS];
 extern const ngx_uint_t  ngx_http_omni_status_codes[NGX_HTTP_OMNI_STATUSES];
 
 uint64_t ngx_http_omni_now_us(void);
+ngx_int_t ngx_http_omni_init_module(ngx_cycle_t *cycle);
 /* ngx_http_omni_ledger.c */
 #define NGX_HTTP_OMNI_OUTCOME_NONE    0
 #define NGX_HTTP_OMNI_OUTCOME_OK      1
@@ -616,6 +653,10 @@ void ngx_http_omni_entry_free_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, uint32_t e);
 void ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh,
     uint32_t e);
+void ngx_http_omni_wake_push_locked(ngx_http_omni_shctx_t *sh, uint32_t e);
+ngx_int_t ngx_http_omni_wake_take(ngx_http_omni_shctx_t *sh,
+    ngx_slab_pool_t *shpool, ngx_uint_t worker, uint32_t *entries,
+    uint32_t *seqs);
 void ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, uint32_t e);
 ngx_uint_t ngx_http_omni_queue_reap_locked(ngx_http_omni_shctx_t *sh,
@@ -665,8 +706,14 @@ ngx_int_t ngx_http_omni_held_wake(ngx_http_omni_ctx_t *ctx);
 void ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx,
     ngx_uint_t queue);
+ngx_int_t ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
+    ngx_msec_t now, uint64_t now_us, uint64_t *retry_us, ngx_uint_t waiting,
+    ngx_uint_t force, ngx_uint_t *attempts);
+ngx_int_t ngx_http_omni_decide_decode(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
+    ngx_msec_t now, uint64_t now_us, ngx_uint_t *attempts);
 void ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf);
-ngx_int_t ngx_http_omni_init_module(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_omni_init_process(ngx_cycle_t *cycle);
 
 /* ngx_http_omni_feed.c */

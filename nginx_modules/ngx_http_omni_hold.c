@@ -38,12 +38,13 @@ static void ngx_http_omni_adopt(ngx_http_omni_ctx_t *ctx,
 static void ngx_http_omni_post_released(void);
 static void ngx_http_omni_wake_handler(ngx_event_t *ev);
 static void ngx_http_omni_timer_handler(ngx_event_t *ev);
-static void ngx_http_omni_close_fds(void *data);
 static void ngx_http_omni_reaper_handler(ngx_event_t *ev);
 
 
 /* how often a worker looks for processes that died with no successor */
 #define NGX_HTTP_OMNI_REAP_TICK  1000
+static void ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
+    ngx_uint_t changed);
 
 
 /* per worker process */
@@ -167,7 +168,8 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "omni hold: entry %uD in queue %ui", e, queue);
 
-    ngx_http_omni_schedule(ctx->mcf);
+    /* an arrival: only the new entry (and a new head) need a decision */
+    ngx_http_omni_schedule_pass(ctx->mcf, 0);
 
     return NGX_DONE;
 }
@@ -327,6 +329,7 @@ void
 ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx)
 {
     uint32_t                 e;
+    ngx_uint_t               changed;
     ngx_slab_pool_t         *shpool;
     ngx_http_omni_shctx_t   *sh;
     ngx_http_omni_qentry_t  *en;
@@ -336,6 +339,8 @@ ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx)
     if (e == NGX_HTTP_OMNI_NONE) {
         return;
     }
+
+    changed = 0;
 
     sh = ngx_http_omni_shm(ctx->mcf, &shpool);
     en = &sh->entries[e];
@@ -348,6 +353,7 @@ ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx)
 
         } else if (en->state == NGX_HTTP_OMNI_QE_RELEASED) {
             ngx_http_omni_uncharge_locked(sh, shpool, en);
+            changed = 1;
         }
 
         ngx_http_omni_entry_free_locked(sh, shpool, e);
@@ -358,8 +364,9 @@ ngx_http_omni_unhold(ngx_http_omni_ctx_t *ctx)
     ctx->qentry = NGX_HTTP_OMNI_NONE;
     ngx_queue_remove(&ctx->held);
 
-    /* the load it gave back may let someone else go */
-    ngx_http_omni_schedule(ctx->mcf);
+    /* the load it gave back may let someone else go; a waiting one gave
+     * back nothing (the queue's own change is seen by the decisions) */
+    ngx_http_omni_schedule_pass(ctx->mcf, changed);
 }
 
 
@@ -429,8 +436,15 @@ ngx_http_omni_post_released(void)
 static void
 ngx_http_omni_wake_handler(ngx_event_t *ev)
 {
-    uint64_t           n;
-    ngx_connection_t  *c;
+    uint64_t                 n;
+    ngx_int_t                i, k;
+    ngx_slab_pool_t         *shpool;
+    ngx_connection_t        *c;
+    ngx_http_omni_ctx_t     *ctx;
+    ngx_http_omni_shctx_t   *sh;
+    ngx_http_omni_qentry_t  *en;
+    uint32_t                 entries[NGX_HTTP_OMNI_WAKE_RING];
+    uint32_t                 seqs[NGX_HTTP_OMNI_WAKE_RING];
 
     c = ev->data;
 
@@ -438,8 +452,38 @@ ngx_http_omni_wake_handler(ngx_event_t *ev)
         /* drain */
     }
 
-    if (ngx_http_omni_worker_mcf != NULL) {
+    if (ngx_http_omni_worker_mcf == NULL) {
+        return;
+    }
+
+    sh = ngx_http_omni_shm(ngx_http_omni_worker_mcf, &shpool);
+
+    /* notes are by worker number: an older configuration's looks at all */
+    k = ngx_http_omni_generation == sh->generation
+        ? ngx_http_omni_wake_take(sh, shpool, ngx_worker, entries, seqs)
+        : NGX_ERROR;
+
+    if (k == NGX_ERROR) {
         ngx_http_omni_post_released();
+        return;
+    }
+
+    /* the entries released for it (only this process frees them) */
+    for (i = 0; i < k; i++) {
+        en = &sh->entries[entries[i]];
+
+        if (en->pid != ngx_pid || (uint32_t) en->seq != seqs[i]
+            || en->state != NGX_HTTP_OMNI_QE_RELEASED)
+        {
+            continue;
+        }
+
+        ctx = en->ctx;
+
+        if (ctx->qentry == entries[i] && ctx->qseq == en->seq) {
+            ngx_post_event(ctx->request->connection->write,
+                           &ngx_posted_events);
+        }
     }
 }
 
@@ -474,82 +518,14 @@ ngx_http_omni_timer_handler(ngx_event_t *ev)
         return;
     }
 
-    ngx_http_omni_schedule(ngx_http_omni_worker_mcf);
+    /* the clock: decisions past their retry instant are made again */
+    ngx_http_omni_schedule_pass(ngx_http_omni_worker_mcf, 0);
 
     /* held requests are looked after even when nothing else happens */
     if (!ngx_queue_empty(&ngx_http_omni_held_list)) {
         ngx_http_omni_post_released();
         ngx_http_omni_arm_timer(NGX_HTTP_OMNI_SAFETY_TICK);
     }
-}
-
-
-ngx_int_t
-ngx_http_omni_init_module(ngx_cycle_t *cycle)
-{
-    ngx_uint_t                  i, n;
-    ngx_core_conf_t            *ccf;
-    ngx_pool_cleanup_t         *cln;
-    ngx_http_omni_main_conf_t  *mcf;
-
-    if (ngx_http_cycle_get_module_main_conf(cycle, ngx_http_core_module)
-        == NULL)
-    {
-        return NGX_OK;
-    }
-
-    mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_omni_module);
-
-    if (mcf == NULL || mcf->shm_zone == NULL) {
-        return NGX_OK;
-    }
-
-    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
-
-    n = ngx_min((ngx_uint_t) ngx_max(ccf->worker_processes, 1),
-                NGX_HTTP_OMNI_MAX_WORKERS);
-
-    mcf->wake_fds = ngx_pcalloc(cycle->pool, n * sizeof(ngx_fd_t));
-    if (mcf->wake_fds == NULL) {
-        return NGX_ERROR;
-    }
-
-    cln = ngx_pool_cleanup_add(cycle->pool, 0);
-    if (cln == NULL) {
-        return NGX_ERROR;
-    }
-
-    cln->handler = ngx_http_omni_close_fds;
-    cln->data = mcf;
-
-    for (i = 0; i < n; i++) {
-        mcf->wake_fds[i] = eventfd(0, EFD_NONBLOCK);
-
-        if (mcf->wake_fds[i] == -1) {
-            ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
-                          "omni: eventfd() failed");
-            return NGX_ERROR;
-        }
-
-        mcf->n_wake_fds = i + 1;
-    }
-
-    return NGX_OK;
-}
-
-
-static void
-ngx_http_omni_close_fds(void *data)
-{
-    ngx_http_omni_main_conf_t  *mcf = data;
-
-    ngx_uint_t  i;
-
-    for (i = 0; i < mcf->n_wake_fds; i++) {
-        (void) close(mcf->wake_fds[i]);
-    }
-
-    mcf->n_wake_fds = 0;
 }
 
 
@@ -697,6 +673,7 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
             sh->decisions++;
             sh->decision_us += ngx_http_omni_now_us() - now_us;
             sh->released[NGX_HTTP_OMNI_REL_NOW]++;
+            sh->sched_epoch++;
             rc = NGX_OK;
         }
     }
@@ -711,8 +688,20 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 }
 
 
+/*
+ * Something a held request's decision depends on changed (an instance's
+ * load, health or predicted work; the caller changed it): decide again.
+ */
 void
 ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
+{
+    ngx_http_omni_schedule_pass(mcf, 1);
+}
+
+
+static void
+ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
+    ngx_uint_t changed)
 {
     uint32_t                 e, cand;
     uint64_t                 t0, now_us, retry_us;
@@ -752,6 +741,11 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
         now_us = t0;
         now = ngx_current_msec;
 
+        if (changed) {
+            sh->sched_epoch++;
+            changed = 0;
+        }
+
         for (q = 0; q < NGX_HTTP_OMNI_QUEUES && n < NGX_HTTP_OMNI_BATCH; q++) {
             queue = &sh->queues[q];
 
@@ -760,8 +754,6 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                 if (e == NGX_HTTP_OMNI_NONE) {
                     break;
                 }
-
-                attempts++;
 
                 if (q == NGX_HTTP_OMNI_Q_PREFILL
                     && sh->entries[e].mode != mcf->pd_policy)
@@ -778,6 +770,7 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                     }
 
                     sh->entries[e].rejected = 1;
+                    sh->sched_epoch++;
                     rc = NGX_OK;
 
                 } else if (!ngx_http_omni_tier_usable(mcf, sh,
@@ -792,17 +785,17 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                 {
                     /* nothing could take it: the owner answers 503 */
                     sh->entries[e].rejected = 1;
+                    sh->sched_epoch++;
                     rc = NGX_OK;
 
                 } else if (q == NGX_HTTP_OMNI_Q_DECODE) {
-                    rc = ngx_http_omni_bind_decode(mcf, sh, shpool,
-                                                   &sh->entries[e], now);
+                    rc = ngx_http_omni_decide_decode(mcf, sh, shpool, e,
+                                                     now, now_us, &attempts);
 
                 } else {
-                    rc = ngx_http_omni_bind_start(mcf, sh, shpool,
-                                                  &sh->entries[e],
-                                                  now, now_us, &retry_us,
-                                                  queue->n, 0);
+                    rc = ngx_http_omni_decide_start(mcf, sh, shpool, e,
+                                                    now, now_us, &retry_us,
+                                                    queue->n, 0, &attempts);
 
                     /*
                      * The head waits for a busy instance that will serve it
@@ -835,11 +828,10 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                                                     NGX_HTTP_OMNI_REL_ORDER;
                         }
 
-                        attempts++;
-                        rc = ngx_http_omni_bind_start(mcf, sh, shpool,
-                                                      &sh->entries[cand],
-                                                      now, now_us, &retry_us,
-                                                      queue->n, 0);
+                        rc = ngx_http_omni_decide_start(mcf, sh, shpool,
+                                                        cand, now, now_us,
+                                                        &retry_us, queue->n,
+                                                        0, &attempts);
                         if (rc == NGX_OK) {
                             e = cand;
                         } else if (rc == NGX_AGAIN) {
@@ -848,11 +840,10 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                     }
 
                     if (rc == NGX_BUSY) {
-                        attempts++;
-                        rc = ngx_http_omni_bind_start(mcf, sh, shpool,
-                                                      &sh->entries[e],
-                                                      now, now_us, &retry_us,
-                                                      queue->n, 1);
+                        rc = ngx_http_omni_decide_start(mcf, sh, shpool, e,
+                                                        now, now_us,
+                                                        &retry_us, queue->n,
+                                                        1, &attempts);
                     }
                 }
 
@@ -892,6 +883,10 @@ ngx_http_omni_schedule(ngx_http_omni_main_conf_t *mcf)
                 ngx_http_omni_queue_remove_locked(sh, shpool, e);
                 en->state = NGX_HTTP_OMNI_QE_RELEASED;
                 en->released = now;
+
+                if (en->pid != ngx_pid && en->generation == sh->generation) {
+                    ngx_http_omni_wake_push_locked(sh, e);  /* for its owner */
+                }
 
                 out[n++] = *en;
             }

@@ -120,6 +120,12 @@ ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
     en = &sh->entries[e];
     q = &sh->queues[en->queue];
 
+    if (en->heap_pos == 0) {
+        /* a new head: the decisions about the queue are stale (fewer
+         * waiting is checked by each kept decision) */
+        sh->sched_epoch++;
+    }
+
     q->n--;
     ngx_http_omni_heap_remove(sh, q, en->heap_pos);
 
@@ -152,6 +158,13 @@ ngx_http_omni_entry_free_locked(ngx_http_omni_shctx_t *sh,
     ngx_http_omni_qentry_t  *en;
 
     en = &sh->entries[e];
+
+    if (en->state != NGX_HTTP_OMNI_QE_FREE) {
+        /* how often the scheduler decided about it while it was held */
+        sh->held_decided += en->decided;
+        sh->held_finished++;
+        sh->held_decided_max = ngx_max(sh->held_decided_max, en->decided);
+    }
 
     if (en->hashes) {
         ngx_slab_free_locked(shpool, en->hashes);
@@ -208,6 +221,11 @@ ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh, uint32_t e)
 
     ngx_http_omni_heap_push(sh, q, e);
     q->n++;
+
+    if (q->heap[0] == e) {
+        /* a new head: the decisions about the queue are stale */
+        sh->sched_epoch++;
+    }
 
     /* what the drain (Retry-After) and the SLO release need */
     q->work_us += en->work_us;
@@ -285,3 +303,65 @@ ngx_http_omni_queue_reap_locked(ngx_http_omni_shctx_t *sh,
     return ngx_http_omni_ledger_reap_locked(sh, shpool, starting);
 }
 
+
+/* Entry e was released for a worker other than this process: note it for
+ * the owner's wake-up. */
+void
+ngx_http_omni_wake_push_locked(ngx_http_omni_shctx_t *sh, uint32_t e)
+{
+    ngx_http_omni_wake_t    *w;
+    ngx_http_omni_qentry_t  *en;
+
+    en = &sh->entries[e];
+
+    if (en->worker >= NGX_HTTP_OMNI_MAX_WORKERS) {
+        return;
+    }
+
+    w = &sh->wake[en->worker];
+
+    if (w->n == NGX_HTTP_OMNI_WAKE_RING) {
+        w->overflow = 1;
+        return;
+    }
+
+    w->entry[w->n] = e;
+    w->seq[w->n] = (uint32_t) en->seq;
+    w->n++;
+}
+
+
+/*
+ * What was released for `worker` since it last looked, into entries and
+ * seqs (NGX_HTTP_OMNI_WAKE_RING each); the count, or NGX_ERROR when more
+ * were released than noted (look at every held request).
+ */
+ngx_int_t
+ngx_http_omni_wake_take(ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
+    ngx_uint_t worker, uint32_t *entries, uint32_t *seqs)
+{
+    ngx_int_t              n;
+    ngx_http_omni_wake_t  *w;
+
+    if (worker >= NGX_HTTP_OMNI_MAX_WORKERS) {
+        return NGX_ERROR;
+    }
+
+    w = &sh->wake[worker];
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    n = w->overflow ? NGX_ERROR : (ngx_int_t) w->n;
+
+    if (n > 0) {
+        ngx_memcpy(entries, w->entry, n * sizeof(uint32_t));
+        ngx_memcpy(seqs, w->seq, n * sizeof(uint32_t));
+    }
+
+    w->n = 0;
+    w->overflow = 0;
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return n;
+}

@@ -24,6 +24,12 @@
 #include "ngx_http_omni.h"
 
 
+/* a kept decision is made again after this long at most (us): what only
+ * time changes (an instance back from its fail timeout, the index's and
+ * the agent's expiry) is seen by then */
+#define NGX_HTTP_OMNI_DECISION_TTL   1000000
+
+
 
 
 
@@ -35,6 +41,22 @@ static omni_decode_inst_t   ngx_http_omni_dcands[NGX_HTTP_OMNI_MAX_SLOTS];
 static uint64_t             ngx_http_omni_dstep[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_pick_cand_t     ngx_http_omni_picks[NGX_HTTP_OMNI_MAX_SLOTS];
 static uint32_t             ngx_http_omni_start_slots[NGX_HTTP_OMNI_MAX_SLOTS];
+
+/* the last hold decided in this process: a request with the same inputs,
+ * decided in the same pass, is held the same way */
+static struct {
+    uint64_t                    epoch;      /* sched_epoch + 1; 0: none */
+    uint64_t                    now_us;
+    uint64_t                    prompt_tokens;
+    uint64_t                    output_tokens;  /* parallel: decode too */
+    uint64_t                    seq;        /* the entry, while it waits */
+    uint32_t                    entry;
+    uint32_t                    n_hashes;
+    uint32_t                    waiting;
+    ngx_uint_t                  force;
+    ngx_int_t                   rc;
+    uint64_t                    retry_us;
+} ngx_http_omni_last;
 
 
 ngx_uint_t
@@ -541,6 +563,178 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * Whether bind_start() of en now would see exactly what it saw for the
+ * last hold decided: the same pass (zone unchanged, same instant), the
+ * same prompt (its blocks' hashes) and length, no SLO.
+ */
+static ngx_uint_t
+ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
+    ngx_http_omni_qentry_t *en, uint64_t now_us, ngx_uint_t waiting,
+    ngx_uint_t force)
+{
+    ngx_http_omni_qentry_t  *last;
+
+    if (ngx_http_omni_last.epoch != sh->sched_epoch + 1
+        || ngx_http_omni_last.now_us != now_us
+        || ngx_http_omni_last.force != force
+        || ngx_http_omni_last.waiting != waiting
+        || ngx_http_omni_last.prompt_tokens != en->prompt_tokens
+        || ngx_http_omni_last.output_tokens != en->output_tokens
+        || ngx_http_omni_last.n_hashes != en->n_hashes
+        || en->deadline_us || en->tpot_us)
+    {
+        return 0;
+    }
+
+    last = &sh->entries[ngx_http_omni_last.entry];
+
+    if (last->seq != ngx_http_omni_last.seq
+        || last->state != NGX_HTTP_OMNI_QE_WAITING
+        || (last->hashes == NULL) != (en->hashes == NULL))
+    {
+        return 0;
+    }
+
+    return en->hashes == NULL
+           || ngx_memcmp(last->hashes, en->hashes,
+                         en->n_hashes * sizeof(uint64_t)) == 0;
+}
+
+
+/*
+ * One decision about a held request to start, through
+ * ngx_http_omni_bind_start() (codes as there), or the one made last if
+ * nothing it depends on changed since: the same epoch (no change of load,
+ * health, predictor or queue head), the same `force`, no fewer waiting, no
+ * longer gap between arrivals (both only make waiting more attractive: a
+ * hold stays a hold), before its retry instant and its TTL.  A request
+ * with an SLO is always decided again: its deadline moves the choice.
+ */
+ngx_int_t
+ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
+    ngx_msec_t now, uint64_t now_us, uint64_t *retry_us, ngx_uint_t waiting,
+    ngx_uint_t force, ngx_uint_t *attempts)
+{
+    uint64_t                 r;
+    ngx_int_t                rc;
+    ngx_uint_t               f;
+    ngx_http_omni_qentry_t  *en;
+
+    en = &sh->entries[e];
+    f = force ? 1 : 0;
+
+    if (en->deadline_us == 0 && en->tpot_us == 0
+        && en->dec_epoch[f] == sh->sched_epoch + 1
+        && now_us < en->dec_until_us[f]
+        && waiting >= en->dec_waiting[f]
+        && sh->arrivals.gap_us <= en->dec_gap[f])
+    {
+        sh->decisions_reused++;
+
+        if (en->dec_retry_at_us[f] > now_us) {
+            r = en->dec_retry_at_us[f] - now_us;
+
+            if (*retry_us == 0 || r < *retry_us) {
+                *retry_us = r;
+            }
+        }
+
+        return en->dec_rc[f];
+    }
+
+    r = 0;
+
+    if (ngx_http_omni_same_inputs(sh, en, now_us, waiting, force)) {
+        /* the same function of the same inputs: the same hold (the look
+         * ahead of identical prompts behind the head) */
+        sh->decisions_reused++;
+        rc = ngx_http_omni_last.rc;
+        r = ngx_http_omni_last.retry_us;
+
+    } else {
+        (*attempts)++;
+        en->decided++;
+
+        rc = ngx_http_omni_bind_start(mcf, sh, shpool, en, now, now_us, &r,
+                                      waiting, force);
+    }
+
+    if (r && (*retry_us == 0 || r < *retry_us)) {
+        *retry_us = r;
+    }
+
+    if (rc == NGX_OK) {
+        /* an instance took it: every other decision is stale */
+        sh->sched_epoch++;
+        return rc;
+    }
+
+    if (en->deadline_us == 0 && en->tpot_us == 0) {
+        ngx_http_omni_last.epoch = sh->sched_epoch + 1;
+        ngx_http_omni_last.now_us = now_us;
+        ngx_http_omni_last.prompt_tokens = en->prompt_tokens;
+        ngx_http_omni_last.output_tokens = en->output_tokens;
+        ngx_http_omni_last.entry = e;
+        ngx_http_omni_last.seq = en->seq;
+        ngx_http_omni_last.n_hashes = en->n_hashes;
+        ngx_http_omni_last.waiting = (uint32_t) waiting;
+        ngx_http_omni_last.force = force;
+        ngx_http_omni_last.rc = rc;
+        ngx_http_omni_last.retry_us = r;
+    }
+
+    en->dec_epoch[f] = sh->sched_epoch + 1;
+    en->dec_rc[f] = rc;
+    en->dec_waiting[f] = (uint32_t) waiting;
+    en->dec_gap[f] = sh->arrivals.gap_us;
+    en->dec_retry_at_us[f] = r ? now_us + r : 0;
+    en->dec_until_us[f] = now_us + (r && r < NGX_HTTP_OMNI_DECISION_TTL
+                                    ? r : NGX_HTTP_OMNI_DECISION_TTL);
+
+    return rc;
+}
+
+
+/* The same for the decode placement of a held request (sequential mode);
+ * it depends on the decode instances alone. */
+ngx_int_t
+ngx_http_omni_decide_decode(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
+    ngx_msec_t now, uint64_t now_us, ngx_uint_t *attempts)
+{
+    ngx_int_t                rc;
+    ngx_http_omni_qentry_t  *en;
+
+    en = &sh->entries[e];
+
+    if (en->tpot_us == 0
+        && en->dec_epoch[0] == sh->sched_epoch + 1
+        && now_us < en->dec_until_us[0])
+    {
+        sh->decisions_reused++;
+        return en->dec_rc[0];
+    }
+
+    (*attempts)++;
+    en->decided++;
+
+    rc = ngx_http_omni_bind_decode(mcf, sh, shpool, en, now);
+
+    if (rc == NGX_OK) {
+        sh->sched_epoch++;
+        return rc;
+    }
+
+    en->dec_epoch[0] = sh->sched_epoch + 1;
+    en->dec_rc[0] = rc;
+    en->dec_until_us[0] = now_us + NGX_HTTP_OMNI_DECISION_TTL;
+
+    return rc;
 }
 
 

@@ -274,6 +274,9 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"starved\":%uL,\"plan\":%uL,\"lost\":%uL}},"
                     "\"scheduler\":{\"decisions\":%uL,"
                     "\"decision_us_mean\":%.1f,"
+                    "\"decisions_reused\":%uL,"
+                    "\"held_decisions\":%uL,\"held_finished\":%uL,"
+                    "\"held_decisions_max\":%uL,"
                     "\"typical_output_tokens\":[%.1f,%.1f]},"
                     "\"totals\":{\"requests\":%uL,\"inflight_requests\":%uL,"
                     "\"errors\":%uL,\"charges_reaped\":%uL,"
@@ -298,6 +301,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->decisions,
                     sh->decisions ? (double) sh->decision_us / sh->decisions
                                   : 0.0,
+                    sh->decisions_reused, sh->held_decided,
+                    sh->held_finished, sh->held_decided_max,
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
                     sh->requests_total, sh->inflight_requests,
@@ -498,6 +503,30 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_ERROR],
             sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_UNSUPPORTED],
             sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE]);
+
+    p = ngx_sprintf(p,
+            "# HELP omni_decisions_total Policy decisions about requests to "
+            "start or place.\n"
+            "# TYPE omni_decisions_total counter\n"
+            "omni_decisions_total %uL\n"
+            "# HELP omni_decisions_reused_total Held requests not decided "
+            "again: nothing their decision depends on changed.\n"
+            "# TYPE omni_decisions_reused_total counter\n"
+            "omni_decisions_reused_total %uL\n"
+            "# HELP omni_held_decisions_total Policy decisions about held "
+            "requests, counted when they leave the queue.\n"
+            "# TYPE omni_held_decisions_total counter\n"
+            "omni_held_decisions_total %uL\n"
+            "# HELP omni_held_finished_total Held requests that left the "
+            "queue (released, timed out or gone).\n"
+            "# TYPE omni_held_finished_total counter\n"
+            "omni_held_finished_total %uL\n"
+            "# HELP omni_held_decisions_max Most policy decisions about one "
+            "held request.\n"
+            "# TYPE omni_held_decisions_max gauge\n"
+            "omni_held_decisions_max %uL\n",
+            sh->decisions, sh->decisions_reused, sh->held_decided,
+            sh->held_finished, sh->held_decided_max);
 
 #define omni_inst_metric(name, type, help)                                   \
     p = ngx_sprintf(p, "# HELP " name " " help "\n# TYPE " name " " type "\n");\

@@ -15,6 +15,11 @@
 
 #include "ngx_http_omni.h"
 
+#include <sys/eventfd.h>
+
+
+static void ngx_http_omni_close_fds(void *data);
+
 
 static ngx_int_t ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
@@ -602,4 +607,78 @@ ngx_http_omni_zone_build(ngx_http_omni_main_conf_t *mcf,
                   icfg.max_entries, icfg.max_instances, size, cap);
 
     return NGX_OK;
+}
+
+
+/*
+ * At module init (in the master, before the workers fork): one eventfd per
+ * worker, through which the others wake it for a request released for it
+ * (ngx_http_omni_hold.c).
+ */
+ngx_int_t
+ngx_http_omni_init_module(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                  i, n;
+    ngx_core_conf_t            *ccf;
+    ngx_pool_cleanup_t         *cln;
+    ngx_http_omni_main_conf_t  *mcf;
+
+    if (ngx_http_cycle_get_module_main_conf(cycle, ngx_http_core_module)
+        == NULL)
+    {
+        return NGX_OK;
+    }
+
+    mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_omni_module);
+
+    if (mcf == NULL || mcf->shm_zone == NULL) {
+        return NGX_OK;
+    }
+
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+
+    n = ngx_min((ngx_uint_t) ngx_max(ccf->worker_processes, 1),
+                NGX_HTTP_OMNI_MAX_WORKERS);
+
+    mcf->wake_fds = ngx_pcalloc(cycle->pool, n * sizeof(ngx_fd_t));
+    if (mcf->wake_fds == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln = ngx_pool_cleanup_add(cycle->pool, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_http_omni_close_fds;
+    cln->data = mcf;
+
+    for (i = 0; i < n; i++) {
+        mcf->wake_fds[i] = eventfd(0, EFD_NONBLOCK);
+
+        if (mcf->wake_fds[i] == -1) {
+            ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                          "omni: eventfd() failed");
+            return NGX_ERROR;
+        }
+
+        mcf->n_wake_fds = i + 1;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_omni_close_fds(void *data)
+{
+    ngx_http_omni_main_conf_t  *mcf = data;
+
+    ngx_uint_t  i;
+
+    for (i = 0; i < mcf->n_wake_fds; i++) {
+        (void) close(mcf->wake_fds[i]);
+    }
+
+    mcf->n_wake_fds = 0;
 }

@@ -189,6 +189,9 @@ def idle_state(status_url: str, timeout: float = 10.0) -> dict:
                                      or [0]),
             "held_total": st["queues"]["held_total"],
             "decisions": st["scheduler"]["decisions"],
+            # the most policy decisions one held request had so far (None:
+            # a build without the counter)
+            "held_decisions_max": st["scheduler"].get("held_decisions_max"),
             "requests": st["totals"]["requests"]}
 
 
@@ -413,6 +416,9 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
                                     f"{r['decisions_per_request']:.1f} decisions/req, "
                                     f"idle after: {after['prefill_jobs']} prefill "
                                     f"job(s) predicted in flight")
+                            if after.get("held_decisions_max") is not None:
+                                note += (f", at most {after['held_decisions_max']} "
+                                         f"decisions for one held request")
                         log(f"[overhead] round {rnd + 1}/{repeat} {name} "
                             f"{size_label(size)}: {r['rps']:.0f} req/s, "
                             f"p50 {r.get('p50_ms', 0):.2f} ms, "
