@@ -133,11 +133,13 @@ def test_engine_cache_steers_and_reset_stops_it(omni_nginx, policy):
                        what="every instance precise")
             urls = dict(zip(_addrs(sim), sim.prefill_urls))
             for k, addr in enumerate(_addrs(sim)):
-                prompt = _tokens(BLOCK * 12, f"steer-{k}")
+                # long enough that the cached part outweighs what the
+                # predictor has not learned yet about an instance's speed
+                prompt = _tokens(BLOCK * 96, f"steer-{k}")
                 base = _stored(nginx, addr)
                 _direct(urls[addr], prompt)
                 # the engine's stores reach the proxy's index
-                wait_until(lambda: _stored(nginx, addr) >= base + 10,
+                wait_until(lambda: _stored(nginx, addr) >= base + 90,
                            timeout=30, what="stores applied")
                 # a prompt sharing that prefix goes where the engine has it
                 ask = prompt + _tokens(BLOCK * 2, f"tail-{k}")
