@@ -237,6 +237,7 @@ typedef struct {
     uint64_t                       cache_checked;     /* prefills compared */
     uint64_t                       cache_missing;     /* predicted, not found */
     uint64_t                       cache_unpredicted; /* found, not predicted */
+    uint64_t                       cache_predicted;   /* predicted, in all */
 } ngx_http_omni_inst_t;
 
 

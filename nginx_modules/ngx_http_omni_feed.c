@@ -191,6 +191,7 @@ ngx_http_omni_cache_observed(ngx_http_omni_ctx_t *ctx,
 
     in = &sh->inst[leg->slot];
     in->cache_checked++;
+    in->cache_predicted += (uint64_t) pred;
 
     if (pred > found) {
         in->cache_missing += (uint64_t) (pred - found);

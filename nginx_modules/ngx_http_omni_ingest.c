@@ -28,6 +28,25 @@ static ngx_event_t  ngx_http_omni_ingest_timer;
 
 
 /*
+ * A load report just applied counts our own legs as they were at the
+ * scrape, a moment ago: note our figure now, so that scheduling adds only
+ * what the engine reports beyond it (omni_ingest_blend_running).  Locked.
+ */
+static void
+ngx_http_omni_ingest_ours_locked(ngx_http_omni_shctx_t *sh)
+{
+    uint32_t    ours[NGX_HTTP_OMNI_MAX_SLOTS];
+    ngx_uint_t  i;
+
+    for (i = 0; i < sh->n_slots && i < NGX_HTTP_OMNI_MAX_SLOTS; i++) {
+        ours[i] = (uint32_t) sh->inst[i].inflight_requests;
+    }
+
+    (void) omni_ingest_note_ours(sh->ingest, i, ours);
+}
+
+
+/*
  * The health the agent reported goes into the instance's own flag, which
  * ngx_http_omni_inst_usable() checks; an expired agent's report is
  * forgotten.  Returns 1 when an instance became usable again.  Locked.
@@ -264,6 +283,7 @@ ngx_http_omni_ingest_body(ngx_http_request_t *r)
     rc = omni_ingest_apply(sh->index, sh->ingest, sh->n_slots, names, n_names,
                            buf, len, ngx_http_omni_now_us(),
                            &sh->ingest_stats);
+    ngx_http_omni_ingest_ours_locked(sh);
     up = ngx_http_omni_ingest_health_locked(sh);
     reason = sh->ingest_stats.last_reason;
     offset = sh->ingest_stats.last_offset;

@@ -345,7 +345,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"tokens_total\":%uL,\"last_latency_ms\":%uL,"
                     "\"prefilling\":%uD,\"prefilling_tokens\":%uL,"
                     "\"cache_check\":{\"checked\":%uL,\"missing\":%uL,"
-                    "\"unpredicted\":%uL},",
+                    "\"unpredicted\":%uL,\"predicted\":%uL},",
                     ngx_http_omni_roles[t], i, ucf->slots[i],
                     (size_t) in->addr_len, in->addr,
                     (int) in->bootstrap_port,
@@ -354,7 +354,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     in->fails, in->requests_total, in->errors_total,
                     in->tokens_total, in->last_latency_ms, in->prefilling,
                     in->prefilling_tokens, in->cache_checked,
-                    in->cache_missing, in->cache_unpredicted);
+                    in->cache_missing, in->cache_unpredicted,
+                    in->cache_predicted);
 
             p = ngx_http_omni_status_model(p, mcf, ucf->slots[i], now_us);
             p = ngx_http_omni_status_agent(p, &sh->ingest[ucf->slots[i]],
@@ -575,6 +576,11 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
     omni_inst_metric("omni_instance_cache_unpredicted_tokens_total",
                      "counter", "Cached tokens the engine reported that the "
                      "proxy did not predict.")
+#undef OMNI_VALUE
+#define OMNI_VALUE  in->cache_predicted
+    omni_inst_metric("omni_instance_cache_predicted_tokens_total", "counter",
+                     "Cached tokens the proxy predicted for the prefill "
+                     "answers it checked.")
 #undef OMNI_VALUE
 #define OMNI_VALUE  in->cache_checked
     omni_inst_metric("omni_instance_cache_checked_total", "counter",

@@ -99,3 +99,46 @@ def test_demo_short_end_to_end(tmp_path):
     saved = json.load(open(tmp_path / "compare.json"))
     for s in saved["summaries"]:
         assert s["errors"] == 0 and s["requests"] > 0
+
+
+def test_omni_variants_and_merged_reports():
+    assert compare.omni_variant("omni") == ("omni", False, 1)
+    assert compare.omni_variant("omni-events-x2") == ("omni", True, 2)
+    assert compare.omni_variant("omni-x2") == ("omni", False, 2)
+    assert compare.omni_variant("omni-cache-aware") == ("cache-aware", False, 1)
+    for t in ("omni-events", "omni-x2", "omni-events-x2"):
+        assert t not in compare.parse_targets(None, "sequential")
+    a = {"decisions": 10, "decision_us_mean": 2.0, "completion_mape": 0.1,
+         "service_mape": 0.2, "held": 1, "starved": 0, "cache_checked": 5,
+         "cache_predicted": 100, "cache_missing": 3, "cache_unpredicted": 0,
+         "precise": 2}
+    b = dict(a, decisions=30, decision_us_mean=4.0, cache_predicted=300)
+    m = compare.merge_reports([a, None, b])
+    assert m["decisions"] == 40 and m["cache_predicted"] == 400
+    assert m["decision_us_mean"] == pytest.approx(3.5) and m["replicas"] == 2
+    assert compare.merge_reports([None, a]) is a
+
+
+@pytest.mark.skipif(not _omni_available(), reason=f"{omni.available()} (issue 2)")
+def test_compare_events_and_replicas(tmp_path):
+    """omni-events runs the agent against the simulator's publishers (the
+    index goes precise; its predictions are checked against the engine);
+    omni-events-x2 runs two replicas behind a plain nginx, both used."""
+    res = compare.run_compare(
+        targets="omni-events,omni-events-x2", prefill=2, decode=1,
+        pd_policy="sequential", sim_args="--preset tiny", out_dir=str(tmp_path),
+        quiet=True, workload="gsp", gsp_groups=2, gsp_prompts_per_group=4,
+        gsp_system_len=256, gsp_question_len=16, gsp_output_len=4,
+        concurrency=2, max_duration=120.0)
+    one, two = res["summaries"]
+    for s in (one, two):
+        assert s["requests"] == 8 and s["errors"] == 0, s["error_kinds"]
+        r = s["proxy_report"]
+        assert r["precise"] >= 2, r          # the agent's events arrived
+        assert r["cache_checked"] > 0 and r["cache_predicted"] > 0, r
+        assert r["cache_missing"] <= r["cache_predicted"]
+    assert two["proxy_report"]["replicas"] == 2
+    for k in ("", "1"):
+        st = json.load(open(tmp_path / "omni-events-x2" / f"omni_status{k}.json"))
+        assert st["totals"]["requests"] > 0     # the front split the traffic
+    assert "predicted, not found by the engine" in (tmp_path / "compare.md").read_text()

@@ -21,7 +21,7 @@ import pytest
 
 from omni_ctl.sim.cluster import SimCluster
 
-from conftest import wait_until
+from conftest import free_port, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -105,11 +105,11 @@ def _cluster():
                       args=["--kv-events", "--num-blocks", "4096"])
 
 
-def _proxy(omni_nginx, sim, **kw):
+def _proxy(omni_nginx, sim, policy="cache-aware", **kw):
     return omni_nginx(prefill_endpoints=",".join(sim.prefill_endpoints),
                       decode_endpoints=",".join(sim.decode_endpoints),
                       pd_policy="sequential", block_size=BLOCK,
-                      schedule_policy="cache-aware", **kw)
+                      schedule_policy=policy, **kw)
 
 
 def _addrs(sim):
@@ -121,20 +121,25 @@ def _stored(nginx, addr):
     return _insts(nginx)[addr]["agent"]["blocks_stored"]
 
 
-def test_engine_cache_steers_and_reset_stops_it(omni_nginx):
+@pytest.mark.parametrize("policy", ["cache-aware", "omni"])
+def test_engine_cache_steers_and_reset_stops_it(omni_nginx, policy):
+    """With either policy (`omni` is the default), a prefix an engine cached
+    from requests that never passed the proxy steers the proxy's choice."""
     with _cluster() as sim:
-        nginx = _proxy(omni_nginx, sim)
+        nginx = _proxy(omni_nginx, sim, policy)
         agent = _agent(nginx)
         try:
             wait_until(lambda: _all_precise(nginx), timeout=30,
                        what="every instance precise")
             urls = dict(zip(_addrs(sim), sim.prefill_urls))
             for k, addr in enumerate(_addrs(sim)):
-                prompt = _tokens(BLOCK * 12, f"steer-{k}")
+                # long enough that the cached part outweighs what the
+                # predictor has not learned yet about an instance's speed
+                prompt = _tokens(BLOCK * 96, f"steer-{k}")
                 base = _stored(nginx, addr)
                 _direct(urls[addr], prompt)
                 # the engine's stores reach the proxy's index
-                wait_until(lambda: _stored(nginx, addr) >= base + 10,
+                wait_until(lambda: _stored(nginx, addr) >= base + 90,
                            timeout=30, what="stores applied")
                 # a prompt sharing that prefix goes where the engine has it
                 ask = prompt + _tokens(BLOCK * 2, f"tail-{k}")
@@ -199,10 +204,24 @@ def test_killed_agent_changes_nothing_for_clients(omni_nginx):
             _stop(agent)
 
 
+def _agent_inst(port, addr):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status",
+                                timeout=10) as r:
+        insts = json.loads(r.read())["instances"]
+    return next(i for i in insts if i["name"] == addr)
+
+
 def test_health_takes_an_instance_out_and_back(omni_nginx):
+    """Out within `fall` and back within `rise` probes (2 and 2) counted from
+    the change: probes start every interval even while the engine's /health
+    hangs past the timeout, and a hung probe answering late does not undo a
+    newer one.  Counted in probe rounds (the agent's own sequence numbers),
+    not seconds, so a slow machine cannot fail it; no client request fails
+    meanwhile."""
+    sport = free_port()
     with _cluster() as sim:
         nginx = _proxy(omni_nginx, sim)
-        agent = _agent(nginx)
+        agent = _agent(nginx, "--status-listen", f"127.0.0.1:{sport}")
         try:
             wait_until(lambda: all(i["agent"]["health"] == "up"
                                    for i in nginx.status()["instances"]),
@@ -211,19 +230,32 @@ def test_health_takes_an_instance_out_and_back(omni_nginx):
             url = dict(zip(_addrs(sim), sim.prefill_urls))[addr]
             t0 = time.monotonic()
             _post_url(url, "/sim/fault", {"mode": "hang"})
+            p0 = _agent_inst(sport, addr)["probes"]
             wait_until(lambda: not _insts(nginx)[addr]["healthy"],
                        timeout=30, what="instance out")
-            # probes every 0.2 s, fall 2 (timing shown, not asserted)
             print(f"out after {time.monotonic() - t0:.2f}s")
+            st = _agent_inst(sport, addr)
+            assert st["health"] == "down"
+            assert st["probe_flip"] <= p0 + 2, (p0, st)
             assert _insts(nginx)[addr]["agent"]["health"] == "down"
             other = _addrs(sim)[1]
             for k in range(4):
                 assert _via_proxy(nginx, _tokens(64, f"h-{k}")) == other
+            # while /health hangs (0.5 s timeout, 0.2 s period) probes
+            # overlap: the schedule does not wait for the hung ones
+            def overlap():
+                i = _agent_inst(sport, addr)
+                return i["probes"] - i["probe_applied"] >= 2
+            wait_until(overlap, timeout=30, what="two probes in flight")
             t0 = time.monotonic()
             _post_url(url, "/sim/fault", {"mode": "none"})
+            p0 = _agent_inst(sport, addr)["probes"]
             wait_until(lambda: _insts(nginx)[addr]["healthy"],
                        timeout=30, what="instance back")
             print(f"back after {time.monotonic() - t0:.2f}s")
+            st = _agent_inst(sport, addr)
+            assert st["health"] == "up"
+            assert st["probe_flip"] <= p0 + 2, (p0, st)
             for k in range(4):
                 resp = nginx.post("/v1/completions", json={
                     "model": "m", "prompt": _tokens(64, f"hb-{k}"),

@@ -167,7 +167,12 @@ def test_requests_waiting_for_one_step_share_it():
 def test_overdue_work_still_counts_as_busy():
     p = Predictor(1, prefill_prior=(1000, 10000, 0), min_us=100)
     p.dispatch_prefill(0, 1024, 0, now_us=0)
-    assert p.wait_us(0, 50000) == 100
+    free_at = p.state(0)["free_at_us"]
+    assert p.wait_us(0, free_at - 50) == 100        # nearly done
+    assert p.wait_us(0, free_at + 50) == 100
+    # overdue by X: about X more, so a hung instance looks busier and busier
+    assert p.wait_us(0, free_at + 5000) == 5000
+    assert p.wait_us(0, free_at + 600_000_000) == 600_000_000
 
 
 def test_completion_error_on_a_serial_server():

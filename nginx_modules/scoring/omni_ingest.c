@@ -241,6 +241,7 @@ omni_ingest_metrics(omni_ingest_walk_t *w, omni_ingest_inst_t *in,
     if (valid & OMNI_INGEST_M_LOAD) {
         in->running = omni_ingest_u32(body);
         in->waiting = omni_ingest_u32(body + 4);
+        in->ours = OMNI_INGEST_OURS_UNSET;
     }
     if (valid & OMNI_INGEST_M_USAGE) {
         in->kv_usage_ppm = omni_ingest_u32(body + 8);
@@ -653,15 +654,46 @@ omni_ingest_blend_running(const omni_ingest_inst_t *inst,
         return proxy_running;
     }
 
-    /* The engine counts our work too, a scrape late; what it reports
-     * beyond ours is work other proxies (or clients) sent it. */
     engine = (uint64_t) inst->running + inst->waiting;
 
-    if (engine <= proxy_running) {
-        return proxy_running;
+    if (inst->ours == OMNI_INGEST_OURS_UNSET) {
+        /* our figure at the scrape is unknown: the larger */
+        return engine > proxy_running
+               ? (engine > UINT32_MAX ? UINT32_MAX : (uint32_t) engine)
+               : proxy_running;
     }
 
+    /* the engine counts our work as it was at the scrape; what it reports
+     * beyond that is work other proxies (or clients) sent it */
+    engine = engine > inst->ours ? engine - inst->ours : 0;
+    engine += proxy_running;
+
     return engine > UINT32_MAX ? UINT32_MAX : (uint32_t) engine;
+}
+
+
+int
+omni_ingest_note_ours(omni_ingest_inst_t *insts, size_t n_insts,
+    const uint32_t *ours)
+{
+    size_t  i;
+    int     noted;
+
+    if (insts == NULL || ours == NULL) {
+        return OMNI_EINVAL;
+    }
+
+    noted = 0;
+
+    for (i = 0; i < n_insts; i++) {
+        if (insts[i].ours == OMNI_INGEST_OURS_UNSET) {
+            insts[i].ours = ours[i] == OMNI_INGEST_OURS_UNSET
+                            ? ours[i] - 1 : ours[i];
+            noted++;
+        }
+    }
+
+    return noted;
 }
 
 

@@ -132,7 +132,8 @@ typedef struct {
     uint32_t  running;
     uint32_t  waiting;
     uint32_t  kv_usage_ppm;
-    uint32_t  pad;
+    uint32_t  ours;             /* the caller's own work on it when the
+                                 * last load report came (OMNI_INGEST_OURS_*) */
     uint64_t  stores;           /* STORE records applied */
     uint64_t  blocks_stored;    /* index blocks */
     uint64_t  removals;         /* REMOVE records applied */
@@ -193,12 +194,24 @@ int omni_ingest_discount(const omni_ingest_inst_t *insts, size_t n_insts,
     uint32_t *matched, size_t n);
 
 /*
- * The running figure of an instance: the proxy's own legs in flight, or
- * what the engine last reported running and waiting when that is more
- * (work other proxies sent), as long as the report is younger than ttl_us.
+ * The running figure of an instance, from a report younger than ttl_us.
+ * The engine's running + waiting counts the caller's own work too, as it
+ * was at the scrape: a report applied sets `ours` to OMNI_INGEST_OURS_UNSET
+ * and the caller then notes its own figure of that moment with
+ * omni_ingest_note_ours().  With it noted, the figure is the caller's work
+ * now plus what the engine reported beyond the caller's (work other proxies
+ * or clients sent), so a report a scrape late adds no phantom load for work
+ * that has since finished.  Not noted: the larger of the two.
  */
+#define OMNI_INGEST_OURS_UNSET   0xffffffffu
+
 uint32_t omni_ingest_blend_running(const omni_ingest_inst_t *inst,
     uint32_t proxy_running, uint64_t now_us, uint64_t ttl_us);
+
+/* After omni_ingest_apply(): note `ours` on every instance whose load report
+ * it just applied (ours == OMNI_INGEST_OURS_UNSET); returns how many. */
+int omni_ingest_note_ours(omni_ingest_inst_t *insts, size_t n_insts,
+    const uint32_t *ours);
 
 /* The key an index block gets when it ends `offset` tokens into the engine
  * block `engine_hash` (offset < the engine's block size). */

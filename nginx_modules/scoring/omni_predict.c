@@ -776,7 +776,17 @@ omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
         return (int64_t) (in->free_at_us - now_us);
     }
 
-    /* Overdue or nearly done: still busy, finishing soon. */
+    /*
+     * Nearly done or overdue: still busy.  Work that has overrun its
+     * prediction by X is expected to need about X more (the longer it has
+     * overrun, the less the prediction says), so an instance that hangs
+     * looks busier with every moment rather than "free in min_us" forever,
+     * and the requests waiting for it go elsewhere once that costs less.
+     */
+    if (now_us > in->free_at_us + (uint64_t) p->cfg.min_us) {
+        return (int64_t) (now_us - in->free_at_us);
+    }
+
     return (int64_t) p->cfg.min_us;
 }
 

@@ -145,7 +145,7 @@ int omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
 /*
  * Predicted time (us) until instance inst has finished the prefill work in
  * flight and can start new work at once: 0 when idle; at least min_us while
- * work is overdue.
+ * work is in flight; work overdue by X is expected to need X more.
  */
 int64_t omni_predict_wait_us(const omni_predict_t *p, uint32_t inst,
     uint64_t now_us);

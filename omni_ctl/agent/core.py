@@ -106,6 +106,9 @@ class Instance:
         self.lag = None
         self.health_ok = 0
         self.health_fail = 0
+        self.probes = 0             # /health probes started
+        self.probe_applied = 0      # the newest probe whose result counted
+        self.probe_flip = 0         # the probe that made the last up/down change
         self.last_scrape = None
         self.scrape_errors = 0
         self.sglang_capacity = None
@@ -124,6 +127,8 @@ class Instance:
             "last_event": self.last_event, "event_lag": self.lag,
             "last_scrape": self.last_scrape,
             "scrape_errors": self.scrape_errors,
+            "probes": self.probes, "probe_applied": self.probe_applied,
+            "probe_flip": self.probe_flip,
         }
 
 
@@ -477,15 +482,42 @@ class Agent:
             return 0
 
     async def _health_loop(self, inst):
-        while True:
-            try:
-                status, _ = await self._get(inst.spec.url + "/health",
-                                            self.opts.health_timeout)
-                ok = status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                ok = False
-            self.probe_result(inst, ok)
-            await asyncio.sleep(self.opts.health_interval)
+        """Probes start on a fixed period, whatever the last one is doing: a
+        hung engine's probe runs to its timeout while the next ones start,
+        so an instance is down or back within `fall`/`rise` periods of the
+        change (plus one answer), not periods stretched by timeouts.  A
+        probe's result counts only if no newer probe has counted yet."""
+        period = self.opts.health_interval
+        probes = set()
+        try:
+            next_at = time.monotonic()
+            while True:
+                inst.probes += 1
+                t = asyncio.get_running_loop().create_task(
+                    self._probe(inst, inst.probes))
+                probes.add(t)
+                t.add_done_callback(probes.discard)
+                next_at += period
+                delay = next_at - time.monotonic()
+                if delay < 0:       # fell behind (a stalled loop): no burst
+                    next_at = time.monotonic()
+                    delay = 0
+                await asyncio.sleep(delay)
+        finally:
+            for t in list(probes):
+                t.cancel()
+
+    async def _probe(self, inst, seq):
+        try:
+            status, _ = await self._get(inst.spec.url + "/health",
+                                        self.opts.health_timeout)
+            ok = status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ok = False
+        if seq <= inst.probe_applied:
+            return                  # a newer probe already spoke
+        inst.probe_applied = seq
+        self.probe_result(inst, ok)
 
     def probe_result(self, inst, ok):
         """One health observation (a probe; passive failures may call it too)."""
@@ -494,9 +526,11 @@ class Agent:
             inst.health_fail = 0
             if inst.health != "up" and inst.health_ok >= self.opts.rise:
                 inst.health = "up"
+                inst.probe_flip = inst.probe_applied
         else:
             inst.health_fail += 1
             inst.health_ok = 0
             if inst.health != "down" and inst.health_fail >= self.opts.fall:
                 inst.health = "down"
+                inst.probe_flip = inst.probe_applied
         self._send_state(inst)

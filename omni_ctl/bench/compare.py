@@ -13,6 +13,12 @@ Targets:
     oracle         the simulator's own oracle router (`omni-ctl sim --oracle-port`):
                    it reads every instance's exact cache and queue; the
                    yardstick for prefix-cache hit rate
+    omni-events    omni with the engines' KV events, /metrics and /health
+                   (the simulator publishes with --kv-events; `omni-ctl start`
+                   runs `omni-ctl agent`); no --cache-blocks needed
+    omni-x2, omni-events-x2
+                   two Omni Proxy replicas, each with its own zone (and agent),
+                   behind a plain nginx that splits the traffic evenly
 """
 
 from __future__ import annotations
@@ -29,9 +35,24 @@ from .errors import BenchError
 
 OMNI_POLICIES = ("omni", "cache-aware", "least-loaded", "round-robin")
 TARGETS = ("omni", "omni-cache-aware", "omni-least-loaded", "omni-round-robin",
-           "nginx-rr", "vllm-router", "sglang-router", "oracle")
-# not run unless asked for: it shares the simulator's core with the engines
-NOT_DEFAULT = ("oracle",)
+           "nginx-rr", "vllm-router", "sglang-router", "oracle",
+           "omni-events", "omni-x2", "omni-events-x2")
+# not run unless asked for: the oracle shares the simulator's core with the
+# engines; the others are variants of `omni` for the KV-event benchmark
+NOT_DEFAULT = ("oracle", "omni-events", "omni-x2", "omni-events-x2")
+# the engines' publishers relative to their HTTP port (`omni-ctl sim`)
+EVENT_ARGS = ("--kv-events-port-offset", "100", "--kv-replay-port-offset", "200")
+
+
+def omni_variant(target: str):
+    """(schedule policy, with engine events, replicas) of an omni target."""
+    name, replicas = target, 1
+    if name.endswith("-x2"):
+        name, replicas = name[:-3], 2
+    events = name == "omni-events"
+    if events or name == "omni":
+        return "omni", events, replicas
+    return name[len("omni-"):], events, replicas
 
 
 class Skip(Exception):
@@ -82,6 +103,27 @@ class _InSim:
         pass
 
 
+class _Group:
+    """Proxy replicas and the plain nginx in front of them, stopped together
+    (the front first); `ports` are the replicas' own."""
+
+    def __init__(self, procs_, ports):
+        self.procs, self.ports = procs_, ports
+        self.name = "omni replicas"
+        self.log_path = " ".join(p.log_path for p in procs_)
+        self.popen = procs_[-1].popen if hasattr(procs_[-1], "popen") else None
+
+    def alive(self) -> bool:
+        return all(p.alive() for p in self.procs)
+
+    def log_tail(self, n: int = 2000) -> str:
+        return "\n".join(p.log_tail(n) for p in self.procs)
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+
+
 def start_router(target: str, sim, pd_policy: str, prefix: str, port: int,
                  workers: int = 1, omni_module_dir: str | None = None,
                  omni_args=()):
@@ -92,16 +134,32 @@ def start_router(target: str, sim, pd_policy: str, prefix: str, port: int,
     if target == "oracle":
         return sim.oracle_url, _InSim()
     if target.startswith("omni"):
-        policy = target[len("omni-"):] if target != "omni" else "omni"
+        policy, events, replicas = omni_variant(target)
+        extra = list(omni_args) + (list(EVENT_ARGS) if events else [])
+        ports = [port] if replicas == 1 else procs.free_ports(replicas)
+        procs_ = []
         try:
-            proc = omni.start_proxy(prefix, port, pd_policy, workers=workers,
-                                    prefill=sim.prefill_endpoints,
-                                    decode=sim.decode_endpoints,
-                                    schedule_policy=policy,
-                                    module_dir=omni_module_dir,
-                                    extra=list(omni_args))
+            for k, p in enumerate(ports):
+                procs_.append(omni.start_proxy(
+                    prefix if replicas == 1 else os.path.join(prefix, f"replica{k}"),
+                    p, pd_policy, workers=workers, prefill=sim.prefill_endpoints,
+                    decode=sim.decode_endpoints, schedule_policy=policy,
+                    module_dir=omni_module_dir, extra=extra))
+            if replicas > 1:
+                conf = procs.render_plain_nginx(
+                    os.path.join(prefix, "front"), [port], mode="proxy",
+                    upstreams=[f"127.0.0.1:{p}" for p in ports])
+                procs_.append(procs.start_nginx("front", conf,
+                                                os.path.join(prefix, "front")))
         except omni.NotAvailable as exc:
+            for p in procs_:
+                p.stop()
             raise Skip(str(exc)) from None
+        except BaseException:
+            for p in procs_:
+                p.stop()
+            raise
+        proc = procs_[0] if replicas == 1 else _Group(procs_, ports)
     elif target == "nginx-rr":
         conf = procs.render_plain_nginx(prefix, [port], mode="proxy", workers=workers,
                                         upstreams=[u.split("//", 1)[1] for u in sim.urls])
@@ -150,12 +208,37 @@ def proxy_report(url: str, save_to: str | None = None) -> dict | None:
     preds = [i["predictor"] for i in st.get("instances", [])
              if i.get("predictor", {}).get("prefill_samples")]
     mean = (lambda k: sum(p[k] for p in preds) / len(preds)) if preds else (lambda k: 0.0)
+    checks = [i.get("cache_check", {}) for i in st.get("instances", [])]
+    csum = (lambda k: sum(c.get(k, 0) for c in checks))
     return {"decisions": sched.get("decisions", 0),
             "decision_us_mean": sched.get("decision_us_mean", 0.0),
             "completion_mape": mean("completion_mape"),
             "service_mape": mean("prefill_mape"),
             "held": queues.get("held_total", 0),
-            "starved": queues.get("released_by_starvation_timeout", 0)}
+            "starved": queues.get("released_by_starvation_timeout", 0),
+            "cache_checked": csum("checked"),
+            "cache_predicted": csum("predicted"),
+            "cache_missing": csum("missing"),
+            "cache_unpredicted": csum("unpredicted"),
+            "precise": sum(1 for i in st.get("instances", [])
+                           if i.get("agent", {}).get("mode") == "precise")}
+
+
+def merge_reports(reports: list) -> dict | None:
+    """One report for proxy replicas: counts summed, means weighted by the
+    decisions each replica made."""
+    reports = [r for r in reports if r]
+    if len(reports) <= 1:
+        return reports[0] if reports else None
+    out = {}
+    n = sum(r["decisions"] for r in reports) or 1
+    for k in reports[0]:
+        if k in ("decision_us_mean", "completion_mape", "service_mape"):
+            out[k] = sum(r[k] * r["decisions"] for r in reports) / n
+        else:
+            out[k] = sum(r[k] for r in reports)
+    out["replicas"] = len(reports)
+    return out
 
 
 # Routers whose /v1/completions takes only text prompts (sglang-router rejects
@@ -212,6 +295,8 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
                 port = last_port if keep and last_port else procs.free_ports(1)[0]
                 args = extra_sim + (["--oracle-port", str(port)] if name == "oracle"
                                     else [])
+                if name.startswith("omni-events") and "--kv-events" not in args:
+                    args = args + ["--kv-events"]
                 sim = stack.enter_context(
                     _cluster(prefill, decode, pd_policy, engine, args))
                 url, proc = start_router(
@@ -229,8 +314,11 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
                                            plots=False)
                 s["engine"] = engine
                 if name.startswith("omni"):
-                    s["proxy_report"] = proxy_report(
-                        url, os.path.join(out_dir, name, "omni_status.json"))
+                    urls = ([url] if not isinstance(proc, _Group) else
+                            [f"http://127.0.0.1:{p}" for p in proc.ports])
+                    s["proxy_report"] = merge_reports([proxy_report(
+                        u, os.path.join(out_dir, name, f"omni_status{k or ''}.json"))
+                        for k, u in enumerate(urls)])
                 summaries.append(s)
                 runs[label], samples[label] = result.records, result.sim_samples
                 simreq[label] = (name, result.sim_requests)

@@ -128,13 +128,18 @@ def markdown_proxy_reports(summaries: list[dict]) -> str:
     lines = ["Omni Proxy's own report after the run (/omni/status, not measured by the "
              "benchmark):", "",
              "| target | decisions | decision µs (mean) | prefill completion MAPE | "
-             "prefill service MAPE | held | released by starvation timeout |",
-             "|---|---|---|---|---|---|---|"]
+             "prefill service MAPE | held | released by starvation timeout | "
+             "cached tokens predicted | predicted, not found by the engine |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in rows:
         r = s["proxy_report"]
+        pred = r.get("cache_predicted", 0)
+        missing = (f"{r.get('cache_missing', 0)} "
+                   f"({100 * r.get('cache_missing', 0) / pred:.2f}%)" if pred else "-")
         lines.append(f"| {s.get('label', s.get('target', '?'))} | {r['decisions']} | "
                      f"{r['decision_us_mean']:.1f} | {r['completion_mape']:.3f} | "
-                     f"{r['service_mape']:.3f} | {r['held']} | {r['starved']} |")
+                     f"{r['service_mape']:.3f} | {r['held']} | {r['starved']} | "
+                     f"{pred} | {missing} |")
     return "\n".join(lines) + "\n"
 
 

@@ -449,6 +449,14 @@ class IngestTarget:
                                        arr, len(matched)), "ingest discount")
         return list(arr)[:len(matched)]
 
+    def note_ours(self, ours):
+        """Our own figure per instance at the moment the load reports just
+        applied were taken (omni_ingest_note_ours); returns how many."""
+        arr = ffi.new("uint32_t[]", list(ours) or [0])
+        return check(lib.omni_ingest_note_ours(
+            self._insts, min(len(ours), self.index.num_instances), arr),
+            "ingest note ours")
+
     def blend_running(self, inst, proxy_running, ttl_us, now_us=None):
         """The running figure the scheduler uses for ``inst``
         (omni_ingest_blend_running)."""
