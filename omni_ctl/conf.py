@@ -189,8 +189,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefill_starvation_timeout", "duration", "2000ms", (
         "A prefill request held this long goes first (bare number: ms)."), "scheduler",
            metavar="T", unit="ms", directive="omni_prefill_starvation_timeout", doc=(
-               "Among several, the one that will be the latest (waited + predicted "
-               "work).")),
+               "Among several, the oldest (it minimises the largest TTFT among "
+               "them).")),
     Option("queue_max", "int", 4096, "Held requests before new ones get 429.", "scheduler",
            metavar="N", minimum=1, directive="omni_queue_max"),
     Option("queue_timeout", "duration", "600s", "Longest a request is held before 503.",

@@ -1,7 +1,7 @@
 """Scheduling policies (omni_policy.h): prefill choice with hold, the held
 request's decision (step and budget rules, the free instance when the best
 is busy), decode placement and the LPT decode queue, the queues' order (SJF
-with aging, the most late past the starvation timeout), the at-once picks.
+with aging, the oldest past the starvation timeout), the at-once picks.
 
 These are the functions the nginx module calls (docs/scoring.md, "How the
 module calls the policies"); the scenarios mirror tests/test_scheduler.py's,
@@ -392,50 +392,92 @@ def test_aging_lets_old_long_work_overtake_newcomers():
     assert queue_order(q, 900, aging=0.5) == [1, 0]
 
 
-def test_past_the_starvation_timeout_the_most_late_goes_first():
-    """test_scheduler.py::test_past_the_starvation_timeout_the_most_late_goes_first:
+def test_past_the_starvation_timeout_the_oldest_goes_first():
+    """test_scheduler.py::test_past_the_starvation_timeout_the_oldest_goes_first:
     a short prompt, then 50 ms later a long one, both held behind a long
-    blocker past the 200 ms timeout.  The long one's TTFT will be the larger
-    (waited + predicted work): it goes first, not the oldest, and not the
-    shortest."""
+    blocker past the 200 ms timeout.  The oldest goes first: not the one
+    whose TTFT will be the largest (the long one, waited + work: the rule
+    before issue 24, which under a backlog put every short starved request
+    behind the long ones)."""
     short, long_ = QueueItem(0, 10_000), QueueItem(50_000, 300_000)
     now = 700_000
-    assert queue_order([short, long_], now, starvation_us=200_000) == [1, 0]
-    # shortest first alone, and before the timeout, takes the short one
-    assert queue_order([short, long_], now) == [0, 1]
-    assert queue_order([short, long_], 240_000, starvation_us=200_000) == [0, 1]
-    # FCFS past the timeout: the oldest
+    assert queue_order([short, long_], now, starvation_us=200_000) == [0, 1]
     assert queue_pick([short, long_], now, order="fcfs", starvation_us=200_000) == 0
+    # the other way round: a long prompt, then a short one; both starved,
+    # the long one is the oldest and goes first, where shortest-first
+    # (before the timeout) takes the short one
+    long_, short = QueueItem(0, 300_000), QueueItem(50_000, 10_000)
+    assert queue_order([long_, short], 150_000, starvation_us=200_000) == [1, 0]
+    assert queue_order([long_, short], now, starvation_us=200_000) == [0, 1]
 
 
-def test_most_late_looks_at_the_oldest_starved_only():
+def _largest_ttft(q, order, now_us):
+    """One instance free at now_us releasing q in `order`: the largest
+    TTFT (arrival to the end of its work)."""
+    t, worst = now_us, 0
+    for i in order:
+        t += q[i].work_us
+        worst = max(worst, t - q[i].arrival_us)
+    return worst
+
+
+def test_starved_oldest_first_minimises_the_largest_ttft():
+    """Why the oldest: on one instance, of every order of a starved set,
+    oldest first has the least largest TTFT (Jackson's rule), on random
+    sets and on the case where the rule before issue 24 (waited + work,
+    largest first) did worse."""
+    import itertools
+    rng = random.Random(24)
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        q = sorted((QueueItem(rng.randrange(0, 1_000_000),
+                              rng.randrange(1, 2_000_000)) for _ in range(n)),
+                   key=lambda it: it.arrival_us)
+        now = 2_000_000
+        got = queue_order(q, now, starvation_us=1_000_000)
+        assert got == list(range(n))
+        best = min(_largest_ttft(q, p, now) for p in itertools.permutations(range(n)))
+        assert _largest_ttft(q, got, now) == best
+    # waited + work, largest first, takes the long one first: the short one
+    # then ends 1010 ms after its arrival, against 960 ms for the worse of
+    # the two oldest first
+    q = [QueueItem(0, 10_000), QueueItem(50_000, 300_000)]
+    most_late = sorted(range(2), key=lambda i: -(700_000 - q[i].arrival_us
+                                                + q[i].work_us))
+    assert most_late == [1, 0]
+    assert (_largest_ttft(q, queue_order(q, 700_000, starvation_us=200_000), 700_000)
+            < _largest_ttft(q, most_late, 700_000))
+
+
+def test_starvation_looks_at_the_oldest_only():
     # a newcomer with much more work is not starved: not considered
     q = [QueueItem(0, 100), QueueItem(10, 200), QueueItem(4990, 10**9)]
-    assert queue_pick(q, 5000, starvation_us=1000) == 1
-    # the window is the oldest OMNI_POLICY_LATE_SCAN in queue order
+    assert queue_pick(q, 5000, starvation_us=1000) == 0
+    # starved entries with more work behind the oldest do not overtake it
     n = lib.OMNI_POLICY_LATE_SCAN
     q = [QueueItem(k, 100) for k in range(n)] + [QueueItem(n, 10**9)]
-    assert queue_pick(q, 10**7, starvation_us=1000) == 0
     q[n - 1] = QueueItem(n - 1, 10**9)
-    assert queue_pick(q, 10**7, starvation_us=1000) == n - 1
-    # it stops at the first one in queue order that is not starved (a later
-    # arrival clock from another worker), as the module's walk does
-    q = [QueueItem(0, 100), QueueItem(9_500, 1), QueueItem(10, 10**6)]
+    assert queue_pick(q, 10**7, starvation_us=1000) == 0
+    # the oldest in queue order, as the module's walk sees it (a later
+    # arrival clock from another worker first in the list stays first)
+    q = [QueueItem(9_000, 100), QueueItem(10, 1)]
     assert queue_pick(q, 10_000, starvation_us=1000) == 0
+    # nothing starved: the least key
+    q = [QueueItem(9_500, 500), QueueItem(9_600, 1)]
+    assert queue_pick(q, 10_000, starvation_us=1000) == 1
 
 
 def test_queue_next_protocol():
     assert queue_next([], 10, starvation_us=5) is None
     late = [QueueItem(0, 10), QueueItem(2, 10), QueueItem(4, 15)]
-    assert queue_next(late, 100, starvation_us=5) == 2
-    assert queue_next(late[:2], 100, starvation_us=5) == 0         # ties: first
-    assert queue_next(late, 100, order="fcfs", starvation_us=5) == 0
+    for order in ("sjf", "fcfs", "lpt"):
+        assert queue_next(late, 100, order=order, starvation_us=5) == 0
     opts = {"order": lib.OMNI_QUEUE_SJF, "aging": 1.0, "starvation_us": 0}
     from omni_ctl.scoring import ffi
     o = ffi.new("omni_queue_opts_t *", opts)
     assert lib.omni_policy_late_scan(o) == 0
     o.starvation_us = 5
-    assert lib.omni_policy_late_scan(o) == lib.OMNI_POLICY_LATE_SCAN
+    assert lib.omni_policy_late_scan(o) == 1
     o.order = lib.OMNI_QUEUE_LPT
     assert lib.omni_policy_late_scan(o) == 1
     assert lib.omni_policy_starved(o, 10, 15) == 1

@@ -107,7 +107,7 @@ def test_lost_requests_go_after_those_that_can_still_make_it():
 
 def test_a_lost_request_is_not_starved_forever():
     """Past its deadline by the starvation timeout, a lost request goes
-    before those that can still make it (the most late first, as without
+    before those that can still make it (the oldest first, as without
     SLOs); a request without SLO counts from its arrival."""
     lost = SloItem(0, 10 * MS, 1 * S)
     fresh = SloItem(2 * S, 100 * MS, 4 * S)
@@ -309,16 +309,12 @@ def _ref_next(items, waits, now, starvation_us, aging=1.0):
     def key(i):
         return (work[i] + aging * items[i].arrival_us, seq[i])
 
-    late = []
-    for i in sorted(range(n), key=lambda i: seq[i])[:lib.OMNI_POLICY_LATE_SCAN]:
+    # past the starvation timeout: the oldest goes first
+    for i in sorted(range(n), key=lambda i: seq[i])[:1]:
         it = items[i]
         anchor = max(it.deadline_us, it.arrival_us)
-        if not (starvation_us and now > anchor and now - anchor >= starvation_us):
-            break
-        late.append(i)
-    if late:
-        waited = [max(now - items[i].arrival_us, 0) + work[i] for i in late]
-        return late[waited.index(max(waited))], "starved"
+        if starvation_us and now > anchor and now - anchor >= starvation_us:
+            return i, "starved"
     free = sorted(now + w for w in waits) or [now]
 
     def plan(order):

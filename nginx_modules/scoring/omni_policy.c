@@ -562,11 +562,8 @@ omni_policy_starved(const omni_queue_opts_t *o, uint64_t arrival_us,
 size_t
 omni_policy_late_scan(const omni_queue_opts_t *o)
 {
-    if (o->starvation_us == 0) {
-        return 0;
-    }
-
-    return o->order == OMNI_QUEUE_SJF ? OMNI_POLICY_LATE_SCAN : 1;
+    /* every order releases the oldest starved entry: one is enough */
+    return o->starvation_us ? 1 : 0;
 }
 
 
@@ -574,8 +571,7 @@ int
 omni_policy_queue_next(const omni_queue_opts_t *o,
     const omni_queue_item_t *late, size_t n, uint64_t now_us)
 {
-    double  t, most;
-    size_t  i, best;
+    (void) now_us;
 
     if (omni_policy_queue_check(o) != OMNI_OK || (n > 0 && late == NULL)
         || n > OMNI_POLICY_LATE_SCAN)
@@ -587,32 +583,20 @@ omni_policy_queue_next(const omni_queue_opts_t *o,
         return OMNI_ENOTFOUND;
     }
 
-    if (o->order != OMNI_QUEUE_SJF) {
-        return 0;
-    }
-
     /*
-     * Of the requests past the starvation timeout, the one whose TTFT will
-     * be the largest: the time it waited plus its predicted work.  Under a
-     * backlog every request is past the timeout; the oldest first would
-     * leave the long prompts that came last to the end of the drain, which
-     * is the tail; this way the wait is shared out by what it will cost.
+     * Of the requests past the starvation timeout, the oldest, whatever the
+     * order.  The timeout bounds the tail, the largest TTFT (waited +
+     * remaining wait + work); for requests that are all waiting, releasing
+     * them oldest first minimises the largest of those (Jackson's rule: swap
+     * a younger one released just before an older one and neither ends
+     * later than the older one did).  Releasing the one whose TTFT will be
+     * the largest (waited + work), as before issue 24, released the longest
+     * prompts first under a backlog: every shorter starved request waited
+     * behind them, which was a third of the mean TTFT on the Mooncake run
+     * and no gain in the tail (docs/scheduler.md).
      */
 
-    best = 0;
-    most = -1;
-
-    for (i = 0; i < n; i++) {
-        t = (double) omni_policy_waited(now_us, late[i].arrival_us)
-            + (double) late[i].work_us;
-
-        if (t > most) {
-            most = t;
-            best = i;
-        }
-    }
-
-    return (int) best;
+    return 0;
 }
 
 

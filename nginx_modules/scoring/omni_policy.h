@@ -18,9 +18,8 @@
  *                    request's key is its work plus `aging` times its
  *                    arrival, so it overtakes any newcomer after a bounded
  *                    time.  Among requests past the starvation timeout the
- *                    "most late" goes first: the one whose TTFT will be the
- *                    largest, waited + predicted work (FCFS and LPT: the
- *                    oldest).
+ *                    oldest goes first (it minimises the largest TTFT
+ *                    among them), in every order.
  *   SLO release      with TTFT deadlines: lost requests after those that
  *                    can still meet theirs, the queue order while no
  *                    deadline is at risk, else the most that can be on
@@ -73,7 +72,8 @@ extern "C" {
 
 /* SJF: predicted work forgiven per microsecond waited (omni_queue_opts_t) */
 #define OMNI_POLICY_AGING       1.0
-/* requests past the starvation timeout looked at for the most late one */
+/* most starved entries omni_policy_queue_next() accepts at once (it takes
+ * the oldest; omni_policy_late_scan() asks for one) */
 #define OMNI_POLICY_LATE_SCAN   64
 /* a release pass: entries offered a free instance when the one to release
  * next waits for a busy one (itself included) */
@@ -308,15 +308,15 @@ int omni_policy_starved(const omni_queue_opts_t *o, uint64_t arrival_us,
     uint64_t now_us);
 
 /* How many of the oldest entries omni_policy_queue_next() wants to see:
- * 0 (no starvation timeout), 1 (FCFS, LPT), OMNI_POLICY_LATE_SCAN (SJF). */
+ * 0 (no starvation timeout), else 1 (every order takes the oldest). */
 size_t omni_policy_late_scan(const omni_queue_opts_t *o);
 
 /*
  * Which entry to release next.  late[0, n): the oldest entries in queue
  * order, as long as they are starved, at most omni_policy_late_scan().
- * Returns the index in late[] of the one to release (SJF: the most late,
- * waited + work_us, the first of equals; others: late[0]), or
- * OMNI_ENOTFOUND when n == 0: release the least key.
+ * Returns the index in late[] of the one to release, the oldest (late[0],
+ * in every order: it minimises the largest TTFT among them, see
+ * omni_policy.c), or OMNI_ENOTFOUND when n == 0: release the least key.
  */
 int omni_policy_queue_next(const omni_queue_opts_t *o,
     const omni_queue_item_t *late, size_t n, uint64_t now_us);
