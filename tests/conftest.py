@@ -255,3 +255,17 @@ def omni_nginx(omni_module, tmp_path_factory, request):
             print(f"----- {inst.conf.log_file} -----\n{inst.error_log}")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+def send_kept(nginx, prompt: str, max_tokens: int):
+    """A non-streaming completion as wrk sends it, on a connection the
+    caller keeps (and closes to abort it)."""
+    import json
+    import socket
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens,
+                       "stream": False, "temperature": 0}).encode()
+    sock = socket.create_connection((nginx.host, nginx.port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock

@@ -13,12 +13,10 @@ any one held request had (`held_decisions_max`), and the decisions made
 during the burst.
 """
 
-import json
-import socket
 
 import pytest
 
-from conftest import wait_until
+from conftest import send_kept, wait_until
 from omni_ctl.sim.cluster import SimCluster
 
 pytestmark = pytest.mark.timeout(180)
@@ -31,16 +29,6 @@ def cluster():
     with SimCluster(prefill=1, decode=1, engine="sglang", preset="tiny",
                     args=["--speedup", "0.2"]) as sim:
         yield sim
-
-
-def _send(nginx, prompt: str) -> socket.socket:
-    body = json.dumps({"prompt": prompt, "max_tokens": 4, "stream": False,
-                       "temperature": 0}).encode()
-    sock = socket.create_connection((nginx.host, nginx.port), timeout=10)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                 b"Content-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    return sock
 
 
 def _metric(text: str, name: str) -> int:
@@ -64,17 +52,17 @@ def test_held_request_is_not_redecided_on_arrivals(cluster, omni_nginx, workers)
     sim.fault(sim.prefill_urls[0], mode="hang")
     socks = []
     try:
-        socks.append(_send(nginx, "the request that fills the instance"))
+        socks.append(send_kept(nginx, "the request that fills the instance", 4))
         wait_until(lambda: any(i["inflight_requests"]
                                for i in nginx.status()["instances"]
                                if i["role"] == "prefill"),
                    timeout=20, what="the first request at the prefill engine")
-        socks.append(_send(nginx, "the head of the queue"))
+        socks.append(send_kept(nginx, "the head of the queue", 4))
         wait_until(lambda: nginx.status()["queues"]["prefill_waiting"] == 1,
                    timeout=20, what="the head held")
         before = nginx.status()["scheduler"]
         for k in range(BURST):
-            socks.append(_send(nginx, f"arrival {k} behind the head"))
+            socks.append(send_kept(nginx, f"arrival {k} behind the head", 4))
         wait_until(lambda: nginx.status()["queues"]["prefill_waiting"]
                    == BURST + 1, timeout=30, what="the burst held")
         during = nginx.status()["scheduler"]

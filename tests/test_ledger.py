@@ -15,6 +15,7 @@ hang; an endpoint nobody listens on refuses connections.
 import http.client
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -287,6 +288,25 @@ def test_client_abort(omni_nginx, sim, when):
 # -- a worker that dies
 
 
+def _held_and_in_flight(nginx, clients, held):
+    """Start `clients` clients (threads appending to the returned results)
+    and wait until at least `held` requests are queued and one leg runs."""
+    results = []
+    threads = [threading.Thread(target=_client, args=(nginx, results, i % 2 == 0))
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while True:
+        st = nginx.status()
+        queued = st["queues"]["prefill_waiting"] + st["queues"]["decode_waiting"]
+        inflight = sum(i["inflight_requests"] for i in st["instances"])
+        if queued >= held and inflight >= 1:
+            return results, threads
+        assert time.monotonic() < deadline, st["queues"]
+        time.sleep(0.02)
+
+
 def _client(nginx, results, stream):
     """One request; records (status, complete-and-well-formed) or the
     connection closing."""
@@ -323,7 +343,6 @@ def test_worker_killed_with_requests_in_flight_and_held(omni_nginx):
     well-formed answer or a closed connection; no entry stays queued."""
     import os
     import signal
-    import threading
 
     with SimCluster(prefill=1, decode=1, engine="vllm", preset="tiny",
                     args=["--speedup", "0.05"]) as cl:
@@ -334,20 +353,7 @@ def test_worker_killed_with_requests_in_flight_and_held(omni_nginx):
         nginx.allow(r"exited on signal 9")
         workers = nginx.workers
         assert len(workers) == 1, workers
-        results = []
-        threads = [threading.Thread(target=_client, args=(nginx, results, i % 2 == 0))
-                   for i in range(16)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while True:
-            st = nginx.status()
-            held = st["queues"]["prefill_waiting"] + st["queues"]["decode_waiting"]
-            inflight = sum(i["inflight_requests"] for i in st["instances"])
-            if held >= 4 and inflight >= 1:
-                break
-            assert time.monotonic() < deadline, st["queues"]
-            time.sleep(0.02)
+        results, threads = _held_and_in_flight(nginx, 16, held=4)
         os.kill(workers[0], signal.SIGKILL)
         for t in threads:
             t.join(180)
@@ -371,7 +377,6 @@ def test_old_worker_killed_after_a_reload(omni_nginx):
     workers' reaper does, within seconds, and the zone is whole after."""
     import os
     import signal
-    import threading
 
     with SimCluster(prefill=1, decode=1, engine="vllm", preset="tiny",
                     args=["--speedup", "0.05"]) as cl:
@@ -380,20 +385,7 @@ def test_old_worker_killed_after_a_reload(omni_nginx):
         nginx.allow(r"exited on signal 9")
         old = nginx.workers
         assert len(old) == 1, old
-        results = []
-        threads = [threading.Thread(target=_client, args=(nginx, results, i % 2 == 0))
-                   for i in range(8)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while True:
-            st = nginx.status()
-            held = st["queues"]["prefill_waiting"] + st["queues"]["decode_waiting"]
-            inflight = sum(i["inflight_requests"] for i in st["instances"])
-            if held >= 2 and inflight >= 1:
-                break
-            assert time.monotonic() < deadline, st["queues"]
-            time.sleep(0.02)
+        results, threads = _held_and_in_flight(nginx, 8, held=2)
         nginx.reload()
         new = [w for w in nginx.workers if w not in old]
         assert new, "no new worker after the reload"

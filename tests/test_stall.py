@@ -37,12 +37,10 @@ benchmark (`omni-ctl bench-overhead` exits non-zero on COLLAPSE, and on LEAK
 when a round leaves an idle proxy with predicted prefill work in flight).
 """
 
-import json
-import socket
 
 import pytest
 
-from conftest import wait_until
+from conftest import send_kept, wait_until
 from omni_ctl.sim.cluster import SimCluster
 
 pytestmark = pytest.mark.timeout(180)
@@ -67,17 +65,6 @@ def _proxy(omni_nginx, mode, sim):
     return omni_nginx(pd_policy=mode, schedule_policy="omni",
                       prefill_endpoints=",".join(sim.prefill_endpoints),
                       decode_endpoints=",".join(sim.decode_endpoints))
-
-
-def _send(nginx, prompt: str) -> socket.socket:
-    """A non-streaming request as wrk sends it, on a connection we keep."""
-    body = json.dumps({"prompt": prompt, "max_tokens": 8, "stream": False,
-                       "temperature": 0}).encode()
-    sock = socket.create_connection((nginx.host, nginx.port), timeout=10)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                 b"Content-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    return sock
 
 
 def _in_proxy(nginx) -> int:
@@ -107,7 +94,7 @@ def test_aborted_prefill_legs_leave_no_predicted_work(cluster, omni_nginx):
     socks = []
     try:
         for k in range(ABORTS):
-            socks.append(_send(nginx, f"abandoned request number {k}"))
+            socks.append(send_kept(nginx, f"abandoned request number {k}", 8))
             wait_until(lambda: _in_proxy(nginx) == k + 1, timeout=20,
                        what=f"request {k + 1} in the proxy")
         # the legs the scheduler let go are at the (hanging) prefill engine
