@@ -685,7 +685,9 @@ ngx_http_omni_wake(ngx_http_request_t *r)
             return;
         }
 
-        if (rc == NGX_OK) {
+        /* NGX_OK with header_sent: the tokenizer's 400 went out, and
+         * nothing may reach an engine after it */
+        if (rc == NGX_OK && !ctx->header_sent) {
             rc = ngx_http_omni_dispatch(ctx);
         }
 

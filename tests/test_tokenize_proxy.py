@@ -130,16 +130,25 @@ def test_chat_prefix_match_ignores_json_layout(proxy, hf_tok, tmp_path):  # noqa
     assert cached == [n // BLOCK * BLOCK] * 2, (cached, n)
 
 
+def _engine_requests(status) -> int:
+    return sum(i["requests_total"] for i in status["instances"])
+
+
 def test_bad_role_gets_the_tokenizers_400(proxy, tmp_path):
     before = proxy.status()
-    resp, _ = send(proxy, tmp_path, "/v1/chat/completions",
-                   {"messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2},
-                   "bad-role")
-    assert resp.status == 400
-    err = resp.json()["error"]
-    assert "wizard" in err["message"]
+    # a few: the 400 is often written at once, which once let the request
+    # go on to an engine after its answer (a second answer, an alert)
+    for i in range(20):
+        resp, _ = send(proxy, tmp_path, "/v1/chat/completions",
+                       {"messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2},
+                       f"bad-role-{i}")
+        assert resp.status == 400
+        err = resp.json()["error"]
+        assert "wizard" in err["message"]
     after = proxy.status()
     assert after["tokenize"]["fallback"] == before["tokenize"]["fallback"]
+    # rejected input never reaches an engine
+    assert _engine_requests(after) == _engine_requests(before)
     # the request's books close once nginx has finished it (after the
     # answer is sent: polled, not read at once)
     wait_until(lambda: proxy.status()["totals"]["inflight_requests"] == 0,
