@@ -3,12 +3,13 @@
  *
  * The scanner is one forward pass with no tree and no allocation.  The two
  * shapes of a long request body get their own paths: string contents (a
- * long prompt) are skipped 16..64 bytes at a time with SSE2 (AVX2 where
- * the CPU has it), non-ASCII text validated 16 bytes at a time; integer
- * arrays (token-id prompts) are checked 64 bytes at a time from bit masks.  Everything else is a small
- * iterative state machine whose nesting stack is a bitmap on the C stack.
- * Each fast path has a portable fallback (no SSE2, big-endian), and the
- * scalar code reports every error, so offsets do not depend on the path.
+ * long prompt) are skipped 16..64 bytes at a time with SSE2 (128 with AVX2
+ * where the CPU has it), non-ASCII text validated 16 bytes at a time; integer
+ * arrays (token-id prompts) are checked 64 bytes at a time from bit masks.
+ * Everything else is a small iterative state machine whose nesting stack
+ * is a bitmap on the C stack.  Each fast path has a portable fallback (no
+ * SSE2, big-endian), and the scalar code reports every error, so offsets
+ * do not depend on the path.
  *
  * The nested readers (object_get, array_get, ...) assume a span that the
  * scanner already validated; they still never read outside that span, so a
