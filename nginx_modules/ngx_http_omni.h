@@ -100,6 +100,8 @@
 #define NGX_HTTP_OMNI_TOK_REASONS      5
 
 #define NGX_HTTP_OMNI_REQUEST_ID_LEN 64
+/* the longest X-Omni-Request-Timeout a client may send (ms, one day) */
+#define NGX_HTTP_OMNI_TIMEOUT_HEADER_MAX  86400000
 
 /* top-level members of a body scanned at first; more: scanned again */
 #define NGX_HTTP_OMNI_MEMBERS        32
@@ -522,6 +524,8 @@ typedef struct {
     unsigned                       deadline_hit:1;  /* answer 504 */
     unsigned                       token_prompt:1;
     unsigned                       ignore_eos:1;
+    unsigned                       timeout_bad:1;   /* X-Omni-Request-Timeout
+                                                       does not parse */
 
     int64_t                        max_tokens;
     uint64_t                       prompt_tokens;   /* counted or estimated */
@@ -540,6 +544,9 @@ typedef struct {
 
     ngx_msec_t                     t_start;
     ngx_msec_t                     deadline_ms;     /* from t_start */
+    ngx_msec_t                     timeout_header;  /* the client's least
+                                                       X-Omni-Request-Timeout
+                                                       (0: none) */
     ngx_event_t                    deadline_ev;
     ngx_msec_t                     t_released;
     ngx_msec_t                     t_first_byte;
@@ -745,8 +752,7 @@ ngx_int_t ngx_http_omni_answer_from_prefill(ngx_http_omni_ctx_t *ctx,
 ngx_int_t ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx);
-void ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx);
-void ngx_http_omni_set_slo(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_read_headers(ngx_http_omni_ctx_t *ctx);
 
 /* ngx_http_omni_legs.c */
 ngx_http_omni_ctx_t *ngx_http_omni_get_ctx(ngx_http_request_t *r);

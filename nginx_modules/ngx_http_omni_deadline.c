@@ -24,53 +24,28 @@ static void ngx_http_omni_deadline_handler(ngx_event_t *ev);
 ngx_int_t
 ngx_http_omni_deadline_arm(ngx_http_omni_ctx_t *ctx)
 {
-    ngx_int_t            ms;
-    ngx_uint_t           i;
     ngx_msec_t           deadline, spent;
-    ngx_list_part_t     *part;
-    ngx_table_elt_t     *h;
     ngx_http_request_t  *r;
 
     r = ctx->request;
     deadline = ctx->mcf->request_timeout;
 
-    part = &r->headers_in.headers.part;
-    h = part->elts;
+    /* the header was read with the others, ngx_http_omni_read_headers() */
 
-    for (i = 0; /* void */; i++) {
+    if (ctx->timeout_bad) {
+        ctx->error = "bad_request";
+        return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                   "invalid_request_error",
+                   "X-Omni-Request-Timeout must be a number of "
+                   "milliseconds from 1 to %i",
+                   (ngx_int_t) NGX_HTTP_OMNI_TIMEOUT_HEADER_MAX);
+    }
 
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].key.len != sizeof("X-Omni-Request-Timeout") - 1
-            || ngx_strncasecmp(h[i].key.data,
-                               (u_char *) "X-Omni-Request-Timeout",
-                               sizeof("X-Omni-Request-Timeout") - 1) != 0)
-        {
-            continue;
-        }
-
-        ms = ngx_atoi(h[i].value.data, h[i].value.len);
-
-        if (ms <= 0 || ms > 86400000) {
-            ctx->error = "bad_request";
-            return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
-                       "invalid_request_error",
-                       "X-Omni-Request-Timeout must be a number of "
-                       "milliseconds from 1 to 86400000");
-        }
-
-        /* a client may only shorten its deadline */
-        if (deadline == 0 || (ngx_msec_t) ms < deadline) {
-            deadline = (ngx_msec_t) ms;
-        }
+    /* a client may only shorten its deadline */
+    if (ctx->timeout_header
+        && (deadline == 0 || ctx->timeout_header < deadline))
+    {
+        deadline = ctx->timeout_header;
     }
 
     if (deadline == 0) {

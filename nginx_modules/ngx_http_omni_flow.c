@@ -105,8 +105,7 @@ ngx_http_omni_handler(ngx_http_request_t *r)
     }
 
     ngx_http_set_ctx(r, ctx, ngx_http_omni_module);
-    ngx_http_omni_set_request_id(ctx);
-    ngx_http_omni_set_slo(ctx);
+    ngx_http_omni_read_headers(ctx);
 
     cln = ngx_pool_cleanup_add(r->pool, 0);
     if (cln == NULL) {

@@ -424,9 +424,13 @@ ngx_http_omni_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
             continue;
         }
 
-        /* SSE events end with a blank line */
+        /*
+         * SSE events end with a blank line.  memchr(), not ngx_strlchr():
+         * the libc one is vectorized, and a non-streamed answer (no event
+         * at all) is otherwise walked byte by byte.
+         */
         for (p = cl->buf->pos; p + 1 < cl->buf->last; p++) {
-            p = ngx_strlchr(p, cl->buf->last, '\n');
+            p = memchr(p, '\n', (size_t) (cl->buf->last - p));
 
             if (p == NULL) {
                 break;

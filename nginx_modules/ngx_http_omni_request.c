@@ -567,16 +567,94 @@ ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx)
 }
 
 
-void
-ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
+/* The client's X-Request-Id, keeping what is safe in a header, a log line
+ * and a JSON string. */
+static void
+ngx_http_omni_client_id(ngx_http_omni_ctx_t *ctx, ngx_str_t *value)
 {
-    u_char            *p, c;
-    size_t             i;
-    ngx_uint_t         n;
-    ngx_list_part_t   *part;
-    ngx_table_elt_t   *h;
+    u_char  *p, c;
+    size_t   i;
 
     p = ctx->client_id;
+
+    for (i = 0; i < value->len; i++) {
+        c = value->data[i];
+
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+            || (c >= '0' && c <= '9') || c == '-' || c == '_'
+            || c == '.' || c == ':')
+        {
+            *p++ = c;
+
+            if (p == ctx->client_id + NGX_HTTP_OMNI_REQUEST_ID_LEN) {
+                break;
+            }
+        }
+    }
+
+    ctx->client_id_len = p - ctx->client_id;
+}
+
+
+/*
+ * X-Omni-SLO-TTFT and X-Omni-SLO-TPOT (milliseconds, a positive integer),
+ * capped at omni_slo_max, replace the configured omni_slo_ttft /
+ * omni_slo_tpot (0: none).  A header of 0 or one that does not parse is
+ * ignored.
+ */
+static void
+ngx_http_omni_slo_header(ngx_http_omni_ctx_t *ctx, ngx_table_elt_t *h)
+{
+    ngx_int_t   ms;
+    uint64_t   *slo;
+
+    if (ngx_strncasecmp(h->key.data, (u_char *) "X-Omni-SLO-TTFT",
+                        sizeof("X-Omni-SLO-TTFT") - 1) == 0)
+    {
+        slo = &ctx->slo_ttft_us;
+
+    } else if (ngx_strncasecmp(h->key.data, (u_char *) "X-Omni-SLO-TPOT",
+                               sizeof("X-Omni-SLO-TPOT") - 1) == 0)
+    {
+        slo = &ctx->slo_tpot_us;
+
+    } else {
+        return;
+    }
+
+    ms = ngx_atoi(h->value.data, h->value.len);
+    if (ms <= 0) {
+        return;
+    }
+
+    *slo = (uint64_t) ngx_min((ngx_msec_t) ms, ctx->mcf->slo_max) * 1000;
+}
+
+
+/*
+ * The request headers the module reads, in one walk (the names differ in
+ * length, so most headers cost one comparison): the client's X-Request-Id
+ * (the first), the SLO headers (the last valid one of each, only when
+ * omni_slo_max allows them) and X-Omni-Request-Timeout (the least; a bad
+ * one is answered by ngx_http_omni_deadline_arm() once the body is read,
+ * as before).  Then the request id the engines see.
+ */
+void
+ngx_http_omni_read_headers(ngx_http_omni_ctx_t *ctx)
+{
+    u_char                     *p;
+    ngx_int_t                   ms;
+    ngx_uint_t                  n, id_seen;
+    ngx_list_part_t            *part;
+    ngx_table_elt_t            *h;
+    ngx_http_omni_main_conf_t  *mcf;
+
+    mcf = ctx->mcf;
+
+    ctx->slo_ttft_us = (uint64_t) mcf->slo_ttft * 1000;
+    ctx->slo_tpot_us = (uint64_t) mcf->slo_tpot * 1000;
+
+    id_seen = 0;
 
     part = &ctx->request->headers_in.headers.part;
     h = part->elts;
@@ -593,34 +671,48 @@ ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
             n = 0;
         }
 
-        if (h[n].key.len != sizeof("X-Request-Id") - 1
-            || ngx_strncasecmp(h[n].key.data, (u_char *) "X-Request-Id",
-                               sizeof("X-Request-Id") - 1) != 0)
-        {
-            continue;
-        }
+        switch (h[n].key.len) {
 
-        /* keep what is safe in a header, a log line and a JSON string */
-
-        for (i = 0; i < h[n].value.len; i++) {
-            c = h[n].value.data[i];
-
-            if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
-                || (c >= '0' && c <= '9') || c == '-' || c == '_'
-                || c == '.' || c == ':')
+        case sizeof("X-Request-Id") - 1:
+            if (!id_seen
+                && ngx_strncasecmp(h[n].key.data, (u_char *) "X-Request-Id",
+                                   sizeof("X-Request-Id") - 1) == 0)
             {
-                *p++ = c;
-
-                if (p == ctx->client_id + NGX_HTTP_OMNI_REQUEST_ID_LEN) {
-                    break;
-                }
+                id_seen = 1;
+                ngx_http_omni_client_id(ctx, &h[n].value);
             }
+
+            break;
+
+        case sizeof("X-Omni-SLO-TTFT") - 1:     /* and X-Omni-SLO-TPOT */
+            if (mcf->slo_max) {
+                ngx_http_omni_slo_header(ctx, &h[n]);
+            }
+
+            break;
+
+        case sizeof("X-Omni-Request-Timeout") - 1:
+            if (ngx_strncasecmp(h[n].key.data,
+                                (u_char *) "X-Omni-Request-Timeout",
+                                sizeof("X-Omni-Request-Timeout") - 1) != 0)
+            {
+                break;
+            }
+
+            ms = ngx_atoi(h[n].value.data, h[n].value.len);
+
+            if (ms <= 0 || ms > NGX_HTTP_OMNI_TIMEOUT_HEADER_MAX) {
+                ctx->timeout_bad = 1;
+
+            } else if (ctx->timeout_header == 0
+                       || (ngx_msec_t) ms < ctx->timeout_header)
+            {
+                ctx->timeout_header = (ngx_msec_t) ms;
+            }
+
+            break;
         }
-
-        break;
     }
-
-    ctx->client_id_len = p - ctx->client_id;
 
     /*
      * The id the engines see is always ours: engines and KV connectors key
@@ -631,71 +723,4 @@ ngx_http_omni_set_request_id(ngx_http_omni_ctx_t *ctx)
                     (uint32_t) ngx_random(), (uint32_t) ngx_random());
 
     ctx->request_id_len = p - ctx->request_id;
-}
-
-
-/*
- * A request's SLOs: X-Omni-SLO-TTFT and X-Omni-SLO-TPOT (milliseconds, a
- * positive integer), capped at omni_slo_max; without a valid header the
- * configured omni_slo_ttft / omni_slo_tpot (0: none).  A header of 0 or
- * one that does not parse is ignored.
- */
-void
-ngx_http_omni_set_slo(ngx_http_omni_ctx_t *ctx)
-{
-    ngx_int_t                   ms;
-    ngx_uint_t                  n, i;
-    ngx_list_part_t            *part;
-    ngx_table_elt_t            *h;
-    ngx_http_omni_main_conf_t  *mcf;
-    static ngx_str_t            names[] = {
-        ngx_string("X-Omni-SLO-TTFT"), ngx_string("X-Omni-SLO-TPOT")
-    };
-
-    mcf = ctx->mcf;
-
-    ctx->slo_ttft_us = (uint64_t) mcf->slo_ttft * 1000;
-    ctx->slo_tpot_us = (uint64_t) mcf->slo_tpot * 1000;
-
-    if (mcf->slo_max == 0) {
-        return;
-    }
-
-    part = &ctx->request->headers_in.headers.part;
-    h = part->elts;
-
-    for (n = 0; /* void */ ; n++) {
-
-        if (n >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            n = 0;
-        }
-
-        for (i = 0; i < 2; i++) {
-            if (h[n].key.len != names[i].len
-                || ngx_strncasecmp(h[n].key.data, names[i].data,
-                                   names[i].len) != 0)
-            {
-                continue;
-            }
-
-            ms = ngx_atoi(h[n].value.data, h[n].value.len);
-            if (ms <= 0) {
-                break;
-            }
-
-            ms = ngx_min((ngx_msec_t) ms, mcf->slo_max);
-
-            if (i == 0) {
-                ctx->slo_ttft_us = (uint64_t) ms * 1000;
-            } else {
-                ctx->slo_tpot_us = (uint64_t) ms * 1000;
-            }
-        }
-    }
 }

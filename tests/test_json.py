@@ -99,13 +99,33 @@ SPECIALS = [b'"', b"\\", b"\x00", b"\x1f", b"\x7f", b"\x80", b"\xc3\xa9",
 
 @pytest.mark.parametrize("special", SPECIALS)
 def test_special_bytes_at_every_position_of_a_long_string(special):
-    """The SIMD string scan must not lose anything at block boundaries."""
-    for pos in range(0, 140):
+    """The SIMD string scan must not lose anything at block boundaries: the
+    first 16 bytes, the 128-byte AVX2 windows after them (where the CPU has
+    AVX2), the 64- and 16-byte SSE2 windows and the scalar tail."""
+    for pos in range(0, 300):
         text = b"a" * pos + special + b"b" * (pos % 19)
         assert_same_verdict(b'{"k": "' + text + b'"}')
         # ending right at the buffer's end, no closing quote or brace
         assert_same_verdict(b'"' + text)
         assert_same_verdict(b'"' + text + b'"')
+
+
+# one position in each part of the string scan: the first 16-byte block,
+# the first and the last lane of a 128-byte AVX2 window, the SSE2 windows
+# after the last full 128, the scalar tail
+SCAN_POSITIONS = (3, 15, 16, 16 + 63, 16 + 64, 16 + 127, 16 + 128 + 70,
+                  16 + 256 + 40, 16 + 256 + 60)
+
+
+def test_every_byte_value_in_every_part_of_the_string_scan():
+    """Each of the 256 byte values, alone in a long run of ASCII, gets
+    Python's verdict: the scan's one-compare test for '"', controls and
+    non-ASCII must neither miss one nor stop at a plain byte."""
+    for pos in SCAN_POSITIONS:
+        for b in range(256):
+            text = b"a" * pos + bytes([b]) + b"b" * 60
+            assert_same_verdict(b'{"k": "' + text + b'"}')
+            assert_same_verdict(b'"' + text + b'"')
 
 
 UTF8_BAD = [b"\x80", b"\xbf", b"\xc0\x80", b"\xc1\xbf", b"\xc2", b"\xe0\x80\x80",
@@ -424,7 +444,8 @@ def test_string_decode_matches_python():
 
 def test_string_encode_matches_python():
     for text in ("", "plain", 'q"uote\\', "\x00\x01\x1f\x7f", "\b\f\n\r\t",
-                 "é€😀", "a" * 10000 + "\n"):
+                 "é€😀", "a" * 10000 + "\n",
+                 "a" * 200 + '"' + "b" * 150 + "\x01" + "c" * 127 + "\\"):
         enc = json_string_encode(text)
         assert json.loads(enc) == text
         assert enc == json.dumps(text, ensure_ascii=False).encode()

@@ -67,6 +67,43 @@ def test_header_lowers_the_deadline_never_raises_it(omni_nginx, clean_sim):
     _idle(nginx)
 
 
+def _post_with_headers(nginx, headers):
+    """POST a small completion with `headers` as (name, value) pairs, so a
+    name may repeat; returns (status, parsed JSON body)."""
+    conn = http.client.HTTPConnection(nginx.host, nginx.port, timeout=60)
+    try:
+        body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_repeated_deadline_headers_the_least_wins_and_a_bad_one_is_400(
+        omni_nginx, clean_sim):
+    """All of a request's headers are read in one walk with the SLO and
+    X-Request-Id headers: a repeated X-Omni-Request-Timeout still counts
+    every time, whatever the order and the other headers around it."""
+    nginx = _proxy(omni_nginx, clean_sim, request_timeout="3s")
+    clean_sim.fault(clean_sim.decode_urls[0], mode="hang")
+    status, body = _post_with_headers(nginx, [
+        ("X-Omni-Request-Timeout", "60000"), ("X-Request-Id", "r-1"),
+        ("X-Omni-SLO-TPOT", "50"), ("x-omni-request-timeout", "800")])
+    assert status == 504 and "deadline of 800 ms" in body["error"]["message"]
+    status, body = _post_with_headers(nginx, [
+        ("X-Omni-Request-Timeout", "800"), ("X-Omni-SLO-TTFT", "900"),
+        ("X-Omni-Request-Timeout", "soon")])
+    assert status == 400
+    assert "X-Omni-Request-Timeout" in body["error"]["message"]
+    _idle(nginx)
+
+
 @pytest.mark.parametrize("value", ["0", "-5", "soon", "99999999999"])
 def test_bad_deadline_header_is_400(omni_nginx, clean_sim, value):
     nginx = _proxy(omni_nginx, clean_sim)

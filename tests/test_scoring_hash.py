@@ -39,6 +39,24 @@ def test_definition_against_independent_xxhash():
     assert block_hashes(TOKENS, 16) == want
 
 
+def test_long_blocks_against_independent_xxhash():
+    """Blocks longer than 240 bytes take XXH3's vector path (the library
+    calls libxxhash's run-time dispatcher: SSE2, AVX2 or AVX-512): the
+    values must be the definition's, for token blocks and text blocks of the
+    default size (256 tokens, 1 KB) and an odd one."""
+    xxhash = pytest.importorskip("xxhash")
+    tokens = [(i * 2654435761) & 0xFFFFFFFF for i in range(3 * 256 + 77)]
+    for bs in (256, 61, 1000):
+        h, want = hash_root(0), []
+        for k in range(len(tokens) // bs):
+            block = struct.pack(f"<{bs}I", *tokens[bs * k:bs * (k + 1)])
+            h = xxhash.xxh3_64_intdigest(block, seed=h) or 1
+            want.append(h)
+        assert block_hashes(tokens, bs) == want
+        text = struct.pack(f"<{len(tokens)}I", *tokens)
+        assert text_block_hashes(text, bs) == want
+
+
 def test_only_full_blocks_and_prefix_stability():
     assert block_hashes(TOKENS[:15], 16) == []
     assert block_hashes([], 16) == []

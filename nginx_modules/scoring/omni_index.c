@@ -960,6 +960,26 @@ omni_index_link(omni_index_t *idx, uint32_t ei, uint32_t after)
 }
 
 
+/* Is ei where omni_index_link(idx, ei, after) would put it? */
+static int
+omni_index_linked_at(omni_index_t *idx, uint32_t ei, uint32_t after)
+{
+    omni_index_entry_t  *e = omni_index_entries(idx);
+
+    if (after == ei
+        || (after != OMNI_INDEX_NIL && e[after].kind != e[ei].kind))
+    {
+        after = OMNI_INDEX_NIL;
+    }
+
+    if (after == OMNI_INDEX_NIL) {
+        return omni_index_insts(idx)[e[ei].inst].head[e[ei].kind] == ei;
+    }
+
+    return e[ei].prev == after;
+}
+
+
 /* Remove entry ei from everything and put it on the free list. */
 static void
 omni_index_drop(omni_index_t *idx, uint32_t ei)
@@ -1397,18 +1417,21 @@ omni_index_upsert(omni_index_t *idx, uint32_t inst, uint64_t hash, int kind,
     omni_index_entry_t  *e = omni_index_entries(idx);
     omni_index_inst_t   *in = &omni_index_insts(idx)[inst];
     uint32_t             ri, ei, v, hint;
-    int                  guessed;
+    int                  guessed, linked;
 
     hint = prev != OMNI_INDEX_NIL ? e[prev].node : OMNI_INDEX_NIL;
     ri = omni_index_node_find(idx, hash, hint, &guessed);
 
     if (ri != OMNI_INDEX_NIL && omni_index_rec_has(idx, ri, inst)) {
         ei = omni_index_key_find(idx, ri, inst);
-
-        omni_index_unlink(idx, ei);
+        linked = 1;
 
         if (kind == OMNI_INDEX_PRECISE) {
             if (e[ei].kind == OMNI_INDEX_APPROX) {
+                /* from the approximate list to the precise one */
+                omni_index_unlink(idx, ei);
+                linked = 0;
+
                 e[ei].kind = OMNI_INDEX_PRECISE;
                 idx->n_precise++;
 
@@ -1430,8 +1453,26 @@ omni_index_upsert(omni_index_t *idx, uint32_t inst, uint64_t hash, int kind,
     linked:
 
         e[ei].last_access = now;
-        omni_index_link(idx, ei, prev);
         idx->stats.touched++;
+
+        /*
+         * A prompt sent again finds each block already right behind its
+         * parent (the first at the head): unlinking and linking it back
+         * would give the same list, so only the tail's stamp can change.
+         */
+        if (linked && omni_index_linked_at(idx, ei, prev)) {
+            if (in->tail[e[ei].kind] == ei) {
+                in->tail_access[e[ei].kind] = now;
+            }
+
+            return ei;
+        }
+
+        if (linked) {
+            omni_index_unlink(idx, ei);
+        }
+
+        omni_index_link(idx, ei, prev);
 
         return ei;
     }

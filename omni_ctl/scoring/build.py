@@ -52,12 +52,29 @@ else:
     _cflags = ["-std=gnu11", "-O2", "-g", "-Wall", "-Wextra", "-Werror"]
     _ldflags = []
 
+
+
+def _xxhash_dispatch():
+    """Does the system libxxhash export its x86 dispatcher (nginx_modules/
+    config makes the same check for the module)?"""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("xxhash")
+    if name is None or not pathlib.Path("/usr/include/xxh_x86dispatch.h").exists():
+        return False
+    try:
+        return hasattr(ctypes.CDLL(name), "XXH3_64bits_withSeed_dispatch")
+    except OSError:
+        return False
+
+
 ffibuilder.set_source(
     "omni_ctl.scoring._scoring",
     _headers,
     sources=_sources,
     include_dirs=[str(SCORING)],
     libraries=["xxhash"],
+    define_macros=[("OMNI_HASH_DISPATCH", None)] if _xxhash_dispatch() else [],
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,
 )
