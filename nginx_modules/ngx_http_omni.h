@@ -429,6 +429,7 @@ typedef struct {
     uint64_t                       tokenized_total;
     uint64_t                       tokenize_fallback[NGX_HTTP_OMNI_TOK_REASONS];
     omni_ingest_stats_t            ingest_stats; /* the agent's batches */
+    uint64_t                       ingest_unauthorized; /* 401, no token */
 
     ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
 
@@ -776,6 +777,7 @@ ngx_int_t ngx_http_omni_metrics_handler(ngx_http_request_t *r);
 
 /* ngx_http_omni_ingest.c */
 ngx_int_t ngx_http_omni_ingest_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_omni_ingest_init(ngx_conf_t *cf);
 ngx_int_t ngx_http_omni_health_handler(ngx_http_request_t *r);
 
 
