@@ -671,6 +671,7 @@ ngx_int_t ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
     uint64_t tokens);
 ngx_int_t ngx_http_omni_choose_retry(ngx_http_request_t *r,
     ngx_http_omni_upstream_conf_t *ucf, uintptr_t *tried, ngx_uint_t *index);
+void ngx_http_omni_unmark(ngx_http_omni_ctx_t *ctx, ngx_uint_t slot);
 ngx_uint_t ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t tier, ngx_msec_t now);
 void ngx_http_omni_arrived(ngx_http_omni_shctx_t *sh, uint64_t now_us);
