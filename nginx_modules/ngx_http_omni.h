@@ -431,6 +431,7 @@ typedef struct {
     uint64_t                       tokenized_total;
     uint64_t                       tokenize_fallback[NGX_HTTP_OMNI_TOK_REASONS];
     omni_ingest_stats_t            ingest_stats; /* the agent's batches */
+    uint64_t                       ingest_unauthorized; /* 401, no token */
 
     ngx_http_omni_inst_t           inst[NGX_HTTP_OMNI_MAX_SLOTS];
 
@@ -677,6 +678,7 @@ ngx_int_t ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
     uint64_t tokens);
 ngx_int_t ngx_http_omni_choose_retry(ngx_http_request_t *r,
     ngx_http_omni_upstream_conf_t *ucf, uintptr_t *tried, ngx_uint_t *index);
+void ngx_http_omni_unmark(ngx_http_omni_ctx_t *ctx, ngx_uint_t slot);
 ngx_uint_t ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t tier, ngx_msec_t now);
 void ngx_http_omni_arrived(ngx_http_omni_shctx_t *sh, uint64_t now_us);
@@ -782,6 +784,7 @@ ngx_int_t ngx_http_omni_metrics_handler(ngx_http_request_t *r);
 
 /* ngx_http_omni_ingest.c */
 ngx_int_t ngx_http_omni_ingest_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_omni_ingest_init(ngx_conf_t *cf);
 ngx_int_t ngx_http_omni_health_handler(ngx_http_request_t *r);
 
 

@@ -7,7 +7,8 @@
  * lock, by whichever worker got it.  Nothing in the request path waits for
  * the agent: a worker that received batches keeps a timer that turns the
  * instances of a silent agent approximate after a TTL and forgets the health
- * it reported.
+ * it reported.  With a status token the location requires it (the access
+ * module's 401); such refusals are counted here, from the log phase.
  */
 
 
@@ -22,6 +23,7 @@
 
 static void ngx_http_omni_ingest_body(ngx_http_request_t *r);
 static void ngx_http_omni_ingest_tick(ngx_event_t *ev);
+static ngx_int_t ngx_http_omni_ingest_log(ngx_http_request_t *r);
 
 
 static ngx_event_t  ngx_http_omni_ingest_timer;
@@ -156,6 +158,64 @@ ngx_http_omni_ingest_handler(ngx_http_request_t *r)
     }
 
     return NGX_DONE;
+}
+
+
+ngx_int_t
+ngx_http_omni_ingest_init(ngx_conf_t *cf)
+{
+    ngx_http_handler_pt        *h;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_omni_ingest_log;
+
+    return NGX_OK;
+}
+
+
+/*
+ * A batch the access phase refused (401: no or a wrong status token) never
+ * reaches the handler, and the access checks are a module of their own that
+ * knows nothing of the zone: count and log it here, once the answer is out.
+ */
+static ngx_int_t
+ngx_http_omni_ingest_log(ngx_http_request_t *r)
+{
+    ngx_slab_pool_t            *shpool;
+    ngx_http_omni_shctx_t      *sh;
+    ngx_http_core_loc_conf_t   *clcf;
+    ngx_http_omni_main_conf_t  *mcf;
+
+    if (r != r->main || r->headers_out.status != NGX_HTTP_UNAUTHORIZED) {
+        return NGX_OK;
+    }
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_omni_module);
+
+    if (clcf->handler != ngx_http_omni_ingest_handler
+        || mcf->shm_zone == NULL)
+    {
+        return NGX_OK;
+    }
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+    sh->ingest_unauthorized++;
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                  "omni: ingest batch refused: no or a wrong status token");
+
+    return NGX_OK;
 }
 
 

@@ -436,6 +436,10 @@ ngx_http_omni_add_variables(ngx_conf_t *cf)
 static ngx_int_t
 ngx_http_omni_postconfiguration(ngx_conf_t *cf)
 {
+    if (ngx_http_omni_ingest_init(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return ngx_http_omni_filters_init(cf);
 }
 

@@ -264,6 +264,43 @@ ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
 }
 
 
+/*
+ * The engine did not take the prefill this request's dispatch marked as
+ * held on `slot` (an error answer, a failed connection): drop those marks
+ * (approximate entries; the engine's own, precise ones stay), from the
+ * first block that was not cached there already.  Left in place they would
+ * predict hits that never come and, with KV events, where the index is as
+ * large as the engine's cache, push out blocks the engine still holds.
+ */
+void
+ngx_http_omni_unmark(ngx_http_omni_ctx_t *ctx, ngx_uint_t slot)
+{
+    size_t                  from;
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_shctx_t  *sh;
+
+    if (ctx->n_hashes == 0) {
+        return;
+    }
+
+    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (sh->index && slot < sh->n_slots && sh->block_size) {
+        from = (size_t) (ctx->cached_tokens / sh->block_size);
+
+        if (from < ctx->n_hashes) {
+            (void) omni_index_withdraw(sh->index, (uint32_t) slot,
+                                       ctx->hashes + from,
+                                       ctx->n_hashes - from);
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
 ngx_int_t
 ngx_http_omni_choose_retry(ngx_http_request_t *r,
     ngx_http_omni_upstream_conf_t *ucf, uintptr_t *tried, ngx_uint_t *index)

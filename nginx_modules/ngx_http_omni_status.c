@@ -368,10 +368,11 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
     p = ngx_cpymem(p, "],", 2);
     p = ngx_sprintf(p, "\"ingest\":{\"batches\":%uL,\"rejected\":%uL,"
                     "\"records\":%uL,\"unknown_names\":%uL,"
-                    "\"last_reject\":\"%s\"},",
+                    "\"last_reject\":\"%s\",\"unauthorized\":%uL},",
                     sh->ingest_stats.batches, sh->ingest_stats.rejected,
                     sh->ingest_stats.records, sh->ingest_stats.unknown_names,
-                    omni_ingest_strreason(sh->ingest_stats.last_reason));
+                    omni_ingest_strreason(sh->ingest_stats.last_reason),
+                    sh->ingest_unauthorized);
     p = ngx_http_omni_status_config(p, mcf, sh);
     p = ngx_cpymem(p, "}\n", 2);
 
@@ -643,9 +644,13 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "# HELP omni_ingest_records_total Records of applied agent "
             "batches.\n"
             "# TYPE omni_ingest_records_total counter\n"
-            "omni_ingest_records_total %uL\n",
+            "omni_ingest_records_total %uL\n"
+            "# HELP omni_ingest_unauthorized_total Agent batches refused "
+            "for a missing or wrong status token.\n"
+            "# TYPE omni_ingest_unauthorized_total counter\n"
+            "omni_ingest_unauthorized_total %uL\n",
             sh->ingest_stats.batches, sh->ingest_stats.rejected,
-            sh->ingest_stats.records);
+            sh->ingest_stats.records, sh->ingest_unauthorized);
 
     for (k = 0; k < NGX_HTTP_OMNI_HISTS; k++) {
         h = &sh->hists[k];

@@ -381,7 +381,8 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
 {
     ngx_http_omni_peer_data_t  *pd = data;
 
-    ngx_uint_t            failed;
+    ngx_uint_t            failed, prefill_ok;
+    ngx_http_omni_ctx_t  *ctx;
     ngx_http_upstream_t  *u;
 
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, pc->log, 0,
@@ -439,6 +440,22 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
         state &= ~NGX_PEER_FAILED;
     }
 
+    prefill_ok = !(state & NGX_PEER_FAILED) && !pd->leg->cancelled && u
+                 && u->headers_in.status_n >= 200
+                 && u->headers_in.status_n < 300;
+
+    /* the engine refused the prefill this leg carried: its marks go */
+
+    if (!prefill_ok && !pd->leg->cancelled && pd->leg->charge
+        && (pd->leg->charge->flags & NGX_HTTP_OMNI_CHARGE_JOB))
+    {
+        ctx = ngx_http_omni_get_ctx(pd->request);
+
+        if (ctx) {
+            ngx_http_omni_unmark(ctx, pd->leg->charge->slot);
+        }
+    }
+
     /* a cancelled leg says nothing of its instance, good or bad */
 
     ngx_http_omni_ledger_release(pd->ucf->mcf, pd->leg,
@@ -446,10 +463,7 @@ ngx_http_omni_free_peer(ngx_peer_connection_t *pc, void *data,
                                  ? NGX_HTTP_OMNI_OUTCOME_NONE
                                  : failed ? NGX_HTTP_OMNI_OUTCOME_FAILED
                                           : NGX_HTTP_OMNI_OUTCOME_OK,
-                                 !(state & NGX_PEER_FAILED)
-                                 && !pd->leg->cancelled && u
-                                 && u->headers_in.status_n >= 200
-                                 && u->headers_in.status_n < 300);
+                                 prefill_ok);
 
 rr:
 

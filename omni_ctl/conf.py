@@ -290,7 +290,8 @@ OPTIONS: tuple[Option, ...] = (
            renders="`allow NET; deny all;` in `/omni/status` and `/metrics`", doc=(
                "Others get 403.")),
     Option("status_token", "special", None, (
-        "Also require `Authorization: Bearer TOKEN` for /omni/status and /metrics."),
+        "Also require `Authorization: Bearer TOKEN` for /omni/status, /metrics and the "
+        "agent's /omni/ingest."),
            "front", metavar="TOKEN", renders="`omni_api_key_file PREFIX/status_token`",
            default_doc="none", doc="Written to `PREFIX/status_token` (mode 0600)."),
     Option("status_token_file", "special", None, (

@@ -144,6 +144,45 @@ def test_precise_store_upgrades_approximate_and_insert_never_downgrades():
     ix.check_integrity()
 
 
+def test_withdraw_drops_only_our_marks():
+    """A prompt the engine refused: its approximate marks go, the engine's
+    own (precise) blocks and other instances' entries stay."""
+    ix = idx()
+    shared, own = prompt(1, 2), prompt(3, 4)
+    ix.apply_stored(0, [21, 22], None, shared, now_us=0)
+    ix.insert(0, shared + own, now_us=0)
+    ix.insert(1, shared + own, now_us=0)
+    assert ix.withdraw(0, shared + own) == 2
+    assert ix.match(shared + own, now_us=0)[:2] == [2, 4]
+    s = ix.instance_stats(0)
+    assert (s["precise"], s["approx"]) == (2, 0)
+    assert ix.stats()["removed"] == 2
+    assert ix.withdraw(0, shared + own) == 0       # nothing left to drop
+    assert ix.withdraw_hashes(2, [0, 12345]) == 0
+    with pytest.raises(InvalidArgumentError):
+        ix.withdraw_hashes(9, [1])
+    ix.check_integrity()
+
+
+def test_withdrawn_marks_leave_the_engine_capacity_to_the_engine():
+    """With KV events an instance's capacity is the engine's own cache: the
+    marks of a refused prompt must not push out blocks the engine still
+    holds (issue 22's Mooncake run: a 134k-token prompt the engine refused
+    with 400 pushed out a 37k-token prefix it later served from cache)."""
+    held = prompt(1, 2, 3)
+    for withdraw in (False, True):
+        ix = idx(cap=8)                               # the engine's: 8 blocks
+        ix.apply_stored(0, [11, 12, 13], None, held, now_us=0)
+        refused = prompt(50, 51, 52, 53, 54)
+        ix.insert(0, refused, now_us=10**6)          # the dispatch's marks
+        if withdraw:
+            ix.withdraw(0, refused)                   # the engine said 400
+        ix.insert(0, prompt(60, 61), now_us=2 * 10**6)   # the next dispatch
+        ix.apply_stored(0, [31, 32], None, prompt(60, 61), now_us=2 * 10**6)
+        assert ix.match(held, now_us=0)[0] == (3 if withdraw else 1)
+        ix.check_integrity()
+
+
 def test_remapped_engine_hash():
     ix = idx()
     ix.apply_stored(0, [7], None, prompt(1), now_us=0)

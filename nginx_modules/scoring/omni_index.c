@@ -1626,6 +1626,46 @@ omni_index_remove(omni_index_t *idx, uint32_t inst, const uint64_t *hashes,
 }
 
 
+int
+omni_index_withdraw(omni_index_t *idx, uint32_t inst,
+    const uint64_t *hashes, size_t n)
+{
+    uint32_t             ri, ei;
+    size_t               k;
+    int                  got = 0;
+    omni_index_entry_t  *e;
+
+    if (idx == NULL || inst >= idx->cfg.max_instances
+        || (n > 0 && hashes == NULL) || n > INT32_MAX)
+    {
+        return OMNI_EINVAL;
+    }
+
+    e = omni_index_entries(idx);
+
+    for (k = 0; k < n; k++) {
+        if (hashes[k] == 0) {
+            continue;
+        }
+        ri = omni_index_node_lookup(idx, hashes[k]);
+        if (ri == OMNI_INDEX_NIL || !omni_index_rec_has(idx, ri, inst)) {
+            continue;
+        }
+        ei = omni_index_key_find(idx, ri, inst);
+        /* a precise entry is the engine's word: a failed request of ours
+         * does not change what it holds */
+        if (e[ei].kind != OMNI_INDEX_APPROX) {
+            continue;
+        }
+        omni_index_drop(idx, ei);
+        got++;
+    }
+
+    idx->stats.removed += (uint64_t) got;
+    return got;
+}
+
+
 /* ---- precise: KV events -------------------------------------------------- */
 
 int

@@ -93,7 +93,7 @@ typedef struct {
     uint64_t  evicted_global;    /* by the global entry or node capacity */
     uint64_t  evicted_explicit;  /* by omni_index_evict() */
     uint64_t  expired;           /* approximate entries past their TTL */
-    uint64_t  removed;           /* by omni_index_remove*() */
+    uint64_t  removed;           /* by omni_index_remove*(), _withdraw() */
     uint64_t  cleared;           /* by omni_index_clear() */
     uint64_t  truncated;         /* inserts/stores that stopped early */
     uint64_t  orphan_stores;     /* stores whose parent was unknown */
@@ -188,6 +188,17 @@ int omni_index_insert(omni_index_t *idx, uint32_t inst,
 /* Drop instance inst's entries for these blocks (e.g. a failed dispatch).
  * Returns how many existed. */
 int omni_index_remove(omni_index_t *idx, uint32_t inst,
+    const uint64_t *hashes, size_t n);
+
+/*
+ * Drop instance inst's *approximate* entries for these blocks: the engine
+ * did not take a prompt we marked as sent there (an error answer).  Precise
+ * entries (the engine's own events) stay.  Without this, the marks of a
+ * rejected prompt sit in the instance's capacity, which with KV events is
+ * the engine's own, and push out blocks the engine still holds.  Returns how
+ * many were dropped (counted in stats.removed).
+ */
+int omni_index_withdraw(omni_index_t *idx, uint32_t inst,
     const uint64_t *hashes, size_t n);
 
 /* ---- precise: KV events -------------------------------------------------- */

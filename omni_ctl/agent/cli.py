@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .config import AgentConfigError, build_specs, read_nginx_conf
+from .config import AgentConfigError, build_specs, ingest_key, read_nginx_conf
 from .core import Agent, Options
 from .sinks import DumpSink, HttpSink
 from .status import StatusServer
@@ -17,6 +17,33 @@ from .status import StatusServer
 
 class AgentOptionError(click.BadParameter):
     pass
+
+
+def read_key_file(path, option):
+    """A key file's text without its line end, as nginx reads it."""
+    try:
+        key = pathlib.Path(path).read_text().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AgentOptionError(f"cannot read {path}: {exc}", param_hint=option) from None
+    if not key or any(c <= " " or c >= "\x7f" for c in key):
+        raise AgentOptionError(f"{path}: not a key (empty, a space or non-ASCII)",
+                               param_hint=option)
+    return key
+
+
+def push_token(token_file, conf_path, conf_text):
+    """The bearer token for --push: --push-token-file, else the key the
+    config's `omni_ingest` location requires (a status token), else None.
+    Read from files only, so it never shows on a command line."""
+    if token_file:
+        return read_key_file(token_file, "--push-token-file")
+    key = ingest_key(conf_text) if conf_text is not None else None
+    if key is None:
+        return None
+    kind, value = key
+    if kind == "key":
+        return value
+    return read_key_file(pathlib.Path(conf_path).parent / value, "--conf")
 
 
 async def run(specs, sinks, opts, duration=None, status_file=None, status_listen=None):
@@ -88,6 +115,9 @@ async def run(specs, sinks, opts, duration=None, status_file=None, status_listen
               help="Good probes in a row that bring it back.")
 @click.option("--push", "push_url", default=None, metavar="URL",
               help="POST batches here (the proxy's loopback-only ingestion location).")
+@click.option("--push-token-file", default=None, type=click.Path(dir_okay=False),
+              help="File holding the bearer token for --push (default: the key the "
+                   "--conf's omni_ingest location requires, i.e. the status token).")
 @click.option("--dump", "dump_path", default=None, type=click.Path(dir_okay=False),
               help="Append every batch to this file.")
 @click.option("--flush-interval", type=float, default=0.02, show_default=True)
@@ -100,15 +130,16 @@ async def run(specs, sinks, opts, duration=None, status_file=None, status_listen
 def agent(conf_path, instances, block_size, kv_endpoints, kv_events_port, kv_replay_port,
           kv_events_port_offset, kv_replay_port_offset, dp_ranks, kv_bind, topic,
           replay_timeout, idle_check, settle, metrics_interval, health_interval, health_timeout,
-          fall, rise, push_url, dump_path, flush_interval, duration, status_file,
+          fall, rise, push_url, push_token_file, dump_path, flush_interval, duration, status_file,
           status_listen, verbose):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         stream=sys.stderr, format="%(asctime)s %(message)s")
     addresses = []
-    conf_bs = None
+    conf_bs = conf_text = None
     if conf_path:
+        conf_text = pathlib.Path(conf_path).read_text()
         try:
-            addresses, conf_bs = read_nginx_conf(pathlib.Path(conf_path).read_text())
+            addresses, conf_bs = read_nginx_conf(conf_text)
         except AgentConfigError as exc:
             raise AgentOptionError(str(exc), param_hint="--conf") from None
     addresses += [a for a in instances if a not in addresses]
@@ -144,7 +175,11 @@ def agent(conf_path, instances, block_size, kv_endpoints, kv_events_port, kv_rep
                    fall=fall, rise=rise, flush_interval=flush_interval)
     sinks = []
     if push_url:
-        sinks.append(HttpSink(push_url))
+        try:
+            token = push_token(push_token_file, conf_path, conf_text)
+        except AgentConfigError as exc:
+            raise AgentOptionError(str(exc), param_hint="--conf") from None
+        sinks.append(HttpSink(push_url, token=token))
     if dump_path:
         sinks.append(DumpSink(dump_path))
     click.echo(f"agent: {len(specs)} instance(s), block size {bs}", err=True)

@@ -70,6 +70,37 @@ def read_nginx_conf(text):
     return out, block_size
 
 
+def ingest_key(text):
+    """The bearer key nginx requires at the location with `omni_ingest`:
+    ("file", PATH) for `omni_api_key_file`, ("key", KEY) for `omni_api_key`,
+    None when none is required (none set, or `omni_api_key off`).  The
+    nearest block's wins, as nginx inherits them into inner blocks."""
+    stack, stmt = [{}], []
+    for t in _tokens(text):
+        if t == "{":
+            stack.append({})
+            stmt = []
+        elif t == "}":
+            if len(stack) < 2:
+                raise AgentConfigError("--conf", "unbalanced '}'")
+            block = stack.pop()
+            if "ingest" in block:
+                return next((b["key"] for b in (block, *reversed(stack)) if "key" in b),
+                            None)
+            stmt = []
+        elif t == ";":
+            if stmt[:1] == ["omni_api_key_file"] and len(stmt) > 1:
+                stack[-1]["key"] = ("file", stmt[1])
+            elif stmt[:1] == ["omni_api_key"] and len(stmt) > 1:
+                stack[-1]["key"] = None if stmt[1] == "off" else ("key", stmt[1])
+            elif stmt == ["omni_ingest"]:
+                stack[-1]["ingest"] = True
+            stmt = []
+        else:
+            stmt.append(t.strip("\"'"))
+    return None
+
+
 def _split_addr(addr):
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit():

@@ -353,6 +353,16 @@ class PrefixIndex:
         return check(lib.omni_index_remove(self._h, instance, arr, n),
                      "remove")
 
+    def withdraw(self, instance, token_ids):
+        """Drop ``instance``'s approximate entries for this prompt's blocks
+        (the engine refused it); precise ones stay."""
+        return self.withdraw_hashes(instance, self._hashes(token_ids))
+
+    def withdraw_hashes(self, instance, hashes):
+        arr, n = _u64s(hashes)
+        return check(lib.omni_index_withdraw(self._h, instance, arr, n),
+                     "withdraw")
+
     # -- precise (KV events)
 
     def apply_stored(self, instance, engine_hashes, parent_engine_hash,
