@@ -583,9 +583,9 @@ omni_policy_starved_seats(const omni_queue_opts_t *o, uint64_t work_us)
 
     /*
      * Enough instances to do the starved work within one more timeout: a
-     * starved request then waits about two timeouts at most, as when every
-     * instance served them, while the other instances keep serving the
-     * shortest first.  Under a backlog every request starves and, with no
+     * starved request then starts within about one more timeout (as long
+     * as no more starved work arrives than the share drains), while the
+     * other instances keep serving the shortest first.  Under a backlog every request starves and, with no
      * share, every instance drains them oldest first: the order becomes
      * first come first served and short requests queue behind long ones
      * (the mean moves to the FCFS bound's).  The share comes from the
