@@ -492,7 +492,7 @@ def test_past_the_share_the_shortest_goes():
     oldest: the starved keep their place at the front for the next free
     share."""
     t = 2_000_000
-    now = 10_000_000
+    now = 3_000_000                 # the oldest waited 1.5 timeouts
     # two starved requests, 1.5 s of work between them: one seat of four
     late = [QueueItem(0, 1_000_000), QueueItem(100_000, 500_000)]
     assert queue_next(late, now, starvation_us=t, instances=4) == 0
@@ -500,6 +500,14 @@ def test_past_the_share_the_shortest_goes():
                       starved_busy=0) == 0
     assert queue_next(late, now, starvation_us=t, instances=4,
                       starved_busy=1) is None
+    # the oldest waited two timeouts (now - 0 >= 2 t): it goes on any
+    # instance, the share notwithstanding
+    assert queue_next(late, 2 * t, starvation_us=t, instances=4,
+                      starved_busy=1) == 0
+    assert queue_next(late, 2 * t - 1, starvation_us=t, instances=4,
+                      starved_busy=1) is None
+    assert queue_next(late, 2 * t, starvation_us=t, instances=4,
+                      starved_busy=4) == 0
     # the share off (instances 0): the oldest whatever runs
     assert queue_next(late, now, starvation_us=t, starved_busy=9) == 0
     # 7 s of starved work: four seats (all of them); three busy: one more

@@ -609,8 +609,6 @@ omni_policy_queue_next(const omni_queue_opts_t *o,
     size_t    i;
     uint64_t  work;
 
-    (void) now_us;
-
     if (omni_policy_queue_check(o) != OMNI_OK || (n > 0 && late == NULL)
         || n > OMNI_POLICY_LATE_SCAN)
     {
@@ -635,10 +633,16 @@ omni_policy_queue_next(const omni_queue_opts_t *o,
      *
      * With the share on, only while fewer instances than
      * omni_policy_starved_seats() run starved releases; past that, the
-     * least key goes (the starved keep their place at the front).
+     * least key goes (the starved keep their place at the front).  The
+     * share promises a start within one more timeout; when the oldest
+     * waited two timeouts anyway (more starved work came in than the
+     * share drained), it goes on any instance, as without the share.
      */
 
-    if (o->instances) {
+    if (o->instances
+        && omni_policy_waited(now_us, late[0].arrival_us) / 2
+           < o->starvation_us)
+    {
         for (i = 0, work = 0; i < n; i++) {
             work = late[i].work_us > UINT64_MAX - work
                    ? UINT64_MAX : work + late[i].work_us;

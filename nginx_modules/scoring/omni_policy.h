@@ -334,9 +334,9 @@ uint32_t omni_policy_starved_seats(const omni_queue_opts_t *o,
  * Returns the index in late[] of the one to release, the oldest (late[0],
  * in every order: it minimises the largest TTFT among them, see
  * omni_policy.c), or OMNI_ENOTFOUND when n == 0 or, with the share on,
- * when o->starved_busy instances already run starved releases and
- * omni_policy_starved_seats() of late[]'s work allows no more: release
- * the least key.
+ * when o->starved_busy instances already run starved releases,
+ * omni_policy_starved_seats() of late[]'s work allows no more and the
+ * oldest waited less than two timeouts: release the least key.
  */
 int omni_policy_queue_next(const omni_queue_opts_t *o,
     const omni_queue_item_t *late, size_t n, uint64_t now_us);
