@@ -4,7 +4,8 @@ hits), over slices of the shipped Mooncake trace, the prefill queue's rule
 past the starvation timeout: every free instance takes the oldest starved
 request ("oldest", issue 24), or only as many instances as do the starved
 work within one timeout ("share", omni_policy_starved_seats()), the others
-taking the least key.  An analysis aid, not a test: the rules are written
+taking the least key, unless the oldest waited two timeouts (then it goes
+on any instance).  An analysis aid, not a test: the rules are written
 out in Python for the model; the proxy runs the scoring library's.
 
     .venv/bin/python docs/bench-notes/starved_share_whatif.py [RUN_DIR ...]
@@ -67,8 +68,9 @@ class _Share(w._Rule):
             busy = sum(1 for x in self.pre
                        if any(s.i in self.starved and s.computed < s.job.prompt
                               for s in x.running))
-            if busy < seats:
-                return min(late, key=lambda s: s.job.arrival), True
+            oldest = min(late, key=lambda s: s.job.arrival)
+            if busy < seats or t - oldest.job.arrival >= 2 * STARVATION_S:
+                return oldest, True
         return min(q, key=lambda s: (self.work[s.i] + s.job.arrival, s.job.arrival)), False
 
 
