@@ -880,6 +880,14 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
                     sh->released[en->reason]++;
                 }
 
+                if (q == NGX_HTTP_OMNI_Q_PREFILL && !en->rejected
+                    && en->reason == NGX_HTTP_OMNI_REL_STARVED)
+                {
+                    /* its instance counts in the starved share until
+                     * the prefill is predicted done */
+                    ngx_http_omni_starved_ran_locked(mcf, sh, en);
+                }
+
                 ngx_http_omni_queue_remove_locked(sh, shpool, e);
                 en->state = NGX_HTTP_OMNI_QE_RELEASED;
                 en->released = now;

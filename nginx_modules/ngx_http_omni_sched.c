@@ -876,10 +876,70 @@ ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
 
 
 /*
+ * The share of starved releases in o: the usable instances of the tier
+ * requests start on, and how many of them run a starved release now.
+ */
+static void
+ngx_http_omni_starved_share(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_msec_t now, omni_queue_opts_t *o)
+{
+    uint64_t                        now_us;
+    ngx_uint_t                      i, slot;
+    ngx_http_omni_inst_t           *in;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
+    ucf = mcf->tiers[ngx_http_omni_start_tier(mcf)];
+    if (ucf == NULL) {
+        return;
+    }
+
+    now_us = ngx_http_omni_now_us();
+
+    for (i = 0; i < ucf->n; i++) {
+        slot = ucf->slots[i];
+
+        if (slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
+            continue;
+        }
+
+        in = &sh->inst[slot];
+
+        if (!ngx_http_omni_inst_usable(in, now) || ucf->peers[i]->down) {
+            continue;
+        }
+
+        o->instances++;
+        o->starved_busy += in->starved_until_us > now_us;
+    }
+}
+
+
+/* en, a starved release, was bound: its instance counts in the share
+ * until its prefill is predicted done (bind_start() just set that). */
+void
+ngx_http_omni_starved_ran_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en)
+{
+    uint32_t               slot;
+    ngx_http_omni_inst_t  *in;
+
+    slot = en->slot[ngx_http_omni_start_tier(mcf)];
+
+    if (slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
+        return;
+    }
+
+    in = &sh->inst[slot];
+    in->starved_until_us = ngx_max(in->starved_until_us, in->last_done_us);
+}
+
+
+/*
  * The entry to release next from queue q, or NGX_HTTP_OMNI_NONE: the least
  * key, unless requests waited past the starvation timeout; of those (the
  * oldest, at the front of the arrival list) omni_policy_queue_next() says
- * which goes first.
+ * which goes first, and whether one may go now (the prefill queue: the
+ * share of the instances starved releases may hold).
  */
 uint32_t
 ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
@@ -901,6 +961,10 @@ ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
     }
 
     ngx_http_omni_queue_opts(mcf, q, &o);
+
+    if (q == NGX_HTTP_OMNI_Q_PREFILL && o.starvation_us) {
+        ngx_http_omni_starved_share(mcf, sh, now, &o);
+    }
 
     max = ngx_min(omni_policy_late_scan(&o), OMNI_POLICY_LATE_SCAN);
 

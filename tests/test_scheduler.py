@@ -258,6 +258,64 @@ def two_prefill():
         yield sim
 
 
+def _wait_held(nginx, n, timeout=10):
+    deadline = time.monotonic() + timeout
+    while nginx.status()["queues"]["prefill_waiting"] < n:
+        assert time.monotonic() < deadline, f"fewer than {n} held"
+        time.sleep(0.01)
+
+
+def test_starved_requests_take_only_their_share(omni_nginx, two_prefill, tmp_path):
+    """Two prefill instances, both busy with a long blocker; meanwhile two
+    6000-token requests (A, then B) and a 64-token one (C) are held, and
+    all three wait past the starvation timeout.  Their work (about 0.7 s)
+    needs one instance within a timeout (1.5 s), so one instance takes
+    starved work (A, the oldest) and the other the least key: C, the short
+    one, before B.  Before the share, every free instance took the oldest
+    starved request, B before C (docs/scheduler.md, "The starved share")."""
+    sim = two_prefill
+    nginx = omni_nginx(prefill_endpoints=",".join(sim.prefill_endpoints),
+                       decode_endpoints=sim.decode_endpoints[0],
+                       schedule_policy="omni", prefill_queue_order="sjf",
+                       prefill_max_num_seqs=1, max_batch_num_token=1,
+                       prefill_starvation_timeout="1500ms",
+                       access_log_file=str(tmp_path / "access.log"))
+    tag = time.monotonic_ns()
+    names = {k: f"{k}-{tag}" for k in ("block0", "block1", "a", "b", "c")}
+    pool = concurrent.futures.ThreadPoolExecutor(8)
+    futures = []
+    for k in range(2):
+        futures.append(pool.submit(_post, nginx, {"prompt": _tokens(48000, f"sb{k}{tag}"),
+                                                  "max_tokens": 1}, names[f"block{k}"]))
+    deadline = time.monotonic() + 10
+    while sum(1 for i in nginx.status()["instances"]
+              if i["role"] == "prefill" and i["inflight_requests"]) < 2:
+        assert time.monotonic() < deadline, "the blockers are not both running"
+        time.sleep(0.01)
+    for k, (name, n) in enumerate((("a", 6000), ("b", 6000), ("c", 64))):
+        futures.append(pool.submit(_post, nginx, {"prompt": _tokens(n, f"s{name}{tag}"),
+                                                  "max_tokens": 1}, names[name]))
+        _wait_held(nginx, k + 1)
+    for f in futures:
+        f.result(timeout=60)
+    pool.shutdown()
+
+    # nginx writes the access log after the answer: poll for every line
+    deadline = time.monotonic() + 10
+    while not all(n in _access(tmp_path) for n in names.values()):
+        assert time.monotonic() < deadline, _access(tmp_path).keys()
+        time.sleep(0.05)
+    log = _access(tmp_path)
+    for name in ("a", "b", "c"):
+        # all three were held past the timeout (the blockers take ~2.4 s)
+        assert int(log[names[name]]["queue_ms"]) > 1500, log[names[name]]
+    starts = _prefill_starts(sim, {names["a"], names["b"], names["c"]}, tmp_path)
+    assert starts[names["a"]] <= starts[names["c"]] < starts[names["b"]], starts
+    assert log[names["a"]]["release"] == "starved", log[names["a"]]
+    assert log[names["c"]]["release"] == "order", log[names["c"]]
+    _idle(nginx)
+
+
 def _prefill_instance(sim, resp):
     """The prefill instance that served an answer, by the id the engines saw
     (the proxy's own, X-Omni-Request-Id), and its cached tokens there."""

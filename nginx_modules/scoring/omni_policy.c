@@ -562,8 +562,43 @@ omni_policy_starved(const omni_queue_opts_t *o, uint64_t arrival_us,
 size_t
 omni_policy_late_scan(const omni_queue_opts_t *o)
 {
-    /* every order releases the oldest starved entry: one is enough */
-    return o->starvation_us ? 1 : 0;
+    /* every order releases the oldest starved entry: one is enough, but
+     * the share needs the work of the starved entries */
+    if (o->starvation_us == 0) {
+        return 0;
+    }
+
+    return o->instances ? OMNI_POLICY_LATE_SCAN : 1;
+}
+
+
+uint32_t
+omni_policy_starved_seats(const omni_queue_opts_t *o, uint64_t work_us)
+{
+    uint64_t  seats;
+
+    if (o->instances == 0 || o->starvation_us == 0) {
+        return 0;
+    }
+
+    /*
+     * Enough instances to do the starved work within one more timeout: a
+     * starved request then starts within about one more timeout (as long
+     * as no more starved work arrives than the share drains), while the
+     * other instances keep serving the shortest first.  Under a backlog every request starves and, with no
+     * share, every instance drains them oldest first: the order becomes
+     * first come first served and short requests queue behind long ones
+     * (the mean moves to the FCFS bound's).  The share comes from the
+     * load (the starved work), not from a constant: one instance for a
+     * few starved stragglers, all of them when the starved work alone
+     * would take a timeout on each.
+     */
+
+    seats = work_us / o->starvation_us
+            + (work_us % o->starvation_us != 0);
+
+    return (uint32_t) (seats < 1 ? 1
+                       : seats > o->instances ? o->instances : seats);
 }
 
 
@@ -571,7 +606,8 @@ int
 omni_policy_queue_next(const omni_queue_opts_t *o,
     const omni_queue_item_t *late, size_t n, uint64_t now_us)
 {
-    (void) now_us;
+    size_t    i;
+    uint64_t  work;
 
     if (omni_policy_queue_check(o) != OMNI_OK || (n > 0 && late == NULL)
         || n > OMNI_POLICY_LATE_SCAN)
@@ -594,7 +630,28 @@ omni_policy_queue_next(const omni_queue_opts_t *o,
      * prompts first under a backlog: every shorter starved request waited
      * behind them, which was a third of the mean TTFT on the Mooncake run
      * and no gain in the tail (docs/scheduler.md).
+     *
+     * With the share on, only while fewer instances than
+     * omni_policy_starved_seats() run starved releases; past that, the
+     * least key goes (the starved keep their place at the front).  The
+     * share promises a start within one more timeout; when the oldest
+     * waited two timeouts anyway (more starved work came in than the
+     * share drained), it goes on any instance, as without the share.
      */
+
+    if (o->instances
+        && omni_policy_waited(now_us, late[0].arrival_us) / 2
+           < o->starvation_us)
+    {
+        for (i = 0, work = 0; i < n; i++) {
+            work = late[i].work_us > UINT64_MAX - work
+                   ? UINT64_MAX : work + late[i].work_us;
+        }
+
+        if (o->starved_busy >= omni_policy_starved_seats(o, work)) {
+            return OMNI_ENOTFOUND;
+        }
+    }
 
     return 0;
 }

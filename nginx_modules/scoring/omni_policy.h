@@ -154,6 +154,12 @@ typedef struct {
     double    aging;            /* SJF: work forgiven per us waited, >= 0
                                    (the module: OMNI_POLICY_AGING) */
     uint64_t  starvation_us;    /* waited this long: first; 0: off */
+    /* the share of starved requests (omni_policy_starved_seats): the
+     * instances the queue's requests go to, and how many of them run a
+     * starved release now; instances 0: starved requests may take every
+     * instance (the share is off) */
+    uint32_t  instances;
+    uint32_t  starved_busy;
 } omni_queue_opts_t;
 
 typedef struct {
@@ -308,15 +314,29 @@ int omni_policy_starved(const omni_queue_opts_t *o, uint64_t arrival_us,
     uint64_t now_us);
 
 /* How many of the oldest entries omni_policy_queue_next() wants to see:
- * 0 (no starvation timeout), else 1 (every order takes the oldest). */
+ * 0 (no starvation timeout), else 1 (every order takes the oldest) or,
+ * with the share on (o->instances), OMNI_POLICY_LATE_SCAN (their work
+ * sets the share). */
 size_t omni_policy_late_scan(const omni_queue_opts_t *o);
+
+/*
+ * How many instances starved requests whose predicted work adds up to
+ * work_us may run at once: as many as do that work within one starvation
+ * timeout, at least one, at most o->instances (0 when the share is off or
+ * there is no timeout: no limit).
+ */
+uint32_t omni_policy_starved_seats(const omni_queue_opts_t *o,
+    uint64_t work_us);
 
 /*
  * Which entry to release next.  late[0, n): the oldest entries in queue
  * order, as long as they are starved, at most omni_policy_late_scan().
  * Returns the index in late[] of the one to release, the oldest (late[0],
  * in every order: it minimises the largest TTFT among them, see
- * omni_policy.c), or OMNI_ENOTFOUND when n == 0: release the least key.
+ * omni_policy.c), or OMNI_ENOTFOUND when n == 0 or, with the share on,
+ * when o->starved_busy instances already run starved releases,
+ * omni_policy_starved_seats() of late[]'s work allows no more and the
+ * oldest waited less than two timeouts: release the least key.
  */
 int omni_policy_queue_next(const omni_queue_opts_t *o,
     const omni_queue_item_t *late, size_t n, uint64_t now_us);
