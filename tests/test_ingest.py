@@ -152,18 +152,38 @@ def test_scheduling_discounts_approximate_and_blends_engine_load():
     assert t.blend_running(0, 2, ttl_us=5_000, now_us=11_000) == 7
     assert t.blend_running(0, 9, ttl_us=5_000, now_us=11_000) == 9
     # with our own figure at the scrape noted (3 of the 7 were ours), the
-    # engine's report adds only the other 4: once our 3 finished (0 now),
-    # no phantom load stays until the next scrape
+    # engine's report adds only the other 4, from its second report saying
+    # so on: once our 3 finished (0 now), no phantom load stays until the
+    # next scrape
+    assert t.note_ours([3, 0]) == 1
+    assert t.blend_running(0, 0, ttl_us=5_000, now_us=11_000) == 0
+    assert t.note_ours([9, 9]) == 0         # noted once per report
+    b = Batch(16)
+    b.metrics(A, running=3, waiting=4)
+    t.apply(b.encode(), now_us=10_200)
     assert t.note_ours([3, 0]) == 1
     assert t.blend_running(0, 0, ttl_us=5_000, now_us=11_000) == 4
     assert t.blend_running(0, 5, ttl_us=5_000, now_us=11_000) == 9
-    assert t.note_ours([9, 9]) == 0         # noted once per report
     # we had more than the engine counted (arrivals since): ours only
     b = Batch(16)
     b.metrics(A, running=1, waiting=0)
     t.apply(b.encode(), now_us=10_500)
     assert t.note_ours([6, 0]) == 1
     assert t.blend_running(0, 6, ttl_us=5_000, now_us=11_000) == 6
+    # a leg of ours that ended between the scrape and the report (the engine
+    # counted 2, we have 1 left): that one report's "beyond" is no load
+    b = Batch(16)
+    b.metrics(A, running=2, waiting=0)
+    t.apply(b.encode(), now_us=10_600)
+    assert t.note_ours([1, 0]) == 1
+    assert t.blend_running(0, 1, ttl_us=5_000, now_us=11_000) == 1
+    # 2 beyond ours in two reports in a row is work others sent
+    for now in (10_700, 10_800):
+        b = Batch(16)
+        b.metrics(A, running=3, waiting=0)
+        t.apply(b.encode(), now_us=now)
+        assert t.note_ours([1, 0]) == 1
+    assert t.blend_running(0, 1, ttl_us=5_000, now_us=11_000) == 3
     # a report older than the TTL counts no more
     assert t.blend_running(0, 2, ttl_us=5_000, now_us=20_000) == 2
     # an instance the agent never reported: the proxy's figure

@@ -664,8 +664,10 @@ omni_ingest_blend_running(const omni_ingest_inst_t *inst,
     }
 
     /* the engine counts our work as it was at the scrape; what it reports
-     * beyond that is work other proxies (or clients) sent it */
-    engine = engine > inst->ours ? engine - inst->ours : 0;
+     * beyond that is work other proxies (or clients) sent it, if the report
+     * before said so too (omni_ingest.h) */
+    engine = inst->beyond < inst->beyond_prev ? inst->beyond
+                                              : inst->beyond_prev;
     engine += proxy_running;
 
     return engine > UINT32_MAX ? UINT32_MAX : (uint32_t) engine;
@@ -676,8 +678,9 @@ int
 omni_ingest_note_ours(omni_ingest_inst_t *insts, size_t n_insts,
     const uint32_t *ours)
 {
-    size_t  i;
-    int     noted;
+    size_t    i;
+    int       noted;
+    uint64_t  engine;
 
     if (insts == NULL || ours == NULL) {
         return OMNI_EINVAL;
@@ -689,6 +692,11 @@ omni_ingest_note_ours(omni_ingest_inst_t *insts, size_t n_insts,
         if (insts[i].ours == OMNI_INGEST_OURS_UNSET) {
             insts[i].ours = ours[i] == OMNI_INGEST_OURS_UNSET
                             ? ours[i] - 1 : ours[i];
+            engine = (uint64_t) insts[i].running + insts[i].waiting;
+            insts[i].beyond_prev = insts[i].beyond;
+            engine = engine > insts[i].ours ? engine - insts[i].ours : 0;
+            insts[i].beyond = engine > UINT32_MAX ? UINT32_MAX
+                                                  : (uint32_t) engine;
             noted++;
         }
     }

@@ -134,6 +134,8 @@ typedef struct {
     uint32_t  kv_usage_ppm;
     uint32_t  ours;             /* the caller's own work on it when the
                                  * last load report came (OMNI_INGEST_OURS_*) */
+    uint32_t  beyond;           /* what that report counted beyond ours */
+    uint32_t  beyond_prev;      /* the same of the report before it */
     uint64_t  stores;           /* STORE records applied */
     uint64_t  blocks_stored;    /* index blocks */
     uint64_t  removals;         /* REMOVE records applied */
@@ -202,6 +204,12 @@ int omni_ingest_discount(const omni_ingest_inst_t *insts, size_t n_insts,
  * now plus what the engine reported beyond the caller's (work other proxies
  * or clients sent), so a report a scrape late adds no phantom load for work
  * that has since finished.  Not noted: the larger of the two.
+ *
+ * "Beyond" is the least of the last two reports': a leg of ours that ends
+ * between the engine's scrape and the report's arrival is counted by the
+ * engine but no more by us, and would stand as phantom load for a whole
+ * scrape interval; work others sent stays across scrapes and is counted
+ * from its second report on.
  */
 #define OMNI_INGEST_OURS_UNSET   0xffffffffu
 
