@@ -35,21 +35,11 @@ class _Rule(bound._Model):
         self.items.append(s)
         self.queue = self.items
 
-    def _pull_central(self, inst, t, batch, budget):
-        q = self.items
-        has_prefill = any(s.computed < s.job.prompt for s, _ in batch)
-        while budget > 0 and q and len(inst.running) < self.seats:
-            s = self.rule(t, q, self.work)
-            rest = s.total - s.computed
-            if has_prefill and (rest > budget or len(q) <= self.reserve):
-                break
-            q.remove(s)
-            s.inst = inst
-            inst.running.append(s)
-            n = min(rest, budget)
-            batch.append((s, n))
-            budget -= n
-            has_prefill = True
+    def _next_central(self, t):
+        return self.rule(t, self.items, self.work)
+
+    def _take_central(self, s):
+        self.items.remove(s)
 
 
 def rule(starved_order, starvation_s=2.0, aging=1.0):

@@ -40,23 +40,14 @@ class _Share(w._Rule):
         super().__init__(jobs, cluster, None)
         self.share, self.starved = share, set()
 
-    def _pull_central(self, inst, t, batch, budget):
-        q = self.items
-        has_prefill = any(s.computed < s.job.prompt for s, _ in batch)
-        while budget > 0 and q and len(inst.running) < self.seats:
-            s, starved = self._pick(t, q)
-            rest = s.total - s.computed
-            if has_prefill and (rest > budget or len(q) <= self.reserve):
-                break
-            q.remove(s)
-            if starved:
-                self.starved.add(s.i)
-            s.inst = inst
-            inst.running.append(s)
-            n = min(rest, budget)
-            batch.append((s, n))
-            budget -= n
-            has_prefill = True
+    def _next_central(self, t):
+        s, self._starved_pick = self._pick(t, self.items)
+        return s
+
+    def _take_central(self, s):
+        super()._take_central(s)
+        if self._starved_pick:
+            self.starved.add(s.i)
 
     def _pick(self, t, q):
         late = [s for s in q if t - s.job.arrival >= STARVATION_S]

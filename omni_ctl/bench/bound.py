@@ -305,18 +305,26 @@ class _Model:
         q = self.queue
         has_prefill = any(s.computed < s.job.prompt for s, _ in batch)
         while budget > 0 and q and len(inst.running) < self.seats:
-            s = q[0][2]
+            s = self._next_central(t)
             rest = s.total - s.computed
             if has_prefill and not self.engine_admission \
                     and (rest > budget or len(q) <= self.reserve):
                 break
-            heapq.heappop(q)
+            self._take_central(s)
             s.inst = inst
             inst.running.append(s)
             n = min(rest, budget)
             batch.append((s, n))
             budget -= n
             has_prefill = True
+
+    def _next_central(self, t):
+        """The sequence the central queue starts next: the least key (the
+        what-ifs in docs/bench-notes/ put other rules here)."""
+        return self.queue[0][2]
+
+    def _take_central(self, s):
+        heapq.heappop(self.queue)
 
     def _pull_local(self, inst, t, batch, budget):
         w = inst.waiting
