@@ -1595,40 +1595,12 @@ omni_index_insert(omni_index_t *idx, uint32_t inst, const uint64_t *hashes,
 }
 
 
-int
-omni_index_remove(omni_index_t *idx, uint32_t inst, const uint64_t *hashes,
-    size_t n)
-{
-    uint32_t  ri;
-    size_t    k;
-    int       got = 0;
-
-    if (idx == NULL || inst >= idx->cfg.max_instances
-        || (n > 0 && hashes == NULL) || n > INT32_MAX)
-    {
-        return OMNI_EINVAL;
-    }
-
-    for (k = 0; k < n; k++) {
-        if (hashes[k] == 0) {
-            continue;
-        }
-        ri = omni_index_node_lookup(idx, hashes[k]);
-        if (ri == OMNI_INDEX_NIL || !omni_index_rec_has(idx, ri, inst)) {
-            continue;
-        }
-        omni_index_drop(idx, omni_index_key_find(idx, ri, inst));
-        got++;
-    }
-
-    idx->stats.removed += (uint64_t) got;
-    return got;
-}
-
-
-int
-omni_index_withdraw(omni_index_t *idx, uint32_t inst,
-    const uint64_t *hashes, size_t n)
+/* Drop inst's entries of the blocks; approx_only: only those the proxy
+ * marked itself (a precise entry is the engine's word: a failed request of
+ * ours does not change what it holds). */
+static int
+omni_index_drop_blocks(omni_index_t *idx, uint32_t inst,
+    const uint64_t *hashes, size_t n, int approx_only)
 {
     uint32_t             ri, ei;
     size_t               k;
@@ -1652,9 +1624,7 @@ omni_index_withdraw(omni_index_t *idx, uint32_t inst,
             continue;
         }
         ei = omni_index_key_find(idx, ri, inst);
-        /* a precise entry is the engine's word: a failed request of ours
-         * does not change what it holds */
-        if (e[ei].kind != OMNI_INDEX_APPROX) {
+        if (approx_only && e[ei].kind != OMNI_INDEX_APPROX) {
             continue;
         }
         omni_index_drop(idx, ei);
@@ -1663,6 +1633,22 @@ omni_index_withdraw(omni_index_t *idx, uint32_t inst,
 
     idx->stats.removed += (uint64_t) got;
     return got;
+}
+
+
+int
+omni_index_remove(omni_index_t *idx, uint32_t inst, const uint64_t *hashes,
+    size_t n)
+{
+    return omni_index_drop_blocks(idx, inst, hashes, n, 0);
+}
+
+
+int
+omni_index_withdraw(omni_index_t *idx, uint32_t inst,
+    const uint64_t *hashes, size_t n)
+{
+    return omni_index_drop_blocks(idx, inst, hashes, n, 1);
 }
 
 
