@@ -25,6 +25,7 @@ import dataclasses
 import http.client
 import json as jsonlib
 import os
+import random
 import re
 import socket
 import time
@@ -53,6 +54,17 @@ def free_port(host: str = "127.0.0.1") -> int:
             _handed_out.add(port)
             return port
     raise RuntimeError("no free port")
+
+
+_TOKEN_RUN = random.Random().randrange(1 << 30)
+
+
+def random_tokens(n: int, seed) -> list[int]:
+    """n token ids, the same for the same seed within one test run (the
+    simulator's prefix caches live across tests of a module) and new in
+    the next run."""
+    rng = random.Random(f"{_TOKEN_RUN}-{seed}")
+    return [rng.randrange(1000, 30000) for _ in range(n)]
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = ""):

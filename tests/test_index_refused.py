@@ -9,23 +9,16 @@ own cache, push out blocks the engine still holds (issue 22's Mooncake run,
 docs/benchmarks.md section 10).  Real nginx, a real `omni-ctl sim` pair.
 """
 
-import random
 
 import pytest
 
 from omni_ctl.sim.cluster import SimCluster
 
-from conftest import wait_until
+from conftest import wait_until, random_tokens as _tokens
 
 pytestmark = pytest.mark.timeout(120)
 
 BLOCK = 16
-_RUN = random.Random().randrange(1 << 30)
-
-
-def _tokens(n, seed):
-    rng = random.Random(f"{_RUN}-{seed}")
-    return [rng.randrange(1000, 30000) for _ in range(n)]
 
 
 def _prefill(nginx):

@@ -9,7 +9,6 @@ instances go approximate after the TTL; two proxies with their own agents
 converge on one index."""
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -21,17 +20,12 @@ import pytest
 
 from omni_ctl.sim.cluster import SimCluster
 
-from conftest import free_port, wait_until
+from conftest import free_port, wait_until, random_tokens as _tokens
 
 pytestmark = pytest.mark.timeout(240)
 
-_RUN = random.Random().randrange(1 << 30)
 BLOCK = 16
 
-
-def _tokens(n, seed):
-    rng = random.Random(f"{_RUN}-{seed}")
-    return [rng.randrange(1000, 30000) for _ in range(n)]
 
 
 def _agent(nginx, *extra):

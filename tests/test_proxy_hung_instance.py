@@ -9,7 +9,6 @@ vLLM protocol); the hang is the simulator's fault mode (accepts, never
 answers)."""
 
 import json
-import random
 import threading
 import time
 import urllib.request
@@ -17,16 +16,11 @@ import urllib.request
 import pytest
 
 from omni_ctl.sim.cluster import SimCluster
+from conftest import random_tokens as _tokens
 
 pytestmark = pytest.mark.timeout(180)
 
 BLOCK = 16
-_RUN = random.Random().randrange(1 << 30)
-
-
-def _tokens(n, seed):
-    rng = random.Random(f"{_RUN}-{seed}")
-    return [rng.randrange(1000, 30000) for _ in range(n)]
 
 
 def _post_url(url, path, body):

@@ -11,7 +11,6 @@ bounds.
 
 import concurrent.futures
 import json
-import random
 import threading
 import time
 
@@ -20,18 +19,11 @@ import pytest
 from omni_ctl.sim.cluster import SimCluster
 
 import schedlog
+from conftest import random_tokens as _tokens
 
 pytestmark = pytest.mark.timeout(180)
 
 
-_RUN = random.Random().randrange(1 << 30)
-
-
-def _tokens(n, seed):
-    """n token ids, the same for the same seed within one test run (the
-    simulator's prefix caches live across tests of a module)."""
-    rng = random.Random(f"{_RUN}-{seed}")
-    return [rng.randrange(1000, 30000) for _ in range(n)]
 
 
 def _post(nginx, body, rid, timeout=60):

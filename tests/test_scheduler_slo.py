@@ -12,7 +12,6 @@ only as generous bounds.
 """
 
 import concurrent.futures
-import random
 import re
 import time
 
@@ -21,15 +20,10 @@ import pytest
 from omni_ctl.sim.cluster import SimCluster
 
 import schedlog
+from conftest import random_tokens as _tokens
 
 pytestmark = pytest.mark.timeout(240)
 
-_RUN = random.Random().randrange(1 << 30)
-
-
-def _tokens(n, seed):
-    rng = random.Random(f"{_RUN}-{seed}")
-    return [rng.randrange(1000, 30000) for _ in range(n)]
 
 
 def _send(nginx, n, rid, seed, slo_ms=None, timeout=90):
