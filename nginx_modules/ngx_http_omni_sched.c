@@ -939,7 +939,7 @@ ngx_http_omni_starved_ran_locked(ngx_http_omni_main_conf_t *mcf,
  * key, unless requests waited past the starvation timeout; of those (the
  * oldest, at the front of the arrival list) omni_policy_queue_next() says
  * which goes first, and whether one may go now (the prefill queue: the
- * share of the instances starved releases may hold).
+ * share of the instances they may hold, once the oldest entry is starved).
  */
 uint32_t
 ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
@@ -962,7 +962,10 @@ ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
 
     ngx_http_omni_queue_opts(mcf, q, &o);
 
-    if (q == NGX_HTTP_OMNI_Q_PREFILL && o.starvation_us) {
+    if (q == NGX_HTTP_OMNI_Q_PREFILL
+        && omni_policy_starved(&o, sh->entries[queue->head].arrival * 1000ULL,
+                               (uint64_t) now * 1000))
+    {
         ngx_http_omni_starved_share(mcf, sh, now, &o);
     }
 
