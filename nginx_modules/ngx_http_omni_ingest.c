@@ -88,7 +88,8 @@ ngx_http_omni_ingest_expire_locked(ngx_http_omni_shctx_t *sh,
 
     ttl_us = NGX_HTTP_OMNI_INGEST_TTL_US;
 
-    (void) omni_ingest_expire(sh->ingest, sh->n_slots, now_us, ttl_us);
+    (void) omni_ingest_expire(sh->index, sh->ingest, sh->n_slots, now_us,
+                              ttl_us);
 
     for (s = 0; s < sh->n_slots; s++) {
         ii = &sh->ingest[s];

@@ -20,7 +20,7 @@ from omni_ctl.agent.config import AgentConfigError, build_specs, read_nginx_conf
 from omni_ctl.agent.core import Agent, Options
 from omni_ctl.agent.sinks import ListSink
 from omni_ctl.cli import main
-from omni_ctl.scoring import IngestTarget, PrefixIndex
+from omni_ctl.scoring import IngestTarget, PrefixIndex, lib
 from omni_ctl.sim.cluster import SimCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -115,7 +115,10 @@ def test_cached_prefixes_metrics_and_health(engine):
                 s = t.instance(0)
                 assert s["mode"] == "precise" and s["health"] == "up"
                 assert s["capacity_tokens"] == NUM_BLOCKS * 16
-                assert ix.instance_stats(0)["capacity"] == NUM_BLOCKS
+                # precise: the engine's capacity and room for marks of
+                # prompts sent and not yet stored (omni_ingest.h)
+                assert (ix.instance_stats(0)["capacity"]
+                        == NUM_BLOCKS * lib.OMNI_INGEST_PRECISE_ROOM)
 
                 # /health hangs: down within fall probes; back after rise
                 await in_thread(post, url + "/sim/fault", {"mode": "hang"})

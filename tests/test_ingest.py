@@ -125,16 +125,68 @@ def test_state_metrics_capacity_and_ttl():
     s = t.instance(0)
     assert (s["running"], s["waiting"], s["kv_usage_ppm"]) == (3, 5, 250000)
     assert s["capacity_tokens"] == 3200
-    assert t.index.instance_stats(0)["capacity"] == 200
-    # a silent agent: precise turns approximate after the TTL, not before
+    # precise: the engine's 200 blocks, and as much room again for the marks
+    # of prompts sent and not yet stored
+    assert lib.OMNI_INGEST_PRECISE_ROOM > 1
+    assert (t.index.instance_stats(0)["capacity"]
+            == 200 * lib.OMNI_INGEST_PRECISE_ROOM)
+    # a silent agent: precise turns approximate after the TTL, not before,
+    # and the index guesses evictions at the engine's capacity again
     assert t.expire(ttl_us=5_000, now_us=14_000) == 0
     assert t.expire(ttl_us=5_000, now_us=20_000) == 1
     s = t.instance(0)
     assert s["mode"] == "approx" and s["resyncs"] == 1
+    assert t.index.instance_stats(0)["capacity"] == 200
+    # precise again (a consistent stream): the room comes back
+    b = Batch(16)
+    b.state(A, "precise", "up")
+    t.apply(b.encode(), now_us=21_000)
+    assert (t.index.instance_stats(0)["capacity"]
+            == 200 * lib.OMNI_INGEST_PRECISE_ROOM)
+    # an instance whose stream is approximate from the start: the engine's
+    b = Batch(16)
+    b.state(B, "approx", "up")
+    b.metrics(B, capacity_tokens=16 * 50)
+    t.apply(b.encode(), now_us=21_000)
+    assert t.index.instance_stats(1)["capacity"] == 50
     b = Batch(16)
     b.state(A, "approx", "down")
     t.apply(b.encode(), now_us=30_000)
     assert t.instance(0)["health"] == "down"
+
+
+def test_marking_a_prompt_on_a_full_precise_instance_keeps_the_engines_blocks():
+    """The proxy marks a prompt's blocks on the instance it sends it to
+    before the engine stores them.  On a precise instance whose cache is
+    full, those marks must not push out blocks the engine still holds: the
+    engine evicts its own victims and says so (issue 22's Mooncake runs: the
+    index evicted ~2,000 blocks per instance that way and lost hits)."""
+    t = target(16, cap=1000)
+    held = list(range(5000, 5000 + 16 * 10))           # fills the engine
+    h = engine_chain(held, 16)
+    b = Batch(16)
+    b.state(A, "precise", "up")
+    b.metrics(A, capacity_tokens=16 * 10)
+    b.store(A, 16, h, held)
+    t.apply(b.encode(), now_us=1000)
+    assert t.index.match(held, now_us=1000) == [10, 0]
+    # a new prompt sent there: marked, not yet stored by the engine
+    sent = list(range(9000, 9000 + 16 * 4))
+    assert t.index.insert(0, sent, now_us=2000) == 4
+    # every block the engine holds is still predicted
+    assert t.index.match(held, now_us=2000) == [10, 0]
+    assert t.index.match(sent, now_us=2000) == [4, 0]
+    # the engine makes room its own way (here: the held prompt's last four
+    # blocks) and stores the new one: the index is the engine's cache again
+    hs = engine_chain(sent, 16)
+    b = Batch(16)
+    b.remove(A, 16, h[6:])
+    b.store(A, 16, hs, sent)
+    t.apply(b.encode(), now_us=3000)
+    assert t.index.match(held, now_us=3000) == [6, 0]
+    assert t.index.match(sent, now_us=3000) == [4, 0]
+    st_ = t.index.instance_stats(0)
+    assert st_["precise"] == 10 and st_["evicted"] == 0, st_
 
 
 def test_scheduling_discounts_approximate_and_blends_engine_load():

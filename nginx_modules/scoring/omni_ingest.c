@@ -229,6 +229,37 @@ omni_ingest_remove(omni_ingest_walk_t *w, omni_ingest_inst_t *in,
 }
 
 
+/*
+ * The index capacity of instance inst, from the engine's KV capacity and the
+ * instance's mode.  Precise: the engine's own removals bound what it holds,
+ * so entries it stored never exceed its capacity; the room above is for the
+ * proxy's marks of prompts sent but not yet stored.  Without it, marking a
+ * prompt on a full instance evicted the index's oldest precise entries,
+ * blocks the engine still held (its removals come later and name its own
+ * victims), and the index lost hits the engine would have given.
+ * Approximate: the index guesses evictions, so the engine's capacity.
+ */
+static void
+omni_ingest_fit(omni_index_t *idx, const omni_ingest_inst_t *in,
+    uint32_t inst, uint32_t block_size)
+{
+    uint64_t  cap;
+
+    if (idx == NULL || block_size == 0 || in->capacity_tokens < block_size) {
+        return;
+    }
+
+    cap = in->capacity_tokens / block_size;
+    if (in->mode == OMNI_INGEST_PRECISE) {
+        cap *= OMNI_INGEST_PRECISE_ROOM;
+    }
+
+    (void) omni_index_set_capacity(idx, inst,
+                                   cap > UINT32_MAX ? UINT32_MAX
+                                                    : (uint32_t) cap);
+}
+
+
 static void
 omni_ingest_metrics(omni_ingest_walk_t *w, omni_ingest_inst_t *in,
     uint32_t inst, const uint8_t *body)
@@ -250,9 +281,7 @@ omni_ingest_metrics(omni_ingest_walk_t *w, omni_ingest_inst_t *in,
         cap = omni_ingest_u64(body + 16);
         if (cap != in->capacity_tokens && cap >= w->block_size) {
             in->capacity_tokens = cap;
-            cap /= w->block_size;
-            (void) omni_index_set_capacity(w->idx, inst,
-                cap > UINT32_MAX ? UINT32_MAX : (uint32_t) cap);
+            omni_ingest_fit(w->idx, in, inst, w->block_size);
         }
     }
 }
@@ -295,7 +324,10 @@ omni_ingest_record(omni_ingest_walk_t *w, uint32_t kind, uint32_t flags,
         if (mode == OMNI_INGEST_APPROX && in->mode == OMNI_INGEST_PRECISE) {
             in->resyncs++;
         }
-        in->mode = mode;
+        if (mode != in->mode) {
+            in->mode = mode;
+            omni_ingest_fit(w->idx, in, inst, w->block_size);
+        }
         in->health = omni_ingest_u32(body + 4);
         break;
 
@@ -592,14 +624,20 @@ omni_ingest_apply(omni_index_t *idx, omni_ingest_inst_t *insts,
 
 
 int
-omni_ingest_expire(omni_ingest_inst_t *insts, size_t n_insts,
-    uint64_t now_us, uint64_t ttl_us)
+omni_ingest_expire(omni_index_t *idx, omni_ingest_inst_t *insts,
+    size_t n_insts, uint64_t now_us, uint64_t ttl_us)
 {
-    size_t  i;
-    int     got = 0;
+    size_t            i;
+    int               got = 0;
+    omni_index_cfg_t  cfg;
 
     if (n_insts > 0 && insts == NULL) {
         return OMNI_EINVAL;
+    }
+
+    cfg.block_size = 0;
+    if (idx != NULL) {
+        omni_index_get_cfg(idx, &cfg);
     }
 
     for (i = 0; i < n_insts; i++) {
@@ -609,6 +647,7 @@ omni_ingest_expire(omni_ingest_inst_t *insts, size_t n_insts,
         {
             insts[i].mode = OMNI_INGEST_APPROX;
             insts[i].resyncs++;
+            omni_ingest_fit(idx, &insts[i], (uint32_t) i, cfg.block_size);
             got++;
         }
     }

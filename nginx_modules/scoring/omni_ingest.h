@@ -160,8 +160,9 @@ typedef struct {
 /*
  * Check the batch buf[0, len) and, if it is well formed, apply it to idx:
  * stores, removals and clears to the index, states and metrics to insts
- * (n_insts of them, indexed by index instance; a METRICS capacity also sets
- * the index capacity of the instance to capacity_tokens / B blocks).  names
+ * (n_insts of them, indexed by index instance; a METRICS capacity or a
+ * change of mode also sets the index capacity of the instance: capacity_tokens
+ * / B blocks, times OMNI_INGEST_PRECISE_ROOM while it is PRECISE).  names
  * (n_names) maps the batch's instance names; entries with inst >= n_insts
  * or >= the index's instances are ignored.  now_us: caller's clock.
  *
@@ -178,10 +179,11 @@ int omni_ingest_apply(omni_index_t *idx, omni_ingest_inst_t *insts,
 /*
  * A silent agent: every PRECISE instance whose last update is older than
  * ttl_us turns APPROX (its index entries stay; new dispatches keep adding
- * approximate ones).  Returns how many changed.
+ * approximate ones) and, with idx, gets the approximate index capacity
+ * below.  Returns how many changed.  The caller holds the index's lock.
  */
-int omni_ingest_expire(omni_ingest_inst_t *insts, size_t n_insts,
-    uint64_t now_us, uint64_t ttl_us);
+int omni_ingest_expire(omni_index_t *idx, omni_ingest_inst_t *insts,
+    size_t n_insts, uint64_t now_us, uint64_t ttl_us);
 
 /*
  * Scheduling with what the agent said.  An instance whose state is
@@ -191,6 +193,14 @@ int omni_ingest_expire(omni_ingest_inst_t *insts, size_t n_insts,
  * and unknown (no agent) instances keep theirs.  Returns how many changed.
  */
 #define OMNI_INGEST_APPROX_DIV   2
+
+/*
+ * The index capacity of a PRECISE instance, in multiples of the engine's:
+ * the engine's removals keep what it stored within its capacity, and the
+ * rest is room for the proxy's marks of prompts sent and not yet stored,
+ * so that marking one never evicts a block the engine still holds.
+ */
+#define OMNI_INGEST_PRECISE_ROOM 2
 
 int omni_ingest_discount(const omni_ingest_inst_t *insts, size_t n_insts,
     uint32_t *matched, size_t n);

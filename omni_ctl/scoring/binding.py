@@ -449,7 +449,8 @@ class IngestTarget:
     def expire(self, ttl_us, now_us=None):
         """Instances silent past ``ttl_us`` turn approximate."""
         return check(lib.omni_ingest_expire(
-            self._insts, self.index.num_instances, self.index._now(now_us),
+            self.index._h, self._insts, self.index.num_instances,
+            self.index._now(now_us),
             ttl_us), "ingest expire")
 
     def discount(self, matched):
