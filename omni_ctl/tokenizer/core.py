@@ -498,9 +498,18 @@ class ModelTokenizer:
             return []
         want = [b[1] for b in bounds]
         if len(ids) < _NUMPY_FROM:
-            # a reused turn's new tail: numpy's per-call costs would dominate
-            kinds = set(want)
-            at = [i for i, t in enumerate(ids) if t in kinds]
+            # a reused turn's new tail: numpy's per-call costs would dominate;
+            # index() scans in C, once per boundary kind (a handful)
+            at = []
+            for kind in set(want):
+                i = -1
+                try:
+                    while True:
+                        i = ids.index(kind, i + 1)
+                        at.append(i)
+                except ValueError:
+                    pass
+            at.sort()
             if len(at) == len(want) and all(
                     ids[i] == w for i, w in zip(at, want)):
                 return _kept(digests, at, offset)
@@ -632,6 +641,12 @@ class ModelTokenizer:
     def render(self, body) -> tuple[str, bool]:
         """The chat template's text for a chat body, and whether SGLang
         would render the same ids (see wire.FLAG_SGLANG_SAFE)."""
+        text, safe, _ = self._render(body)
+        return text, safe
+
+    def _render(self, body):
+        """render()'s text and flag, and what it rendered: (conversation,
+        tools, template kwargs), for learn()."""
         if not self.tok.chat_template:
             raise Unsupported("the tokenizer has no chat template (give the "
                               "service --chat-template FILE)")
@@ -648,16 +663,16 @@ class ModelTokenizer:
             raise BadRequest(f"chat template error: {exc}") from None
         if not isinstance(text, str):
             raise BadRequest("the chat template did not render a string")
-        return text, safe
+        return text, safe, (conv, tools, kwargs)
 
     def chat(self, body, learn: bool = False) -> Result:
-        text, safe = self.render(body)
+        text, safe, rendered = self._render(body)
         special = _flag(body, "add_special_tokens", False)
         ids, reused = self.encode(text, special)
         handle = None
         if learn and self.boundary_ids and self.learn_handles \
                 and not _flag(body, "continue_final_message", False):
-            handle = self._remember(body, special)
+            handle = self._remember(rendered, special)
         return Result([ids], chat=True, sglang_safe=safe and not special,
                       reused=reused, handle=handle)
 
@@ -668,12 +683,10 @@ class ModelTokenizer:
         (a restarted worker does not take an old handle for a new one)."""
         self._next_handle = (index & 0xFFFF) << 48 | random.getrandbits(48)
 
-    def _remember(self, body, special):
+    def _remember(self, rendered, special):
         handle = self._next_handle
         self._next_handle = handle & ~0xFFFFFFFFFFFF | (handle + 1) & 0xFFFFFFFFFFFF
-        conv, _ = engine_conversation(body.get("messages"))
-        kwargs, _ = template_kwargs(body)
-        self.pending[handle] = (conv, engine_tools(body.get("tools")), kwargs, special)
+        self.pending[handle] = rendered + (special,)
         while len(self.pending) > self.learn_handles:
             self.pending.popitem(last=False)
         self.stats["handles"] += 1
