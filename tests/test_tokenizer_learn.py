@@ -110,8 +110,11 @@ def test_unknown_bad_and_used_handles_are_counted(model_dir):  # noqa: F811
     assert status == 200 and wire.handle_of(body) is None
 
 
-def test_no_handles_without_the_reuse_cache(model_dir):  # noqa: F811
+def test_no_handles_without_the_reuse_cache_or_a_learn_socket(model_dir):  # noqa: F811
     app = app_of(model_dir, reuse=False)
+    assert chat(app, [{"role": "user", "content": "x"}])[2] is None
+    # a worker that reads no answers (start_handles never called) gives none
+    app = server.App(core.ModelTokenizer(model_dir), 1 << 24)
     assert chat(app, [{"role": "user", "content": "x"}])[2] is None
 
 

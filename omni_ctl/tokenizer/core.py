@@ -373,6 +373,7 @@ class ModelTokenizer:
         self.learn_handles = learn_handles
         self.pending = OrderedDict()
         self._next_handle = 0
+        self.learning = False       # handles only where answers are read
         self.lead = self._lead_ids()
         self._boundary_re, self._first_chars, self.boundary_ids = None, [], {}
         if reuse:
@@ -670,7 +671,7 @@ class ModelTokenizer:
         special = _flag(body, "add_special_tokens", False)
         ids, reused = self.encode(text, special)
         handle = None
-        if learn and self.boundary_ids and self.learn_handles \
+        if learn and self.boundary_ids and self.learn_handles and self.learning \
                 and not _flag(body, "continue_final_message", False):
             handle = self._remember(rendered, special)
         return Result([ids], chat=True, sglang_safe=safe and not special,
@@ -682,6 +683,7 @@ class ModelTokenizer:
         (where the proxy sends the answer), a random 48-bit counter below
         (a restarted worker does not take an old handle for a new one)."""
         self._next_handle = (index & 0xFFFF) << 48 | random.getrandbits(48)
+        self.learning = True
 
     def _remember(self, rendered, special):
         handle = self._next_handle

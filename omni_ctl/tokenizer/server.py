@@ -321,6 +321,8 @@ def worker_socket(socket_path: str, index: int) -> str:
 
 # the largest learn datagram read (the proxy caps what it sends below this)
 LEARN_MAX = 1 << 20
+# the longest unix socket path (Linux: sun_path, 108 bytes with the NUL)
+SUN_PATH = 107
 
 
 def serve(tokenizer: core.ModelTokenizer, socket_path: str, workers: int,
@@ -330,6 +332,9 @@ def serve(tokenizer: core.ModelTokenizer, socket_path: str, workers: int,
     listens and the workers are forked."""
     sock = bind_socket(socket_path)
     app = App(tokenizer, max_body)
+    if learn_socket and len(os.fsencode(worker_socket(learn_socket, workers))) > SUN_PATH:
+        log(f"no answer learning: {learn_socket}.N is too long for a unix socket")
+        learn_socket = None
     # the workers' own sockets (conversation affinity, learning)
     own = [worker_socket(base, i) for base in (
         socket_path if worker_sockets else None, learn_socket) if base
@@ -347,8 +352,13 @@ def serve(tokenizer: core.ModelTokenizer, socket_path: str, workers: int,
                     socks.append(bind_socket(worker_socket(socket_path, index)))
                 learn = None
                 if learn_socket:
-                    app.tok.start_handles(index)
-                    learn = bind_learn_socket(worker_socket(learn_socket, index))
+                    try:
+                        learn = bind_learn_socket(worker_socket(learn_socket, index))
+                    except OSError as exc:
+                        # e.g. a path too long for a unix socket: serve without
+                        log(f"no answer learning: {exc}")
+                    else:
+                        app.tok.start_handles(index)
                 _worker(socks, app, parent, learn)
             except BaseException as exc:   # noqa: BLE001 - report, then exit
                 log(f"worker failed: {exc!r}")
