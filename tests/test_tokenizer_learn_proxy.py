@@ -30,6 +30,7 @@ from conftest import wait_until
 from omni_ctl.sim.cluster import SimCluster
 from omni_ctl.tokenizer import control, wire
 from test_proxy_keepalive import ClosingEngine
+from test_tokenize_proxy import MODES
 from test_tokenizer import SYSTEM, ref_chat
 from tokmodel import hf_tok, model_dir  # noqa: F401 (fixtures)
 
@@ -171,6 +172,34 @@ def test_a_learn_socket_nobody_reads_drops_at_once(proxy):
         assert sent + busy == n and busy > 0 and sent > 0
     finally:
         deaf.close()
+
+
+@pytest.mark.parametrize("mode", ["parallel", "aggregated"])
+def test_learning_in_the_other_modes(mode, omni_nginx, model_dir, hf_tok):  # noqa: F811
+    engine, p, d, both = MODES[mode]
+    with SimCluster(prefill=p, decode=d, both=both, engine=engine, preset="tiny", env=ENV,
+                    ready_timeout=120, args=["--model-path", str(model_dir)]) as cluster:
+        opts = dict(pd_policy=mode, model_path=str(model_dir), tokenize_timeout="5s",
+                    tokenizer_workers=1, decode_endpoints=",".join(cluster.decode_endpoints))
+        if p:
+            opts["prefill_endpoints"] = ",".join(cluster.prefill_endpoints)
+        nginx = omni_nginx(timeout=180, **opts)
+        checked0, bad0 = parity(cluster)
+        msgs = [SYSTEM, {"role": "user", "content": "Hello 世界"}]
+        for turn in range(2):
+            st0 = service_stats(nginx)
+            answer = ask(nginx, msgs, stream=bool(turn))
+            if turn:
+                tail = ref_chat(hf_tok, [{"role": "user", "content": msgs[-1]["content"]}])
+                assert encoded(service_stats(nginx)) - encoded(st0) == len(tail) - 2
+            wait_until(lambda: service_stats(nginx)["learned"] == st0["learned"] + 1,
+                       timeout=30, what="the answer learned")
+            msgs = msgs + [{"role": "assistant", "content": answer},
+                           {"role": "user", "content": "more"}]
+        assert learn_counts(nginx)["sent"] == 2
+        checked, bad = parity(cluster)
+        # SGLang got input_ids on both legs; an aggregated vLLM renders itself
+        assert (checked - checked0, bad - bad0) == ({"parallel": 4, "aggregated": 0}[mode], 0)
 
 
 # ---------------------------------------------------------------------------
