@@ -170,3 +170,40 @@ def test_learning_through_the_service_sockets(model_dir, tmp_path, hf_tok):  # n
         out.close()
         control.stop(svc)
     assert not any(tmp_path.glob("tokenizer.learn*"))
+
+
+def test_an_answer_reaches_the_worker_that_gave_the_handle(model_dir, tmp_path, hf_tok):  # noqa: F811
+    # two workers, each also on its own socket (conversation affinity): the
+    # handle names the worker, the answer goes to its learn socket, and the
+    # next turn sent to that worker encodes only its new message
+    svc = control.Service.in_prefix(tmp_path, model_dir, workers=2,
+                                    extra=("--worker-sockets",))
+    control.start(svc, timeout=120)
+    out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        for w in (1, 0):
+            own = server.worker_socket(str(svc.socket), w)
+
+            def stats():
+                return json.loads(control.request(own, "GET", "/stats")[2])
+            msgs = [SYSTEM, {"role": "user", "content": f"worker {w} 中文"}]
+            for t in range(2):
+                before = stats()
+                status, _, body = control.request(own, "POST", CHAT + "?learn=1",
+                                                  json.dumps({"messages": msgs}).encode())
+                assert status == 200 and wire.decode(body)[2] == [ref_chat(hf_tok, msgs)]
+                handle = wire.handle_of(body)
+                assert handle >> 48 == w
+                if t:
+                    new = ref_chat(hf_tok, [{"role": "user", "content": msgs[-1]["content"]}])
+                    assert encoded(stats()) - encoded(before) == len(new) - 2
+                answer = f"the answer of worker {w}, turn {t}: " + "more words " * 30
+                out.sendto(wire.learn_message(handle, answer),
+                           server.worker_socket(str(svc.learn_socket), handle >> 48))
+                wait_until(lambda: stats()["learned"] == before["learned"] + 1,
+                           timeout=30, what="learned by the worker that gave the handle")
+                msgs = msgs + [{"role": "assistant", "content": answer},
+                               {"role": "user", "content": "next"}]
+    finally:
+        out.close()
+        control.stop(svc)
