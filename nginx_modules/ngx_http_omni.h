@@ -18,6 +18,8 @@
  *   ngx_http_omni_hold.c      holding and waking: the release loop, wake-ups,
  *                             timers, process init and crash recovery
  *   ngx_http_omni_feed.c      observations fed to the predictor
+ *   ngx_http_omni_learn.c     a chat answer's text captured as it streams
+ *                             and sent to the tokenizer (answer learning)
  *   ngx_http_omni_answer.c    what the client gets when the proxy answers
  *                             (errors, SSE error events, prefill answers)
  *   ngx_http_omni_request.c   what the client sent (body, validation)
@@ -98,6 +100,13 @@
 #define NGX_HTTP_OMNI_TOK_UNSUPPORTED  3
 #define NGX_HTTP_OMNI_TOK_TOO_LARGE    4
 #define NGX_HTTP_OMNI_TOK_REASONS      5
+
+/* why an answer was not sent to the tokenizer to learn */
+#define NGX_HTTP_OMNI_LEARN_TOO_LARGE  0    /* over omni_tokenize_learn_max */
+#define NGX_HTTP_OMNI_LEARN_BUSY       1    /* the send would block */
+#define NGX_HTTP_OMNI_LEARN_DOWN       2    /* no socket, nobody reads it */
+#define NGX_HTTP_OMNI_LEARN_ERROR      3    /* unreadable answer, other */
+#define NGX_HTTP_OMNI_LEARN_REASONS    4
 
 #define NGX_HTTP_OMNI_REQUEST_ID_LEN 64
 /* the longest X-Omni-Request-Timeout a client may send (ms, one day) */
@@ -191,6 +200,7 @@ struct ngx_http_omni_main_conf_s {
     ngx_msec_t                     tokenize_timeout_per_kb;
     size_t                         tokenize_max_body;
     ngx_uint_t                     token_reuse;     /* auto: 1, off: 0 */
+    size_t                         tokenize_learn_max; /* 0: no learning */
 
     ngx_http_omni_upstream_conf_t *tiers[NGX_HTTP_OMNI_TIERS];
 
@@ -433,6 +443,8 @@ typedef struct {
     omni_arrivals_t                arrivals;    /* of requests to start */
     uint64_t                       tokenized_total;
     uint64_t                       tokenize_fallback[NGX_HTTP_OMNI_TOK_REASONS];
+    uint64_t                       learn_sent;  /* answers to the tokenizer */
+    uint64_t                       learn_dropped[NGX_HTTP_OMNI_LEARN_REASONS];
     omni_ingest_stats_t            ingest_stats; /* the agent's batches */
     uint64_t                       ingest_unauthorized; /* 401, no token */
 
@@ -506,7 +518,27 @@ typedef struct {
     unsigned                       ok:1;        /* ids in token_ids */
     u_char                        *ids_json;    /* vLLM chat: for the */
     size_t                         ids_json_len; /*  decode leg */
+    uint64_t                       handle;      /* answer learning: the */
+    unsigned                       has_handle:1; /*  service's name of it */
 } ngx_http_omni_tok_t;
+
+
+/*
+ * The answer's text as it streams (ngx_http_omni_learn.c): the string
+ * values of "content" keys, unescaped, across buffer boundaries.
+ */
+typedef struct {
+    u_char                        *text;
+    size_t                         len;
+    size_t                         size;        /* allocated */
+    ngx_uint_t                     state;
+    ngx_uint_t                     matched;     /* of "content", in a key */
+    uint32_t                       hex;         /* a u escape so far */
+    ngx_uint_t                     hex_n;
+    uint32_t                       high;        /* a high surrogate */
+    unsigned                       failed:1;    /* nothing will be sent */
+    unsigned                       too_large:1;
+} ngx_http_omni_learn_t;
 
 
 typedef struct {
@@ -581,6 +613,7 @@ typedef struct {
     size_t                         kv_params_len;   /*   the prefill answer */
 
     ngx_http_omni_tok_t            tok;
+    ngx_http_omni_learn_t         *learn;          /* answer learning */
 } ngx_http_omni_ctx_t;
 
 
@@ -740,6 +773,12 @@ uint64_t ngx_http_omni_expected_output(ngx_http_omni_ctx_t *ctx);
 void ngx_http_omni_cache_observed(ngx_http_omni_ctx_t *ctx,
     ngx_http_omni_leg_t *leg, u_char *resp, omni_json_member_t *members,
     size_t n);
+
+/* ngx_http_omni_learn.c */
+ngx_int_t ngx_http_omni_learn_start(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_learn_capture(ngx_http_omni_ctx_t *ctx, u_char *p,
+    u_char *last);
+void ngx_http_omni_learn_send(ngx_http_omni_ctx_t *ctx);
 
 /* ngx_http_omni_answer.c */
 void ngx_http_omni_retry_after(ngx_http_request_t *r);

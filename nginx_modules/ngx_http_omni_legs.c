@@ -267,6 +267,17 @@ ngx_http_omni_leg_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
         /* a prefill leg's job ended with its upstream (the ledger) */
         if (!sr->subrequest_in_memory) {
             ngx_http_omni_decode_observed(ctx, leg, 0, 1);
+
+            /* the client's whole answer passed: the tokenizer learns it
+             * (a failed leg's bytes, if any, are no answer to learn) */
+            if (ctx->learn && !leg->suppress
+                && (leg->failed || leg->status != NGX_HTTP_OK))
+            {
+                ctx->learn->failed = 1;
+
+            } else if (!leg->suppress) {
+                ngx_http_omni_learn_send(ctx);
+            }
         }
 
         if (sr->background) {
@@ -421,6 +432,11 @@ ngx_http_omni_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         }
 
         if (cl->buf->in_file || r->subrequest_in_memory) {
+            if (ctx->learn && !r->subrequest_in_memory) {
+                /* bytes not looked at: the capture would lack them */
+                ctx->learn->failed = 1;
+            }
+
             continue;
         }
 
@@ -440,6 +456,10 @@ ngx_http_omni_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
                 events++;
                 p++;
             }
+        }
+
+        if (ctx->learn && !leg->suppress) {
+            ngx_http_omni_learn_capture(ctx, cl->buf->pos, cl->buf->last);
         }
 
         if (leg->suppress) {

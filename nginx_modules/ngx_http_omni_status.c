@@ -199,6 +199,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             "\"slo_reject\":\"%s\","
             "\"tokenize_timeout_ms\":%M,\"tokenize_timeout_per_kb_ms\":%M,"
             "\"tokenize_max_body\":%uz,\"token_reuse\":\"%s\","
+            "\"tokenize_learn_max\":%uz,"
             "\"model_path\":",
             mcf->zone_size, ngx_http_omni_modes[mcf->pd_policy],
             ngx_http_omni_policies[mcf->schedule_policy],
@@ -213,7 +214,8 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             mcf->slo_ttft, mcf->slo_tpot, mcf->slo_max,
             mcf->slo_reject ? "on" : "off",
             mcf->tokenize_timeout, mcf->tokenize_timeout_per_kb,
-            mcf->tokenize_max_body, mcf->token_reuse ? "auto" : "off");
+            mcf->tokenize_max_body, mcf->token_reuse ? "auto" : "off",
+            mcf->tokenize_learn_max);
 
     if (mcf->model_path.len) {
         *p++ = '"';
@@ -251,7 +253,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
     }
 
     now_us = ngx_http_omni_now_us();
-    size = 4096 + 6 * mcf->model_path.len
+    size = 4096 + 256 + 6 * mcf->model_path.len
            + (size_t) sh->n_slots * (1536 + NGX_HTTP_OMNI_ADDR_LEN);
 
     body = ngx_pnalloc(r->pool, size);
@@ -283,7 +285,10 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"legs_cancelled\":%uL},"
                     "\"tokenize\":{\"tokenized\":%uL,\"fallback\":{"
                     "\"down\":%uL,\"timeout\":%uL,\"error\":%uL,"
-                    "\"unsupported\":%uL,\"too_large\":%uL}},"
+                    "\"unsupported\":%uL,\"too_large\":%uL},"
+                    "\"learn\":{\"sent\":%uL,\"dropped\":{"
+                    "\"too_large\":%uL,\"busy\":%uL,\"down\":%uL,"
+                    "\"error\":%uL}}},"
                     "\"instances\":[",
                     NGX_HTTP_OMNI_VERSION,
                     ngx_http_omni_modes[mcf->pd_policy],
@@ -312,7 +317,12 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TIMEOUT],
                     sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_ERROR],
                     sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_UNSUPPORTED],
-                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE]);
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE],
+                    sh->learn_sent,
+                    sh->learn_dropped[NGX_HTTP_OMNI_LEARN_TOO_LARGE],
+                    sh->learn_dropped[NGX_HTTP_OMNI_LEARN_BUSY],
+                    sh->learn_dropped[NGX_HTTP_OMNI_LEARN_DOWN],
+                    sh->learn_dropped[NGX_HTTP_OMNI_LEARN_ERROR]);
 
     first = 1;
 
@@ -505,6 +515,24 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_ERROR],
             sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_UNSUPPORTED],
             sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE]);
+
+    p = ngx_sprintf(p,
+            "# HELP omni_tokenize_learn_sent_total Chat answers sent to the "
+            "tokenizer service to learn.\n"
+            "# TYPE omni_tokenize_learn_sent_total counter\n"
+            "omni_tokenize_learn_sent_total %uL\n"
+            "# HELP omni_tokenize_learn_dropped_total Chat answers not sent "
+            "to the tokenizer service to learn.\n"
+            "# TYPE omni_tokenize_learn_dropped_total counter\n"
+            "omni_tokenize_learn_dropped_total{reason=\"too_large\"} %uL\n"
+            "omni_tokenize_learn_dropped_total{reason=\"busy\"} %uL\n"
+            "omni_tokenize_learn_dropped_total{reason=\"down\"} %uL\n"
+            "omni_tokenize_learn_dropped_total{reason=\"error\"} %uL\n",
+            sh->learn_sent,
+            sh->learn_dropped[NGX_HTTP_OMNI_LEARN_TOO_LARGE],
+            sh->learn_dropped[NGX_HTTP_OMNI_LEARN_BUSY],
+            sh->learn_dropped[NGX_HTTP_OMNI_LEARN_DOWN],
+            sh->learn_dropped[NGX_HTTP_OMNI_LEARN_ERROR]);
 
     p = ngx_sprintf(p,
             "# HELP omni_decisions_total Policy decisions about requests to "

@@ -23,6 +23,7 @@
 #define NGX_HTTP_OMNI_TOK_IDS_GIVEN  0x1
 #define NGX_HTTP_OMNI_TOK_CHAT       0x2
 #define NGX_HTTP_OMNI_TOK_SGLANG     0x4
+#define NGX_HTTP_OMNI_TOK_HANDLE     0x10
 #define NGX_HTTP_OMNI_TOK_HEADER     16
 
 
@@ -37,6 +38,7 @@ static ngx_int_t ngx_http_omni_tokenize_reuse(ngx_http_omni_ctx_t *ctx,
 
 
 static ngx_str_t  ngx_http_omni_tok_post = ngx_string("POST");
+static ngx_str_t  ngx_http_omni_tok_learn = ngx_string("learn=1");
 
 
 /*
@@ -48,7 +50,7 @@ ngx_int_t
 ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx)
 {
     u_char                      *p;
-    ngx_str_t                    uri;
+    ngx_str_t                    uri, *args;
     ngx_buf_t                   *b;
     ngx_msec_t                   deadline;
     ngx_chain_t                 *cl;
@@ -89,7 +91,12 @@ ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx)
     ps->handler = ngx_http_omni_tokenize_done;
     ps->data = ctx;
 
-    if (ngx_http_subrequest(r, &uri, NULL, &sr, ps,
+    /* a chat answer will be learned: the service names the conversation */
+    args = (ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT && mcf->token_reuse
+            && mcf->tokenize_learn_max)
+           ? &ngx_http_omni_tok_learn : NULL;
+
+    if (ngx_http_subrequest(r, &uri, args, &sr, ps,
                             NGX_HTTP_SUBREQUEST_IN_MEMORY
                             |NGX_HTTP_SUBREQUEST_BACKGROUND)
         != NGX_OK)
@@ -348,6 +355,20 @@ ngx_http_omni_tokenize_decode(ngx_http_omni_ctx_t *ctx)
     flags = p[6] | p[7] << 8;
     count = ngx_http_omni_le32(p + 8);
 
+    if (flags & NGX_HTTP_OMNI_TOK_HANDLE) {
+        /* 8 bytes after the ids: the conversation's learn handle */
+        if (len < NGX_HTTP_OMNI_TOK_HEADER + 8
+            || !(flags & NGX_HTTP_OMNI_TOK_CHAT))
+        {
+            return NGX_ERROR;
+        }
+
+        len -= 8;
+        ctx->tok.handle = (uint64_t) ngx_http_omni_le32(p + len)
+                          | (uint64_t) ngx_http_omni_le32(p + len + 4) << 32;
+        ctx->tok.has_handle = 1;
+    }
+
     if (flags & NGX_HTTP_OMNI_TOK_IDS_GIVEN) {
         /* the prompt already is ids: the request's own count stands */
         return count == 0 && len == NGX_HTTP_OMNI_TOK_HEADER
@@ -389,6 +410,13 @@ ngx_http_omni_tokenize_decode(ngx_http_omni_ctx_t *ctx)
     ctx->prompt_tokens = total;
     ctx->token_prompt = 1;
     ctx->tok.ok = 1;
+
+    if (ctx->tok.has_handle && ctx->mcf->token_reuse
+        && ctx->mcf->tokenize_learn_max
+        && ngx_http_omni_learn_start(ctx) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
 
     ngx_http_omni_tokenize_count(ctx, -1);
 

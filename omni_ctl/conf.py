@@ -176,6 +176,17 @@ OPTIONS: tuple[Option, ...] = (
            directive="omni_tokenize_max_body", doc=(
                "Keep it at most the service's `--max-body-mb` (64 MB); counted as "
                "`too_large`.")),
+    Option("tokenize_learn_max", "size", "64k", (
+        "Largest chat answer the proxy sends the tokenizer service to learn "
+        "(0: no answer learning)."), "instances", metavar="SIZE", minimum=0,
+           directive="omni_tokenize_learn_max", doc=(
+               "With `--model-path` and `--token-reuse auto`: the answer's text, "
+               "captured as it streams to the client, goes to the service worker "
+               "that tokenized the request (a non-blocking datagram to "
+               "`tokenizer.learn.N` in the prefix), which caches the conversation "
+               "through it, so the next turn encodes only its new message. Longer "
+               "answers are not sent (`omni_tokenize_learn_dropped_total"
+               "{reason=\"too_large\"}`); at most 1048560.")),
     # -- the scheduler
     Option("max_batch_num_token", "int", 16384, "Prefill tokens per instance batch.",
            "scheduler", metavar="N", minimum=1, directive="omni_max_batch_num_token", doc=(

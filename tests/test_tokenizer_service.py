@@ -220,9 +220,15 @@ def test_the_micro_benchmark_runs(model_dir):  # noqa: F811
     names = [(r["name"], r.get("kb"), r.get("reuse")) for r in results]
     assert names == [(n, kb, None) for kb in bench.SIZES_KB
                      for n in ("service", "transformers")] + \
-        [("multi-turn", None, "on"), ("multi-turn", None, "off")]
+        [("multi-turn", None, "on"), ("multi-turn", None, "learn"),
+         ("multi-turn", None, "off")]
     assert all(r["n"] >= 1 and r["p99_ms"] >= r["p50_ms"] > 0 for r in results)
-    on, off = results[-2:]
+    on, learn, off = results[-3:]
+    # learning: the answer was learned (and cost time apart from requests)
+    assert learn["learned"] == 2 and learn["learn_cpu_ms"] > 0
+    assert learn["learn_encoded_tokens"] > 0 and on["learned"] == 0
+    assert learn["tokens"] == on["tokens"]
+    assert learn["reused_tokens"] > on["reused_tokens"]
     # the service's own time is counted, and the second turn came from the
     # cache only with it
     assert on["service_ms"] > 0 and off["service_ms"] > 0 and on["service_cpu_ms"] > 0

@@ -7,7 +7,18 @@ a quiet machine):
   over its socket (HTTP, parse, encode, binary answer) against transformers'
   own encode in this process (what an engine spends tokenizing), p50/p99;
 - multi-turn conversations (bench workload "multiturn"), each sent over one
-  connection (one worker): time per request with the reuse cache and without.
+  connection (one worker): time per request with the reuse cache and without,
+  and with answer learning (each turn's answer sent to the worker's learn
+  socket as the proxy sends it, wire.learn_message): the request path's
+  service time apart from the learning's.
+
+`--inprocess MODE` instead runs the same conversations through the service's
+request handler (server.App) in this process, for an instruction count under
+callgrind that the machine's load does not move: MODE off (no cache), on (the
+cache), learn (the cache and answer learning), load (only load the
+tokenizer).  `--count request|learn` makes that part go through a ctypes
+callback, so that `valgrind --tool=callgrind --toggle-collect=ffi_call`
+counts only it (docs/benchmarks.md section 9).
 
 Prints one JSON object per measurement and a table.  Counts and time are
 bounded (--requests, --max-seconds per measurement).
@@ -15,7 +26,9 @@ bounded (--requests, --max-seconds per measurement).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import socket
 import statistics
 import tempfile
 import time
@@ -24,7 +37,7 @@ from pathlib import Path
 import click
 
 from ..bench import workloads
-from . import control
+from . import control, core, server, wire
 
 SIZES_KB = (1, 16, 200)
 
@@ -85,45 +98,112 @@ def _service_stats(svc):
     return json.loads(body)
 
 
-def multi_turn(svc, conversations, turns, max_seconds, label):
-    """Round trip per request, and the service's own time per request (its
-    /stats busy_s and cpu_s: parse, render, tokenize, answer, without the
-    transport, which is the same with and without the cache)."""
+def _conversations(conversations, turns):
+    """[(system, [(user message, the engine's answer)])] of the bench."""
     sessions = workloads.multiturn_workload(conversations * turns, turns, 1000, 400, 200,
                                             seed=11)
+    return [(s.system, [(turn.prompt, workloads.text_block(
+        workloads.content_key("tok-bench-a", s.index, t), 200))
+        for t, turn in enumerate(s.turns)]) for s in sessions]
+
+
+def _turn_bodies(system, turns):
+    """(request body, answer) of each turn of one conversation."""
+    msgs = [{"role": "system", "content": system}]
+    for user, answer in turns:
+        msgs.append({"role": "user", "content": user})
+        yield json.dumps({"messages": msgs}).encode(), answer
+        msgs.append({"role": "assistant", "content": answer})
+
+
+def _learn_sent(svc, before, deadline):
+    """Wait until the worker has read every answer sent (the next turn of a
+    real client comes after its reader read the answer)."""
+    while time.monotonic() < deadline:
+        st = _service_stats(svc)
+        if st["learn_received"] >= before:
+            return st["learn_received"]
+        time.sleep(0.001)
+    raise click.ClickException("the service did not read a learn datagram in time")
+
+
+def multi_turn(svc, conversations, turns, max_seconds, label, learn=False):
+    """Round trip per request, and the service's own time per request (its
+    /stats busy_s and cpu_s: parse, render, tokenize, answer, without the
+    transport, which is the same with and without the cache); with learn,
+    each answer also goes to the learn socket (learn_cpu_s: its cost)."""
+    route = "/v1/chat/completions" + ("?learn=1" if learn else "")
     before = _service_stats(svc)
+    sent = before["learn_received"]
+    out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     times, deadline = [], time.monotonic() + max_seconds
-    for s in sessions:
+    for system, conv in _conversations(conversations, turns):
         if time.monotonic() > deadline:
             break
         conn = control._UnixHTTP(svc.socket, 60)
         try:
-            msgs = [{"role": "system", "content": s.system}]
-            for t, turn in enumerate(s.turns):
-                msgs.append({"role": "user", "content": turn.prompt})
-                body = json.dumps({"messages": msgs})
+            for body, answer in _turn_bodies(system, conv):
                 start = time.perf_counter()
-                _post(conn, "/v1/chat/completions", body)
+                data = _post(conn, route, body)
                 times.append(time.perf_counter() - start)
-                msgs.append({"role": "assistant",
-                             "content": workloads.text_block(
-                                 workloads.content_key("tok-bench-a", s.index, t), 200)})
+                if learn:
+                    handle = wire.handle_of(data)
+                    out.sendto(wire.learn_message(handle, answer), socket.MSG_DONTWAIT,
+                               server.worker_socket(str(svc.learn_socket), handle >> 48))
+                    sent = _learn_sent(svc, sent + 1, time.monotonic() + 30)
         finally:
             conn.close()
+    out.close()
     after = _service_stats(svc)
     n = after["requests"] - before["requests"]
+    d = {k: after[k] - before[k] for k in after if k.startswith("learn")}
     return _summary("multi-turn", times, reuse=label, turns=turns,
                     service_ms=(after["busy_s"] - before["busy_s"]) / n * 1e3,
                     service_cpu_ms=(after["cpu_s"] - before["cpu_s"]) / n * 1e3,
+                    learn_cpu_ms=d["learn_cpu_s"] / n * 1e3,
                     tokens=after["tokens"] - before["tokens"],
-                    reused_tokens=after["reused_tokens"] - before["reused_tokens"])
+                    reused_tokens=after["reused_tokens"] - before["reused_tokens"],
+                    learned=d["learned"], learn_encoded_tokens=d["learn_encoded_tokens"])
+
+
+def in_process(model_path, mode, count=None, conversations=8, turns=8,
+               chat_template=None):
+    """The bench's conversations through server.App in this process (for
+    callgrind); count: "request" or "learn" goes through a ctypes callback
+    (ffi_call), the part `--toggle-collect=ffi_call` counts.  Returns the
+    tokenizer's stats."""
+    tok = core.ModelTokenizer(model_path, chat_template, reuse=mode != "off")
+    if mode == "load":
+        return tok.stats
+    tok.start_handles(0)
+    app = server.App(tok, 1 << 30)
+    route = "/v1/chat/completions" + ("?learn=1" if mode == "learn" else "")
+    box = []
+
+    def through(fn, counted):
+        if not counted:
+            return fn()
+        cb = ctypes.CFUNCTYPE(None)(lambda: box.append(fn()))
+        cb()
+        return box.pop()
+
+    for system, conv in _conversations(conversations, turns):
+        for body, answer in _turn_bodies(system, conv):
+            status, _, data = through(lambda: app.handle("POST", route, body),
+                                      count == "request")
+            if status != 200:
+                raise click.ClickException(f"the handler answered {status}: {data[:200]!r}")
+            if mode == "learn":
+                msg = wire.learn_message(wire.handle_of(data), answer)
+                through(lambda: app.learn(msg), count == "learn")
+    return tok.stats
 
 
 def run(model_path, chat_template=None, requests=50, max_seconds=30.0, conversations=8,
         turns=8, emit=print):
     results = []
     with tempfile.TemporaryDirectory(prefix="omni-tok-bench-") as tmp:
-        for label, extra in (("on", ()), ("off", ("--no-reuse-cache",))):
+        for label, extra in (("on", ()), ("learn", ()), ("off", ("--no-reuse-cache",))):
             if chat_template:
                 extra += ("--chat-template", str(chat_template))
             svc = control.Service.in_prefix(Path(tmp) / label, model_path, workers=1,
@@ -134,7 +214,8 @@ def run(model_path, chat_template=None, requests=50, max_seconds=30.0, conversat
                     for r in by_size(svc, model_path, requests, max_seconds):
                         emit(json.dumps(r))
                         results.append(r)
-                r = multi_turn(svc, conversations, turns, max_seconds, label)
+                r = multi_turn(svc, conversations, turns, max_seconds, label,
+                               learn=label == "learn")
                 emit(json.dumps(r))
                 results.append(r)
             finally:
@@ -151,8 +232,19 @@ def run(model_path, chat_template=None, requests=50, max_seconds=30.0, conversat
 @click.option("--turns", type=click.IntRange(2), default=8, show_default=True)
 @click.option("--max-seconds", type=float, default=30.0, show_default=True,
               help="Time limit of each measurement.")
-def main(model_path, chat_template, requests, conversations, turns, max_seconds):
+@click.option("--inprocess", type=click.Choice(["off", "on", "learn", "load"]), default=None,
+              help="Only run the conversations through the handler in this process.")
+@click.option("--count", type=click.Choice(["request", "learn"]), default=None,
+              help="With --inprocess: the part called through ctypes (ffi_call).")
+def main(model_path, chat_template, requests, conversations, turns, max_seconds,
+         inprocess, count):
     """Benchmark the tokenizer service (see the module docstring)."""
+    if inprocess:
+        template = Path(chat_template).read_text(encoding="utf-8") if chat_template \
+            else None
+        stats = in_process(model_path, inprocess, count, conversations, turns, template)
+        click.echo(json.dumps({k: v for k, v in stats.items() if not k.endswith("_s")}))
+        return
     results = run(model_path, chat_template, requests, max_seconds, conversations, turns,
                   emit=lambda line: click.echo(line, err=True))
     turns_ = {r["reuse"]: r for r in results if r["name"] == "multi-turn"}
@@ -162,15 +254,22 @@ def main(model_path, chat_template, requests, conversations, turns, max_seconds)
                 else f"{r['name']} reuse {r['reuse']}")
         click.echo(f"{what:<28}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
                    f"{r['mean_ms']:>10.3f}{r['n']:>6}")
-    if len(turns_) == 2:
-        on, off = turns_["on"], turns_["off"]
-        # the cache's bound here: tokens encoded without it / with it
+    off = turns_.get("off")
+    for label in ("on", "learn") if off else ():
+        on = turns_.get(label)
+        if on is None:
+            continue
+        # the request path's bound: tokens encoded without the cache / with it
         encoded = off["tokens"] / max(1, on["tokens"] - on["reused_tokens"])
-        click.echo("multi-turn, without / with the reuse cache: "
+        total = (on["service_cpu_ms"] + on["learn_cpu_ms"])
+        click.echo(f"multi-turn, without / with the reuse cache ({label}): "
                    + ", ".join(f"{k} {off[k] / on[k]:.2f}x" for k in
                                ("mean_ms", "p50_ms", "p99_ms", "service_ms",
                                 "service_cpu_ms"))
-                   + f"; tokens encoded {encoded:.2f}x")
+                   + f"; tokens encoded on the request path {encoded:.2f}x"
+                   + f"; service CPU with learning {off['service_cpu_ms'] / total:.2f}x"
+                   + f" (learning {on['learn_cpu_ms']:.3f} ms, "
+                   + f"{on['learn_encoded_tokens']} tokens, {on['learned']} answers)")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,15 @@ def default_workers() -> int:
               help="Largest request body.")
 @click.option("--worker-sockets", is_flag=True, default=False,
               help="Worker i also listens on SOCKET.i (conversation affinity).")
+@click.option("--learn-socket", default=None, metavar="PATH",
+              help="Worker i reads the proxy's chat answers on the datagram socket "
+                   "PATH.i and caches the conversation through them (answer "
+                   "learning: the next turn encodes only its new message).")
+@click.option("--learn-handles", type=click.IntRange(0), default=4096,
+              help="Chat requests per worker remembered for learning (oldest dropped).")
 def tokenizer(model_path, socket_path, pid_file, workers, chat_template, reuse_cache,
-              reuse_cache_mb, verify_reuse, max_body_mb, worker_sockets):
+              reuse_cache_mb, verify_reuse, max_body_mb, worker_sockets, learn_socket,
+              learn_handles):
     """Tokenize requests for nginx over a unix socket (docs/tokenizer.md)."""
     from . import core, server
 
@@ -48,11 +55,13 @@ def tokenizer(model_path, socket_path, pid_file, workers, chat_template, reuse_c
     try:
         tok = core.ModelTokenizer(model_path, template, reuse=reuse_cache,
                                   cache_tokens=(reuse_cache_mb << 20) // 4,
-                                  verify_rate=verify_reuse)
+                                  verify_rate=verify_reuse,
+                                  learn_handles=learn_handles)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     try:
         server.serve(tok, socket_path, workers or default_workers(), pid_file,
-                     max_body_mb << 20, worker_sockets)
+                     max_body_mb << 20, worker_sockets,
+                     learn_socket if reuse_cache else None)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {socket_path}: {exc}") from None

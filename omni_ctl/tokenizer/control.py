@@ -23,6 +23,8 @@ from ..procfs import cmdline_args, ppid_state, read_pid
 SOCKET_NAME = "tokenizer.sock"
 PID_NAME = "tokenizer.pid"
 LOG_NAME = "tokenizer.log"
+# the nginx module sends answers to LEARN_NAME.<worker index> in its prefix
+LEARN_NAME = "tokenizer.learn"
 
 
 class TokenizerCtlError(RuntimeError):
@@ -40,10 +42,13 @@ class Service:
     workers: int | None = None
     chat_template: str | None = None
     extra: tuple[str, ...] = ()
+    # answer learning: worker i reads the proxy's answers on LEARN.i
+    learn_socket: Path | None = None
 
     @classmethod
     def in_prefix(cls, prefix, model_path, **kw) -> "Service":
         prefix = Path(prefix)
+        kw.setdefault("learn_socket", prefix / LEARN_NAME)
         return cls(str(model_path), prefix / SOCKET_NAME, prefix / PID_NAME,
                    prefix / "logs" / LOG_NAME, **kw)
 
@@ -55,6 +60,8 @@ class Service:
             argv += ["--workers", str(self.workers)]
         if self.chat_template:
             argv += ["--chat-template", self.chat_template]
+        if self.learn_socket:
+            argv += ["--learn-socket", str(self.learn_socket)]
         return argv + list(self.extra)
 
 

@@ -26,6 +26,15 @@ ids of T[:b]; a new text looks up its longest cached boundary and encodes
 only the rest.  Both joints are checked (the prefix ids end with s's id, the
 rest's ids start with it) and every boundary token is probed at load time;
 anything unexpected falls back to encoding the whole text.
+
+Answer learning: a chat request tokenized with learn=True gets a handle
+naming what it needs to render again (the conversation, tools, template
+kwargs); `learn(handle, answer)` renders the conversation with the engine's
+answer appended and a placeholder next user message, encodes it through the
+same reuse path and caches it, so the next turn (which resends the answer)
+encodes only its new message.  Learned ids are keyed like any others (a
+digest of the exact rendered text up to a boundary): an edited answer never
+matches them.
 """
 
 from __future__ import annotations
@@ -58,6 +67,10 @@ _PROBE_RIGHT = ("ld again", " x", "\n\n  y", "12", "")
 _KEYS_PER_TEXT = 64
 # id lists at least this long are lined up with their boundaries by numpy
 _NUMPY_FROM = 4096
+# the next user message a learned answer is rendered with: the text up to
+# its role marker is what the next turn renders (the placeholder itself is
+# never reused: no boundary lies after it)
+LEARN_NEXT = {"role": "user", "content": "."}
 
 
 class BadRequest(ValueError):
@@ -74,13 +87,14 @@ class IdsGiven(Exception):
 
 
 class Result:
-    __slots__ = ("prompts", "chat", "sglang_safe", "reused")
+    __slots__ = ("prompts", "chat", "sglang_safe", "reused", "handle")
 
-    def __init__(self, prompts, chat=False, sglang_safe=False, reused=0):
+    def __init__(self, prompts, chat=False, sglang_safe=False, reused=0, handle=None):
         self.prompts = prompts
         self.chat = chat
         self.sglang_safe = sglang_safe
         self.reused = reused
+        self.handle = handle
 
 
 # ---------------------------------------------------------------------------
@@ -324,7 +338,7 @@ class ModelTokenizer:
 
     def __init__(self, model_path, chat_template: str | None = None,
                  reuse: bool = True, cache_tokens: int = 8 << 20,
-                 verify_rate: float = 0.0):
+                 verify_rate: float = 0.0, learn_handles: int = 4096):
         from transformers import AutoTokenizer  # heavy: only when serving
 
         self.model_path = str(model_path)
@@ -349,7 +363,17 @@ class ModelTokenizer:
                       "reuse_hits": 0, "reuse_joint_fallbacks": 0,
                       "reuse_verified": 0, "reuse_mismatches": 0,
                       "bad_requests": 0, "unsupported": 0,
-                      "busy_s": 0.0, "cpu_s": 0.0}
+                      "busy_s": 0.0, "cpu_s": 0.0,
+                      # answer learning (see learn())
+                      "handles": 0, "learn_received": 0, "learned": 0,
+                      "learn_unknown": 0, "learn_failed": 0, "learn_bad": 0,
+                      "learn_tokens": 0, "learn_encoded_tokens": 0,
+                      "learn_busy_s": 0.0, "learn_cpu_s": 0.0}
+        # handle -> (conversation, tools, kwargs, special), oldest first
+        self.learn_handles = learn_handles
+        self.pending = OrderedDict()
+        self._next_handle = 0
+        self.learning = False       # handles only where answers are read
         self.lead = self._lead_ids()
         self._boundary_re, self._first_chars, self.boundary_ids = None, [], {}
         if reuse:
@@ -475,9 +499,18 @@ class ModelTokenizer:
             return []
         want = [b[1] for b in bounds]
         if len(ids) < _NUMPY_FROM:
-            # a reused turn's new tail: numpy's per-call costs would dominate
-            kinds = set(want)
-            at = [i for i, t in enumerate(ids) if t in kinds]
+            # a reused turn's new tail: numpy's per-call costs would dominate;
+            # index() scans in C, once per boundary kind (a handful)
+            at = []
+            for kind in set(want):
+                i = -1
+                try:
+                    while True:
+                        i = ids.index(kind, i + 1)
+                        at.append(i)
+                except ValueError:
+                    pass
+            at.sort()
             if len(at) == len(want) and all(
                     ids[i] == w for i, w in zip(at, want)):
                 return _kept(digests, at, offset)
@@ -560,8 +593,9 @@ class ModelTokenizer:
         return ids, reused
 
     # -- the two routes --------------------------------------------------------
-    def tokenize(self, route: str, body) -> Result:
-        """The answer for one request body (already parsed JSON)."""
+    def tokenize(self, route: str, body, learn: bool = False) -> Result:
+        """The answer for one request body (already parsed JSON); learn: a
+        chat answer carries a handle for learn()."""
         self.stats["requests"] += 1
         try:
             if not isinstance(body, dict):
@@ -569,7 +603,7 @@ class ModelTokenizer:
             if route == COMPLETIONS:
                 return self.completions(body)
             if route == CHAT:
-                return self.chat(body)
+                return self.chat(body, learn)
             raise ValueError(f"unknown route {route!r}")
         except BadRequest:
             self.stats["bad_requests"] += 1
@@ -608,6 +642,12 @@ class ModelTokenizer:
     def render(self, body) -> tuple[str, bool]:
         """The chat template's text for a chat body, and whether SGLang
         would render the same ids (see wire.FLAG_SGLANG_SAFE)."""
+        text, safe, _ = self._render(body)
+        return text, safe
+
+    def _render(self, body):
+        """render()'s text and flag, and what it rendered: (conversation,
+        tools, template kwargs), for learn()."""
         if not self.tok.chat_template:
             raise Unsupported("the tokenizer has no chat template (give the "
                               "service --chat-template FILE)")
@@ -624,11 +664,58 @@ class ModelTokenizer:
             raise BadRequest(f"chat template error: {exc}") from None
         if not isinstance(text, str):
             raise BadRequest("the chat template did not render a string")
-        return text, safe
+        return text, safe, (conv, tools, kwargs)
 
-    def chat(self, body) -> Result:
-        text, safe = self.render(body)
+    def chat(self, body, learn: bool = False) -> Result:
+        text, safe, rendered = self._render(body)
         special = _flag(body, "add_special_tokens", False)
         ids, reused = self.encode(text, special)
+        handle = None
+        if learn and self.boundary_ids and self.learn_handles and self.learning \
+                and not _flag(body, "continue_final_message", False):
+            handle = self._remember(rendered, special)
         return Result([ids], chat=True, sglang_safe=safe and not special,
-                      reused=reused)
+                      reused=reused, handle=handle)
+
+    # -- answer learning -------------------------------------------------------
+    def start_handles(self, index: int) -> None:
+        """Handles of this process: its worker index in the top 16 bits
+        (where the proxy sends the answer), a random 48-bit counter below
+        (a restarted worker does not take an old handle for a new one)."""
+        self._next_handle = (index & 0xFFFF) << 48 | random.getrandbits(48)
+        self.learning = True
+
+    def _remember(self, rendered, special):
+        handle = self._next_handle
+        self._next_handle = handle & ~0xFFFFFFFFFFFF | (handle + 1) & 0xFFFFFFFFFFFF
+        self.pending[handle] = rendered + (special,)
+        while len(self.pending) > self.learn_handles:
+            self.pending.popitem(last=False)
+        self.stats["handles"] += 1
+        return handle
+
+    def learn(self, handle: int, answer: str) -> bool:
+        """Cache the conversation of handle rendered through the engine's
+        answer (and the start of a next user message); False when the handle
+        is unknown (never given, already used, or evicted) or rendering
+        fails.  Counted apart from the requests (learn_* in stats)."""
+        self.stats["learn_received"] += 1
+        rec = self.pending.pop(handle, None)
+        if rec is None:
+            self.stats["learn_unknown"] += 1
+            return False
+        conv, tools, kwargs, special = rec
+        conv = conv + [{"role": "assistant", "content": answer}, dict(LEARN_NEXT)]
+        try:
+            text = self.tok.apply_chat_template(conv, tools=tools, tokenize=False,
+                                                **kwargs)
+            if not isinstance(text, str):
+                raise BadRequest("not a string")
+            ids, reused = self._encode(text, special)
+        except Exception:   # noqa: BLE001 - a template that rejects the shape
+            self.stats["learn_failed"] += 1
+            return False
+        self.stats["learned"] += 1
+        self.stats["learn_tokens"] += len(ids)
+        self.stats["learn_encoded_tokens"] += len(ids) - reused
+        return True

@@ -13,6 +13,12 @@ client that sends a conversation's turns to one worker (nginx: an upstream
 of the PATH.i sockets with `hash KEY consistent`) always finds its earlier
 turns in that worker's reuse cache.
 
+With a learn socket, worker i also reads learn datagrams (wire.learn_message)
+on its own unix SOCK_DGRAM socket LEARN.i: a chat request posted with
+`?learn=1` gets a handle in its answer (worker index in the top 16 bits), and
+the proxy sends that worker the engine's answer for it once it has streamed
+back (core.ModelTokenizer.learn), off the client's request path.
+
 Routes (docs/tokenizer.md): POST /v1/completions, POST /v1/chat/completions
 (the client's JSON body; the answer is wire.encode's binary body),
 GET /health, GET /stats (JSON counters of the worker that answers).
@@ -57,13 +63,14 @@ class App:
         self.pid = os.getpid()
 
     def handle(self, method: str, path: str, body: bytes):
-        path = path.split("?", 1)[0]
+        path, _, query = path.partition("?")
         if path == "/health":
             return 200, "text/plain", b"ok\n"
         if path == "/stats":
             stats = dict(self.tok.stats, pid=os.getpid(),
                          cache_tokens=self.tok.cache.tokens,
-                         cache_entries=len(self.tok.cache.lru))
+                         cache_entries=len(self.tok.cache.lru),
+                         pending_handles=len(self.tok.pending))
             return 200, "application/json", json.dumps(stats).encode()
         if path not in core.ROUTES:
             return 404, "application/json", error_body(f"no route {path}", 404)
@@ -73,18 +80,32 @@ class App:
         # answer), without the transport: /stats busy_s, cpu_s
         wall, cpu = time.perf_counter(), time.process_time()
         try:
-            return self._tokenize(path, body)
+            return self._tokenize(path, body, "learn=1" in query.split("&"))
         finally:
             self.tok.stats["busy_s"] += time.perf_counter() - wall
             self.tok.stats["cpu_s"] += time.process_time() - cpu
 
-    def _tokenize(self, path: str, body: bytes):
+    def learn(self, data: bytes) -> None:
+        """One learn datagram (wire.learn_message); counted, never answered."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            try:
+                handle, answer = wire.learn_decode(data)
+            except wire.WireError:
+                self.tok.stats["learn_bad"] += 1
+                return
+            self.tok.learn(handle, answer)
+        finally:
+            self.tok.stats["learn_busy_s"] += time.perf_counter() - wall
+            self.tok.stats["learn_cpu_s"] += time.process_time() - cpu
+
+    def _tokenize(self, path: str, body: bytes, learn: bool = False):
         try:
             try:
                 data = json.loads(body)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise core.BadRequest(f"the body is not valid JSON: {exc}") from None
-            res = self.tok.tokenize(path, data)
+            res = self.tok.tokenize(path, data, learn)
         except core.IdsGiven:
             flags = wire.FLAG_IDS_GIVEN | (wire.FLAG_CHAT if path == core.CHAT else 0)
             return 200, wire.CONTENT_TYPE, wire.encode([], flags)
@@ -95,7 +116,8 @@ class App:
         flags = (wire.FLAG_CHAT if res.chat else 0) \
             | (wire.FLAG_SGLANG_SAFE if res.sglang_safe else 0) \
             | (wire.FLAG_REUSED if res.reused else 0)
-        return 200, wire.CONTENT_TYPE, wire.encode(res.prompts, flags, res.reused)
+        return 200, wire.CONTENT_TYPE, wire.encode(res.prompts, flags, res.reused,
+                                                   res.handle)
 
 
 def _response(status: int, ctype: str, body: bytes, keep: bool) -> bytes:
@@ -197,7 +219,45 @@ def _die_with_parent():
         pass
 
 
-def _worker(socks: list[socket.socket], app: App, parent: int) -> None:
+def _read_learns(app: App, sock: socket.socket) -> None:
+    """Every datagram queued on the learn socket (non-blocking)."""
+    while True:
+        try:
+            data = sock.recv(LEARN_MAX + 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            app.tok.stats["learn_bad"] += 1
+            return
+        if len(data) > LEARN_MAX:
+            app.tok.stats["learn_bad"] += 1     # cut: never learn a part
+            continue
+        try:
+            app.learn(data)
+        except Exception as exc:    # noqa: BLE001 - a bug: count it, keep serving
+            app.tok.stats["learn_failed"] += 1
+            log(f"learning failed: {exc!r}")
+
+
+def bind_learn_socket(path: str) -> socket.socket:
+    """This worker's learn socket (its index is its own: a file left there
+    is a dead predecessor's)."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    os.chmod(path, 0o666)
+    # a burst of answers queues here while a request is tokenized
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.setblocking(False)
+    return sock
+
+
+def _worker(socks: list[socket.socket], app: App, parent: int,
+            learn: socket.socket | None = None) -> None:
     _die_with_parent()
     if os.getppid() != parent:
         os._exit(0)
@@ -212,6 +272,8 @@ def _worker(socks: list[socket.socket], app: App, parent: int) -> None:
         servers = [await asyncio.start_unix_server(
             lambda r, w: serve_connection(app, r, w), sock=s, limit=MAX_HEADER)
             for s in socks]
+        if learn is not None:
+            loop.add_reader(learn.fileno(), _read_learns, app, learn)
         await stop
         for server in servers:
             server.close()
@@ -257,13 +319,26 @@ def worker_socket(socket_path: str, index: int) -> str:
     return f"{socket_path}.{index}"
 
 
+# the largest learn datagram read (the proxy caps what it sends below this)
+LEARN_MAX = 1 << 20
+# the longest unix socket path (Linux: sun_path, 108 bytes with the NUL)
+SUN_PATH = 107
+
+
 def serve(tokenizer: core.ModelTokenizer, socket_path: str, workers: int,
           pid_file: str | None = None, max_body: int = 64 << 20,
-          worker_sockets: bool = False) -> None:
+          worker_sockets: bool = False, learn_socket: str | None = None) -> None:
     """Run until SIGTERM/SIGINT.  The pid file is written once the socket
     listens and the workers are forked."""
     sock = bind_socket(socket_path)
     app = App(tokenizer, max_body)
+    if learn_socket and len(os.fsencode(worker_socket(learn_socket, workers))) > SUN_PATH:
+        log(f"no answer learning: {learn_socket}.N is too long for a unix socket")
+        learn_socket = None
+    # the workers' own sockets (conversation affinity, learning)
+    own = [worker_socket(base, i) for base in (
+        socket_path if worker_sockets else None, learn_socket) if base
+        for i in range(workers)]
     parent = os.getpid()
     children: dict[int, tuple[float, int]] = {}    # pid -> (started, index)
 
@@ -275,7 +350,16 @@ def serve(tokenizer: core.ModelTokenizer, socket_path: str, workers: int,
                 socks = [sock]
                 if worker_sockets:
                     socks.append(bind_socket(worker_socket(socket_path, index)))
-                _worker(socks, app, parent)
+                learn = None
+                if learn_socket:
+                    try:
+                        learn = bind_learn_socket(worker_socket(learn_socket, index))
+                    except OSError as exc:
+                        # e.g. a path too long for a unix socket: serve without
+                        log(f"no answer learning: {exc}")
+                    else:
+                        app.tok.start_handles(index)
+                _worker(socks, app, parent, learn)
             except BaseException as exc:   # noqa: BLE001 - report, then exit
                 log(f"worker failed: {exc!r}")
                 code = 1
@@ -292,12 +376,11 @@ def serve(tokenizer: core.ModelTokenizer, socket_path: str, workers: int,
         for index in range(workers):
             spawn(index)
         if pid_file:
-            if worker_sockets:
-                # the pid file says ready: every worker socket must listen
+            if own:
+                # the pid file says ready: every worker socket must exist
                 deadline = time.monotonic() + 30.0
                 while time.monotonic() < deadline and not all(
-                        os.path.exists(worker_socket(socket_path, i))
-                        for i in range(workers)):
+                        os.path.exists(p) for p in own):
                     time.sleep(0.01)
             _write_pid(pid_file)
         log(f"listening on {socket_path} with {workers} workers "
@@ -338,8 +421,6 @@ def serve(tokenizer: core.ModelTokenizer, socket_path: str, workers: int,
             except ProcessLookupError:
                 pass
         sock.close()
-        own = [worker_socket(socket_path, i) for i in range(workers)] \
-            if worker_sockets else []
         for path in [socket_path, pid_file] + own:
             if path:
                 try:
