@@ -31,6 +31,24 @@ def test_targets_and_engines():
         compare.check_available("nginx-rr", "sequential")
 
 
+def test_with_an_events_target_every_simulator_publishes():
+    # a comparison differs only in the router: publishing KV events costs the
+    # simulated engines CPU on this machine, so every row's cluster publishes
+    # when one target listens (omni alone against publishing engines measured
+    # as slow as omni-events: docs/benchmarks.md section 10, wave 5)
+    names = ["omni", "omni-events", "vllm-router"]
+    for name in names:
+        args = compare.sim_args_for(name, names, ["--preset", "tiny"], 1234)
+        assert args == ["--preset", "tiny", "--kv-events"]
+    assert compare.sim_args_for("oracle", ["oracle", "omni-events-x2"], [], 9) == [
+        "--oracle-port", "9", "--kv-events"]
+    # without an events target nobody publishes; given by hand, once
+    assert compare.sim_args_for("omni", ["omni", "vllm-router"], [], 1) == []
+    assert compare.sim_args_for("omni", ["omni"], ["--kv-events"], 1) == ["--kv-events"]
+    assert compare.sim_args_for("omni-events", ["omni-events"], ["--kv-events"], 1) == [
+        "--kv-events"]
+
+
 def test_text_only_router_gets_text_prompts():
     from omni_ctl.bench import core
     spec = core.WorkloadSpec(workload="trace:x.jsonl")

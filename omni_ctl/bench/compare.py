@@ -14,8 +14,9 @@ Targets:
                    it reads every instance's exact cache and queue; the
                    yardstick for prefix-cache hit rate
     omni-events    omni with the engines' KV events, /metrics and /health
-                   (the simulator publishes with --kv-events; `omni-ctl start`
-                   runs `omni-ctl agent`); no --cache-blocks needed
+                   (the simulator publishes with --kv-events, for every
+                   target of the comparison; `omni-ctl start` runs
+                   `omni-ctl agent`); no --cache-blocks needed
     omni-x2, omni-events-x2
                    two Omni Proxy replicas, each with its own zone (and agent),
                    behind a plain nginx that splits the traffic evenly
@@ -263,6 +264,22 @@ def check_available(target: str, pd_policy: str) -> None:
         raise Skip(f"{target} is not installed (pip install .[peers])")
 
 
+def sim_args_for(name: str, names: list[str], extra_sim: list[str],
+                 port: int) -> list[str]:
+    """The simulator's arguments for target `name` of a comparison of
+    `names`. When any target hears the engines' KV events, every target's
+    simulator publishes them: on this shared machine publishing costs the
+    simulated engines CPU (hashing, encoding, ZMQ), and a comparison must
+    differ only in the router. Only omni-events targets listen."""
+    args = list(extra_sim)
+    if name == "oracle":
+        args += ["--oracle-port", str(port)]
+    if (any(n.startswith("omni-events") for n in names)
+            and "--kv-events" not in args):
+        args.append("--kv-events")
+    return args
+
+
 def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_args="",
                 out_dir="bench-out/compare", quiet=False, workers=1, log=None,
                 keep_last=False, last_port=0, omni_module_dir=None, omni_args="",
@@ -293,10 +310,7 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
             check_available(name, pd_policy)
             with contextlib.ExitStack() as stack:
                 port = last_port if keep and last_port else procs.free_ports(1)[0]
-                args = extra_sim + (["--oracle-port", str(port)] if name == "oracle"
-                                    else [])
-                if name.startswith("omni-events") and "--kv-events" not in args:
-                    args = args + ["--kv-events"]
+                args = sim_args_for(name, names, extra_sim, port)
                 sim = stack.enter_context(
                     _cluster(prefill, decode, pd_policy, engine, args))
                 url, proc = start_router(
