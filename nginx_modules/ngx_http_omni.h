@@ -626,6 +626,8 @@ ngx_int_t ngx_http_omni_shm_add(ngx_conf_t *cf,
     ngx_http_omni_main_conf_t *mcf);
 ngx_http_omni_shctx_t *ngx_http_omni_shm(ngx_http_omni_main_conf_t *mcf,
     ngx_slab_pool_t **shpool);
+void ngx_http_omni_zone_count(ngx_http_omni_main_conf_t *mcf, size_t done,
+    size_t failed, ngx_int_t reason);
 ngx_uint_t ngx_http_omni_inst_usable(ngx_http_omni_inst_t *in,
     ngx_msec_t now);
 void ngx_http_omni_metrics_locked(ngx_http_omni_shctx_t *sh,

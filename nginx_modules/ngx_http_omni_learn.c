@@ -489,22 +489,8 @@ ngx_http_omni_learn_send(ngx_http_omni_ctx_t *ctx)
 static void
 ngx_http_omni_learn_count(ngx_http_omni_ctx_t *ctx, ngx_int_t reason)
 {
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_shctx_t  *sh;
-
-    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
-    if (sh == NULL) {
-        return;
-    }
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    if (reason < 0) {
-        sh->learn_sent++;
-
-    } else {
-        sh->learn_dropped[reason]++;
-    }
-
-    ngx_shmtx_unlock(&shpool->mutex);
+    ngx_http_omni_zone_count(ctx->mcf,
+                             offsetof(ngx_http_omni_shctx_t, learn_sent),
+                             offsetof(ngx_http_omni_shctx_t, learn_dropped),
+                             reason);
 }

@@ -579,24 +579,10 @@ ngx_http_omni_tokenize_reuse(ngx_http_omni_ctx_t *ctx, u_char *lens,
 static void
 ngx_http_omni_tokenize_count(ngx_http_omni_ctx_t *ctx, ngx_int_t reason)
 {
-    ngx_slab_pool_t        *shpool;
-    ngx_http_omni_shctx_t  *sh;
-
-    sh = ngx_http_omni_shm(ctx->mcf, &shpool);
-    if (sh == NULL) {
-        return;
-    }
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    if (reason < 0) {
-        sh->tokenized_total++;
-
-    } else {
-        sh->tokenize_fallback[reason]++;
-    }
-
-    ngx_shmtx_unlock(&shpool->mutex);
+    ngx_http_omni_zone_count(ctx->mcf,
+                             offsetof(ngx_http_omni_shctx_t, tokenized_total),
+                             offsetof(ngx_http_omni_shctx_t, tokenize_fallback),
+                             reason);
 }
 
 

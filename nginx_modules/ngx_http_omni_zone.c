@@ -386,6 +386,36 @@ ngx_http_omni_shm(ngx_http_omni_main_conf_t *mcf, ngx_slab_pool_t **shpool)
 }
 
 
+/*
+ * One outcome counted in the zone: reason < 0 bumps the uint64_t at offset
+ * `done` of the shared context, otherwise element `reason` of the uint64_t
+ * array at offset `failed` (the tokenizer's and answer learning's counters).
+ */
+void
+ngx_http_omni_zone_count(ngx_http_omni_main_conf_t *mcf, size_t done,
+    size_t failed, ngx_int_t reason)
+{
+    u_char           *base;
+    ngx_slab_pool_t  *shpool;
+
+    base = (u_char *) ngx_http_omni_shm(mcf, &shpool);
+    if (base == NULL) {
+        return;
+    }
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (reason < 0) {
+        (*(uint64_t *) (base + done))++;
+
+    } else {
+        ((uint64_t *) (base + failed))[reason]++;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
 ngx_uint_t
 ngx_http_omni_inst_usable(ngx_http_omni_inst_t *in, ngx_msec_t now)
 {
