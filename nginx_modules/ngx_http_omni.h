@@ -520,6 +520,7 @@ typedef struct {
     size_t                         ids_json_len; /*  decode leg */
     uint64_t                       handle;      /* answer learning: the */
     unsigned                       has_handle:1; /*  service's name of it */
+    ngx_str_t                      conversation; /* $omni_conversation */
 } ngx_http_omni_tok_t;
 
 

@@ -351,6 +351,7 @@ ngx_module_t  ngx_http_omni_module = {
 #define NGX_HTTP_OMNI_VAR_PRED_WAIT    14
 #define NGX_HTTP_OMNI_VAR_CLIENT_ID    15
 #define NGX_HTTP_OMNI_VAR_ENGINE_CACHED 16
+#define NGX_HTTP_OMNI_VAR_CONVERSATION 17
 
 
 static ngx_http_variable_t  ngx_http_omni_vars[] = {
@@ -405,6 +406,9 @@ static ngx_http_variable_t  ngx_http_omni_vars[] = {
 
     { ngx_string("omni_client_request_id"), NULL, ngx_http_omni_variable,
       NGX_HTTP_OMNI_VAR_CLIENT_ID, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("omni_conversation"), NULL, ngx_http_omni_variable,
+      NGX_HTTP_OMNI_VAR_CONVERSATION, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -641,6 +645,11 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
     case NGX_HTTP_OMNI_VAR_CLIENT_ID:
         v->data = ctx->client_id;
         v->len = ctx->client_id_len;
+        return NGX_OK;
+
+    case NGX_HTTP_OMNI_VAR_CONVERSATION:
+        v->data = ctx->tok.conversation.data;
+        v->len = ctx->tok.conversation.len;
         return NGX_OK;
 
     case NGX_HTTP_OMNI_VAR_PD_MODE:

@@ -25,6 +25,8 @@
 #define NGX_HTTP_OMNI_TOK_SGLANG     0x4
 #define NGX_HTTP_OMNI_TOK_HANDLE     0x10
 #define NGX_HTTP_OMNI_TOK_HEADER     16
+/* messages searched for the first user message ($omni_conversation) */
+#define NGX_HTTP_OMNI_TOK_CONV_SCAN  8
 
 
 static ngx_int_t ngx_http_omni_tokenize_done(ngx_http_request_t *sr,
@@ -33,6 +35,7 @@ static void ngx_http_omni_tokenize_timeout(ngx_event_t *ev);
 static ngx_int_t ngx_http_omni_tokenize_decode(ngx_http_omni_ctx_t *ctx);
 static void ngx_http_omni_tokenize_count(ngx_http_omni_ctx_t *ctx,
     ngx_int_t reason);
+static void ngx_http_omni_tokenize_conversation(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_tokenize_reuse(ngx_http_omni_ctx_t *ctx,
     u_char *lens, u_char *ids, uint32_t count, uint32_t flags);
 
@@ -90,6 +93,8 @@ ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx)
 
     ps->handler = ngx_http_omni_tokenize_done;
     ps->data = ctx;
+
+    ngx_http_omni_tokenize_conversation(ctx);
 
     /* a chat answer will be learned: the service names the conversation */
     args = (ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT && mcf->token_reuse
@@ -154,6 +159,72 @@ ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx)
                    "omni tokenize \"%V\", deadline %M", &uri, deadline);
 
     return NGX_DONE;
+}
+
+
+/*
+ * $omni_conversation, the tokenizer upstream's `hash` key when the service
+ * runs several workers: for a chat request the JSON text of `messages` from
+ * its start through the first user message, which every later turn of the
+ * conversation sends again unchanged, so all its turns reach the worker
+ * whose reuse cache holds the earlier ones (and their learned answers).
+ * Anything else: the request id, which spreads them over the workers.
+ * A client that re-serializes its history differently only loses the
+ * affinity; the ids are exact either way.
+ */
+static void
+ngx_http_omni_tokenize_conversation(ngx_http_omni_ctx_t *ctx)
+{
+    int                  type;
+    long                 i;
+    size_t               k, eo, el, ro, rl, end;
+    omni_json_member_t  *m;
+
+    ctx->tok.conversation.data = ctx->request_id;
+    ctx->tok.conversation.len = ctx->request_id_len;
+
+    if (ctx->route != NGX_HTTP_OMNI_ROUTE_CHAT || ctx->members == NULL) {
+        return;
+    }
+
+    m = ctx->members;
+    i = omni_json_find(ctx->body, m, ctx->n_members, "messages",
+                       sizeof("messages") - 1);
+
+    if (i < 0 || m[i].type != OMNI_JSON_ARRAY) {
+        return;
+    }
+
+    end = 0;
+
+    for (k = 0; k < NGX_HTTP_OMNI_TOK_CONV_SCAN; k++) {
+        if (omni_json_array_get(ctx->body, m[i].val_off, m[i].val_len, k,
+                                &eo, &el, &type)
+            != OMNI_OK)
+        {
+            break;
+        }
+
+        if (end == 0) {
+            end = eo + el;      /* no user message: the first one */
+        }
+
+        if (type == OMNI_JSON_OBJECT
+            && omni_json_object_get(ctx->body, eo, el, "role",
+                                    sizeof("role") - 1, &ro, &rl, &type)
+               == OMNI_OK
+            && rl == sizeof("\"user\"") - 1
+            && ngx_strncmp(ctx->body + ro, "\"user\"", rl) == 0)
+        {
+            end = eo + el;
+            break;
+        }
+    }
+
+    if (end > m[i].val_off) {
+        ctx->tok.conversation.data = ctx->body + m[i].val_off;
+        ctx->tok.conversation.len = end - m[i].val_off;
+    }
 }
 
 

@@ -146,7 +146,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("tokenizer_workers", "int", 0, (
         "Tokenizer service worker processes (0: one per nginx worker)."), "instances",
            metavar="N", minimum=0, renders="`# omni-ctl: tokenizer --workers N`",
-           doc="Used with `--model-path`."),
+           doc=(
+               "Used with `--model-path`. With more than one, each worker listens on "
+               "`tokenizer.sock.I` of its own and the `omni_tokenizer` upstream "
+               "hashes `$omni_conversation` (a chat request's messages through the "
+               "first user message) to them, so every turn of a conversation finds "
+               "its earlier turns in one worker's reuse cache.")),
     Option("chat_template", "special", None, (
         "Jinja chat template replacing the model's, as the engines' "
         "--chat-template."), "instances", metavar="FILE", default_doc="the model's",
@@ -531,14 +536,24 @@ class _ProxyConfBase:
         return {self.prefix / name: getattr(self, name) + "\n"
                 for name in ("api_key", "status_token") if getattr(self, name) is not None}
 
+    @property
+    def tokenizer_worker_count(self) -> int:
+        """The tokenizer service's workers: --tokenizer-workers, else one per
+        nginx worker."""
+        return self.tokenizer_workers or len(self.cores)
+
     def tokenizer_args(self) -> str | None:
         """The arguments of `omni-ctl tokenizer` that `omni-ctl start` reads
         from the `# omni-ctl: tokenizer` line; None without a model path."""
         if self.model_path is None:
             return None
         args = []
-        if self.tokenizer_workers:
-            args += ["--workers", str(self.tokenizer_workers)]
+        n = self.tokenizer_worker_count
+        if self.tokenizer_workers or n > 1:
+            args += ["--workers", str(n)]
+        if n > 1:
+            # one socket per worker: nginx hashes a conversation to one
+            args += ["--worker-sockets"]
         if self.chat_template is not None:
             args += ["--chat-template", str(self.chat_template)]
         return shlex.join(args)

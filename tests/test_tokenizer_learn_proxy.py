@@ -297,3 +297,60 @@ def test_an_answer_over_the_cap_is_not_sent(omni_nginx, model_dir):  # noqa: F81
         assert resp.status == 200 and "[DONE]" in resp.text
         learn = nginx.status()["tokenize"]["learn"]
         assert learn["sent"] == 0 and learn["dropped"]["too_large"] == 1
+
+
+# -- conversation affinity: several tokenizer workers -------------------------
+
+
+def worker_stats(nginx, workers: int) -> list[dict]:
+    """/stats of each worker, asked on its own socket (tokenizer.sock.I)."""
+    out = []
+    for i in range(workers):
+        path = f"{nginx.prefix / control.SOCKET_NAME}.{i}"
+        status, _, body = control.request(path, "GET", "/stats")
+        assert status == 200
+        out.append(json.loads(body))
+    return out
+
+
+def test_every_turn_of_a_conversation_reaches_one_worker(sim, omni_nginx, model_dir,
+                                                         hf_tok):  # noqa: F811
+    """Two tokenizer workers: nginx hashes $omni_conversation (the messages
+    through the first user message) to a worker socket, so a conversation's
+    second turn reaches the worker that tokenized its first and learned its
+    answer, and encodes only its new message.  The workers' sockets come
+    from one temp prefix per run (the hash ring moves with it): twelve
+    conversations end up on both workers unless the key were constant
+    (probability 2^-11 per run)."""
+    workers, conversations = 2, 12
+    proxy = omni_nginx(timeout=180, pd_policy="sequential", model_path=str(model_dir),
+                       tokenizer_workers=workers, tokenize_timeout="5s",
+                       prefill_endpoints=",".join(sim.prefill_endpoints),
+                       decode_endpoints=",".join(sim.decode_endpoints))
+    used = set()
+    for c in range(conversations):
+        msgs = [SYSTEM, {"role": "user", "content": f"Conversation {c}: tell me a story."}]
+        where = []
+        for turn in range(2):
+            before = worker_stats(proxy, workers)
+            answer = ask(proxy, msgs, stream=False)
+            after = worker_stats(proxy, workers)
+            served = [i for i in range(workers)
+                      if after[i]["requests"] > before[i]["requests"]]
+            assert len(served) == 1, (c, turn, served)
+            where.append(served[0])
+            w = served[0]
+            if turn:
+                # the worker holds the first turn and its learned answer
+                tail = ref_chat(hf_tok, [{"role": "user", "content": msgs[-1]["content"]}])
+                assert encoded(after[w]) - encoded(before[w]) == len(tail) - 2, (c, where)
+            wait_until(lambda: sum(s["learned"] for s in worker_stats(proxy, workers))
+                       == sum(s["learned"] for s in before) + 1,
+                       timeout=30, what="the answer learned")
+            msgs = msgs + [{"role": "assistant", "content": answer},
+                           {"role": "user", "content": f"Go on ({c})."}]
+        assert where[0] == where[1], (c, where)
+        used.add(where[0])
+    assert used == set(range(workers)), "every conversation hashed to one worker"
+    st = worker_stats(proxy, workers)
+    assert sum(s["learn_unknown"] for s in st) == 0

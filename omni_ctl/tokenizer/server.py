@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -264,6 +265,9 @@ def _worker(socks: list[socket.socket], app: App, parent: int,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     app.pid = os.getpid()
+    # the loaded tokenizer and template never become garbage: out of the
+    # collector's passes (and the pages stay shared with the parent)
+    gc.freeze()
 
     async def main():
         loop = asyncio.get_running_loop()
