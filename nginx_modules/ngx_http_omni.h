@@ -237,9 +237,6 @@ typedef struct {
     uint64_t                       last_start_us;
     uint64_t                       last_done_us;
     uint64_t                       last_service_us;
-    /* a request released by the starvation timeout runs here until then
-     * (its predicted completion; the share of starved releases) */
-    uint64_t                       starved_until_us;
 
     /* aggregated mode: legs whose first byte has not come (prefilling) */
     uint32_t                       prefilling;
@@ -732,8 +729,6 @@ void ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en);
 void ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
     omni_queue_opts_t *o);
-void ngx_http_omni_starved_ran_locked(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en);
 uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
 ngx_uint_t ngx_http_omni_usable(ngx_http_omni_upstream_conf_t *ucf,

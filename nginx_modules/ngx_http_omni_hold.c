@@ -869,6 +869,7 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
 
                 } else if (queue->n && e != queue->heap[0]
                     && omni_policy_starved(&qo, (uint64_t) en->arrival * 1000,
+                                           en->work_us,
                                            (uint64_t) now * 1000))
                 {
                     sh->starved++;
@@ -878,14 +879,6 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
                     && en->reason < NGX_HTTP_OMNI_RELEASE_REASONS)
                 {
                     sh->released[en->reason]++;
-                }
-
-                if (q == NGX_HTTP_OMNI_Q_PREFILL && !en->rejected
-                    && en->reason == NGX_HTTP_OMNI_REL_STARVED)
-                {
-                    /* its instance counts in the starved share until
-                     * the prefill is predicted done */
-                    ngx_http_omni_starved_ran_locked(mcf, sh, en);
                 }
 
                 ngx_http_omni_queue_remove_locked(sh, shpool, e);

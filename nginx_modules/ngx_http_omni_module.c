@@ -517,7 +517,7 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_uint_value(mcf->max_batch_num_token, 16384);
     ngx_conf_init_uint_value(mcf->prefill_max_num_seqs, 16);
     ngx_conf_init_uint_value(mcf->decode_max_num_seqs, 256);
-    ngx_conf_init_msec_value(mcf->starvation_timeout, 2000);
+    ngx_conf_init_msec_value(mcf->starvation_timeout, 5000);
     ngx_conf_init_uint_value(mcf->queue_max, 4096);
     ngx_conf_init_msec_value(mcf->queue_timeout, 600000);
     /* the OpenAI clients' default timeout: conf.py request_timeout */

@@ -876,77 +876,18 @@ ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
 
 
 /*
- * The share of starved releases in o: the usable instances of the tier
- * requests start on, and how many of them run a starved release now.
- */
-static void
-ngx_http_omni_starved_share(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_msec_t now, omni_queue_opts_t *o)
-{
-    uint64_t                        now_us;
-    ngx_uint_t                      i, slot;
-    ngx_http_omni_inst_t           *in;
-    ngx_http_omni_upstream_conf_t  *ucf;
-
-    ucf = mcf->tiers[ngx_http_omni_start_tier(mcf)];
-    if (ucf == NULL) {
-        return;
-    }
-
-    now_us = ngx_http_omni_now_us();
-
-    for (i = 0; i < ucf->n; i++) {
-        slot = ucf->slots[i];
-
-        if (slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
-            continue;
-        }
-
-        in = &sh->inst[slot];
-
-        if (!ngx_http_omni_inst_usable(in, now) || ucf->peers[i]->down) {
-            continue;
-        }
-
-        o->instances++;
-        o->starved_busy += in->starved_until_us > now_us;
-    }
-}
-
-
-/* en, a starved release, was bound: its instance counts in the share
- * until its prefill is predicted done (bind_start() just set that). */
-void
-ngx_http_omni_starved_ran_locked(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en)
-{
-    uint32_t               slot;
-    ngx_http_omni_inst_t  *in;
-
-    slot = en->slot[ngx_http_omni_start_tier(mcf)];
-
-    if (slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
-        return;
-    }
-
-    in = &sh->inst[slot];
-    in->starved_until_us = ngx_max(in->starved_until_us, in->last_done_us);
-}
-
-
-/*
  * The entry to release next from queue q, or NGX_HTTP_OMNI_NONE: the least
- * key, unless requests waited past the starvation timeout; of those (the
- * oldest, at the front of the arrival list) omni_policy_queue_next() says
- * which goes first, and whether one may go now (the prefill queue: the
- * share of the instances they may hold, once the oldest entry is starved).
+ * key, unless requests are starved (omni_policy_starved: waited, plus
+ * their predicted work in the SJF order, reached the starvation timeout);
+ * of the starved among the oldest omni_policy_late_scan() entries of the
+ * arrival list, omni_policy_queue_next() says which goes first.
  */
 uint32_t
 ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now)
 {
     int                      k;
-    size_t                   n, max;
+    size_t                   i, n, max;
     uint32_t                 e;
     omni_queue_opts_t        o;
     ngx_http_omni_queue_t   *queue;
@@ -962,24 +903,17 @@ ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
 
     ngx_http_omni_queue_opts(mcf, q, &o);
 
-    if (q == NGX_HTTP_OMNI_Q_PREFILL
-        && omni_policy_starved(&o, sh->entries[queue->head].arrival * 1000ULL,
-                               (uint64_t) now * 1000))
-    {
-        ngx_http_omni_starved_share(mcf, sh, now, &o);
-    }
-
     max = ngx_min(omni_policy_late_scan(&o), OMNI_POLICY_LATE_SCAN);
 
-    for (n = 0, e = queue->head; e != NGX_HTTP_OMNI_NONE && n < max;
-         e = en->next)
+    for (i = 0, n = 0, e = queue->head; e != NGX_HTTP_OMNI_NONE && i < max;
+         e = en->next, i++)
     {
         en = &sh->entries[e];
 
         if (!omni_policy_starved(&o, (uint64_t) en->arrival * 1000,
-                                 (uint64_t) now * 1000))
+                                 en->work_us, (uint64_t) now * 1000))
         {
-            break;
+            continue;
         }
 
         late[n].arrival_us = (uint64_t) en->arrival * 1000;

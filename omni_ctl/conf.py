@@ -202,11 +202,15 @@ OPTIONS: tuple[Option, ...] = (
            "scheduler", metavar="N", minimum=1, directive="omni_prefill_max_num_seqs"),
     Option("decode_max_num_seqs", "int", 256, "Requests in flight per decode instance.",
            "scheduler", metavar="N", minimum=1, directive="omni_decode_max_num_seqs"),
-    Option("prefill_starvation_timeout", "duration", "2000ms", (
-        "A prefill request held this long goes first (bare number: ms)."), "scheduler",
+    Option("prefill_starvation_timeout", "duration", "5000ms", (
+        "A held prefill request goes first once its wait plus its predicted "
+        "prefill reaches this (bare number: ms)."), "scheduler",
            metavar="T", unit="ms", directive="omni_prefill_starvation_timeout", doc=(
-               "Among several, the oldest (it minimises the largest TTFT among "
-               "them).")),
+               "The TTFT it would have if it started now: a long prompt starves "
+               "as much earlier as it takes longer (with `--prefill-queue-order "
+               "fcfs`, the wait alone). Among several, the oldest (it minimises "
+               "the largest TTFT among them). With SLOs, a request past its "
+               "deadline is starved this long after it.")),
     Option("queue_max", "int", 4096, "Held requests before new ones get 429.", "scheduler",
            metavar="N", minimum=1, directive="omni_queue_max"),
     Option("queue_timeout", "duration", "600s", "Longest a request is held before 503.",

@@ -15,8 +15,7 @@ from omni_ctl.scoring import (Arrivals, DecodeInstance, DecodeJob, PickCandidate
                               PrefillCandidate, PrefixIndex, Predictor, QueueItem,
                               add_prefill_delay, choose_prefill, decide_prefill, lib,
                               pick_now, place_decode, prepare_prefill, queue_key,
-                              queue_next, queue_order, queue_pick, queue_work,
-                              starved_seats)
+                              queue_next, queue_order, queue_pick, queue_work)
 from omni_ctl.scoring.errors import InvalidArgumentError
 
 # ---- prefill choice ---------------------------------------------------------
@@ -406,10 +405,10 @@ def test_past_the_starvation_timeout_the_oldest_goes_first():
     assert queue_pick([short, long_], now, order="fcfs", starvation_us=200_000) == 0
     # the other way round: a long prompt, then a short one; both starved,
     # the long one is the oldest and goes first, where shortest-first
-    # (before the timeout) takes the short one
+    # (before anything starves) takes the short one
     long_, short = QueueItem(0, 300_000), QueueItem(50_000, 10_000)
-    assert queue_order([long_, short], 150_000, starvation_us=200_000) == [1, 0]
-    assert queue_order([long_, short], now, starvation_us=200_000) == [0, 1]
+    assert queue_order([long_, short], 150_000, starvation_us=500_000) == [1, 0]
+    assert queue_order([long_, short], now, starvation_us=500_000) == [0, 1]
 
 
 def _largest_ttft(q, order, now_us):
@@ -450,152 +449,45 @@ def test_starved_oldest_first_minimises_the_largest_ttft():
             < _largest_ttft(q, most_late, 700_000))
 
 
-def test_starvation_looks_at_the_oldest_only():
-    # a newcomer with much more work is not starved: not considered
-    q = [QueueItem(0, 100), QueueItem(10, 200), QueueItem(4990, 10**9)]
-    assert queue_pick(q, 5000, starvation_us=1000) == 0
-    # starved entries with more work behind the oldest do not overtake it
+def test_starved_is_waited_plus_work():
+    """SJF: a request is starved when the TTFT it would have if it started
+    now (waited + predicted work) reaches the timeout, so a long prompt
+    starves as much earlier as it takes longer and every TTFT is bounded
+    alike (wave 6, docs/scheduler.md).  FCFS and LPT: the wait alone."""
+    from omni_ctl.scoring import ffi
+    o = ffi.new("omni_queue_opts_t *", {"order": lib.OMNI_QUEUE_SJF, "aging": 0.25,
+                                        "starvation_us": 1000})
+    assert lib.omni_policy_starved(o, 100, 400, 700) == 1      # 600 + 400
+    assert lib.omni_policy_starved(o, 100, 400, 699) == 0
+    assert lib.omni_policy_starved(o, 100, 1000, 100) == 1     # its work alone
+    assert lib.omni_policy_starved(o, 100, 2**64 - 1, 0) == 1  # no overflow
+    assert lib.omni_policy_starved(o, 100, 0, 50) == 0         # a clock behind
+    for order in (lib.OMNI_QUEUE_FCFS, lib.OMNI_QUEUE_LPT):
+        o.order = order
+        assert lib.omni_policy_starved(o, 100, 400, 700) == 0
+        assert lib.omni_policy_starved(o, 100, 400, 1100) == 1
+    o.order, o.starvation_us = lib.OMNI_QUEUE_SJF, 0
+    assert lib.omni_policy_starved(o, 0, 10**9, 10**9) == 0    # off
+
+
+def test_a_younger_longer_request_starves_first():
+    # an old short request and a young long one: the long one's TTFT would
+    # reach the timeout first; it goes before the shorter, older one
+    q = [QueueItem(0, 100), QueueItem(3000, 5000)]
+    assert queue_pick(q, 4000, starvation_us=7000) == 0        # none starved: SJF
+    assert queue_pick(q, 5000, starvation_us=7000) == 1        # 2000 + 5000
+    # both starved: the oldest
+    assert queue_pick(q, 7000, starvation_us=7000) == 0
+    # the starved are looked for among the OMNI_POLICY_LATE_SCAN oldest:
+    # one behind them waits for its turn there
     n = lib.OMNI_POLICY_LATE_SCAN
-    q = [QueueItem(k, 100) for k in range(n)] + [QueueItem(n, 10**9)]
+    q = [QueueItem(k, 100 + k) for k in range(n)] + [QueueItem(n, 10**9)]
+    assert queue_pick(q, 2 * n, starvation_us=10**6) == 0
     q[n - 1] = QueueItem(n - 1, 10**9)
-    assert queue_pick(q, 10**7, starvation_us=1000) == 0
-    # the oldest in queue order, as the module's walk sees it (a later
-    # arrival clock from another worker first in the list stays first)
-    q = [QueueItem(9_000, 100), QueueItem(10, 1)]
-    assert queue_pick(q, 10_000, starvation_us=1000) == 0
+    assert queue_pick(q, 2 * n, starvation_us=10**6) == n - 1
     # nothing starved: the least key
     q = [QueueItem(9_500, 500), QueueItem(9_600, 1)]
-    assert queue_pick(q, 10_000, starvation_us=1000) == 1
-
-
-def test_starved_seats_come_from_the_starved_work():
-    """The share of starved releases: as many instances as do the starved
-    work within one starvation timeout, at least one, at most all."""
-    t = 2_000_000
-    assert starved_seats(0, t, 4) == 1
-    assert starved_seats(1, t, 4) == 1
-    assert starved_seats(t, t, 4) == 1
-    assert starved_seats(t + 1, t, 4) == 2
-    assert starved_seats(3 * t, t, 4) == 3
-    assert starved_seats(3 * t + 1, t, 4) == 4
-    assert starved_seats(40 * t, t, 4) == 4
-    assert starved_seats(2**64 - 1, t, 4) == 4
-    assert starved_seats(5 * t, t, 16) == 5
-    # off: no instance count (the module's SLO path, old callers), no timeout
-    assert starved_seats(5 * t, t, 0) == 0
-    assert starved_seats(5 * t, 0, 4) == 0
-
-
-def test_past_the_share_the_shortest_goes():
-    """While as many instances as the starved work needs run starved
-    releases, the next release is the least key (shortest first), not the
-    oldest: the starved keep their place at the front for the next free
-    share."""
-    t = 2_000_000
-    now = 3_000_000                 # the oldest waited 1.5 timeouts
-    # two starved requests, 1.5 s of work between them: one seat of four
-    late = [QueueItem(0, 1_000_000), QueueItem(100_000, 500_000)]
-    assert queue_next(late, now, starvation_us=t, instances=4) == 0
-    assert queue_next(late, now, starvation_us=t, instances=4,
-                      starved_busy=0) == 0
-    assert queue_next(late, now, starvation_us=t, instances=4,
-                      starved_busy=1) is None
-    # the oldest waited two timeouts (now - 0 >= 2 t): it goes on any
-    # instance, the share notwithstanding
-    assert queue_next(late, 2 * t, starvation_us=t, instances=4,
-                      starved_busy=1) == 0
-    assert queue_next(late, 2 * t - 1, starvation_us=t, instances=4,
-                      starved_busy=1) is None
-    assert queue_next(late, 2 * t, starvation_us=t, instances=4,
-                      starved_busy=4) == 0
-    # the share off (instances 0): the oldest whatever runs
-    assert queue_next(late, now, starvation_us=t, starved_busy=9) == 0
-    # 7 s of starved work: four seats (all of them); three busy: one more
-    late = [QueueItem(k * 1000, 1_750_000) for k in range(4)]
-    assert queue_next(late, now, starvation_us=t, instances=4,
-                      starved_busy=3) == 0
-    assert queue_next(late, now, starvation_us=t, instances=4,
-                      starved_busy=4) is None
-    # over a whole queue: a long starved request and a short fresh one;
-    # past the share the least key goes (work + aging * arrival: with
-    # aging 1 a starved request whose work is less than the newcomer's
-    # wait still has the lesser key)
-    q = [QueueItem(0, 1_000_000), QueueItem(now - 1000, 10_000)]
-    assert queue_pick(q, now, starvation_us=t) == 0
-    assert queue_pick(q, now, starvation_us=t, instances=4) == 0
-    assert queue_pick(q, now, starvation_us=t, instances=4, starved_busy=1) == 0
-    assert queue_pick(q, now, aging=0, starvation_us=t, instances=4,
-                      starved_busy=1) == 1
-    q = [QueueItem(0, 20_000_000), QueueItem(now - 1000, 10_000)]
-    assert queue_pick(q, now, starvation_us=t, instances=4, starved_busy=3) == 0
-    assert queue_pick(q, now, starvation_us=t, instances=4, starved_busy=4) == 1
-    # the late scan covers the starved work the share needs
-    from omni_ctl.scoring import ffi
-    o = ffi.new("omni_queue_opts_t *", {"order": lib.OMNI_QUEUE_SJF,
-                                        "aging": 1.0, "starvation_us": t,
-                                        "instances": 4})
-    assert lib.omni_policy_late_scan(o) == lib.OMNI_POLICY_LATE_SCAN
-    o.starvation_us = 0
-    assert lib.omni_policy_late_scan(o) == 0
-
-
-def _simulate_share(share, m, rate, seed, n=1500, starvation_us=2_000_000):
-    """A prefill queue on m instances, non-preemptive: Poisson arrivals at
-    `rate` times capacity, log-normal work (mean 0.5 s, heavy tail).  Each
-    free instance takes queue_pick()'s choice; with `share`, the module's
-    inputs: the instance count and how many run a starved release.  The
-    TTFTs (arrival to the end of the work), in microseconds."""
-    import heapq
-    rng = random.Random(seed)
-    mean_us = 500_000
-    t, jobs = 0.0, []
-    for _ in range(n):
-        t += rng.expovariate(rate * m / mean_us)
-        jobs.append((int(t), max(1000, int(rng.lognormvariate(0, 1.2)
-                                            * mean_us / 2.05))))
-    free = [(0, i) for i in range(m)]            # (free at, instance)
-    starved_on = [False] * m
-    queue, ttft, nxt = [], [], 0
-    while nxt < n or queue:
-        now, i = heapq.heappop(free)
-        while nxt < n and jobs[nxt][0] <= now:
-            queue.append(QueueItem(*jobs[nxt]))
-            nxt += 1
-        if not queue:
-            heapq.heappush(free, (max(now, jobs[nxt][0]), i))
-            continue
-        starved_on[i] = False
-        busy = sum(1 for x in range(m) if starved_on[x])
-        k = queue_pick(queue, now, starvation_us=starvation_us,
-                       instances=m if share else 0, starved_busy=busy)
-        it = queue.pop(k)
-        starved_on[i] = now - it.arrival_us >= starvation_us
-        ttft.append(now + it.work_us - it.arrival_us)
-        heapq.heappush(free, (now + it.work_us, i))
-    return ttft
-
-
-@pytest.mark.parametrize("m", [4, 8])
-def test_the_starved_share_lowers_the_mean_under_a_backlog(m):
-    """Near and at capacity (a third to four fifths of the requests
-    starve), with the share the mean TTFT is never above that of every
-    instance draining the starved oldest first, and below it in most
-    runs; the largest TTFT at most 1% above it (the timeout still bounds the
-    tail) and the p99 at most 15% above.  Under light load (nothing
-    starves) the share changes nothing."""
-    lower = 0
-    for seed in range(3):
-        for rate in (0.9, 1.0):
-            off = sorted(_simulate_share(False, m, rate, seed))
-            on = sorted(_simulate_share(True, m, rate, seed))
-            p99 = int(len(on) * 0.99)
-            assert sum(on) <= sum(off), (m, rate, seed)
-            lower += sum(on) < 0.99 * sum(off)
-            assert on[-1] <= 1.01 * off[-1], (m, rate, seed)
-            assert on[p99] <= 1.15 * off[p99], (m, rate, seed)
-        light_off = _simulate_share(False, m, 0.3, seed)
-        assert _simulate_share(True, m, 0.3, seed) == light_off
-    assert lower >= 4
+    assert queue_pick(q, 10_000, starvation_us=2000) == 1
 
 
 def test_queue_next_protocol():
@@ -608,12 +500,13 @@ def test_queue_next_protocol():
     o = ffi.new("omni_queue_opts_t *", opts)
     assert lib.omni_policy_late_scan(o) == 0
     o.starvation_us = 5
-    assert lib.omni_policy_late_scan(o) == 1
-    o.order = lib.OMNI_QUEUE_LPT
-    assert lib.omni_policy_late_scan(o) == 1
-    assert lib.omni_policy_starved(o, 10, 15) == 1
-    assert lib.omni_policy_starved(o, 10, 14) == 0
-    assert lib.omni_policy_starved(o, 20, 10) == 0     # a clock behind
+    assert lib.omni_policy_late_scan(o) == lib.OMNI_POLICY_LATE_SCAN
+    for order in (lib.OMNI_QUEUE_LPT, lib.OMNI_QUEUE_FCFS):
+        o.order = order
+        assert lib.omni_policy_late_scan(o) == 1
+    assert lib.omni_policy_starved(o, 10, 0, 15) == 1
+    assert lib.omni_policy_starved(o, 10, 0, 14) == 0
+    assert lib.omni_policy_starved(o, 20, 0, 10) == 0     # a clock behind
     items = ffi.new("omni_queue_item_t[]", lib.OMNI_POLICY_LATE_SCAN + 1)
     assert lib.omni_policy_queue_next(o, items, lib.OMNI_POLICY_LATE_SCAN + 1,
                                       0) == lib.OMNI_EINVAL

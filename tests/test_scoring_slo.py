@@ -117,8 +117,9 @@ def test_a_lost_request_is_not_starved_forever():
     assert slo_starved(lost, 3 * S, **kw)
     p = slo_next([lost, fresh], [0], now_us=3 * S, **kw)
     assert (p.index, p.reason) == (0, "starved")
-    assert slo_starved(SloItem(0, 10), 2 * S, **kw)
-    assert not slo_starved(SloItem(0, 10), 2 * S - 1, **kw)
+    # without an SLO: its wait plus its work (the TTFT if it started now)
+    assert slo_starved(SloItem(0, 10), 2 * S - 10, **kw)
+    assert not slo_starved(SloItem(0, 10), 2 * S - 11, **kw)
     assert not slo_starved(lost, 10 * S)            # no timeout: never
 
 
@@ -309,11 +310,16 @@ def _ref_next(items, waits, now, starvation_us, aging=1.0):
     def key(i):
         return (work[i] + aging * items[i].arrival_us, seq[i])
 
-    # past the starvation timeout: the oldest goes first
-    for i in sorted(range(n), key=lambda i: seq[i])[:1]:
+    # starved: waited since its deadline past the timeout, or without one
+    # (or before it) waited + work; of the starved among the oldest
+    # OMNI_POLICY_LATE_SCAN, the oldest goes first
+    for i in sorted(range(n), key=lambda i: seq[i])[:lib.OMNI_POLICY_LATE_SCAN]:
         it = items[i]
-        anchor = max(it.deadline_us, it.arrival_us)
-        if starvation_us and now > anchor and now - anchor >= starvation_us:
+        if it.deadline_us > it.arrival_us:
+            ttft = max(0, now - it.deadline_us)
+        else:
+            ttft = max(0, now - it.arrival_us) + it.work_us
+        if starvation_us and ttft >= starvation_us:
             return i, "starved"
     free = sorted(now + w for w in waits) or [now]
 

@@ -21,21 +21,12 @@ import pytest
 
 from conftest import wait_until
 from omni_ctl import nginxctl
-from omni_ctl.sim.cluster import SimCluster
 from omni_ctl.tokenizer import control
 from test_proxy_e2e import _access_line, _field
 from test_tokenizer import SYSTEM, ref_chat
-from tokmodel import hf_tok, model_dir  # noqa: F401 (fixtures)
+from tokmodel import hf_tok, model_dir, sim, sim_cluster  # noqa: F401 (fixtures)
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 BLOCK = 16
-
-
-@pytest.fixture(scope="module")
-def sim(model_dir):  # noqa: F811
-    with SimCluster(prefill=1, decode=1, preset="tiny", env=ENV, ready_timeout=120,
-                    args=["--model-path", str(model_dir)]) as cluster:
-        yield cluster
 
 
 @pytest.fixture
@@ -222,8 +213,7 @@ MODES = {                       # engine, prefill, decode, both
 @pytest.fixture(scope="module", params=list(MODES))
 def mode_sim(request, model_dir):  # noqa: F811
     engine, p, d, both = MODES[request.param]
-    with SimCluster(prefill=p, decode=d, both=both, engine=engine, preset="tiny", env=ENV,
-                    ready_timeout=120, args=["--model-path", str(model_dir)]) as cluster:
+    with sim_cluster(model_dir, p, d, both=both, engine=engine) as cluster:
         yield request.param, cluster
 
 

@@ -27,24 +27,15 @@ import socket
 import pytest
 
 from conftest import wait_until
-from omni_ctl.sim.cluster import SimCluster
 from omni_ctl.tokenizer import control, wire
 from test_proxy_keepalive import ClosingEngine
 from test_tokenize_proxy import MODES
 from test_tokenizer import SYSTEM, ref_chat
-from tokmodel import hf_tok, model_dir  # noqa: F401 (fixtures)
+from tokmodel import hf_tok, model_dir, sim, sim_cluster  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module")
-def sim(model_dir):  # noqa: F811
-    with SimCluster(prefill=1, decode=1, preset="tiny", env=ENV, ready_timeout=120,
-                    args=["--model-path", str(model_dir)]) as cluster:
-        yield cluster
 
 
 @pytest.fixture
@@ -181,8 +172,7 @@ def test_a_learn_socket_nobody_reads_drops_at_once(proxy):
 @pytest.mark.parametrize("mode", ["parallel", "aggregated"])
 def test_learning_in_the_other_modes(mode, omni_nginx, model_dir, hf_tok):  # noqa: F811
     engine, p, d, both = MODES[mode]
-    with SimCluster(prefill=p, decode=d, both=both, engine=engine, preset="tiny", env=ENV,
-                    ready_timeout=120, args=["--model-path", str(model_dir)]) as cluster:
+    with sim_cluster(model_dir, p, d, both=both, engine=engine) as cluster:
         opts = dict(pd_policy=mode, model_path=str(model_dir), tokenize_timeout="5s",
                     tokenizer_workers=1, decode_endpoints=",".join(cluster.decode_endpoints))
         if p:

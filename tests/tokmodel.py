@@ -9,6 +9,7 @@ chat template (the package ships none).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -78,3 +79,23 @@ def hf_tok(model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+# the tokenizer never reaches for the network
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def sim_cluster(model_dir, prefill=1, decode=1, **kw):
+    """The tiny simulator tokenizing with model_dir's files (its parity
+    counter checks every id list the proxy forwards)."""
+    from omni_ctl.sim.cluster import SimCluster
+
+    return SimCluster(prefill=prefill, decode=decode, preset="tiny", env=ENV,
+                      ready_timeout=120, args=["--model-path", str(model_dir)], **kw)
+
+
+@pytest.fixture(scope="module")
+def sim(model_dir):
+    """One prefill and one decode instance of sim_cluster, per test module."""
+    with sim_cluster(model_dir) as cluster:
+        yield cluster

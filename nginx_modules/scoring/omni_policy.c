@@ -552,53 +552,42 @@ omni_policy_waited(uint64_t now, uint64_t arrival)
 
 int
 omni_policy_starved(const omni_queue_opts_t *o, uint64_t arrival_us,
-    uint64_t now_us)
+    uint64_t work_us, uint64_t now_us)
 {
-    return o->starvation_us
-           && omni_policy_waited(now_us, arrival_us) >= o->starvation_us;
+    uint64_t  ttft;
+
+    if (o->starvation_us == 0) {
+        return 0;
+    }
+
+    /*
+     * SJF: the TTFT it would have if it started now (waited + its own
+     * predicted work), so a long prompt becomes starved as much earlier
+     * as it takes longer, and every request's TTFT is bounded alike
+     * (latest start).  A bound on the wait alone let long prompts reach
+     * TTFTs of timeout + work; shortest-first then pushed them there
+     * under every burst (docs/scheduler.md, "Wave 6").
+     */
+    ttft = omni_policy_waited(now_us, arrival_us);
+
+    if (o->order == OMNI_QUEUE_SJF) {
+        ttft = work_us > UINT64_MAX - ttft ? UINT64_MAX : ttft + work_us;
+    }
+
+    return ttft >= o->starvation_us;
 }
 
 
 size_t
 omni_policy_late_scan(const omni_queue_opts_t *o)
 {
-    /* every order releases the oldest starved entry: one is enough, but
-     * the share needs the work of the starved entries */
     if (o->starvation_us == 0) {
         return 0;
     }
 
-    return o->instances ? OMNI_POLICY_LATE_SCAN : 1;
-}
-
-
-uint32_t
-omni_policy_starved_seats(const omni_queue_opts_t *o, uint64_t work_us)
-{
-    uint64_t  seats;
-
-    if (o->instances == 0 || o->starvation_us == 0) {
-        return 0;
-    }
-
-    /*
-     * Enough instances to do the starved work within one more timeout: a
-     * starved request then starts within about one more timeout (as long
-     * as no more starved work arrives than the share drains), while the
-     * other instances keep serving the shortest first.  Under a backlog every request starves and, with no
-     * share, every instance drains them oldest first: the order becomes
-     * first come first served and short requests queue behind long ones
-     * (the mean moves to the FCFS bound's).  The share comes from the
-     * load (the starved work), not from a constant: one instance for a
-     * few starved stragglers, all of them when the starved work alone
-     * would take a timeout on each.
-     */
-
-    seats = work_us / o->starvation_us
-            + (work_us % o->starvation_us != 0);
-
-    return (uint32_t) (seats < 1 ? 1
-                       : seats > o->instances ? o->instances : seats);
+    /* SJF: a younger, longer request may be starved before an older one;
+     * else the oldest starves first and is the one released */
+    return o->order == OMNI_QUEUE_SJF ? OMNI_POLICY_LATE_SCAN : 1;
 }
 
 
@@ -606,8 +595,7 @@ int
 omni_policy_queue_next(const omni_queue_opts_t *o,
     const omni_queue_item_t *late, size_t n, uint64_t now_us)
 {
-    size_t    i;
-    uint64_t  work;
+    (void) now_us;
 
     if (omni_policy_queue_check(o) != OMNI_OK || (n > 0 && late == NULL)
         || n > OMNI_POLICY_LATE_SCAN)
@@ -620,38 +608,20 @@ omni_policy_queue_next(const omni_queue_opts_t *o,
     }
 
     /*
-     * Of the requests past the starvation timeout, the oldest, whatever the
-     * order.  The timeout bounds the tail, the largest TTFT (waited +
-     * remaining wait + work); for requests that are all waiting, releasing
-     * them oldest first minimises the largest of those (Jackson's rule: swap
-     * a younger one released just before an older one and neither ends
-     * later than the older one did).  Releasing the one whose TTFT will be
-     * the largest (waited + work), as before issue 24, released the longest
+     * Of the starved requests, the oldest, whatever the order.  The
+     * timeout bounds the tail, the largest TTFT (waited + remaining wait +
+     * work); for requests that are all waiting, releasing them oldest
+     * first minimises the largest of those (Jackson's rule: swap a younger
+     * one released just before an older one and neither ends later than
+     * the older one did).  Releasing the one whose TTFT will be the
+     * largest (waited + work), as before issue 24, released the longest
      * prompts first under a backlog: every shorter starved request waited
      * behind them, which was a third of the mean TTFT on the Mooncake run
-     * and no gain in the tail (docs/scheduler.md).
-     *
-     * With the share on, only while fewer instances than
-     * omni_policy_starved_seats() run starved releases; past that, the
-     * least key goes (the starved keep their place at the front).  The
-     * share promises a start within one more timeout; when the oldest
-     * waited two timeouts anyway (more starved work came in than the
-     * share drained), it goes on any instance, as without the share.
+     * and no gain in the tail (docs/scheduler.md).  The share of wave 4
+     * (only some instances for the starved) is gone with wave 6's
+     * definition of starved: it lowered the mean less than that and
+     * raised the p99 (docs/bench-notes/wave6_whatif.py).
      */
-
-    if (o->instances
-        && omni_policy_waited(now_us, late[0].arrival_us) / 2
-           < o->starvation_us)
-    {
-        for (i = 0, work = 0; i < n; i++) {
-            work = late[i].work_us > UINT64_MAX - work
-                   ? UINT64_MAX : work + late[i].work_us;
-        }
-
-        if (o->starved_busy >= omni_policy_starved_seats(o, work)) {
-            return OMNI_ENOTFOUND;
-        }
-    }
 
     return 0;
 }
@@ -672,24 +642,24 @@ omni_policy_pick_among(const omni_queue_item_t *q, const uint32_t *idx,
     double                    key, best_key;
     size_t                    i, n, scan, best;
     int                       k;
+    size_t                    late_at[OMNI_POLICY_LATE_SCAN];
     omni_queue_item_t         late[OMNI_POLICY_LATE_SCAN];
     const omni_queue_item_t  *it;
 
     scan = omni_policy_late_scan(o);
 
-    for (n = 0; n < m && n < scan; n++) {
-        it = &q[omni_policy_at(idx, n)];
+    for (i = 0, n = 0; i < m && i < scan; i++) {
+        it = &q[omni_policy_at(idx, i)];
 
-        if (!omni_policy_starved(o, it->arrival_us, now_us)) {
-            break;
+        if (omni_policy_starved(o, it->arrival_us, it->work_us, now_us)) {
+            late_at[n] = i;
+            late[n++] = *it;
         }
-
-        late[n] = *it;
     }
 
     k = omni_policy_queue_next(o, late, n, now_us);
     if (k >= 0) {
-        return (size_t) k;
+        return late_at[k];
     }
 
     best = 0;
@@ -867,12 +837,12 @@ int
 omni_policy_slo_starved(const omni_queue_opts_t *o, const omni_slo_item_t *it,
     uint64_t now_us)
 {
-    uint64_t  from;
+    /* past a deadline, the wait since it; else as without SLOs */
+    if (it->deadline_us > it->arrival_us) {
+        return omni_policy_starved(o, it->deadline_us, 0, now_us);
+    }
 
-    from = it->deadline_us > it->arrival_us ? it->deadline_us
-                                            : it->arrival_us;
-
-    return omni_policy_starved(o, from, now_us);
+    return omni_policy_starved(o, it->arrival_us, it->work_us, now_us);
 }
 
 
@@ -1017,6 +987,7 @@ omni_policy_slo_next(const omni_queue_opts_t *o, const omni_slo_item_t *q,
     uint64_t          *free0, *h;
     omni_slo_rec_t    *r;
     omni_queue_item_t  late[OMNI_POLICY_LATE_SCAN];
+    uint32_t           late_at[OMNI_POLICY_LATE_SCAN];
     int                rc;
 
     if (out == NULL || omni_policy_queue_check(o) != OMNI_OK
@@ -1060,18 +1031,17 @@ omni_policy_slo_next(const omni_queue_opts_t *o, const omni_slo_item_t *q,
 
     scan = omni_policy_late_scan(o);
 
-    for (k = 0; k < n && k < scan; k++) {
-        if (!omni_policy_slo_starved(o, &q[r[k].idx], now_us)) {
-            break;
+    for (i = 0, k = 0; i < n && i < scan; i++) {
+        if (omni_policy_slo_starved(o, &q[r[i].idx], now_us)) {
+            late_at[k] = r[i].idx;
+            late[k].arrival_us = q[r[i].idx].arrival_us;
+            late[k++].work_us = q[r[i].idx].work_us;
         }
-
-        late[k].arrival_us = q[r[k].idx].arrival_us;
-        late[k].work_us = q[r[k].idx].work_us;
     }
 
     rc = omni_policy_queue_next(o, late, k, now_us);
     if (rc >= 0) {
-        out->index = (int32_t) r[rc].idx;
+        out->index = (int32_t) late_at[rc];
         out->reason = OMNI_SLO_STARVED;
         return OMNI_OK;
     }

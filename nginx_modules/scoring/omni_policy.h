@@ -17,7 +17,9 @@
  *   prefill queue    FCFS, or shortest predicted work first with aging: a
  *                    request's key is its work plus `aging` times its
  *                    arrival, so it overtakes any newcomer after a bounded
- *                    time.  Among requests past the starvation timeout the
+ *                    time.  A request is starved when its wait plus its
+ *                    work reaches the starvation timeout (the TTFT it
+ *                    would have if it started now); of the starved the
  *                    oldest goes first (it minimises the largest TTFT
  *                    among them), in every order.
  *   SLO release      with TTFT deadlines: lost requests after those that
@@ -71,9 +73,9 @@ extern "C" {
 #define OMNI_POLICY_UNLIMITED   0
 
 /* SJF: predicted work forgiven per microsecond waited (omni_queue_opts_t) */
-#define OMNI_POLICY_AGING       1.0
+#define OMNI_POLICY_AGING       0.25
 /* most starved entries omni_policy_queue_next() accepts at once (it takes
- * the oldest; omni_policy_late_scan() asks for one) */
+ * the oldest; omni_policy_late_scan() says how many to look at) */
 #define OMNI_POLICY_LATE_SCAN   64
 /* a release pass: entries offered a free instance when the one to release
  * next waits for a busy one (itself included) */
@@ -153,13 +155,8 @@ typedef struct {
     uint32_t  pad;
     double    aging;            /* SJF: work forgiven per us waited, >= 0
                                    (the module: OMNI_POLICY_AGING) */
-    uint64_t  starvation_us;    /* waited this long: first; 0: off */
-    /* the share of starved requests (omni_policy_starved_seats): the
-     * instances the queue's requests go to, and how many of them run a
-     * starved release now; instances 0: starved requests may take every
-     * instance (the share is off) */
-    uint32_t  instances;
-    uint32_t  starved_busy;
+    uint64_t  starvation_us;    /* waited (SJF: + its work) this long:
+                                   first; 0: off */
 } omni_queue_opts_t;
 
 typedef struct {
@@ -308,35 +305,24 @@ omni_policy_queue_before(double key_a, uint64_t seq_a, double key_b,
     return key_a != key_b ? key_a < key_b : seq_a < seq_b;
 }
 
-/* Whether a request that arrived at arrival_us waited past the starvation
- * timeout at now_us. */
+/* Whether a request that arrived at arrival_us is starved at now_us: its
+ * wait, plus (SJF) its predicted work work_us, reached the starvation
+ * timeout. */
 int omni_policy_starved(const omni_queue_opts_t *o, uint64_t arrival_us,
-    uint64_t now_us);
+    uint64_t work_us, uint64_t now_us);
 
-/* How many of the oldest entries omni_policy_queue_next() wants to see:
- * 0 (no starvation timeout), else 1 (every order takes the oldest) or,
- * with the share on (o->instances), OMNI_POLICY_LATE_SCAN (their work
- * sets the share). */
+/* How many of the oldest entries omni_policy_queue_next() wants to see
+ * the starved ones of: 0 (no starvation timeout); 1 for FCFS and LPT (the
+ * oldest starves first and is the one released); OMNI_POLICY_LATE_SCAN
+ * for SJF (a younger, longer request may starve first). */
 size_t omni_policy_late_scan(const omni_queue_opts_t *o);
 
 /*
- * How many instances starved requests whose predicted work adds up to
- * work_us may run at once: as many as do that work within one starvation
- * timeout, at least one, at most o->instances (0 when the share is off or
- * there is no timeout: no limit).
- */
-uint32_t omni_policy_starved_seats(const omni_queue_opts_t *o,
-    uint64_t work_us);
-
-/*
- * Which entry to release next.  late[0, n): the oldest entries in queue
- * order, as long as they are starved, at most omni_policy_late_scan().
+ * Which entry to release next.  late[0, n): the starved ones among the
+ * omni_policy_late_scan() oldest entries, in queue order.
  * Returns the index in late[] of the one to release, the oldest (late[0],
  * in every order: it minimises the largest TTFT among them, see
- * omni_policy.c), or OMNI_ENOTFOUND when n == 0 or, with the share on,
- * when o->starved_busy instances already run starved releases,
- * omni_policy_starved_seats() of late[]'s work allows no more and the
- * oldest waited less than two timeouts: release the least key.
+ * omni_policy.c), or OMNI_ENOTFOUND when n == 0: release the least key.
  */
 int omni_policy_queue_next(const omni_queue_opts_t *o,
     const omni_queue_item_t *late, size_t n, uint64_t now_us);
@@ -402,10 +388,10 @@ typedef struct {
 } omni_slo_pick_t;
 
 /*
- * Whether an entry is past the starvation timeout with SLOs: counted from
- * its deadline when it has one (before, the SLO rule serves it if it can be
- * served on time; after, it is lost to goodput but waits at most this much
- * more), from its arrival when not (as omni_policy_starved()).
+ * Whether an entry is past the starvation timeout with SLOs: its wait
+ * since its deadline when it has one (before, the SLO rule serves it if it
+ * can be served on time; after, it is lost to goodput but waits at most
+ * this much more), else as omni_policy_starved().
  */
 int omni_policy_slo_starved(const omni_queue_opts_t *o,
     const omni_slo_item_t *it, uint64_t now_us);

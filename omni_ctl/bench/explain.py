@@ -232,9 +232,9 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
         slack = 20.0
         notes.append("no omni_hold_slack in run/nginx.conf: taken as 20 ms (the default)")
     if starve is None:
-        starve = 2000.0
+        starve = 5000.0
         notes.append("no omni_prefill_starvation_timeout in run/nginx.conf: taken as "
-                     "2000 ms (the default)")
+                     "5000 ms (the default)")
     cluster = None
     if sim:
         sim_args = (parent or {}).get("sim_args") or ()

@@ -67,7 +67,6 @@ __all__ = [
     "queue_next",
     "queue_order",
     "queue_pick",
-    "starved_seats",
     "SloItem",
     "SloPick",
     "slo_starved",
@@ -871,20 +870,12 @@ _ORDERS = {"fcfs": lib.OMNI_QUEUE_FCFS, "sjf": lib.OMNI_QUEUE_SJF,
            "lpt": lib.OMNI_QUEUE_LPT}
 
 
-def _queue_opts(order, aging, starvation_us, instances=0, starved_busy=0):
+def _queue_opts(order, aging, starvation_us):
     if order not in _ORDERS:
         raise ValueError(f"queue order must be 'fcfs', 'sjf' or 'lpt', not {order!r}")
     return ffi.new("omni_queue_opts_t *", {
         "order": _ORDERS[order], "aging": aging, "starvation_us": starvation_us,
-        "instances": instances, "starved_busy": starved_busy,
     })
-
-
-def starved_seats(work_us, starvation_us, instances):
-    """How many of ``instances`` starved requests with ``work_us`` of
-    predicted work between them may run at once (0: no limit)."""
-    return lib.omni_policy_starved_seats(
-        _queue_opts("sjf", 1.0, starvation_us, instances), work_us)
 
 
 def _queue_items(items):
@@ -915,14 +906,11 @@ def queue_key(arrival_us, work, order="sjf", aging=1.0):
     return lib.omni_policy_queue_key(_queue_opts(order, aging, 0), arrival_us, work)
 
 
-def queue_next(late, now_us, order="sjf", aging=1.0, starvation_us=0,
-               instances=0, starved_busy=0):
-    """``late``: the oldest items, in queue order, that waited past the
-    starvation timeout.  The index of the one to release, or None when
-    there is none or (``instances`` > 0: the share on) when
-    ``starved_busy`` instances already run as many starved releases as
-    :func:`starved_seats` allows (release the least key)."""
-    opts = _queue_opts(order, aging, starvation_us, instances, starved_busy)
+def queue_next(late, now_us, order="sjf", aging=1.0, starvation_us=0):
+    """``late``: the starved items among the oldest, in queue order.  The
+    index of the one to release, or None when there is none (release the
+    least key)."""
+    opts = _queue_opts(order, aging, starvation_us)
     rc = lib.omni_policy_queue_next(opts, _queue_items(late), len(late), now_us)
     if rc == lib.OMNI_ENOTFOUND:
         return None
@@ -939,11 +927,10 @@ def queue_order(items, now_us, order="sjf", aging=1.0, starvation_us=0):
     return list(out[0:len(items)])
 
 
-def queue_pick(items, now_us, order="sjf", aging=1.0, starvation_us=0,
-               instances=0, starved_busy=0):
+def queue_pick(items, now_us, order="sjf", aging=1.0, starvation_us=0):
     """The index of the item (of a queue, in queue order) that the module
     releases next, or None for an empty queue."""
-    opts = _queue_opts(order, aging, starvation_us, instances, starved_busy)
+    opts = _queue_opts(order, aging, starvation_us)
     if not items:
         return None
     return check(lib.omni_policy_queue_pick(_queue_items(items), len(items), now_us,

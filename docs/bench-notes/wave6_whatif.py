@@ -1,0 +1,142 @@
+"""What-if search (wave 6) for a prefill release order with the mean near
+the SJF bound and the p99 at or under the FCFS bound's, on the clairvoyant
+model of omni_ctl/bench/bound.py (exact work, no holding, no misprediction).
+An analysis aid, not a test.
+
+    .venv/bin/python docs/bench-notes/wave6_whatif.py RULE[,RULE...] [RUN_DIR ...]
+
+RULEs: share (today's: starved share, omni_policy_starved_seats), and the
+ones below; without RUN_DIRs, the trace slices of starved_share_whatif.py."""
+
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import issue24_whatif as w                      # noqa: E402
+from omni_ctl.bench import bound                # noqa: E402
+from omni_ctl.bench.metrics import stats        # noqa: E402
+from omni_ctl.sim.presets import get_preset     # noqa: E402
+
+T = 2.0     # starvation timeout
+
+
+class Model(w._Rule):
+    def __init__(self, jobs, cluster, name):
+        super().__init__(jobs, cluster, None)
+        name, _, aging = name.partition("@")
+        self.aging = float(aging) if aging else 1.0
+        self.name, self.starved = name, set()
+        self.recent = []        # recent TTFT estimates (start wait + work)
+
+    def _next_central(self, t):
+        s, starved = self._pick(t, self.items)
+        self._starved_pick = starved
+        return s
+
+    def _take_central(self, s):
+        super()._take_central(s)
+        if self._starved_pick:
+            self.starved.add(s.i)
+
+    def busy_starved(self):
+        return sum(1 for x in self.pre
+                   if any(s.i in self.starved and s.computed < s.job.prompt
+                          for s in x.running))
+
+    def sjf(self, q):
+        a = self.aging
+        return min(q, key=lambda s: (self.work[s.i] + a * s.job.arrival, s.job.arrival))
+
+    def _pick(self, t, q):
+        name = self.name
+        work = self.work
+        if name in ("share", "oldest"):
+            late = [s for s in q if t - s.job.arrival >= T]
+            if late:
+                oldest = min(late, key=lambda s: s.job.arrival)
+                if name == "oldest":
+                    return oldest, True
+                seats = min(len(self.pre), max(1, math.ceil(sum(work[s.i] for s in late) / T)))
+                if self.busy_starved() < seats or t - oldest.job.arrival >= 2 * T:
+                    return oldest, True
+            return self.sjf(q), False
+        kind, _, arg = name.partition(":")
+        if kind in ("ls", "lsshare", "lsold", "lsoldshare", "lslong", "lslongshare"):
+            # latest start: urgent when waited + own work reaches B
+            B, _, scan = arg.partition("/")
+            B = float(B)
+            self.maxq = max(getattr(self, "maxq", 0), len(q))
+            # the module scans the oldest `scan` entries only
+            look = sorted(q, key=lambda s: s.job.arrival)[:int(scan)] if scan else q
+            urgent = [s for s in look if t - s.job.arrival + work[s.i] >= B]
+            if urgent:
+                if kind.startswith("lsold"):
+                    pick = min(urgent, key=lambda s: s.job.arrival)
+                elif kind.startswith("lslong"):
+                    pick = max(urgent, key=lambda s: (work[s.i], -s.job.arrival))
+                else:
+                    pick = max(urgent, key=lambda s: (t - s.job.arrival + work[s.i], -s.job.arrival))
+                if not kind.endswith("share"):
+                    return pick, True
+                seats = min(len(self.pre), max(1, math.ceil(sum(work[s.i] for s in urgent) / T)))
+                if self.busy_starved() < seats or t - pick.job.arrival + work[pick.i] >= 2 * B:
+                    return pick, True
+            return self.sjf(q), False
+        if kind == "adapt":
+            # B follows the backlog: the FCFS drain time of what waits now
+            k = float(arg or 1)
+            drain = sum(work[s.i] for s in q) / max(1, len(self.pre))
+            B = max(T, k * drain)
+            urgent = [s for s in q if t - s.job.arrival + work[s.i] >= B]
+            if urgent:
+                return max(urgent, key=lambda s: (t - s.job.arrival + work[s.i], -s.job.arrival)), True
+            return self.sjf(q), False
+        if kind == "share_ls":
+            # today's share, but a request is starved when waited + work >= B
+            B = float(arg)
+            late = [s for s in q if t - s.job.arrival >= T or t - s.job.arrival + work[s.i] >= B]
+            if late:
+                oldest = min(late, key=lambda s: s.job.arrival)
+                seats = min(len(self.pre), max(1, math.ceil(sum(work[s.i] for s in late) / T)))
+                if self.busy_starved() < seats or t - oldest.job.arrival >= 2 * T:
+                    return oldest, True
+            return self.sjf(q), False
+        raise SystemExit(f"unknown rule {name}")
+
+
+def load(d):
+    with open(os.path.join(d, "requests.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(d, "sim_requests.json")) as f:
+        sim = json.load(f)
+    cluster = bound.cluster_for(sim)
+    jobs, _, _ = bound.jobs_for(records, sim, "compare-omni")
+    return jobs, cluster
+
+
+def main():
+    rules = sys.argv[1].split(",")
+    if sys.argv[2:]:
+        cases = [(os.path.basename(os.path.dirname(d.rstrip("/"))) or d, *load(d))
+                 for d in sys.argv[2:]]
+    else:
+        cluster = bound.Cluster(get_preset("llama3-8b-h100"), 4, 4, "sequential", 1.0)
+        cases = [(f"{a}-{a + n - 1}@{sp:g}", w.trace(a, n, sp), cluster)
+                 for a, n, sp in ((0, 400, 2), (0, 400, 1.5), (400, 400, 2), (800, 400, 2),
+                                  (1200, 400, 2), (1600, 400, 2), (2000, 400, 2))]
+    print("case | SJF m/p99 | FCFS m/p99 | " + " | ".join(rules))
+    for label, jobs, cluster in cases:
+        sj = stats(x * 1000 for x in bound.simulate(jobs, cluster, "sjf"))
+        fc = stats(x * 1000 for x in bound.simulate(jobs, cluster, "fcfs"))
+        row = [label, f"{sj['mean']:.0f}/{sj['p99']:.0f}", f"{fc['mean']:.0f}/{fc['p99']:.0f}"]
+        for r in rules:
+            st = stats(x * 1000 for x in Model(jobs, cluster, r).run())
+            row.append(f"{st['mean'] / sj['mean']:.2f}/{st['p99'] / fc['p99']:.2f}")
+        print(" | ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
