@@ -139,7 +139,7 @@ def test_defaults(tmp_path):
     assert (c.pd_policy, c.schedule_policy, c.prefill_queue_order) == \
         ("sequential", "omni", "sjf")
     assert c.listen == "127.0.0.1:8080"
-    assert c.prefill_starvation_timeout_ms == 2000
+    assert c.prefill_starvation_timeout_ms == 5000
     assert c.module_path == Path("/opt/omni/modules/ngx_http_omni_module.so")
 
 
