@@ -85,13 +85,20 @@ def runs(dirs):
           "| starved share | mean, p99 change |")
     print("|---|---|---|---|---|---|---|")
     for d in dirs:
-        with open(os.path.join(d, "requests.jsonl")) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        with open(os.path.join(d, "sim_requests.json")) as f:
-            sim = json.load(f)
-        cluster = bound.cluster_for(sim)
-        jobs, _, _ = bound.jobs_for(records, sim, "compare-omni")
+        jobs, cluster = load(d)
         _row((d, str(len(jobs))), jobs, cluster)
+
+
+def load(d):
+    """The bounds' inputs for one omni directory of a compare run: its
+    requests (arrival times, cache hits) and the simulated cluster."""
+    with open(os.path.join(d, "requests.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(d, "sim_requests.json")) as f:
+        sim = json.load(f)
+    cluster = bound.cluster_for(sim)
+    jobs, _, _ = bound.jobs_for(records, sim, "compare-omni")
+    return jobs, cluster
 
 
 def main():

@@ -8,7 +8,6 @@ An analysis aid, not a test.
 RULEs: share (today's: starved share, omni_policy_starved_seats), and the
 ones below; without RUN_DIRs, the trace slices of starved_share_whatif.py."""
 
-import json
 import math
 import os
 import sys
@@ -16,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import issue24_whatif as w                      # noqa: E402
+from starved_share_whatif import load           # noqa: E402
 from omni_ctl.bench import bound                # noqa: E402
 from omni_ctl.bench.metrics import stats        # noqa: E402
 from omni_ctl.sim.presets import get_preset     # noqa: E402
@@ -105,16 +105,6 @@ class Model(w._Rule):
                     return oldest, True
             return self.sjf(q), False
         raise SystemExit(f"unknown rule {name}")
-
-
-def load(d):
-    with open(os.path.join(d, "requests.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(d, "sim_requests.json")) as f:
-        sim = json.load(f)
-    cluster = bound.cluster_for(sim)
-    jobs, _, _ = bound.jobs_for(records, sim, "compare-omni")
-    return jobs, cluster
 
 
 def main():
