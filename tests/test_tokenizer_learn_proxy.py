@@ -138,6 +138,10 @@ def test_no_learn_socket_changes_nothing_for_clients(proxy, sim, hf_tok):  # noq
     msgs = [SYSTEM, {"role": "user", "content": "q"}]
     for stream in (False, True):
         assert ask(proxy, msgs, stream)
+    # the learn goes when the leg ends, which may be just after the client
+    # has read the whole answer
+    wait_until(lambda: learn_counts(proxy)["dropped"]["down"]
+               - before["dropped"]["down"] == 2, timeout=10, what="both drops counted")
     after = learn_counts(proxy)
     assert after["dropped"]["down"] - before["dropped"]["down"] == 2
     assert after["sent"] == before["sent"]
@@ -161,9 +165,15 @@ def test_a_learn_socket_nobody_reads_drops_at_once(proxy):
         for _ in range(n):
             resp = proxy.post(CHAT, json={"messages": msgs, "max_tokens": 2}, timeout=60)
             assert resp.status == 200, resp.text
-        after = learn_counts(proxy)
-        sent = after["sent"] - before["sent"]
-        busy = after["dropped"]["busy"] - before["dropped"]["busy"]
+        def counted():
+            after = learn_counts(proxy)
+            return (after["sent"] - before["sent"],
+                    after["dropped"]["busy"] - before["dropped"]["busy"])
+
+        # the last learn goes when its leg ends, which may be just after
+        # the client has read the whole answer
+        wait_until(lambda: sum(counted()) >= n, timeout=10, what="every learn counted")
+        sent, busy = counted()
         assert sent + busy == n and busy > 0 and sent > 0
     finally:
         deaf.close()
