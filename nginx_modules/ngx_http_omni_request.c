@@ -156,7 +156,7 @@ done:
 }
 
 
-/* the top-level keys the proxy reads or sets */
+/* the top-level keys the proxy reads or sets; the order is KEY_* below */
 static ngx_str_t  ngx_http_omni_read_keys[] = {
     ngx_string("prompt"),
     ngx_string("messages"),
@@ -172,12 +172,86 @@ static ngx_str_t  ngx_http_omni_read_keys[] = {
     ngx_null_string
 };
 
+#define NGX_HTTP_OMNI_KEY_PROMPT          0
+#define NGX_HTTP_OMNI_KEY_MESSAGES        1
+#define NGX_HTTP_OMNI_KEY_STREAM          2
+#define NGX_HTTP_OMNI_KEY_STREAM_OPTIONS  3
+#define NGX_HTTP_OMNI_KEY_MAX_TOKENS      4
+#define NGX_HTTP_OMNI_KEY_MAX_COMPLETION  5
+#define NGX_HTTP_OMNI_KEY_IGNORE_EOS      6
+#define NGX_HTTP_OMNI_READ_KEYS                                              \
+    (sizeof(ngx_http_omni_read_keys) / sizeof(ngx_str_t) - 1)
+
+
+static ngx_int_t ngx_http_omni_index_keys(ngx_http_omni_ctx_t *ctx,
+    long *idx);
+
+
+/*
+ * One pass over the top-level members: idx[k] is the last member named
+ * ngx_http_omni_read_keys[k] (as omni_json_find() would answer) or -1.
+ * Returns the first such key that appears twice, or -1.  A lookup per key
+ * and a second one for its duplicate were ~1.8k instructions a request
+ * (bench-notes/issue23.md section 10); the comparison is still the
+ * library's, on a one-member span, after an exact length filter.
+ */
+static ngx_int_t
+ngx_http_omni_index_keys(ngx_http_omni_ctx_t *ctx, long *idx)
+{
+    size_t               i, k, len;
+    uint32_t             dup;
+    omni_json_member_t  *m;
+
+    dup = 0;
+
+    for (k = 0; k < NGX_HTTP_OMNI_READ_KEYS; k++) {
+        idx[k] = -1;
+    }
+
+    for (i = 0; i < ctx->n_members; i++) {
+        m = &ctx->members[i];
+
+        if (m->key_len < 2) {
+            continue;
+        }
+
+        len = m->key_len - 2;
+
+        for (k = 0; k < NGX_HTTP_OMNI_READ_KEYS; k++) {
+            /* an escape only shortens a key: longer text may match */
+            if ((m->key_escaped ? len < ngx_http_omni_read_keys[k].len
+                                : len != ngx_http_omni_read_keys[k].len)
+                || omni_json_find(ctx->body, m, 1,
+                                  (char *) ngx_http_omni_read_keys[k].data,
+                                  ngx_http_omni_read_keys[k].len)
+                   != 0)
+            {
+                continue;
+            }
+
+            if (idx[k] >= 0) {
+                dup |= 1u << k;
+            }
+
+            idx[k] = (long) i;
+        }
+    }
+
+    for (k = 0; k < NGX_HTTP_OMNI_READ_KEYS; k++) {
+        if (dup & (1u << k)) {
+            return (ngx_int_t) k;
+        }
+    }
+
+    return -1;
+}
+
 
 ngx_int_t
 ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
 {
     int                  type, etype;
-    long                 i;
+    long                 i, idx[NGX_HTTP_OMNI_READ_KEYS];
     size_t               n, k, vo, vl, count;
     int64_t              v;
     ngx_int_t            rc;
@@ -234,36 +308,27 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
     ctx->n_members = doc.n_members;
     m = ctx->members;
 
-#define omni_find(key)                                                       \
-    omni_json_find(ctx->body, m, ctx->n_members, key, sizeof(key) - 1)
+#define omni_find(key)  idx[NGX_HTTP_OMNI_KEY_ ## key]
 
     /*
      * A key the proxy reads or sets must appear once: with two, the proxy
      * and an engine may each take a different one (JSON parsers disagree
      * on which duplicate wins).
      */
-    for (k = 0; ngx_http_omni_read_keys[k].len; k++) {
-        i = omni_json_find(ctx->body, m, ctx->n_members,
-                           (char *) ngx_http_omni_read_keys[k].data,
-                           ngx_http_omni_read_keys[k].len);
+    rc = ngx_http_omni_index_keys(ctx, idx);
 
-        if (i > 0
-            && omni_json_find(ctx->body, m, (size_t) i,
-                              (char *) ngx_http_omni_read_keys[k].data,
-                              ngx_http_omni_read_keys[k].len) >= 0)
-        {
-            ctx->error = "duplicate_key";
-            return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
-                                            "invalid_request_error",
-                                            "duplicate key \"%V\" in the "
-                                            "request body",
-                                            &ngx_http_omni_read_keys[k]);
-        }
+    if (rc >= 0) {
+        ctx->error = "duplicate_key";
+        return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid_request_error",
+                                        "duplicate key \"%V\" in the "
+                                        "request body",
+                                        &ngx_http_omni_read_keys[rc]);
     }
 
     /* stream */
 
-    i = omni_find("stream");
+    i = omni_find(STREAM);
 
     if (i >= 0) {
         if (m[i].type == OMNI_JSON_TRUE) {
@@ -276,7 +341,7 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
         }
     }
 
-    i = omni_find("stream_options");
+    i = omni_find(STREAM_OPTIONS);
 
     if (i >= 0 && m[i].type == OMNI_JSON_OBJECT
         && omni_json_object_get(ctx->body, m[i].val_off, m[i].val_len,
@@ -287,7 +352,7 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
         ctx->include_usage = 1;
     }
 
-    i = omni_find("ignore_eos");
+    i = omni_find(IGNORE_EOS);
 
     if (i >= 0 && m[i].type == OMNI_JSON_TRUE) {
         ctx->ignore_eos = 1;
@@ -298,11 +363,11 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
     i = -1;
 
     if (ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT) {
-        i = omni_find("max_completion_tokens");
+        i = omni_find(MAX_COMPLETION);
     }
 
     if (i < 0 || m[i].type == OMNI_JSON_NULL) {
-        i = omni_find("max_tokens");
+        i = omni_find(MAX_TOKENS);
     }
 
     if (i >= 0 && m[i].type != OMNI_JSON_NULL) {
@@ -324,7 +389,7 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
     /* the prompt */
 
     if (ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT) {
-        i = omni_find("messages");
+        i = omni_find(MESSAGES);
 
         if (i < 0) {
             ctx->error = "no_messages";
@@ -351,7 +416,7 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
         return NGX_OK;
     }
 
-    i = omni_find("prompt");
+    i = omni_find(PROMPT);
 
     if (i < 0) {
         ctx->error = "no_prompt";
@@ -643,6 +708,7 @@ void
 ngx_http_omni_read_headers(ngx_http_omni_ctx_t *ctx)
 {
     u_char                     *p;
+    uint32_t                    rnd[4];
     ngx_int_t                   ms;
     ngx_uint_t                  n, id_seen;
     ngx_list_part_t            *part;
@@ -718,9 +784,13 @@ ngx_http_omni_read_headers(ngx_http_omni_ctx_t *ctx)
      * The id the engines see is always ours: engines and KV connectors key
      * requests and transfers on it, and clients' ids may collide.
      */
-    p = ngx_sprintf(ctx->request_id, "%08xD%08xD%08xD%08xD",
-                    (uint32_t) ngx_random(), (uint32_t) ngx_random(),
-                    (uint32_t) ngx_random(), (uint32_t) ngx_random());
+    for (n = 0; n < 4; n++) {
+        rnd[n] = (uint32_t) ngx_random();
+    }
+
+    /* 32 hex digits; ngx_hex_dump(), as ngx_sprintf("%08xD") cost ~800
+     * instructions a request (bench-notes/issue23.md section 10) */
+    p = ngx_hex_dump(ctx->request_id, (u_char *) rnd, sizeof(rnd));
 
     ctx->request_id_len = p - ctx->request_id;
 }

@@ -98,6 +98,11 @@ HOSTILE = [
     ("lone surrogate escape", b'{"prompt": "\\ud800"}', None),
     ("duplicate prompt", b'{"prompt": "a", "prompt": "b", "max_tokens": 2}', "duplicate"),
     ("duplicate stream", b'{"prompt": "a", "stream": false, "stream": true}', "duplicate"),
+    ("escaped duplicate stream", b'{"prompt": "a", "\\u0073tream": false, "stream": true}',
+     "duplicate"),
+    # two keys repeated: the error names the first of the proxy's key list
+    ("two duplicates", b'{"stream": true, "stream": true, "prompt": "a", "prompt": "b"}',
+     'duplicate key "prompt"'),
     ("stream not bool", b'{"prompt": "a", "stream": 1}', "stream"),
     ("max_tokens bool", b'{"prompt": "a", "max_tokens": true}', "max_tokens"),
     ("messages not list", b'{"messages": {"role": "user"}}', "messages"),

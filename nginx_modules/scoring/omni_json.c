@@ -2272,6 +2272,11 @@ omni_edit_for(const uint8_t *buf, const omni_json_member_t *m,
 }
 
 
+/* members whose edit omni_json_splice() remembers (OMNI_JSON_MAX_EDITS
+ * fits int8_t) */
+#define OMNI_JSON_SPLICE_MEMO  64
+
+
 static int
 omni_json_splice(const uint8_t *buf, size_t len,
     const omni_json_member_t *members, size_t n_members,
@@ -2283,6 +2288,8 @@ omni_json_splice(const uint8_t *buf, size_t len,
     uint8_t          val[OMNI_JSON_MAX_EDITS];
     uint8_t          added_at[OMNI_JSON_MAX_EDITS];
     long             last[OMNI_JSON_MAX_EDITS];
+    /* the edit of each of the first members, found once for both passes */
+    int8_t           edit_of[OMNI_JSON_SPLICE_MEMO];
 
     const omni_json_member_t  *m;
     const uint8_t             *p, *end, *open;
@@ -2349,6 +2356,10 @@ omni_json_splice(const uint8_t *buf, size_t len,
     if (n_edits) {
         for (i = n_members; i-- > 0; ) {
             f = omni_edit_for(buf, &members[i], edits, n_edits);
+            if (i < OMNI_JSON_SPLICE_MEMO) {
+                edit_of[i] = (int8_t) f;
+            }
+
             if (f >= 0 && last[f] < 0) {
                 last[f] = (long) i;
             }
@@ -2403,7 +2414,9 @@ omni_json_splice(const uint8_t *buf, size_t len,
         v = buf + m->val_off;
         vlen = m->val_len;
 
-        f = n_edits ? omni_edit_for(buf, m, edits, n_edits) : -1;
+        f = n_edits == 0 ? -1
+            : i < OMNI_JSON_SPLICE_MEMO ? edit_of[i]
+            : omni_edit_for(buf, m, edits, n_edits);
         if (f >= 0) {
             if (state[f] != OMNI_KEY_KEPT || last[f] != (long) i) {
                 continue;
