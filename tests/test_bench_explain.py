@@ -112,6 +112,7 @@ def test_a_longer_request_released_by_the_starvation_timeout_ahead(tmp_path):
     assert causes(res, 2)["starved"] == 0 and causes(res, 2)["wait"] == pytest.approx(350)
     assert res["released_by_starvation"] == 2      # both waited past 300 ms
     assert any("/omni/status counts 1" in n for n in res["notes"])
+    assert "(2 requests waited that long)" in ex.markdown(res)
 
 
 def test_the_proxys_release_reason_predicted_wait_and_arrival_are_used(tmp_path):
@@ -135,6 +136,8 @@ def test_the_proxys_release_reason_predicted_wait_and_arrival_are_used(tmp_path)
     assert res["released_by_starvation"] == 1
     assert not any("/omni/status counts" in n for n in res["notes"])
     assert res["release_reasons"] == {"now": 2, "starved": 1, "order": 1}
+    # a starved release is what the log says, not a time held
+    assert "(1 released as starved)" in ex.markdown(res)
     c = causes(res, 3)
     assert c["starved"] == pytest.approx(1000, abs=0.01)
     # 25 ms of engine queueing was predicted at release: beyond it, 5 ms

@@ -370,9 +370,14 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
     totals = {k: sum(r["causes_ms"][k] for r in out) for k, _ in CAUSES}
     n_starved = len(starved)
     proxy_starved = ((status or {}).get("queues") or {}).get("released_by_starvation_timeout")
+    logged = any(r["release"] != "-" for r in out)
     if proxy_starved is not None and proxy_starved != n_starved:
-        notes.append(f"{n_starved} requests waited at least the starvation timeout "
-                     f"({starve:g} ms); /omni/status counts {proxy_starved} released by it")
+        notes.append(
+            f"{n_starved} requests released as starved (the log's release reason); "
+            f"/omni/status counts {proxy_starved}, those that went ahead of the "
+            f"request the order put first" if logged else
+            f"{n_starved} requests waited at least the starvation timeout "
+            f"({starve:g} ms); /omni/status counts {proxy_starved} released by it")
     pred = [(r["prefill_pred_ms"], r["prefill_ms"]) for r in out
             if r["prefill_pred_ms"] is not None and r["prefill_ms"]]
     mape = sum(abs(p - m) / m for p, m in pred) / len(pred) if pred else None
@@ -383,6 +388,7 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
            "released_by_starvation": n_starved, "prefill_duration_mape": mape,
            "cluster": cluster.describe() if cluster else None,
            "release_reasons": _count(r["release"] for r in out),
+           "release_reasons_logged": logged,
            "notes": notes, "missing": _missing(log)}
     res["markdown"] = markdown(res, worst)
     return res
@@ -408,7 +414,8 @@ def markdown(res: dict, worst: int = 10) -> str:
                      f"{res['totals_ms'][k] / n:.1f} | {hit} |")
     lines += ["", f"hold slack {res['hold_slack_ms']:g} ms, starvation timeout "
               f"{res['starvation_timeout_ms']:g} ms ({res['released_by_starvation']} "
-              f"requests waited that long)"
+              + ("released as starved)" if res["release_reasons_logged"]
+                 else "requests waited that long)")
               + (f"; predicted prefill leg vs measured: MAPE "
                  f"{100 * res['prefill_duration_mape']:.1f}%"
                  if res["prefill_duration_mape"] is not None else ""), ""]
