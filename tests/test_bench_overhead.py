@@ -3,8 +3,10 @@ template, and a short real run against the canned backend."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -75,6 +77,68 @@ def test_peer_command_lines_follow_peers_md():
     rr = overhead.peer_argv("vllm-router-rr", "vllm-router", 9, urls)
     assert rr[rr.index("--worker-urls") + 1:rr.index("--worker-urls") + 3] == urls[:2]
     assert rr[rr.index("--policy") + 1] == "round_robin"
+
+
+def test_the_cli_help_names_every_target():
+    # the list is spelled out in the CLI so that `omni-ctl` starts without
+    # importing the benchmark; it must stay the benchmark's
+    from click.testing import CliRunner
+    from omni_ctl.bench.cli import bench_overhead
+    text = " ".join(CliRunner().invoke(bench_overhead, ["--help"]).output.split())
+    listed = re.search(r"all available\): (.*?)\s+--duration", text).group(1)
+    names = [t.strip() for t in listed.replace("- ", "-").split(",")]
+    assert sorted(names) == sorted(overhead.TARGETS)
+
+
+def test_mirror_sends_each_request_whole_to_both_upstreams(tmp_path):
+    """nginx-mirror, the two-leg floor of the overhead bench: real nginx in
+    front of two recording HTTP servers."""
+    import http.server
+    import threading
+    import urllib.request
+
+    got = {"a": [], "b": []}
+
+    def server(name):
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                got[name].append((self.path, body))
+                out = name.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *a):
+                pass
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        return srv
+
+    a, b = server("a"), server("b")
+    port = procs.free_ports(1)[0]
+    prefix = str(tmp_path / "m")
+    conf = procs.render_plain_nginx(prefix, [port], mode="proxy",
+                                    upstreams=[f"127.0.0.1:{a.server_port}"],
+                                    mirror=[f"127.0.0.1:{b.server_port}"])
+    proc = procs.start_nginx("nginx-mirror", conf, prefix)
+    try:
+        body = overhead.make_body(16 * 1024)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        procs.wait_http(proc, url, body, timeout=15)
+        req = urllib.request.Request(url, data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.read() == b"a"          # the answer is the first leg's
+        deadline = time.monotonic() + 10
+        while len(got["b"]) < len(got["a"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(got["a"]) >= 2 and len(got["b"]) == len(got["a"])
+        assert got["a"][-1] == ("/v1/completions", body) == got["b"][-1]
+    finally:
+        proc.stop()
+        a.shutdown()
+        b.shutdown()
 
 
 def test_plain_nginx_template_renders_and_passes_nginx_t(tmp_path):

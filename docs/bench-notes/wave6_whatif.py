@@ -41,6 +41,22 @@ class Model(w._Rule):
         if self._starved_pick:
             self.starved.add(s.i)
 
+    def _pull_central(self, inst, t, batch, budget):
+        self._inst = inst
+        return super()._pull_central(inst, t, batch, budget)
+
+    def horizon(self):
+        """Until another instance than the one being filled ends its
+        prefills (0 when one is idle): when this pick is passed over, the
+        next chance to start."""
+        rest = []
+        for x in self.pre:
+            if x is getattr(self, "_inst", None):
+                continue
+            rest.append(sum(self.alone(s.job.prompt - s.computed, s.computed)
+                            for s in x.running if s.computed < s.job.prompt))
+        return min(rest) if rest else 0.0
+
     def busy_starved(self):
         return sum(1 for x in self.pre
                    if any(s.i in self.starved and s.computed < s.job.prompt
@@ -64,6 +80,15 @@ class Model(w._Rule):
                     return oldest, True
             return self.sjf(q), False
         kind, _, arg = name.partition(":")
+        if kind == "lshor":
+            # latest start with a look ahead: urgent when waited + the wait
+            # for the next other instance + own work reaches B
+            B = float(arg)
+            h = self.horizon()
+            urgent = [s for s in q if t - s.job.arrival + h + work[s.i] >= B]
+            if urgent:
+                return min(urgent, key=lambda s: s.job.arrival), True
+            return self.sjf(q), False
         if kind in ("ls", "lsshare", "lsold", "lsoldshare", "lslong", "lslongshare"):
             # latest start: urgent when waited + own work reaches B
             B, _, scan = arg.partition("/")

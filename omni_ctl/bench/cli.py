@@ -164,7 +164,7 @@ def _url(target: str) -> str:
               help="Prompt sizes in bytes (k = 1024).")
 @click.option("--targets", default=None,
               help="Comma list (default: all available): " + ", ".join(
-                  ["direct", "nginx", "omni-aggregated", "omni-aggregated-ll",
+                  ["direct", "nginx", "nginx-mirror", "omni-aggregated", "omni-aggregated-ll",
                    "omni-sequential", "omni-parallel", "omni-sequential-tok",
                    "sglang-router-pd",
                    "vllm-router-pd", "sglang-router-rr", "vllm-router-rr",

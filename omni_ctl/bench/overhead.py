@@ -8,6 +8,9 @@ given sizes, non-streaming), side by side in one run:
 
     direct            wrk -> backend (the ceiling; shows wrk is not the limit)
     nginx             plain nginx proxy_pass, round robin over 2 ports
+    nginx-mirror      the same, each request also sent whole to the 2 other
+                      ports (nginx's mirror): two legs carrying the prompt,
+                      the floor for a P/D mode without any scheduling
     omni-aggregated   Omni Proxy, one tier
     omni-aggregated-ll  the same with --schedule-policy least-loaded (the
                       request path alone: no prefix index, no holding)
@@ -43,8 +46,8 @@ from . import omni, peers, procs
 from .errors import BenchError
 from .workloads import content_key, text_block, token_block
 
-TARGETS = ("direct", "nginx", "omni-aggregated", "omni-aggregated-ll", "omni-sequential",
-           "omni-parallel", "omni-sequential-tok",
+TARGETS = ("direct", "nginx", "nginx-mirror", "omni-aggregated", "omni-aggregated-ll",
+           "omni-sequential", "omni-parallel", "omni-sequential-tok",
            "vllm-router-pd", "sglang-router-pd", "vllm-router-rr", "sglang-router-rr",
            "vllm-router-ca", "sglang-router-ca")
 
@@ -221,9 +224,10 @@ def start_target(name: str, tmp: str, backend_ports: list[int], workers: int,
         return urls[0], None
     prefix = os.path.join(tmp, name)
     os.makedirs(prefix, exist_ok=True)
-    if name == "nginx":
+    if name in ("nginx", "nginx-mirror"):
         conf = procs.render_plain_nginx(prefix, [port], mode="proxy", workers=workers,
-                                        upstreams=prefill, start_core=0)
+                                        upstreams=prefill, start_core=0,
+                                        mirror=decode if name == "nginx-mirror" else ())
         proc = procs.start_nginx(name, conf, prefix)
     elif name.startswith("omni-"):
         mode, _, variant = name[len("omni-"):].partition("-")

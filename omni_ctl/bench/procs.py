@@ -32,9 +32,12 @@ def template_dir() -> Path:
 
 def render_plain_nginx(prefix: str, listen_ports, *, mode: str, workers: int = 1,
                        upstreams=(), canned_body: str | None = None,
-                       log_level: str = "error", start_core: int | None = None) -> str:
+                       log_level: str = "error", start_core: int | None = None,
+                       mirror=()) -> str:
     """Write <prefix>/nginx.conf for plain nginx and return its path. With
-    start_core, worker i is pinned to core start_core + i (as gen-conf does)."""
+    start_core, worker i is pinned to core start_core + i (as gen-conf does);
+    with mirror upstreams (proxy mode), every request also goes whole to one
+    of them."""
     if mode == "proxy" and not upstreams:
         raise BenchError("plain nginx proxy needs at least one upstream")
     if mode == "canned":
@@ -48,6 +51,7 @@ def render_plain_nginx(prefix: str, listen_ports, *, mode: str, workers: int = 1
     text = env.get_template("plain_nginx.conf.j2").render(
         prefix=prefix, listen_ports=list(listen_ports), mode=mode, workers=workers,
         upstreams=list(upstreams), canned_body=canned_body or "", log_level=log_level,
+        mirror=list(mirror) if mode == "proxy" else [],
         cpu_affinity=[] if start_core is None else
         ["1" + "0" * (start_core + i) for i in range(workers)])
     os.makedirs(prefix, exist_ok=True)
