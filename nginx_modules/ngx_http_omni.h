@@ -812,6 +812,7 @@ char *ngx_http_omni_bootstrap(ngx_conf_t *cf, ngx_command_t *cmd,
 
 /* ngx_http_omni_tokenize.c */
 ngx_int_t ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx);
+ngx_str_t *ngx_http_omni_tokenize_conversation(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_tokenized(ngx_http_omni_ctx_t *ctx);
 void ngx_http_omni_tokenize_cancel(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_tokenize_kv(ngx_http_omni_ctx_t *ctx, u_char **kv,

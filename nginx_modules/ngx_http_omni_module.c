@@ -620,6 +620,7 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
     uintptr_t data)
 {
     u_char               *p;
+    ngx_str_t            *conv;
     ngx_msec_t            from, to;
     ngx_http_omni_ctx_t  *ctx;
     ngx_http_omni_leg_t  *leg;
@@ -648,8 +649,9 @@ ngx_http_omni_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         return NGX_OK;
 
     case NGX_HTTP_OMNI_VAR_CONVERSATION:
-        v->data = ctx->tok.conversation.data;
-        v->len = ctx->tok.conversation.len;
+        conv = ngx_http_omni_tokenize_conversation(ctx);
+        v->data = conv->data;
+        v->len = conv->len;
         return NGX_OK;
 
     case NGX_HTTP_OMNI_VAR_PD_MODE:

@@ -35,7 +35,6 @@ static void ngx_http_omni_tokenize_timeout(ngx_event_t *ev);
 static ngx_int_t ngx_http_omni_tokenize_decode(ngx_http_omni_ctx_t *ctx);
 static void ngx_http_omni_tokenize_count(ngx_http_omni_ctx_t *ctx,
     ngx_int_t reason);
-static void ngx_http_omni_tokenize_conversation(ngx_http_omni_ctx_t *ctx);
 static ngx_int_t ngx_http_omni_tokenize_reuse(ngx_http_omni_ctx_t *ctx,
     u_char *lens, u_char *ids, uint32_t count, uint32_t flags);
 
@@ -93,8 +92,6 @@ ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx)
 
     ps->handler = ngx_http_omni_tokenize_done;
     ps->data = ctx;
-
-    ngx_http_omni_tokenize_conversation(ctx);
 
     /* a chat answer will be learned: the service names the conversation */
     args = (ctx->route == NGX_HTTP_OMNI_ROUTE_CHAT && mcf->token_reuse
@@ -170,9 +167,10 @@ ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx)
  * whose reuse cache holds the earlier ones (and their learned answers).
  * Anything else: the request id, which spreads them over the workers.
  * A client that re-serializes its history differently only loses the
- * affinity; the ids are exact either way.
+ * affinity; the ids are exact either way.  Found when the variable is
+ * first read (with one tokenizer worker, never).
  */
-static void
+ngx_str_t *
 ngx_http_omni_tokenize_conversation(ngx_http_omni_ctx_t *ctx)
 {
     int                  type;
@@ -180,11 +178,15 @@ ngx_http_omni_tokenize_conversation(ngx_http_omni_ctx_t *ctx)
     size_t               k, eo, el, ro, rl, end;
     omni_json_member_t  *m;
 
+    if (ctx->tok.conversation.data != NULL) {
+        return &ctx->tok.conversation;
+    }
+
     ctx->tok.conversation.data = ctx->request_id;
     ctx->tok.conversation.len = ctx->request_id_len;
 
     if (ctx->route != NGX_HTTP_OMNI_ROUTE_CHAT || ctx->members == NULL) {
-        return;
+        return &ctx->tok.conversation;
     }
 
     m = ctx->members;
@@ -192,7 +194,7 @@ ngx_http_omni_tokenize_conversation(ngx_http_omni_ctx_t *ctx)
                        sizeof("messages") - 1);
 
     if (i < 0 || m[i].type != OMNI_JSON_ARRAY) {
-        return;
+        return &ctx->tok.conversation;
     }
 
     end = 0;
@@ -225,6 +227,8 @@ ngx_http_omni_tokenize_conversation(ngx_http_omni_ctx_t *ctx)
         ctx->tok.conversation.data = ctx->body + m[i].val_off;
         ctx->tok.conversation.len = end - m[i].val_off;
     }
+
+    return &ctx->tok.conversation;
 }
 
 
