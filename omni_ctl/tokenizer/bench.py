@@ -10,7 +10,8 @@ a quiet machine):
   connection (one worker): time per request with the reuse cache and without,
   and with answer learning (each turn's answer sent to the worker's learn
   socket as the proxy sends it, wire.learn_message): the request path's
-  service time apart from the learning's.
+  service time apart from the learning's.  Each side's service first serves
+  as many other conversations, unmeasured (a service in use is warm).
 
 `--inprocess MODE` instead runs the same conversations through the service's
 request handler (server.App) in this process, for an instruction count under
@@ -40,6 +41,7 @@ from ..bench import workloads
 from . import control, core, server, wire
 
 SIZES_KB = (1, 16, 200)
+WARM_UP_SEED = 12
 
 
 def _pct(xs, q):
@@ -98,12 +100,13 @@ def _service_stats(svc):
     return json.loads(body)
 
 
-def _conversations(conversations, turns):
-    """[(system, [(user message, the engine's answer)])] of the bench."""
+def _conversations(conversations, turns, seed=11):
+    """[(system, [(user message, the engine's answer)])] of the bench (seed
+    11 is measured; another seed gives other conversations to warm up on)."""
     sessions = workloads.multiturn_workload(conversations * turns, turns, 1000, 400, 200,
-                                            seed=11)
+                                            seed=seed)
     return [(s.system, [(turn.prompt, workloads.text_block(
-        workloads.content_key("tok-bench-a", s.index, t), 200))
+        workloads.content_key("tok-bench-a", seed, s.index, t), 200))
         for t, turn in enumerate(s.turns)]) for s in sessions]
 
 
@@ -118,16 +121,18 @@ def _turn_bodies(system, turns):
 
 def _learn_sent(svc, before, deadline):
     """Wait until the worker has read every answer sent (the next turn of a
-    real client comes after its reader read the answer)."""
+    real client comes after its reader read the answer).  Asked again at
+    once, without sleeping: an idle pause before each learned turn only
+    (the other sides send back to back) would measure a worker gone cold
+    on one side of the ratio and not on the other."""
     while time.monotonic() < deadline:
         st = _service_stats(svc)
         if st["learn_received"] >= before:
             return st["learn_received"]
-        time.sleep(0.001)
     raise click.ClickException("the service did not read a learn datagram in time")
 
 
-def multi_turn(svc, conversations, turns, max_seconds, label, learn=False):
+def multi_turn(svc, conversations, turns, max_seconds, label, learn=False, seed=11):
     """Round trip per request, and the service's own time per request (its
     /stats busy_s and cpu_s: parse, render, tokenize, answer, without the
     transport, which is the same with and without the cache); with learn,
@@ -137,7 +142,7 @@ def multi_turn(svc, conversations, turns, max_seconds, label, learn=False):
     sent = before["learn_received"]
     out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     times, deadline = [], time.monotonic() + max_seconds
-    for system, conv in _conversations(conversations, turns):
+    for system, conv in _conversations(conversations, turns, seed):
         if time.monotonic() > deadline:
             break
         conn = control._UnixHTTP(svc.socket, 60)
@@ -214,6 +219,11 @@ def run(model_path, chat_template=None, requests=50, max_seconds=30.0, conversat
                     for r in by_size(svc, model_path, requests, max_seconds):
                         emit(json.dumps(r))
                         results.append(r)
+                # a service in use is warm: the same number of other
+                # conversations first (unmeasured; they share nothing with
+                # the measured ones), the same way on every side
+                multi_turn(svc, conversations, turns, max_seconds, label,
+                           learn=label == "learn", seed=WARM_UP_SEED)
                 r = multi_turn(svc, conversations, turns, max_seconds, label,
                                learn=label == "learn")
                 emit(json.dumps(r))
