@@ -191,6 +191,7 @@ struct ngx_http_omni_main_conf_s {
     ngx_uint_t                     cache_blocks;    /* per instance */
     ngx_msec_t                     cache_ttl;
     ngx_uint_t                     decode_max_tokens;
+    ngx_uint_t                     max_model_len;   /* 0: not checked */
     ngx_msec_t                     hold_slack;
     ngx_msec_t                     slo_ttft;        /* 0: none */
     ngx_msec_t                     slo_tpot;        /* 0: none */
@@ -563,6 +564,9 @@ typedef struct {
 
     int64_t                        max_tokens;
     uint64_t                       prompt_tokens;   /* counted or estimated */
+    uint64_t                       longest_exact;   /* the longest prompt's
+                                                       exact token count (0:
+                                                       only estimated) */
     uint32_t                      *token_ids;
     size_t                         n_tokens;
     size_t                         batch;           /* prompts in a list */

@@ -467,6 +467,7 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
 
         ctx->token_prompt = 1;
         ctx->prompt_tokens = ctx->n_tokens;
+        ctx->longest_exact = ctx->n_tokens;
         return NGX_OK;
 
     case OMNI_JSON_STRING:
@@ -499,6 +500,7 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
             }
 
             ctx->prompt_tokens += count;
+            ctx->longest_exact = ngx_max(ctx->longest_exact, count);
         }
 
         ctx->batch = n;

@@ -414,7 +414,7 @@ ngx_http_omni_tokenize_decode(ngx_http_omni_ctx_t *ctx)
 {
     u_char     *p, *ids;
     size_t      len, i;
-    uint32_t    flags, count, first, k;
+    uint32_t    flags, count, first, k, n, longest;
     uint64_t    total;
 
     p = ctx->tok.response->pos;
@@ -458,8 +458,12 @@ ngx_http_omni_tokenize_decode(ngx_http_omni_ctx_t *ctx)
 
     total = 0;
 
+    longest = 0;
+
     for (k = 0; k < count; k++) {
-        total += ngx_http_omni_le32(p + NGX_HTTP_OMNI_TOK_HEADER + 4 * k);
+        n = ngx_http_omni_le32(p + NGX_HTTP_OMNI_TOK_HEADER + 4 * k);
+        total += n;
+        longest = ngx_max(longest, n);
     }
 
     if (len != NGX_HTTP_OMNI_TOK_HEADER + 4 * (uint64_t) count + 4 * total) {
@@ -483,6 +487,7 @@ ngx_http_omni_tokenize_decode(ngx_http_omni_ctx_t *ctx)
 
     ctx->n_tokens = first;
     ctx->prompt_tokens = total;
+    ctx->longest_exact = longest;
     ctx->token_prompt = 1;
     ctx->tok.ok = 1;
 

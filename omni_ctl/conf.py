@@ -229,6 +229,18 @@ OPTIONS: tuple[Option, ...] = (
         "in flight; 0: none)."), "scheduler", metavar="N", minimum=0,
            directive="omni_decode_max_tokens",
            doc="With 0 only `--decode-max-num-seqs` limits a decode instance."),
+    Option("max_model_len", "int", 0, (
+        "The engines' context length in tokens: a prompt of that many tokens or "
+        "more is answered 400 at once (0: not checked)."), "scheduler", metavar="N",
+           minimum=0, directive="omni_max_model_len", doc=(
+               "Set it to the smallest `--max-model-len` (vLLM) or `--context-length` "
+               "(SGLang) of the engines. Checked only where the proxy knows the exact "
+               "count: a token-id prompt, or one the tokenizer service counted (a "
+               "text prompt on the 4-bytes estimate goes on and the engine judges). "
+               "The answer is the engine's own: 400, \"This model's maximum context "
+               "length is N tokens. However, your request has M input tokens.\"; "
+               "without it such a request is held as the largest job of the queue "
+               "before the engine refuses it.")),
     Option("hold_slack", "duration", "20ms", (
         "Release a request to an instance predicted busy for at most this long "
         "(bare number: ms)."), "scheduler", metavar="T", unit="ms",
