@@ -110,6 +110,17 @@ class Model(w._Rule):
                 if self.busy_starved() < seats or t - pick.job.arrival + work[pick.i] >= 2 * B:
                     return pick, True
             return self.sjf(q), False
+        if kind == "slow":
+            # wave 7: latest start B, or a slowdown cap: urgent when waited
+            # >= k x own work (and at least m seconds); oldest urgent first
+            k, _, rest = arg.partition("/")
+            m, _, B = rest.partition("/")
+            k, m, B = float(k), float(m or 0), float(B or 5)
+            urgent = [s for s in q if t - s.job.arrival + work[s.i] >= B
+                      or t - s.job.arrival >= max(m, k * work[s.i])]
+            if urgent:
+                return min(urgent, key=lambda s: s.job.arrival), True
+            return self.sjf(q), False
         if kind == "adapt":
             # B follows the backlog: the FCFS drain time of what waits now
             k = float(arg or 1)
