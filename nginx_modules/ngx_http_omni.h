@@ -192,6 +192,7 @@ struct ngx_http_omni_main_conf_s {
     ngx_msec_t                     cache_ttl;
     ngx_uint_t                     decode_max_tokens;
     ngx_uint_t                     max_model_len;   /* 0: not checked */
+    ngx_uint_t                     engine_tokenize_ns; /* per text token */
     ngx_msec_t                     hold_slack;
     ngx_msec_t                     slo_ttft;        /* 0: none */
     ngx_msec_t                     slo_tpot;        /* 0: none */
@@ -330,6 +331,8 @@ typedef struct {
     uint64_t                      *hashes;      /* slab copy, or NULL */
     uint64_t                       prompt_tokens;
     uint64_t                       output_tokens;
+    uint32_t                       front_us;    /* the engine's tokenizing
+                                                   of a text prompt */
 
     /* set when released: the binding, per tier (charged to the owner) */
     uint32_t                       slot[NGX_HTTP_OMNI_TIERS];
@@ -558,6 +561,8 @@ typedef struct {
     unsigned                       answered:1;      /* last byte queued */
     unsigned                       deadline_hit:1;  /* answer 504 */
     unsigned                       token_prompt:1;
+    unsigned                       ids_sent:1;      /* the engines get token
+                                                       ids, not text */
     unsigned                       ignore_eos:1;
     unsigned                       timeout_bad:1;   /* X-Omni-Request-Timeout
                                                        does not parse */
@@ -712,6 +717,7 @@ ngx_uint_t ngx_http_omni_queue_reap_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, ngx_uint_t starting);
 
 /* ngx_http_omni_sched.c */
+uint32_t ngx_http_omni_front_us(ngx_http_omni_ctx_t *ctx);
 ngx_uint_t ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf);
 ngx_int_t ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf);
 ngx_int_t ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,

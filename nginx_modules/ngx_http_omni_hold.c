@@ -113,6 +113,7 @@ ngx_http_omni_hold(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     en->arrival = ngx_current_msec;
     en->prompt_tokens = ctx->prompt_tokens;
     en->output_tokens = ctx->output_tokens;
+    en->front_us = ngx_http_omni_front_us(ctx);
     en->deadline_us = ctx->slo_ttft_us && queue == NGX_HTTP_OMNI_Q_PREFILL
                       ? (uint64_t) en->arrival * 1000 + ctx->slo_ttft_us : 0;
     en->tpot_us = ctx->slo_tpot_us;
@@ -628,6 +629,7 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
     en.released = now;
     en.prompt_tokens = ctx->prompt_tokens;
     en.output_tokens = ctx->output_tokens;
+    en.front_us = ngx_http_omni_front_us(ctx);
     en.hashes = ctx->hashes;            /* this process's memory: used */
     en.n_hashes = (uint32_t) ctx->n_hashes;     /* only under this lock */
     en.slot[0] = NGX_HTTP_OMNI_NONE;

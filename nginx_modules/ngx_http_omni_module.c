@@ -215,6 +215,13 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       offsetof(ngx_http_omni_main_conf_t, max_model_len),
       NULL },
 
+    { ngx_string("omni_engine_tokenize_ns"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, engine_tokenize_ns),
+      NULL },
+
     { ngx_string("omni_decode_max_tokens"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -498,6 +505,7 @@ ngx_http_omni_create_main_conf(ngx_conf_t *cf)
     mcf->cache_ttl = NGX_CONF_UNSET_MSEC;
     mcf->decode_max_tokens = NGX_CONF_UNSET_UINT;
     mcf->max_model_len = NGX_CONF_UNSET_UINT;
+    mcf->engine_tokenize_ns = NGX_CONF_UNSET_UINT;
     mcf->hold_slack = NGX_CONF_UNSET_MSEC;
     mcf->slo_ttft = NGX_CONF_UNSET_MSEC;
     mcf->slo_tpot = NGX_CONF_UNSET_MSEC;
@@ -542,6 +550,7 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->cache_ttl, 600000);
     ngx_conf_init_uint_value(mcf->decode_max_tokens, 0);
     ngx_conf_init_uint_value(mcf->max_model_len, 0);
+    ngx_conf_init_uint_value(mcf->engine_tokenize_ns, 4400);
     ngx_conf_init_msec_value(mcf->hold_slack, 20);
     ngx_conf_init_msec_value(mcf->slo_ttft, 0);
     ngx_conf_init_msec_value(mcf->slo_tpot, 0);

@@ -466,6 +466,7 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
         }
 
         ctx->token_prompt = 1;
+        ctx->ids_sent = 1;
         ctx->prompt_tokens = ctx->n_tokens;
         ctx->longest_exact = ctx->n_tokens;
         return NGX_OK;
@@ -504,6 +505,7 @@ ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx)
         }
 
         ctx->batch = n;
+        ctx->ids_sent = type == OMNI_JSON_ARRAY;
 
         if (n > 1 && ctx->mode == NGX_HTTP_OMNI_SEQUENTIAL) {
             /* vLLM's kv_transfer_params describe one request's blocks */

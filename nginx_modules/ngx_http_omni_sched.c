@@ -59,6 +59,27 @@ static struct {
 } ngx_http_omni_last;
 
 
+/*
+ * The prefill engine's own work on a request before it can start: its
+ * tokenization when the prompt goes to it as text (not as ids).  The
+ * policy lets such a request go that much before its instance frees
+ * (omni_prefill_opts_t.front_us); 10 s at most.
+ */
+uint32_t
+ngx_http_omni_front_us(ngx_http_omni_ctx_t *ctx)
+{
+    uint64_t  us;
+
+    if (ctx->ids_sent) {
+        return 0;
+    }
+
+    us = ctx->prompt_tokens * (uint64_t) ctx->mcf->engine_tokenize_ns / 1000;
+
+    return (uint32_t) ngx_min(us, 10000000);
+}
+
+
 ngx_uint_t
 ngx_http_omni_start_tier(ngx_http_omni_main_conf_t *mcf)
 {
@@ -521,6 +542,7 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     po.waiting = (uint32_t) waiting;
     po.force = (uint32_t) force;
     po.deadline_us = en->deadline_us;   /* 0 without SLO: unchanged */
+    po.front_us = en->front_us;
 
     rc = omni_policy_prefill_decide(sh->predict, matched,
                                     matched ? sh->n_slots : 0,
@@ -631,6 +653,7 @@ ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
 
     if (last->seq != ngx_http_omni_last.seq
         || last->state != NGX_HTTP_OMNI_QE_WAITING
+        || last->front_us != en->front_us
         || (last->hashes == NULL) != (en->hashes == NULL))
     {
         return 0;

@@ -195,6 +195,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             "\"index_instances\":%uD,"
             "\"cache_blocks\":%uD,\"cache_ttl_ms\":%M,"
             "\"decode_max_tokens\":%ui,\"max_model_len\":%ui,"
+            "\"engine_tokenize_ns\":%ui,"
             "\"hold_slack_ms\":%M,"
             "\"slo_ttft_ms\":%M,\"slo_tpot_ms\":%M,\"slo_max_ms\":%M,"
             "\"slo_reject\":\"%s\","
@@ -211,7 +212,8 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             mcf->request_timeout, &mcf->passive_health_text,
             sh->block_size, mcf->index_max_tokens, sh->index_instances,
             sh->cache_blocks, sh->cache_ttl,
-            mcf->decode_max_tokens, mcf->max_model_len, mcf->hold_slack,
+            mcf->decode_max_tokens, mcf->max_model_len,
+            mcf->engine_tokenize_ns, mcf->hold_slack,
             mcf->slo_ttft, mcf->slo_tpot, mcf->slo_max,
             mcf->slo_reject ? "on" : "off",
             mcf->tokenize_timeout, mcf->tokenize_timeout_per_kb,

@@ -650,6 +650,7 @@ ngx_http_omni_tokenize_reuse(ngx_http_omni_ctx_t *ctx, u_char *lens,
     ctx->body_len = len;
     ctx->members = members;
     ctx->n_members = doc.n_members;
+    ctx->ids_sent = 1;
 
     return NGX_OK;
 }

@@ -229,6 +229,19 @@ OPTIONS: tuple[Option, ...] = (
         "in flight; 0: none)."), "scheduler", metavar="N", minimum=0,
            directive="omni_decode_max_tokens",
            doc="With 0 only `--decode-max-num-seqs` limits a decode instance."),
+    Option("engine_tokenize_ns", "int", 4400, (
+        "The engines' tokenization time per prompt token sent to them as text, in "
+        "ns: such a request may be sent that much before its instance frees."),
+           "scheduler", metavar="NS", minimum=0, maximum=1_000_000,
+           directive="omni_engine_tokenize_ns", doc=(
+               "An engine tokenizes a text prompt before it can schedule it; sent "
+               "when its instance frees, the instance idles meanwhile, so a held text "
+               "request is released up to `prompt tokens x NS` earlier than "
+               "`--hold-slack` alone allows, and its tokenization overlaps the work "
+               "ahead of it. Prompts that go as token ids (a token-id prompt, or "
+               "`--model-path` with `--token-reuse auto`) get no allowance. The "
+               "default is a published vLLM figure (164 ms for about 37k tokens); 0 "
+               "turns it off (docs/benchmarks.md section 11).")),
     Option("max_model_len", "int", 0, (
         "The engines' context length in tokens: a prompt of that many tokens or "
         "more is answered 400 at once (0: not checked)."), "scheduler", metavar="N",

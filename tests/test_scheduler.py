@@ -219,6 +219,44 @@ def test_a_longer_request_does_not_join_a_shorter_ones_step(omni_nginx, one_by_o
     _idle(nginx)
 
 
+def test_a_text_prompt_goes_its_tokenization_early(omni_nginx, one_by_one, tmp_path):
+    """The engine tokenizes a text prompt before it can schedule it, so a
+    held text request may go that much before its instance frees
+    (omni_engine_tokenize_ns, here 1 ms a token: far more than the blocker's
+    work left); the same request as token ids, or with the allowance off,
+    waits in the proxy until the instance is about to free."""
+    sim = one_by_one
+    text = " ".join(["word"] * 320)          # 1,600 bytes: 400 tokens estimated
+    results = {}
+    for ns in (1_000_000, 0):
+        logs = tmp_path / f"ns{ns}"
+        logs.mkdir()
+        nginx = omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
+                           decode_endpoints=sim.decode_endpoints[0],
+                           schedule_policy="omni", engine_tokenize_ns=ns,
+                           access_log_file=str(logs / "access.log"))
+        assert nginx.status()["config"]["engine_tokenize_ns"] == ns
+        tag = time.monotonic_ns()
+        for kind, prompt in (("text", text), ("ids", _tokens(400, f"i{tag}"))):
+            pool = concurrent.futures.ThreadPoolExecutor(2)
+            blocker = pool.submit(_post, nginx, {"prompt": _tokens(4000, f"b{kind}{tag}"),
+                                                 "max_tokens": 1}, f"block-{kind}-{tag}")
+            _wait_busy(nginx, "prefill")
+            rid = f"{kind}-{ns}-{tag}"
+            _post(nginx, {"prompt": prompt, "max_tokens": 1}, rid)
+            blocker.result(timeout=60)
+            pool.shutdown()
+            _idle(nginx)
+            results[kind, ns] = _access(logs)[rid]
+    sent_early = results["text", 1_000_000]
+    assert int(sent_early["queue_ms"]) == 0, sent_early
+    assert int(sent_early["prefill_pred_wait_ms"]) > 20, sent_early     # past the slack
+    for key in (("ids", 1_000_000), ("text", 0), ("ids", 0)):
+        held = results[key]
+        assert int(held["queue_ms"]) > 0, (key, held)
+        assert int(held["prefill_pred_wait_ms"]) <= 20, (key, held)
+
+
 def test_past_the_starvation_timeout_the_oldest_goes_first(omni_nginx, one_by_one,
                                                           tmp_path):
     """Under a backlog every request is past the starvation timeout.  Among

@@ -307,6 +307,47 @@ def test_decide_over_the_batch_budget_is_busy_not_excluded():
     assert _decide(pred, cands, 1000, now).choice == 0
 
 
+def test_decide_a_text_prompt_goes_its_front_end_time_early():
+    """front_us (the engine's tokenization of a text prompt) widens how
+    early a request may be sent to a busy instance, so that the engine
+    tokenizes it while the instance finishes; the batch-budget and step
+    rules still hold; a front_us the slack cannot add is refused."""
+    pred = _pred(1)
+    now = 1_000_000
+    job = pred.dispatch_prefill(0, 1000, 0, now_us=now)    # busy 102 ms
+    left = job.done_us - now
+
+    def cand(**kw):
+        return [PrefillCandidate(0, running=1, inflight_tokens=1000, max_running=16,
+                                 max_tokens=16384, **kw)]
+
+    # ids (no front end): held until the instance is 20 ms from free
+    d = _decide(pred, cand(), 4000, now)
+    assert d.hold and d.reason == "hold-full" and d.retry_us == left - 20_000
+    # text the engine needs longer to tokenize than the instance's work left
+    assert _decide(pred, cand(), 4000, now, front_us=left - 20_000).choice == 0
+    d = _decide(pred, cand(), 4000, now, front_us=left - 20_001)
+    assert d.hold and d.retry_us == 1
+    # over the batch budget it stays busy whatever its front end
+    d = _decide(pred, [PrefillCandidate(0, running=1, inflight_tokens=16000,
+                                        max_running=16, max_tokens=16384)],
+                4000, now, front_us=10_000_000)
+    assert d.hold
+    # a longer request than the step in flight: sent at most its front end
+    # before that step is done (the step rule keeps the plain slack)
+    step = dict(step_start_us=job.start_us, step_done_us=job.done_us,
+                step_service_us=job.service_us)
+    at = job.start_us + 1_000
+    c = cand(**step)
+    d = _decide(pred, c, 4000, at, slack_us=300_000, front_us=50_000)
+    assert d.hold and c[0].wait_us == job.done_us - at + 300_000
+    at = job.done_us - 50_000
+    assert _decide(pred, cand(**step), 4000, at, slack_us=300_000,
+                   front_us=50_000).choice == 0
+    with pytest.raises(InvalidArgumentError):
+        _decide(pred, cand(), 4000, now, front_us=1 << 62)
+
+
 def test_decide_best_busy_offers_free_instances_then_takes_one():
     """The best instance holds the prompt's prefix but is busy past the
     slack: without force the request waits (one behind it may take the free

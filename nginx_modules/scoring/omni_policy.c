@@ -194,13 +194,16 @@ omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  */
 static void
 omni_policy_prefill_busy(omni_prefill_cand_t *c, size_t n,
-    uint32_t prompt_tokens, uint64_t now_us, uint64_t slack)
+    uint32_t prompt_tokens, uint64_t now_us, uint64_t slack, uint64_t limit)
 {
     uint64_t  uncached, wait;
     size_t    i;
 
+    /* limit: the wait choose() accepts (the slack plus the request's own
+     * front-end time) */
+
     for (i = 0; i < n; i++) {
-        if (c[i].wait_us == 0 || c[i].wait_us > slack) {
+        if (c[i].wait_us == 0 || c[i].wait_us > limit) {
             continue;
         }
 
@@ -221,9 +224,9 @@ omni_policy_prefill_busy(omni_prefill_cand_t *c, size_t n,
 
         if (c[i].inflight_tokens && c[i].max_tokens
             && c[i].inflight_tokens + uncached > c[i].max_tokens
-            && c[i].wait_us <= slack)
+            && c[i].wait_us <= limit)
         {
-            c[i].wait_us = slack + 1;
+            c[i].wait_us = limit + 1;
         }
 
         c[i].max_tokens = OMNI_POLICY_UNLIMITED;
@@ -269,7 +272,9 @@ omni_policy_prefill_decide(const omni_predict_t *p,
     size_t    i;
     int       rc, room;
 
-    if (o == NULL || out == NULL || o->hold_slack_us >= UINT64_MAX / 2) {
+    if (o == NULL || out == NULL || o->hold_slack_us >= UINT64_MAX / 4
+        || o->front_us >= UINT64_MAX / 4)
+    {
         return OMNI_EINVAL;
     }
 
@@ -283,7 +288,14 @@ omni_policy_prefill_decide(const omni_predict_t *p,
         return rc;
     }
 
-    slack = o->hold_slack_us;
+    /*
+     * How early it may go: the slack, plus the engine's own work on it
+     * before it can start (a text prompt's tokenization), which then runs
+     * while the instance finishes what it has instead of after.  The step
+     * rule keeps the plain slack: sent front_us earlier, it still reaches
+     * the engine's scheduler after that step began.
+     */
+    slack = o->hold_slack_us + o->front_us;
     room = 0;
 
     for (i = 0; i < n && !room; i++) {
@@ -294,7 +306,8 @@ omni_policy_prefill_decide(const omni_predict_t *p,
                && c[i].wait_us <= slack;
     }
 
-    omni_policy_prefill_busy(c, n, prompt_tokens, now_us, slack);
+    omni_policy_prefill_busy(c, n, prompt_tokens, now_us, o->hold_slack_us,
+                             slack);
 
     if (o->deadline_us) {
         omni_policy_prefill_on_time(c, n, now_us, o->deadline_us);

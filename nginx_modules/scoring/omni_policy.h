@@ -125,6 +125,10 @@ typedef struct {
     uint32_t  force;            /* rather than wait for a busy best one,
                                    take the best free one (see decide) */
     uint64_t  deadline_us;      /* its TTFT deadline (SLO); 0: none */
+    uint64_t  front_us;         /* the engine's own work on it before it can
+                                   start (tokenizing a text prompt): it may
+                                   be sent that much before its instance
+                                   frees, on top of hold_slack_us */
 } omni_prefill_opts_t;
 
 typedef struct {
@@ -216,15 +220,17 @@ int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
 
 /*
  * The held-request decision for the start of a request (what the module
- * binds): prepare(), then
+ * binds): prepare(), then, with "the slack" hold_slack_us + front_us (a
+ * request whose engine first tokenizes it may be sent that much earlier,
+ * so that its tokenization overlaps the work ahead of it):
  *   - room: whether any candidate could start some request now (not
  *     flagged, below max_running, inflight_tokens below max_tokens, free
  *     within the slack);
  *   - engines batch in steps: a candidate free within the slack whose last
  *     prefill (step_*) has not started a slack ago and is not done, and
  *     whose last service was shorter than this request's prefill, waits
- *     until that one is done, plus the slack (a longer request does not
- *     join a shorter one's step);
+ *     until that one is done, plus hold_slack_us (a longer request does
+ *     not join a shorter one's step);
  *   - a candidate whose batch budget this request does not fit now is busy
  *     (wait past the slack), not out of the question; max_tokens is then
  *     no limit for choose();

@@ -790,7 +790,7 @@ def choose_prefill(candidates, prompt_tokens, hold_slack_us=None):
 
 def decide_prefill(predictor, candidates, cached_blocks, block_size,
                    prompt_tokens, now_us, hold_slack_us, waiting=1,
-                   arrival_gap_us=0.0, force=False, deadline_us=0):
+                   arrival_gap_us=0.0, force=False, deadline_us=0, front_us=0):
     """The module's decision for the start of a held request
     (``omni_policy_prefill_decide``): prepare, the step and batch-budget
     rules, the cost to the others, choose, and what to do when the best
@@ -798,14 +798,16 @@ def decide_prefill(predictor, candidates, cached_blocks, block_size,
     function updates them.  ``Decision.reason`` "hold-busy": this one waits
     and one behind it may go; "hold-limits"/"hold-none"/"hold-full": nothing
     that needs a free instance can go now.  ``deadline_us``: its TTFT
-    deadline (an SLO; 0: none), same clock as ``now_us``."""
+    deadline (an SLO; 0: none), same clock as ``now_us``.  ``front_us``: the
+    engine's own work on it before it can start (tokenizing a text prompt):
+    it may be sent that much earlier than the slack alone allows."""
     arr = _prefill_array(candidates)
     cached = list(cached_blocks or ())
     blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
     opts = ffi.new("omni_prefill_opts_t *", {
         "hold_slack_us": hold_slack_us, "arrival_gap_us": float(arrival_gap_us),
         "waiting": waiting, "force": int(bool(force)),
-        "deadline_us": deadline_us})
+        "deadline_us": deadline_us, "front_us": front_us})
     out = ffi.new("omni_decision_t *")
     rc = lib.omni_policy_prefill_decide(predictor._h, blocks, len(cached),
                                         block_size, prompt_tokens, now_us, opts,
