@@ -803,6 +803,7 @@ ngx_int_t ngx_http_omni_answer_from_prefill(ngx_http_omni_ctx_t *ctx,
     u_char *resp, size_t len);
 
 /* ngx_http_omni_request.c */
+ngx_int_t ngx_http_omni_too_long(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_read_body(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_parse(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_hash_prompt(ngx_http_omni_ctx_t *ctx);

@@ -308,23 +308,10 @@ ngx_http_omni_dispatch(ngx_http_omni_ctx_t *ctx)
                                         "configured for this mode");
     }
 
-    /*
-     * A prompt known to fill the engines' whole context is refused by every
-     * engine (vLLM and SGLang alike): answered here, at once, instead of
-     * being held as the largest job of the queue.  Only an exact count
-     * (ids, or the tokenizer's): an estimate goes on and the engine judges.
-     */
     if (ctx->mcf->max_model_len
         && ctx->longest_exact >= ctx->mcf->max_model_len)
     {
-        ctx->error = "context_length";
-        return ngx_http_omni_send_error(r, NGX_HTTP_BAD_REQUEST,
-                                        "invalid_request_error",
-                                        "This model's maximum context length "
-                                        "is %ui tokens. However, your request "
-                                        "has %uL input tokens.",
-                                        ctx->mcf->max_model_len,
-                                        ctx->longest_exact);
+        return ngx_http_omni_too_long(ctx);
     }
 
     if (ngx_http_omni_hash_prompt(ctx) != NGX_OK) {

@@ -798,3 +798,25 @@ ngx_http_omni_read_headers(ngx_http_omni_ctx_t *ctx)
 
     ctx->request_id_len = p - ctx->request_id;
 }
+
+
+/*
+ * A prompt known to fill the engines' whole context (omni_max_model_len) is
+ * refused by every engine, vLLM and SGLang alike: answered by the caller at
+ * once, with the engine's words, instead of being held as the largest job
+ * of the queue.  Only an exact count (ids, or the tokenizer's): on the
+ * estimate the request goes on and the engine judges.
+ */
+ngx_int_t
+ngx_http_omni_too_long(ngx_http_omni_ctx_t *ctx)
+{
+    ctx->error = "context_length";
+
+    return ngx_http_omni_send_error(ctx->request, NGX_HTTP_BAD_REQUEST,
+                                    "invalid_request_error",
+                                    "This model's maximum context length is "
+                                    "%ui tokens. However, your request has "
+                                    "%uL input tokens.",
+                                    ctx->mcf->max_model_len,
+                                    ctx->longest_exact);
+}
