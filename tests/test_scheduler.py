@@ -237,6 +237,12 @@ def test_a_text_prompt_goes_its_tokenization_early(omni_nginx, one_by_one, tmp_p
                            access_log_file=str(logs / "access.log"))
         assert nginx.status()["config"]["engine_tokenize_ns"] == ns
         tag = time.monotonic_ns()
+        # the predictor learns what a blocker costs (its prior alone may
+        # call the instance free at once)
+        for k in range(3):
+            _post(nginx, {"prompt": _tokens(4000, f"w{k}{tag}"), "max_tokens": 1},
+                  f"warm-{k}-{tag}")
+        _idle(nginx)
         for kind, prompt in (("text", text), ("ids", _tokens(400, f"i{tag}"))):
             pool = concurrent.futures.ThreadPoolExecutor(2)
             blocker = pool.submit(_post, nginx, {"prompt": _tokens(4000, f"b{kind}{tag}"),
