@@ -457,7 +457,6 @@ ngx_http_omni_tokenize_decode(ngx_http_omni_ctx_t *ctx)
     }
 
     total = 0;
-
     longest = 0;
 
     for (k = 0; k < count; k++) {

@@ -486,14 +486,6 @@ class ModelTokenizer:
         of hashlib's here where the CPU has SHA instructions)."""
         h = hashlib.sha256()
         out, prev = [], 0
-        if text.isascii():
-            # one encoding, hashed in slices (positions are bytes)
-            view = memoryview(text.encode("ascii"))
-            for pos, _, _ in bounds:
-                h.update(view[prev:pos])
-                out.append(h.copy().digest())
-                prev = pos
-            return out
         for pos, _, _ in bounds:
             h.update(text[prev:pos].encode("utf-8", "surrogatepass"))
             out.append(h.copy().digest())
