@@ -41,7 +41,10 @@ from ..bench import workloads
 from . import control, core, server, wire
 
 SIZES_KB = (1, 16, 200)
-WARM_UP_SEED = 12
+# the warm-up's conversations: 3 x as many as measured (a worker forked
+# from the loaded parent copies the pages it writes for its first few
+# hundred requests)
+WARM_UP_SEEDS = (12, 13, 14)
 
 
 def _pct(xs, q):
@@ -119,56 +122,93 @@ def _turn_bodies(system, turns):
         msgs.append({"role": "assistant", "content": answer})
 
 
-def _learn_sent(svc, before, deadline):
+def _learn_sent(conn, before, deadline):
     """Wait until the worker has read every answer sent (the next turn of a
-    real client comes after its reader read the answer).  Asked again at
-    once, without sleeping: an idle pause before each learned turn only
-    (the other sides send back to back) would measure a worker gone cold
-    on one side of the ratio and not on the other."""
+    real client comes after its reader read the answer).  Asked on the
+    conversation's own connection (a new connection per ask would make the
+    worker accept and set up one each time, work only this side does), and
+    again at once, without sleeping: an idle pause before each learned turn
+    only (the other sides send back to back) would measure a worker gone
+    cold on one side of the ratio and not on the other."""
+    asks = 0
     while time.monotonic() < deadline:
-        st = _service_stats(svc)
+        conn.request("GET", "/stats")
+        r = conn.getresponse()
+        st = json.loads(r.read())
+        asks += 1
         if st["learn_received"] >= before:
-            return st["learn_received"]
+            return st["learn_received"], asks
     raise click.ClickException("the service did not read a learn datagram in time")
 
 
-def multi_turn(svc, conversations, turns, max_seconds, label, learn=False, seed=11):
-    """Round trip per request, and the service's own time per request (its
-    /stats busy_s and cpu_s: parse, render, tokenize, answer, without the
-    transport, which is the same with and without the cache); with learn,
-    each answer also goes to the learn socket (learn_cpu_s: its cost)."""
-    route = "/v1/chat/completions" + ("?learn=1" if learn else "")
-    before = _service_stats(svc)
-    sent = before["learn_received"]
-    out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    times, deadline = [], time.monotonic() + max_seconds
-    for system, conv in _conversations(conversations, turns, seed):
-        if time.monotonic() > deadline:
-            break
-        conn = control._UnixHTTP(svc.socket, 60)
+class _Side:
+    """One side of the multi-turn comparison: its service, and what its
+    measured conversations took (round trip per request; the service's own
+    time per request from its /stats busy_s and cpu_s: parse, render,
+    tokenize, answer, without the transport, which is the same with and
+    without the cache; with learn, each answer also goes to the learn
+    socket, learn_cpu_s: its cost)."""
+
+    def __init__(self, label, svc):
+        self.label, self.svc, self.learn = label, svc, label == "learn"
+        self.route = "/v1/chat/completions" + ("?learn=1" if self.learn else "")
+        self.out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.begin()
+
+    def begin(self):
+        self.before = _service_stats(self.svc)
+        self.sent = self.before["learn_received"]
+        self.times, self.asks = [], 0
+
+    def conversation(self, system, conv):
+        conn = control._UnixHTTP(self.svc.socket, 60)
         try:
             for body, answer in _turn_bodies(system, conv):
                 start = time.perf_counter()
-                data = _post(conn, route, body)
-                times.append(time.perf_counter() - start)
-                if learn:
+                data = _post(conn, self.route, body)
+                self.times.append(time.perf_counter() - start)
+                if self.learn:
                     handle = wire.handle_of(data)
-                    out.sendto(wire.learn_message(handle, answer), socket.MSG_DONTWAIT,
-                               server.worker_socket(str(svc.learn_socket), handle >> 48))
-                    sent = _learn_sent(svc, sent + 1, time.monotonic() + 30)
+                    self.out.sendto(wire.learn_message(handle, answer), socket.MSG_DONTWAIT,
+                                    server.worker_socket(str(self.svc.learn_socket),
+                                                         handle >> 48))
+                    self.sent, asks = _learn_sent(conn, self.sent + 1,
+                                                  time.monotonic() + 30)
+                    self.asks += asks
         finally:
             conn.close()
-    out.close()
-    after = _service_stats(svc)
-    n = after["requests"] - before["requests"]
-    d = {k: after[k] - before[k] for k in after if k.startswith("learn")}
-    return _summary("multi-turn", times, reuse=label, turns=turns,
-                    service_ms=(after["busy_s"] - before["busy_s"]) / n * 1e3,
-                    service_cpu_ms=(after["cpu_s"] - before["cpu_s"]) / n * 1e3,
-                    learn_cpu_ms=d["learn_cpu_s"] / n * 1e3,
-                    tokens=after["tokens"] - before["tokens"],
-                    reused_tokens=after["reused_tokens"] - before["reused_tokens"],
-                    learned=d["learned"], learn_encoded_tokens=d["learn_encoded_tokens"])
+
+    def summary(self, turns):
+        after = _service_stats(self.svc)
+        before = self.before
+        n = after["requests"] - before["requests"]
+        d = {k: after[k] - before[k] for k in after if k.startswith("learn")}
+        return _summary("multi-turn", self.times, reuse=self.label, turns=turns,
+                        service_ms=(after["busy_s"] - before["busy_s"]) / n * 1e3,
+                        service_cpu_ms=(after["cpu_s"] - before["cpu_s"]) / n * 1e3,
+                        learn_cpu_ms=d["learn_cpu_s"] / n * 1e3,
+                        tokens=after["tokens"] - before["tokens"],
+                        reused_tokens=after["reused_tokens"] - before["reused_tokens"],
+                        learned=d["learned"],
+                        learn_encoded_tokens=d["learn_encoded_tokens"],
+                        stats_asks=self.asks)
+
+    def close(self):
+        self.out.close()
+
+
+def multi_turn(side, conversations, turns, max_seconds, seed=11):
+    """The conversations of seed on one side, back to back (each side is
+    measured on its own: switching services between conversations makes
+    every side pay for caches another process took, more than what it
+    measures)."""
+    side.begin()
+    deadline = time.monotonic() + max_seconds
+    for system, conv in _conversations(conversations, turns, seed):
+        if time.monotonic() > deadline:
+            break
+        side.conversation(system, conv)
+    return side.summary(turns)
 
 
 def in_process(model_path, mode, count=None, conversations=8, turns=8,
@@ -208,28 +248,31 @@ def run(model_path, chat_template=None, requests=50, max_seconds=30.0, conversat
         turns=8, emit=print):
     results = []
     with tempfile.TemporaryDirectory(prefix="omni-tok-bench-") as tmp:
-        for label, extra in (("on", ()), ("learn", ()), ("off", ("--no-reuse-cache",))):
-            if chat_template:
-                extra += ("--chat-template", str(chat_template))
-            svc = control.Service.in_prefix(Path(tmp) / label, model_path, workers=1,
-                                            extra=extra)
-            control.start(svc, timeout=120)
-            try:
-                if label == "on":
-                    for r in by_size(svc, model_path, requests, max_seconds):
-                        emit(json.dumps(r))
-                        results.append(r)
-                # a service in use is warm: the same number of other
-                # conversations first (unmeasured; they share nothing with
-                # the measured ones), the same way on every side
-                multi_turn(svc, conversations, turns, max_seconds, label,
-                           learn=label == "learn", seed=WARM_UP_SEED)
-                r = multi_turn(svc, conversations, turns, max_seconds, label,
-                               learn=label == "learn")
+        sides = []
+        try:
+            for label, extra in (("on", ()), ("learn", ()), ("off", ("--no-reuse-cache",))):
+                if chat_template:
+                    extra += ("--chat-template", str(chat_template))
+                svc = control.Service.in_prefix(Path(tmp) / label, model_path, workers=1,
+                                                extra=extra)
+                control.start(svc, timeout=120)
+                sides.append(_Side(label, svc))
+            for r in by_size(sides[0].svc, model_path, requests, max_seconds):
                 emit(json.dumps(r))
                 results.append(r)
-            finally:
-                control.stop(svc)
+            # a service in use is warm: other conversations first
+            # (unmeasured; they share nothing with the measured ones), the
+            # same way on every side
+            for side in sides:
+                for seed in WARM_UP_SEEDS:
+                    multi_turn(side, conversations, turns, max_seconds, seed)
+                r = multi_turn(side, conversations, turns, max_seconds)
+                emit(json.dumps(r))
+                results.append(r)
+        finally:
+            for side in sides:
+                side.close()
+                control.stop(side.svc)
     return results
 
 
