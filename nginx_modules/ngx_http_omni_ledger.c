@@ -261,7 +261,7 @@ ngx_http_omni_ledger_bind_locked(ngx_http_omni_shctx_t *sh,
 
         /* what holding compares the next binding with */
         in->last_service_us = ch->job.service_us;
-        in->last_done_us = ch->job.done_us;
+        in->last_done_us = ch->job.done_us - ch->job.tail_us;
         in->last_start_us = ch->job.start_us;
     }
 

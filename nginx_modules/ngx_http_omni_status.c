@@ -125,7 +125,8 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                "\"prefill_samples\":%uL,\"decode_samples\":%uL,"
                "\"prefill_mape\":%.4f,\"decode_mape\":%.4f,"
                "\"completion_mape\":%.4f,\"predicted_free_in_ms\":%.1f,"
-               "\"prefills_in_flight\":%uD,\"dispatch_overhead_ms\":%.2f},"
+               "\"prefills_in_flight\":%uD,\"dispatch_overhead_ms\":%.2f,"
+               "\"dispatch_overhead_per_1k_tokens_ms\":%.3f},"
                "\"cache\":{\"blocks\":%uD,\"precise\":%uD,"
                "\"approx\":%uD,\"evicted\":%uL}",
                ps.prefill_coef[0], ps.prefill_coef[1], ps.prefill_coef[2],
@@ -133,7 +134,7 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                ps.prefill_samples, ps.decode_samples,
                ps.prefill_mape, ps.decode_mape, ps.completion_mape,
                wait > 0 ? (double) wait / 1000 : 0.0, ps.inflight,
-               ps.reach_us / 1000,
+               ps.reach_us / 1000, ps.reach_per_1k_us / 1000,
                is.blocks, is.precise, is.approx, is.evicted);
 }
 
@@ -257,7 +258,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
 
     now_us = ngx_http_omni_now_us();
     size = 4096 + 256 + 6 * mcf->model_path.len
-           + (size_t) sh->n_slots * (1536 + NGX_HTTP_OMNI_ADDR_LEN);
+           + (size_t) sh->n_slots * (1600 + NGX_HTTP_OMNI_ADDR_LEN);
 
     body = ngx_pnalloc(r->pool, size);
     if (body == NULL) {

@@ -236,6 +236,53 @@ def test_the_trip_to_an_idle_engine_is_learned_apart_from_the_service():
         assert sum(e) / len(e) < 0.03, (kind, sum(e) / len(e))
 
 
+def test_a_transfer_after_the_service_is_learned_and_does_not_count_as_busy():
+    """Parallel P/D: a prefill leg answers once the KV has gone to the
+    decode instance, while the engine already runs its next step.  That
+    trip is learned, predicted completions include it, and the instance
+    counts as free once its service is over, not when the answer comes
+    back (counted busy through the transfer, it idled that long before
+    each held request was released)."""
+    transfer = 30000
+    p = Predictor(1, min_us=100)
+    rnd = random.Random(12)
+    now = 0
+    errors = []
+    for i in range(400):
+        now += 2_000_000                     # idle before each pair
+        (n1, m1), (n2, m2) = [(rnd.randrange(64, 12000), rnd.randrange(0, 4000))
+                              for _ in range(2)]
+        j1 = p.dispatch_prefill(0, n1, m1, now)
+        j2 = p.dispatch_prefill(0, n2, m2, now + 2000)   # waits behind j1
+        end1 = now + int(prefill_truth(n1, m1))          # the engine's work
+        end2 = end1 + int(prefill_truth(n2, m2))
+        d1, d2 = end1 + transfer, end2 + transfer
+        if i >= 300:
+            errors += [rel(j1.done_us - now, d1 - now),
+                       rel(j2.done_us - (now + 2000), d2 - (now + 2000))]
+            # once the engine has done j2's work it is free, though its
+            # answer is a transfer away; before, it is busy with j2
+            assert p.wait_us(0, end2 + 500) <= 0.1 * transfer
+            assert rel(p.wait_us(0, end1), end2 - end1) < 0.1
+        p.prefill_done(0, j1, d1)
+        p.prefill_done(0, j2, d2)
+    st = p.state(0)
+    assert rel(st["reach_us"] + st["reach_per_1k_us"] * 6, transfer) < 0.05, st
+    assert rel(st["prefill_coef"][1], TRUE_PREFILL[1]) < 0.1, st
+    assert sum(errors) / len(errors) < 0.03
+    # a job sent while the one before it transfers starts at once
+    now += 2_000_000
+    j = p.dispatch_prefill(0, 8000, 0, now)
+    end = now + int(prefill_truth(8000, 0))
+    k = p.dispatch_prefill(0, 1000, 0, end + 100)
+    assert k.start_us == end + 100 and not k.shared
+    assert rel(k.done_us - (end + 100), prefill_truth(1000, 0) + transfer) < 0.1
+    p.prefill_done(0, j, end + transfer)
+    assert p.state(0)["inflight"] == 1
+    p.prefill_done(0, k, k.done_us)
+    assert p.state(0)["inflight"] == 0 and p.wait_us(0, k.done_us + 1) == 0
+
+
 def test_batched_completion_is_not_fitted():
     p = Predictor(1, prefill_prior=(1000, 10000, 0))
     j1 = p.dispatch_prefill(0, 1024, 0, 0)

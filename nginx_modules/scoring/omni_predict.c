@@ -9,7 +9,7 @@
 
 
 #define OMNI_PREDICT_MAGIC   0x3244455250494d4fULL   /* "OMIPRED2" */
-#define OMNI_PREDICT_LAYOUT  3
+#define OMNI_PREDICT_LAYOUT  4
 
 /* Predictions are clamped below this (about 11.6 days) before they become
  * integers: a converted double out of range would be undefined. */
@@ -25,12 +25,14 @@
 /* from dispatch to the engine's step, about: requests sent to an idle
  * instance within this long of each other share its first step */
 #define OMNI_PREDICT_REACH_US 1000
-/* The trip to an idle engine and back is learned (a median: steps of this
- * fraction, at least MIN_STEP us) once the model has QUEUED_MIN samples
- * timed from the completion before them (which do not include it). */
-#define OMNI_PREDICT_REACH_STEP     0.1
-#define OMNI_PREDICT_REACH_MIN_STEP 500.0
+/* The trip to an idle engine and back is learned (a line in the prompt's
+ * tokens, fitted with the model's forgetting factor) once the model has
+ * QUEUED_MIN samples timed from the completion before them (which do not
+ * include it).  A sample further than CLIP times the line (plus
+ * REACH_CLIP_US) is clipped: one prefill mispredicted for other reasons
+ * must not move it much. */
 #define OMNI_PREDICT_QUEUED_MIN     16
+#define OMNI_PREDICT_REACH_CLIP_US  5000.0
 
 /* Observations are weighted by (OMNI_PREDICT_SCALE / time)^2: the fit
  * minimises relative errors, so a 10 ms prefill counts as much as a 5 s one.
@@ -84,7 +86,15 @@ typedef struct {
                                           last request sent waits for */
     double              reach_us;      /* learned: what a request sent to an
                                           idle instance takes beyond its
-                                          service (to the engine and back) */
+                                          service (to the engine and back),
+                                          fixed part ... */
+    double              reach_k_us;    /* ... and per 1,024 prompt tokens
+                                          (a parallel leg's KV transfer) */
+    double              reach_sum[5];  /* its fit: forgetting sums of w,
+                                          w k, w k^2, w r, w k r */
+    uint64_t            tail_us;       /* the trip of the last job sent:
+                                          the end of its leg the instance
+                                          does not spend on it */
     uint64_t            queued_samples; /* fitted, timed from the one before */
     uint64_t            completion_samples;
     double              completion_mape;
@@ -380,6 +390,67 @@ omni_predict_floor(const omni_predict_t *p, double y)
 }
 
 
+/* The trip of a job of n prompt tokens (cached ones too: a parallel leg
+ * transfers the KV of the whole prompt). */
+static inline uint64_t
+omni_predict_reach(const omni_predict_inst_t *in, uint64_t n)
+{
+    double  r = in->reach_us + in->reach_k_us * ((double) n / 1024.0);
+
+    if (!(r > 0)) {
+        return 0;
+    }
+
+    return (uint64_t) (r < OMNI_PREDICT_MAX_US ? r : OMNI_PREDICT_MAX_US);
+}
+
+
+/*
+ * One trip observed: r us beyond the service of a job of n prompt tokens
+ * sent to an idle instance.  Weighted least squares of r = a + b k (k: n in
+ * units of 1,024 tokens), forgetting old samples, neither coefficient below
+ * 0 (then the other is fitted alone).
+ */
+static void
+omni_predict_reach_fit(const omni_predict_t *p, omni_predict_inst_t *in,
+    uint64_t n, double r)
+{
+    double  lambda = p->cfg.forget, k = (double) n / 1024.0, lim, det;
+    double *s = in->reach_sum;
+
+    lim = (1.0 + OMNI_PREDICT_CLIP) * (double) omni_predict_reach(in, n)
+          + OMNI_PREDICT_REACH_CLIP_US;
+    r = r < 0 ? 0 : (r > lim ? lim : r);
+
+    s[0] = lambda * s[0] + 1.0;
+    s[1] = lambda * s[1] + k;
+    s[2] = lambda * s[2] + k * k;
+    s[3] = lambda * s[3] + r;
+    s[4] = lambda * s[4] + k * r;
+
+    det = s[0] * s[2] - s[1] * s[1];
+
+    if (det > 1e-6 * s[0] * s[2]) {
+        in->reach_k_us = (s[0] * s[4] - s[1] * s[3]) / det;
+        in->reach_us = (s[3] - in->reach_k_us * s[1]) / s[0];
+
+    } else {
+        /* all of one size so far: no slope */
+        in->reach_k_us = 0;
+        in->reach_us = s[3] / s[0];
+    }
+
+    if (in->reach_k_us < 0) {
+        in->reach_k_us = 0;
+        in->reach_us = s[3] / s[0];
+
+    } else if (in->reach_us < 0) {
+        in->reach_us = 0;
+        in->reach_k_us = s[2] > 0 ? s[4] / s[2] : 0;
+    }
+}
+
+
 static void
 omni_predict_mape(const omni_predict_t *p, double *mape, uint64_t n,
     double predicted, double actual)
@@ -612,7 +683,7 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
     omni_predict_job_t *job)
 {
     omni_predict_inst_t  *in;
-    uint64_t              start;
+    uint64_t              start, base, busy, tail;
     int64_t               service;
     uint32_t              shared;
 
@@ -622,10 +693,19 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
 
     in = &omni_predict_insts(p)[inst];
     service = omni_predict_prefill_us(p, inst, n_new, n_cached);
+    tail = omni_predict_reach(in, (uint64_t) n_new + n_cached);
+    if (tail > UINT32_MAX) {
+        tail = UINT32_MAX;
+    }
     shared = 0;
 
-    if (in->inflight > 0 && in->free_at_us > now_us) {
-        start = in->free_at_us;
+    /* the engine is busy until the work sent before ends, not until that
+     * work's answer is back (a parallel leg answers after its KV transfer,
+     * which the engine overlaps with its next step) */
+    busy = in->free_at_us > in->tail_us ? in->free_at_us - in->tail_us : 0;
+
+    if (in->inflight > 0 && busy > now_us) {
+        start = busy;
 
         if (now_us < in->tail_start_us) {
             /* The request sent before it still waits for its step: this
@@ -639,14 +719,17 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
             in->tail_start_us = start;
         }
 
+        base = busy;
+
     } else {
         /* An idle engine starts a step as soon as the request reaches it;
          * what is sent in the meantime joins it.  Its answer comes after
-         * the trip there and back, which a request already waiting in the
-         * engine does not pay. */
+         * the trip there and back (and a parallel leg's KV transfer),
+         * which the step of a request already waiting in the engine hides,
+         * and which does not keep the engine busy. */
         start = now_us;
+        base = now_us;
         in->tail_start_us = now_us + OMNI_PREDICT_REACH_US;
-        service += (int64_t) in->reach_us;
     }
 
     job->n_new = n_new;
@@ -654,11 +737,12 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
     job->dispatch_us = now_us;
     job->start_us = start;
     job->service_us = (uint64_t) service;
-    job->done_us = (shared ? in->free_at_us : start) + (uint64_t) service;
+    job->done_us = base + (uint64_t) service + tail;
     job->shared = shared;
-    job->pad = 0;
+    job->tail_us = (uint32_t) tail;
 
     in->free_at_us = job->done_us;
+    in->tail_us = tail;
     in->pending_us += (uint64_t) service;
     in->inflight++;
 
@@ -672,7 +756,7 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
 {
     omni_predict_inst_t  *in;
     uint64_t              start, service, latency;
-    double                x[OMNI_PREDICT_DIM], r, step;
+    double                x[OMNI_PREDICT_DIM], r;
 
     if (p == NULL || job == NULL || inst >= p->cfg.max_instances) {
         return OMNI_EINVAL;
@@ -722,14 +806,8 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
              */
             r = (double) latency
                 - omni_predict_floor(p, omni_predict_dot(in->prefill.coef, x));
-            step = in->reach_us * OMNI_PREDICT_REACH_STEP;
-            step = step > OMNI_PREDICT_REACH_MIN_STEP
-                   ? step : OMNI_PREDICT_REACH_MIN_STEP;
-            if (r > in->reach_us) {
-                in->reach_us += step;
-            } else if (r < in->reach_us) {
-                in->reach_us = in->reach_us > step ? in->reach_us - step : 0;
-            }
+            omni_predict_reach_fit(p, in, (uint64_t) job->n_new + job->n_cached,
+                                   r);
 
         } else {
             /* too few of the others yet: the model takes it all */
@@ -749,11 +827,17 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
                      ? in->pending_us - job->service_us : 0;
 
     /* Re-anchor on what really happened: the work still in flight needs its
-     * predicted service, one job after the other, from this completion. */
+     * predicted service, one job after the other, from the end of this
+     * one's (its answer less its trip), and the last one's trip. */
     if (in->inflight == 0) {
         in->pending_us = 0;
+        in->tail_us = 0;
+        in->free_at_us = done_us;
+
+    } else {
+        in->free_at_us = (done_us > job->tail_us ? done_us - job->tail_us : 0)
+                         + in->pending_us + in->tail_us;
     }
-    in->free_at_us = done_us + in->pending_us;
 
     return OMNI_OK;
 }
@@ -763,6 +847,7 @@ int64_t
 omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
 {
     const omni_predict_inst_t  *in;
+    uint64_t                    busy;
 
     if (p == NULL || inst >= p->cfg.max_instances) {
         return OMNI_EINVAL;
@@ -772,8 +857,11 @@ omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
     if (in->inflight == 0) {
         return 0;
     }
-    if (in->free_at_us > now_us + (uint64_t) p->cfg.min_us) {
-        return (int64_t) (in->free_at_us - now_us);
+
+    /* the engine's work ends a trip before its answer comes back */
+    busy = in->free_at_us > in->tail_us ? in->free_at_us - in->tail_us : 0;
+    if (busy > now_us + (uint64_t) p->cfg.min_us) {
+        return (int64_t) (busy - now_us);
     }
 
     /*
@@ -833,6 +921,7 @@ omni_predict_state(const omni_predict_t *p, uint32_t inst,
     out->free_at_us = in->free_at_us;
     out->inflight = in->inflight;
     out->reach_us = in->reach_us;
+    out->reach_per_1k_us = in->reach_k_us;
 
     return OMNI_OK;
 }

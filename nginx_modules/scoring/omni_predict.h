@@ -72,7 +72,9 @@ typedef struct {
     uint64_t  done_us;       /* predicted completion (queueing included) */
     uint32_t  shared;        /* 1: shares its first step with the request
                                 sent there before it */
-    uint32_t  pad;
+    uint32_t  tail_us;       /* predicted trip after its service (in
+                                done_us): to the proxy, and a parallel
+                                leg's KV transfer; the engine is free */
 } omni_predict_job_t;
 
 /* One instance's model and state, for /omni/status. */
@@ -89,7 +91,9 @@ typedef struct {
     uint32_t  inflight;           /* prefill jobs dispatched, not yet done */
     uint32_t  pad;
     double    reach_us;           /* learned time a request sent to an idle
-                                     instance takes beyond its service */
+                                     instance takes beyond its service:
+                                     fixed part ... */
+    double    reach_per_1k_us;    /* ... and per 1,024 prompt tokens */
 } omni_predict_state_t;
 
 size_t omni_predict_size(const omni_predict_cfg_t *cfg);

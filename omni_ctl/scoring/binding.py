@@ -508,6 +508,7 @@ class PrefillJob:
     done_us: int
     start_us: int = 0
     shared: bool = False
+    tail_us: int = 0        # in done_us: the trip back (and KV transfer)
 
 
 def _predict_free(handle):
@@ -580,14 +581,14 @@ class Predictor:
               "dispatch_prefill")
         return PrefillJob(job.n_new, job.n_cached, job.dispatch_us,
                           job.service_us, job.done_us, job.start_us,
-                          bool(job.shared))
+                          bool(job.shared), job.tail_us)
 
     def prefill_done(self, instance, job, done_us, ok=True):
         c = ffi.new("omni_predict_job_t *", {
             "n_new": job.n_new, "n_cached": job.n_cached,
             "dispatch_us": job.dispatch_us, "service_us": job.service_us,
             "done_us": job.done_us, "start_us": job.start_us,
-            "shared": int(job.shared),
+            "shared": int(job.shared), "tail_us": job.tail_us,
         })
         check(lib.omni_predict_prefill_done(self._h, instance, c, done_us,
                                             int(bool(ok))), "prefill_done")
@@ -618,6 +619,7 @@ class Predictor:
             "free_at_us": s.free_at_us,
             "inflight": s.inflight,
             "reach_us": s.reach_us,
+            "reach_per_1k_us": s.reach_per_1k_us,
         }
 
     def reset(self, instance):
