@@ -42,11 +42,14 @@ def write_run(root, reqs, slack=20, starve=2000, status_starved=None, mode="sequ
         client.append({"index": i, "ok": True, "ttft_ms": r["ttft"],
                        "start_s": r["arrive"] / 1000.0})
         if "engine_queue" in r:
-            pre.append({"x_request_id": f"t-{i}", "kind": "kv_producer",
+            pre.append({"x_request_id": f"t-{i}",
+                        "kind": "bootstrap" if mode == "parallel" else "kv_producer",
                         "prompt_tokens": r.get("prompt", 1000),
                         "cached_tokens": r.get("engine_hit", 0),
                         "queue_s": r["engine_queue"] / 1000.0,
-                        "ttft_s": r["engine_ttft"] / 1000.0})
+                        "ttft_s": r["engine_ttft"] / 1000.0,
+                        **({"arrival_unix": T0 + (r["arrive"] + r["queue"] + r["hop"]) / 1000.0}
+                           if "hop" in r else {})})
             dec.append({"x_request_id": f"t-{i}", "kind": "kv_consumer",
                         "prompt_tokens": r.get("prompt", 1000), "cached_tokens": 0,
                         "queue_s": 0.0, "ttft_s": r["decode"] / 1000.0})
@@ -192,6 +195,32 @@ def test_an_aggregated_run_has_one_leg_to_the_first_token(tmp_path):
     c = causes(res, 1)
     assert c["wait"] == pytest.approx(200) and c["prefill"] == 50
     assert c["decode"] == 0 and c["overhead"] == pytest.approx(3)
+
+
+def test_a_parallel_run_counts_the_transfer_after_the_prefill_engine(tmp_path):
+    # parallel P/D: both legs leave at the send. Request 0 on P0: the
+    # prefill engine has it 2 ms after the send and is done 240 ms later;
+    # the prefill leg answers at 300 (after the KV transfer), the decode
+    # engine (which had it from the send) gives the first token, and the
+    # client sees it at 312. Request 1 waits from 100 to 262 while P1 is busy
+    # all along and P0's engine is free from 242: 20 ms an instance was idle
+    d = write_run(tmp_path, [
+        dict(arrive=0, queue=0, leg=300, inst=P0, ttft=312, engine_queue=0,
+             engine_ttft=240, decode=305, hop=2),
+        dict(arrive=0, queue=0, leg=2000, inst=P1, ttft=2100),
+        dict(arrive=100, queue=162, leg=100, inst=P0, ttft=380, engine_queue=0,
+             engine_ttft=80, decode=110, hop=2)], mode="parallel")
+    res = ex.explain(str(d))
+    c = causes(res, 0)
+    assert c["overhead"] == pytest.approx(2, abs=0.01)
+    assert c["decode"] == pytest.approx(312 - 2 - 240, abs=0.01)
+    assert c["shared"] + c["prefill"] == pytest.approx(240, abs=0.01)
+    assert all(v >= 0 for v in c.values()) and sum(c.values()) == pytest.approx(312)
+    c = causes(res, 1 + 1)
+    assert c["idle"] == pytest.approx(20, abs=0.01)
+    assert c["wait"] + c["idle"] == pytest.approx(162, abs=0.01)
+    assert all(v >= 0 for v in c.values()) and sum(c.values()) == pytest.approx(380)
+    assert "parallel P/D" in res["markdown"]
 
 
 def test_bad_run_directories_get_clear_errors(tmp_path):

@@ -22,9 +22,12 @@ Each request's TTFT (the client's) is cut into causes that add up to it:
   prefill            the prefill of its uncached tokens alone (the preset's
                      cost model), less what counts as misprediction
   decode + KV        the decode leg: KV transfer and the first decode step
-                     (the decode engine's time to the first token)
+                     (the decode engine's time to the first token; parallel
+                     P/D, where both legs leave together: from the prefill
+                     engine's end of the prompt to the first token)
   overhead           the rest: HTTP hops client-proxy-engines, the proxy's
-                     own time between the legs
+                     own time between the legs, and the engine's front end
+                     before its queue (a text prompt's tokenization)
 
 Sources: the proxy's access log (arrival, hold, leg, per-request predicted
 prefill and index hit, `t=$msec`), the simulator's per-request records
@@ -256,9 +259,11 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
                 row["prefill_ms"] = row["ttft_ms"] - row["queue_ms"]
     modes = {row["mode"] for row in log if row["mode"] != "-"}
     if "parallel" in modes:
-        notes.append("parallel P/D: the decode leg runs alongside the prefill leg, so "
-                     "'decode + KV transfer' and 'overhead' are what follows the prefill "
-                     "leg's answer, not the decode leg's whole time")
+        notes.append("parallel P/D: the prefill leg answers after the KV transfer, which "
+                     "the prefill engine overlaps with its next work, so a prefill "
+                     "instance counts as busy until the engine's end of the prompt (the "
+                     "simulator's record) and 'decode + KV transfer' is the time from "
+                     "there to the first token")
     by_id = {row["id"]: row for row in log}
     legs = []            # every prefill leg in the log: (instance, send, back, id)
     for row in log:
@@ -267,7 +272,11 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
             continue
         arrive = _arrival(row)
         send = arrive + row["queue_ms"] / 1000.0
-        legs.append((row["prefill"], send, send + row["prefill_ms"] / 1000.0, row["id"]))
+        back = send + row["prefill_ms"] / 1000.0
+        pr = pre_rec.get(row["id"]) if row["mode"] == "parallel" else None
+        if pr is not None:
+            back = min(back, _engine_end(pr, send))
+        legs.append((row["prefill"], send, back, row["id"]))
     instances = sorted({leg[0] for leg in legs})
     if sim:
         addr = [i["url"].split("//", 1)[-1] for i in sim.get("instances", [])
@@ -350,7 +359,17 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
             c["overhead"] += leg - (pr.get("ttft_s") or 0.0) * 1000.0
         else:
             c["prefill"] = leg
-        if row["mode"] == "aggregated":     # the leg ended at the first token
+        if row["mode"] == "parallel" and pr is not None:
+            # both legs left at the send; the prefill leg's answer came after
+            # the KV transfer: what follows the engine's end of the prompt is
+            # the transfer and the first decode step (and the hop back)
+            hop = max(0.0, (pr["arrival_unix"] - x["send"]) * 1000.0) \
+                if pr.get("arrival_unix") is not None else 0.0
+            c["overhead"] = hop
+            rest = x["ttft_ms"] - held - hop - (pr.get("ttft_s") or 0.0) * 1000.0
+            c["decode"] = max(0.0, rest)
+            c["overhead"] += rest - c["decode"]
+        elif row["mode"] == "aggregated":     # the leg ended at the first token
             c["overhead"] += after
         elif dr is not None:
             c["decode"] = (dr.get("ttft_s") or 0.0) * 1000.0
@@ -392,6 +411,13 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
            "notes": notes, "missing": _missing(log)}
     res["markdown"] = markdown(res, worst)
     return res
+
+
+def _engine_end(pr, send):
+    """When the prefill engine was done with a prompt (Unix s): its arrival
+    there (else the send) plus its time to the first token there."""
+    start = pr.get("arrival_unix")
+    return (send if start is None else start) + (pr.get("ttft_s") or 0.0)
 
 
 def bound_alone(cluster, prompt, hit):
