@@ -211,6 +211,18 @@ def test_a_directory_without_a_tokenizer_fails_to_start(tmp_path):
     assert not svc.socket.exists()
 
 
+def test_the_in_process_bench_counts_only_the_measured_conversations(model_dir):  # noqa: F811
+    # shape only: the warm-up's conversations are left out of the stats
+    # when timed, and run not at all when counted (callgrind)
+    from omni_ctl.tokenizer import bench
+
+    timed = bench.in_process(model_dir, "learn", conversations=1, turns=2)
+    assert timed["requests"] == 2 and timed["learned"] == 2 and timed["busy_s"] > 0
+    counted = bench.in_process(model_dir, "on", count="request", conversations=1, turns=2)
+    assert counted["requests"] == 2 and counted["reused_tokens"] > 0
+    assert counted["tokens"] == timed["tokens"]
+
+
 def test_the_micro_benchmark_runs(model_dir):  # noqa: F811
     # shape only (no timing assertions): every measurement is there and ran
     from omni_ctl.tokenizer import bench

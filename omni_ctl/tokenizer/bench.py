@@ -14,12 +14,14 @@ a quiet machine):
   as many other conversations, unmeasured (a service in use is warm).
 
 `--inprocess MODE` instead runs the same conversations through the service's
-request handler (server.App) in this process, for an instruction count under
-callgrind that the machine's load does not move: MODE off (no cache), on (the
-cache), learn (the cache and answer learning), load (only load the
-tokenizer).  `--count request|learn` makes that part go through a ctypes
-callback, so that `valgrind --tool=callgrind --toggle-collect=ffi_call`
-counts only it (docs/benchmarks.md section 9).
+request handler (server.App) in this process (no transport, no fork), for an
+instruction count under callgrind that the machine's load does not move, or
+the handler's own time per request (service_ms, after the same warm-up as
+the service's): MODE off (no cache), on (the cache), learn (the cache and
+answer learning), load (only load the tokenizer).  `--count request|learn`
+makes that part go through a ctypes callback, so that `valgrind
+--tool=callgrind --toggle-collect=ffi_call` counts only it (and skips the
+warm-up: docs/benchmarks.md section 9).
 
 Prints one JSON object per measurement and a table.  Counts and time are
 bounded (--requests, --max-seconds per measurement).
@@ -232,15 +234,26 @@ def in_process(model_path, mode, count=None, conversations=8, turns=8,
         cb()
         return box.pop()
 
-    for system, conv in _conversations(conversations, turns):
-        for body, answer in _turn_bodies(system, conv):
-            status, _, data = through(lambda: app.handle("POST", route, body),
-                                      count == "request")
-            if status != 200:
-                raise click.ClickException(f"the handler answered {status}: {data[:200]!r}")
-            if mode == "learn":
-                msg = wire.learn_message(wire.handle_of(data), answer)
-                through(lambda: app.learn(msg), count == "learn")
+    def run_seed(seed, counted):
+        for system, conv in _conversations(conversations, turns, seed):
+            for body, answer in _turn_bodies(system, conv):
+                status, _, data = through(lambda: app.handle("POST", route, body),
+                                          counted == "request")
+                if status != 200:
+                    raise click.ClickException(
+                        f"the handler answered {status}: {data[:200]!r}")
+                if mode == "learn":
+                    msg = wire.learn_message(wire.handle_of(data), answer)
+                    through(lambda: app.learn(msg), counted == "learn")
+
+    if count is None:
+        # timed (not counted): warm as the service bench is, then only the
+        # measured conversations in the stats
+        for seed in WARM_UP_SEEDS:
+            run_seed(seed, None)
+        for k in tok.stats:
+            tok.stats[k] = type(tok.stats[k])(0)
+    run_seed(11, count)
     return tok.stats
 
 
@@ -296,7 +309,11 @@ def main(model_path, chat_template, requests, conversations, turns, max_seconds,
         template = Path(chat_template).read_text(encoding="utf-8") if chat_template \
             else None
         stats = in_process(model_path, inprocess, count, conversations, turns, template)
-        click.echo(json.dumps({k: v for k, v in stats.items() if not k.endswith("_s")}))
+        out = {k: v for k, v in stats.items() if not k.endswith("_s")}
+        if stats.get("requests"):
+            # the handler's own time per request (no transport, no fork)
+            out["service_ms"] = stats["busy_s"] / stats["requests"] * 1e3
+        click.echo(json.dumps(out))
         return
     results = run(model_path, chat_template, requests, max_seconds, conversations, turns,
                   emit=lambda line: click.echo(line, err=True))
