@@ -221,6 +221,15 @@ def test_a_parallel_run_counts_the_transfer_after_the_prefill_engine(tmp_path):
     assert c["wait"] + c["idle"] == pytest.approx(162, abs=0.01)
     assert all(v >= 0 for v in c.values()) and sum(c.values()) == pytest.approx(380)
     assert "parallel P/D" in res["markdown"]
+    assert "tokenizer service" not in res["markdown"]
+
+
+def test_a_run_that_tokenized_in_the_proxy_says_its_holds_include_that(tmp_path):
+    d = write_run(tmp_path, [dict(arrive=0, queue=30, leg=100, inst=P0, ttft=140)])
+    conf = d / "run" / "nginx.conf"
+    conf.write_text(conf.read_text().replace(
+        "http {", "http {\n    omni_model_path /models/m;"))
+    assert "tokenizer service" in ex.explain(str(d))["markdown"]
 
 
 def test_bad_run_directories_get_clear_errors(tmp_path):

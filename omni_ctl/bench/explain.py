@@ -130,14 +130,20 @@ def _missing(log) -> list[str]:
 
 def conf_ms(path: str, directive: str) -> float | None:
     """A duration directive of the run's nginx.conf, in ms."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)?", conf_value(path, directive) or "")
+    if not m:
+        return None
+    return float(m.group(1)) * (1000.0 if m.group(2) == "s" else 1.0)
+
+
+def conf_value(path: str, directive: str) -> str | None:
+    """A directive's value in the run's nginx.conf, None when absent."""
     try:
         text = open(path).read()
     except OSError:
         return None
-    m = re.search(rf"^\s*{directive}\s+(\d+(?:\.\d+)?)(ms|s)?\s*;", text, re.M)
-    if not m:
-        return None
-    return float(m.group(1)) * (1000.0 if m.group(2) == "s" else 1.0)
+    m = re.search(rf"^\s*{directive}\s+([^;]+);", text, re.M)
+    return m.group(1).strip() if m else None
 
 
 def _load_json(path, what, required=True):
@@ -257,6 +263,10 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
             row["prefill"] = row["decode"]
             if row["ttft_ms"] is not None and row["queue_ms"] is not None:
                 row["prefill_ms"] = row["ttft_ms"] - row["queue_ms"]
+    if conf_value(conf, "omni_model_path"):
+        notes.append("the proxy tokenized the prompts (omni_model_path): its queue_ms "
+                     "includes the wait for the tokenizer service, counted here as held "
+                     "(no instance free, or an idle instance)")
     modes = {row["mode"] for row in log if row["mode"] != "-"}
     if "parallel" in modes:
         notes.append("parallel P/D: the prefill leg answers after the KV transfer, which "
