@@ -219,14 +219,19 @@ def test_a_longer_request_does_not_join_a_shorter_ones_step(omni_nginx, one_by_o
     _idle(nginx)
 
 
+BLOCKER = 12000      # tokens: about 0.6 s of prefill on the one_by_one cluster
+
+
 def test_a_text_prompt_goes_its_tokenization_early(omni_nginx, one_by_one, tmp_path):
     """The engine tokenizes a text prompt before it can schedule it, so a
     held text request may go that much before its instance frees
     (omni_engine_tokenize_ns, here 1 ms a token: far more than the blocker's
     work left); the same request as token ids, or with the allowance off,
-    waits in the proxy until the instance is about to free."""
+    waits in the proxy until the instance is about to free.  The blocker is
+    long (about 0.6 s) so that a slow machine (CI under ASan) still sends
+    the text request well before the blocker's predicted end."""
     sim = one_by_one
-    text = " ".join(["word"] * 320)          # 1,600 bytes: 400 tokens estimated
+    text = " ".join(["word"] * 960)          # 4,800 bytes: 1,200 tokens estimated
     results = {}
     for ns in (1_000_000, 0):
         logs = tmp_path / f"ns{ns}"
@@ -240,26 +245,31 @@ def test_a_text_prompt_goes_its_tokenization_early(omni_nginx, one_by_one, tmp_p
         # the predictor learns what a blocker costs (its prior alone may
         # call the instance free at once)
         for k in range(3):
-            _post(nginx, {"prompt": _tokens(4000, f"w{k}{tag}"), "max_tokens": 1},
+            _post(nginx, {"prompt": _tokens(BLOCKER, f"w{k}{tag}"), "max_tokens": 1},
                   f"warm-{k}-{tag}")
         _idle(nginx)
         for kind, prompt in (("text", text), ("ids", _tokens(400, f"i{tag}"))):
             pool = concurrent.futures.ThreadPoolExecutor(2)
-            blocker = pool.submit(_post, nginx, {"prompt": _tokens(4000, f"b{kind}{tag}"),
+            blocker = pool.submit(_post, nginx, {"prompt": _tokens(BLOCKER, f"b{kind}{tag}"),
                                                  "max_tokens": 1}, f"block-{kind}-{tag}")
             _wait_busy(nginx, "prefill")
+            # past the blocker's first step: a request sent within 1 ms of
+            # it joins that step (sent at once, nothing to wait for)
+            time.sleep(0.05)
             rid = f"{kind}-{ns}-{tag}"
             _post(nginx, {"prompt": prompt, "max_tokens": 1}, rid)
             blocker.result(timeout=60)
             pool.shutdown()
             _idle(nginx)
             results[kind, ns] = _access(logs)[rid]
+    # sent at once (not held: a millisecond of the proxy's own time at most)
+    # though the blocker had far more than the slack left
     sent_early = results["text", 1_000_000]
-    assert int(sent_early["queue_ms"]) == 0, sent_early
-    assert int(sent_early["prefill_pred_wait_ms"]) > 20, sent_early     # past the slack
+    assert int(sent_early["queue_ms"]) < 50 and sent_early["release"] == "now", sent_early
+    assert int(sent_early["prefill_pred_wait_ms"]) > 100, sent_early
     for key in (("ids", 1_000_000), ("text", 0), ("ids", 0)):
         held = results[key]
-        assert int(held["queue_ms"]) > 0, (key, held)
+        assert int(held["queue_ms"]) > 100, (key, held)
         assert int(held["prefill_pred_wait_ms"]) <= 20, (key, held)
 
 
