@@ -366,7 +366,8 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
             c["mispredict"] = max(0.0, queue_e - expect_q) + wrong
             c["shared"] = max(0.0, service - alone)
             c["prefill"] = own
-            c["overhead"] += leg - (pr.get("ttft_s") or 0.0) * 1000.0
+            if row["mode"] != "parallel":
+                c["overhead"] += leg - (pr.get("ttft_s") or 0.0) * 1000.0
         else:
             c["prefill"] = leg
         if row["mode"] == "parallel" and pr is not None:
@@ -375,7 +376,7 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
             # the transfer and the first decode step (and the hop back)
             hop = max(0.0, (pr["arrival_unix"] - x["send"]) * 1000.0) \
                 if pr.get("arrival_unix") is not None else 0.0
-            c["overhead"] = hop
+            c["overhead"] += hop
             rest = x["ttft_ms"] - held - hop - (pr.get("ttft_s") or 0.0) * 1000.0
             c["decode"] = max(0.0, rest)
             c["overhead"] += rest - c["decode"]

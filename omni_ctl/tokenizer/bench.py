@@ -155,7 +155,6 @@ class _Side:
         self.label, self.svc, self.learn = label, svc, label == "learn"
         self.route = "/v1/chat/completions" + ("?learn=1" if self.learn else "")
         self.out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.begin()
 
     def begin(self):
         self.before = _service_stats(self.svc)
