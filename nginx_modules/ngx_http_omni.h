@@ -132,6 +132,14 @@
 #define NGX_HTTP_OMNI_Q_DECODE       1   /* sequential: prefill done */
 #define NGX_HTTP_OMNI_QUEUES         2
 
+/*
+ * A waiting request's predicted work (its key in the prefill queue) is
+ * computed again at most this often: it changes while it waits, as the
+ * predictor learns and as requests sharing its prefix are sent
+ * (ngx_http_omni_rekey_locked, ngx_http_omni_hold.c)
+ */
+#define NGX_HTTP_OMNI_REKEY_US       10000
+
 #define NGX_HTTP_OMNI_NONE           ((uint32_t) -1)
 
 /* a silent KV-event agent: its instances' reports count this long */
@@ -436,6 +444,9 @@ typedef struct {
     /* bumped by whatever may change a held request's decision: an
      * instance's load or health, the predictor, the queue's head */
     uint64_t                       sched_epoch;
+    /* when the prefill queue's keys were last recomputed (us) */
+    uint64_t                       rekey_us;
+    uint64_t                       rekeys;      /* ... with a key changed */
     uint64_t                       decisions_reused; /* not re-decided */
     uint64_t                       held_decided;    /* decisions of held */
     uint64_t                       held_finished;   /*   requests, ended */
@@ -715,6 +726,8 @@ void ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, uint32_t e);
 ngx_uint_t ngx_http_omni_queue_reap_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, ngx_uint_t starting);
+void ngx_http_omni_queue_reorder_locked(ngx_http_omni_shctx_t *sh,
+    ngx_uint_t q);
 
 /* ngx_http_omni_sched.c */
 uint32_t ngx_http_omni_front_us(ngx_http_omni_ctx_t *ctx);

@@ -691,6 +691,49 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 
 
 /*
+ * Compute the prefill queue's keys again (ngx_http_omni_queue_key_locked)
+ * and restore its order.  A key made at arrival goes stale while the
+ * request waits: the predictor learns (at start it knows only its priors),
+ * and a request sharing the prefix may be sent after this one arrived, so
+ * that most of its prompt is now cached.  A stale key keeps a request that
+ * became short behind longer ones and feeds the starvation rule and the
+ * drain (Retry-After) a wrong work.
+ */
+static void
+ngx_http_omni_rekey_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, uint64_t now_us)
+{
+    uint32_t                 e;
+    uint64_t                 work;
+    ngx_uint_t               changed;
+    ngx_http_omni_queue_t   *q;
+    ngx_http_omni_qentry_t  *en;
+
+    q = &sh->queues[NGX_HTTP_OMNI_Q_PREFILL];
+    sh->rekey_us = now_us;
+    changed = 0;
+
+    for (e = q->head; e != NGX_HTTP_OMNI_NONE; e = en->next) {
+        en = &sh->entries[e];
+        work = en->work_us;
+
+        ngx_http_omni_queue_key_locked(mcf, sh, en);
+
+        if (en->work_us != work) {
+            q->work_us = q->work_us - work + en->work_us;
+            changed = 1;
+        }
+    }
+
+    if (changed) {
+        ngx_http_omni_queue_reorder_locked(sh, NGX_HTTP_OMNI_Q_PREFILL);
+        sh->rekeys++;
+        sh->sched_epoch++;
+    }
+}
+
+
+/*
  * Something a held request's decision depends on changed (an instance's
  * load, health or predicted work; the caller changed it): decide again.
  */
@@ -746,6 +789,12 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
         if (changed) {
             sh->sched_epoch++;
             changed = 0;
+        }
+
+        if (sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n
+            && now_us >= sh->rekey_us + NGX_HTTP_OMNI_REKEY_US)
+        {
+            ngx_http_omni_rekey_locked(mcf, sh, now_us);
         }
 
         for (q = 0; q < NGX_HTTP_OMNI_QUEUES && n < NGX_HTTP_OMNI_BATCH; q++) {

@@ -246,6 +246,24 @@ ngx_http_omni_queue_insert_locked(ngx_http_omni_shctx_t *sh, uint32_t e)
 }
 
 
+/* Restore queue q's heap after its entries' keys changed (the ties in
+ * arrival order, as at insertion). */
+void
+ngx_http_omni_queue_reorder_locked(ngx_http_omni_shctx_t *sh, ngx_uint_t q)
+{
+    uint32_t                e;
+    ngx_http_omni_queue_t  *queue;
+
+    queue = &sh->queues[q];
+    e = queue->head;
+
+    for (queue->n = 0; e != NGX_HTTP_OMNI_NONE; queue->n++) {
+        ngx_http_omni_heap_push(sh, queue, e);
+        e = sh->entries[e].next;
+    }
+}
+
+
 /*
  * Give back what dead processes held: their queue entries (waiting ones
  * leave the queue; the charges of released ones, in their owner's list or

@@ -280,7 +280,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"starved\":%uL,\"plan\":%uL,\"lost\":%uL}},"
                     "\"scheduler\":{\"decisions\":%uL,"
                     "\"decision_us_mean\":%.1f,"
-                    "\"decisions_reused\":%uL,"
+                    "\"decisions_reused\":%uL,\"queue_rekeys\":%uL,"
                     "\"held_decisions\":%uL,\"held_finished\":%uL,"
                     "\"held_decisions_max\":%uL,"
                     "\"typical_output_tokens\":[%.1f,%.1f]},"
@@ -310,7 +310,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->decisions,
                     sh->decisions ? (double) sh->decision_us / sh->decisions
                                   : 0.0,
-                    sh->decisions_reused, sh->held_decided,
+                    sh->decisions_reused, sh->rekeys, sh->held_decided,
                     sh->held_finished, sh->held_decided_max,
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
@@ -547,6 +547,10 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "again: nothing their decision depends on changed.\n"
             "# TYPE omni_decisions_reused_total counter\n"
             "omni_decisions_reused_total %uL\n"
+            "# HELP omni_queue_rekeys_total Times the waiting requests' "
+            "predicted work was computed again and some of it had changed.\n"
+            "# TYPE omni_queue_rekeys_total counter\n"
+            "omni_queue_rekeys_total %uL\n"
             "# HELP omni_held_decisions_total Policy decisions about held "
             "requests, counted when they leave the queue.\n"
             "# TYPE omni_held_decisions_total counter\n"
@@ -559,8 +563,8 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "held request.\n"
             "# TYPE omni_held_decisions_max gauge\n"
             "omni_held_decisions_max %uL\n",
-            sh->decisions, sh->decisions_reused, sh->held_decided,
-            sh->held_finished, sh->held_decided_max);
+            sh->decisions, sh->decisions_reused, sh->rekeys,
+            sh->held_decided, sh->held_finished, sh->held_decided_max);
 
 #define omni_inst_metric(name, type, help)                                   \
     p = ngx_sprintf(p, "# HELP " name " " help "\n# TYPE " name " " type "\n");\

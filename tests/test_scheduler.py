@@ -334,6 +334,48 @@ def test_a_younger_longer_request_starves_first(omni_nginx, one_by_one, tmp_path
     _idle(nginx)
 
 
+def test_a_waiting_request_whose_prefix_was_sent_meanwhile_moves_up(
+        omni_nginx, one_by_one, tmp_path):
+    """A held request's place in the order is its predicted work, and that
+    changes while it waits: here a request sharing its prefix is sent after
+    it arrived, so most of its prompt is now cached.  Behind a blocker:
+    `prefix` (the shared 4096 tokens alone), `shares` (the prefix + 2000
+    tokens) and `other` (5000 tokens of its own).  At arrival nothing held
+    the prefix: shortest first is prefix, other, shares.  Once `prefix` is
+    sent, `shares` has 2000 tokens to compute, fewer than `other`, and goes
+    before it.  Before the keys were computed again (the same key from
+    arrival to release) `other` went first."""
+    sim = one_by_one
+    nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="60s")
+    tag = time.monotonic_ns()
+    shared = _tokens(4096, f"p{tag}")
+    bodies = {"prefix": shared, "shares": shared + _tokens(2000, f"s{tag}"),
+              "other": _tokens(5000, f"o{tag}")}
+    names = {k: f"{k}-{tag}" for k in bodies}
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    futures = [pool.submit(_post, nginx, {"prompt": _tokens(BLOCKER, f"b{tag}"),
+                                          "max_tokens": 1}, f"block-{tag}")]
+    _wait_busy(nginx, "prefill")
+    for k in ("prefix", "shares", "other"):
+        futures.append(pool.submit(_post, nginx, {"prompt": bodies[k], "max_tokens": 1},
+                                   names[k]))
+        time.sleep(0.02)
+    _wait_held(nginx, 1)
+    for f in futures:
+        f.result(timeout=60)
+    pool.shutdown()
+
+    log = _access(tmp_path)
+    starts = _prefill_starts(sim, set(names.values()), tmp_path)
+    order = [k for k in sorted(names, key=lambda k: starts[names[k]])]
+    assert order == ["prefix", "shares", "other"], (order, log)
+    # all three were held behind the blocker, and `shares` found its prefix
+    assert all(int(log[n]["queue_ms"]) > 0 for n in names.values()), log
+    assert int(log[names["shares"]]["cached_tokens"]) == 4096, log[names["shares"]]
+    status = _idle(nginx)
+    assert status["scheduler"]["queue_rekeys"] >= 1, status["scheduler"]
+
+
 def _prefill_instance(sim, resp):
     """The prefill instance that served an answer, by the id the engines saw
     (the proxy's own, X-Omni-Request-Id), and its cached tokens there."""
