@@ -851,13 +851,17 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
                     /*
                      * The head waits for a busy instance that will serve it
                      * best: a few entries behind it may use what is free;
-                     * if none does, the head takes it.
+                     * if none does, the head takes it.  From heap[0]: the
+                     * entry deciding may be a starved one, and then the
+                     * shortest is among the others.
                      */
                     slo = queue->n_slo != 0;
                     cand = e;
 
-                    for (k = 1; rc == NGX_BUSY && k < OMNI_POLICY_LOOKAHEAD
-                                && k < queue->n; k++)
+                    for (k = slo ? 1 : 0;
+                         rc == NGX_BUSY && k < OMNI_POLICY_LOOKAHEAD
+                         && k < queue->n;
+                         k++)
                     {
                         /* with SLOs, the next by the same rule: the heap's
                          * order would offer the free instance to a lost

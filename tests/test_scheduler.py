@@ -376,6 +376,61 @@ def test_a_waiting_request_whose_prefix_was_sent_meanwhile_moves_up(
     assert status["scheduler"]["queue_rekeys"] >= 1, status["scheduler"]
 
 
+def test_a_starved_request_waiting_for_its_instance_does_not_idle_another(
+        omni_nginx, two_prefill, tmp_path):
+    """The oldest starved request is decided first; when it waits for a
+    busy instance (most of its prompt is cached there), the entries after
+    it in the order are offered what is free, and the shortest of them is
+    the heap's head.  Two instances: `long` (24000 tokens, about 1.3 s)
+    runs on one, `mid` (2000) on the other.  Then `starved` (long's prompt
+    + 200: it waits for long's instance) and `short` (64 tokens); the
+    timeout (100 ms) makes `starved` starved at once.  When mid ends, short
+    takes that instance, about a second before long ends.  Before, the
+    look ahead began after the heap's head, which was short, and short
+    waited for long's end with the other instance idle."""
+    sim = two_prefill
+    nginx = omni_nginx(prefill_endpoints=",".join(sim.prefill_endpoints),
+                       decode_endpoints=sim.decode_endpoints[0],
+                       schedule_policy="omni", prefill_queue_order="sjf",
+                       prefill_starvation_timeout="100ms",
+                       access_log_file=str(tmp_path / "access.log"))
+    tag = time.monotonic_ns()
+    # the predictor learns both instances first (its priors are a
+    # different engine's): pairs of prompts, one on each instance
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for n in (2000, 8000, 16000, 24000):
+            list(pool.map(lambda k: _post(nginx, {"prompt": _tokens(n, f"w{n}-{k}-{tag}"),
+                                                  "max_tokens": 1}, f"warm{n}-{k}-{tag}"),
+                          range(2)))
+    _idle(nginx)
+    long_ = _tokens(2 * BLOCKER, f"l{tag}")
+    bodies = {"long": long_, "mid": _tokens(2000, f"m{tag}"),
+              "starved": long_ + _tokens(200, f"s{tag}"), "short": _tokens(64, f"t{tag}")}
+    names = {k: f"{k}-{tag}" for k in bodies}
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    futures = []
+    for k in ("long", "mid", "starved", "short"):
+        futures.append(pool.submit(_post, nginx, {"prompt": bodies[k], "max_tokens": 1},
+                                   names[k]))
+        time.sleep(0.05)
+    for f in futures:
+        f.result(timeout=60)
+    pool.shutdown()
+
+    log = _access(tmp_path)
+    starts = _prefill_starts(sim, set(names.values()), tmp_path)
+    # long and mid went at once to the two instances; starved waited for
+    # long's (its prefix), short for the first free one
+    assert log[names["long"]]["prefill"] != log[names["mid"]]["prefill"], log
+    assert log[names["starved"]]["prefill"] == log[names["long"]]["prefill"], log
+    assert log[names["short"]]["prefill"] == log[names["mid"]]["prefill"], log
+    assert log[names["starved"]]["release"] == "starved", log[names["starved"]]
+    assert int(log[names["starved"]]["cached_tokens"]) > 20000, log[names["starved"]]
+    # short went when mid ended, well before long ended and starved went
+    assert starts[names["starved"]] - starts[names["short"]] > 0.3, (starts, log)
+    _idle(nginx)
+
+
 def _prefill_instance(sim, resp):
     """The prefill instance that served an answer, by the id the engines saw
     (the proxy's own, X-Omni-Request-Id), and its cached tokens there."""
