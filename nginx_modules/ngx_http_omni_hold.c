@@ -908,7 +908,7 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
 
                 en = &sh->entries[e];
 
-                ngx_http_omni_queue_opts(mcf, q, &qo);
+                ngx_http_omni_queue_opts(mcf, sh, q, &qo);
 
                 if (q == NGX_HTTP_OMNI_Q_PREFILL && en->deadline_us) {
                     item.arrival_us = (uint64_t) en->arrival * 1000;

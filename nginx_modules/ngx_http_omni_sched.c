@@ -847,7 +847,7 @@ ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
     omni_queue_opts_t               o;
     ngx_http_omni_upstream_conf_t  *ucf;
 
-    ngx_http_omni_queue_opts(mcf, en->queue, &o);
+    ngx_http_omni_queue_opts(mcf, NULL, en->queue, &o);
 
     work = 0;
 
@@ -883,11 +883,18 @@ ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
 }
 
 
-/* The library's options of queue q under this configuration. */
+/*
+ * The library's options of queue q under this configuration; with sh (the
+ * zone locked), the backlog the starvation bound follows: the queue's
+ * predicted work per usable instance of the tier it starts on.
+ */
 void
-ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
-    omni_queue_opts_t *o)
+ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t q, omni_queue_opts_t *o)
 {
+    ngx_uint_t                      i, n;
+    ngx_http_omni_upstream_conf_t  *ucf;
+
     ngx_memzero(o, sizeof(omni_queue_opts_t));
 
     o->order = (q == NGX_HTTP_OMNI_Q_DECODE) ? OMNI_QUEUE_LPT
@@ -895,6 +902,25 @@ ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf, ngx_uint_t q,
                  ? OMNI_QUEUE_SJF : OMNI_QUEUE_FCFS;
     o->aging = OMNI_POLICY_AGING;
     o->starvation_us = (uint64_t) mcf->starvation_timeout * 1000;
+
+    if (sh == NULL || o->order != OMNI_QUEUE_SJF
+        || sh->queues[q].work_us == 0)
+    {
+        return;
+    }
+
+    ucf = mcf->tiers[ngx_http_omni_start_tier(mcf)];
+
+    for (i = 0, n = 0; ucf && i < ucf->n; i++) {
+        if (ucf->slots[i] < NGX_HTTP_OMNI_MAX_SLOTS
+            && ngx_http_omni_usable(ucf, i, &sh->inst[ucf->slots[i]],
+                                    ngx_current_msec))
+        {
+            n++;
+        }
+    }
+
+    o->backlog_us = sh->queues[q].work_us / ngx_max(n, 1);
 }
 
 
@@ -924,7 +950,7 @@ ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
         return NGX_HTTP_OMNI_NONE;
     }
 
-    ngx_http_omni_queue_opts(mcf, q, &o);
+    ngx_http_omni_queue_opts(mcf, sh, q, &o);
 
     max = ngx_min(omni_policy_late_scan(&o), OMNI_POLICY_LATE_SCAN);
 

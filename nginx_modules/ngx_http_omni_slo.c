@@ -196,7 +196,7 @@ ngx_http_omni_slo_pick(ngx_http_omni_main_conf_t *mcf,
         return NGX_HTTP_OMNI_NONE;
     }
 
-    ngx_http_omni_queue_opts(mcf, NGX_HTTP_OMNI_Q_PREFILL, &o);
+    ngx_http_omni_queue_opts(mcf, sh, NGX_HTTP_OMNI_Q_PREFILL, &o);
 
     rc = omni_policy_slo_next(&o, ngx_http_omni_slo_items,
                               ngx_http_omni_slo_n, ngx_http_omni_slo_waits,

@@ -237,6 +237,20 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
 }
 
 
+/* The prefill queue's starvation bound now, us (0: off): the timeout, or
+ * under a backlog the library's share of it (omni_policy_starvation_bound). */
+static uint64_t
+ngx_http_omni_status_bound(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh)
+{
+    omni_queue_opts_t  o;
+
+    ngx_http_omni_queue_opts(mcf, sh, NGX_HTTP_OMNI_Q_PREFILL, &o);
+
+    return omni_policy_starvation_bound(&o);
+}
+
+
 ngx_int_t
 ngx_http_omni_status_handler(ngx_http_request_t *r)
 {
@@ -275,6 +289,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"decode_waiting\":%uD,\"held_total\":%uL,"
                     "\"rejected_full\":%uL,\"timed_out\":%uL,"
                     "\"released_by_starvation_timeout\":%uL,"
+                    "\"prefill_work_ms\":%uL,\"starvation_bound_ms\":%uL,"
                     "\"rejected_slo\":%uL,"
                     "\"released\":{\"now\":%uL,\"order\":%uL,"
                     "\"starved\":%uL,\"plan\":%uL,\"lost\":%uL}},"
@@ -301,6 +316,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
                     sh->queues[NGX_HTTP_OMNI_Q_DECODE].n, sh->held_total,
                     sh->rejected_full, sh->timed_out, sh->starved,
+                    sh->queues[NGX_HTTP_OMNI_Q_PREFILL].work_us / 1000,
+                    ngx_http_omni_status_bound(mcf, sh) / 1000,
                     sh->rejected_slo,
                     sh->released[NGX_HTTP_OMNI_REL_NOW],
                     sh->released[NGX_HTTP_OMNI_REL_ORDER],
@@ -464,6 +481,15 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "# TYPE omni_queue_waiting gauge\n"
             "omni_queue_waiting{queue=\"prefill\"} %uD\n"
             "omni_queue_waiting{queue=\"decode\"} %uD\n"
+            "# HELP omni_queue_work_seconds Predicted prefill work of the "
+            "held requests.\n"
+            "# TYPE omni_queue_work_seconds gauge\n"
+            "omni_queue_work_seconds %.3f\n"
+            "# HELP omni_starvation_bound_seconds TTFT past which a held "
+            "request goes first: the starvation timeout, or more under a "
+            "backlog.\n"
+            "# TYPE omni_starvation_bound_seconds gauge\n"
+            "omni_starvation_bound_seconds %.3f\n"
             "# HELP omni_queue_rejected_total Requests refused (429) because "
             "the queue was full.\n"
             "# TYPE omni_queue_rejected_total counter\n"
@@ -492,7 +518,9 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "# TYPE omni_legs_cancelled_total counter\n"
             "omni_legs_cancelled_total %uL\n",
             sh->inflight_requests, sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
-            sh->queues[NGX_HTTP_OMNI_Q_DECODE].n, sh->rejected_full,
+            sh->queues[NGX_HTTP_OMNI_Q_DECODE].n,
+            sh->queues[NGX_HTTP_OMNI_Q_PREFILL].work_us / 1e6,
+            ngx_http_omni_status_bound(mcf, sh) / 1e6, sh->rejected_full,
             sh->timed_out, sh->held_total, sh->rejected_slo,
             sh->released[NGX_HTTP_OMNI_REL_NOW],
             sh->released[NGX_HTTP_OMNI_REL_ORDER],

@@ -334,6 +334,53 @@ def test_a_younger_longer_request_starves_first(omni_nginx, one_by_one, tmp_path
     _idle(nginx)
 
 
+def test_under_a_backlog_shortest_first_goes_on(omni_nginx, one_by_one, tmp_path):
+    """Under a backlog deeper than the starvation timeout the bound follows
+    the backlog (125% of the held work per instance), so shortest first goes
+    on instead of turning first come first served (wave 10).  A 200 ms
+    timeout; behind a blocker (~0.6 s) a long request (~0.2 s of work),
+    then a 64-token one, then two more blockers' worth of work.  When the
+    blocker ends both have waited past the timeout; with the timeout alone
+    the oldest, the long one, went first (it fails on the module before).
+    Now the bound is about 1.75 s, nobody is starved and the short one goes
+    first.  /omni/status shows the bound while they wait, and the timeout
+    again once the queue is empty."""
+    sim = one_by_one
+    nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="200ms")
+    tag = time.monotonic_ns()
+    names = {k: f"{k}-{tag}" for k in ("block", "long", "short", "more1", "more2")}
+    sizes = {"block": BLOCKER, "long": 4000, "short": 64, "more1": BLOCKER,
+             "more2": BLOCKER}
+    pool = concurrent.futures.ThreadPoolExecutor(5)
+    futures = []
+    for k in names:
+        futures.append(pool.submit(_post, nginx, {"prompt": _tokens(sizes[k], f"{k}{tag}"),
+                                                  "max_tokens": 1}, names[k]))
+        if k == "block":
+            _wait_busy(nginx, "prefill")
+        else:
+            time.sleep(0.03)
+    _wait_held(nginx, 4)
+    held = nginx.status()["queues"]
+    for f in futures:
+        f.result(timeout=60)
+    pool.shutdown()
+
+    log = _access(tmp_path)
+    starts = _prefill_starts(sim, {names["long"], names["short"]}, tmp_path)
+    assert starts[names["short"]] < starts[names["long"]], (starts, log)
+    # both waited past the timeout, and the short one went by the order
+    assert int(log[names["long"]]["queue_ms"]) > 200, log[names["long"]]
+    assert int(log[names["short"]]["queue_ms"]) > 200, log[names["short"]]
+    assert log[names["short"]]["release"] == "order", log[names["short"]]
+    # the bound while they waited: 125% of the held work, one instance
+    assert held["prefill_work_ms"] > 200, held
+    assert abs(held["starvation_bound_ms"] - 1.25 * held["prefill_work_ms"]) <= 2, held
+    status = _idle(nginx)
+    assert status["queues"]["prefill_work_ms"] == 0
+    assert status["queues"]["starvation_bound_ms"] == 200
+
+
 def test_a_waiting_request_whose_prefix_was_sent_meanwhile_moves_up(
         omni_nginx, one_by_one, tmp_path):
     """A held request's place in the order is its predicted work, and that

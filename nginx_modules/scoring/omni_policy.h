@@ -77,6 +77,9 @@ extern "C" {
 /* most starved entries omni_policy_queue_next() accepts at once (it takes
  * the oldest; omni_policy_late_scan() says how many to look at) */
 #define OMNI_POLICY_LATE_SCAN   64
+/* SJF: the starvation bound is at least this percentage of the backlog
+ * (omni_queue_opts_t.backlog_us; omni_policy_starvation_bound) */
+#define OMNI_POLICY_BACKLOG_PCT 125
 /* a release pass: entries offered a free instance when the one to release
  * next waits for a busy one (itself included) */
 #define OMNI_POLICY_LOOKAHEAD   8
@@ -161,6 +164,12 @@ typedef struct {
                                    (the module: OMNI_POLICY_AGING) */
     uint64_t  starvation_us;    /* waited (SJF: + its work) this long:
                                    first; 0: off */
+    uint64_t  backlog_us;       /* SJF: the queue's predicted work per
+                                   usable instance (how long the instances
+                                   take to drain what waits); the bound is
+                                   at least OMNI_POLICY_BACKLOG_PCT % of
+                                   it (omni_policy_starvation_bound); 0:
+                                   the timeout alone */
 } omni_queue_opts_t;
 
 typedef struct {
@@ -311,9 +320,15 @@ omni_policy_queue_before(double key_a, uint64_t seq_a, double key_b,
     return key_a != key_b ? key_a < key_b : seq_a < seq_b;
 }
 
+/* The TTFT past which a request is starved: the starvation timeout; in the
+ * SJF order at least OMNI_POLICY_BACKLOG_PCT % of the backlog (backlog_us),
+ * so that under a backlog deeper than the timeout the order stays shortest
+ * first instead of becoming first come first served.  0: off. */
+uint64_t omni_policy_starvation_bound(const omni_queue_opts_t *o);
+
 /* Whether a request that arrived at arrival_us is starved at now_us: its
  * wait, plus (SJF) its predicted work work_us, reached the starvation
- * timeout. */
+ * bound (omni_policy_starvation_bound). */
 int omni_policy_starved(const omni_queue_opts_t *o, uint64_t arrival_us,
     uint64_t work_us, uint64_t now_us);
 

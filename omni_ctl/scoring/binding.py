@@ -874,11 +874,12 @@ _ORDERS = {"fcfs": lib.OMNI_QUEUE_FCFS, "sjf": lib.OMNI_QUEUE_SJF,
            "lpt": lib.OMNI_QUEUE_LPT}
 
 
-def _queue_opts(order, aging, starvation_us):
+def _queue_opts(order, aging, starvation_us, backlog_us=0):
     if order not in _ORDERS:
         raise ValueError(f"queue order must be 'fcfs', 'sjf' or 'lpt', not {order!r}")
     return ffi.new("omni_queue_opts_t *", {
         "order": _ORDERS[order], "aging": aging, "starvation_us": starvation_us,
+        "backlog_us": backlog_us,
     })
 
 
@@ -921,20 +922,21 @@ def queue_next(late, now_us, order="sjf", aging=1.0, starvation_us=0):
     return check(rc, "queue_next")
 
 
-def queue_order(items, now_us, order="sjf", aging=1.0, starvation_us=0):
+def queue_order(items, now_us, order="sjf", aging=1.0, starvation_us=0, backlog_us=0):
     """Indices of a queue's items (in queue order) in release order: what
-    repeated picks at ``now_us`` give."""
-    opts = _queue_opts(order, aging, starvation_us)
+    repeated picks at ``now_us`` give (``backlog_us``: the queue's work per
+    instance, which the starvation bound follows; the module passes it)."""
+    opts = _queue_opts(order, aging, starvation_us, backlog_us)
     out = _new_raw("uint32_t[]", max(len(items), 1))
     check(lib.omni_policy_queue_order(_queue_items(items), len(items), now_us,
                                       opts, out), "queue_order")
     return list(out[0:len(items)])
 
 
-def queue_pick(items, now_us, order="sjf", aging=1.0, starvation_us=0):
+def queue_pick(items, now_us, order="sjf", aging=1.0, starvation_us=0, backlog_us=0):
     """The index of the item (of a queue, in queue order) that the module
     releases next, or None for an empty queue."""
-    opts = _queue_opts(order, aging, starvation_us)
+    opts = _queue_opts(order, aging, starvation_us, backlog_us)
     if not items:
         return None
     return check(lib.omni_policy_queue_pick(_queue_items(items), len(items), now_us,
