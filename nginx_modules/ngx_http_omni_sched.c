@@ -921,6 +921,15 @@ ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf,
     }
 
     o->backlog_us = sh->queues[q].work_us / ngx_max(n, 1);
+
+    /* a request starves before its queue or request timeout strikes */
+    o->bound_max_us = (uint64_t) mcf->queue_timeout * 1000 / 2;
+
+    if (mcf->request_timeout
+        && (uint64_t) mcf->request_timeout * 1000 / 2 < o->bound_max_us)
+    {
+        o->bound_max_us = (uint64_t) mcf->request_timeout * 1000 / 2;
+    }
 }
 
 

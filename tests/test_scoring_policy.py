@@ -530,7 +530,13 @@ def test_under_a_backlog_the_starvation_bound_follows_it():
     assert lib.omni_policy_starved(o, 100, 400, 2200) == 1
     o.backlog_us = 2**64 - 1                # no overflow
     assert lib.omni_policy_starvation_bound(o) == 2**64 - 1
-    o.backlog_us = 2000
+    o.bound_max_us = 2200                   # starved before it times out
+    assert lib.omni_policy_starvation_bound(o) == 2200
+    o.backlog_us = 1200                     # 1500: under the limit
+    assert lib.omni_policy_starvation_bound(o) == 1500
+    o.bound_max_us = 500                    # never under the timeout
+    assert lib.omni_policy_starvation_bound(o) == 1000
+    o.bound_max_us, o.backlog_us = 0, 2000
     for order in (lib.OMNI_QUEUE_FCFS, lib.OMNI_QUEUE_LPT):
         o.order = order
         assert lib.omni_policy_starvation_bound(o) == 1000

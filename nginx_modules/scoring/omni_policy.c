@@ -590,6 +590,10 @@ omni_policy_starvation_bound(const omni_queue_opts_t *o)
     b = o->backlog_us > UINT64_MAX / OMNI_POLICY_BACKLOG_PCT
         ? UINT64_MAX : o->backlog_us * OMNI_POLICY_BACKLOG_PCT / 100;
 
+    if (o->bound_max_us && b > o->bound_max_us) {
+        b = o->bound_max_us;
+    }
+
     return b > o->starvation_us ? b : o->starvation_us;
 }
 

@@ -170,6 +170,10 @@ typedef struct {
                                    at least OMNI_POLICY_BACKLOG_PCT % of
                                    it (omni_policy_starvation_bound); 0:
                                    the timeout alone */
+    uint64_t  bound_max_us;     /* the backlog's share never exceeds this
+                                   (the module: half its shortest queue or
+                                   request timeout, so a request starves
+                                   before it times out); 0: no limit */
 } omni_queue_opts_t;
 
 typedef struct {
@@ -321,9 +325,10 @@ omni_policy_queue_before(double key_a, uint64_t seq_a, double key_b,
 }
 
 /* The TTFT past which a request is starved: the starvation timeout; in the
- * SJF order at least OMNI_POLICY_BACKLOG_PCT % of the backlog (backlog_us),
- * so that under a backlog deeper than the timeout the order stays shortest
- * first instead of becoming first come first served.  0: off. */
+ * SJF order at least OMNI_POLICY_BACKLOG_PCT % of the backlog (backlog_us,
+ * at most bound_max_us), so that under a backlog deeper than the timeout
+ * the order stays shortest first instead of becoming first come first
+ * served.  0: off. */
 uint64_t omni_policy_starvation_bound(const omni_queue_opts_t *o);
 
 /* Whether a request that arrived at arrival_us is starved at now_us: its
