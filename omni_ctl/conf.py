@@ -209,7 +209,10 @@ OPTIONS: tuple[Option, ...] = (
                "The TTFT it would have if it started now: a long prompt starves "
                "as much earlier as it takes longer (with `--prefill-queue-order "
                "fcfs`, the wait alone). Among several, the oldest (it minimises "
-               "the largest TTFT among them). With SLOs, a request past its "
+               "the largest TTFT among them). Under a backlog deeper than this "
+               "(held prefill work per usable instance), the bound is 125% of "
+               "the backlog instead, so shortest first goes on while it drains "
+               "(`omni_starvation_bound_seconds`). With SLOs, a request past its "
                "deadline is starved this long after it.")),
     Option("queue_max", "int", 4096, "Held requests before new ones get 429.", "scheduler",
            metavar="N", minimum=1, directive="omni_queue_max"),

@@ -5,8 +5,10 @@ An analysis aid, not a test.
 
     .venv/bin/python docs/bench-notes/wave6_whatif.py RULE[,RULE...] [RUN_DIR ...]
 
-RULEs: share (today's: starved share, omni_policy_starved_seats), and the
-ones below; without RUN_DIRs, the trace slices of starved_share_whatif.py."""
+RULEs: share (wave 4's starved share), lsold:5@0.25 (waves 6-9: latest
+start 5 s, aging 0.25), lsback:5/1.25@0.25 (wave 10, the module's rule: the
+bound follows the backlog), and the others below; without RUN_DIRs, the
+trace slices of starved_share_whatif.py."""
 
 import math
 import os
@@ -109,6 +111,18 @@ class Model(w._Rule):
                 seats = min(len(self.pre), max(1, math.ceil(sum(work[s.i] for s in urgent) / T)))
                 if self.busy_starved() < seats or t - pick.job.arrival + work[pick.i] >= 2 * B:
                     return pick, True
+            return self.sjf(q), False
+        if kind == "lsback":
+            # wave 10 (the module's rule): latest start, the bound
+            # max(B, k x the backlog), the backlog being the queue's work per
+            # instance; oldest urgent first
+            B, _, k = arg.partition("/")
+            B, k = float(B), float(k or 1.25)
+            backlog = sum(work[s.i] for s in q) / max(1, len(self.pre))
+            bound = max(B, k * backlog)
+            urgent = [s for s in q if t - s.job.arrival + work[s.i] >= bound]
+            if urgent:
+                return min(urgent, key=lambda s: s.job.arrival), True
             return self.sjf(q), False
         if kind == "slow":
             # wave 7: latest start B, or a slowdown cap: urgent when waited
