@@ -691,13 +691,10 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 
 
 /*
- * Compute the prefill queue's keys again (ngx_http_omni_queue_key_locked)
- * and restore its order.  A key made at arrival goes stale while the
- * request waits: the predictor learns (at start it knows only its priors),
- * and a request sharing the prefix may be sent after this one arrived, so
- * that most of its prompt is now cached.  A stale key keeps a request that
- * became short behind longer ones and feeds the starvation rule and the
- * drain (Retry-After) a wrong work.
+ * Compute the prefill queue's keys again and restore its order: a key goes
+ * stale while its request waits, as the predictor learns and as requests
+ * sharing its prefix are sent (then the order, the starvation rule and the
+ * drain saw a wrong work).  FCFS: the work changes, never the order.
  */
 static void
 ngx_http_omni_rekey_locked(ngx_http_omni_main_conf_t *mcf,
@@ -726,7 +723,10 @@ ngx_http_omni_rekey_locked(ngx_http_omni_main_conf_t *mcf,
     }
 
     if (changed) {
-        ngx_http_omni_queue_reorder_locked(sh, NGX_HTTP_OMNI_Q_PREFILL);
+        if (mcf->queue_order == NGX_HTTP_OMNI_ORDER_SJF) {
+            ngx_http_omni_queue_reorder_locked(sh, NGX_HTTP_OMNI_Q_PREFILL);
+        }
+
         sh->rekeys++;
         sh->sched_epoch++;
     }
