@@ -364,25 +364,25 @@ ngx_http_omni_uses_queue(ngx_http_omni_main_conf_t *mcf)
 }
 
 
-/* Whether any instance of the tier could be chosen at all now. */
+/* How many instances of the tier could be chosen now (0: none at all). */
 ngx_uint_t
 ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t tier, ngx_msec_t now)
 {
-    ngx_uint_t                      i;
+    ngx_uint_t                      i, n;
     ngx_http_omni_upstream_conf_t  *ucf;
 
     ucf = mcf->tiers[tier];
 
-    for (i = 0; ucf && i < ucf->n; i++) {
+    for (i = 0, n = 0; ucf && i < ucf->n; i++) {
         if (ucf->slots[i] < NGX_HTTP_OMNI_MAX_SLOTS
             && ngx_http_omni_usable(ucf, i, &sh->inst[ucf->slots[i]], now))
         {
-            return 1;
+            n++;
         }
     }
 
-    return 0;
+    return n;
 }
 
 
@@ -892,8 +892,7 @@ void
 ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t q, omni_queue_opts_t *o)
 {
-    ngx_uint_t                      i, n;
-    ngx_http_omni_upstream_conf_t  *ucf;
+    ngx_uint_t  n;
 
     ngx_memzero(o, sizeof(omni_queue_opts_t));
 
@@ -909,16 +908,8 @@ ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf,
         return;
     }
 
-    ucf = mcf->tiers[ngx_http_omni_start_tier(mcf)];
-
-    for (i = 0, n = 0; ucf && i < ucf->n; i++) {
-        if (ucf->slots[i] < NGX_HTTP_OMNI_MAX_SLOTS
-            && ngx_http_omni_usable(ucf, i, &sh->inst[ucf->slots[i]],
-                                    ngx_current_msec))
-        {
-            n++;
-        }
-    }
+    n = ngx_http_omni_tier_usable(mcf, sh, ngx_http_omni_start_tier(mcf),
+                                  ngx_current_msec);
 
     o->backlog_us = sh->queues[q].work_us / ngx_max(n, 1);
 
