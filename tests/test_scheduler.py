@@ -213,9 +213,12 @@ def test_a_longer_request_does_not_join_a_shorter_ones_step(omni_nginx, one_by_o
     short_step = short["arrival_unix"] + short["queue_s"]
     assert long_["arrival_unix"] > short_step, (short, long_)
     log = _access(tmp_path)
-    # the long one waited in the proxy, the short one did not
+    # the long one waited in the proxy, the short one did not (it went at
+    # once; its queue_ms may read 1 when a millisecond ticks between its
+    # arrival and its release: not a wait)
     assert int(log[names["long"]]["queue_ms"]) > 0, log[names["long"]]
-    assert int(log[names["short"]]["queue_ms"]) == 0, log[names["short"]]
+    assert log[names["short"]]["release"] == "now", log[names["short"]]
+    assert int(log[names["short"]]["queue_ms"]) <= 20, log[names["short"]]
     _idle(nginx)
 
 
