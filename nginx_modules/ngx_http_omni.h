@@ -11,8 +11,9 @@
  *                             a leg (load, predictor job, prefilling), their
  *                             owners, what a dead process held
  *   ngx_http_omni_queue.c     the holding queues as a data structure
- *   ngx_http_omni_sched.c     the decisions: instance choice, binding, the
- *                             queue order
+ *   ngx_http_omni_sched.c     the decisions: instance choice, binding
+ *   ngx_http_omni_order.c     the queue order: keys, the library's queue
+ *                             options, keys made again, the next to release
  *   ngx_http_omni_slo.c       SLO-aware release: the next held request with
  *                             deadlines, the early 429, Retry-After
  *   ngx_http_omni_hold.c      holding and waking: the release loop, wake-ups,
@@ -136,7 +137,7 @@
  * A waiting request's predicted work (its key in the prefill queue) is
  * computed again at most this often: it changes while it waits, as the
  * predictor learns and as requests sharing its prefix are sent
- * (ngx_http_omni_rekey_locked, ngx_http_omni_hold.c)
+ * (ngx_http_omni_queue_rekey_locked, ngx_http_omni_order.c)
  */
 #define NGX_HTTP_OMNI_REKEY_US       10000
 
@@ -372,6 +373,9 @@ typedef struct {
     uint32_t                      *heap;        /* entry numbers */
     uint32_t                       n_slo;       /* entries with a deadline */
     uint64_t                       work_us;     /* sum of entries' work_us */
+    uint64_t                       key_backlog_us;  /* SJF: the backlog the
+                                                   keys' aging was made at
+                                                   (omni_policy_queue_aging) */
 } ngx_http_omni_queue_t;
 
 
@@ -447,6 +451,8 @@ typedef struct {
     /* when the prefill queue's keys were last recomputed (us) */
     uint64_t                       rekey_us;
     uint64_t                       rekeys;      /* ... with a key changed */
+    uint64_t                       aging_rekeys; /* ... as the SJF aging
+                                                   moved (queue_rekey) */
     uint64_t                       decisions_reused; /* not re-decided */
     uint64_t                       held_decided;    /* decisions of held */
     uint64_t                       held_finished;   /*   requests, ended */
@@ -741,6 +747,8 @@ void ngx_http_omni_unmark(ngx_http_omni_ctx_t *ctx, ngx_uint_t slot);
 ngx_uint_t ngx_http_omni_tier_usable(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t tier, ngx_msec_t now);
 void ngx_http_omni_arrived(ngx_http_omni_shctx_t *sh, uint64_t now_us);
+uint32_t *ngx_http_omni_match(ngx_http_omni_shctx_t *sh, uint64_t *hashes,
+    size_t n, uint64_t now_us);
 ngx_int_t ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
     ngx_http_omni_qentry_t *en, ngx_msec_t now, uint64_t now_us,
@@ -748,14 +756,18 @@ ngx_int_t ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 ngx_int_t ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
     ngx_http_omni_qentry_t *en, ngx_msec_t now);
+ngx_uint_t ngx_http_omni_usable(ngx_http_omni_upstream_conf_t *ucf,
+    ngx_uint_t i, ngx_http_omni_inst_t *in, ngx_msec_t now);
+
+/* ngx_http_omni_order.c */
 void ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en);
 void ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t q, omni_queue_opts_t *o);
 uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
-ngx_uint_t ngx_http_omni_usable(ngx_http_omni_upstream_conf_t *ucf,
-    ngx_uint_t i, ngx_http_omni_inst_t *in, ngx_msec_t now);
+void ngx_http_omni_queue_rekey_locked(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, uint64_t now_us);
 
 /* ngx_http_omni_slo.c */
 ngx_int_t ngx_http_omni_slo_init(ngx_cycle_t *cycle);

@@ -691,49 +691,6 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
 
 
 /*
- * Compute the prefill queue's keys again and restore its order: a key goes
- * stale while its request waits, as the predictor learns and as requests
- * sharing its prefix are sent (then the order, the starvation rule and the
- * drain saw a wrong work).  FCFS: the work changes, never the order.
- */
-static void
-ngx_http_omni_rekey_locked(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh, uint64_t now_us)
-{
-    uint32_t                 e;
-    uint64_t                 work;
-    ngx_uint_t               changed;
-    ngx_http_omni_queue_t   *q;
-    ngx_http_omni_qentry_t  *en;
-
-    q = &sh->queues[NGX_HTTP_OMNI_Q_PREFILL];
-    sh->rekey_us = now_us;
-    changed = 0;
-
-    for (e = q->head; e != NGX_HTTP_OMNI_NONE; e = en->next) {
-        en = &sh->entries[e];
-        work = en->work_us;
-
-        ngx_http_omni_queue_key_locked(mcf, sh, en);
-
-        if (en->work_us != work) {
-            q->work_us = q->work_us - work + en->work_us;
-            changed = 1;
-        }
-    }
-
-    if (changed) {
-        if (mcf->queue_order == NGX_HTTP_OMNI_ORDER_SJF) {
-            ngx_http_omni_queue_reorder_locked(sh, NGX_HTTP_OMNI_Q_PREFILL);
-        }
-
-        sh->rekeys++;
-        sh->sched_epoch++;
-    }
-}
-
-
-/*
  * Something a held request's decision depends on changed (an instance's
  * load, health or predicted work; the caller changed it): decide again.
  */
@@ -794,7 +751,7 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
         if (sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n
             && now_us >= sh->rekey_us + NGX_HTTP_OMNI_REKEY_US)
         {
-            ngx_http_omni_rekey_locked(mcf, sh, now_us);
+            ngx_http_omni_queue_rekey_locked(mcf, sh, now_us);
         }
 
         for (q = 0; q < NGX_HTTP_OMNI_QUEUES && n < NGX_HTTP_OMNI_BATCH; q++) {

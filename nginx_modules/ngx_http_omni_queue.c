@@ -134,6 +134,11 @@ ngx_http_omni_queue_remove_locked(ngx_http_omni_shctx_t *sh,
         q->n_slo--;
     }
 
+    if (q->n == 0) {
+        /* no key left to agree with: the next ones use the full aging */
+        q->key_backlog_us = 0;
+    }
+
     if (en->prev != NGX_HTTP_OMNI_NONE) {
         sh->entries[en->prev].next = en->next;
     } else {

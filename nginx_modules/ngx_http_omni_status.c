@@ -251,6 +251,21 @@ ngx_http_omni_status_bound(ngx_http_omni_main_conf_t *mcf,
 }
 
 
+/* The SJF aging the prefill queue's keys are made with now (the backlog
+ * they were made at; omni_policy_queue_aging). */
+static double
+ngx_http_omni_status_aging(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh)
+{
+    omni_queue_opts_t  o;
+
+    ngx_http_omni_queue_opts(mcf, NULL, NGX_HTTP_OMNI_Q_PREFILL, &o);
+    o.backlog_us = sh->queues[NGX_HTTP_OMNI_Q_PREFILL].key_backlog_us;
+
+    return omni_policy_queue_aging(&o);
+}
+
+
 ngx_int_t
 ngx_http_omni_status_handler(ngx_http_request_t *r)
 {
@@ -296,6 +311,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"scheduler\":{\"decisions\":%uL,"
                     "\"decision_us_mean\":%.1f,"
                     "\"decisions_reused\":%uL,\"queue_rekeys\":%uL,"
+                    "\"queue_aging\":%.4f,\"aging_rekeys\":%uL,"
                     "\"held_decisions\":%uL,\"held_finished\":%uL,"
                     "\"held_decisions_max\":%uL,"
                     "\"typical_output_tokens\":[%.1f,%.1f]},"
@@ -327,8 +343,9 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->decisions,
                     sh->decisions ? (double) sh->decision_us / sh->decisions
                                   : 0.0,
-                    sh->decisions_reused, sh->rekeys, sh->held_decided,
-                    sh->held_finished, sh->held_decided_max,
+                    sh->decisions_reused, sh->rekeys,
+                    ngx_http_omni_status_aging(mcf, sh), sh->aging_rekeys,
+                    sh->held_decided, sh->held_finished, sh->held_decided_max,
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
                     sh->requests_total, sh->inflight_requests,
@@ -490,6 +507,10 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "backlog.\n"
             "# TYPE omni_starvation_bound_seconds gauge\n"
             "omni_starvation_bound_seconds %.3f\n"
+            "# HELP omni_queue_aging Shortest-first order: work forgiven per "
+            "unit waited (less under a backlog).\n"
+            "# TYPE omni_queue_aging gauge\n"
+            "omni_queue_aging %.4f\n"
             "# HELP omni_queue_rejected_total Requests refused (429) because "
             "the queue was full.\n"
             "# TYPE omni_queue_rejected_total counter\n"
@@ -520,7 +541,8 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             sh->inflight_requests, sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
             sh->queues[NGX_HTTP_OMNI_Q_DECODE].n,
             sh->queues[NGX_HTTP_OMNI_Q_PREFILL].work_us / 1e6,
-            ngx_http_omni_status_bound(mcf, sh) / 1e6, sh->rejected_full,
+            ngx_http_omni_status_bound(mcf, sh) / 1e6,
+            ngx_http_omni_status_aging(mcf, sh), sh->rejected_full,
             sh->timed_out, sh->held_total, sh->rejected_slo,
             sh->released[NGX_HTTP_OMNI_REL_NOW],
             sh->released[NGX_HTTP_OMNI_REL_ORDER],

@@ -212,8 +212,10 @@ OPTIONS: tuple[Option, ...] = (
                "the largest TTFT among them). Under a backlog deeper than this "
                "(held prefill work per usable instance), the bound is 125% of "
                "the backlog instead, so shortest first goes on while it drains "
-               "(`omni_starvation_bound_seconds`). With SLOs, a request past its "
-               "deadline is starved this long after it.")),
+               "(`omni_starvation_bound_seconds`), and the order's aging is "
+               "weakened as much, timeout / bound (`omni_queue_aging`). With "
+               "SLOs, a request past its deadline is starved this long after "
+               "it.")),
     Option("queue_max", "int", 4096, "Held requests before new ones get 429.", "scheduler",
            metavar="N", minimum=1, directive="omni_queue_max"),
     Option("queue_timeout", "duration", "600s", "Longest a request is held before 503.",

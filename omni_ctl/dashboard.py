@@ -30,6 +30,8 @@ PANELS = [
     ("Held prefill work and the starvation bound", "s",
      [("max(omni_queue_work_seconds)", "held work"),
       ("max(omni_starvation_bound_seconds)", "starvation bound")], "timeseries"),
+    ("Shortest-first aging (work forgiven per unit waited)", "short",
+     [("min(omni_queue_aging)", "aging")], "timeseries"),
     ("Legs cancelled by fail-fast P/D (per s)", "reqps",
      [("sum(rate(omni_legs_cancelled_total[1m]))", "cancelled")], "timeseries"),
     ("Time to first byte", "s",

@@ -384,6 +384,57 @@ def test_under_a_backlog_shortest_first_goes_on(omni_nginx, one_by_one, tmp_path
     assert status["queues"]["starvation_bound_ms"] == 200
 
 
+def test_under_a_backlog_the_aging_weakens_with_the_bound(omni_nginx, one_by_one,
+                                                        tmp_path):
+    """The SJF key is work minus 0.25 x waited; when the starvation bound
+    follows a backlog, the aging is scaled by timeout / bound (wave 11), or
+    the waits of a deep backlog outweigh any difference in work and the
+    order is first come first served again.  A 200 ms timeout; behind a
+    long blocker (~1.2 s): `older` (4000 tokens), three blockers' worth of
+    work, then ~0.75 s later `younger` (1000 tokens, ~0.15 s less work).
+    With the aging fixed, 0.75 s of wait is worth ~0.19 s of work and
+    `older` went first (it fails on the module before); at this backlog
+    (bound ~2.6 s) the aging is under a tenth and `younger`, the shorter,
+    goes first, by the order (nobody is starved).  /omni/status shows the
+    weaker aging while they wait and 0.25 again at idle."""
+    sim = one_by_one
+    nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="200ms")
+    tag = time.monotonic_ns()
+    names = {k: f"{k}-{tag}" for k in ("block", "older", "more1", "more2", "more3",
+                                       "younger")}
+    sizes = {"block": 2 * BLOCKER, "older": 4000, "more1": BLOCKER, "more2": BLOCKER,
+             "more3": BLOCKER, "younger": 1000}
+    pool = concurrent.futures.ThreadPoolExecutor(len(names))
+    futures = []
+    for k in names:
+        if k == "younger":
+            time.sleep(0.75 - 0.03 * 4)
+        futures.append(pool.submit(_post, nginx, {"prompt": _tokens(sizes[k], f"{k}{tag}"),
+                                                  "max_tokens": 1}, names[k]))
+        if k == "block":
+            _wait_busy(nginx, "prefill")
+        else:
+            time.sleep(0.03)
+    _wait_held(nginx, 5)
+    status = nginx.status()
+    for f in futures:
+        f.result(timeout=60)
+    pool.shutdown()
+
+    log = _access(tmp_path)
+    starts = _prefill_starts(sim, {names["older"], names["younger"]}, tmp_path)
+    assert starts[names["younger"]] < starts[names["older"]], (starts, log)
+    assert log[names["younger"]]["release"] == "order", log[names["younger"]]
+    # while they waited: the bound followed the backlog, the aging with it
+    held, sched = status["queues"], status["scheduler"]
+    assert held["starvation_bound_ms"] > 1000, held
+    assert 0 < sched["queue_aging"] < 0.25 * 200 / held["starvation_bound_ms"] * 1.5, \
+        (held, sched)
+    assert sched["aging_rekeys"] >= 1, sched
+    status = _idle(nginx)
+    assert status["scheduler"]["queue_aging"] == 0.25
+
+
 def test_a_waiting_request_whose_prefix_was_sent_meanwhile_moves_up(
         omni_nginx, one_by_one, tmp_path):
     """A held request's place in the order is its predicted work, and that

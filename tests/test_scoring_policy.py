@@ -574,6 +574,59 @@ def test_under_a_backlog_a_short_request_is_not_starved_behind_old_long_ones():
                       backlog_us=backlog) == 0
 
 
+def test_under_a_backlog_the_aging_weakens_with_the_bound():
+    """SJF keys are work + a x arrival; a is OMNI_POLICY_AGING times the
+    timeout over the starvation bound (wave 11), so a wait of the bound is
+    worth what a wait of the timeout is without a backlog.  Keys made at
+    one backlog are made again when a moved by more than 1/8 of itself."""
+    from omni_ctl.scoring import ffi
+    assert lib.OMNI_POLICY_AGING_SLACK == 8
+    o = ffi.new("omni_queue_opts_t *", {"order": lib.OMNI_QUEUE_SJF, "aging": 0.25,
+                                        "starvation_us": 1000, "backlog_us": 0})
+    assert lib.omni_policy_queue_aging(o) == 0.25
+    o.backlog_us = 700                          # bound 1000: the timeout
+    assert lib.omni_policy_queue_aging(o) == 0.25
+    o.backlog_us = 2000                         # bound 2500
+    assert lib.omni_policy_queue_aging(o) == pytest.approx(0.1)
+    assert lib.omni_policy_queue_key(o, 1000, 50) == pytest.approx(150)
+    o.bound_max_us = 2000                       # the capped bound counts
+    assert lib.omni_policy_queue_aging(o) == pytest.approx(0.125)
+    o.bound_max_us = 0
+    for order in (lib.OMNI_QUEUE_FCFS, lib.OMNI_QUEUE_LPT):
+        o.order = order
+        assert lib.omni_policy_queue_aging(o) == 0.25
+    o.order, o.starvation_us = lib.OMNI_QUEUE_SJF, 0
+    assert lib.omni_policy_queue_aging(o) == 0.25   # no bound: no backlog
+    o.starvation_us = 1000
+    now = ffi.new("omni_queue_opts_t *", dict(order=lib.OMNI_QUEUE_SJF, aging=0.25,
+                                              starvation_us=1000, backlog_us=2100))
+    assert lib.omni_policy_queue_rekey(o, now) == 0     # 0.1 -> 0.095
+    now.backlog_us = 3000                               # 0.1 -> 0.067
+    assert lib.omni_policy_queue_rekey(o, now) == 1
+    assert lib.omni_policy_queue_rekey(now, o) == 1
+    now.backlog_us = 0                                  # back to 0.25
+    assert lib.omni_policy_queue_rekey(o, now) == 1
+    o.backlog_us = 0
+    assert lib.omni_policy_queue_rekey(o, now) == 0
+    # the order: an older request of a little more work and a younger one
+    # (tests/test_scheduler.py::test_under_a_backlog_the_aging_weakens_with_
+    # the_bound): 0.75 s of wait is worth 0.19 s of work at the full aging,
+    # and the older has the smaller key; with 3.3 s of backlog (a 4.1 s
+    # bound) it is worth 0.01 s, and the younger goes first, by the order
+    # (neither is starved)
+    o.starvation_us, o.backlog_us = 200_000, 0
+    assert lib.omni_policy_queue_key(o, 0, 200_000) \
+        < lib.omni_policy_queue_key(o, 750_000, 50_000)
+    o.backlog_us = 3_300_000
+    assert lib.omni_policy_queue_key(o, 0, 200_000) \
+        > lib.omni_policy_queue_key(o, 750_000, 50_000)
+    q = [QueueItem(0, 200_000), QueueItem(750_000, 50_000)]
+    assert queue_pick(q, 1_200_000, aging=0.25, starvation_us=200_000,
+                      backlog_us=3_300_000) == 1
+    assert queue_order(q, 1_200_000, aging=0.25, starvation_us=200_000,
+                       backlog_us=3_300_000) == [1, 0]
+
+
 def _one_instance(seed, backlog, order="sjf", n=300, load=1.2, cap=8e6):
     """One instance releasing a queue with the library's pick (SJF with the
     module's aging, a 5 s timeout): heavy-tailed work (lognormal, median
@@ -606,10 +659,12 @@ def test_the_bound_that_follows_the_backlog_keeps_shortest_first_under_overload(
     """Why the bound follows the backlog: under a sustained overload (1.2x)
     every request reaches a 5 s timeout, and with the timeout alone the
     release order is first come first served (same mean as FCFS).  With
-    the bound at 125% of the backlog the mean is lower by more than 10% in
-    every one of ten workloads, and the p99 stays within 10% of the
-    timeout's.  Under a load whose backlog never reaches 80% of the timeout
-    nothing changes."""
+    the bound at 125% of the backlog, and the aging weakened as much
+    (omni_policy_queue_aging), the mean is lower by more than 30% in every
+    one of ten workloads; the price is the p99, within 40% of the
+    timeout's (here the backlog grows for the whole run and nothing caps
+    the bound; the module caps it at half the queue timeout).  Under a load
+    whose backlog never reaches 80% of the timeout nothing changes."""
     def mean(v):
         return sum(v) / len(v)
 
@@ -621,8 +676,8 @@ def test_the_bound_that_follows_the_backlog_keeps_shortest_first_under_overload(
         (alone, _), (follows, _) = _one_instance(seed, False), _one_instance(seed, True)
         fcfs, _ = _one_instance(seed, False, order="fcfs")
         assert abs(mean(alone) - mean(fcfs)) < 0.01 * mean(fcfs), seed
-        assert mean(follows) < 0.9 * mean(alone), seed
-        assert p99(follows) < 1.1 * p99(alone), seed
+        assert mean(follows) < 0.7 * mean(alone), seed
+        assert p99(follows) < 1.4 * p99(alone), seed
         alone, most = _one_instance(seed, False, load=0.3, cap=2e6)
         if most * lib.OMNI_POLICY_BACKLOG_PCT // 100 <= 5_000_000:
             light += 1

@@ -64,8 +64,8 @@ class Model(w._Rule):
                    if any(s.i in self.starved and s.computed < s.job.prompt
                           for s in x.running))
 
-    def sjf(self, q):
-        a = self.aging
+    def sjf(self, q, scale=1.0):
+        a = self.aging * scale
         return min(q, key=lambda s: (self.work[s.i] + a * s.job.arrival, s.job.arrival))
 
     def _pick(self, t, q):
@@ -124,6 +124,18 @@ class Model(w._Rule):
             if urgent:
                 return min(urgent, key=lambda s: s.job.arrival), True
             return self.sjf(q), False
+        if kind == "lsbacka":
+            # wave 11: lsback, and the aging scaled by B / bound (under a
+            # backlog the aging does not turn the order back to FCFS)
+            B, _, k = arg.partition("/")
+            k, _, e = k.partition("/")
+            B, k, e = float(B), float(k or 1.25), float(e or 1)
+            backlog = sum(work[s.i] for s in q) / max(1, len(self.pre))
+            bound = max(B, k * backlog)
+            urgent = [s for s in q if t - s.job.arrival + work[s.i] >= bound]
+            if urgent:
+                return min(urgent, key=lambda s: s.job.arrival), True
+            return self.sjf(q, (B / bound) ** e), False
         if kind == "slow":
             # wave 7: latest start B, or a slowdown cap: urgent when waited
             # >= k x own work (and at least m seconds); oldest urgent first

@@ -80,6 +80,9 @@ extern "C" {
 /* SJF: the starvation bound is at least this percentage of the backlog
  * (omni_queue_opts_t.backlog_us; omni_policy_starvation_bound) */
 #define OMNI_POLICY_BACKLOG_PCT 125
+/* SJF: keys are made again when their aging moved by more than this
+ * fraction of itself (1/8; omni_policy_queue_rekey) */
+#define OMNI_POLICY_AGING_SLACK 8
 /* a release pass: entries offered a free instance when the one to release
  * next waits for a busy one (itself included) */
 #define OMNI_POLICY_LOOKAHEAD   8
@@ -310,11 +313,29 @@ int omni_policy_queue_work(const omni_predict_t *p, const uint32_t *matched,
 /*
  * The static key of a queued request (lower first; equal keys: queued
  * earlier first, omni_policy_queue_before): FCFS arrival_us; SJF work_us +
- * aging * arrival_us (work minus aging * waited, plus a term the same for
- * everyone: the order never needs re-sorting); LPT -work.
+ * a * arrival_us, a = omni_policy_queue_aging() (work minus a * waited,
+ * plus a term the same for everyone: the order needs re-sorting only when
+ * a changes); LPT -work.
  */
 double omni_policy_queue_key(const omni_queue_opts_t *o, uint64_t arrival_us,
     uint64_t work);
+
+/*
+ * SJF: the aging the keys use: o->aging times the starvation timeout over
+ * the starvation bound (omni_policy_starvation_bound), so that when the
+ * bound follows a backlog the aging weakens as much: a wait is then
+ * measured against the bound, and the aging alone no longer turns a deep
+ * backlog first come first served.  Other orders, or no bound: o->aging.
+ */
+double omni_policy_queue_aging(const omni_queue_opts_t *o);
+
+/*
+ * Whether keys made with the options `keyed` must be made again under
+ * `now` (the SJF aging moved by more than 1/OMNI_POLICY_AGING_SLACK of
+ * itself): the caller then recomputes every key with `now` and re-sorts.
+ */
+int omni_policy_queue_rekey(const omni_queue_opts_t *keyed,
+    const omni_queue_opts_t *now);
 
 /* Whether entry a goes before entry b (key, then queue sequence number). */
 static inline int
