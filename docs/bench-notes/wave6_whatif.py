@@ -6,9 +6,10 @@ An analysis aid, not a test.
     .venv/bin/python docs/bench-notes/wave6_whatif.py RULE[,RULE...] [RUN_DIR ...]
 
 RULEs: share (wave 4's starved share), lsold:5@0.25 (waves 6-9: latest
-start 5 s, aging 0.25), lsback:5/1.25@0.25 (wave 10, the module's rule: the
-bound follows the backlog), and the others below; without RUN_DIRs, the
-trace slices of starved_share_whatif.py."""
+start 5 s, aging 0.25), lsback:5/1.25@0.25 (wave 10: the bound follows the
+backlog), lsbacka:5/1.25@0.25 (wave 11, the module's rule: the aging scaled by
+timeout / bound as well; lsbacka:5/1.25/E@0.25 scales by its power E), and the
+others below; without RUN_DIRs, the trace slices of starved_share_whatif.py."""
 
 import math
 import os
