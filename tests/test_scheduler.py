@@ -337,6 +337,29 @@ def test_a_younger_longer_request_starves_first(omni_nginx, one_by_one, tmp_path
     _idle(nginx)
 
 
+def _behind_a_blocker(nginx, names, sizes, tag, pause=None):
+    """Send names' requests (sizes: their prompt tokens, max_tokens 1) in
+    order, 30 ms apart, the first (the blocker) once it runs, and `pause`
+    seconds more before those named there; once all but the blocker are
+    held, /omni/status then; returns it after every answer came."""
+    pool = concurrent.futures.ThreadPoolExecutor(len(names))
+    futures = []
+    for k in names:
+        time.sleep((pause or {}).get(k, 0))
+        futures.append(pool.submit(_post, nginx, {"prompt": _tokens(sizes[k], f"{k}{tag}"),
+                                                  "max_tokens": 1}, names[k]))
+        if not futures[1:]:
+            _wait_busy(nginx, "prefill")
+        else:
+            time.sleep(0.03)
+    _wait_held(nginx, len(names) - 1)
+    status = nginx.status()
+    for f in futures:
+        f.result(timeout=60)
+    pool.shutdown()
+    return status
+
+
 def test_under_a_backlog_shortest_first_goes_on(omni_nginx, one_by_one, tmp_path):
     """Under a backlog deeper than the starvation timeout the bound follows
     the backlog (125% of the held work per instance), so shortest first goes
@@ -354,20 +377,7 @@ def test_under_a_backlog_shortest_first_goes_on(omni_nginx, one_by_one, tmp_path
     names = {k: f"{k}-{tag}" for k in ("block", "long", "short", "more1", "more2")}
     sizes = {"block": BLOCKER, "long": 4000, "short": 64, "more1": BLOCKER,
              "more2": BLOCKER}
-    pool = concurrent.futures.ThreadPoolExecutor(5)
-    futures = []
-    for k in names:
-        futures.append(pool.submit(_post, nginx, {"prompt": _tokens(sizes[k], f"{k}{tag}"),
-                                                  "max_tokens": 1}, names[k]))
-        if k == "block":
-            _wait_busy(nginx, "prefill")
-        else:
-            time.sleep(0.03)
-    _wait_held(nginx, 4)
-    held = nginx.status()["queues"]
-    for f in futures:
-        f.result(timeout=60)
-    pool.shutdown()
+    held = _behind_a_blocker(nginx, names, sizes, tag)["queues"]
 
     log = _access(tmp_path)
     starts = _prefill_starts(sim, {names["long"], names["short"]}, tmp_path)
@@ -404,22 +414,7 @@ def test_under_a_backlog_the_aging_weakens_with_the_bound(omni_nginx, one_by_one
                                        "younger")}
     sizes = {"block": 2 * BLOCKER, "older": 4000, "more1": BLOCKER, "more2": BLOCKER,
              "more3": BLOCKER, "younger": 1000}
-    pool = concurrent.futures.ThreadPoolExecutor(len(names))
-    futures = []
-    for k in names:
-        if k == "younger":
-            time.sleep(0.75 - 0.03 * 4)
-        futures.append(pool.submit(_post, nginx, {"prompt": _tokens(sizes[k], f"{k}{tag}"),
-                                                  "max_tokens": 1}, names[k]))
-        if k == "block":
-            _wait_busy(nginx, "prefill")
-        else:
-            time.sleep(0.03)
-    _wait_held(nginx, 5)
-    status = nginx.status()
-    for f in futures:
-        f.result(timeout=60)
-    pool.shutdown()
+    status = _behind_a_blocker(nginx, names, sizes, tag, pause={"younger": 0.75 - 0.03 * 4})
 
     log = _access(tmp_path)
     starts = _prefill_starts(sim, {names["older"], names["younger"]}, tmp_path)
