@@ -764,6 +764,8 @@ void ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_http_omni_qentry_t *en);
 void ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t q, omni_queue_opts_t *o);
+void ngx_http_omni_queue_key_opts(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t q, omni_queue_opts_t *o);
 uint32_t ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_uint_t q, ngx_msec_t now);
 void ngx_http_omni_queue_rekey_locked(ngx_http_omni_main_conf_t *mcf,

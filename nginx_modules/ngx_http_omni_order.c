@@ -35,10 +35,7 @@ ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
     omni_queue_opts_t               o;
     ngx_http_omni_upstream_conf_t  *ucf;
 
-    ngx_http_omni_queue_opts(mcf, NULL, en->queue, &o);
-
-    /* every key of the queue with one aging: the backlog it was made at */
-    o.backlog_us = sh->queues[en->queue].key_backlog_us;
+    ngx_http_omni_queue_key_opts(mcf, sh, en->queue, &o);
     work = 0;
 
     if (en->queue == NGX_HTTP_OMNI_Q_DECODE) {
@@ -112,6 +109,20 @@ ngx_http_omni_queue_opts(ngx_http_omni_main_conf_t *mcf,
                                   ngx_current_msec);
 
     o->backlog_us = sh->queues[q].work_us / ngx_max(n, 1);
+}
+
+
+/*
+ * The options queue q's keys are made with: every key of a queue uses one
+ * aging, that of the backlog the keys were made at (key_backlog_us, moved
+ * by ngx_http_omni_queue_rekey_locked()).
+ */
+void
+ngx_http_omni_queue_key_opts(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, ngx_uint_t q, omni_queue_opts_t *o)
+{
+    ngx_http_omni_queue_opts(mcf, NULL, q, o);
+    o->backlog_us = sh->queues[q].key_backlog_us;
 }
 
 
@@ -198,8 +209,7 @@ ngx_http_omni_queue_rekey_locked(ngx_http_omni_main_conf_t *mcf,
     sh->rekey_us = now_us;
 
     ngx_http_omni_queue_opts(mcf, sh, NGX_HTTP_OMNI_Q_PREFILL, &now);
-    keyed = now;
-    keyed.backlog_us = q->key_backlog_us;
+    ngx_http_omni_queue_key_opts(mcf, sh, NGX_HTTP_OMNI_Q_PREFILL, &keyed);
 
     changed = omni_policy_queue_rekey(&keyed, &now);
 

@@ -259,8 +259,7 @@ ngx_http_omni_status_aging(ngx_http_omni_main_conf_t *mcf,
 {
     omni_queue_opts_t  o;
 
-    ngx_http_omni_queue_opts(mcf, NULL, NGX_HTTP_OMNI_Q_PREFILL, &o);
-    o.backlog_us = sh->queues[NGX_HTTP_OMNI_Q_PREFILL].key_backlog_us;
+    ngx_http_omni_queue_key_opts(mcf, sh, NGX_HTTP_OMNI_Q_PREFILL, &o);
 
     return omni_policy_queue_aging(&o);
 }
