@@ -237,31 +237,21 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
 }
 
 
-/* The prefill queue's starvation bound now, us (0: off): the timeout, or
- * under a backlog the library's share of it (omni_policy_starvation_bound). */
-static uint64_t
-ngx_http_omni_status_bound(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh)
+/* The prefill queue's order now: its starvation bound, us (0: off; the
+ * timeout, or under a backlog the library's share of it,
+ * omni_policy_starvation_bound), and the SJF aging its keys are made with
+ * (omni_policy_queue_aging, at the backlog they were made at). */
+static void
+ngx_http_omni_status_order(ngx_http_omni_main_conf_t *mcf,
+    ngx_http_omni_shctx_t *sh, uint64_t *bound_us, double *aging)
 {
     omni_queue_opts_t  o;
 
     ngx_http_omni_queue_opts(mcf, sh, NGX_HTTP_OMNI_Q_PREFILL, &o);
-
-    return omni_policy_starvation_bound(&o);
-}
-
-
-/* The SJF aging the prefill queue's keys are made with now (the backlog
- * they were made at; omni_policy_queue_aging). */
-static double
-ngx_http_omni_status_aging(ngx_http_omni_main_conf_t *mcf,
-    ngx_http_omni_shctx_t *sh)
-{
-    omni_queue_opts_t  o;
+    *bound_us = omni_policy_starvation_bound(&o);
 
     ngx_http_omni_queue_key_opts(mcf, sh, NGX_HTTP_OMNI_Q_PREFILL, &o);
-
-    return omni_policy_queue_aging(&o);
+    *aging = omni_policy_queue_aging(&o);
 }
 
 
@@ -270,7 +260,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
 {
     ngx_int_t                       rc;
     u_char                         *body, *p;
-    uint64_t                        now_us;
+    double                          aging;
+    uint64_t                        now_us, bound_us;
     size_t                          size;
     ngx_uint_t                      t, i, first;
     ngx_msec_t                      now;
@@ -283,6 +274,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
     if (rc != NGX_OK) {
         return rc;
     }
+
+    ngx_http_omni_status_order(mcf, sh, &bound_us, &aging);
 
     now_us = ngx_http_omni_now_us();
     size = 4096 + 256 + 6 * mcf->model_path.len
@@ -332,7 +325,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->queues[NGX_HTTP_OMNI_Q_DECODE].n, sh->held_total,
                     sh->rejected_full, sh->timed_out, sh->starved,
                     sh->queues[NGX_HTTP_OMNI_Q_PREFILL].work_us / 1000,
-                    ngx_http_omni_status_bound(mcf, sh) / 1000,
+                    bound_us / 1000,
                     sh->rejected_slo,
                     sh->released[NGX_HTTP_OMNI_REL_NOW],
                     sh->released[NGX_HTTP_OMNI_REL_ORDER],
@@ -343,7 +336,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->decisions ? (double) sh->decision_us / sh->decisions
                                   : 0.0,
                     sh->decisions_reused, sh->rekeys,
-                    ngx_http_omni_status_aging(mcf, sh), sh->aging_rekeys,
+                    aging, sh->aging_rekeys,
                     sh->held_decided, sh->held_finished, sh->held_decided_max,
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
@@ -434,7 +427,8 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
     ngx_int_t                       rc;
     u_char                         *body, *p;
     size_t                          size;
-    uint64_t                        cum, now_us;
+    double                          aging;
+    uint64_t                        cum, now_us, bound_us;
     ngx_uint_t                      t, i, k, m, s;
     ngx_msec_t                      now;
     ngx_http_omni_hist_t           *h;
@@ -447,6 +441,8 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
     if (rc != NGX_OK) {
         return rc;
     }
+
+    ngx_http_omni_status_order(mcf, sh, &bound_us, &aging);
 
     size = 32768 + (size_t) sh->n_slots * (1024 + 8 * NGX_HTTP_OMNI_ADDR_LEN);
     /* the KV-event agent's figures */
@@ -540,8 +536,8 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             sh->inflight_requests, sh->queues[NGX_HTTP_OMNI_Q_PREFILL].n,
             sh->queues[NGX_HTTP_OMNI_Q_DECODE].n,
             sh->queues[NGX_HTTP_OMNI_Q_PREFILL].work_us / 1e6,
-            ngx_http_omni_status_bound(mcf, sh) / 1e6,
-            ngx_http_omni_status_aging(mcf, sh), sh->rejected_full,
+            bound_us / 1e6,
+            aging, sh->rejected_full,
             sh->timed_out, sh->held_total, sh->rejected_slo,
             sh->released[NGX_HTTP_OMNI_REL_NOW],
             sh->released[NGX_HTTP_OMNI_REL_ORDER],
