@@ -202,6 +202,50 @@ def test_no_reuse_cache_option(model_dir, tmp_path, hf_tok):  # noqa: F811
         control.stop(svc)
 
 
+def test_reuse_0_tokenizes_whole_and_leaves_the_cache_alone(model_dir, tmp_path,  # noqa: F811
+                                                          hf_tok):  # noqa: F811
+    # the paired bench's side without the cache, in a worker that has one:
+    # the same ids, nothing read from or put in the cache, timed apart
+    svc = control.Service.in_prefix(tmp_path, model_dir, workers=1)
+    control.start(svc, timeout=120)
+    try:
+        def stats():
+            return json.loads(control.request(svc.socket, "GET", "/stats")[2])
+
+        msgs = [SYSTEM, {"role": "user", "content": "first question"}]
+        longer = msgs + [{"role": "assistant", "content": "an answer"},
+                         {"role": "user", "content": "second question"}]
+        before = stats()
+        for m in (msgs, longer):
+            status, _, body = post(svc, "/v1/chat/completions?reuse=0", {"messages": m})
+            flags, reused, prompts = wire.decode(body)
+            assert status == 200 and prompts == [ref_chat(hf_tok, m)] and reused == 0
+            assert not flags & wire.FLAG_REUSED
+        mid = stats()
+        assert mid["cache_entries"] == before["cache_entries"] == 0
+        assert mid["noreuse_requests"] == 2 and mid["requests"] == 2
+        assert mid["noreuse_busy_s"] > 0 and mid["busy_s"] == 0
+        # the cache works as before for the same conversation without the flag
+        for t, m in enumerate((msgs, longer)):
+            status, _, body = post(svc, "/v1/chat/completions", {"messages": m})
+            flags, reused, prompts = wire.decode(body)
+            assert prompts == [ref_chat(hf_tok, m)] and (reused > 0) == (t == 1)
+        after = stats()
+        assert after["noreuse_requests"] == 2 and after["busy_s"] > 0
+        # a completion prompt too; a chat request gets no learning handle
+        status, _, body = post(svc, "/v1/completions?reuse=0", {"prompt": CORPUS[:2]})
+        flags, reused, prompts = wire.decode(body)
+        assert prompts == [ref_encode(hf_tok, t) for t in CORPUS[:2]] and reused == 0
+        status, _, body = post(svc, "/v1/chat/completions?learn=1", {"messages": longer})
+        assert status == 200 and wire.handle_of(body)
+        status, _, body = post(svc, "/v1/chat/completions?reuse=0&learn=1",
+                               {"messages": longer})
+        assert status == 200 and not wire.handle_of(body)
+        assert stats()["handles"] == after["handles"] + 1
+    finally:
+        control.stop(svc)
+
+
 def test_a_directory_without_a_tokenizer_fails_to_start(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -233,9 +277,15 @@ def test_the_micro_benchmark_runs(model_dir):  # noqa: F811
     assert names == [(n, kb, None) for kb in bench.SIZES_KB
                      for n in ("service", "transformers")] + \
         [("multi-turn", None, "on"), ("multi-turn", None, "learn"),
-         ("multi-turn", None, "off")]
+         ("multi-turn", None, "off"), ("multi-turn paired", None, None)]
+    paired = results.pop()
     assert all(r["n"] >= 1 and r["p99_ms"] >= r["p50_ms"] > 0 for r in results)
     on, learn, off = results[-3:]
+    # paired in one worker: both turns of the conversation went whole and
+    # with the cache, each side timed apart
+    assert paired["n"] == 2 and paired["learned"] == 2 and paired["reused_tokens"] > 0
+    assert paired["whole_ms"] > 0 and paired["cached_ms"] > 0
+    assert paired["ratio"] == pytest.approx(paired["whole_ms"] / paired["cached_ms"])
     # learning: the answer was learned (and cost time apart from requests)
     assert learn["learned"] == 2 and learn["learn_cpu_ms"] > 0
     assert learn["learn_encoded_tokens"] > 0 and on["learned"] == 0

@@ -11,7 +11,12 @@ a quiet machine):
   and with answer learning (each turn's answer sent to the worker's learn
   socket as the proxy sends it, wire.learn_message): the request path's
   service time apart from the learning's.  Each side's service first serves
-  as many other conversations, unmeasured (a service in use is warm).
+  as many other conversations, unmeasured (a service in use is warm);
+- the same conversations paired in one worker ("multi-turn paired"): each
+  turn sent tokenized whole (`?reuse=0`, the cache neither read nor filled)
+  and with the cache and answer learning, in alternating order, each side's
+  service time counted apart: the ratio without the machine's drift between
+  separate measurements.
 
 `--inprocess MODE` instead runs the same conversations through the service's
 request handler (server.App) in this process (no transport, no fork), for an
@@ -198,6 +203,61 @@ class _Side:
         self.out.close()
 
 
+class _Paired(_Side):
+    """Both sides of the multi-turn ratio in one worker, turn by turn: each
+    turn is sent tokenized whole (`?reuse=0`: the cache neither read nor
+    filled) and with the cache and answer learning, in alternating order,
+    so that a slow spell of the machine or a cold cache falls on both alike
+    (the separate services are measured seconds apart, and the machine's
+    speed moves by 15-30% between such measurements)."""
+
+    def __init__(self, svc):
+        super().__init__("learn", svc)
+        self.label = "paired"
+
+    def conversation(self, system, conv):
+        conn = control._UnixHTTP(self.svc.socket, 60)
+        try:
+            for body, answer in _turn_bodies(system, conv):
+                self.turn += 1
+                if self.turn % 2:
+                    _post(conn, "/v1/chat/completions?reuse=0", body)
+                data = _post(conn, self.route, body)
+                if not self.turn % 2:
+                    _post(conn, "/v1/chat/completions?reuse=0", body)
+                handle = wire.handle_of(data)
+                self.out.sendto(wire.learn_message(handle, answer), socket.MSG_DONTWAIT,
+                                server.worker_socket(str(self.svc.learn_socket),
+                                                     handle >> 48))
+                self.sent, asks = _learn_sent(conn, self.sent + 1, time.monotonic() + 30)
+                self.asks += asks
+        finally:
+            conn.close()
+
+    def begin(self):
+        super().begin()
+        self.turn = 0
+
+    def summary(self, turns):
+        after = _service_stats(self.svc)
+        b = self.before
+
+        def d(k):
+            return after[k] - b[k]
+        whole = d("noreuse_requests")
+        cached = d("requests") - whole
+        out = {"name": "multi-turn paired", "turns": turns, "n": cached,
+               "whole_ms": d("noreuse_busy_s") / max(1, whole) * 1e3,
+               "whole_cpu_ms": d("noreuse_cpu_s") / max(1, whole) * 1e3,
+               "cached_ms": d("busy_s") / max(1, cached) * 1e3,
+               "cached_cpu_ms": d("cpu_s") / max(1, cached) * 1e3,
+               "learn_cpu_ms": d("learn_cpu_s") / max(1, cached) * 1e3,
+               "learned": d("learned"), "reused_tokens": d("reused_tokens")}
+        out["ratio"] = out["whole_ms"] / max(out["cached_ms"], 1e-9)
+        out["cpu_ratio"] = out["whole_cpu_ms"] / max(out["cached_cpu_ms"], 1e-9)
+        return out
+
+
 def multi_turn(side, conversations, turns, max_seconds, seed=11):
     """The conversations of seed on one side, back to back (each side is
     measured on its own: switching services between conversations makes
@@ -262,13 +322,14 @@ def run(model_path, chat_template=None, requests=50, max_seconds=30.0, conversat
     with tempfile.TemporaryDirectory(prefix="omni-tok-bench-") as tmp:
         sides = []
         try:
-            for label, extra in (("on", ()), ("learn", ()), ("off", ("--no-reuse-cache",))):
+            for label, extra in (("on", ()), ("learn", ()), ("off", ("--no-reuse-cache",)),
+                                 ("paired", ())):
                 if chat_template:
                     extra += ("--chat-template", str(chat_template))
                 svc = control.Service.in_prefix(Path(tmp) / label, model_path, workers=1,
                                                 extra=extra)
                 control.start(svc, timeout=120)
-                sides.append(_Side(label, svc))
+                sides.append(_Paired(svc) if label == "paired" else _Side(label, svc))
             for r in by_size(sides[0].svc, model_path, requests, max_seconds):
                 emit(json.dumps(r))
                 results.append(r)
@@ -319,6 +380,8 @@ def main(model_path, chat_template, requests, conversations, turns, max_seconds,
     turns_ = {r["reuse"]: r for r in results if r["name"] == "multi-turn"}
     click.echo(f"{'what':<28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'n':>6}")
     for r in results:
+        if r["name"] == "multi-turn paired":
+            continue
         what = (f"{r['name']} {r['kb']} KB" if "kb" in r
                 else f"{r['name']} reuse {r['reuse']}")
         click.echo(f"{what:<28}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
@@ -339,6 +402,13 @@ def main(model_path, chat_template, requests, conversations, turns, max_seconds,
                    + f"; service CPU with learning {off['service_cpu_ms'] / total:.2f}x"
                    + f" (learning {on['learn_cpu_ms']:.3f} ms, "
                    + f"{on['learn_encoded_tokens']} tokens, {on['learned']} answers)")
+    for r in results:
+        if r["name"] == "multi-turn paired":
+            click.echo(f"multi-turn, paired in one worker (each turn whole and with the "
+                       f"cache and learning, alternating): service time without / with "
+                       f"{r['whole_ms']:.3f} / {r['cached_ms']:.3f} ms = {r['ratio']:.2f}x, "
+                       f"CPU {r['cpu_ratio']:.2f}x (learning {r['learn_cpu_ms']:.3f} ms, "
+                       f"{r['learned']} answers)")
 
 
 if __name__ == "__main__":

@@ -364,6 +364,9 @@ class ModelTokenizer:
                       "reuse_verified": 0, "reuse_mismatches": 0,
                       "bad_requests": 0, "unsupported": 0,
                       "busy_s": 0.0, "cpu_s": 0.0,
+                      # requests tokenized whole on request (server `?reuse=0`)
+                      "noreuse_requests": 0, "noreuse_busy_s": 0.0,
+                      "noreuse_cpu_s": 0.0,
                       # answer learning (see learn())
                       "handles": 0, "learn_received": 0, "learned": 0,
                       "learn_unknown": 0, "learn_failed": 0, "learn_bad": 0,
@@ -542,23 +545,34 @@ class ModelTokenizer:
                    for i in range(first, j) if digests[i] in index]
         return (earlier + [(digests[j], n)] + later)[-_KEYS_PER_TEXT:]
 
-    def encode(self, text: str, add_special_tokens: bool):
-        """(ids, reused tokens) of one text, as the engine encodes it."""
+    def encode(self, text: str, add_special_tokens: bool, reuse: bool = True):
+        """(ids, reused tokens) of one text, as the engine encodes it;
+        reuse=False: the whole text, the cache neither read nor filled."""
         self.stats["texts"] += 1
-        ids, reused = self._encode(text, add_special_tokens)
+        if reuse:
+            ids, reused = self._encode(text, add_special_tokens)
+        else:
+            ids, reused = self._encode_whole(text, add_special_tokens), 0
         self.stats["tokens"] += len(ids)
         self.stats["reused_tokens"] += reused
         return ids, reused
+
+    def _encode_whole(self, text, special):
+        """The ids of text encoded whole (what a service without the cache
+        does)."""
+        if special and self.lead is None:
+            return array("I", self._enc(text, True))
+        return array("I", (self.lead if special else []) + self._enc(text))
 
     def _encode(self, text, special):
         lead = []
         if special:
             if self.lead is None:
-                return array("I", self._enc(text, True)), 0
+                return self._encode_whole(text, special), 0
             lead = self.lead
         bounds = self._boundaries(text)
         if not bounds:
-            return array("I", lead + self._enc(text)), 0
+            return self._encode_whole(text, special), 0
         digests = self._digests(text, bounds)
         ids, reused, whole, keys = None, 0, False, None
         hit = self.cache.find(digests)
@@ -595,17 +609,20 @@ class ModelTokenizer:
         return ids, reused
 
     # -- the two routes --------------------------------------------------------
-    def tokenize(self, route: str, body, learn: bool = False) -> Result:
+    def tokenize(self, route: str, body, learn: bool = False,
+                 reuse: bool = True) -> Result:
         """The answer for one request body (already parsed JSON); learn: a
-        chat answer carries a handle for learn()."""
+        chat answer carries a handle for learn(); reuse=False: tokenized
+        whole, the reuse cache neither read nor filled (a benchmark's
+        comparison in the same process: server.App, `?reuse=0`)."""
         self.stats["requests"] += 1
         try:
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
             if route == COMPLETIONS:
-                return self.completions(body)
+                return self.completions(body, reuse)
             if route == CHAT:
-                return self.chat(body, learn)
+                return self.chat(body, learn and reuse, reuse)
             raise ValueError(f"unknown route {route!r}")
         except BadRequest:
             self.stats["bad_requests"] += 1
@@ -614,7 +631,7 @@ class ModelTokenizer:
             self.stats["unsupported"] += 1
             raise
 
-    def completions(self, body) -> Result:
+    def completions(self, body, reuse: bool = True) -> Result:
         prompt = body.get("prompt")
         special = _flag(body, "add_special_tokens", True)
         if isinstance(prompt, str):
@@ -636,7 +653,7 @@ class ModelTokenizer:
             raise BadRequest("'prompt' must be a non-empty string or array")
         out, reused = [], 0
         for t in texts:
-            ids, r = self.encode(t, special)
+            ids, r = self.encode(t, special, reuse)
             out.append(ids)
             reused += r
         return Result(out, reused=reused)
@@ -668,10 +685,10 @@ class ModelTokenizer:
             raise BadRequest("the chat template did not render a string")
         return text, safe, (conv, tools, kwargs)
 
-    def chat(self, body, learn: bool = False) -> Result:
+    def chat(self, body, learn: bool = False, reuse: bool = True) -> Result:
         text, safe, rendered = self._render(body)
         special = _flag(body, "add_special_tokens", False)
-        ids, reused = self.encode(text, special)
+        ids, reused = self.encode(text, special, reuse)
         handle = None
         if learn and self.boundary_ids and self.learn_handles and self.learning \
                 and not _flag(body, "continue_final_message", False):

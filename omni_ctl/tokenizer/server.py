@@ -78,13 +78,21 @@ class App:
         if method != "POST":
             return 405, "application/json", error_body(f"{path} takes POST", 405)
         # the service's own time per answer (parse, tokenize, encode the
-        # answer), without the transport: /stats busy_s, cpu_s
+        # answer), without the transport: /stats busy_s, cpu_s; `reuse=0`
+        # (a benchmark's side without the cache, in the same worker) is
+        # timed apart: noreuse_requests, noreuse_busy_s, noreuse_cpu_s
+        args = query.split("&")
+        reuse = "reuse=0" not in args
+        key = "" if reuse else "noreuse_"
         wall, cpu = time.perf_counter(), time.process_time()
         try:
-            return self._tokenize(path, body, "learn=1" in query.split("&"))
+            return self._tokenize(path, body, "learn=1" in args, reuse)
         finally:
-            self.tok.stats["busy_s"] += time.perf_counter() - wall
-            self.tok.stats["cpu_s"] += time.process_time() - cpu
+            stats = self.tok.stats
+            stats[key + "busy_s"] += time.perf_counter() - wall
+            stats[key + "cpu_s"] += time.process_time() - cpu
+            if not reuse:
+                stats["noreuse_requests"] += 1
 
     def learn(self, data: bytes) -> None:
         """One learn datagram (wire.learn_message); counted, never answered."""
@@ -100,13 +108,14 @@ class App:
             self.tok.stats["learn_busy_s"] += time.perf_counter() - wall
             self.tok.stats["learn_cpu_s"] += time.process_time() - cpu
 
-    def _tokenize(self, path: str, body: bytes, learn: bool = False):
+    def _tokenize(self, path: str, body: bytes, learn: bool = False,
+                  reuse: bool = True):
         try:
             try:
                 data = json.loads(body)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise core.BadRequest(f"the body is not valid JSON: {exc}") from None
-            res = self.tok.tokenize(path, data, learn)
+            res = self.tok.tokenize(path, data, learn, reuse)
         except core.IdsGiven:
             flags = wire.FLAG_IDS_GIVEN | (wire.FLAG_CHAT if path == core.CHAT else 0)
             return 200, wire.CONTENT_TYPE, wire.encode([], flags)
