@@ -137,6 +137,21 @@ class Model(w._Rule):
             if urgent:
                 return min(urgent, key=lambda s: s.job.arrival), True
             return self.sjf(q, (B / bound) ** e), False
+        if kind == "lsbacks":
+            # lsbacka with a backlog that rises slowly: the least of the
+            # backlog of now and its average over TAU seconds (a burst
+            # does not lift the bound at once; a sustained backlog does)
+            B, k, tau = (arg.split("/") + ["1.25", "5"])[:3]
+            B, k, tau = float(B), float(k), float(tau)
+            now_b = sum(work[s.i] for s in q) / max(1, len(self.pre))
+            last_t, avg = getattr(self, "_ewma", (t, 0.0))
+            avg += (now_b - avg) * (1 - math.exp(-(t - last_t) / tau)) if tau > 0 else now_b - avg
+            self._ewma = (t, avg)
+            bound = max(B, k * min(now_b, avg))
+            urgent = [s for s in q if t - s.job.arrival + work[s.i] >= bound]
+            if urgent:
+                return min(urgent, key=lambda s: s.job.arrival), True
+            return self.sjf(q, B / bound), False
         if kind == "slow":
             # wave 7: latest start B, or a slowdown cap: urgent when waited
             # >= k x own work (and at least m seconds); oldest urgent first
