@@ -307,46 +307,6 @@ def test_decide_over_the_batch_budget_is_busy_not_excluded():
     assert _decide(pred, cands, 1000, now).choice == 0
 
 
-def test_decide_over_the_batch_budget_goes_when_its_work_ends_within_the_slack():
-    """The hold slack applies to an instance over its batch budget too: when
-    what it runs is predicted to end within the slack, the request is sent
-    (the engine starts it in the step that ends that one) instead of waiting
-    for the prefill's answer, which left the instance idle for the way back
-    (docs/scheduler.md, "Where the time goes").  Before the end is that near,
-    or overdue by more than the slack (an overrun of X is predicted to need X
-    more), it is busy as before."""
-    pred = _pred(1)
-    start = 1_000_000
-    job = pred.dispatch_prefill(0, 20_000, 0, now_us=start)     # about 2 s
-
-    def cand():
-        return [PrefillCandidate(0, running=1, inflight_tokens=20_000, max_running=16,
-                                 max_tokens=16384)]
-
-    # 10 ms from its predicted end: goes now, over the budget
-    c = cand()
-    d = _decide(pred, c, 4000, job.done_us - 10_000, force=True)
-    assert d.choice == 0 and d.reason == "chosen"
-    assert c[0].wait_us == 10_000
-    # 30 ms from it: held (no instance has room), decided again when 20 ms
-    d = _decide(pred, cand(), 4000, job.done_us - 30_000, force=True)
-    assert d.hold and d.reason == "hold-full" and d.retry_us == 10_000
-    # overdue (its tokens still in flight): the predictor expects an overrun
-    # of X to need about X more, so 30 ms late is busy, 5 ms late is not
-    d = _decide(pred, cand(), 4000, job.done_us + 30_000, force=True)
-    assert d.hold and d.reason == "hold-full"
-    assert _decide(pred, cand(), 4000, job.done_us + 5_000, force=True).choice == 0
-    # without a prediction of its work (tokens the ledger charged, nothing
-    # the predictor knows of: wait 0) it is busy as before
-    d = _decide(Predictor(1, prefill_prior=(2000, 100_000, 0)), cand(), 4000,
-                job.done_us, force=True)
-    assert d.hold and d.reason == "hold-full"
-    # a text prompt's front end widens how early it may go, not the budget's
-    # exception: 30 ms before the end it stays busy with a 50 ms front end
-    d = _decide(pred, cand(), 4000, job.done_us - 30_000, force=True, front_us=50_000)
-    assert d.hold
-
-
 def test_decide_a_text_prompt_goes_its_front_end_time_early():
     """front_us (the engine's tokenization of a text prompt) widens how
     early a request may be sent to a busy instance, so that the engine

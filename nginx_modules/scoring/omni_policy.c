@@ -181,16 +181,6 @@ omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
 }
 
 
-/* What candidate c runs is predicted to end within slack (wait 0: the
- * predictor knows of no work there, the budget's tokens are someone
- * else's). */
-static inline int
-omni_policy_ends_within(const omni_prefill_cand_t *c, uint64_t slack)
-{
-    return c->wait_us > 0 && c->wait_us <= slack;
-}
-
-
 /*
  * Engines batch in steps: what reaches an instance while a step runs waits
  * for the next one, and everything waiting then shares it.  A request that
@@ -232,13 +222,9 @@ omni_policy_prefill_busy(omni_prefill_cand_t *c, size_t n,
         uncached = prompt_tokens > c[i].cached_tokens
                    ? prompt_tokens - c[i].cached_tokens : 1;
 
-        /* over the budget, unless what it runs is predicted to end within
-         * the slack (an overrun of X is predicted to need X more): then the
-         * engine starts this one in the step that ends it */
         if (c[i].inflight_tokens && c[i].max_tokens
             && c[i].inflight_tokens + uncached > c[i].max_tokens
-            && c[i].wait_us <= limit
-            && !omni_policy_ends_within(&c[i], slack))
+            && c[i].wait_us <= limit)
         {
             c[i].wait_us = limit + 1;
         }
@@ -316,8 +302,7 @@ omni_policy_prefill_decide(const omni_predict_t *p,
         room = c[i].flags == 0
                && (c[i].max_running == 0 || c[i].running < c[i].max_running)
                && (c[i].max_tokens == 0
-                   || c[i].inflight_tokens < c[i].max_tokens
-                   || omni_policy_ends_within(&c[i], o->hold_slack_us))
+                   || c[i].inflight_tokens < c[i].max_tokens)
                && c[i].wait_us <= slack;
     }
 

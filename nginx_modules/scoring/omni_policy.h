@@ -240,19 +240,16 @@ int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  * request whose engine first tokenizes it may be sent that much earlier,
  * so that its tokenization overlaps the work ahead of it):
  *   - room: whether any candidate could start some request now (not
- *     flagged, below max_running, inflight_tokens below max_tokens or what
- *     it runs predicted to end within hold_slack_us, free within the
- *     slack);
+ *     flagged, below max_running, inflight_tokens below max_tokens, free
+ *     within the slack);
  *   - engines batch in steps: a candidate free within the slack whose last
  *     prefill (step_*) has not started a slack ago and is not done, and
  *     whose last service was shorter than this request's prefill, waits
  *     until that one is done, plus hold_slack_us (a longer request does
  *     not join a shorter one's step);
  *   - a candidate whose batch budget this request does not fit now is busy
- *     (wait past the slack), not out of the question, unless what it runs
- *     is predicted to end within hold_slack_us (0 < wait_us; the engine
- *     starts this one in the step that ends it); max_tokens is
- *     then no limit for choose();
+ *     (wait past the slack), not out of the question; max_tokens is then
+ *     no limit for choose();
  *   - with a deadline: when some candidate (not flagged, below
  *     max_running) would finish it by the deadline (now + wait + prefill),
  *     the ones that would not are flagged DRAINING: placement keeps it on
