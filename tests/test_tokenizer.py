@@ -184,6 +184,54 @@ def test_chat_parity_template_features(mt, hf_tok):  # noqa: F811
     assert not res.sglang_safe
 
 
+def test_plain_chat_is_rendered_directly_as_apply_chat_template_renders_it(
+        model_dir, hf_tok):  # noqa: F811
+    # the compiled template, rendered without transformers' copying of the
+    # messages (half the render's time), for plain requests only; checked
+    # here against apply_chat_template on every one (verify_rate 1)
+    m = core.ModelTokenizer(model_dir, verify_rate=1.0)
+    assert m._plain_tmpl is not None            # the probes agreed at load
+    plain = 0
+    for i, text in enumerate(CORPUS):
+        msgs = [SYSTEM, {"role": "user", "content": text, "name": "u"},
+                {"role": "assistant", "content": text[::-1]},
+                {"role": "user", "content": "{{ messages }} {% raw %}" + text}][i % 2:]
+        for gen in (True, False):
+            res = m.chat({"messages": msgs, "add_generation_prompt": gen})
+            assert ids_of(res) == [ref_chat(hf_tok, msgs, add_generation_prompt=gen)]
+            plain += 1
+    assert m.stats["render_verified"] == plain and m.stats["render_mismatches"] == 0
+    # anything else goes through apply_chat_template only
+    msgs = [SYSTEM, {"role": "user", "content": "weather?"}]
+    calls = [{"id": "c1", "type": "function",
+              "function": {"name": "get_weather", "arguments": "{}"}}]
+    for body in ({"messages": msgs, "tools": TOOLS},
+                 {"messages": msgs, "chat_template_kwargs": {"thinking": True}},
+                 {"messages": msgs + [{"role": "assistant", "content": "x",
+                                       "reasoning_content": "r"},
+                                      {"role": "user", "content": "y"}]},
+                 {"messages": msgs + [{"role": "assistant", "content": None,
+                                       "tool_calls": calls}],
+                  "add_generation_prompt": False}):
+        m.chat(body)
+    assert m.stats["render_verified"] == plain
+    # without verification the direct render answers
+    fast = core.ModelTokenizer(model_dir)
+    res = fast.chat({"messages": msgs})
+    assert ids_of(res) == [ref_chat(hf_tok, msgs)] and fast.stats["render_direct"] == 1
+    # a direct render that differs is caught by verification: the engine's
+    # text is answered, and this process renders through transformers from
+    # then on
+    bad = core.ModelTokenizer(model_dir, verify_rate=1.0)
+    compiled, variables = bad._plain_tmpl
+    bad._plain_tmpl = compiled, dict(variables, bos_token="<x>")
+    res = bad.chat({"messages": msgs})
+    assert ids_of(res) == [ref_chat(hf_tok, msgs)]
+    assert bad.stats["render_mismatches"] == 1 and bad._plain_tmpl is None
+    bad.chat({"messages": msgs})
+    assert bad.stats["render_verified"] == 1 and bad.stats["render_direct"] == 0
+
+
 def test_chat_sglang_safe_only_for_plain_requests(mt):
     msgs = [SYSTEM, {"role": "user", "content": "hi"}]
     assert mt.chat({"messages": msgs}).sglang_safe
@@ -316,6 +364,45 @@ def test_reuse_cache_is_bounded(model_dir):  # noqa: F811
     assert m.cache.tokens == sum(len(e.ids) for e in m.cache.lru.values())
 
 
+def test_a_next_turn_is_scanned_and_hashed_only_where_it_goes_on(model_dir, hf_tok):  # noqa: F811
+    # the boundaries and digests a remembered prefix gives are those of a
+    # scan of the whole text, and a text that only looks like a next turn
+    # (same start, an earlier message edited) is scanned whole
+    m = core.ModelTokenizer(model_dir)
+    fresh = core.ModelTokenizer(model_dir)
+
+    def whole(text):
+        bounds = fresh._boundaries(text)
+        return bounds, fresh._digests(text, bounds)[0]
+
+    msgs = [SYSTEM, {"role": "user", "content": "first 中文 🙂"}]
+    for t in range(6):
+        text, _ = m.render({"messages": msgs})
+        hits = m.stats["prefix_hits"]
+        assert m._scan(text) == whole(text)
+        assert m.stats["prefix_hits"] == hits + (t > 0)
+        res = m.chat({"messages": msgs})
+        assert ids_of(res) == [ref_chat(hf_tok, msgs)]
+        msgs = msgs + [{"role": "assistant", "content": f"answer {t} <｜User｜> x"},
+                       {"role": "user", "content": f"turn {t}"}]
+    # the same start, an earlier message changed: no remembered prefix fits
+    # past the change, the ids are the whole encoding's
+    edited = [SYSTEM, {"role": "user", "content": "first 中文 🙂!"}] + msgs[2:]
+    text, _ = m.render({"messages": edited})
+    pre = m.prefixes.find(text)
+    assert pre is None or text.startswith(pre.text) and len(pre.text) < text.index("🙂!") + 2
+    assert m._scan(text) == whole(text)
+    assert ids_of(m.chat({"messages": edited})) == [ref_chat(hf_tok, edited)]
+    # bounded: the oldest heads go first
+    small = core.Prefixes(max_chars=300)
+    b = [(100, 1, "x")]
+    for i in range(5):
+        small.remember(f"{i:03d}" + "y" * 97 + "z" * 10, b, [b"d"], None)
+    assert small.chars <= 300 and len(small.heads) == 3
+    assert small.find("004" + "y" * 97 + "more") is not None
+    assert small.find("000" + "y" * 97 + "more") is None
+
+
 def test_a_next_turn_replaces_the_cached_turn(model_dir):  # noqa: F811
     m = core.ModelTokenizer(model_dir)
     msgs = [SYSTEM, {"role": "user", "content": "q0"}]
@@ -347,7 +434,7 @@ def test_a_reused_text_is_cached_under_the_keys_of_its_whole_encoding(  # noqa: 
         ids, keys = added[-1]
         text, _ = m.render({"messages": msgs})
         bounds = m._boundaries(text)
-        assert keys == m._keys(ids, bounds, m._digests(text, bounds))
+        assert keys == m._keys(ids, bounds, m._digests(text, bounds)[0])
         assert all(type(n) is int for _, n in keys)
         assert len(keys) == min(len(bounds), core._KEYS_PER_TEXT)
         assert t == 1 or res.reused > 0

@@ -224,6 +224,29 @@ def template_kwargs(body):
     return kwargs, plain
 
 
+def _plain_kwargs(kwargs):
+    """Whether template kwargs are the plain ones (template_kwargs())."""
+    return set(kwargs) == {"add_generation_prompt", "continue_final_message", "documents"} \
+        and kwargs["continue_final_message"] is False and kwargs["documents"] is None
+
+
+# the message keys of a plain conversation (role and content are strings
+# in every message engine_conversation makes; transformers adds aliases
+# for reasoning fields, which the direct render does not)
+_PLAIN_KEYS = frozenset(("role", "content", "name"))
+
+# conversations the direct render is checked on at load (with and without
+# the generation prompt) against apply_chat_template
+_PLAIN_PROBES = (
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 世界 🙂"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a\n\n b"},
+     {"role": "assistant", "content": "c"}, {"role": "user", "content": " d "}],
+    [{"role": "user", "content": "x", "name": "n"}, {"role": "assistant", "content": ""},
+     {"role": "user", "content": "{{ y }} {% z %}"}],
+)
+
+
 def _flag(body, key, default):
     v = body.get(key, default)
     if v is None:
@@ -328,6 +351,66 @@ def _trie_pattern(words):
     return walk(root)
 
 
+class _Prefix:
+    __slots__ = ("text", "bounds", "digests", "hash")
+
+    def __init__(self, text, bounds, digests, h):
+        self.text, self.bounds, self.digests, self.hash = text, bounds, digests, h
+
+
+class Prefixes:
+    """Texts scanned lately, each up to its last boundary, with their
+    boundaries, digests and the hash there: a text that begins with one
+    (checked character by character: str.startswith) is scanned and hashed
+    only from there on, with the same result as from its start.  Found by
+    the first _HEAD characters (a few per head: conversations sharing a
+    system prompt); LRU, at most max_chars characters in all."""
+
+    def __init__(self, max_chars: int):
+        self.max_chars = max_chars
+        self.chars = 0
+        self.heads = OrderedDict()      # head -> [_Prefix], newest first
+
+    def find(self, text):
+        """The longest remembered prefix of text (text itself included),
+        or None."""
+        bucket = self.heads.get(text[:_HEAD])
+        if not bucket:
+            return None
+        best = None
+        for pre in bucket:
+            if len(pre.text) <= len(text) and (best is None or len(pre.text) > len(best.text)) \
+                    and text.startswith(pre.text):
+                best = pre
+        return best
+
+    def remember(self, text, bounds, digests, h):
+        end = bounds[-1][0]
+        if end < _HEAD or end > self.max_chars:
+            return
+        head = text[:_HEAD]
+        bucket = self.heads.pop(head, None) or []
+        pre = _Prefix(text if end == len(text) else text[:end], bounds, digests, h)
+        for old in bucket:
+            if old.text == pre.text:
+                bucket.remove(old)
+                self.chars -= len(old.text)
+                break
+        bucket.insert(0, pre)
+        self.chars += end
+        while len(bucket) > _PER_HEAD:
+            self.chars -= len(bucket.pop().text)
+        self.heads[head] = bucket
+        while self.chars > self.max_chars and self.heads:
+            _, gone = self.heads.popitem(last=False)
+            self.chars -= sum(len(x.text) for x in gone)
+
+
+# texts remembered by their first _HEAD characters, _PER_HEAD of each
+_HEAD = 64
+_PER_HEAD = 8
+
+
 # ---------------------------------------------------------------------------
 # the tokenizer
 
@@ -353,20 +436,28 @@ class ModelTokenizer:
             raise ValueError(f"{self.model_path}: no fast tokenizer (tokenizer.json)")
         if chat_template is not None:
             self.tok.chat_template = chat_template
+        self._plain_tmpl = self._plain_template() if self.tok.chat_template else None
         self.vocab_size = len(self.tok)
         # the same ids without the character offsets nobody here reads
         # (tokenizers >= 0.20): a third less time per encode
         self._fast = getattr(self.backend, "encode_batch_fast", None)
         self.verify_rate = verify_rate
         self.cache = ReuseCache(cache_tokens)
+        # texts scanned lately, to scan and hash only what a next one adds
+        self.prefixes = Prefixes(cache_tokens)
         self.stats = {"requests": 0, "texts": 0, "tokens": 0, "reused_tokens": 0,
                       "reuse_hits": 0, "reuse_joint_fallbacks": 0,
                       "reuse_verified": 0, "reuse_mismatches": 0,
+                      # texts scanned and hashed from a remembered prefix
+                      "prefix_hits": 0,
                       "bad_requests": 0, "unsupported": 0,
                       "busy_s": 0.0, "cpu_s": 0.0,
                       # requests tokenized whole on request (server `?reuse=0`)
                       "noreuse_requests": 0, "noreuse_busy_s": 0.0,
                       "noreuse_cpu_s": 0.0,
+                      # chat templates rendered directly (_apply_template)
+                      "render_direct": 0, "render_verified": 0,
+                      "render_mismatches": 0,
                       # answer learning (see learn())
                       "handles": 0, "learn_received": 0, "learned": 0,
                       "learn_unknown": 0, "learn_failed": 0, "learn_bad": 0,
@@ -455,21 +546,23 @@ class ModelTokenizer:
         return True
 
     # -- text -> ids -----------------------------------------------------------
-    def _boundaries(self, text):
-        """[(end position, id, token)] of boundary tokens in text."""
+    def _boundaries(self, text, start=0):
+        """[(end position, id, token)] of boundary tokens in text[start:]
+        (start: the end of a boundary token, where the scan of the whole
+        text would be too: a boundary is part of no other added token)."""
         if self._boundary_re is None:
             return []
         # what finditer would find, but the regex is only tried where an
         # added token can start (str.find is far faster than its scan)
         starts = []
         for c in self._first_chars:
-            i = text.find(c)
+            i = text.find(c, start)
             while i >= 0:
                 starts.append(i)
                 i = text.find(c, i + 1)
         starts.sort()
         ids = self.boundary_ids
-        out, end = [], 0
+        out, end = [], start
         match = self._boundary_re.match
         for i in starts:
             if i < end:
@@ -484,16 +577,35 @@ class ModelTokenizer:
         return out
 
     @staticmethod
-    def _digests(text, bounds):
+    def _digests(text, bounds, h=None, prev=0):
         """The digest of the text up to each boundary (SHA-256: the fastest
-        of hashlib's here where the CPU has SHA instructions)."""
-        h = hashlib.sha256()
-        out, prev = [], 0
+        of hashlib's here where the CPU has SHA instructions), and the hash
+        at the last one; h: the hash of text[:prev] to go on from."""
+        h = hashlib.sha256() if h is None else h.copy()
+        out = []
         for pos, _, _ in bounds:
             h.update(text[prev:pos].encode("utf-8", "surrogatepass"))
             out.append(h.copy().digest())
             prev = pos
-        return out
+        return out, h
+
+    def _scan(self, text):
+        """(bounds, digests) of text: the boundaries and the digests up to
+        each, the part a remembered text (_Prefix) begins it with taken
+        from there, only the rest scanned and hashed."""
+        pre = self.prefixes.find(text)
+        if pre is None:
+            bounds = self._boundaries(text)
+            digests, h = self._digests(text, bounds)
+        else:
+            self.stats["prefix_hits"] += 1
+            p = len(pre.text)
+            tail = self._boundaries(text, p)
+            later, h = self._digests(text, tail, pre.hash, p)
+            bounds, digests = pre.bounds + tail, pre.digests + later
+        if bounds:
+            self.prefixes.remember(text, bounds, digests, h)
+        return bounds, digests
 
     @staticmethod
     def _keys(ids, bounds, digests, offset=0):
@@ -570,10 +682,9 @@ class ModelTokenizer:
             if self.lead is None:
                 return self._encode_whole(text, special), 0
             lead = self.lead
-        bounds = self._boundaries(text)
+        bounds, digests = self._scan(text)
         if not bounds:
             return self._encode_whole(text, special), 0
-        digests = self._digests(text, bounds)
         ids, reused, whole, keys = None, 0, False, None
         hit = self.cache.find(digests)
         if hit is not None:
@@ -676,6 +787,35 @@ class ModelTokenizer:
         tools = engine_tools(body.get("tools"))
         kwargs, plain = template_kwargs(body)
         safe = safe and plain and not tools and body.get("functions") is None
+        text = self._apply_template(conv, tools, kwargs, plain)
+        return text, safe, (conv, tools, kwargs)
+
+    def _apply_template(self, conv, tools, kwargs, plain):
+        """The engine's apply_chat_template(conv, tools, **kwargs) text; for
+        a plain request (template_kwargs) of plain messages, the compiled
+        template rendered directly with what transformers gives it
+        (_plain_template, checked at load: half the time)."""
+        if plain and tools is None and self._plain_tmpl is not None \
+                and all(m.keys() <= _PLAIN_KEYS and type(m["content"]) is str
+                        and type(m.get("name", "")) is str for m in conv):
+            compiled, variables = self._plain_tmpl
+            try:
+                text = compiled.render(messages=conv, tools=None, documents=None,
+                                       add_generation_prompt=kwargs["add_generation_prompt"],
+                                       **variables)
+            except Exception:   # noqa: BLE001 - the engine's path says what
+                text = None
+            if text is not None and not (self.verify_rate
+                                         and random.random() < self.verify_rate):
+                self.stats["render_direct"] += 1
+                return text
+            if text is not None:
+                self.stats["render_verified"] += 1
+                slow = self._apply_template(conv, tools, kwargs, False)
+                if slow != text:
+                    self.stats["render_mismatches"] += 1
+                    self._plain_tmpl = None     # never again in this process
+                return slow
         try:
             text = self.tok.apply_chat_template(conv, tools=tools, tokenize=False,
                                                 **kwargs)
@@ -683,7 +823,44 @@ class ModelTokenizer:
             raise BadRequest(f"chat template error: {exc}") from None
         if not isinstance(text, str):
             raise BadRequest("the chat template did not render a string")
-        return text, safe, (conv, tools, kwargs)
+        return text
+
+    def _plain_template(self):
+        """(compiled template, variables) such that rendering the compiled
+        template with messages, tools=None, documents=None,
+        add_generation_prompt and the variables gives what
+        apply_chat_template gives for plain messages (dicts of strings) and
+        no other keyword: transformers' own compiled template and its
+        special tokens map, which it passes through unchanged when they are
+        strings.  None when this transformers does not show them, or when
+        the two differ on the probes."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.tok.get_chat_template(None, None))
+            variables = dict(self.tok.special_tokens_map)
+        except Exception:   # noqa: BLE001 - another transformers: the slow path
+            return None
+        if not all(type(v) is str or (type(v) is list and all(type(x) is str for x in v))
+                   for v in variables.values()):
+            return None
+        for conv in _PLAIN_PROBES:
+            for gen in (True, False):
+                kwargs = {"add_generation_prompt": gen, "continue_final_message": False,
+                          "documents": None}
+                try:
+                    want = self.tok.apply_chat_template(conv, tools=None, tokenize=False,
+                                                        **kwargs)
+                except Exception:   # noqa: BLE001 - a template for other roles
+                    continue
+                try:
+                    got = compiled.render(messages=conv, tools=None, documents=None,
+                                          add_generation_prompt=gen, **variables)
+                except Exception:   # noqa: BLE001
+                    return None
+                if got != want:
+                    return None
+        return compiled, variables
 
     def chat(self, body, learn: bool = False, reuse: bool = True) -> Result:
         text, safe, rendered = self._render(body)
@@ -726,10 +903,7 @@ class ModelTokenizer:
         conv, tools, kwargs, special = rec
         conv = conv + [{"role": "assistant", "content": answer}, dict(LEARN_NEXT)]
         try:
-            text = self.tok.apply_chat_template(conv, tools=tools, tokenize=False,
-                                                **kwargs)
-            if not isinstance(text, str):
-                raise BadRequest("not a string")
+            text = self._apply_template(conv, tools, kwargs, _plain_kwargs(kwargs))
             ids, reused = self._encode(text, special)
         except Exception:   # noqa: BLE001 - a template that rejects the shape
             self.stats["learn_failed"] += 1
