@@ -31,7 +31,8 @@ def default_workers() -> int:
 @click.option("--reuse-cache-mb", type=click.IntRange(1), default=32,
               help="Reuse cache size per worker (4 bytes per token).")
 @click.option("--verify-reuse", type=click.FloatRange(0, 1), default=0.0,
-              help="Fraction of reused encodings also encoded whole and compared.")
+              help="Fraction of reused encodings also encoded whole, and of directly "
+                   "rendered chat templates also rendered by transformers, and compared.")
 @click.option("--max-body-mb", type=click.IntRange(1), default=64,
               help="Largest request body.")
 @click.option("--worker-sockets", is_flag=True, default=False,
