@@ -403,6 +403,26 @@ def test_a_next_turn_is_scanned_and_hashed_only_where_it_goes_on(model_dir, hf_t
     assert small.find("000" + "y" * 97 + "more") is None
 
 
+def test_conversations_sharing_a_system_prompt_each_find_their_prefix(model_dir,  # noqa: F811
+                                                                      hf_tok):  # noqa: F811
+    # twenty conversations in flight with one system prompt (more than the
+    # places one start has): each next turn still begins with its own
+    # remembered text, since the head reaches past the system prompt
+    m = core.ModelTokenizer(model_dir)
+    system = {"role": "system", "content": "You are a helpful assistant. " * 8}
+    convs = [[system, {"role": "user", "content": f"question {i}: " + "words " * 200}]
+             for i in range(20)]
+    for c in convs:
+        m.chat({"messages": c})
+    for i, c in enumerate(convs):
+        c += [{"role": "assistant", "content": f"answer {i}"},
+              {"role": "user", "content": "and then?"}]
+    hits = m.stats["prefix_hits"]
+    for c in convs:
+        assert ids_of(m.chat({"messages": c})) == [ref_chat(hf_tok, c)]
+    assert m.stats["prefix_hits"] == hits + len(convs)
+
+
 def test_a_next_turn_replaces_the_cached_turn(model_dir):  # noqa: F811
     m = core.ModelTokenizer(model_dir)
     msgs = [SYSTEM, {"role": "user", "content": "q0"}]

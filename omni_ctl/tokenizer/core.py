@@ -363,8 +363,10 @@ class Prefixes:
     boundaries, digests and the hash there: a text that begins with one
     (checked character by character: str.startswith) is scanned and hashed
     only from there on, with the same result as from its start.  Found by
-    the first _HEAD characters (a few per head: conversations sharing a
-    system prompt); LRU, at most max_chars characters in all."""
+    their first K characters, K the longest of _HEADS they have (so that
+    conversations sharing a system prompt shorter than K are told apart by
+    what follows it), a few per head; LRU, at most max_chars characters in
+    all."""
 
     def __init__(self, max_chars: int):
         self.max_chars = max_chars
@@ -373,22 +375,29 @@ class Prefixes:
 
     def find(self, text):
         """The longest remembered prefix of text (text itself included),
-        or None."""
-        bucket = self.heads.get(text[:_HEAD])
-        if not bucket:
-            return None
-        best = None
-        for pre in bucket:
-            if len(pre.text) <= len(text) and (best is None or len(pre.text) > len(best.text)) \
-                    and text.startswith(pre.text):
-                best = pre
-        return best
+        or None (a prefix under a longer head is longer than any under a
+        shorter one)."""
+        for k in _HEADS:
+            if len(text) < k:
+                continue
+            bucket = self.heads.get(text[:k])
+            if not bucket:
+                continue
+            best = None
+            for pre in bucket:
+                if len(pre.text) <= len(text) \
+                        and (best is None or len(pre.text) > len(best.text)) \
+                        and text.startswith(pre.text):
+                    best = pre
+            if best is not None:
+                return best
+        return None
 
     def remember(self, text, bounds, digests, h):
         end = bounds[-1][0]
-        if end < _HEAD or end > self.max_chars:
+        if end < _HEADS[-1] or end > self.max_chars:
             return
-        head = text[:_HEAD]
+        head = text[:next(k for k in _HEADS if k <= end)]
         bucket = self.heads.pop(head, None) or []
         pre = _Prefix(text if end == len(text) else text[:end], bounds, digests, h)
         for old in bucket:
@@ -406,8 +415,9 @@ class Prefixes:
             self.chars -= sum(len(x.text) for x in gone)
 
 
-# texts remembered by their first _HEAD characters, _PER_HEAD of each
-_HEAD = 64
+# texts remembered by their first K characters (K in _HEADS, the longest
+# they have), _PER_HEAD of each
+_HEADS = (8192, 1024, 64)
 _PER_HEAD = 8
 
 
