@@ -156,8 +156,9 @@ class _Side:
     without the cache; with learn, each answer also goes to the learn
     socket, learn_cpu_s: its cost)."""
 
-    def __init__(self, label, svc):
-        self.label, self.svc, self.learn = label, svc, label == "learn"
+    def __init__(self, label, svc, learn=None):
+        self.label, self.svc = label, svc
+        self.learn = label == "learn" if learn is None else learn
         self.route = "/v1/chat/completions" + ("?learn=1" if self.learn else "")
         self.out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
@@ -212,8 +213,7 @@ class _Paired(_Side):
     speed moves by 15-30% between such measurements)."""
 
     def __init__(self, svc):
-        super().__init__("learn", svc)
-        self.label = "paired"
+        super().__init__("paired", svc, learn=True)
 
     def conversation(self, system, conv):
         conn = control._UnixHTTP(self.svc.socket, 60)

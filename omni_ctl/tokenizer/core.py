@@ -224,15 +224,10 @@ def template_kwargs(body):
     return kwargs, plain
 
 
-def _plain_kwargs(kwargs):
-    """Whether template kwargs are the plain ones (template_kwargs())."""
-    return set(kwargs) == {"add_generation_prompt", "continue_final_message", "documents"} \
-        and kwargs["continue_final_message"] is False and kwargs["documents"] is None
-
-
-# the message keys of a plain conversation (role and content are strings
-# in every message engine_conversation makes; transformers adds aliases
-# for reasoning fields, which the direct render does not)
+# the message keys of a plain conversation (engine_conversation makes
+# role, content and name strings, and learn() adds only such messages;
+# transformers adds aliases for reasoning fields, which the direct render
+# does not)
 _PLAIN_KEYS = frozenset(("role", "content", "name"))
 
 # conversations the direct render is checked on at load (with and without
@@ -473,7 +468,7 @@ class ModelTokenizer:
                       "learn_unknown": 0, "learn_failed": 0, "learn_bad": 0,
                       "learn_tokens": 0, "learn_encoded_tokens": 0,
                       "learn_busy_s": 0.0, "learn_cpu_s": 0.0}
-        # handle -> (conversation, tools, kwargs, special), oldest first
+        # handle -> (conversation, tools, kwargs, plain, special), oldest first
         self.learn_handles = learn_handles
         self.pending = OrderedDict()
         self._next_handle = 0
@@ -787,7 +782,7 @@ class ModelTokenizer:
 
     def _render(self, body):
         """render()'s text and flag, and what it rendered: (conversation,
-        tools, template kwargs), for learn()."""
+        tools, template kwargs, whether they are plain), for learn()."""
         if not self.tok.chat_template:
             raise Unsupported("the tokenizer has no chat template (give the "
                               "service --chat-template FILE)")
@@ -798,7 +793,7 @@ class ModelTokenizer:
         kwargs, plain = template_kwargs(body)
         safe = safe and plain and not tools and body.get("functions") is None
         text = self._apply_template(conv, tools, kwargs, plain)
-        return text, safe, (conv, tools, kwargs)
+        return text, safe, (conv, tools, kwargs, plain)
 
     def _apply_template(self, conv, tools, kwargs, plain):
         """The engine's apply_chat_template(conv, tools, **kwargs) text; for
@@ -806,8 +801,7 @@ class ModelTokenizer:
         template rendered directly with what transformers gives it
         (_plain_template, checked at load: half the time)."""
         if plain and tools is None and self._plain_tmpl is not None \
-                and all(m.keys() <= _PLAIN_KEYS and type(m["content"]) is str
-                        and type(m.get("name", "")) is str for m in conv):
+                and all(m.keys() <= _PLAIN_KEYS for m in conv):
             compiled, variables = self._plain_tmpl
             try:
                 text = compiled.render(messages=conv, tools=None, documents=None,
@@ -910,10 +904,10 @@ class ModelTokenizer:
         if rec is None:
             self.stats["learn_unknown"] += 1
             return False
-        conv, tools, kwargs, special = rec
+        conv, tools, kwargs, plain, special = rec
         conv = conv + [{"role": "assistant", "content": answer}, dict(LEARN_NEXT)]
         try:
-            text = self._apply_template(conv, tools, kwargs, _plain_kwargs(kwargs))
+            text = self._apply_template(conv, tools, kwargs, plain)
             ids, reused = self._encode(text, special)
         except Exception:   # noqa: BLE001 - a template that rejects the shape
             self.stats["learn_failed"] += 1
