@@ -14,9 +14,12 @@ a quiet machine):
   as many other conversations, unmeasured (a service in use is warm);
 - the same conversations paired in one worker ("multi-turn paired"): each
   turn sent tokenized whole (`?reuse=0`, the cache neither read nor filled)
-  and with the cache and answer learning, in alternating order, each side's
-  service time counted apart: the ratio without the machine's drift between
-  separate measurements.
+  and with the cache and answer learning, each side's service time counted
+  apart: the ratio without the machine's drift between separate
+  measurements.  Two pairings, each in its own service: by turn (the sides
+  alternate turn by turn: every other cached turn follows a whole encode,
+  which takes the CPU's caches from it) and by conversation (a
+  conversation's turns on one side, then on the other).
 
 `--inprocess MODE` instead runs the same conversations through the service's
 request handler (server.App) in this process (no transport, no fork), for an
@@ -204,33 +207,60 @@ class _Side:
         self.out.close()
 
 
-class _Paired(_Side):
-    """Both sides of the multi-turn ratio in one worker, turn by turn: each
-    turn is sent tokenized whole (`?reuse=0`: the cache neither read nor
-    filled) and with the cache and answer learning, in alternating order,
-    so that a slow spell of the machine or a cold cache falls on both alike
-    (the separate services are measured seconds apart, and the machine's
-    speed moves by 15-30% between such measurements)."""
+_PAIRED = ("turn", "conversation")
 
-    def __init__(self, svc):
+
+class _Paired(_Side):
+    """Both sides of the multi-turn ratio in one worker, so that a slow
+    spell of the machine or a cold cache falls on both alike (the separate
+    services are measured seconds apart, and the machine's speed moves by
+    15-30% between such measurements): each turn sent tokenized whole
+    (`?reuse=0`: the cache neither read nor filled) and with the cache and
+    answer learning, each side's service time counted apart.  by="turn":
+    the two sides alternate turn by turn, so every other cached turn comes
+    right after a whole encode of the conversation, which takes the CPU's
+    caches from it (a worker serving the workload never does that
+    between two turns); by="conversation": all turns of a conversation on
+    one side, then on the other, the side that goes first alternating
+    (tens of milliseconds apart: still paired against the drift)."""
+
+    def __init__(self, svc, by="turn"):
         super().__init__("paired", svc, learn=True)
+        self.by = by
+
+    def _whole(self, conn, body):
+        _post(conn, "/v1/chat/completions?reuse=0", body)
+
+    def _cached(self, conn, body, answer):
+        data = _post(conn, self.route, body)
+        handle = wire.handle_of(data)
+        self.out.sendto(wire.learn_message(handle, answer), socket.MSG_DONTWAIT,
+                        server.worker_socket(str(self.svc.learn_socket), handle >> 48))
+        self.sent, asks = _learn_sent(conn, self.sent + 1, time.monotonic() + 30)
+        self.asks += asks
 
     def conversation(self, system, conv):
         conn = control._UnixHTTP(self.svc.socket, 60)
+        turns = list(_turn_bodies(system, conv))
         try:
-            for body, answer in _turn_bodies(system, conv):
+            if self.by == "conversation":
                 self.turn += 1
                 if self.turn % 2:
-                    _post(conn, "/v1/chat/completions?reuse=0", body)
-                data = _post(conn, self.route, body)
+                    for body, _ in turns:
+                        self._whole(conn, body)
+                for body, answer in turns:
+                    self._cached(conn, body, answer)
                 if not self.turn % 2:
-                    _post(conn, "/v1/chat/completions?reuse=0", body)
-                handle = wire.handle_of(data)
-                self.out.sendto(wire.learn_message(handle, answer), socket.MSG_DONTWAIT,
-                                server.worker_socket(str(self.svc.learn_socket),
-                                                     handle >> 48))
-                self.sent, asks = _learn_sent(conn, self.sent + 1, time.monotonic() + 30)
-                self.asks += asks
+                    for body, _ in turns:
+                        self._whole(conn, body)
+                return
+            for body, answer in turns:
+                self.turn += 1
+                if self.turn % 2:
+                    self._whole(conn, body)
+                self._cached(conn, body, answer)
+                if not self.turn % 2:
+                    self._whole(conn, body)
         finally:
             conn.close()
 
@@ -246,7 +276,7 @@ class _Paired(_Side):
             return after[k] - b[k]
         whole = d("noreuse_requests")
         cached = d("requests") - whole
-        out = {"name": "multi-turn paired", "turns": turns, "n": cached,
+        out = {"name": "multi-turn paired", "by": self.by, "turns": turns, "n": cached,
                "whole_ms": d("noreuse_busy_s") / max(1, whole) * 1e3,
                "whole_cpu_ms": d("noreuse_cpu_s") / max(1, whole) * 1e3,
                "cached_ms": d("busy_s") / max(1, cached) * 1e3,
@@ -323,13 +353,13 @@ def run(model_path, chat_template=None, requests=50, max_seconds=30.0, conversat
         sides = []
         try:
             for label, extra in (("on", ()), ("learn", ()), ("off", ("--no-reuse-cache",)),
-                                 ("paired", ())):
+                                 ("turn", ()), ("conversation", ())):
                 if chat_template:
                     extra += ("--chat-template", str(chat_template))
                 svc = control.Service.in_prefix(Path(tmp) / label, model_path, workers=1,
                                                 extra=extra)
                 control.start(svc, timeout=120)
-                sides.append(_Paired(svc) if label == "paired" else _Side(label, svc))
+                sides.append(_Paired(svc, label) if label in _PAIRED else _Side(label, svc))
             for r in by_size(sides[0].svc, model_path, requests, max_seconds):
                 emit(json.dumps(r))
                 results.append(r)
@@ -404,11 +434,14 @@ def main(model_path, chat_template, requests, conversations, turns, max_seconds,
                    + f"{on['learn_encoded_tokens']} tokens, {on['learned']} answers)")
     for r in results:
         if r["name"] == "multi-turn paired":
-            click.echo(f"multi-turn, paired in one worker (each turn whole and with the "
-                       f"cache and learning, alternating): service time without / with "
-                       f"{r['whole_ms']:.3f} / {r['cached_ms']:.3f} ms = {r['ratio']:.2f}x, "
-                       f"CPU {r['cpu_ratio']:.2f}x (learning {r['learn_cpu_ms']:.3f} ms, "
-                       f"{r['learned']} answers)")
+            how = ("each turn whole and with the cache and learning, alternating"
+                   if r["by"] == "turn" else
+                   "each conversation's turns whole, then with the cache and learning, "
+                   "the order alternating")
+            click.echo(f"multi-turn, paired in one worker by {r['by']} ({how}): service "
+                       f"time without / with {r['whole_ms']:.3f} / {r['cached_ms']:.3f} ms"
+                       f" = {r['ratio']:.2f}x, CPU {r['cpu_ratio']:.2f}x (learning "
+                       f"{r['learn_cpu_ms']:.3f} ms, {r['learned']} answers)")
 
 
 if __name__ == "__main__":
