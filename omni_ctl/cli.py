@@ -6,6 +6,7 @@ command runs, so `omni-ctl --help` stays fast (no tokenizer, no plotting).
 """
 
 import importlib
+import signal
 
 import click
 
@@ -83,11 +84,27 @@ def _missing(name):
     return cmd
 
 
+def _exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (a CI timeout, `kill PID`) unwinds like Ctrl-C, so a command's
+    cleanup runs: the benchmarks stop the nginx, routers, simulators and
+    tokenizers they started and remove their temp prefixes (by default the
+    process would die with them left running).  Only where SIGTERM is still
+    the default: the services that handle it themselves (tokenizer, agent,
+    simulator) set their own afterwards."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit)
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="omni-proxy")
 def main():
     """Omni Proxy control plane: configure and run the nginx-based P/D
     scheduler, its simulator and its benchmarks."""
+    exit_on_sigterm()
 
 
 if __name__ == "__main__":

@@ -239,3 +239,73 @@ def test_the_tokenizing_target_needs_a_model_path(tmp_path):
     with pytest.raises(overhead.Skip, match="--model-path"):
         overhead.start_target("omni-sequential-tok", str(tmp_path), [1, 2, 3, 4], 1,
                               5, b"{}")
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_what_the_bench_started(tmp_path):
+    # a CI timeout or `kill PID` sends SIGTERM: the bench must stop the nginx
+    # and wrk it started and remove its temp prefix, as on Ctrl-C, not die
+    # and leave them running
+    import queue
+    import signal
+    import sys
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "omni_ctl.cli", "bench-overhead", "--targets", "nginx",
+         "--sizes", "1k", "--duration", "60", "--repeat", "1", "--connections", "2",
+         "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    try:
+        deadline, seen = time.monotonic() + 60, []
+        while not any("[overhead] nginx: http" in x for x in seen):
+            assert time.monotonic() < deadline, "".join(seen)
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert proc.poll() is None, "".join(seen)
+        # the load is running: backend, proxy and wrk are our children
+        deadline = time.monotonic() + 20
+        while len(kids := _children(proc.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        prefixes = set()
+        for pid in kids:
+            argv = open(f"/proc/{pid}/cmdline").read().split("\0")
+            prefixes |= {a.split("/omni-overhead-")[0] + "/omni-overhead-"
+                         + a.split("/omni-overhead-")[1].split("/")[0]
+                         for a in argv if "/omni-overhead-" in a}
+        assert len(kids) >= 3 and len(prefixes) == 1, (kids, prefixes)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(_running(p) for p in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [p for p in kids if _running(p)] == []
+        assert not os.path.exists(prefixes.pop())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -395,6 +395,9 @@ def run(model_path, chat_template=None, requests=50, max_seconds=30.0, conversat
 def main(model_path, chat_template, requests, conversations, turns, max_seconds,
          inprocess, count):
     """Benchmark the tokenizer service (see the module docstring)."""
+    from ..cli import exit_on_sigterm
+
+    exit_on_sigterm()
     if inprocess:
         template = Path(chat_template).read_text(encoding="utf-8") if chat_template \
             else None
