@@ -100,7 +100,8 @@
 #define NGX_HTTP_OMNI_TOK_ERROR        2
 #define NGX_HTTP_OMNI_TOK_UNSUPPORTED  3
 #define NGX_HTTP_OMNI_TOK_TOO_LARGE    4
-#define NGX_HTTP_OMNI_TOK_REASONS      5
+#define NGX_HTTP_OMNI_TOK_BUSY         5    /* omni_tokenize_max_inflight */
+#define NGX_HTTP_OMNI_TOK_REASONS      6
 
 /* why an answer was not sent to the tokenizer to learn */
 #define NGX_HTTP_OMNI_LEARN_TOO_LARGE  0    /* over omni_tokenize_learn_max */
@@ -210,6 +211,8 @@ struct ngx_http_omni_main_conf_s {
     ngx_msec_t                     tokenize_timeout;
     ngx_msec_t                     tokenize_timeout_per_kb;
     size_t                         tokenize_max_body;
+    ngx_uint_t                     tokenize_max_inflight; /* a worker's;
+                                                             0: no limit */
     ngx_uint_t                     token_reuse;     /* auto: 1, off: 0 */
     size_t                         tokenize_learn_max; /* 0: no learning */
 
@@ -534,6 +537,8 @@ typedef struct {
     unsigned                       timedout:1;
     unsigned                       down:1;      /* never connected */
     unsigned                       ok:1;        /* ids in token_ids */
+    unsigned                       inflight:1;  /* counted in the worker's
+                                                   subrequests in flight */
     u_char                        *ids_json;    /* vLLM chat: for the */
     size_t                         ids_json_len; /*  decode leg */
     uint64_t                       handle;      /* answer learning: the */
@@ -853,6 +858,8 @@ ngx_int_t ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx);
 ngx_str_t *ngx_http_omni_tokenize_conversation(ngx_http_omni_ctx_t *ctx);
 ngx_int_t ngx_http_omni_tokenized(ngx_http_omni_ctx_t *ctx);
 void ngx_http_omni_tokenize_cancel(ngx_http_omni_ctx_t *ctx);
+void ngx_http_omni_tokenize_release(ngx_http_omni_ctx_t *ctx);
+ngx_uint_t ngx_http_omni_tokenize_inflight(void);
 ngx_int_t ngx_http_omni_tokenize_kv(ngx_http_omni_ctx_t *ctx, u_char **kv,
     size_t *len);
 

@@ -949,6 +949,7 @@ ngx_http_omni_cleanup(void *data)
         ngx_del_timer(&ctx->tok.timer);
     }
 
+    ngx_http_omni_tokenize_release(ctx);
     ngx_http_omni_unhold(ctx);
 
     if (ctx->deadline_ev.timer_set) {

@@ -173,6 +173,13 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       offsetof(ngx_http_omni_main_conf_t, tokenize_max_body),
       NULL },
 
+    { ngx_string("omni_tokenize_max_inflight"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, tokenize_max_inflight),
+      NULL },
+
     { ngx_string("omni_tokenize_learn_max"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_size_slot,
@@ -514,6 +521,7 @@ ngx_http_omni_create_main_conf(ngx_conf_t *cf)
     mcf->tokenize_timeout = NGX_CONF_UNSET_MSEC;
     mcf->tokenize_timeout_per_kb = NGX_CONF_UNSET_MSEC;
     mcf->tokenize_max_body = NGX_CONF_UNSET_SIZE;
+    mcf->tokenize_max_inflight = NGX_CONF_UNSET_UINT;
     mcf->tokenize_learn_max = NGX_CONF_UNSET_SIZE;
     mcf->token_reuse = NGX_CONF_UNSET_UINT;
 
@@ -559,6 +567,7 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->tokenize_timeout, 50);
     ngx_conf_init_msec_value(mcf->tokenize_timeout_per_kb, 1);
     ngx_conf_init_size_value(mcf->tokenize_max_body, 64 * 1024 * 1024);
+    ngx_conf_init_uint_value(mcf->tokenize_max_inflight, 2);
     ngx_conf_init_size_value(mcf->tokenize_learn_max, 64 * 1024);
     ngx_conf_init_uint_value(mcf->token_reuse, 1);
 

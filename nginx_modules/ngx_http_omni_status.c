@@ -202,7 +202,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             "\"slo_reject\":\"%s\","
             "\"tokenize_timeout_ms\":%M,\"tokenize_timeout_per_kb_ms\":%M,"
             "\"tokenize_max_body\":%uz,\"token_reuse\":\"%s\","
-            "\"tokenize_learn_max\":%uz,"
+            "\"tokenize_learn_max\":%uz,\"tokenize_max_inflight\":%ui,"
             "\"model_path\":",
             mcf->zone_size, ngx_http_omni_modes[mcf->pd_policy],
             ngx_http_omni_policies[mcf->schedule_policy],
@@ -219,7 +219,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             mcf->slo_reject ? "on" : "off",
             mcf->tokenize_timeout, mcf->tokenize_timeout_per_kb,
             mcf->tokenize_max_body, mcf->token_reuse ? "auto" : "off",
-            mcf->tokenize_learn_max);
+            mcf->tokenize_learn_max, mcf->tokenize_max_inflight);
 
     if (mcf->model_path.len) {
         *p++ = '"';
@@ -278,7 +278,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
     ngx_http_omni_status_order(mcf, sh, &bound_us, &aging);
 
     now_us = ngx_http_omni_now_us();
-    size = 4096 + 256 + 6 * mcf->model_path.len
+    size = 6144 + 256 + 6 * mcf->model_path.len
            + (size_t) sh->n_slots * (1600 + NGX_HTTP_OMNI_ADDR_LEN);
 
     body = ngx_pnalloc(r->pool, size);
@@ -312,7 +312,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"legs_cancelled\":%uL},"
                     "\"tokenize\":{\"tokenized\":%uL,\"fallback\":{"
                     "\"down\":%uL,\"timeout\":%uL,\"error\":%uL,"
-                    "\"unsupported\":%uL,\"too_large\":%uL},"
+                    "\"unsupported\":%uL,\"too_large\":%uL,\"busy\":%uL},"
+                    "\"inflight\":%ui,"
                     "\"learn\":{\"sent\":%uL,\"dropped\":{"
                     "\"too_large\":%uL,\"busy\":%uL,\"down\":%uL,"
                     "\"error\":%uL}}},"
@@ -348,6 +349,8 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_ERROR],
                     sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_UNSUPPORTED],
                     sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE],
+                    sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_BUSY],
+                    ngx_http_omni_tokenize_inflight(),
                     sh->learn_sent,
                     sh->learn_dropped[NGX_HTTP_OMNI_LEARN_TOO_LARGE],
                     sh->learn_dropped[NGX_HTTP_OMNI_LEARN_BUSY],
@@ -557,13 +560,15 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "omni_tokenize_fallback_total{reason=\"timeout\"} %uL\n"
             "omni_tokenize_fallback_total{reason=\"error\"} %uL\n"
             "omni_tokenize_fallback_total{reason=\"unsupported\"} %uL\n"
-            "omni_tokenize_fallback_total{reason=\"too_large\"} %uL\n",
+            "omni_tokenize_fallback_total{reason=\"too_large\"} %uL\n"
+            "omni_tokenize_fallback_total{reason=\"busy\"} %uL\n",
             sh->tokenized_total,
             sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_DOWN],
             sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TIMEOUT],
             sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_ERROR],
             sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_UNSUPPORTED],
-            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE]);
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_TOO_LARGE],
+            sh->tokenize_fallback[NGX_HTTP_OMNI_TOK_BUSY]);
 
     p = ngx_sprintf(p,
             "# HELP omni_tokenize_learn_sent_total Chat answers sent to the "

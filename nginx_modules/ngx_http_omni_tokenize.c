@@ -39,6 +39,16 @@ static ngx_int_t ngx_http_omni_tokenize_reuse(ngx_http_omni_ctx_t *ctx,
     u_char *lens, u_char *ids, uint32_t count, uint32_t flags);
 
 
+/*
+ * This worker's subrequests in flight (a worker's own: one that dies takes
+ * its count with it).  Past omni_tokenize_max_inflight a request is
+ * scheduled on the estimate at once (`busy`) instead of queueing at the
+ * service behind requests that will all miss their deadline: a service
+ * with a queue longer than its deadline serves only answers nobody waits
+ * for any more.
+ */
+static ngx_uint_t  ngx_http_omni_tok_inflight;
+
 static ngx_str_t  ngx_http_omni_tok_post = ngx_string("POST");
 static ngx_str_t  ngx_http_omni_tok_learn = ngx_string("learn=1");
 
@@ -72,6 +82,13 @@ ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx)
 
     if (ctx->body_len > mcf->tokenize_max_body) {
         ngx_http_omni_tokenize_count(ctx, NGX_HTTP_OMNI_TOK_TOO_LARGE);
+        return NGX_DECLINED;
+    }
+
+    if (mcf->tokenize_max_inflight
+        && ngx_http_omni_tok_inflight >= mcf->tokenize_max_inflight)
+    {
+        ngx_http_omni_tokenize_count(ctx, NGX_HTTP_OMNI_TOK_BUSY);
         return NGX_DECLINED;
     }
 
@@ -143,6 +160,8 @@ ngx_http_omni_tokenize(ngx_http_omni_ctx_t *ctx)
 
     tok->sr = sr;
     tok->pending = 1;
+    tok->inflight = 1;
+    ngx_http_omni_tok_inflight++;
 
     deadline = mcf->tokenize_timeout
                + mcf->tokenize_timeout_per_kb * (ctx->body_len / 1024);
@@ -247,6 +266,7 @@ ngx_http_omni_tokenize_done(ngx_http_request_t *sr, void *data, ngx_int_t rc)
     }
 
     tok->done = 1;
+    ngx_http_omni_tokenize_release(ctx);
 
     u = sr->upstream;
 
@@ -330,12 +350,34 @@ ngx_http_omni_tokenize_cancel(ngx_http_omni_ctx_t *ctx)
     sr = tok->sr;
     tok->done = 1;
     tok->status = 0;
+    ngx_http_omni_tokenize_release(ctx);
 
     u = sr->upstream;
 
     if (u && u->cleanup && *u->cleanup) {
         (*u->cleanup)(sr);
     }
+}
+
+
+/*
+ * The subrequest no longer counts in flight: it answered, was abandoned at
+ * its deadline, or its request ended (the request's cleanup); once.
+ */
+void
+ngx_http_omni_tokenize_release(ngx_http_omni_ctx_t *ctx)
+{
+    if (ctx->tok.inflight) {
+        ctx->tok.inflight = 0;
+        ngx_http_omni_tok_inflight--;
+    }
+}
+
+
+ngx_uint_t
+ngx_http_omni_tokenize_inflight(void)
+{
+    return ngx_http_omni_tok_inflight;
 }
 
 

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import send_kept, wait_until
 from omni_ctl import nginxctl
 from omni_ctl.tokenizer import control
 from test_proxy_e2e import _access_line, _field
@@ -201,6 +201,74 @@ def test_killed_service_falls_back_and_recovers(proxy, hf_tok, tmp_path):  # noq
     assert f'omni_tokenize_fallback_total{{reason="down"}} {before + 3}' in metrics
 
 
+def test_a_worker_sends_the_service_at_most_its_limit(sim, omni_nginx, model_dir,  # noqa: F811
+                                                      hf_tok, tmp_path):  # noqa: F811
+    # omni_tokenize_max_inflight (default 2 per nginx worker): with the
+    # service stalled, two requests wait for their deadline and the others
+    # go on the estimate at once (`busy`) instead of queueing behind them;
+    # every request is answered, and the worker's count returns to 0
+    # whichever way its subrequest ended (deadline, client gone, answer).
+    # The service never tokenizes what nginx gave up on (`abandoned`).
+    import threading
+
+    # one nginx worker: its count is the one /omni/status shows
+    proxy = omni_nginx(timeout=180, pd_policy="sequential", model_path=str(model_dir),
+                       block_size=BLOCK, tokenizer_workers=1, tokenize_timeout="2s",
+                       core_num=1, prefill_endpoints=",".join(sim.prefill_endpoints),
+                       decode_endpoints=",".join(sim.decode_endpoints),
+                       access_log_file=str(tmp_path / "access.log"))
+    proxy.allow(r"did not answer request .* in time")
+    assert proxy.status()["config"]["tokenize_max_inflight"] == 2
+    pid = nginxctl.status(proxy.conf_path).tokenizer
+    pids = [pid, *control.worker_pids(pid)]
+    sock = proxy.prefix / "tokenizer.sock"
+
+    def service_stats():
+        return json.loads(control.request(str(sock), "GET", "/stats")[2])
+
+    svc_before = service_stats()
+    before = tok_counts(proxy)
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        # a client that goes away while its request waits for the service
+        gone = send_kept(proxy, "a client that leaves", 2)
+        wait_until(lambda: tok_counts(proxy)["inflight"] == 1, timeout=10,
+                   what="its subrequest in flight")
+        gone.close()
+        wait_until(lambda: tok_counts(proxy)["inflight"] == 0, timeout=10,
+                   what="the count released by the request's end")
+        answers = []
+        threads = [threading.Thread(target=lambda i=i: answers.append(send(
+            proxy, tmp_path, "/v1/completions",
+            {"prompt": f"limited {i} 中文", "max_tokens": 2}, f"limited-{i}")[0].status))
+            for i in range(5)]
+        for t in threads:
+            t.start()
+        # three go at once, while two wait for their deadline
+        wait_until(lambda: tok_counts(proxy)["fallback"]["busy"]
+                   - before["fallback"]["busy"] == 3, timeout=10, what="3 busy")
+        assert tok_counts(proxy)["inflight"] == 2
+        for t in threads:
+            t.join(30)
+        assert answers == [200] * 5
+    finally:
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
+    after = tok_counts(proxy)
+    assert after["fallback"]["busy"] - before["fallback"]["busy"] == 3
+    # the client that left never reached its deadline
+    assert after["fallback"]["timeout"] - before["fallback"]["timeout"] == 2
+    assert after["inflight"] == 0
+    # the service skips the three nginx closed, and recovers at once
+    wait_until(lambda: service_stats()["abandoned"] - svc_before["abandoned"] == 3,
+               timeout=20, what="the abandoned requests skipped")
+    assert service_stats()["requests"] == svc_before["requests"]
+    got = _answered(proxy, tmp_path, "after-limit", 2, hf_tok)
+    assert all(a == b for a, b in got)
+    assert tok_counts(proxy)["inflight"] == 0
+
+
 # -- reuse downstream: the ids reach the engines, and they are the engines' own
 
 MODES = {                       # engine, prefill, decode, both
@@ -283,7 +351,7 @@ def test_parity_in_every_mode(mode_sim, omni_nginx, model_dir, tmp_path, hf_tok)
         assert resp.status == 200, resp.text
         assert parity(sim) == (checked2, bad2)
     assert nginx.status()["tokenize"]["fallback"] == {
-        "down": 0, "timeout": 0, "error": 0, "unsupported": 0, "too_large": 0}
+        "down": 0, "timeout": 0, "error": 0, "unsupported": 0, "too_large": 0, "busy": 0}
 
 
 def test_omni_proxy_sh_starts_and_stops_the_tokenizer(omni_module, model_dir, tmp_path):  # noqa: F811

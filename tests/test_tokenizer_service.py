@@ -246,6 +246,51 @@ def test_reuse_0_tokenizes_whole_and_leaves_the_cache_alone(model_dir, tmp_path,
         control.stop(svc)
 
 
+def test_a_request_whose_client_has_gone_is_not_tokenized(model_dir, tmp_path,  # noqa: F811
+                                                            hf_tok):  # noqa: F811
+    # nginx closes the connection when its deadline passes; a worker that
+    # still tokenized such requests would spend its time on answers nobody
+    # reads while the fresh ones behind them miss their deadline too (the
+    # overload that never ends).  Mechanism, not timing: the worker is
+    # stopped while one client sends and hangs up, another sends and waits.
+    svc = control.Service.in_prefix(tmp_path, model_dir, workers=1)
+    control.start(svc, timeout=120)
+    try:
+        def stats():
+            return json.loads(control.request(svc.socket, "GET", "/stats")[2])
+
+        before = stats()
+        body = json.dumps({"prompt": "hello there"}).encode()
+        req = (b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: "
+               + str(len(body)).encode() + b"\r\n\r\n" + body)
+        half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        os.kill(before["pid"], signal.SIGSTOP)
+        try:
+            gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            gone.connect(str(svc.socket))
+            gone.sendall(req)
+            gone.close()
+            # only its sending side shut: it still reads the answer
+            half.connect(str(svc.socket))
+            half.sendall(req)
+            half.shutdown(socket.SHUT_WR)
+        finally:
+            os.kill(before["pid"], signal.SIGCONT)
+        half.settimeout(30)
+        answer = b""
+        while chunk := half.recv(65536):
+            answer += chunk
+        half.close()
+        head, _, data = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert wire.decode(data)[2] == [ref_encode(hf_tok, "hello there")]
+        after = stats()
+        assert after["abandoned"] == before["abandoned"] + 1
+        assert after["requests"] == before["requests"] + 1
+    finally:
+        control.stop(svc)
+
+
 def test_a_directory_without_a_tokenizer_fails_to_start(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

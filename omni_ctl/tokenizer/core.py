@@ -456,6 +456,9 @@ class ModelTokenizer:
                       # texts scanned and hashed from a remembered prefix
                       "prefix_hits": 0,
                       "bad_requests": 0, "unsupported": 0,
+                      # requests whose client had closed the connection
+                      # before they were read (server: never tokenized)
+                      "abandoned": 0,
                       "busy_s": 0.0, "cpu_s": 0.0,
                       # requests tokenized whole on request (server `?reuse=0`)
                       "noreuse_requests": 0, "noreuse_busy_s": 0.0,

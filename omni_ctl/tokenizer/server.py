@@ -31,6 +31,7 @@ import ctypes
 import gc
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -201,6 +202,12 @@ async def serve_connection(app: App, reader, writer):
                 writer.write(_response(400, "text/plain", b"bad body framing\n", False))
                 await writer.drain()
                 return
+            if method == "POST" and _hung_up(writer):
+                # the client gave up on it (nginx closes the connection at
+                # its deadline): nobody would read the answer, and serving
+                # it would make the requests behind it late too
+                app.tok.stats["abandoned"] += 1
+                return
             try:
                 status, ctype, payload = app.handle(method, target, body)
             except Exception as exc:    # a bug: answer it, keep serving
@@ -214,6 +221,20 @@ async def serve_connection(app: App, reader, writer):
         pass
     finally:
         writer.close()
+
+
+def _hung_up(writer) -> bool:
+    """Whether the peer has closed the connection (both ways: a client that
+    only shut down its sending side still reads the answer)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    fd = sock.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
 
 class _Stop(Exception):
