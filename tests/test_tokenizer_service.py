@@ -202,93 +202,88 @@ def test_no_reuse_cache_option(model_dir, tmp_path, hf_tok):  # noqa: F811
         control.stop(svc)
 
 
-def test_reuse_0_tokenizes_whole_and_leaves_the_cache_alone(model_dir, tmp_path,  # noqa: F811
-                                                          hf_tok):  # noqa: F811
-    # the paired bench's side without the cache, in a worker that has one:
-    # the same ids, nothing read from or put in the cache, timed apart
+@pytest.fixture
+def one_worker(model_dir, tmp_path):  # noqa: F811
+    """A service of one worker, and its /stats."""
     svc = control.Service.in_prefix(tmp_path, model_dir, workers=1)
     control.start(svc, timeout=120)
     try:
-        def stats():
-            return json.loads(control.request(svc.socket, "GET", "/stats")[2])
-
-        msgs = [SYSTEM, {"role": "user", "content": "first question"}]
-        longer = msgs + [{"role": "assistant", "content": "an answer"},
-                         {"role": "user", "content": "second question"}]
-        before = stats()
-        for m in (msgs, longer):
-            status, _, body = post(svc, "/v1/chat/completions?reuse=0", {"messages": m})
-            flags, reused, prompts = wire.decode(body)
-            assert status == 200 and prompts == [ref_chat(hf_tok, m)] and reused == 0
-            assert not flags & wire.FLAG_REUSED
-        mid = stats()
-        assert mid["cache_entries"] == before["cache_entries"] == 0
-        assert mid["noreuse_requests"] == 2 and mid["requests"] == 2
-        assert mid["noreuse_busy_s"] > 0 and mid["busy_s"] == 0
-        # the cache works as before for the same conversation without the flag
-        for t, m in enumerate((msgs, longer)):
-            status, _, body = post(svc, "/v1/chat/completions", {"messages": m})
-            flags, reused, prompts = wire.decode(body)
-            assert prompts == [ref_chat(hf_tok, m)] and (reused > 0) == (t == 1)
-        after = stats()
-        assert after["noreuse_requests"] == 2 and after["busy_s"] > 0
-        # a completion prompt too; a chat request gets no learning handle
-        status, _, body = post(svc, "/v1/completions?reuse=0", {"prompt": CORPUS[:2]})
-        flags, reused, prompts = wire.decode(body)
-        assert prompts == [ref_encode(hf_tok, t) for t in CORPUS[:2]] and reused == 0
-        status, _, body = post(svc, "/v1/chat/completions?learn=1", {"messages": longer})
-        assert status == 200 and wire.handle_of(body)
-        status, _, body = post(svc, "/v1/chat/completions?reuse=0&learn=1",
-                               {"messages": longer})
-        assert status == 200 and not wire.handle_of(body)
-        assert stats()["handles"] == after["handles"] + 1
+        yield svc, lambda: json.loads(control.request(svc.socket, "GET", "/stats")[2])
     finally:
         control.stop(svc)
 
 
-def test_a_request_whose_client_has_gone_is_not_tokenized(model_dir, tmp_path,  # noqa: F811
-                                                            hf_tok):  # noqa: F811
+def test_reuse_0_tokenizes_whole_and_leaves_the_cache_alone(one_worker, hf_tok):  # noqa: F811
+    # the paired bench's side without the cache, in a worker that has one:
+    # the same ids, nothing read from or put in the cache, timed apart
+    svc, stats = one_worker
+    msgs = [SYSTEM, {"role": "user", "content": "first question"}]
+    longer = msgs + [{"role": "assistant", "content": "an answer"},
+                     {"role": "user", "content": "second question"}]
+    before = stats()
+    for m in (msgs, longer):
+        status, _, body = post(svc, "/v1/chat/completions?reuse=0", {"messages": m})
+        flags, reused, prompts = wire.decode(body)
+        assert status == 200 and prompts == [ref_chat(hf_tok, m)] and reused == 0
+        assert not flags & wire.FLAG_REUSED
+    mid = stats()
+    assert mid["cache_entries"] == before["cache_entries"] == 0
+    assert mid["noreuse_requests"] == 2 and mid["requests"] == 2
+    assert mid["noreuse_busy_s"] > 0 and mid["busy_s"] == 0
+    # the cache works as before for the same conversation without the flag
+    for t, m in enumerate((msgs, longer)):
+        status, _, body = post(svc, "/v1/chat/completions", {"messages": m})
+        flags, reused, prompts = wire.decode(body)
+        assert prompts == [ref_chat(hf_tok, m)] and (reused > 0) == (t == 1)
+    after = stats()
+    assert after["noreuse_requests"] == 2 and after["busy_s"] > 0
+    # a completion prompt too; a chat request gets no learning handle
+    status, _, body = post(svc, "/v1/completions?reuse=0", {"prompt": CORPUS[:2]})
+    flags, reused, prompts = wire.decode(body)
+    assert prompts == [ref_encode(hf_tok, t) for t in CORPUS[:2]] and reused == 0
+    status, _, body = post(svc, "/v1/chat/completions?learn=1", {"messages": longer})
+    assert status == 200 and wire.handle_of(body)
+    status, _, body = post(svc, "/v1/chat/completions?reuse=0&learn=1",
+                           {"messages": longer})
+    assert status == 200 and not wire.handle_of(body)
+    assert stats()["handles"] == after["handles"] + 1
+
+
+def test_a_request_whose_client_has_gone_is_not_tokenized(one_worker, hf_tok):  # noqa: F811
     # nginx closes the connection when its deadline passes; a worker that
     # still tokenized such requests would spend its time on answers nobody
     # reads while the fresh ones behind them miss their deadline too (the
     # overload that never ends).  Mechanism, not timing: the worker is
     # stopped while one client sends and hangs up, another sends and waits.
-    svc = control.Service.in_prefix(tmp_path, model_dir, workers=1)
-    control.start(svc, timeout=120)
+    svc, stats = one_worker
+    before = stats()
+    body = json.dumps({"prompt": "hello there"}).encode()
+    req = (b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: "
+           + str(len(body)).encode() + b"\r\n\r\n" + body)
+    half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    os.kill(before["pid"], signal.SIGSTOP)
     try:
-        def stats():
-            return json.loads(control.request(svc.socket, "GET", "/stats")[2])
-
-        before = stats()
-        body = json.dumps({"prompt": "hello there"}).encode()
-        req = (b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: "
-               + str(len(body)).encode() + b"\r\n\r\n" + body)
-        half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        os.kill(before["pid"], signal.SIGSTOP)
-        try:
-            gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            gone.connect(str(svc.socket))
-            gone.sendall(req)
-            gone.close()
-            # only its sending side shut: it still reads the answer
-            half.connect(str(svc.socket))
-            half.sendall(req)
-            half.shutdown(socket.SHUT_WR)
-        finally:
-            os.kill(before["pid"], signal.SIGCONT)
-        half.settimeout(30)
-        answer = b""
-        while chunk := half.recv(65536):
-            answer += chunk
-        half.close()
-        head, _, data = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200")
-        assert wire.decode(data)[2] == [ref_encode(hf_tok, "hello there")]
-        after = stats()
-        assert after["abandoned"] == before["abandoned"] + 1
-        assert after["requests"] == before["requests"] + 1
+        gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        gone.connect(str(svc.socket))
+        gone.sendall(req)
+        gone.close()
+        # only its sending side shut: it still reads the answer
+        half.connect(str(svc.socket))
+        half.sendall(req)
+        half.shutdown(socket.SHUT_WR)
     finally:
-        control.stop(svc)
+        os.kill(before["pid"], signal.SIGCONT)
+    half.settimeout(30)
+    answer = b""
+    while chunk := half.recv(65536):
+        answer += chunk
+    half.close()
+    head, _, data = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert wire.decode(data)[2] == [ref_encode(hf_tok, "hello there")]
+    after = stats()
+    assert after["abandoned"] == before["abandoned"] + 1
+    assert after["requests"] == before["requests"] + 1
 
 
 def test_a_directory_without_a_tokenizer_fails_to_start(tmp_path):
