@@ -216,6 +216,7 @@ def test_tokenizing_target_in_a_short_run(tmp_path, model_dir):  # noqa: F811
     res = overhead.run_overhead(sizes="1k,16k", targets="omni-sequential,omni-sequential-tok",
                                 duration=1, repeat=1, warmup=0, connections=2,
                                 out_dir=str(tmp_path), model_path=str(model_dir),
+                                omni_args="--tokenize-max-inflight 7", keep_dir=True,
                                 log=logs.append)
     rows = {(r["target"], r["size"]): r for r in res["rows"]}
     for key in [(t, s) for t in ("omni-sequential", "omni-sequential-tok")
@@ -233,6 +234,13 @@ def test_tokenizing_target_in_a_short_run(tmp_path, model_dir):  # noqa: F811
     assert all(0 < e["p50_ms"] <= e["p99_ms"] for e in eng.values())
     assert "engine-side tokenization it replaces, 16 KB" in res["markdown"]
     assert "omni-sequential-tok 1 KB:" in res["markdown"]
+    # --omni-args reach gen-conf: the proxies ran with them
+    assert res["omni_args"] == ["--tokenize-max-inflight", "7"]
+    for target in ("omni-sequential", "omni-sequential-tok"):
+        conf = open(os.path.join(res["tmp_dir"], target, "nginx.conf")).read()
+        assert "omni_tokenize_max_inflight 7;" in conf
+    assert "gen-conf --tokenize-max-inflight 7" in res["markdown"]
+    shutil.rmtree(res["tmp_dir"])
 
 
 def test_the_tokenizing_target_needs_a_model_path(tmp_path):

@@ -190,6 +190,9 @@ def _url(target: str) -> str:
 @click.option("--model-path", type=click.Path(exists=True, file_okay=False), default=None,
               help="Tokenizer directory for omni-sequential-tok (and the engine-side "
                    "tokenization it replaces).")
+@click.option("--omni-args", default="",
+              help="Extra `omni-ctl gen-conf` options for the Omni Proxy targets, "
+                   "e.g. '--tokenize-max-inflight 4'.")
 def bench_overhead(**kw):
     """Requests/s and p50/p99 of plain nginx, Omni Proxy and peer routers in
     front of one canned fast backend, at several prompt sizes, measured with wrk."""

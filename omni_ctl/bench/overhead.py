@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -213,7 +214,7 @@ def leaks(runs: list[dict]) -> list[dict]:
 
 def start_target(name: str, tmp: str, backend_ports: list[int], workers: int,
                  port: int, probe: bytes, module_dir: str | None = None,
-                 model_path: str | None = None):
+                 model_path: str | None = None, omni_args=()):
     """Start target `name` on `port` and wait until it answers; return
     (url, process or None for "direct"). The caller stops the process."""
     urls = [f"http://127.0.0.1:{p}" for p in backend_ports]
@@ -231,7 +232,7 @@ def start_target(name: str, tmp: str, backend_ports: list[int], workers: int,
         proc = procs.start_nginx(name, conf, prefix)
     elif name.startswith("omni-"):
         mode, _, variant = name[len("omni-"):].partition("-")
-        extra = ["--access-log-file", "off"]         # as plain nginx
+        extra = ["--access-log-file", "off", *omni_args]    # as plain nginx
         if variant == "ll":
             extra += ["--schedule-policy", "least-loaded"]
         if variant == "tok":
@@ -330,7 +331,7 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
                  wrk_threads=1, workers=1, backend_workers=1, base_port=0,
                  out_dir="bench-out/overhead", keep_dir=False, prompt_kind="text",
                  warmup=1, repeat=3, omni_module_dir=None, model_path=None,
-                 log=None) -> dict:
+                 omni_args="", log=None) -> dict:
     """Measure every target at every size; write overhead.json and .md.
 
     All targets run at once (each on its own port, idle while not measured),
@@ -338,6 +339,7 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
     every size and every target (in a rotated order). A busy machine then
     slows every target alike, and the median of the rounds is reported."""
     log = log or (lambda msg: None)
+    omni_args = shlex.split(omni_args) if isinstance(omni_args, str) else list(omni_args)
     size_list = parse_sizes(sizes)
     names = parse_targets(targets)
     if duration < 1 or connections < 1 or wrk_threads < 1 or workers < 1 or repeat < 1:
@@ -377,7 +379,8 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
             for name, port in zip(names, ports[4:]):
                 try:
                     url, proc = start_target(name, tmp, backend_ports, workers, port,
-                                             probe, omni_module_dir, model_path)
+                                             probe, omni_module_dir, model_path,
+                                             omni_args)
                 except Skip as exc:
                     log(f"[overhead] {name}: skipped: {exc}")
                     skipped.append({"target": name, "skipped": str(exc)})
@@ -444,7 +447,7 @@ def run_overhead(sizes="1k,16k,200k", targets=None, duration=3, connections=32,
               "workers": workers, "backend_workers": backend_workers,
               "prompt_kind": prompt_kind, "cpus": os.cpu_count(),
               "load_average": {"start": load_start, "end": os.getloadavg()},
-              "omni_module": omni.module_label(omni_module_dir),
+              "omni_module": omni.module_label(omni_module_dir), "omni_args": omni_args,
               "rows": median_rows(runs) + skipped, "runs": runs,
               "engine_tokenize": engine_tok, "tokenize": tokenize_rows(runs),
               "collapses": collapses(runs), "leaks": leaks(runs),
@@ -553,7 +556,9 @@ def markdown_overhead(result: dict) -> str:
     if any(r["target"].startswith("omni-") and "skipped" not in r for r in result["rows"]):
         flavor = {"1": "debug build with sanitizers", "0": "release build"}.get(
             mod.get("debug"), "build type unknown")
-        skipped.append(f"Omni Proxy module: {mod.get('module_dir')} ({flavor})")
+        skipped.append(f"Omni Proxy module: {mod.get('module_dir')} ({flavor})"
+                       + (f", gen-conf {shlex.join(result['omni_args'])}"
+                          if result.get("omni_args") else ""))
     for c in result.get("collapses", []):
         skipped.append(f"**COLLAPSE**: {c['target']} {size_label(c['size'])} round "
                        f"{c['round'] + 1}: {c['rps']:.0f} req/s, under half of the other "
