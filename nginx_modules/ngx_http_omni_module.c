@@ -567,7 +567,7 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(mcf->tokenize_timeout, 50);
     ngx_conf_init_msec_value(mcf->tokenize_timeout_per_kb, 1);
     ngx_conf_init_size_value(mcf->tokenize_max_body, 64 * 1024 * 1024);
-    ngx_conf_init_uint_value(mcf->tokenize_max_inflight, 2);
+    ngx_conf_init_uint_value(mcf->tokenize_max_inflight, 4);
     ngx_conf_init_size_value(mcf->tokenize_learn_max, 64 * 1024);
     ngx_conf_init_uint_value(mcf->token_reuse, 1);
 

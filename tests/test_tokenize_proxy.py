@@ -203,7 +203,7 @@ def test_killed_service_falls_back_and_recovers(proxy, hf_tok, tmp_path):  # noq
 
 def test_a_worker_sends_the_service_at_most_its_limit(sim, omni_nginx, model_dir,  # noqa: F811
                                                       hf_tok, tmp_path):  # noqa: F811
-    # omni_tokenize_max_inflight (default 2 per nginx worker): with the
+    # omni_tokenize_max_inflight (here 2 per nginx worker): with the
     # service stalled, two requests wait for their deadline and the others
     # go on the estimate at once (`busy`) instead of queueing behind them;
     # every request is answered, and the worker's count returns to 0
@@ -214,7 +214,7 @@ def test_a_worker_sends_the_service_at_most_its_limit(sim, omni_nginx, model_dir
     # one nginx worker: its count is the one /omni/status shows
     proxy = omni_nginx(timeout=180, pd_policy="sequential", model_path=str(model_dir),
                        block_size=BLOCK, tokenizer_workers=1, tokenize_timeout="2s",
-                       core_num=1, prefill_endpoints=",".join(sim.prefill_endpoints),
+                       core_num=1, tokenize_max_inflight=2, prefill_endpoints=",".join(sim.prefill_endpoints),
                        decode_endpoints=",".join(sim.decode_endpoints),
                        access_log_file=str(tmp_path / "access.log"))
     proxy.allow(r"did not answer request .* in time")
