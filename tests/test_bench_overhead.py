@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from omni_ctl import procfs
 from omni_ctl.bench import overhead, procs
 from omni_ctl.bench.errors import BenchError
 from tokmodel import model_dir  # noqa: F401 (fixture)
@@ -250,25 +251,13 @@ def test_the_tokenizing_target_needs_a_model_path(tmp_path):
 
 
 def _children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
+    return [int(e) for e in os.listdir("/proc")
+            if e.isdigit() and (procfs.ppid_state(int(e)) or (0,))[0] == pid]
 
 
 def _running(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    state = procfs.ppid_state(pid)
+    return state is not None and state[1] not in ("Z", "X")
 
 
 def test_sigterm_stops_what_the_bench_started(tmp_path):
@@ -302,7 +291,7 @@ def test_sigterm_stops_what_the_bench_started(tmp_path):
         prefixes = set()
         for pid in kids:
             # nginx rewrites its argv into one title string
-            cmdline = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+            cmdline = " ".join(procfs.cmdline_args(pid))
             prefixes |= set(re.findall(r"(/\S*/omni-overhead-[^/\s]+)", cmdline))
         assert len(kids) >= 3 and len(prefixes) == 1, (kids, prefixes)
         proc.send_signal(signal.SIGTERM)

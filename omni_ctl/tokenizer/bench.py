@@ -178,15 +178,18 @@ class _Side:
                 data = _post(conn, self.route, body)
                 self.times.append(time.perf_counter() - start)
                 if self.learn:
-                    handle = wire.handle_of(data)
-                    self.out.sendto(wire.learn_message(handle, answer), socket.MSG_DONTWAIT,
-                                    server.worker_socket(str(self.svc.learn_socket),
-                                                         handle >> 48))
-                    self.sent, asks = _learn_sent(conn, self.sent + 1,
-                                                  time.monotonic() + 30)
-                    self.asks += asks
+                    self._learn_answer(conn, data, answer)
         finally:
             conn.close()
+
+    def _learn_answer(self, conn, data, answer):
+        """Send the answer of the request that got `data` to its worker's
+        learn socket, as the proxy does, and wait until it has been read."""
+        handle = wire.handle_of(data)
+        self.out.sendto(wire.learn_message(handle, answer), socket.MSG_DONTWAIT,
+                        server.worker_socket(str(self.svc.learn_socket), handle >> 48))
+        self.sent, asks = _learn_sent(conn, self.sent + 1, time.monotonic() + 30)
+        self.asks += asks
 
     def summary(self, turns):
         after = _service_stats(self.svc)
@@ -228,45 +231,30 @@ class _Paired(_Side):
         super().__init__("paired", svc, learn=True)
         self.by = by
 
-    def _whole(self, conn, body):
-        _post(conn, "/v1/chat/completions?reuse=0", body)
-
-    def _cached(self, conn, body, answer):
-        data = _post(conn, self.route, body)
-        handle = wire.handle_of(data)
-        self.out.sendto(wire.learn_message(handle, answer), socket.MSG_DONTWAIT,
-                        server.worker_socket(str(self.svc.learn_socket), handle >> 48))
-        self.sent, asks = _learn_sent(conn, self.sent + 1, time.monotonic() + 30)
-        self.asks += asks
-
     def conversation(self, system, conv):
         conn = control._UnixHTTP(self.svc.socket, 60)
         turns = list(_turn_bodies(system, conv))
+        # what goes to one side before the other: a turn, or all of them
+        units = [turns] if self.by == "conversation" else [[t] for t in turns]
         try:
-            if self.by == "conversation":
-                self.turn += 1
-                if self.turn % 2:
-                    for body, _ in turns:
-                        self._whole(conn, body)
-                for body, answer in turns:
-                    self._cached(conn, body, answer)
-                if not self.turn % 2:
-                    for body, _ in turns:
-                        self._whole(conn, body)
-                return
-            for body, answer in turns:
-                self.turn += 1
-                if self.turn % 2:
-                    self._whole(conn, body)
-                self._cached(conn, body, answer)
-                if not self.turn % 2:
-                    self._whole(conn, body)
+            for unit in units:
+                self.unit += 1
+                sides = [self._whole, self._cached]
+                for side in sides if self.unit % 2 else sides[::-1]:
+                    for body, answer in unit:
+                        side(conn, body, answer)
         finally:
             conn.close()
 
+    def _whole(self, conn, body, answer):
+        _post(conn, "/v1/chat/completions?reuse=0", body)
+
+    def _cached(self, conn, body, answer):
+        self._learn_answer(conn, _post(conn, self.route, body), answer)
+
     def begin(self):
         super().begin()
-        self.turn = 0
+        self.unit = 0
 
     def summary(self, turns):
         after = _service_stats(self.svc)
