@@ -5,6 +5,7 @@ the tokenization it skips and charges, and the parity counter."""
 from __future__ import annotations
 
 import os
+import threading
 import urllib.request
 
 import pytest
@@ -150,3 +151,34 @@ def test_sglang_chat_reads_input_ids(ssim, hf_tok):  # noqa: F811
     st, d, _ = post(url + "/v1/chat/completions",
                     {"messages": MSGS, "input_ids": "not ids", "max_tokens": 1})
     assert st == 400 and "input_ids" in d["error"]["message"]
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(vsim):
+    """All instances of a simulator share one event loop. A prompt of a few
+    MB takes the tokenizer seconds; while it does, the other instances go on
+    answering (their steps and HTTP), which shows as /sim/stats answering
+    with the tokenization in flight. Tokenizing on the loop (the simulator
+    before) could only answer once it was done, with nothing in flight."""
+    url = vsim.prefill_urls[0]
+    text = "Every instance keeps stepping while one prompt is tokenized. " * 70000
+    out = {}
+
+    def send():
+        out["answer"] = post(url + "/v1/completions",
+                             {"prompt": text, "max_tokens": 1}, timeout=120)
+
+    t = threading.Thread(target=send)
+    t.start()
+    seen = []
+    try:
+        while t.is_alive() and not seen:
+            s = vsim.stats()
+            seen += [i["front_end_jobs"] for i in s["cluster"]
+                     if i["name"] == "decode-0" and i["front_end_jobs"] > 0]
+    finally:
+        t.join(120)
+    assert not t.is_alive()
+    st, d, _ = out["answer"]
+    assert st == 400 and "maximum context length" in d["error"]["message"]
+    assert seen, "no stats answer came while the long prompt was tokenized"
+    assert stat(vsim, "decode-0")["front_end_jobs"] == 0

@@ -212,6 +212,7 @@ async def serve(cfg, stop_event, on_ready):
                 log(f"stopping {inst.name}: {exc!r}")
         if settings.session is not None:
             await settings.session.close()
+        settings.close()
 
 
 class _QuietFilter(logging.Filter):

@@ -11,6 +11,7 @@ bootstrap port (pd.py).
 """
 
 import asyncio
+import concurrent.futures
 import json
 import random
 import sys
@@ -100,7 +101,7 @@ class _Waiter:
 class Parsed:
     __slots__ = ("api", "prompts", "max_tokens", "min_tokens", "ignore_eos",
                  "stream", "include_usage", "eos_at", "ktp", "mode", "rooms",
-                 "boot_hosts", "boot_ports", "text_prompts", "own_ids")
+                 "boot_hosts", "boot_ports", "text_prompts", "render")
 
 
 def _id_list(v, what):
@@ -137,6 +138,39 @@ class Settings:
         self.check_token_ids = check_token_ids
         self.session = None        # aiohttp.ClientSession for KV pulls
         self.instances = []        # every Instance of the process
+        self._front = None         # the tokenizer thread (front_end())
+        self.front_jobs = 0        # parses and parity checks queued or running there
+        self.parity_jobs = set()   # parity checks not yet counted
+
+    def front_end(self):
+        """The one thread that runs this process's tokenizer.  Tokenizing a
+        long prompt takes 0.1-0.2 s of CPU; on the event loop that would
+        stall every instance's steps and answers (a real engine's front end
+        does not stop its engine).  One thread: a fast tokenizer must not
+        be called from two at once."""
+        if self._front is None:
+            self._front = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="sim-tokenizer")
+        return self._front
+
+    async def in_front_end(self, fn, *args):
+        self.front_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.front_end(), fn, *args)
+        finally:
+            self.front_jobs -= 1
+
+    async def settle(self):
+        """Wait for the parity checks in flight, so that counters read
+        after a request's answer include its check."""
+        while self.parity_jobs:
+            await asyncio.gather(*list(self.parity_jobs), return_exceptions=True)
+
+    def close(self):
+        if self._front is not None:
+            self._front.shutdown(wait=False, cancel_futures=True)
+            self._front = None
 
     def client(self):
         if self.session is None:
@@ -290,6 +324,7 @@ class Instance:
             "tokenized_tokens_total": e.tokenized_tokens,
             "tokenize_skipped_tokens_total": e.tokenize_skipped_tokens,
             "tokenize_time_s": e.tokenize_time,
+            "front_end_jobs": self.s.front_jobs,
             "prompt_tokens_total": e.prompt_tokens_total,
             "generation_tokens_total": e.generation_tokens_total,
             "max_waiting_seen": e.max_waiting_seen,
@@ -342,6 +377,7 @@ class Instance:
             "internal_states": [{"last_gen_throughput": 0.0}]})
 
     async def h_metrics(self, request):
+        await self.s.settle()
         return web.Response(text=render(self.kind, self.s.model_name, self.engine),
                             content_type="text/plain", charset="utf-8")
 
@@ -354,6 +390,7 @@ class Instance:
             n = int(request.query.get("requests", "0"))
         except ValueError:
             return error_response("requests must be an integer")
+        await self.s.settle()
         return _json({"instance": self.stats(n),
                       "cluster": [i.stats(n) for i in self.s.instances]})
 
@@ -502,7 +539,7 @@ class Instance:
         p = self.s.preset
         r = Parsed()
         r.api = api
-        r.own_ids = None
+        r.render = None
         r.stream = bool(body.get("stream", False))
         so = body.get("stream_options")
         r.include_usage = bool(r.stream and isinstance(so, dict) and so.get("include_usage"))
@@ -513,17 +550,11 @@ class Instance:
             if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
                 raise SimError("'messages' must be a non-empty list of objects")
             given = self._given_chat_ids(body)
-            if given is None or self.s.check_token_ids:
-                try:
-                    ids = self._render(body, msgs)
-                except SimError:
-                    if given is None:
-                        raise
-                    ids = None      # the engine would not render: ids are used
             if given is None:
-                r.prompts, r.text_prompts = [ids], True
+                r.prompts, r.text_prompts = [self._render(body, msgs)], True
             else:
-                r.prompts, r.text_prompts, r.own_ids = [given], False, [ids]
+                # the parity check renders it later, off the request's path
+                r.prompts, r.text_prompts, r.render = [given], False, (body, msgs)
             mt = body.get("max_completion_tokens")
             r.max_tokens = _int_field(body, "max_completion_tokens" if mt is not None else "max_tokens", None, 1)
             r.min_tokens = _int_field(body, "min_tokens", 0)
@@ -611,6 +642,19 @@ class Instance:
                 r.mode = "boot_prefill" if self.role == "prefill" else "boot_decode"
         return r
 
+    def _tokenizes(self, body, api):
+        """Whether parsing this body runs the tokenizer (then it is parsed
+        in the front end's thread)."""
+        if api == "chat":
+            try:
+                return self._given_chat_ids(body) is None
+            except SimError:
+                return False
+        prompt = body.get("prompt") if api == "completion" else (
+            body.get("text") if body.get("input_ids") is None else None)
+        return isinstance(prompt, str) or (
+            isinstance(prompt, list) and any(isinstance(p, str) for p in prompt))
+
     def _given_chat_ids(self, body):
         """The token ids a chat request carries in the form this engine reads
         (SGLang: `input_ids` beside `messages`; vLLM: a decode leg's
@@ -643,27 +687,43 @@ class Instance:
     def _check_parity(self, r):
         """Count forwarded id lists that differ from our own tokenization
         (the rendered chat; for a completions id prompt, the ids' own
-        round trip through the tokenizer)."""
-        e = self.engine
+        round trip through the tokenizer).  The check runs in the front
+        end's thread after the request has gone on; /sim/stats and
+        /metrics wait for the checks in flight."""
         if not self.s.check_token_ids or r.text_prompts:
             return
-        if r.own_ids is not None:
-            for given, own in zip(r.prompts, r.own_ids):
-                e.token_parity_checked += 1
-                if given != own:
-                    e.token_parity_mismatches += 1
-            return
-        for ids in r.prompts:
-            ok = self.s.tokenizer.canonical(ids)
-            if ok is not None:
+        job = asyncio.ensure_future(self.s.in_front_end(self._parity, r))
+        e = self.engine     # the engine that took the request (revive replaces it)
+
+        def count(fut):
+            self.s.parity_jobs.discard(fut)
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            for ok in fut.result():
                 e.token_parity_checked += 1
                 if not ok:
                     e.token_parity_mismatches += 1
+        self.s.parity_jobs.add(job)
+        job.add_done_callback(count)
 
-    async def _tokenize_delay(self, r):
+    def _parity(self, r):
+        """[True/False per checkable prompt] (the front end's thread)."""
+        if r.render is not None:
+            body, msgs = r.render
+            try:
+                own = self._render(body, msgs)
+            except SimError:
+                own = None      # the engine would not render: the ids are used
+            return [given == own for given in r.prompts]
+        tok = self.s.tokenizer
+        return [ok for ok in (tok.canonical(ids) for ids in r.prompts) if ok is not None]
+
+    async def _tokenize_delay(self, r, arrived):
         """The engine front end tokenizes text prompts one request at a time:
-        wait our turn on the lane and the cost of our tokens.  Prompts sent
-        as ids skip it (that is what the proxy's reuse buys)."""
+        wait our turn on the lane and the cost of our tokens, counted from
+        the request's arrival (the real tokenizing the simulator did since
+        is part of that cost, not added to it).  Prompts sent as ids skip
+        it (that is what the proxy's reuse buys)."""
         e = self.engine
         n = sum(len(ids) for ids in r.prompts)
         if not r.text_prompts:
@@ -674,7 +734,7 @@ class Instance:
         if cost <= 0:
             return
         now = time.monotonic()
-        start = max(now, self.tokenize_free_at)
+        start = max(arrived, self.tokenize_free_at)
         self.tokenize_free_at = start + cost
         e.tokenize_time += cost
         await asyncio.sleep(self.tokenize_free_at - now)
@@ -709,6 +769,7 @@ class Instance:
             self.engine.errors_total += 1
             return error_response("simulated fault: error", status=f.status,
                                   etype="server_error", xrid=xrid)
+        arrived = time.monotonic()
         try:
             try:
                 body = json.loads(await request.read())
@@ -716,12 +777,15 @@ class Instance:
                 raise SimError(f"invalid JSON body: {exc}") from None
             if not isinstance(body, dict):
                 raise SimError("the body must be a JSON object")
-            r = self._parse(body, api)
+            if self._tokenizes(body, api):
+                r = await self.s.in_front_end(self._parse, body, api)
+            else:
+                r = self._parse(body, api)
         except SimError as exc:
             self.engine.errors_total += 1
             return error_response(exc.message, exc.status, exc.etype, xrid)
         self._check_parity(r)
-        await self._tokenize_delay(r)
+        await self._tokenize_delay(r, arrived)
         p = self.s.preset
         prefix = "chatcmpl" if api == "chat" else "cmpl"
         waiter = _Waiter(only_finish=not r.stream)
