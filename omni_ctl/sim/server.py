@@ -690,7 +690,8 @@ class Instance:
         round trip through the tokenizer).  The check runs in the front
         end's thread after the request has gone on; /sim/stats and
         /metrics wait for the checks in flight."""
-        if not self.s.check_token_ids or r.text_prompts:
+        if not self.s.check_token_ids or r.text_prompts or (
+                r.render is None and not self.s.tokenizer.round_trips):
             return
         job = asyncio.ensure_future(self.s.in_front_end(self._parity, r))
         e = self.engine     # the engine that took the request (revive replaces it)

@@ -12,6 +12,7 @@ transformers tokenizer (`--model-path`). Both expose the same small interface:
     gen_ids                             ids the simulated model may generate
     eos_id, vocab_size
     canonical(ids) -> bool | None       would encode(decode(ids)) give ids back
+    round_trips                         whether canonical() can ever answer
 """
 
 import collections
@@ -63,6 +64,7 @@ def _content_text(content):
 
 class BuiltinTokenizer:
     name = "builtin"
+    round_trips = False
     vocab_size = 128256
     bos_id = 1
     eos_id = 2
@@ -126,6 +128,8 @@ class BuiltinTokenizer:
 
 class HFTokenizer:
     """A local transformers tokenizer (no network: pass a directory)."""
+
+    round_trips = True
 
     def __init__(self, path, chat_template=None):
         from transformers import AutoTokenizer  # heavy import, only when asked
