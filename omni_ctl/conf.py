@@ -1010,8 +1010,9 @@ def unreachable_dir(conf: ProxyConf) -> Path | None:
     """When gen-conf runs as root (so nginx will too) and the workers run as
     another user: the first directory on the way to the prefix that this
     user cannot enter (nginx creates the temp directories for the workers'
-    user, but cannot open the way to them).  None when all is well or
-    unknown (not root, the user does not exist here)."""
+    user, but cannot open the way to them; nor can they reach the
+    tokenizer's socket there).  None when all is well or unknown (not root,
+    the user does not exist here)."""
     import grp
     import pwd
     if os.geteuid() != 0:

@@ -9,6 +9,7 @@ import pytest
 
 from omni_ctl.bench import compare, omni, procs
 from omni_ctl.bench.errors import BenchError
+from tokmodel import model_dir  # noqa: F401 (fixture)
 
 sim_cluster = pytest.importorskip("omni_ctl.sim.cluster",
                                   reason="the simulator is not in this build")
@@ -160,3 +161,33 @@ def test_compare_events_and_replicas(tmp_path):
         st = json.load(open(tmp_path / "omni-events-x2" / f"omni_status{k}.json"))
         assert st["totals"]["requests"] > 0     # the front split the traffic
     assert "predicted, not found by the engine" in (tmp_path / "compare.md").read_text()
+
+
+@pytest.mark.skipif(not _omni_available(), reason=f"{omni.available()} (issue 2)")
+def test_a_run_with_token_reuse_reports_the_engines_parity(tmp_path, model_dir):  # noqa: F811
+    """omni with a real tokenizer forwards the ids on both legs: the report
+    says how many prompt tokens the engines got as ids and that every
+    forwarded id list matched the engine's own tokenization; without reuse
+    the engines tokenize every prompt themselves and nothing is checked."""
+    got = {}
+    for reuse in ("auto", "off"):
+        res = compare.run_compare(
+            targets="omni", prefill=1, decode=1, pd_policy="sequential",
+            sim_args=f"--preset tiny --model-path {model_dir}",
+            omni_args=f"--model-path {model_dir} --token-reuse {reuse}",
+            out_dir=str(tmp_path / reuse), quiet=True, workload="gsp", gsp_groups=2,
+            gsp_prompts_per_group=3, gsp_system_len=256, gsp_question_len=16,
+            gsp_output_len=4, concurrency=3, max_duration=120.0, prompt_mode="text")
+        s, = res["summaries"]
+        assert s["requests"] == 6 and s["errors"] == 0, s["error_kinds"]
+        got[reuse] = s["sim"]["tokens"]
+        report = (tmp_path / reuse / "omni" / "summary.md").read_text()
+        assert "got as ids (simulator)" in report
+    on, off = got["auto"], got["off"]
+    # both legs of the six requests came as ids, and all of them were checked
+    assert on["tokenized"] == 0 and on["given_as_ids"] > 0
+    assert on["id_lists_checked"] == 12 and on["id_lists_differing"] == 0
+    assert off["given_as_ids"] == 0 and off["id_lists_checked"] == 0
+    assert off["tokenized"] == on["given_as_ids"]
+    assert "differ from the engine's own tokenization (simulator) | 0 of 12 |" in (
+        tmp_path / "auto" / "omni" / "summary.md").read_text()

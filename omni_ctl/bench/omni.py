@@ -104,7 +104,14 @@ def start_proxy(prefix: str, port: int, pd_policy: str, *, workers: int = 1,
                          decode=list(decode), bootstrap_ports=bootstrap_ports,
                          schedule_policy=schedule_policy, start_core=start_core,
                          extra=extra)
-    _check(_omni_ctl(*args), "gen-conf", args)
+    res = _omni_ctl(*args)
+    _check(res, "gen-conf", args)
+    if "cannot enter" in res.stderr and "--user" not in args:
+        # run as root with the results in a directory private to root (a
+        # pytest temp dir, /root/...): nginx's default worker user could
+        # not reach the prefix, nor the tokenizer's socket in it
+        args += ["--user", "root"]
+        _check(_omni_ctl(*args), "gen-conf", args)
     conf = args[args.index("--nginx-conf-file") + 1]
     _check(_omni_ctl("start", "--nginx-conf-file", conf), "start",
            ["start", "--nginx-conf-file", conf])

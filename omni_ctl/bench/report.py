@@ -41,6 +41,14 @@ def markdown_summary(s: dict) -> str:
     if s.get("prefix_cache_hit_rate") is not None:
         lines.append(f"| prefix-cache hit rate (simulator) | "
                      f"{100 * s['prefix_cache_hit_rate']:.1f}% |")
+    tok = (s.get("sim") or {}).get("tokens") or {}
+    if tok.get("given_as_ids") or tok.get("tokenized"):
+        lines.append(f"| prompt tokens the engines tokenized / got as ids (simulator) | "
+                     f"{tok['tokenized']} / {tok['given_as_ids']} |")
+    if tok.get("id_lists_checked"):
+        lines.append(f"| forwarded id lists that differ from the engine's own "
+                     f"tokenization (simulator) | {tok['id_lists_differing']} of "
+                     f"{tok['id_lists_checked']} |")
     for role, sp in (s.get("sim") or {}).get("load_spread", {}).items():
         lines.append(f"| {role} load spread, requests max/mean | "
                      f"{_f(sp['requests_max_over_mean'], 2)} |")

@@ -16,7 +16,12 @@ from .errors import BenchError
 
 COUNTERS = ("requests_total", "requests_finished", "errors_total",
             "prompt_tokens_total", "generation_tokens_total",
-            "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
+            "prefix_cache_queried_tokens", "prefix_cache_hit_tokens",
+            # token-id reuse: prompt tokens the engines tokenized, those they
+            # got as ids, and the id lists checked against their own
+            # tokenization / found to differ (docs/simulator.md)
+            "tokenized_tokens_total", "tokenize_skipped_tokens_total",
+            "token_parity_checked_total", "sim:token_parity_mismatch_total")
 
 
 def stats_url(url: str) -> str:
@@ -116,9 +121,14 @@ def cluster_summary(before: dict, after: dict, samples: list[dict]) -> dict:
             "mean_load_max_over_mean":
                 _max_over_mean([r["mean_load"] for r in rows if r["mean_load"] is not None]),
         }
+    tokens = {k: sum(r[c] for r in inst_rows) for k, c in (
+        ("tokenized", "tokenized_tokens_total"),
+        ("given_as_ids", "tokenize_skipped_tokens_total"),
+        ("id_lists_checked", "token_parity_checked_total"),
+        ("id_lists_differing", "sim:token_parity_mismatch_total"))}
     return {"prefix_cache_hit_rate": hits / queried if queried else None,
             "prefix_cache_hit_tokens": hits, "prefix_cache_queried_tokens": queried,
-            "load_spread": spread, "instances": inst_rows}
+            "tokens": tokens, "load_spread": spread, "instances": inst_rows}
 
 
 def _max_over_mean(values):
