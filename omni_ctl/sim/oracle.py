@@ -450,9 +450,14 @@ class Oracle:
         if not isinstance(body, dict):
             self.counts["errors"] += 1
             return _error("the body must be a JSON object", 400, "invalid_request_error", xrid)
-        # the tokenizer runs in the front end's thread, off the loop every
+        # text is tokenized in the front end's thread, off the loop every
         # instance of the process shares (server.Settings.front_end)
-        prompts = await self.s.in_front_end(self._prompts, body, api)
+        p = body.get("prompt")
+        if api == "chat" or isinstance(p, str) or (
+                isinstance(p, list) and any(isinstance(x, str) for x in p)):
+            prompts = await self.s.in_front_end(self._prompts, body, api)
+        else:
+            prompts = self._prompts(body, api)
         pinst, rec = self.choose_prefill(prompts, xrid)
         if pinst is None:
             self.counts["errors"] += 1

@@ -162,10 +162,12 @@ class Settings:
             self.front_jobs -= 1
 
     async def settle(self):
-        """Wait for the parity checks in flight, so that counters read
+        """Wait for the parity checks in flight now (not those that start
+        meanwhile, so that a poll under load ends), so that counters read
         after a request's answer include its check."""
-        while self.parity_jobs:
-            await asyncio.gather(*list(self.parity_jobs), return_exceptions=True)
+        jobs = list(self.parity_jobs)
+        if jobs:
+            await asyncio.gather(*jobs, return_exceptions=True)
 
     def close(self):
         if self._front is not None:
