@@ -34,10 +34,10 @@ def _warm(url):
         conn.close()
 
 
-def _one_at_a_time(url, stats_url, tmp_path, input_len):
-    """Five independent token prompts of input_len +- 40%, four output tokens,
+def _one_at_a_time(url, stats_url, tmp_path, input_len, prompt_mode="tokens"):
+    """Five independent prompts of input_len +- 40% tokens, four output tokens,
     one request in flight at a time (closed loop, concurrency 1)."""
-    spec = core.WorkloadSpec(workload="random", num_requests=5, prompt_mode="tokens",
+    spec = core.WorkloadSpec(workload="random", num_requests=5, prompt_mode=prompt_mode,
                              random_input_len=input_len, random_output_len=4,
                              random_range_ratio=0.4, seed=3)
     _warm(url)
@@ -96,6 +96,29 @@ def test_model_matches_sequential_pd_through_the_oracle_router(tmp_path):
     cluster = bound.cluster_for(result.sim_requests)
     prefill_only = bound.Cluster(cluster.preset, 1, 0, "aggregated", cluster.speedup)
     assert bound.alone_ttft(job, cluster) > bound.alone_ttft(job, prefill_only)
+    assert b["mode"] == "sequential"
+
+
+def test_model_counts_the_engines_tokenizing_text_prompts(tmp_path):
+    # the same P/D pair, prompts sent as text: each engine's front end
+    # tokenizes the prompt (made slow here: 40 us a token at half speed,
+    # 0.5-1.8 s on each leg, as long as the prefill) before it is scheduled,
+    # on the prefill leg and again on the decode leg. The model adds both
+    # from the simulator's records; without them it would be 40-60% short
+    from omni_ctl.bench import procs
+    port = procs.free_ports(1)[0]
+    with sim_cluster.SimCluster(prefill=1, decode=1,
+                                args=["--preset", "llama3-8b-h100", "--speedup", "0.5",
+                                      "--tokenize-per-token", "2e-5",
+                                      "--oracle-port", str(port)]) as sim:
+        cfg, result = _one_at_a_time(sim.oracle_url, sim.urls[0], tmp_path, 16000,
+                                     prompt_mode="text")
+    b = _check(cfg, result, "sequential")
+    jobs, _, missing = bound.jobs_for(result.records, result.sim_requests, cfg.run_id)
+    assert missing == 0
+    for j in jobs:
+        assert j.tokenize == pytest.approx(2 * 2e-5 * j.prompt, rel=0.01)
+        assert j.tokenize_decode == pytest.approx(j.tokenize, rel=0.01)
     assert b["mode"] == "sequential"
 
 

@@ -40,6 +40,13 @@ a longer prompt is longer. On a loaded trace SRPT < SJF < FCFS in the mean
 by wide margins; on small random cases either inversion shows up, by a few
 percent (tests/test_bench_bound.py).
 
+A prompt the engines got as text waits for their front end's tokenization
+(the preset's tokenize cost per token, the time the simulator recorded for
+it) before its prefill can be scheduled, and in sequential P/D again before
+its decode leg is: a delay per request, without the queueing of the
+engines' one tokenizer lane each (so still optimistic). A prompt sent as
+token ids has none.
+
 Not modelled: KV memory (no eviction, no preemption), step-time jitter, the
 HTTP hops (client, router, engines). Each request gets the cache hit the
 simulator reported for it in the run the bound is computed for, wherever the
@@ -76,6 +83,11 @@ class Job:
     prompt: int          # prompt tokens
     cached: int = 0      # of them, held by the prefill instance (prefix-cache hit)
     output: int = 1      # output tokens
+    # the engines' front ends tokenizing a text prompt before it can be
+    # scheduled (0 for a prompt sent as ids): on the prefill leg, and on the
+    # decode leg of sequential P/D (the simulator's records, `tokenize_s`)
+    tokenize: float = 0.0
+    tokenize_decode: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -198,7 +210,8 @@ class _Model:
 
     def run(self):
         for i, j in enumerate(self.jobs):
-            self._at(j.arrival, "arrive", seq=_Seq(i, j, j.output if self.agg else 1))
+            self._at(j.arrival + j.tokenize, "arrive",
+                     seq=_Seq(i, j, j.output if self.agg else 1))
         ev = self.events
         while ev:
             t = ev[0][0]
@@ -251,7 +264,7 @@ class _Model:
                 self.ttft[s.i] = t + self.transfer(s.job) - s.job.arrival
                 self._at(t + self.transfer(s.job), "decode", seq=s)
             else:
-                self._at(t, "decode", seq=s)
+                self._at(t + s.job.tokenize_decode, "decode", seq=s)
         if s.emitted >= s.max_out:
             if s.inst is not None:
                 s.inst.running.remove(s)
@@ -353,7 +366,8 @@ def simulate(jobs, cluster: Cluster, policy: str, engine_admission=False) -> lis
 
 def alone_ttft(job: Job, cluster: Cluster) -> float:
     """A job's TTFT on an idle cluster (seconds)."""
-    return simulate([Job(0.0, job.prompt, job.cached, job.output)], cluster, "fcfs")[0]
+    return simulate([Job(0.0, job.prompt, job.cached, job.output, job.tokenize,
+                         job.tokenize_decode)], cluster, "fcfs")[0]
 
 
 # --- the run a bound is computed for ---------------------------------------------
@@ -455,11 +469,13 @@ def jobs_for(records, sim: dict | None, run_id: str):
     from the client. Returns
     (jobs, record indexes, how many lacked a simulator record)."""
     pre = prefill_records(sim)
+    dec = decode_records(sim)
     jobs, idx, missing = [], [], 0
     for r in records:
         if not _field(r, "ok") or _field(r, "start_s") is None:
             continue
-        rec = pre.get(_field(r, "engine_request_id") or f"{run_id}-{_field(r, 'index')}")
+        key = _field(r, "engine_request_id") or f"{run_id}-{_field(r, 'index')}"
+        rec = pre.get(key)
         if rec is None:
             missing += 1
             prompt = _field(r, "prompt_tokens") or _field(r, "prompt_len")
@@ -467,8 +483,10 @@ def jobs_for(records, sim: dict | None, run_id: str):
         else:
             prompt, cached = int(rec["prompt_tokens"]), int(rec.get("cached_tokens") or 0)
         prompt = max(int(prompt or 1), 1)
+        tok = float((rec or {}).get("tokenize_s") or 0.0)
+        tok_dec = float((dec.get(key) or {}).get("tokenize_s") or 0.0)
         jobs.append(Job(float(_field(r, "start_s")), prompt, min(cached, prompt - 1),
-                        max(int(_field(r, "output_tokens") or 1), 1)))
+                        max(int(_field(r, "output_tokens") or 1), 1), tok, tok_dec))
         idx.append(_field(r, "index"))
     return jobs, idx, missing
 

@@ -40,7 +40,7 @@ class Seq:
         "admitted", "finish_reason", "error", "arrival", "arrival_wall",
         "sched_time", "first_token_time", "last_token_time", "finish_time",
         "listener", "hold_blocks", "loader", "seed", "preemptions", "remote",
-        "kind", "info",
+        "kind", "info", "tokenize_s",
     )
 
     def __init__(self, rid, prompt, max_tokens, min_tokens=0, ignore_eos=False,
@@ -49,6 +49,7 @@ class Seq:
         self.xrid = xrid
         self.tokens = list(prompt)
         self.prompt_len = len(self.tokens)
+        self.tokenize_s = 0.0     # the front end's tokenizing before it arrived here
         self.max_tokens = max_tokens
         self.min_tokens = min_tokens
         self.ignore_eos = ignore_eos
@@ -96,6 +97,7 @@ class Seq:
             "error": self.error, "preemptions": self.preemptions,
             "queue_s": rel(self.sched_time), "ttft_s": rel(self.first_token_time),
             "e2e_s": rel(self.finish_time),
+            "tokenize_s": round(self.tokenize_s, 6),
         }
 
 

@@ -806,6 +806,8 @@ class Instance:
                       force_eos_first=(f.mode == "eos_first"), xrid=xrid,
                       kind=r.mode or "local")
             seq.listener = waiter
+            if r.text_prompts:      # what _tokenize_delay charged for this prompt
+                seq.tokenize_s = p.tokenize_per_token * len(ids) / self.s.speedup
             if r.mode == "kv_producer":
                 seq.hold_blocks = True
             elif r.mode == "kv_consumer":
