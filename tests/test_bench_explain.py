@@ -48,11 +48,13 @@ def write_run(root, reqs, slack=20, starve=2000, status_starved=None, mode="sequ
                         "cached_tokens": r.get("engine_hit", 0),
                         "queue_s": r["engine_queue"] / 1000.0,
                         "ttft_s": r["engine_ttft"] / 1000.0,
+                        "tokenize_s": r.get("tokenize", 0) / 1000.0,
                         **({"arrival_unix": T0 + (r["arrive"] + r["queue"] + r["hop"]) / 1000.0}
                            if "hop" in r else {})})
             dec.append({"x_request_id": f"t-{i}", "kind": "kv_consumer",
                         "prompt_tokens": r.get("prompt", 1000), "cached_tokens": 0,
-                        "queue_s": 0.0, "ttft_s": r["decode"] / 1000.0})
+                        "queue_s": 0.0, "ttft_s": r["decode"] / 1000.0,
+                        "tokenize_s": r.get("tokenize_decode", 0) / 1000.0})
     lines.insert(1, '127.0.0.1 [x] "GET /health HTTP/1.1" 200 1 0.0 id=- mode=- '
                     'prefill=- queue_ms=- prefill_ms=- total_ms=- error=- t=1.0')
     (d / "run" / "access.log").write_text("\n".join(lines) + "\n")
@@ -89,12 +91,33 @@ def test_held_time_split_into_busy_idle_and_the_leg_into_engine_causes(tmp_path)
     res = ex.explain(str(d))
     c = causes(res, 2)
     want = {"wait": 420, "idle": 200, "starved": 0, "mispredict": 10, "shared": 56,
-            "prefill": 4, "decode": 50, "overhead": 15}
+            "prefill": 4, "decode": 50, "tokenize": 0, "overhead": 15}
     assert c == pytest.approx(want, abs=0.01)
     assert sum(c.values()) == pytest.approx(755, abs=0.01)
     # without the simulator's records the leg stays whole and so does the rest
     assert causes(res, 0)["prefill"] == 1000 and causes(res, 0)["decode"] == 100
     assert "| idle instance |" in res["markdown"] and "$omni_release_reason" in res["markdown"]
+
+
+def test_the_engines_tokenizing_is_its_own_cause(tmp_path):
+    # a text prompt: the prefill engine's front end tokenized it for 6 ms
+    # before its 90 ms (so the 100 ms leg has 4 ms of hops), the decode
+    # engine's for 7 ms before its 50 ms; the client saw 170 ms, so 20 ms
+    # passed between the legs and back. The 13 ms leave the overhead
+    d = write_run(tmp_path, [
+        dict(arrive=0, queue=0, leg=100, inst=P0, ttft=170, engine_queue=0,
+             engine_ttft=90, decode=50, tokenize=6, tokenize_decode=7)])
+    c = causes(ex.explain(str(d)), 0)
+    assert c["tokenize"] == pytest.approx(13, abs=0.01)
+    assert c["overhead"] == pytest.approx(10 + 20 - 13, abs=0.01)
+    assert c["decode"] == 50
+    assert sum(c.values()) == pytest.approx(170, abs=0.01)
+    # in parallel P/D the decode leg's tokenizing overlaps the prefill
+    d2 = write_run(tmp_path / "par", [
+        dict(arrive=0, queue=0, leg=100, inst=P0, ttft=170, engine_queue=0,
+             engine_ttft=90, decode=50, tokenize=6, tokenize_decode=7, hop=8)],
+        mode="parallel")
+    assert causes(ex.explain(str(d2)), 0)["tokenize"] == pytest.approx(6, abs=0.01)
 
 
 def test_a_longer_request_released_by_the_starvation_timeout_ahead(tmp_path):

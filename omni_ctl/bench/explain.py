@@ -49,7 +49,8 @@ from .errors import BenchError
 CAUSES = (("wait", "no instance free"), ("idle", "idle instance"),
           ("starved", "starvation release"), ("mispredict", "misprediction"),
           ("shared", "shared step"), ("prefill", "prefill (own work)"),
-          ("decode", "decode + KV transfer"), ("overhead", "overhead (HTTP, proxy)"))
+          ("decode", "decode + KV transfer"), ("tokenize", "engines' tokenizing"),
+          ("overhead", "overhead (HTTP, proxy)"))
 
 _FIELD = re.compile(r"(\w+)=(\S+)")
 _NUMERIC = ("prompt_tokens", "cached_tokens", "queue_ms", "prefill_ms",
@@ -387,6 +388,15 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
             c["overhead"] += after - c["decode"]
         else:
             c["decode"] = after
+        # the engines' front ends tokenizing a text prompt (the simulator's
+        # records; a prompt sent as ids has none) came out of the hops: its
+        # own cause. The decode leg's counts in sequential P/D only (in
+        # parallel it overlaps the prefill)
+        tok = ((pr or {}).get("tokenize_s") or 0.0) * 1000.0
+        if row["mode"] == "sequential":
+            tok += ((dr or {}).get("tokenize_s") or 0.0) * 1000.0
+        c["tokenize"] = min(tok, max(0.0, c["overhead"]))
+        c["overhead"] -= c["tokenize"]
         out.append({"index": x["index"], "id": x["id"], "ttft_ms": x["ttft_ms"],
                     "prefill_instance": row["prefill"], "prompt_tokens": row["prompt_tokens"],
                     "cached_tokens_index": row["cached_tokens"],
