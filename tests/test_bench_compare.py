@@ -174,7 +174,10 @@ def test_a_run_with_token_reuse_reports_the_engines_parity(tmp_path, model_dir):
         res = compare.run_compare(
             targets="omni", prefill=1, decode=1, pd_policy="sequential",
             sim_args=f"--preset tiny --model-path {model_dir}",
-            omni_args=f"--model-path {model_dir} --token-reuse {reuse}",
+            # a deadline no cold service on a sanitizer build misses: the
+            # fallback is tested elsewhere (test_tokenize_proxy.py)
+            omni_args=f"--model-path {model_dir} --token-reuse {reuse} "
+                      "--tokenize-timeout 10s",
             out_dir=str(tmp_path / reuse), quiet=True, workload="gsp", gsp_groups=2,
             gsp_prompts_per_group=3, gsp_system_len=256, gsp_question_len=16,
             gsp_output_len=4, concurrency=3, max_duration=120.0, prompt_mode="text")
@@ -184,10 +187,19 @@ def test_a_run_with_token_reuse_reports_the_engines_parity(tmp_path, model_dir):
         report = (tmp_path / reuse / "omni" / "summary.md").read_text()
         assert "got as ids (simulator)" in report
     on, off = got["auto"], got["off"]
-    # both legs of the six requests came as ids, and all of them were checked
-    assert on["tokenized"] == 0 and on["given_as_ids"] > 0
-    assert on["id_lists_checked"] == 12 and on["id_lists_differing"] == 0
+    status = json.load(open(tmp_path / "auto" / "omni" / "omni_status.json"))["tokenize"]
+    # a request the tokenizer did not answer goes as text, counted by the
+    # proxy; the others go to both legs as ids, and every one is checked
+    fell_back = sum(status["fallback"].values())      # (the readiness probe included)
+    assert fell_back <= 2, status
+    assert on["given_as_ids"] > 0 and on["id_lists_differing"] == 0
+    assert on["id_lists_checked"] % 2 == 0 and on["id_lists_checked"] >= 2 * (6 - fell_back)
+    if fell_back == 0:
+        assert on["tokenized"] == 0 and on["id_lists_checked"] == 12
+    # the same prompts: what the engines tokenized without reuse, they got as
+    # ids with it (or tokenized, for a fallback)
     assert off["given_as_ids"] == 0 and off["id_lists_checked"] == 0
-    assert off["tokenized"] == on["given_as_ids"]
-    assert "differ from the engine's own tokenization (simulator) | 0 of 12 |" in (
-        tmp_path / "auto" / "omni" / "summary.md").read_text()
+    assert off["tokenized"] == on["given_as_ids"] + on["tokenized"]
+    assert (f"differ from the engine's own tokenization (simulator) | 0 of "
+            f"{on['id_lists_checked']} |") in (
+                tmp_path / "auto" / "omni" / "summary.md").read_text()
