@@ -97,6 +97,12 @@ def start_proxy(prefix: str, port: int, pd_policy: str, *, workers: int = 1,
     os.makedirs(prefix, exist_ok=True)
     if module_dir:
         extra = ["--module-dir", os.path.abspath(module_dir), *extra]
+    if os.geteuid() == 0 and "--user" not in extra:
+        # run as root, the results often sit in a directory private to root
+        # (a pytest or mkdtemp directory, /root/...) that nginx's default
+        # worker user cannot enter: its temp files and the tokenizer's
+        # socket would be out of reach (every request on the estimate)
+        extra = [*extra, "--user", "root"]
     if (os.cpu_count() or 1) < start_core + workers:
         start_core = 0
         workers = min(workers, os.cpu_count() or 1)
@@ -104,14 +110,7 @@ def start_proxy(prefix: str, port: int, pd_policy: str, *, workers: int = 1,
                          decode=list(decode), bootstrap_ports=bootstrap_ports,
                          schedule_policy=schedule_policy, start_core=start_core,
                          extra=extra)
-    res = _omni_ctl(*args)
-    _check(res, "gen-conf", args)
-    if "cannot enter" in res.stderr and "--user" not in args:
-        # run as root with the results in a directory private to root (a
-        # pytest temp dir, /root/...): nginx's default worker user could
-        # not reach the prefix, nor the tokenizer's socket in it
-        args += ["--user", "root"]
-        _check(_omni_ctl(*args), "gen-conf", args)
+    _check(_omni_ctl(*args), "gen-conf", args)
     conf = args[args.index("--nginx-conf-file") + 1]
     _check(_omni_ctl("start", "--nginx-conf-file", conf), "start",
            ["start", "--nginx-conf-file", conf])

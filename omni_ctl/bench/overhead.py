@@ -239,9 +239,6 @@ def start_target(name: str, tmp: str, backend_ports: list[int], workers: int,
             if not model_path:
                 raise Skip("needs --model-path (a tokenizer directory)")
             extra += ["--model-path", os.path.abspath(model_path)]
-            # the tokenizer's socket is in the prefix: nginx workers running
-            # as another user must get through mkdtemp's 0700 directory
-            os.chmod(tmp, 0o711)
         try:
             proc = omni.start_proxy(prefix, port, mode, workers=workers,
                                     prefill=prefill if mode != "aggregated" else [],

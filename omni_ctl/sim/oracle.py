@@ -37,6 +37,7 @@ import aiohttp
 from aiohttp import web
 
 from .kvcache import prompt_block_hashes
+from .server import has_text
 
 PREFILL_KTP = {"do_remote_decode": True, "do_remote_prefill": False,
                "remote_engine_id": None, "remote_block_ids": None,
@@ -452,9 +453,7 @@ class Oracle:
             return _error("the body must be a JSON object", 400, "invalid_request_error", xrid)
         # text is tokenized in the front end's thread, off the loop every
         # instance of the process shares (server.Settings.front_end)
-        p = body.get("prompt")
-        if api == "chat" or isinstance(p, str) or (
-                isinstance(p, list) and any(isinstance(x, str) for x in p)):
+        if api == "chat" or has_text(body.get("prompt")):
             prompts = await self.s.in_front_end(self._prompts, body, api)
         else:
             prompts = self._prompts(body, api)

@@ -104,6 +104,13 @@ class Parsed:
                  "boot_hosts", "boot_ports", "text_prompts", "render")
 
 
+def has_text(prompt):
+    """Whether a completions prompt (or /generate text) holds text, which
+    the tokenizer must encode, rather than token ids only."""
+    return isinstance(prompt, str) or (
+        isinstance(prompt, list) and any(isinstance(p, str) for p in prompt))
+
+
 def _id_list(v, what):
     if not isinstance(v, list) or not v or not all(type(t) is int for t in v):
         raise SimError(f"'{what}' must be a non-empty array of token ids")
@@ -652,10 +659,8 @@ class Instance:
                 return self._given_chat_ids(body) is None
             except SimError:
                 return False
-        prompt = body.get("prompt") if api == "completion" else (
-            body.get("text") if body.get("input_ids") is None else None)
-        return isinstance(prompt, str) or (
-            isinstance(prompt, list) and any(isinstance(p, str) for p in prompt))
+        return has_text(body.get("prompt") if api == "completion" else (
+            body.get("text") if body.get("input_ids") is None else None))
 
     def _given_chat_ids(self, body):
         """The token ids a chat request carries in the form this engine reads
@@ -721,6 +726,10 @@ class Instance:
         tok = self.s.tokenizer
         return [ok for ok in (tok.canonical(ids) for ids in r.prompts) if ok is not None]
 
+    def _tokenize_cost(self, tokens):
+        """Seconds the front end takes to tokenize that many prompt tokens."""
+        return self.s.preset.tokenize_per_token * tokens / self.s.speedup
+
     async def _tokenize_delay(self, r, arrived):
         """The engine front end tokenizes text prompts one request at a time:
         wait our turn on the lane and the cost of our tokens, counted from
@@ -733,7 +742,7 @@ class Instance:
             e.tokenize_skipped_tokens += n
             return
         e.tokenized_tokens += n
-        cost = self.s.preset.tokenize_per_token * n / self.s.speedup
+        cost = self._tokenize_cost(n)
         if cost <= 0:
             return
         now = time.monotonic()
@@ -807,7 +816,7 @@ class Instance:
                       kind=r.mode or "local")
             seq.listener = waiter
             if r.text_prompts:      # what _tokenize_delay charged for this prompt
-                seq.tokenize_s = p.tokenize_per_token * len(ids) / self.s.speedup
+                seq.tokenize_s = self._tokenize_cost(len(ids))
             if r.mode == "kv_producer":
                 seq.hold_blocks = True
             elif r.mode == "kv_consumer":

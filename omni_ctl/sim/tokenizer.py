@@ -15,9 +15,8 @@ transformers tokenizer (`--model-path`). Both expose the same small interface:
     round_trips                         whether canonical() can ever answer
 """
 
-import collections
+import functools
 import re
-import threading
 import zlib
 
 _SPECIALS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>",
@@ -150,34 +149,19 @@ class HFTokenizer:
         special = set(self.tok.all_special_ids)
         self.gen_ids = [i for i in ids if i not in special and i != self.eos_id]
         self._pieces = {}
-        self._recent = collections.OrderedDict()
-        self._lock = threading.Lock()
+        # In P/D both legs of a request bring the engines the same prompt:
+        # the long ones' encodings and round trips are remembered (what the
+        # engine is charged for tokenizing is simulated time, not this)
+        self._encode_long = functools.lru_cache(32)(
+            lambda text, special: tuple(self.tok.encode(text, add_special_tokens=special)))
+        self._round_trip_long = functools.lru_cache(32)(self._round_trip)
 
-    # In P/D both legs of a request bring the engines the same prompt: the
-    # long ones' encodings and round trips are remembered (what the engine
-    # is charged for tokenizing is simulated time, not this).
-    _RECENT = 32
-    _LONG = 4096
-
-    def _remembered(self, key, compute):
-        with self._lock:
-            v = self._recent.get(key)
-            if v is not None:
-                self._recent.move_to_end(key)
-                return v
-        v = compute()
-        with self._lock:
-            self._recent[key] = v
-            if len(self._recent) > self._RECENT:
-                self._recent.popitem(last=False)
-        return v
+    _LONG = 4096    # characters (a quarter of it in ids) from which to remember
 
     def encode(self, text, add_special_tokens=True):
         if len(text) < self._LONG:
             return self.tok.encode(text, add_special_tokens=add_special_tokens)
-        return list(self._remembered(
-            ("encode", add_special_tokens, text),
-            lambda: tuple(self.tok.encode(text, add_special_tokens=add_special_tokens))))
+        return list(self._encode_long(text, add_special_tokens))
 
     def render_chat(self, messages, tools=None, add_generation_prompt=True,
                     kwargs=None, continue_final_message=False,
@@ -216,8 +200,7 @@ class HFTokenizer:
     def canonical(self, ids):
         if len(ids) < self._LONG // 4:
             return self._round_trip(ids)
-        key = ("canonical", tuple(ids))
-        return self._remembered(key, lambda: self._round_trip(key[1]))
+        return self._round_trip_long(tuple(ids))
 
     def _round_trip(self, ids):
         ids = list(ids)
