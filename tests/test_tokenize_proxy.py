@@ -292,12 +292,18 @@ def parity(sim) -> tuple[int, int]:
             sum(i["sim:token_parity_mismatch_total"] for i in insts))
 
 
-TRACE_LIKE = [
-    "Summarize the following document:\n\n" + " ".join(f"Section {i}: data {i * 7}."
-                                                      for i in range(200)),
-    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n# explain\n",
-    "Q: " + "长文本测试。" * 150 + "\nA:",
-]
+def _bench_prompts():
+    """Prompts of the benchmarks' own workloads, as text: three lines of the
+    shipped Mooncake trace (the first under 12k tokens), a shared-prefix and
+    a random prompt."""
+    from omni_ctl.bench import workloads
+    rows = [r for r in workloads.read_trace("mooncake")[:200]
+            if r["input_length"] < 12000][:3]
+    texts = [workloads.trace_prompt_text(r["hash_ids"], r["input_length"]) for r in rows]
+    s, = workloads.gsp_workload(1, 1, 200, 40, 8, "text", seed=1)
+    texts.append(s.system + "\n" + s.turns[0].prompt)
+    s, = workloads.random_workload(1, 300, 8, 0.5, "text", seed=2)
+    return texts + [s.turns[0].prompt]
 
 
 def test_parity_in_every_mode(mode_sim, omni_nginx, model_dir, tmp_path, hf_tok):  # noqa: F811
@@ -310,7 +316,7 @@ def test_parity_in_every_mode(mode_sim, omni_nginx, model_dir, tmp_path, hf_tok)
     nginx = omni_nginx(timeout=180, **opts)
     checked0, bad0 = parity(sim)
 
-    prompts = CORPUS + TRACE_LIKE
+    prompts = CORPUS + _bench_prompts()
     for i, text in enumerate(prompts):
         resp = nginx.post("/v1/completions", json={"prompt": text, "max_tokens": 3},
                           timeout=60)
