@@ -456,6 +456,9 @@ typedef struct {
     uint64_t                       rekeys;      /* ... with a key changed */
     uint64_t                       aging_rekeys; /* ... as the SJF aging
                                                    moved (queue_rekey) */
+    uint64_t                       decode_step_flushes; /* the zone
+                                                   lock taken for decode
+                                                   step samples (feed.c) */
     uint64_t                       decisions_reused; /* not re-decided */
     uint64_t                       held_decided;    /* decisions of held */
     uint64_t                       held_finished;   /*   requests, ended */

@@ -11,6 +11,36 @@
 
 
 /*
+ * Decode step samples wait in the worker and go to the shared predictor
+ * together.  A streamed answer passes an event per token: taking the zone
+ * lock, which every worker's scheduling needs, for each one made the
+ * busiest path of the proxy contend with the scheduler.  At most
+ * NGX_HTTP_OMNI_STEPS_MAX samples wait, for at most
+ * NGX_HTTP_OMNI_STEPS_DELAY ms; a worker that exits drops what waits
+ * (a few ms of samples of a model fitted over thousands).
+ */
+#define NGX_HTTP_OMNI_STEPS_MAX    64
+#define NGX_HTTP_OMNI_STEPS_DELAY  10
+
+
+typedef struct {
+    uint32_t    slot;
+    uint32_t    batch;       /* requests in flight on the instance */
+    uint64_t    kv_tokens;   /* their tokens */
+    uint64_t    step_us;
+} ngx_http_omni_step_t;
+
+
+static void ngx_http_omni_steps_flush(ngx_http_omni_main_conf_t *mcf);
+static void ngx_http_omni_steps_timer(ngx_event_t *ev);
+
+
+static ngx_http_omni_step_t  ngx_http_omni_steps[NGX_HTTP_OMNI_STEPS_MAX];
+static ngx_uint_t            ngx_http_omni_nsteps;
+static ngx_event_t           ngx_http_omni_steps_ev;
+
+
+/*
  * The prefill of a leg is over: the prefill leg answered (sequential,
  * parallel), or the first byte of an aggregated leg came.  Exactly once.
  */
@@ -48,9 +78,10 @@ ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
     ngx_http_omni_leg_t *leg, ngx_uint_t events, ngx_uint_t done)
 {
     double                  out;
-    uint64_t                now_us, step;
+    uint64_t                now_us;
     ngx_slab_pool_t        *shpool;
     ngx_http_omni_inst_t   *in;
+    ngx_http_omni_step_t   *s;
     ngx_http_omni_shctx_t  *sh;
 
     if (leg->slot >= NGX_HTTP_OMNI_MAX_SLOTS) {
@@ -84,17 +115,75 @@ ngx_http_omni_decode_observed(ngx_http_omni_ctx_t *ctx,
     }
 
     if (leg->last_chunk_us && leg->events) {
-        step = (now_us - leg->last_chunk_us) / events;
+        /* the instance's load now, read without the lock: a feature of
+         * the sample, not a figure anything is charged against */
+        s = &ngx_http_omni_steps[ngx_http_omni_nsteps++];
+        s->slot = (uint32_t) leg->slot;
+        s->batch = (uint32_t) in->inflight_requests;
+        s->kv_tokens = in->inflight_tokens;
+        s->step_us = (now_us - leg->last_chunk_us) / events;
 
-        ngx_shmtx_lock(&shpool->mutex);
-        (void) omni_predict_observe_decode(sh->predict, (uint32_t) leg->slot,
-                                           (uint32_t) in->inflight_requests,
-                                           in->inflight_tokens, step);
-        ngx_shmtx_unlock(&shpool->mutex);
+        if (ngx_http_omni_nsteps == NGX_HTTP_OMNI_STEPS_MAX) {
+            ngx_http_omni_steps_flush(ctx->mcf);
+
+        } else if (!ngx_http_omni_steps_ev.timer_set) {
+            ngx_http_omni_steps_ev.handler = ngx_http_omni_steps_timer;
+            ngx_http_omni_steps_ev.log = ngx_cycle->log;
+            ngx_http_omni_steps_ev.data = ctx->mcf;
+            /* an exiting worker does not wait for it */
+            ngx_http_omni_steps_ev.cancelable = 1;
+            ngx_add_timer(&ngx_http_omni_steps_ev, NGX_HTTP_OMNI_STEPS_DELAY);
+        }
     }
 
     leg->last_chunk_us = now_us;
     leg->events += events;
+}
+
+
+/* The waiting decode step samples into the predictor, under one lock. */
+static void
+ngx_http_omni_steps_flush(ngx_http_omni_main_conf_t *mcf)
+{
+    ngx_uint_t              i;
+    ngx_slab_pool_t        *shpool;
+    ngx_http_omni_step_t   *s;
+    ngx_http_omni_shctx_t  *sh;
+
+    if (ngx_http_omni_steps_ev.timer_set) {
+        ngx_del_timer(&ngx_http_omni_steps_ev);
+    }
+
+    if (ngx_http_omni_nsteps == 0) {
+        return;
+    }
+
+    sh = ngx_http_omni_shm(mcf, &shpool);
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    for (i = 0; i < ngx_http_omni_nsteps; i++) {
+        s = &ngx_http_omni_steps[i];
+        (void) omni_predict_observe_decode(sh->predict, s->slot, s->batch,
+                                           s->kv_tokens, s->step_us);
+    }
+
+    sh->decode_step_flushes++;
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "omni: %ui decode step samples to the predictor",
+                   ngx_http_omni_nsteps);
+
+    ngx_http_omni_nsteps = 0;
+}
+
+
+static void
+ngx_http_omni_steps_timer(ngx_event_t *ev)
+{
+    ngx_http_omni_steps_flush(ev->data);
 }
 
 

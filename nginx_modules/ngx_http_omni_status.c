@@ -306,6 +306,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     "\"queue_aging\":%.4f,\"aging_rekeys\":%uL,"
                     "\"held_decisions\":%uL,\"held_finished\":%uL,"
                     "\"held_decisions_max\":%uL,"
+                    "\"decode_step_flushes\":%uL,"
                     "\"typical_output_tokens\":[%.1f,%.1f]},"
                     "\"totals\":{\"requests\":%uL,\"inflight_requests\":%uL,"
                     "\"errors\":%uL,\"charges_reaped\":%uL,"
@@ -339,6 +340,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
                     sh->decisions_reused, sh->rekeys,
                     aging, sh->aging_rekeys,
                     sh->held_decided, sh->held_finished, sh->held_decided_max,
+                    sh->decode_step_flushes,
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_COMPLETIONS],
                     sh->output_ewma[NGX_HTTP_OMNI_ROUTE_CHAT],
                     sh->requests_total, sh->inflight_requests,
