@@ -9,8 +9,15 @@ RULEs: share (wave 4's starved share), lsold:5@0.25 (waves 6-9: latest
 start 5 s, aging 0.25), lsback:5/1.25@0.25 (wave 10: the bound follows the
 backlog), lsbacka:5/1.25@0.25 (wave 11, the module's rule: the aging scaled by
 timeout / bound as well; lsbacka:5/1.25/E@0.25 scales by its power E), and the
-others below; without RUN_DIRs, the trace slices of starved_share_whatif.py."""
+others below; without RUN_DIRs, the trace slices of starved_share_whatif.py.
 
+A RULE ending in ~G (e.g. lsbacka:5/1.25@0.25~10) also idles a prefill
+instance G ms before each step that starts a new request's prefill: the
+handover a live proxy has and the model does not (the prefill's answer to
+the proxy, the release, the body to the engine, its parsing and hashing;
+docs/scheduler.md, "What a handover costs")."""
+
+import collections
 import math
 import os
 import sys
@@ -29,10 +36,25 @@ T = 2.0     # starvation timeout
 class Model(w._Rule):
     def __init__(self, jobs, cluster, name):
         super().__init__(jobs, cluster, None)
+        name, _, gap = name.partition("~")
         name, _, aging = name.partition("@")
         self.aging = float(aging) if aging else 1.0
+        self.gap = float(gap) / 1000.0 if gap else 0.0
         self.name, self.starved = name, set()
         self.recent = []        # recent TTFT estimates (start wait + work)
+        self.works = collections.deque()    # the work of recent arrivals (lsq)
+
+    def _enqueue(self, s):
+        super()._enqueue(s)
+        self.works.append(self.work[s.i])
+
+    def _at(self, t, kind, inst=None, seq=None):
+        # a step that starts a new request's prefill on a prefill
+        # instance ends `gap` later (the instance idled before it)
+        if kind == "step" and self.gap and inst in self.pre and any(
+                s.computed == 0 and s.job.prompt > 0 for s, _ in inst.batch):
+            t += self.gap
+        super()._at(t, kind, inst, seq)
 
     def _next_central(self, t):
         s, starved = self._pick(t, self.items)
@@ -148,6 +170,22 @@ class Model(w._Rule):
             avg += (now_b - avg) * (1 - math.exp(-(t - last_t) / tau)) if tau > 0 else now_b - avg
             self._ewma = (t, avg)
             bound = max(B, k * min(now_b, avg))
+            urgent = [s for s in q if t - s.job.arrival + work[s.i] >= bound]
+            if urgent:
+                return min(urgent, key=lambda s: s.job.arrival), True
+            return self.sjf(q, B / bound), False
+        if kind == "lsq":
+            # lsbacka with the timeout the least of B and k x the q-quantile
+            # of the work of the last N arrivals (at least FLOOR): a timeout
+            # that follows the workload's own scale
+            floor, B, k, qq, n = (float(x) for x in arg.split("/"))
+            while len(self.works) > n:
+                self.works.popleft()
+            ws = sorted(self.works)
+            top = ws[min(len(ws) - 1, int(qq * len(ws)))] if ws else B
+            B = min(B, max(floor, k * top))
+            backlog = sum(work[s.i] for s in q) / max(1, len(self.pre))
+            bound = max(B, 1.25 * backlog)
             urgent = [s for s in q if t - s.job.arrival + work[s.i] >= bound]
             if urgent:
                 return min(urgent, key=lambda s: s.job.arrival), True
