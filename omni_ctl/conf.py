@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 import jinja2
 
-from . import __version__, paths
+from . import __version__, paths, procfs
 
 PD_POLICIES = ("sequential", "parallel", "aggregated")
 SCHEDULE_POLICIES = ("omni", "cache-aware", "least-loaded", "round-robin")
@@ -380,7 +380,8 @@ OPTIONS: tuple[Option, ...] = (
                "Left unset, nginx's built-in unprivileged user: nginx creates the "
                "temp directories in the prefix for it, and the prefix must be "
                "searchable by it. `--user root` keeps workers root (a prefix "
-               "private to root).")),
+               "private to root). A user without a group of its own name runs "
+               "with its primary group (`user nobody nogroup;`).")),
     # -- upstreams and timeouts
     Option("connect_timeout", "duration", "10s", "Upstream connect timeout.", "upstream",
            metavar="T", renders="`proxy_connect_timeout` of both legs and engine routes"),
@@ -550,6 +551,26 @@ class _ProxyConfBase:
         if ":" in self.listen_host:
             return f"[{self.listen_host}]:{self.listen_port}"
         return f"{self.listen_host}:{self.listen_port}"
+
+    @property
+    def user_directive(self) -> str | None:
+        """The `user` directive's arguments: the name, and its primary group
+        when no group has the user's name (nginx takes a group of that name
+        when given none, and refuses to start without one: `nobody` on
+        Debian, whose group is `nogroup`)."""
+        import grp
+        import pwd
+        if not self.user:
+            return None
+        try:
+            grp.getgrnam(self.user)
+            return self.user
+        except KeyError:
+            pass
+        try:
+            return f"{self.user} {grp.getgrgid(pwd.getpwnam(self.user).pw_gid).gr_name}"
+        except KeyError:
+            return self.user        # unknown here: nginx says so where it runs
 
     @property
     def agent_args(self) -> tuple[str, ...]:
@@ -1026,21 +1047,7 @@ def unreachable_dir(conf: ProxyConf) -> Path | None:
         return None
     groups = set(os.getgrouplist(name, pw.pw_gid))
     groups |= {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
-    blocked = None
-    for d in [conf.prefix, *conf.prefix.parents]:
-        try:
-            st = d.stat()
-        except OSError:
-            continue                        # created later by gen-conf, 0755
-        if st.st_uid == pw.pw_uid:
-            ok = st.st_mode & 0o100
-        elif st.st_gid in groups:
-            ok = st.st_mode & 0o010
-        else:
-            ok = st.st_mode & 0o001
-        if not ok:
-            blocked = d                     # keep the outermost
-    return blocked
+    return procfs.unsearchable_dir(conf.prefix, pw.pw_uid, groups)
 
 
 # ---------------------------------------------------------------------------

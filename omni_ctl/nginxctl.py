@@ -30,7 +30,7 @@ from pathlib import Path
 import click
 
 from . import conf as confmod
-from . import paths
+from . import paths, procfs
 from .procfs import cmdline_args
 from .procfs import ppid_state as _ppid_state
 from .procfs import read_pid as _read_pid
@@ -78,11 +78,13 @@ class Status:
     listens: list[str] = dataclasses.field(default_factory=list)
     note: str | None = None
     tokenizer: int | None = None    # pid of the config's tokenizer service
+    # what runs but cannot work as configured (said on stderr by the CLI)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"conf_file": str(self.conf_file), "running": self.running, "pid": self.pid,
                 "workers": self.workers, "listen": self.listens, "note": self.note,
-                "tokenizer_pid": self.tokenizer}
+                "tokenizer_pid": self.tokenizer, "warnings": self.warnings}
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +289,25 @@ def status(conf_file) -> Status:
         return Status(facts.conf_file, False, listens=facts.listens,
                       note=f"stale pid file {facts.pid_file}: pid {pid} is not the "
                            f"nginx master of {facts.conf_file}; left alone", tokenizer=tok)
-    return Status(facts.conf_file, True, pid, workers_of(pid), facts.listens, tokenizer=tok)
+    workers = workers_of(pid)
+    return Status(facts.conf_file, True, pid, workers, facts.listens, tokenizer=tok,
+                  warnings=_socket_warnings(svc, workers))
+
+
+def _socket_warnings(svc, workers: list[int]) -> list[str]:
+    """Whether nginx's workers can reach the tokenizer service's socket: a
+    worker that cannot enter its directory schedules every request on the
+    byte estimate, which only its error log would say otherwise."""
+    creds = procfs.credentials(workers[0]) if svc and workers else None
+    if creds is None:
+        return []
+    blocked = procfs.unsearchable_dir(svc.socket.parent, *creds)
+    if blocked is None:
+        return []
+    return [f"nginx's workers (uid {creds[0]}) cannot enter {blocked}, so they cannot "
+            f"reach the tokenizer service at {svc.socket}: every request falls back to "
+            f"the byte estimate (omni_tokenize_fallback_total{{reason=\"down\"}}). "
+            f"Put the prefix where they can, or render with --user root"]
 
 
 # ---------------------------------------------------------------------------

@@ -114,5 +114,7 @@ def status(nginx_conf_file, as_json):
         click.echo(json.dumps(st.as_dict()))
     elif st.running:
         click.echo(_describe(st))
+    for warning in st.warnings:
+        click.echo(f"omni-ctl status: warning: {warning}", err=True)
     if not st.running:
         raise nginxctl.NotRunning(f"not running ({st.note})")

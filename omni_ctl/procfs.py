@@ -3,6 +3,7 @@ tokenizer service's control)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -33,3 +34,40 @@ def cmdline_args(pid: int) -> list[str]:
     except OSError:
         return []
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
+
+
+def credentials(pid: int) -> tuple[int, set[int]] | None:
+    """(effective uid, every gid: effective and supplementary) of a process;
+    None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    uid = int(fields["Uid"].split()[1])
+    gids = {int(fields["Gid"].split()[1]), *map(int, fields.get("Groups", "").split())}
+    return uid, gids
+
+
+def unsearchable_dir(path: Path, uid: int, gids: set[int]) -> Path | None:
+    """The outermost directory on the way to `path` (itself included) that
+    a process of uid/gids cannot enter (no search permission); None when it
+    can reach it, or when uid is root.  Directories that do not exist yet
+    are skipped (whoever creates them decides)."""
+    if uid == 0:
+        return None
+    blocked = None
+    for d in [path, *path.parents]:
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        if st.st_uid == uid:
+            ok = st.st_mode & 0o100
+        elif st.st_gid in gids:
+            ok = st.st_mode & 0o010
+        else:
+            ok = st.st_mode & 0o001
+        if not ok:
+            blocked = d                     # keep the outermost
+    return blocked

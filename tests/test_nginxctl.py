@@ -391,3 +391,26 @@ def test_nginx_env_for_debug_builds(tmp_path, monkeypatch):
     (tmp_path / "BUILD_INFO").write_text("debug=0\n")
     assert paths.nginx_env(tmp_path, base={"PATH": "/bin"}) == {"PATH": "/bin"}
     assert paths.is_debug_build(tmp_path) is False
+
+
+def test_who_can_enter_the_way_to_a_path(tmp_path):
+    """The permission walk behind gen-conf's warning and `status`'s (the
+    workers cannot reach the prefix or the tokenizer's socket)."""
+    from omni_ctl import procfs
+    uid, gids = procfs.credentials(os.getpid())
+    assert uid == os.geteuid() and os.getegid() in gids
+    private = tmp_path / "private"
+    inner = private / "inner" / "not-yet"
+    (private / "inner").mkdir(parents=True)
+    private.chmod(0o700)
+    stranger = 4242424                  # neither the owner, nor in its group
+    assert stranger != uid
+    blocked = procfs.unsearchable_dir(inner, stranger, set())
+    # private, or a directory above it that is private too (pytest's own)
+    assert blocked is not None and private.is_relative_to(blocked), blocked
+    assert procfs.unsearchable_dir(inner, uid, gids) is None       # we made it
+    assert procfs.unsearchable_dir(inner, 0, set()) is None        # root enters anything
+    private.chmod(0o711)
+    after = procfs.unsearchable_dir(inner, stranger, set())
+    assert after is None or after != private and private.is_relative_to(after), after
+    assert procfs.credentials(2 ** 22 + 12345) is None               # no such process

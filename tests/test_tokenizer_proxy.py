@@ -104,3 +104,39 @@ def test_a_reload_adding_a_model_path_starts_the_tokenizer_dropping_it_stops_it(
     assert nginxctl.status(conf_file).tokenizer is None
     assert not control.is_service(st.tokenizer, svc.socket) and not svc.socket.exists()
     assert nginxctl.status(conf_file).running
+
+
+def test_status_says_when_the_workers_cannot_reach_the_tokenizer(managed, model_dir,  # noqa: F811
+                                                                  tmp_path):
+    """Run as root with the prefix in a root-private directory (pytest's temp
+    dirs are) and workers of another user: they cannot reach the service's
+    socket, so every request would fall back to the estimate; `status` says
+    so instead of leaving it to the error log."""
+    import os
+
+    import pytest
+    if os.geteuid() != 0:
+        pytest.skip("needs root: nginx's workers of another user than ours")
+    assert os.stat(tmp_path).st_mode & 0o001 == 0, "pytest's temp dir is root-private"
+    conf_file, _ = managed("--model-path", str(model_dir), "--user", "nobody")
+    res = omni_ctl("start", "--nginx-conf-file", str(conf_file), timeout=300)
+    assert res.returncode == 0, res.stderr
+    st = nginxctl.status(conf_file)
+    assert st.running and st.tokenizer
+    [warning] = st.warnings
+    assert "cannot reach the tokenizer service" in warning and "--user root" in warning
+    res = omni_ctl("status", "--nginx-conf-file", str(conf_file))
+    assert res.returncode == 0 and "warning: nginx's workers (uid" in res.stderr
+    js = json.loads(omni_ctl("status", "--nginx-conf-file", str(conf_file), "--json").stdout)
+    assert js["warnings"] == [warning]
+    # the workers can open no temp file there either: nginx says so
+    (conf_file.parent / "error.log").write_text("")
+
+
+def test_status_has_no_warning_when_the_workers_reach_the_tokenizer(managed,  # noqa: F811
+                                                                     model_dir):
+    conf_file, _ = managed("--model-path", str(model_dir))
+    res = omni_ctl("start", "--nginx-conf-file", str(conf_file), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert nginxctl.status(conf_file).warnings == []
+    assert "warning" not in omni_ctl("status", "--nginx-conf-file", str(conf_file)).stderr
