@@ -99,6 +99,29 @@ def test_held_time_split_into_busy_idle_and_the_leg_into_engine_causes(tmp_path)
     assert "| idle instance |" in res["markdown"] and "$omni_release_reason" in res["markdown"]
 
 
+def test_handovers_count_the_idle_between_two_prefills_with_the_next_one_waiting(tmp_path):
+    # one prefill instance: request 0 runs 0-500 in the engine; request 1
+    # reached the proxy at 100, was released at 505 and started in the
+    # engine at 512 (a 12 ms handover); request 2 reached the proxy at 700,
+    # after the instance had gone idle at 600: not a handover
+    d = write_run(tmp_path, [
+        dict(arrive=0, queue=0, hop=0, leg=500, inst=P0, ttft=560, engine_queue=0,
+             engine_ttft=500, decode=50),
+        dict(arrive=100, queue=405, hop=7, leg=100, inst=P0, ttft=560, engine_queue=0,
+             engine_ttft=88, decode=50),
+        dict(arrive=700, queue=0, hop=5, leg=60, inst=P0, ttft=120, engine_queue=0,
+             engine_ttft=50, decode=50)])
+    ho = ex.explain(str(d))["handovers"]
+    assert ho["count"] == 1 and ho["instances"] == 1
+    assert ho["total_s"] == pytest.approx(0.012, abs=1e-6)
+    assert ho["median_ms"] == pytest.approx(12.0, abs=1e-3)
+    assert ho["share"] == pytest.approx(0.012 / 0.755, rel=1e-3)     # of 0-755 ms
+    assert "handovers: 1 times a prefill instance idled" in ex.explain(str(d))["markdown"]
+    # without the simulator's records there is nothing to count
+    d2 = write_run(tmp_path / "b", [dict(arrive=0, queue=0, leg=500, inst=P0, ttft=560)])
+    assert ex.explain(str(d2))["handovers"] is None
+
+
 def test_the_engines_tokenizing_is_its_own_cause(tmp_path):
     # a text prompt: the prefill engine's front end tokenized it for 6 ms
     # before its 90 ms (so the 100 ms leg has 4 ms of hops), the decode

@@ -429,9 +429,45 @@ def explain(run_dir: str, worst: int = 10, idle_tolerance_ms: float = 3.0,
            "cluster": cluster.describe() if cluster else None,
            "release_reasons": _count(r["release"] for r in out),
            "release_reasons_logged": logged,
+           "handovers": handovers(pre_rec, {row["id"]: _arrival(row) for row in log
+                                            if row["total_ms"] is not None}),
            "notes": notes, "missing": _missing(log)}
     res["markdown"] = markdown(res, worst)
     return res
+
+
+def handovers(pre_rec: dict, arrivals: dict) -> dict | None:
+    """Where a prefill instance idled although the request it ran next had
+    already reached the proxy: from the end of the engine's prefills so far
+    (their first tokens) to the start of that request's prefill (after the
+    engine's queue). What fills it: the answer's way back, the release,
+    the next body's way to the engine and its reading there. The bounds'
+    model has none (docs/scheduler.md, "What a handover costs"). None
+    without the simulator's engine-side times."""
+    by_inst = {}
+    for rid, r in pre_rec.items():
+        if r.get("arrival_unix") is None:
+            continue
+        by_inst.setdefault(r.get("instance"), []).append(
+            (r["arrival_unix"] + (r.get("queue_s") or 0.0),
+             r["arrival_unix"] + (r.get("ttft_s") or 0.0), rid))
+    if not by_inst:
+        return None
+    gaps, lo, hi = [], float("inf"), float("-inf")
+    for ivs in by_inst.values():
+        ivs.sort()
+        lo, hi = min(lo, ivs[0][0]), max(hi, max(e for _, e, _ in ivs))
+        done = ivs[0][1]
+        for start, end, rid in ivs[1:]:
+            arrived = arrivals.get(rid)
+            if start > done and arrived is not None and arrived < done:
+                gaps.append(start - done)
+            done = max(done, end)
+    span = max(hi - lo, 1e-9) * len(by_inst)
+    gaps.sort()
+    return {"count": len(gaps), "total_s": sum(gaps),
+            "median_ms": gaps[len(gaps) // 2] * 1000.0 if gaps else 0.0,
+            "share": sum(gaps) / span, "instances": len(by_inst)}
 
 
 def _engine_end(pr, send):
@@ -466,6 +502,14 @@ def markdown(res: dict, worst: int = 10) -> str:
               + (f"; predicted prefill leg vs measured: MAPE "
                  f"{100 * res['prefill_duration_mape']:.1f}%"
                  if res["prefill_duration_mape"] is not None else ""), ""]
+    ho = res.get("handovers")
+    if ho and ho["count"]:
+        lines += [f"handovers: {ho['count']} times a prefill instance idled while the "
+                  f"request it ran next was already at the proxy, {ho['total_s']:.2f} s "
+                  f"in all ({100 * ho['share']:.1f}% of the {ho['instances']} prefill "
+                  f"instances' time), median {ho['median_ms']:.1f} ms: the answer's way "
+                  f"back, the release, the next body's way into the engine (the bounds "
+                  f"have none)", ""]
     reasons = {k: v for k, v in res.get("release_reasons", {}).items() if k != "-"}
     if reasons:
         lines += ["released (the proxy's $omni_release_reason): "
