@@ -250,13 +250,26 @@ def master_conf(pid: int) -> Path | None:
 
 
 def is_master_of(pid: int, conf_file) -> bool:
+    """pid is a live nginx master running conf_file: its process title names
+    the file, or the title was cut short and the master holds the config's
+    error log open. nginx writes its title over the space of its argv and
+    environment, and the title is longer than the argv: started with a
+    small environment (or one glibc rewrote, as GLIBC_TUNABLES), the end of
+    `-c FILE` is cut off."""
     found = master_conf(pid)
     if found is None:
         return False
     try:
-        return os.path.samefile(found, conf_file)
+        if os.path.samefile(found, conf_file):
+            return True
     except OSError:
-        return found == Path(os.path.abspath(conf_file))
+        if found == Path(os.path.abspath(conf_file)):
+            return True
+    try:
+        log = read_conf(conf_file).error_log
+    except NginxCtlError:
+        return False
+    return log is not None and procfs.holds_open(pid, log)
 
 
 def workers_of(pid: int, include_shutting_down: bool = False) -> list[int]:

@@ -36,6 +36,24 @@ def cmdline_args(pid: int) -> list[str]:
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
+def holds_open(pid: int, path) -> bool:
+    """Whether a process has `path` open (False when it is gone or its
+    descriptors are not ours to read)."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    want = os.path.abspath(path)
+    for fd in fds:
+        try:
+            if os.readlink(os.path.join(fd_dir, fd)) == want:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def credentials(pid: int) -> tuple[int, set[int]] | None:
     """(effective uid, every gid: effective and supplementary) of a process;
     None when it is gone."""

@@ -414,3 +414,31 @@ def test_who_can_enter_the_way_to_a_path(tmp_path):
     after = procfs.unsearchable_dir(inner, stranger, set())
     assert after is None or after != private and private.is_relative_to(after), after
     assert procfs.credentials(2 ** 22 + 12345) is None               # no such process
+
+
+def test_a_master_whose_title_was_cut_short_is_still_ours(managed, other_nginx,
+                                                          monkeypatch):
+    """nginx writes its process title over its argv and environment, and the
+    title is longer than the argv: started with a small environment (or one
+    glibc rewrote, GLIBC_TUNABLES) the end of `-c FILE` is cut off. The
+    master is then known by the config's error log it holds open; a
+    stranger's cut title is not taken for ours. (The cut is simulated on
+    the titles of two real masters: the environment a sanitizer build
+    needs is too large to cut them for real.)"""
+    conf_file, _ = managed()
+    assert omni_ctl("start", "--nginx-conf-file", str(conf_file)).returncode == 0
+    pid = nginxctl.status(conf_file).pid
+    real = nginxctl._cmdline
+
+    def cut(p):
+        title = real(p)
+        return title[:-12] if p in (pid, other_nginx.pid) else title
+    monkeypatch.setattr(nginxctl, "_cmdline", cut)
+    assert nginxctl.master_conf(pid) != conf_file                   # the name is lost
+    assert nginxctl.is_master_of(pid, conf_file)
+    st = nginxctl.status(conf_file)
+    assert st.running and st.pid == pid and st.workers
+    assert not nginxctl.is_master_of(other_nginx.pid, conf_file)
+    # and stop finds it, stops it, and leaves the stranger alone
+    assert nginxctl.stop(conf_file).pid == pid
+    assert not nginxctl.status(conf_file).running and other_answers(other_nginx)
