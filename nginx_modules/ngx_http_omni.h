@@ -187,6 +187,7 @@ struct ngx_http_omni_main_conf_s {
 
     ngx_uint_t                     max_batch_num_token;
     ngx_uint_t                     prefill_max_num_seqs;
+    ngx_uint_t                     prefill_step_tokens;
     ngx_uint_t                     decode_max_num_seqs;
     ngx_msec_t                     starvation_timeout;
     ngx_uint_t                     queue_max;

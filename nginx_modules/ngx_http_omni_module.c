@@ -89,6 +89,13 @@ static ngx_command_t  ngx_http_omni_commands[] = {
       offsetof(ngx_http_omni_main_conf_t, max_batch_num_token),
       NULL },
 
+    { ngx_string("omni_prefill_step_tokens"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_omni_main_conf_t, prefill_step_tokens),
+      NULL },
+
     { ngx_string("omni_prefill_max_num_seqs"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -500,6 +507,7 @@ ngx_http_omni_create_main_conf(ngx_conf_t *cf)
     mcf->queue_order = NGX_CONF_UNSET_UINT;
     mcf->max_batch_num_token = NGX_CONF_UNSET_UINT;
     mcf->prefill_max_num_seqs = NGX_CONF_UNSET_UINT;
+    mcf->prefill_step_tokens = NGX_CONF_UNSET_UINT;
     mcf->decode_max_num_seqs = NGX_CONF_UNSET_UINT;
     mcf->starvation_timeout = NGX_CONF_UNSET_MSEC;
     mcf->queue_max = NGX_CONF_UNSET_UINT;
@@ -540,6 +548,7 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_uint_value(mcf->queue_order, NGX_HTTP_OMNI_ORDER_SJF);
     ngx_conf_init_uint_value(mcf->max_batch_num_token, 16384);
     ngx_conf_init_uint_value(mcf->prefill_max_num_seqs, 16);
+    ngx_conf_init_uint_value(mcf->prefill_step_tokens, 8192);
     ngx_conf_init_uint_value(mcf->decode_max_num_seqs, 256);
     ngx_conf_init_msec_value(mcf->starvation_timeout, 5000);
     ngx_conf_init_uint_value(mcf->queue_max, 4096);
@@ -576,6 +585,13 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"omni_tokenize_learn_max\" must be at most "
                            "1048560 (1 MB less the datagram's header)");
+        return NGX_CONF_ERROR;
+    }
+
+    if (mcf->prefill_step_tokens > 16777216) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"omni_prefill_step_tokens\" must be at most "
+                           "16777216");
         return NGX_CONF_ERROR;
     }
 

@@ -543,6 +543,8 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     po.force = (uint32_t) force;
     po.deadline_us = en->deadline_us;   /* 0 without SLO: unchanged */
     po.front_us = en->front_us;
+    po.step_tokens = (uint32_t) mcf->prefill_step_tokens;
+    po.pad = 0;
 
     rc = omni_policy_prefill_decide(sh->predict, matched,
                                     matched ? sh->n_slots : 0,

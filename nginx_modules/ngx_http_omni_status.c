@@ -187,6 +187,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             "\"config\":{\"zone_size\":%uz,\"pd_policy\":\"%s\","
             "\"schedule_policy\":\"%s\",\"prefill_queue_order\":\"%s\","
             "\"max_batch_num_token\":%ui,\"prefill_max_num_seqs\":%ui,"
+            "\"prefill_step_tokens\":%ui,"
             "\"decode_max_num_seqs\":%ui,"
             "\"prefill_starvation_timeout_ms\":%M,"
             "\"queue_max\":%ui,\"queue_capacity\":%uD,"
@@ -208,6 +209,7 @@ ngx_http_omni_status_config(u_char *p, ngx_http_omni_main_conf_t *mcf,
             ngx_http_omni_policies[mcf->schedule_policy],
             ngx_http_omni_orders[mcf->queue_order],
             mcf->max_batch_num_token, mcf->prefill_max_num_seqs,
+            mcf->prefill_step_tokens,
             mcf->decode_max_num_seqs, mcf->starvation_timeout,
             mcf->queue_max, sh->q_cap, mcf->queue_timeout,
             mcf->request_timeout, &mcf->passive_health_text,

@@ -211,6 +211,17 @@ OPTIONS: tuple[Option, ...] = (
                "About the engines' `max_num_batched_tokens`: an instance with prefill "
                "tokens in flight counts as busy for a request that would take it "
                "past this.")),
+    Option("prefill_step_tokens", "int", 8192, (
+        "The prefill engines' step budget: vLLM's max_num_batched_tokens, "
+        "SGLang's chunked_prefill_size (0: unknown)."), "scheduler", metavar="N",
+           minimum=0, maximum=16777216, directive="omni_prefill_step_tokens", doc=(
+               "An instance over `--max-batch-num-token` takes the next request "
+               "`--hold-slack` before its work is predicted to end when the "
+               "engine's last step of that work (its tokens modulo this budget) "
+               "is long enough for the request to arrive during that step, not "
+               "before it: the next prefill then starts without the handover's "
+               "idle (docs/scheduler.md, \"The last step\"). 0 keeps such an "
+               "instance busy until its tokens come back.")),
     Option("prefill_max_num_seqs", "int", 16, "Requests in flight per prefill instance.",
            "scheduler", metavar="N", minimum=1, directive="omni_prefill_max_num_seqs"),
     Option("decode_max_num_seqs", "int", 256, "Requests in flight per decode instance.",

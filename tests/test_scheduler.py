@@ -276,6 +276,81 @@ def test_a_text_prompt_goes_its_tokenization_early(omni_nginx, one_by_one, tmp_p
         assert int(held["prefill_pred_wait_ms"]) <= 20, (key, held)
 
 
+def _engine_records(sim, tmp_path, rids):
+    """client request id -> the prefill instance's record of it."""
+    to_client = {f["id"]: k for k, f in _access(tmp_path).items()}
+    out = {}
+    for inst in sim.stats(requests=500)["cluster"]:
+        if inst["role"] != "prefill":
+            continue
+        for req in inst.get("requests", []):
+            rid = to_client.get(req.get("x_request_id"))
+            if rid in rids:
+                out[rid] = req
+    return out
+
+
+def test_over_its_budget_an_instance_takes_the_next_one_during_its_last_step(
+        omni_nginx, one_by_one, tmp_path):
+    """An instance over its batch budget (omni_max_batch_num_token 1 here:
+    any request in flight fills it) is busy until its prefill's answer comes
+    back, and then idles while the proxy binds the next request and that
+    one travels to the engine: the handover.  With the engines' step budget
+    known (omni_prefill_step_tokens, the tiny preset's 4,096), the next
+    request goes the slack before the blocker's predicted end when the
+    blocker's last step (12,000 % 4,096 = 3,808 tokens, about 190 ms here)
+    is long enough: it reaches the engine during that step and starts in
+    the next one, not sharing it.  With a short last step (8,292 % 4,096 =
+    100 tokens, about 45 ms) or without the step budget (0), it goes only
+    when the blocker's answer is back."""
+    sim = one_by_one
+    seen = {}
+    for step_tokens in (4096, 0):
+        logs = tmp_path / f"step{step_tokens}"
+        logs.mkdir()
+        nginx = omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
+                           decode_endpoints=sim.decode_endpoints[0],
+                           schedule_policy="omni", max_batch_num_token=1,
+                           prefill_step_tokens=step_tokens, hold_slack="50ms",
+                           access_log_file=str(logs / "access.log"))
+        assert nginx.status()["config"]["prefill_step_tokens"] == step_tokens
+        tag = time.monotonic_ns()
+        # the predictor learns what a prefill costs here, one at a time
+        for k, n in enumerate((4000, 8000, 12000, 4000, 8000, 12000)):
+            _post(nginx, {"prompt": _tokens(n, f"w{k}{tag}"), "max_tokens": 1},
+                  f"warm-{k}-{tag}")
+        _idle(nginx)
+        blockers = (12000, 8292) if step_tokens else (12000,)
+        for blocker_tokens in blockers:
+            pool = concurrent.futures.ThreadPoolExecutor(2)
+            bid = f"block-{blocker_tokens}-{step_tokens}-{tag}"
+            blocker = pool.submit(_post, nginx,
+                                  {"prompt": _tokens(blocker_tokens, f"b{bid}"),
+                                   "max_tokens": 1}, bid)
+            _wait_busy(nginx, "prefill")
+            time.sleep(0.05)
+            rid = f"next-{blocker_tokens}-{step_tokens}-{tag}"
+            _post(nginx, {"prompt": _tokens(400, f"n{rid}"), "max_tokens": 1}, rid)
+            blocker.result(timeout=60)
+            pool.shutdown()
+            _idle(nginx)
+            rec = _engine_records(sim, logs, {bid, rid})
+            log = _access(logs)
+            seen[blocker_tokens, step_tokens] = (rec[bid], rec[rid], log[rid])
+
+    for (blocker_tokens, step_tokens), (b, n, log) in seen.items():
+        end = b["arrival_unix"] + b["ttft_s"]
+        # held in the proxy first, whatever the rule (the blocker ran on)
+        assert int(log["queue_ms"]) > 100, (blocker_tokens, step_tokens, log)
+        # never in the blocker's step: it starts when the blocker is done
+        assert n["arrival_unix"] + n["queue_s"] >= end - 0.002, (b, n)
+        if (blocker_tokens, step_tokens) == (12000, 4096):
+            # reached the engine before the blocker's answer came back
+            assert n["arrival_unix"] < end, (b, n, log)
+        else:
+            assert n["arrival_unix"] >= end, (blocker_tokens, step_tokens, b, n)
+
+
 def test_past_the_starvation_timeout_the_oldest_goes_first(omni_nginx, one_by_one,
                                                           tmp_path):
     """Under a backlog every request is past the starvation timeout.  Among

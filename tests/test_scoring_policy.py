@@ -307,6 +307,61 @@ def test_decide_over_the_batch_budget_is_busy_not_excluded():
     assert _decide(pred, cands, 1000, now).choice == 0
 
 
+def test_decide_over_the_budget_takes_the_next_one_during_the_last_step():
+    """An instance over its batch budget is busy until its tokens come back,
+    unless the engine's last step of that work (its tokens modulo the step
+    budget) lasts long enough for a request sent the slack before the
+    predicted end to arrive during that step: then it goes then, so the next
+    prefill starts without the handover's idle.  Not when the last step is
+    short (it would arrive before it and share it), not once the work has
+    overrun its predicted end, not without the engines' step budget."""
+    pred = _pred(1)
+    now = 10_000_000
+    job = pred.dispatch_prefill(0, 20_000, 0, now_us=now)   # ~1.95 s
+    end = pred.end_us(0)
+    assert end == job.done_us - job.tail_us > now + 1_000_000
+
+    def cand(inflight=20_000):
+        return [PrefillCandidate(0, running=1, inflight_tokens=inflight,
+                                 max_running=16, max_tokens=16384,
+                                 step_start_us=job.start_us, step_done_us=end,
+                                 step_service_us=job.service_us)]
+
+    def decide(at, step_tokens=8192, **kw):
+        c = cand(**kw)
+        return _decide(pred, c, 4000, at, step_tokens=step_tokens), c
+
+    # last step: 20,000 % 8,192 = 3,616 tokens, ~355 ms: open
+    d, c = decide(end - 30_000)
+    assert d.hold and d.reason == "hold-full" and d.retry_us == 10_000
+    assert c[0].wait_us == 30_000
+    d, c = decide(end - 20_000)
+    assert d.choice == 0 and c[0].wait_us == 20_000
+    # the same without the step budget: busy until the tokens come back
+    d, c = decide(end - 20_000, step_tokens=0)
+    assert d.hold and c[0].wait_us == 20_001
+    # a short last step (16,500 % 8,192 = 116 tokens, ~13 ms): the request
+    # would arrive before it began
+    d, c = decide(end - 10_000, inflight=16_500)
+    assert d.hold and c[0].wait_us == 20_001
+    # a last step of the whole budget (inflight a multiple of it)
+    assert decide(end - 20_000, inflight=16_384 + 8_192)[0].choice == 0
+    # overrun: the end is not known any more
+    d, c = decide(end + 5_000)
+    assert d.hold and c[0].wait_us == 20_001
+    # the predictor re-anchors on a completion: a job queued behind one that
+    # ran long ends later, and so does the window
+    j2 = pred.dispatch_prefill(0, 20_000, 0, now_us=now + 1_000)
+    pred.prefill_done(0, job, done_us=job.done_us + 300_000, ok=True)
+    end2 = pred.end_us(0)
+    assert end2 >= j2.done_us - j2.tail_us + 300_000 - 1
+    c = cand(inflight=20_000)
+    d = _decide(pred, c, 4000, end2 - 20_000, step_tokens=8192)
+    assert d.choice == 0
+    d = _decide(pred, cand(inflight=20_000), 4000, end2 - 60_000, step_tokens=8192)
+    assert d.hold and d.retry_us == 40_000
+
+
 def test_decide_a_text_prompt_goes_its_front_end_time_early():
     """front_us (the engine's tokenization of a text prompt) widens how
     early a request may be sent to a busy instance, so that the engine

@@ -128,15 +128,18 @@ def test_dispatch_queues_behind_work_in_flight_and_reanchors():
     assert (j1.service_us, j1.done_us) == (11000, 11000)
     assert (j2.start_us, j2.done_us, j2.shared) == (11000, 22000, False)
     assert p.wait_us(0, 5000) == 17000
+    assert p.end_us(0) == 22000
     assert p.state(0)["inflight"] == 2
     # the first one took longer than predicted: the second is now expected
     # its predicted service after the real completion
     p.prefill_done(0, j1, done_us=15000)
     assert p.wait_us(0, 15000) == 11000
     assert p.state(0)["free_at_us"] == 26000
+    assert p.end_us(0) == 26000
     p.prefill_done(0, j2, done_us=25000)
     assert p.state(0)["inflight"] == 0
     assert p.wait_us(0, 25000) == 0
+    assert p.end_us(0) == 0
     # idle instance: a new dispatch starts now
     assert p.dispatch_prefill(0, 1024, 0, now_us=40000).done_us > 40000
 
@@ -172,6 +175,8 @@ def test_overdue_work_still_counts_as_busy():
     assert p.wait_us(0, free_at + 50) == 100
     # overdue by X: about X more, so a hung instance looks busier and busier
     assert p.wait_us(0, free_at + 5000) == 5000
+    # while its predicted end stays where it was: overrun
+    assert p.end_us(0) == free_at
     assert p.wait_us(0, free_at + 600_000_000) == 600_000_000
 
 

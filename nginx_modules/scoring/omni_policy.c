@@ -182,6 +182,51 @@ omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
 
 
 /*
+ * The engine computes the prefill work in flight on an instance in steps of
+ * at most step_tokens; the last one computes what is left (those tokens
+ * modulo the budget).  A request that reaches the engine while that last
+ * step runs starts in the step after it, where otherwise the instance idles
+ * while the answer comes back and the proxy binds the next one (the
+ * handover).  Sent before that step begins, it would share it and stretch
+ * it.  So the last step must outlast the slack (how early the request is
+ * sent) plus the error of the predicted end (the slack again, and 1/32 of
+ * the service predicted for the last prefill bound there), and the work
+ * must not have overrun its predicted end.  Returns the wait until that end,
+ * or 0: the budget keeps the instance busy until its tokens come back.
+ */
+static uint64_t
+omni_policy_last_step_wait(const omni_predict_t *p,
+    const omni_prefill_cand_t *c, uint64_t now_us, uint64_t slack,
+    uint32_t step_tokens)
+{
+    int64_t   end, us;
+    uint64_t  last;
+
+    if (step_tokens == 0 || c->inflight_tokens == 0) {
+        return 0;
+    }
+
+    end = omni_predict_end_us(p, c->inst);
+    if (end <= 0 || (uint64_t) end <= now_us) {
+        return 0;
+    }
+
+    last = c->inflight_tokens % step_tokens;
+    if (last == 0) {
+        last = step_tokens;
+    }
+
+    /* its cost without the context it attends to: rather short than long */
+    us = omni_predict_prefill_us(p, c->inst, (uint32_t) last, 0);
+    if (us < 0 || (uint64_t) us < 2 * slack + c->step_service_us / 32) {
+        return 0;
+    }
+
+    return (uint64_t) end - now_us;
+}
+
+
+/*
  * Engines batch in steps: what reaches an instance while a step runs waits
  * for the next one, and everything waiting then shares it.  A request that
  * waits there for the next step (or for its first one, just sent) and has
@@ -193,8 +238,9 @@ omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  * hold the prompt's prefix, being computed by the request in flight).
  */
 static void
-omni_policy_prefill_busy(omni_prefill_cand_t *c, size_t n,
-    uint32_t prompt_tokens, uint64_t now_us, uint64_t slack, uint64_t limit)
+omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,
+    size_t n, uint32_t prompt_tokens, uint64_t now_us, uint64_t slack,
+    uint64_t limit, uint32_t step_tokens)
 {
     uint64_t  uncached, wait;
     size_t    i;
@@ -226,7 +272,10 @@ omni_policy_prefill_busy(omni_prefill_cand_t *c, size_t n,
             && c[i].inflight_tokens + uncached > c[i].max_tokens
             && c[i].wait_us <= limit)
         {
-            c[i].wait_us = limit + 1;
+            wait = omni_policy_last_step_wait(p, &c[i], now_us, slack,
+                                              step_tokens);
+            c[i].wait_us = wait == 0 ? limit + 1
+                           : (c[i].wait_us > wait ? c[i].wait_us : wait);
         }
 
         c[i].max_tokens = OMNI_POLICY_UNLIMITED;
@@ -306,8 +355,8 @@ omni_policy_prefill_decide(const omni_predict_t *p,
                && c[i].wait_us <= slack;
     }
 
-    omni_policy_prefill_busy(c, n, prompt_tokens, now_us, o->hold_slack_us,
-                             slack);
+    omni_policy_prefill_busy(p, c, n, prompt_tokens, now_us,
+                             o->hold_slack_us, slack, o->step_tokens);
 
     if (o->deadline_us) {
         omni_policy_prefill_on_time(c, n, now_us, o->deadline_us);

@@ -135,6 +135,10 @@ typedef struct {
                                    start (tokenizing a text prompt): it may
                                    be sent that much before its instance
                                    frees, on top of hold_slack_us */
+    uint32_t  step_tokens;      /* the engines' prefill step budget
+                                   (max_num_batched_tokens); 0: unknown,
+                                   see omni_policy_prefill_decide() */
+    uint32_t  pad;
 } omni_prefill_opts_t;
 
 typedef struct {
@@ -249,7 +253,12 @@ int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  *     not join a shorter one's step);
  *   - a candidate whose batch budget this request does not fit now is busy
  *     (wait past the slack), not out of the question; max_tokens is then
- *     no limit for choose();
+ *     no limit for choose().  With step_tokens, unless the engine's last
+ *     step of its work in flight (those tokens modulo step_tokens) is
+ *     predicted to last at least twice hold_slack_us plus 1/32 of its last
+ *     prefill's service, and that work has not overrun its predicted end:
+ *     then it waits for that end only, so that the request reaches the
+ *     engine during the last step, not before it (it would share it);
  *   - with a deadline: when some candidate (not flagged, below
  *     max_running) would finish it by the deadline (now + wait + prefill),
  *     the ones that would not are flagged DRAINING: placement keeps it on

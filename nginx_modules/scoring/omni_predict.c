@@ -880,6 +880,25 @@ omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
 
 
 int64_t
+omni_predict_end_us(const omni_predict_t *p, uint32_t inst)
+{
+    const omni_predict_inst_t  *in;
+
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    in = &omni_predict_insts(p)[inst];
+    if (in->inflight == 0) {
+        return 0;
+    }
+
+    return (int64_t) (in->free_at_us > in->tail_us
+                      ? in->free_at_us - in->tail_us : 1);
+}
+
+
+int64_t
 omni_predict_decode_wait_us(const omni_predict_t *p, uint32_t inst,
     uint32_t batch, uint64_t kv_tokens, uint32_t max_batch,
     uint32_t min_remaining_tokens)

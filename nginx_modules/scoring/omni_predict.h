@@ -163,6 +163,14 @@ int64_t omni_predict_decode_wait_us(const omni_predict_t *p, uint32_t inst,
     uint32_t batch, uint64_t kv_tokens, uint32_t max_batch,
     uint32_t min_remaining_tokens);
 
+/*
+ * Predicted end (us, dispatch()'s clock) of the engine's work on the prefill
+ * jobs in flight on instance inst, as re-anchored by done() (their answers
+ * come back a trip later); 0 when none is in flight.  Unlike wait_us(), an
+ * end already past is returned as it is: the work has overrun it.
+ */
+int64_t omni_predict_end_us(const omni_predict_t *p, uint32_t inst);
+
 int omni_predict_state(const omni_predict_t *p, uint32_t inst,
     omni_predict_state_t *out);
 

@@ -597,6 +597,11 @@ class Predictor:
         return check(lib.omni_predict_wait_us(self._h, instance, now_us),
                      "wait_us")
 
+    def end_us(self, instance):
+        """Predicted end of the engine's work on the prefills in flight
+        there (0: none); past ``now`` when they overran it."""
+        return check(lib.omni_predict_end_us(self._h, instance), "end_us")
+
     def decode_wait_us(self, instance, batch, kv_tokens, max_batch,
                        min_remaining_tokens):
         return check(lib.omni_predict_decode_wait_us(
@@ -792,7 +797,8 @@ def choose_prefill(candidates, prompt_tokens, hold_slack_us=None):
 
 def decide_prefill(predictor, candidates, cached_blocks, block_size,
                    prompt_tokens, now_us, hold_slack_us, waiting=1,
-                   arrival_gap_us=0.0, force=False, deadline_us=0, front_us=0):
+                   arrival_gap_us=0.0, force=False, deadline_us=0, front_us=0,
+                   step_tokens=0):
     """The module's decision for the start of a held request
     (``omni_policy_prefill_decide``): prepare, the step and batch-budget
     rules, the cost to the others, choose, and what to do when the best
@@ -802,14 +808,18 @@ def decide_prefill(predictor, candidates, cached_blocks, block_size,
     that needs a free instance can go now.  ``deadline_us``: its TTFT
     deadline (an SLO; 0: none), same clock as ``now_us``.  ``front_us``: the
     engine's own work on it before it can start (tokenizing a text prompt):
-    it may be sent that much earlier than the slack alone allows."""
+    it may be sent that much earlier than the slack alone allows.
+    ``step_tokens``: the engines' prefill step budget (0: unknown); with it
+    an instance over its batch budget may take the request during the last
+    step of its work (omni_policy.h)."""
     arr = _prefill_array(candidates)
     cached = list(cached_blocks or ())
     blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
     opts = ffi.new("omni_prefill_opts_t *", {
         "hold_slack_us": hold_slack_us, "arrival_gap_us": float(arrival_gap_us),
         "waiting": waiting, "force": int(bool(force)),
-        "deadline_us": deadline_us, "front_us": front_us})
+        "deadline_us": deadline_us, "front_us": front_us,
+        "step_tokens": step_tokens})
     out = ffi.new("omni_decision_t *")
     rc = lib.omni_policy_prefill_decide(predictor._h, blocks, len(cached),
                                         block_size, prompt_tokens, now_us, opts,
