@@ -220,8 +220,10 @@ OPTIONS: tuple[Option, ...] = (
                "engine's last step of that work (its tokens modulo this budget) "
                "is long enough for the request to arrive during that step, not "
                "before it: the next prefill then starts without the handover's "
-               "idle (docs/scheduler.md, \"The last step\"). 0 keeps such an "
-               "instance busy until its tokens come back.")),
+               "idle (docs/scheduler.md, \"The last step\"). On the Mooncake "
+               "trace it lowers the mean TTFT and raises the p99 (a request bound "
+               "before the end waits when that work overruns its prediction). 0 "
+               "keeps such an instance busy until its tokens come back.")),
     Option("prefill_max_num_seqs", "int", 16, "Requests in flight per prefill instance.",
            "scheduler", metavar="N", minimum=1, directive="omni_prefill_max_num_seqs"),
     Option("decode_max_num_seqs", "int", 256, "Requests in flight per decode instance.",
