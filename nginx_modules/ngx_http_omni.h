@@ -357,6 +357,7 @@ typedef struct {
     uint64_t                       deadline_us;
     uint64_t                       tpot_us;
     uint8_t                        reason;      /* NGX_HTTP_OMNI_REL_* */
+    uint8_t                        dec_starved[2];  /* reason was STARVED */
 
     /* its last decision per `force` (0, 1), kept while nothing it depends
      * on changed (sched_epoch + 1; 0: none), ngx_http_omni_hold.c */

@@ -53,6 +53,7 @@ static struct {
     uint32_t                    n_hashes;
     uint32_t                    waiting;
     ngx_uint_t                  force;
+    ngx_uint_t                  starved;
     ngx_int_t                   rc;
     uint64_t                    retry_us;
 } ngx_http_omni_last;
@@ -544,7 +545,7 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     po.deadline_us = en->deadline_us;   /* 0 without SLO: unchanged */
     po.front_us = en->front_us;
     po.step_tokens = (uint32_t) mcf->prefill_step_tokens;
-    po.pad = 0;
+    po.starved = en->reason == NGX_HTTP_OMNI_REL_STARVED;
 
     rc = omni_policy_prefill_decide(sh->predict, matched,
                                     matched ? sh->n_slots : 0,
@@ -630,7 +631,7 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 /*
  * Whether bind_start() of en now would see exactly what it saw for the
  * last hold decided: the same pass (zone unchanged, same instant), the
- * same prompt (its blocks' hashes) and length, no SLO.
+ * same prompt (its blocks' hashes) and length, starved or not, no SLO.
  */
 static ngx_uint_t
 ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
@@ -642,6 +643,8 @@ ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
     if (ngx_http_omni_last.epoch != sh->sched_epoch + 1
         || ngx_http_omni_last.now_us != now_us
         || ngx_http_omni_last.force != force
+        || ngx_http_omni_last.starved
+           != (en->reason == NGX_HTTP_OMNI_REL_STARVED)
         || ngx_http_omni_last.waiting != waiting
         || ngx_http_omni_last.prompt_tokens != en->prompt_tokens
         || ngx_http_omni_last.output_tokens != en->output_tokens
@@ -671,7 +674,8 @@ ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
  * One decision about a held request to start, through
  * ngx_http_omni_bind_start() (codes as there), or the one made last if
  * nothing it depends on changed since: the same epoch (no change of load,
- * health, predictor or queue head), the same `force`, no fewer waiting, no
+ * health, predictor or queue head), the same `force` and starvation (the
+ * last-step rule leaves a starved request out), no fewer waiting, no
  * longer gap between arrivals (both only make waiting more attractive: a
  * hold stays a hold), before its retry instant and its TTL.  A request
  * with an SLO is always decided again: its deadline moves the choice.
@@ -692,6 +696,7 @@ ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
 
     if (en->deadline_us == 0 && en->tpot_us == 0
         && en->dec_epoch[f] == sh->sched_epoch + 1
+        && en->dec_starved[f] == (en->reason == NGX_HTTP_OMNI_REL_STARVED)
         && now_us < en->dec_until_us[f]
         && waiting >= en->dec_waiting[f]
         && sh->arrivals.gap_us <= en->dec_gap[f])
@@ -746,11 +751,13 @@ ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
         ngx_http_omni_last.n_hashes = en->n_hashes;
         ngx_http_omni_last.waiting = (uint32_t) waiting;
         ngx_http_omni_last.force = force;
+        ngx_http_omni_last.starved = en->reason == NGX_HTTP_OMNI_REL_STARVED;
         ngx_http_omni_last.rc = rc;
         ngx_http_omni_last.retry_us = r;
     }
 
     en->dec_epoch[f] = sh->sched_epoch + 1;
+    en->dec_starved[f] = en->reason == NGX_HTTP_OMNI_REL_STARVED;
     en->dec_rc[f] = rc;
     en->dec_waiting[f] = (uint32_t) waiting;
     en->dec_gap[f] = sh->arrivals.gap_us;

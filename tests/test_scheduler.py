@@ -302,16 +302,18 @@ def test_over_its_budget_an_instance_takes_the_next_one_during_its_last_step(
     is long enough: it reaches the engine during that step and starts in
     the next one, not sharing it.  With a short last step (8,292 % 4,096 =
     100 tokens, about 45 ms) or without the step budget (0), it goes only
-    when the blocker's answer is back."""
+    when the blocker's answer is back; nor when it is released for having
+    starved (a starvation timeout of 1 ms: every held request starves)."""
     sim = one_by_one
     seen = {}
-    for step_tokens in (4096, 0):
-        logs = tmp_path / f"step{step_tokens}"
+    for step_tokens, starve in ((4096, "60s"), (0, "60s"), (4096, "1ms")):
+        logs = tmp_path / f"step{step_tokens}-{starve}"
         logs.mkdir()
         nginx = omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
                            decode_endpoints=sim.decode_endpoints[0],
                            schedule_policy="omni", max_batch_num_token=1,
                            prefill_step_tokens=step_tokens, hold_slack="50ms",
+                           prefill_starvation_timeout=starve,
                            access_log_file=str(logs / "access.log"))
         assert nginx.status()["config"]["prefill_step_tokens"] == step_tokens
         tag = time.monotonic_ns()
@@ -320,31 +322,32 @@ def test_over_its_budget_an_instance_takes_the_next_one_during_its_last_step(
             _post(nginx, {"prompt": _tokens(n, f"w{k}{tag}"), "max_tokens": 1},
                   f"warm-{k}-{tag}")
         _idle(nginx)
-        blockers = (12000, 8292) if step_tokens else (12000,)
+        blockers = (12000, 8292) if (step_tokens, starve) == (4096, "60s") else (12000,)
         for blocker_tokens in blockers:
             pool = concurrent.futures.ThreadPoolExecutor(2)
-            bid = f"block-{blocker_tokens}-{step_tokens}-{tag}"
+            bid = f"block-{blocker_tokens}-{step_tokens}-{starve}-{tag}"
             blocker = pool.submit(_post, nginx,
                                   {"prompt": _tokens(blocker_tokens, f"b{bid}"),
                                    "max_tokens": 1}, bid)
             _wait_busy(nginx, "prefill")
             time.sleep(0.05)
-            rid = f"next-{blocker_tokens}-{step_tokens}-{tag}"
+            rid = f"next-{blocker_tokens}-{step_tokens}-{starve}-{tag}"
             _post(nginx, {"prompt": _tokens(400, f"n{rid}"), "max_tokens": 1}, rid)
             blocker.result(timeout=60)
             pool.shutdown()
             _idle(nginx)
             rec = _engine_records(sim, logs, {bid, rid})
             log = _access(logs)
-            seen[blocker_tokens, step_tokens] = (rec[bid], rec[rid], log[rid])
+            seen[blocker_tokens, step_tokens, starve] = (rec[bid], rec[rid], log[rid])
 
-    for (blocker_tokens, step_tokens), (b, n, log) in seen.items():
+    for (blocker_tokens, step_tokens, starve), (b, n, log) in seen.items():
         end = b["arrival_unix"] + b["ttft_s"]
         # held in the proxy first, whatever the rule (the blocker ran on)
         assert int(log["queue_ms"]) > 100, (blocker_tokens, step_tokens, log)
+        assert log["release"] == ("starved" if starve == "1ms" else "order"), log
         # never in the blocker's step: it starts when the blocker is done
         assert n["arrival_unix"] + n["queue_s"] >= end - 0.002, (b, n)
-        if (blocker_tokens, step_tokens) == (12000, 4096):
+        if (blocker_tokens, step_tokens, starve) == (12000, 4096, "60s"):
             # reached the engine before the blocker's answer came back
             assert n["arrival_unix"] < end, (b, n, log)
         else:

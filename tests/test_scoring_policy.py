@@ -314,7 +314,8 @@ def test_decide_over_the_budget_takes_the_next_one_during_the_last_step():
     predicted end to arrive during that step: then it goes then, so the next
     prefill starts without the handover's idle.  Not when the last step is
     short (it would arrive before it and share it), not once the work has
-    overrun its predicted end, not without the engines' step budget."""
+    overrun its predicted end, not without the engines' step budget, not
+    for a request released for having starved."""
     pred = _pred(1)
     now = 10_000_000
     job = pred.dispatch_prefill(0, 20_000, 0, now_us=now)   # ~1.95 s
@@ -337,6 +338,11 @@ def test_decide_over_the_budget_takes_the_next_one_during_the_last_step():
     assert c[0].wait_us == 30_000
     d, c = decide(end - 20_000)
     assert d.choice == 0 and c[0].wait_us == 20_000
+    # a starved request is not bound early: an overrun of the work there
+    # would add to the tail it already is
+    c = cand()
+    d = _decide(pred, c, 4000, end - 20_000, step_tokens=8192, starved=True)
+    assert d.hold and c[0].wait_us == 20_001
     # the same without the step budget: busy until the tokens come back
     d, c = decide(end - 20_000, step_tokens=0)
     assert d.hold and c[0].wait_us == 20_001

@@ -356,7 +356,8 @@ omni_policy_prefill_decide(const omni_predict_t *p,
     }
 
     omni_policy_prefill_busy(p, c, n, prompt_tokens, now_us,
-                             o->hold_slack_us, slack, o->step_tokens);
+                             o->hold_slack_us, slack,
+                             o->starved ? 0 : o->step_tokens);
 
     if (o->deadline_us) {
         omni_policy_prefill_on_time(c, n, now_us, o->deadline_us);

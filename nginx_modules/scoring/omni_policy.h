@@ -138,7 +138,9 @@ typedef struct {
     uint32_t  step_tokens;      /* the engines' prefill step budget
                                    (max_num_batched_tokens); 0: unknown,
                                    see omni_policy_prefill_decide() */
-    uint32_t  pad;
+    uint32_t  starved;          /* 1: it goes first for having waited past
+                                   the starvation bound: the last-step
+                                   rule does not bind it early */
 } omni_prefill_opts_t;
 
 typedef struct {
@@ -258,7 +260,10 @@ int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  *     predicted to last at least twice hold_slack_us plus 1/32 of its last
  *     prefill's service, and that work has not overrun its predicted end:
  *     then it waits for that end only, so that the request reaches the
- *     engine during the last step, not before it (it would share it);
+ *     engine during the last step, not before it (it would share it).
+ *     Not for a `starved` request: bound early, it waits in the engine
+ *     when that work overruns its prediction, by up to hundreds of ms for
+ *     the long prefills of a tail, for a gain of a few ms;
  *   - with a deadline: when some candidate (not flagged, below
  *     max_running) would finish it by the deadline (now + wait + prefill),
  *     the ones that would not are flagged DRAINING: placement keeps it on

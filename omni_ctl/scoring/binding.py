@@ -798,7 +798,7 @@ def choose_prefill(candidates, prompt_tokens, hold_slack_us=None):
 def decide_prefill(predictor, candidates, cached_blocks, block_size,
                    prompt_tokens, now_us, hold_slack_us, waiting=1,
                    arrival_gap_us=0.0, force=False, deadline_us=0, front_us=0,
-                   step_tokens=0):
+                   step_tokens=0, starved=False):
     """The module's decision for the start of a held request
     (``omni_policy_prefill_decide``): prepare, the step and batch-budget
     rules, the cost to the others, choose, and what to do when the best
@@ -811,7 +811,8 @@ def decide_prefill(predictor, candidates, cached_blocks, block_size,
     it may be sent that much earlier than the slack alone allows.
     ``step_tokens``: the engines' prefill step budget (0: unknown); with it
     an instance over its batch budget may take the request during the last
-    step of its work (omni_policy.h)."""
+    step of its work (omni_policy.h), unless it is ``starved`` (it goes
+    first for having waited past the starvation bound)."""
     arr = _prefill_array(candidates)
     cached = list(cached_blocks or ())
     blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
@@ -819,7 +820,7 @@ def decide_prefill(predictor, candidates, cached_blocks, block_size,
         "hold_slack_us": hold_slack_us, "arrival_gap_us": float(arrival_gap_us),
         "waiting": waiting, "force": int(bool(force)),
         "deadline_us": deadline_us, "front_us": front_us,
-        "step_tokens": step_tokens})
+        "step_tokens": step_tokens, "starved": int(bool(starved))})
     out = ffi.new("omni_decision_t *")
     rc = lib.omni_policy_prefill_decide(predictor._h, blocks, len(cached),
                                         block_size, prompt_tokens, now_us, opts,
