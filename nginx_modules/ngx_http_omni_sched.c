@@ -41,6 +41,10 @@ static omni_decode_inst_t   ngx_http_omni_dcands[NGX_HTTP_OMNI_MAX_SLOTS];
 static uint64_t             ngx_http_omni_dstep[NGX_HTTP_OMNI_MAX_SLOTS];
 static omni_pick_cand_t     ngx_http_omni_picks[NGX_HTTP_OMNI_MAX_SLOTS];
 
+/* released for having waited past the starvation bound (the last-step rule
+ * does not bind it early: omni_prefill_opts_t.starved) */
+#define ngx_http_omni_starved(en)  ((en)->reason == NGX_HTTP_OMNI_REL_STARVED)
+
 /* the last hold decided in this process: a request with the same inputs,
  * decided in the same pass, is held the same way */
 static struct {
@@ -545,7 +549,7 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     po.deadline_us = en->deadline_us;   /* 0 without SLO: unchanged */
     po.front_us = en->front_us;
     po.step_tokens = (uint32_t) mcf->prefill_step_tokens;
-    po.starved = en->reason == NGX_HTTP_OMNI_REL_STARVED;
+    po.starved = ngx_http_omni_starved(en);
 
     rc = omni_policy_prefill_decide(sh->predict, matched,
                                     matched ? sh->n_slots : 0,
@@ -644,7 +648,7 @@ ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
         || ngx_http_omni_last.now_us != now_us
         || ngx_http_omni_last.force != force
         || ngx_http_omni_last.starved
-           != (en->reason == NGX_HTTP_OMNI_REL_STARVED)
+           != ngx_http_omni_starved(en)
         || ngx_http_omni_last.waiting != waiting
         || ngx_http_omni_last.prompt_tokens != en->prompt_tokens
         || ngx_http_omni_last.output_tokens != en->output_tokens
@@ -696,7 +700,7 @@ ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
 
     if (en->deadline_us == 0 && en->tpot_us == 0
         && en->dec_epoch[f] == sh->sched_epoch + 1
-        && en->dec_starved[f] == (en->reason == NGX_HTTP_OMNI_REL_STARVED)
+        && en->dec_starved[f] == ngx_http_omni_starved(en)
         && now_us < en->dec_until_us[f]
         && waiting >= en->dec_waiting[f]
         && sh->arrivals.gap_us <= en->dec_gap[f])
@@ -751,13 +755,13 @@ ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
         ngx_http_omni_last.n_hashes = en->n_hashes;
         ngx_http_omni_last.waiting = (uint32_t) waiting;
         ngx_http_omni_last.force = force;
-        ngx_http_omni_last.starved = en->reason == NGX_HTTP_OMNI_REL_STARVED;
+        ngx_http_omni_last.starved = ngx_http_omni_starved(en);
         ngx_http_omni_last.rc = rc;
         ngx_http_omni_last.retry_us = r;
     }
 
     en->dec_epoch[f] = sh->sched_epoch + 1;
-    en->dec_starved[f] = en->reason == NGX_HTTP_OMNI_REL_STARVED;
+    en->dec_starved[f] = ngx_http_omni_starved(en);
     en->dec_rc[f] = rc;
     en->dec_waiting[f] = (uint32_t) waiting;
     en->dec_gap[f] = sh->arrivals.gap_us;

@@ -18,8 +18,9 @@ def access(tmp_path):
     return out
 
 
-def prefill_starts(sim, rids, tmp_path):
-    """client request id -> arrival time at its prefill instance (unix s)."""
+def prefill_records(sim, rids, tmp_path):
+    """client request id -> its prefill instance's record of it (arrival,
+    queue_s, ttft_s, ...: omni_ctl/sim/engine.py)."""
     # the engines saw the proxy's ids: back to the clients' through the log
     to_client = {f["id"]: k for k, f in access(tmp_path).items()}
     out = {}
@@ -29,5 +30,11 @@ def prefill_starts(sim, rids, tmp_path):
         for req in inst.get("requests", []):
             rid = to_client.get(req.get("x_request_id"), req.get("x_request_id"))
             if rid in rids:
-                out[rid] = req["arrival_unix"]
+                out[rid] = req
     return out
+
+
+def prefill_starts(sim, rids, tmp_path):
+    """client request id -> arrival time at its prefill instance (unix s)."""
+    return {rid: req["arrival_unix"]
+            for rid, req in prefill_records(sim, rids, tmp_path).items()}

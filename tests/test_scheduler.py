@@ -35,6 +35,7 @@ def _post(nginx, body, rid, timeout=60):
 
 _access = schedlog.access
 _prefill_starts = schedlog.prefill_starts
+_prefill_records = schedlog.prefill_records
 
 
 def _wait_busy(nginx, role, timeout=10):
@@ -199,16 +200,7 @@ def test_a_longer_request_does_not_join_a_shorter_ones_step(omni_nginx, one_by_o
                        access_log_file=str(tmp_path / "access.log"))
     names = _short_then_long(nginx, block=4000, long=4000, gap=0.01)
 
-    seen = {}
-    # the engines saw the proxy's ids: back to the clients' through the log
-    to_client = {f["id"]: k for k, f in _access(tmp_path).items()}
-    for inst in sim.stats(requests=500)["cluster"]:
-        if inst["role"] != "prefill":
-            continue
-        for req in inst.get("requests", []):
-            rid = to_client.get(req.get("x_request_id"))
-            if rid in names.values():
-                seen[rid] = req
+    seen = _prefill_records(sim, set(names.values()), tmp_path)
     short, long_ = seen[names["short"]], seen[names["long"]]
     short_step = short["arrival_unix"] + short["queue_s"]
     assert long_["arrival_unix"] > short_step, (short, long_)
@@ -276,20 +268,6 @@ def test_a_text_prompt_goes_its_tokenization_early(omni_nginx, one_by_one, tmp_p
         assert int(held["prefill_pred_wait_ms"]) <= 20, (key, held)
 
 
-def _engine_records(sim, tmp_path, rids):
-    """client request id -> the prefill instance's record of it."""
-    to_client = {f["id"]: k for k, f in _access(tmp_path).items()}
-    out = {}
-    for inst in sim.stats(requests=500)["cluster"]:
-        if inst["role"] != "prefill":
-            continue
-        for req in inst.get("requests", []):
-            rid = to_client.get(req.get("x_request_id"))
-            if rid in rids:
-                out[rid] = req
-    return out
-
-
 def test_over_its_budget_an_instance_takes_the_next_one_during_its_last_step(
         omni_nginx, one_by_one, tmp_path):
     """An instance over its batch budget (omni_max_batch_num_token 1 here:
@@ -336,7 +314,7 @@ def test_over_its_budget_an_instance_takes_the_next_one_during_its_last_step(
             blocker.result(timeout=60)
             pool.shutdown()
             _idle(nginx)
-            rec = _engine_records(sim, logs, {bid, rid})
+            rec = _prefill_records(sim, {bid, rid}, logs)
             log = _access(logs)
             seen[blocker_tokens, step_tokens, starve] = (rec[bid], rec[rid], log[rid])
 

@@ -2,7 +2,7 @@
 from the simulator's records of a compare run (each prefill's engine
 arrival, queue and first token), the pairs where the second started before
 the first had ended; how long before that end the second reached the
-engine; the first's last chunk (its uncached tokens modulo the step budget);
+engine; the first's last chunk (its uncached tokens modulo the preset's step budget);
 and the second's service beyond its prefill alone (the preset's model).
 An analysis aid, not a test.
 
@@ -14,8 +14,6 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from omni_ctl.bench import bound                    # noqa: E402
-
-STEP = 8192     # the h100 preset's step budget (tokens)
 
 
 def pct(xs, f):
@@ -42,7 +40,8 @@ def main():
                     alone = bound.prefill_alone(cluster, new1, hit1)
                     extra.append(((end1 - start1) - alone) * 1000)
                     early.append((end0 - arr1) * 1000)
-                    rest.append(new0 % STEP or STEP)
+                    step = cluster.preset.max_num_batched_tokens
+                    rest.append(new0 % step or step)
         print(f"{d}: {pairs} pairs, {len(extra)} started before the one before ended")
         if extra:
             print("  reached the engine before that end, ms p10/p50/p90: "

@@ -191,11 +191,12 @@ omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  * it.  So the last step must outlast the slack (how early the request is
  * sent) plus the error of the predicted end (the slack again, and 1/32 of
  * the service predicted for the last prefill bound there), and the work
- * must not have overrun its predicted end.  Returns the wait until that end,
- * or 0: the budget keeps the instance busy until its tokens come back.
+ * must not have overrun its predicted end.  Whether so (then the predicted
+ * wait stands: that end); if not, the budget keeps the instance busy until
+ * its tokens come back.
  */
-static uint64_t
-omni_policy_last_step_wait(const omni_predict_t *p,
+static int
+omni_policy_last_step_open(const omni_predict_t *p,
     const omni_prefill_cand_t *c, uint64_t now_us, uint64_t slack,
     uint32_t step_tokens)
 {
@@ -218,11 +219,7 @@ omni_policy_last_step_wait(const omni_predict_t *p,
 
     /* its cost without the context it attends to: rather short than long */
     us = omni_predict_prefill_us(p, c->inst, (uint32_t) last, 0);
-    if (us < 0 || (uint64_t) us < 2 * slack + c->step_service_us / 32) {
-        return 0;
-    }
-
-    return (uint64_t) end - now_us;
+    return us >= 0 && (uint64_t) us >= 2 * slack + c->step_service_us / 32;
 }
 
 
@@ -272,10 +269,11 @@ omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,
             && c[i].inflight_tokens + uncached > c[i].max_tokens
             && c[i].wait_us <= limit)
         {
-            wait = omni_policy_last_step_wait(p, &c[i], now_us, slack,
-                                              step_tokens);
-            c[i].wait_us = wait == 0 ? limit + 1
-                           : (c[i].wait_us > wait ? c[i].wait_us : wait);
+            if (!omni_policy_last_step_open(p, &c[i], now_us, slack,
+                                            step_tokens))
+            {
+                c[i].wait_us = limit + 1;
+            }
         }
 
         c[i].max_tokens = OMNI_POLICY_UNLIMITED;
