@@ -368,6 +368,55 @@ def test_decide_over_the_budget_takes_the_next_one_during_the_last_step():
     assert d.hold and d.retry_us == 40_000
 
 
+def test_decide_a_starved_request_weighs_its_own_ttft_only():
+    """What a prefill costs the requests waiting is weighed for a request in
+    the order, not for one released for having starved: that one goes ahead
+    of them whatever it costs them, and the cost, multiplied by the queue,
+    magnified the instances' differences in learned rate (several percent
+    for a long prompt between engines that are alike) into seconds: the
+    starved request held for the busy instance predicted faster while the
+    idle ones went to shorter requests, and its TTFT passed the bound the
+    starvation rule is there to keep."""
+    pred = _pred(2)
+    # instance 1 has seen prefills 8% faster than the prior
+    for n in (2000, 8000, 20000, 40000, 60000, 1000, 30000):
+        pred.observe_prefill(1, n, 0, int(pred.prefill_us(0, n) * 0.92))
+    own = [pred.prefill_us(i, 60_000) for i in (0, 1)]
+    assert own[0] - own[1] > 400_000
+    now = 50_000_000
+    pred.dispatch_prefill(1, 6000, 0, now_us=now)
+    wait1 = pred.wait_us(1, now)
+    assert 450_000 < wait1 < own[0] - own[1] + 1_000_000
+
+    def cands():
+        return [PrefillCandidate(0, max_running=16, max_tokens=16384),
+                PrefillCandidate(1, running=1, inflight_tokens=6000,
+                                 max_running=16, max_tokens=16384)]
+
+    # in the order, 20 waiting: instance 1 costs the others 19/2 x own1,
+    # less than instance 0 by more than its wait: it holds for instance 1
+    c = cands()
+    d = _decide(pred, c, 60_000, now, waiting=20)
+    assert d.hold and d.reason == "hold-busy" and d.best == 1
+    assert c[0].prefill_us == pytest.approx(own[0] * (1 + 19 / 2), abs=2)
+    # starved: its own TTFT, the idle instance
+    c = cands()
+    d = _decide(pred, c, 60_000, now, waiting=20, starved=True)
+    assert d.choice == 0 and not d.hold
+    assert [x.prefill_us for x in c] == own and c[1].wait_us == wait1
+    # the same with arrivals counted instead of the queue
+    d = _decide(pred, cands(), 60_000, now, waiting=1, arrival_gap_us=50_000)
+    assert d.hold and d.best == 1
+    assert _decide(pred, cands(), 60_000, now, waiting=1, arrival_gap_us=50_000,
+                   starved=True).choice == 0
+    # a starved request still waits for a busy instance that would finish
+    # it sooner (half its prompt cached there)
+    c = cands()
+    d = decide_prefill(pred, c, [0, 30_000 // 16], 16, 60_000, now, 20_000,
+                       waiting=20, starved=True, force=True)
+    assert d.hold and d.best == 1 and c[1].prefill_us == pred.prefill_us(1, 30_000, 30_000)
+
+
 def test_decide_a_text_prompt_goes_its_front_end_time_early():
     """front_us (the engine's tokenization of a text prompt) widens how
     early a request may be sent to a busy instance, so that the engine

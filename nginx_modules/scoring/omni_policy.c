@@ -361,9 +361,19 @@ omni_policy_prefill_decide(const omni_predict_t *p,
         omni_policy_prefill_on_time(c, n, now_us, o->deadline_us);
     }
 
-    /* the cost of a choice: its own TTFT and what it takes from the others */
+    /*
+     * The cost of a choice: its own TTFT and what it takes from the others.
+     * A starved request goes ahead of the others whatever it costs them: its
+     * own TTFT alone.  Weighed, that cost (multiplied by the queue) turned
+     * the instances' differences in learned rate, a few percent for a long
+     * prompt between engines that are alike, into seconds: the starved
+     * request held for the busy instance predicted faster while the free
+     * ones went to shorter requests, 3-5 s past its bound on a model with
+     * jittered steps (docs/scheduler.md, "A starved request's own TTFT").
+     */
 
-    rc = omni_policy_prefill_add_delay(c, n, o->waiting, o->arrival_gap_us);
+    rc = omni_policy_prefill_add_delay(c, n, o->starved ? 1 : o->waiting,
+                                       o->starved ? 0 : o->arrival_gap_us);
     if (rc != OMNI_OK) {
         return rc;
     }

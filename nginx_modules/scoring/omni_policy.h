@@ -140,7 +140,8 @@ typedef struct {
                                    see omni_policy_prefill_decide() */
     uint32_t  starved;          /* 1: it goes first for having waited past
                                    the starvation bound: the last-step
-                                   rule does not bind it early */
+                                   rule does not bind it early, and its
+                                   cost to the others is not weighed */
 } omni_prefill_opts_t;
 
 typedef struct {
@@ -268,7 +269,9 @@ int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  *     max_running) would finish it by the deadline (now + wait + prefill),
  *     the ones that would not are flagged DRAINING: placement keeps it on
  *     time before it weighs the cost to the others;
- *   - add_delay(waiting, arrival_gap_us), choose(hold_slack_us);
+ *   - add_delay(waiting, arrival_gap_us), except for a `starved` request
+ *     (it goes ahead of the others whatever it costs them: its own TTFT
+ *     alone), choose(hold_slack_us);
  *   - the best is busy past the slack: with no room anywhere, HOLD_FULL;
  *     without `force`, HOLD_BUSY (the caller offers the free instances to
  *     the requests behind); with `force`, HOLD_BUSY too when half the

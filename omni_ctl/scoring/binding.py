@@ -812,7 +812,8 @@ def decide_prefill(predictor, candidates, cached_blocks, block_size,
     ``step_tokens``: the engines' prefill step budget (0: unknown); with it
     an instance over its batch budget may take the request during the last
     step of its work (omni_policy.h), unless it is ``starved`` (it goes
-    first for having waited past the starvation bound)."""
+    first for having waited past the starvation bound; its cost to the
+    others, ``waiting`` and ``arrival_gap_us``, is then not weighed)."""
     arr = _prefill_array(candidates)
     cached = list(cached_blocks or ())
     blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
