@@ -588,6 +588,13 @@ ngx_http_omni_init_main_conf(ngx_conf_t *cf, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    if (mcf->engine_tokenize_ns > 1000000) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"omni_engine_tokenize_ns\" must be at most "
+                           "1000000");
+        return NGX_CONF_ERROR;
+    }
+
     if (mcf->prefill_step_tokens > 16777216) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"omni_prefill_step_tokens\" must be at most "
