@@ -16,6 +16,9 @@
 #include "ngx_http_omni.h"
 
 #include <sys/eventfd.h>
+#if (defined __GLIBC__)
+#include <malloc.h>
+#endif
 
 
 static void ngx_http_omni_close_fds(void *data);
@@ -641,9 +644,52 @@ ngx_http_omni_zone_build(ngx_http_omni_main_conf_t *mcf,
 
 
 /*
- * At module init (in the master, before the workers fork): one eventfd per
- * worker, through which the others wake it for a request released for it
- * (ngx_http_omni_hold.c).
+ * glibc's malloc, left to itself, gives the top of the heap back to the
+ * kernel once more than twice its largest recent mmap()ed block lies free
+ * there (about 400 KB after one 200 KB request body).  A worker with a few
+ * dozen large bodies in flight, held or proxied, then shrinks its heap after
+ * each burst and grows it again for the next: every body's pages are
+ * faulted in and zeroed anew (brk() hundreds of times a second, page faults
+ * a fifth of the worker's time at 200 KB prompts; docs/internals.md).
+ * Fixing the thresholds at the largest values glibc's own adaptation
+ * reaches (a block up to 32 MiB comes from the heap, up to 64 MiB free at
+ * its top is kept) keeps such a heap in place.  An operator's own
+ * GLIBC_TUNABLES for malloc are left to rule.  The master sets them before
+ * the workers fork, since a worker's environment is cleared.
+ */
+#define NGX_HTTP_OMNI_MMAP_THRESHOLD  (32 * 1024 * 1024)
+#define NGX_HTTP_OMNI_TRIM_THRESHOLD  (64 * 1024 * 1024)
+
+
+static void
+ngx_http_omni_tune_malloc(ngx_cycle_t *cycle)
+{
+#if (defined __GLIBC__)
+    char  *tunables;
+
+    tunables = getenv("GLIBC_TUNABLES");
+
+    if (tunables != NULL && ngx_strstr(tunables, "glibc.malloc.") != NULL) {
+        ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                      "omni: malloc thresholds left to GLIBC_TUNABLES");
+        return;
+    }
+
+    if (mallopt(M_MMAP_THRESHOLD, NGX_HTTP_OMNI_MMAP_THRESHOLD) != 1
+        || mallopt(M_TRIM_THRESHOLD, NGX_HTTP_OMNI_TRIM_THRESHOLD) != 1)
+    {
+        /* a sanitizer's allocator, which glibc's thresholds do not govern */
+        ngx_log_error(NGX_LOG_INFO, cycle->log, 0,
+                      "omni: mallopt() refused the heap thresholds");
+    }
+#endif
+}
+
+
+/*
+ * At module init (in the master, before the workers fork): the heap's
+ * thresholds (above), and one eventfd per worker, through which the others
+ * wake it for a request released for it (ngx_http_omni_hold.c).
  */
 ngx_int_t
 ngx_http_omni_init_module(ngx_cycle_t *cycle)
@@ -664,6 +710,8 @@ ngx_http_omni_init_module(ngx_cycle_t *cycle)
     if (mcf == NULL || mcf->shm_zone == NULL) {
         return NGX_OK;
     }
+
+    ngx_http_omni_tune_malloc(cycle);
 
     ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
 
