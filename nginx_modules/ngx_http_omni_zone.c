@@ -654,7 +654,7 @@ ngx_http_omni_zone_build(ngx_http_omni_main_conf_t *mcf,
  * Fixing the thresholds at the largest values glibc's own adaptation
  * reaches (a block up to 32 MiB comes from the heap, up to 64 MiB free at
  * its top is kept) keeps such a heap in place.  An operator's own
- * GLIBC_TUNABLES for malloc are left to rule.  The master sets them before
+ * thresholds in GLIBC_TUNABLES are left to rule.  The master sets them before
  * the workers fork, since a worker's environment is cleared.
  */
 #define NGX_HTTP_OMNI_MMAP_THRESHOLD  (32 * 1024 * 1024)
@@ -669,7 +669,10 @@ ngx_http_omni_tune_malloc(ngx_cycle_t *cycle)
 
     tunables = getenv("GLIBC_TUNABLES");
 
-    if (tunables != NULL && ngx_strstr(tunables, "glibc.malloc.") != NULL) {
+    if (tunables != NULL
+        && (ngx_strstr(tunables, "glibc.malloc.mmap_threshold") != NULL
+            || ngx_strstr(tunables, "glibc.malloc.trim_threshold") != NULL))
+    {
         ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
                       "omni: malloc thresholds left to GLIBC_TUNABLES");
         return;

@@ -150,11 +150,16 @@ def test_bursts_of_large_bodies_do_not_refault_the_heap(omni_nginx):
         assert rss - rss0 < body_pages // 4, (rss0, rss)
 
 
-def test_an_operators_glibc_tunables_rule(omni_nginx, monkeypatch):
-    """GLIBC_TUNABLES naming malloc's settings in nginx's environment: the
-    module leaves the thresholds alone and says so; with a small trim
-    threshold the heap is given back after every burst again."""
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")
+@pytest.mark.parametrize("tunables, theirs", [
+    ("glibc.malloc.trim_threshold=131072", True),
+    ("glibc.malloc.arena_max=2", False),
+])
+def test_an_operators_glibc_tunables_rule(omni_nginx, monkeypatch, tunables, theirs):
+    """GLIBC_TUNABLES naming one of malloc's thresholds in nginx's
+    environment: the module leaves them alone and says so, and with a small
+    trim threshold the heap is given back after every burst again.  Another
+    malloc tunable alone keeps the module's thresholds."""
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
     with SlowEngine() as engine:
         if SANITIZED:
             nginx = omni_nginx(pd_policy="aggregated", core_num=1,
@@ -163,6 +168,10 @@ def test_an_operators_glibc_tunables_rule(omni_nginx, monkeypatch):
             refaults = None
         else:
             refaults, _, _, nginx = _refaults(omni_nginx, engine, log_level="notice")
-    assert "omni: malloc thresholds left to GLIBC_TUNABLES" in nginx.error_log
-    if refaults is not None:
-        assert refaults > BURST * BODY // PAGE, refaults
+    said = "omni: malloc thresholds left to GLIBC_TUNABLES" in nginx.error_log
+    assert said == theirs, nginx.error_log
+    body_pages = BURST * BODY // PAGE
+    if refaults is not None and theirs:
+        assert refaults > body_pages, refaults
+    elif refaults is not None:
+        assert refaults < body_pages // 4, refaults
