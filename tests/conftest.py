@@ -21,6 +21,7 @@ tests run as root, `user root` so workers can use the private temp prefix.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import http.client
 import json as jsonlib
@@ -28,6 +29,7 @@ import os
 import random
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +59,47 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 _TOKEN_RUN = random.Random().randrange(1 << 30)
+
+
+class AsyncioEngine:
+    """A small HTTP engine on a free loopback port, run by asyncio in a
+    thread of its own, for behaviours the simulator cannot be told to have.
+    A subclass defines `async def _serve(self, reader, writer)`, called
+    for each connection; `with Engine() as engine:` starts and stops it."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader, writer):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.ready.wait(10), "the engine did not start"
+        return self
+
+    async def _stop(self):
+        self.server.close()
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.loop.stop()
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop)
+        self.thread.join(10)
 
 
 def random_tokens(n: int, seed) -> list[int]:

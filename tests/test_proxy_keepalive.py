@@ -11,12 +11,11 @@ request), made to happen on every reuse so the test is deterministic.
 
 import asyncio
 import json
-import threading
 import time
 
 import pytest
 
-from conftest import free_port, wait_until
+from conftest import AsyncioEngine, wait_until
 from test_proxy_errors import _idle
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,23 +26,13 @@ ANSWER = {"id": "cmpl-1", "object": "text_completion", "model": "m",
           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
-class ClosingEngine:
+class ClosingEngine(AsyncioEngine):
     def __init__(self):
-        self.port = free_port()
+        super().__init__()
         self.served = 0
         self.closed_on_reuse = 0
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.ready = threading.Event()
 
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._conn, "127.0.0.1", self.port))
-        self.ready.set()
-        self.loop.run_forever()
-
-    async def _conn(self, reader, writer):
+    async def _serve(self, reader, writer):
         last = None
         try:
             while True:
@@ -69,24 +58,6 @@ class ClosingEngine:
             pass
         finally:
             writer.close()
-
-    def __enter__(self):
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    async def _stop(self):
-        self.server.close()
-        me = asyncio.current_task()
-        tasks = [t for t in asyncio.all_tasks() if t is not me]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.loop.stop()
-
-    def __exit__(self, *exc):
-        asyncio.run_coroutine_threadsafe(self._stop(), self.loop)
-        self.thread.join(10)
 
 
 def test_request_on_a_closed_idle_connection_is_retried(omni_nginx):

@@ -23,12 +23,11 @@ release build, `bash build.sh --test -- tests/test_worker_heap.py`).
 
 import asyncio
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import free_port
+from conftest import AsyncioEngine
 from omni_ctl import paths
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,21 +43,8 @@ ANSWER = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": "m",
                                "total_tokens": 2}}).encode()
 
 
-class SlowEngine:
+class SlowEngine(AsyncioEngine):
     """Reads each request's body whole and answers it DELAY later."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._serve, "127.0.0.1", self.port))
-        self.ready.set()
-        self.loop.run_forever()
 
     async def _serve(self, reader, writer):
         try:
@@ -76,22 +62,6 @@ class SlowEngine:
             pass
         finally:
             writer.close()
-
-    def __enter__(self):
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc):
-        async def stop():
-            self.server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.loop.stop()
-        asyncio.run_coroutine_threadsafe(stop(), self.loop)
-        self.thread.join(10)
 
 
 def _faults_and_rss(pid: int) -> tuple[int, int]:
