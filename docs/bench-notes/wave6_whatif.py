@@ -190,6 +190,22 @@ class Model(w._Rule):
             if urgent:
                 return min(urgent, key=lambda s: s.job.arrival), True
             return self.sjf(q, B / bound), False
+        if kind == "hrr":
+            # stop 41: the starvation bound of lsback, and below it the
+            # highest response ratio (wait + c) / work first instead of the
+            # aged key (c seconds: 0 is pure HRRN; larger leans to SJF)
+            # (hrr:B/k/c/e: the waits weigh (B / bound)^e, weaker under a
+            # backlog, as lsbacka's aging)
+            B, k, c, e = (arg.split("/") + ["1.25", "0", "0"])[:4]
+            B, k, c, e = float(B), float(k), float(c), float(e)
+            backlog = sum(work[s.i] for s in q) / max(1, len(self.pre))
+            bound = max(B, k * backlog)
+            urgent = [s for s in q if t - s.job.arrival + work[s.i] >= bound]
+            if urgent:
+                return min(urgent, key=lambda s: s.job.arrival), True
+            f = (B / bound) ** e
+            return max(q, key=lambda s: ((f * (t - s.job.arrival) + c)
+                                         / max(work[s.i], 1e-6), -s.job.arrival)), False
         if kind == "slow":
             # wave 7: latest start B, or a slowdown cap: urgent when waited
             # >= k x own work (and at least m seconds); oldest urgent first
