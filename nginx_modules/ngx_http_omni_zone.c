@@ -650,7 +650,8 @@ ngx_http_omni_zone_build(ngx_http_omni_main_conf_t *mcf,
  * dozen large bodies in flight, held or proxied, then shrinks its heap after
  * each burst and grows it again for the next: every body's pages are
  * faulted in and zeroed anew (brk() hundreds of times a second, page faults
- * a fifth of the worker's time at 200 KB prompts; docs/internals.md).
+ * and unmapping a tenth of the worker's time at 200 KB prompts;
+ * docs/internals.md).
  * Fixing the thresholds at the largest values glibc's own adaptation
  * reaches (a block up to 32 MiB comes from the heap, up to 64 MiB free at
  * its top is kept) keeps such a heap in place.  An operator's own

@@ -5,8 +5,8 @@ Left to itself, glibc's malloc gives the top of the heap back to the kernel
 once more than about twice its largest recent mmap()ed block lies free
 there.  A worker with a few dozen 200 KB bodies in flight then shrinks its
 heap after every burst and grows it for the next, faulting in and zeroing
-every body's pages anew: `perf` put a fifth of the worker's samples in page
-faults and unmapping at 200 KB prompts, and strace saw brk() hundreds of
+every body's pages anew: `perf` put about a tenth of the worker's samples in
+page faults and unmapping at 200 KB prompts, and strace saw brk() hundreds of
 times a second.  The module fixes malloc's thresholds in the master before
 the workers fork (ngx_http_omni_zone.c).
 
