@@ -26,9 +26,8 @@ import socket
 
 import pytest
 
-from conftest import wait_until
+from conftest import AsyncioEngine, wait_until
 from omni_ctl.tokenizer import control, wire
-from test_proxy_keepalive import ClosingEngine
 from test_tokenize_proxy import MODES
 from test_tokenizer import SYSTEM, ref_chat
 from tokmodel import hf_tok, model_dir, sim, sim_cluster  # noqa: F401 (fixtures)
@@ -226,12 +225,11 @@ WHOLE = json.dumps({"id": "c2", "object": "chat.completion", "choices": [
      "finish_reason": "stop"}]}).encode()
 
 
-class CuttingEngine(ClosingEngine):
+class CuttingEngine(AsyncioEngine):
     """Answers every POST with STREAM (chunked, one HTTP chunk per piece,
-    each written and flushed apart) or, for a non-streamed request, WHOLE
-    (test_proxy_keepalive's engine, another answer)."""
+    each written and flushed apart) or, for a non-streamed request, WHOLE."""
 
-    async def _conn(self, reader, writer):
+    async def _serve(self, reader, writer):
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
