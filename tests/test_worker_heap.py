@@ -36,6 +36,7 @@ BURST = 24            # concurrent requests, as a wrk round's 32 connections
 BODY = 256 * 1024     # bytes of prompt
 DELAY = 0.3           # the engine's answer, so a burst overlaps
 PAGE = 4096
+BODY_PAGES = BURST * BODY // PAGE     # a burst's bodies
 ANSWER = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": "m",
                      "choices": [{"index": 0, "text": "ok",
                                   "finish_reason": "length"}],
@@ -88,12 +89,15 @@ NOT_GLIBC = ("sanitizer build: the worker's allocator is ASan's, which glibc's "
              "(bash build.sh --test -- tests/test_worker_heap.py)")
 
 
-def _refaults(omni_nginx, engine, **options) -> tuple[int, int, int, object]:
-    """Page faults and resident pages (before, after) of three bursts that
-    follow a first one, and the nginx."""
-    nginx = omni_nginx(pd_policy="aggregated", core_num=1,
-                       schedule_policy="least-loaded",
-                       decode_endpoints=f"127.0.0.1:{engine.port}", **options)
+def _proxy(omni_nginx, engine):
+    return omni_nginx(pd_policy="aggregated", core_num=1, log_level="notice",
+                      schedule_policy="least-loaded",
+                      decode_endpoints=f"127.0.0.1:{engine.port}")
+
+
+def _refaults(nginx) -> tuple[int, int, int]:
+    """Page faults of the worker in three bursts that follow a first one,
+    and its resident pages before and after them."""
     [worker] = nginx.workers
     prompt = "a" * BODY
     _burst(nginx, prompt)          # the heap grows to its working size
@@ -101,23 +105,22 @@ def _refaults(omni_nginx, engine, **options) -> tuple[int, int, int, object]:
     for _ in range(3):
         _burst(nginx, prompt)
     faults, rss = _faults_and_rss(worker)
-    return faults - faults0, rss0, rss, nginx
+    return faults - faults0, rss0, rss
 
 
 def test_bursts_of_large_bodies_do_not_refault_the_heap(omni_nginx):
     if SANITIZED:
         pytest.skip(NOT_GLIBC)
     with SlowEngine() as engine:
-        refaults, rss0, rss, _ = _refaults(omni_nginx, engine)
-        body_pages = BURST * BODY // PAGE
+        refaults, rss0, rss = _refaults(_proxy(omni_nginx, engine))
         # a heap trimmed after each burst faults every body's pages in again:
         # 3 x 1,536 pages here (3,601 measured on the module before the fix,
         # 1 after)
-        assert refaults < body_pages // 4, (
+        assert refaults < BODY_PAGES // 4, (
             f"{refaults} page faults in three bursts of {BURST} x "
-            f"{BODY // 1024} KB bodies ({body_pages} pages a burst)")
+            f"{BODY // 1024} KB bodies ({BODY_PAGES} pages a burst)")
         # and the heap kept is the first burst's, not more
-        assert rss - rss0 < body_pages // 4, (rss0, rss)
+        assert rss - rss0 < BODY_PAGES // 4, (rss0, rss)
 
 
 @pytest.mark.parametrize("tunables, theirs", [
@@ -131,17 +134,11 @@ def test_an_operators_glibc_tunables_rule(omni_nginx, monkeypatch, tunables, the
     malloc tunable alone keeps the module's thresholds."""
     monkeypatch.setenv("GLIBC_TUNABLES", tunables)
     with SlowEngine() as engine:
-        if SANITIZED:
-            nginx = omni_nginx(pd_policy="aggregated", core_num=1,
-                               decode_endpoints=f"127.0.0.1:{engine.port}",
-                               log_level="notice")
-            refaults = None
-        else:
-            refaults, _, _, nginx = _refaults(omni_nginx, engine, log_level="notice")
+        nginx = _proxy(omni_nginx, engine)
+        refaults = None if SANITIZED else _refaults(nginx)[0]
     said = "omni: malloc thresholds left to GLIBC_TUNABLES" in nginx.error_log
     assert said == theirs, nginx.error_log
-    body_pages = BURST * BODY // PAGE
     if refaults is not None and theirs:
-        assert refaults > body_pages, refaults
+        assert refaults > BODY_PAGES, refaults
     elif refaults is not None:
-        assert refaults < body_pages // 4, refaults
+        assert refaults < BODY_PAGES // 4, refaults
