@@ -96,6 +96,10 @@ def test_without_the_token_a_batch_is_refused_and_changes_nothing(omni_nginx):
         err = json.loads(resp.text)["error"]
         assert err["type"] == "authentication_error" and err["code"] == 401
         assert resp.headers["www-authenticate"].startswith("Bearer")
+    # counted in the log phase, after each answer went out (another worker
+    # may not have got there when the client asks)
+    wait_until(lambda: _status(nginx)["ingest"]["unauthorized"] >= 3,
+               timeout=10, what="the refusals counted")
     st = _status(nginx)
     assert st["ingest"]["unauthorized"] == 3
     assert st["ingest"]["batches"] == 0 and st["ingest"]["records"] == 0
