@@ -126,7 +126,9 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                "\"prefill_mape\":%.4f,\"decode_mape\":%.4f,"
                "\"completion_mape\":%.4f,\"predicted_free_in_ms\":%.1f,"
                "\"prefills_in_flight\":%uD,\"dispatch_overhead_ms\":%.2f,"
-               "\"dispatch_overhead_per_1k_tokens_ms\":%.3f},"
+               "\"dispatch_overhead_per_1k_tokens_ms\":%.3f,"
+               "\"transfer_per_1k_tokens_ms\":%.3f,"
+               "\"transfer_samples\":%uL},"
                "\"cache\":{\"blocks\":%uD,\"precise\":%uD,"
                "\"approx\":%uD,\"evicted\":%uL}",
                ps.prefill_coef[0], ps.prefill_coef[1], ps.prefill_coef[2],
@@ -135,6 +137,7 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                ps.prefill_mape, ps.decode_mape, ps.completion_mape,
                wait > 0 ? (double) wait / 1000 : 0.0, ps.inflight,
                ps.reach_us / 1000, ps.reach_per_1k_us / 1000,
+               ps.transfer_per_1k_us / 1000, ps.transfer_samples,
                is.blocks, is.precise, is.approx, is.evicted);
 }
 
@@ -281,7 +284,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
 
     now_us = ngx_http_omni_now_us();
     size = 6144 + 256 + 6 * mcf->model_path.len
-           + (size_t) sh->n_slots * (1600 + NGX_HTTP_OMNI_ADDR_LEN);
+           + (size_t) sh->n_slots * (1700 + NGX_HTTP_OMNI_ADDR_LEN);
 
     body = ngx_pnalloc(r->pool, size);
     if (body == NULL) {

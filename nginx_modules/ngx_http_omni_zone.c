@@ -26,6 +26,7 @@ static void ngx_http_omni_close_fds(void *data);
 
 static ngx_int_t ngx_http_omni_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
+static uint32_t ngx_http_omni_predict_flags(ngx_http_omni_main_conf_t *mcf);
 static void ngx_http_omni_map_slots(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_log_t *log);
 static ngx_int_t ngx_http_omni_zone_agrees(ngx_http_omni_main_conf_t *mcf,
@@ -265,6 +266,17 @@ ngx_http_omni_zone_apply(ngx_http_omni_main_conf_t *mcf,
     /* requests held under the old policy are answered, never rebound for
      * the other tier (ngx_http_omni_schedule()) */
     sh->pd_policy = (uint32_t) mcf->pd_policy;
+    (void) omni_predict_set_flags(sh->predict,
+                                  ngx_http_omni_predict_flags(mcf));
+}
+
+
+/* parallel P/D: a prefill leg answers after its KV transfer */
+static uint32_t
+ngx_http_omni_predict_flags(ngx_http_omni_main_conf_t *mcf)
+{
+    return mcf->pd_policy == NGX_HTTP_OMNI_PARALLEL ? OMNI_PREDICT_TRANSFER
+                                                    : 0;
 }
 
 
@@ -553,6 +565,7 @@ ngx_http_omni_zone_build(ngx_http_omni_main_conf_t *mcf,
 
     ngx_memzero(&pcfg, sizeof(omni_predict_cfg_t));
     pcfg.max_instances = NGX_HTTP_OMNI_MAX_SLOTS;
+    pcfg.flags = ngx_http_omni_predict_flags(mcf);
 
     size = omni_predict_size(&pcfg);
     mem = ngx_slab_alloc(shpool, size);

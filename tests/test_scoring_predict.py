@@ -288,6 +288,85 @@ def test_a_transfer_after_the_service_is_learned_and_does_not_count_as_busy():
     assert p.state(0)["inflight"] == 0 and p.wait_us(0, k.done_us + 1) == 0
 
 
+def _serve_with_transfer(transfer, k_per_1k, seed, jobs=400, load=0.85,
+                         slack=20000):
+    """One instance, requests of 2k-9k tokens arriving at random (Poisson,
+    `load` of the engine's time), held by the proxy and sent when the
+    predictor says the instance frees within the slack; each prefill's answer
+    comes its KV transfer (k_per_1k us per 1,024 tokens) after the engine's
+    work, while the engine goes on with the next one.  Returns the time the
+    engine idled per request while the next request was already waiting at
+    the proxy (us), and the predictor's state."""
+    p = Predictor(1, min_us=100, transfer=transfer)
+    rnd = random.Random(seed)
+    mean = prefill_truth(5500, 0)
+    t, arrivals = 0, []
+    for _ in range(jobs):
+        t += int(rnd.expovariate(load / mean))
+        arrivals.append((t, rnd.randrange(2000, 9000)))
+    t = engine_free = idle = 0
+    waiting, inflight = [], []          # (arrival, n), (job, answer_us)
+    while arrivals or waiting or inflight:
+        while arrivals and arrivals[0][0] <= t:
+            waiting.append(arrivals.pop(0))
+        for job, done in [x for x in inflight if x[1] <= t]:
+            p.prefill_done(0, job, done)
+        inflight = [x for x in inflight if x[1] > t]
+        if waiting and len(inflight) < 2 and p.wait_us(0, t) <= slack:
+            arrived, n = waiting.pop(0)
+            job = p.dispatch_prefill(0, n, 0, t)
+            s = int(prefill_truth(n, 0) * (1 + rnd.uniform(-0.05, 0.05)))
+            start = max(t, engine_free)
+            if arrived <= engine_free < start:
+                idle += start - engine_free
+            engine_free = start + s
+            inflight.append((job, engine_free + k_per_1k * n // 1024))
+            continue
+        # the next event: an arrival, an answer, or the release
+        nxt = [x[1] for x in inflight] + [a for a, _ in arrivals[:1]]
+        if waiting and len(inflight) < 2:
+            nxt.append(t + max(p.wait_us(0, t) - slack, 1))
+        if not nxt:
+            break
+        t = max(min(nxt), t + 1)
+    return idle / jobs, p.state(0)
+
+
+def test_a_transfer_under_a_backlog_is_learned_and_frees_the_instance_early():
+    """Parallel P/D: every prefill's answer comes after its KV transfer,
+    which grows with the prompt while the engine already runs the next one.
+    Requests sent to an idle instance show the engine's work and the
+    transfer only as their sum, so without the transfer flag the service
+    model takes the transfer in and the instance counts as busy until each
+    answer: the next request, though waiting at the proxy, goes out after
+    it, and the engine idles through every transfer.  With the flag, the
+    transfer's time per token is learned from the jobs that waited for the
+    one before them (their answers' gap is their service plus their
+    transfer less the one before's), and the instance counts as free when
+    the engine's work is done."""
+    k = 7680                                # us per 1,024 tokens
+    for seed in range(3):
+        idle_off, _ = _serve_with_transfer(False, k, seed)
+        idle_on, st = _serve_with_transfer(True, k, seed)
+        assert st["transfer_samples"] >= 16, st
+        assert rel(st["transfer_per_1k_us"], k) < 0.25, st
+        # the service model is the engine's work, without the transfer
+        assert rel(st["prefill_coef"][1], TRUE_PREFILL[1]) < 0.15, st
+        assert idle_off > 4000, idle_off
+        assert idle_on < 0.3 * idle_off, (idle_on, idle_off)
+    # a serial server without a transfer learns none, and idles as before
+    idle_off, _ = _serve_with_transfer(False, 0, 0)
+    idle_on, st = _serve_with_transfer(True, 0, 0)
+    assert st["transfer_per_1k_us"] < 0.1 * k, st
+    assert idle_on < 1000 and idle_off < 1000, (idle_on, idle_off)
+    # the flag is the configuration's (parallel P/D), and nothing is learned
+    # without it
+    _, st = _serve_with_transfer(False, k, 0, jobs=60)
+    assert st["transfer_samples"] == 0
+    assert Predictor(1, transfer=True).config["transfer"] is True
+    assert Predictor(1).config["transfer"] is False
+
+
 def test_batched_completion_is_not_fitted():
     p = Predictor(1, prefill_prior=(1000, 10000, 0))
     j1 = p.dispatch_prefill(0, 1024, 0, 0)

@@ -9,7 +9,7 @@
 
 
 #define OMNI_PREDICT_MAGIC   0x3244455250494d4fULL   /* "OMIPRED2" */
-#define OMNI_PREDICT_LAYOUT  4
+#define OMNI_PREDICT_LAYOUT  5
 
 /* Predictions are clamped below this (about 11.6 days) before they become
  * integers: a converted double out of range would be undefined. */
@@ -32,6 +32,8 @@
  * REACH_CLIP_US) is clipped: one prefill mispredicted for other reasons
  * must not move it much. */
 #define OMNI_PREDICT_QUEUED_MIN     16
+/* the sums of the transfer's fit: x x' (upper triangle, row by row) */
+#define OMNI_PREDICT_XFER_AT(a, b)  ((a) * 3 - (a) * ((a) - 1) / 2 + (b) - (a))
 #define OMNI_PREDICT_REACH_CLIP_US  5000.0
 
 /* Observations are weighted by (OMNI_PREDICT_SCALE / time)^2: the fit
@@ -82,14 +84,22 @@ typedef struct {
     uint64_t            free_at_us;
     uint64_t            pending_us;   /* predicted service still in flight */
     uint64_t            last_done_us;
+    uint64_t            last_tail_us;  /* the trip of the job that came
+                                          back at last_done_us ... */
+    uint64_t            last_tokens;   /* ... and its prompt tokens */
+    uint64_t            xfer_us;       /* OMNI_PREDICT_TRANSFER, the
+                                          transfer's time per token not yet
+                                          known: how much earlier than its
+                                          answer less its trip the last job
+                                          sent is taken to free the engine
+                                          (omni_predict_xfer_us) */
     uint64_t            tail_start_us; /* predicted start of the step the
                                           last request sent waits for */
     double              reach_us;      /* learned: what a request sent to an
                                           idle instance takes beyond its
                                           service (to the engine and back),
                                           fixed part ... */
-    double              reach_k_us;    /* ... and per 1,024 prompt tokens
-                                          (a parallel leg's KV transfer) */
+    double              reach_k_us;    /* ... and per 1,024 prompt tokens */
     double              reach_sum[5];  /* its fit: forgetting sums of w,
                                           w k, w k^2, w r, w k r */
     uint64_t            tail_us;       /* the trip of the last job sent:
@@ -109,6 +119,17 @@ struct omni_predict_s {
     uint64_t            size;
     omni_predict_cfg_t  cfg;     /* resolved */
     uint64_t            off_inst;
+    /* OMNI_PREDICT_TRANSFER, one fit for all the instances (the transfer is
+     * the network's and the model's, and a run gives each instance few
+     * samples) of the jobs timed from the answer before theirs: forgetting
+     * sums of x x' (upper triangle, OMNI_PREDICT_XFER_AT) and of x e, where
+     * x = (1, the prompt of the job before, its own prompt), in 1,024
+     * tokens, and e is what the service model left over */
+    double              xfer_sum[9];
+    double              xfer_k_us;      /* their fit: the part of an answer
+                                           per 1,024 prompt tokens that is
+                                           its KV transfer ... */
+    uint64_t            xfer_samples;   /* ... in use from QUEUED_MIN */
 };
 
 
@@ -125,7 +146,8 @@ omni_predict_resolve(const omni_predict_cfg_t *in, omni_predict_cfg_t *cfg)
     int  i, zero;
 
     if (in == NULL || in->max_instances == 0
-        || in->max_instances > OMNI_PREDICT_MAX_INSTANCES || in->reserved)
+        || in->max_instances > OMNI_PREDICT_MAX_INSTANCES
+        || (in->flags & ~OMNI_PREDICT_TRANSFER))
     {
         return OMNI_EINVAL;
     }
@@ -336,6 +358,18 @@ omni_predict_get_cfg(const omni_predict_t *p, omni_predict_cfg_t *cfg)
 
 
 int
+omni_predict_set_flags(omni_predict_t *p, uint32_t flags)
+{
+    if (p == NULL || (flags & ~OMNI_PREDICT_TRANSFER)) {
+        return OMNI_EINVAL;
+    }
+
+    p->cfg.flags = flags;
+    return OMNI_OK;
+}
+
+
+int
 omni_predict_reset(omni_predict_t *p, uint32_t inst)
 {
     if (p == NULL || inst >= p->cfg.max_instances) {
@@ -390,12 +424,47 @@ omni_predict_floor(const omni_predict_t *p, double y)
 }
 
 
+/* When the engine is done with the work sent (predicted): a trip before its
+ * last answer comes back (a parallel leg's includes its KV transfer, which
+ * the engine overlaps with its next step), and while the transfer's time is
+ * not known, the exploration's margin before that. */
+static inline uint64_t
+omni_predict_busy(const omni_predict_inst_t *in)
+{
+    uint64_t  t = in->tail_us + in->xfer_us;
+
+    return in->free_at_us > t ? in->free_at_us - t : 0;
+}
+
+
+static inline int
+omni_predict_xfer_known(const omni_predict_t *p)
+{
+    return (p->cfg.flags & OMNI_PREDICT_TRANSFER)
+           && p->xfer_samples >= OMNI_PREDICT_QUEUED_MIN;
+}
+
+
 /* The trip of a job of n prompt tokens (cached ones too: a parallel leg
  * transfers the KV of the whole prompt). */
 static inline uint64_t
-omni_predict_reach(const omni_predict_inst_t *in, uint64_t n)
+omni_predict_reach(const omni_predict_t *p, const omni_predict_inst_t *in,
+    uint64_t n)
 {
-    double  r = in->reach_us + in->reach_k_us * ((double) n / 1024.0);
+    double  a, r;
+
+    if (omni_predict_xfer_known(p)) {
+        /* the time per token is the transfer's; the requests sent to an
+         * idle instance give the rest (their trips less the transfers) */
+        a = in->reach_sum[0] > 0
+            ? (in->reach_sum[3] - p->xfer_k_us * in->reach_sum[1])
+              / in->reach_sum[0]
+            : in->reach_us;
+        r = (a > 0 ? a : 0) + p->xfer_k_us * ((double) n / 1024.0);
+
+    } else {
+        r = in->reach_us + in->reach_k_us * ((double) n / 1024.0);
+    }
 
     if (!(r > 0)) {
         return 0;
@@ -418,7 +487,7 @@ omni_predict_reach_fit(const omni_predict_t *p, omni_predict_inst_t *in,
     double  lambda = p->cfg.forget, k = (double) n / 1024.0, lim, det;
     double *s = in->reach_sum;
 
-    lim = (1.0 + OMNI_PREDICT_CLIP) * (double) omni_predict_reach(in, n)
+    lim = (1.0 + OMNI_PREDICT_CLIP) * (double) omni_predict_reach(p, in, n)
           + OMNI_PREDICT_REACH_CLIP_US;
     r = r < 0 ? 0 : (r > lim ? lim : r);
 
@@ -448,6 +517,118 @@ omni_predict_reach_fit(const omni_predict_t *p, omni_predict_inst_t *in,
         in->reach_us = 0;
         in->reach_k_us = s[2] > 0 ? s[4] / s[2] : 0;
     }
+}
+
+
+/*
+ * OMNI_PREDICT_TRANSFER: the KV transfer's time per prompt token (k per
+ * 1,024), from the jobs that waited for the one before them.  A job's work
+ * on the engine and its transfer both grow with its prompt, and its answer
+ * alone cannot tell them apart (a request sent to an idle instance shows
+ * their sum, and no more).  But a job that waited answers its service after
+ * the end of the work before it, and the answer before came that one's
+ * transfer after that end: the time y between the two answers is its
+ * service plus its transfer, less the transfer of the one before.  So what
+ * the service model leaves over of y falls by k for each 1,024 tokens of
+ * the prompt before, which has nothing to do with this job's own work.
+ * Fitted on that prompt, on this job's own (whose coefficient takes the
+ * model's errors and this job's transfer, so that prompts of alike sizes in
+ * a row do not bias it) and on a constant, the first coefficient is -k.
+ * Without it the instance counted busy until each answer, through every
+ * transfer, and the next request went out after it (docs/scheduler.md,
+ * "Parallel P/D: the transfer counted busy").
+ */
+static void
+omni_predict_xfer_fit(omni_predict_t *p, const omni_predict_inst_t *in,
+    uint64_t n, double y, double predicted)
+{
+    int     a, b;
+    double  lambda = p->cfg.forget, x[3], e, lim, m[3][3], det, k;
+    double *s = p->xfer_sum;
+
+    x[0] = 1.0;
+    x[1] = (double) in->last_tokens / 1024.0;
+    x[2] = (double) n / 1024.0;
+
+    /* one service mispredicted for other reasons must not move it much */
+    e = y - predicted;
+    lim = OMNI_PREDICT_CLIP * predicted;
+    e = e > lim ? lim : (e < -lim ? -lim : e);
+
+    /* s[0..5]: the upper triangle of sum x x', s[6..8]: sum x e */
+    for (a = 0; a < 3; a++) {
+        for (b = a; b < 3; b++) {
+            s[OMNI_PREDICT_XFER_AT(a, b)] = lambda
+                * s[OMNI_PREDICT_XFER_AT(a, b)] + x[a] * x[b];
+        }
+        s[6 + a] = lambda * s[6 + a] + x[a] * e;
+    }
+
+    for (a = 0; a < 3; a++) {
+        for (b = 0; b < 3; b++) {
+            m[a][b] = s[a <= b ? OMNI_PREDICT_XFER_AT(a, b)
+                               : OMNI_PREDICT_XFER_AT(b, a)];
+        }
+    }
+
+    det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+          - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+          + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+
+    if (!(det > 1e-9 * m[0][0] * m[1][1] * m[2][2])) {
+        return;                     /* the sizes do not vary enough yet */
+    }
+
+    /* Cramer's rule for the coefficient of x[1] */
+    k = -(m[0][0] * (s[7] * m[2][2] - m[1][2] * s[8])
+          - s[6] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+          + m[0][2] * (m[1][0] * s[8] - s[7] * m[2][0])) / det;
+
+    p->xfer_k_us = k > 0 ? k : 0;
+    p->xfer_samples++;
+}
+
+
+/*
+ * The service of a job timed from the answer before it (y, OMNI_PREDICT_
+ * TRANSFER): y less the difference of the two transfers, once the time per
+ * token is known (by at most half of y: one wrong slope must not wreck
+ * the model).  The service model then learns the engine's work alone, and
+ * the transfer is the trip's (omni_predict_reach).
+ */
+static double
+omni_predict_xfer_service(const omni_predict_t *p,
+    const omni_predict_inst_t *in, const omni_predict_job_t *job, double y)
+{
+    double  d;
+
+    if (!omni_predict_xfer_known(p)) {
+        return y;
+    }
+
+    d = p->xfer_k_us * (((double) job->n_new + job->n_cached
+                         - (double) in->last_tokens) / 1024.0);
+    d = d > y / 2 ? y / 2 : (d < -y / 2 ? -y / 2 : d);
+
+    return y - d;
+}
+
+
+/*
+ * OMNI_PREDICT_TRANSFER, until the transfer's time per token is known: a job
+ * frees the engine an eighth of its predicted latency before its answer
+ * less its trip, so that some jobs go out while the engine still works,
+ * which is what times the transfer (sent only after each answer, every job
+ * looks sent to an idle engine).
+ */
+static uint64_t
+omni_predict_xfer_us(const omni_predict_t *p, uint64_t service, uint64_t tail)
+{
+    if (!(p->cfg.flags & OMNI_PREDICT_TRANSFER) || omni_predict_xfer_known(p)) {
+        return 0;
+    }
+
+    return (service + tail) / 8;
 }
 
 
@@ -693,16 +874,15 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
 
     in = &omni_predict_insts(p)[inst];
     service = omni_predict_prefill_us(p, inst, n_new, n_cached);
-    tail = omni_predict_reach(in, (uint64_t) n_new + n_cached);
+    tail = omni_predict_reach(p, in, (uint64_t) n_new + n_cached);
     if (tail > UINT32_MAX) {
         tail = UINT32_MAX;
     }
     shared = 0;
 
     /* the engine is busy until the work sent before ends, not until that
-     * work's answer is back (a parallel leg answers after its KV transfer,
-     * which the engine overlaps with its next step) */
-    busy = in->free_at_us > in->tail_us ? in->free_at_us - in->tail_us : 0;
+     * work's answer is back */
+    busy = omni_predict_busy(in);
 
     if (in->inflight > 0 && busy > now_us) {
         start = busy;
@@ -743,6 +923,8 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
 
     in->free_at_us = job->done_us;
     in->tail_us = tail;
+
+    in->xfer_us = omni_predict_xfer_us(p, (uint64_t) service, tail);
     in->pending_us += (uint64_t) service;
     in->inflight++;
 
@@ -756,7 +938,7 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
 {
     omni_predict_inst_t  *in;
     uint64_t              start, service, latency;
-    double                x[OMNI_PREDICT_DIM], r;
+    double                x[OMNI_PREDICT_DIM], r, y;
 
     if (p == NULL || job == NULL || inst >= p->cfg.max_instances) {
         return OMNI_EINVAL;
@@ -771,10 +953,21 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
                           (double) latency);
         in->completion_samples++;
 
-        /* Serial service: it started when it arrived or when the request
-         * before it finished, whichever was later. */
+        /*
+         * Serial service: it started when it arrived or when the request
+         * before it finished, whichever was later.  That one finished a
+         * trip before its answer came back (a parallel leg's KV transfer
+         * and the way back): a job sent after that found the engine free,
+         * and is timed as sent to an idle one.  Timed from the answer
+         * instead, the trip went into the service model and out of the
+         * learned trip, so the instance counted busy through every
+         * transfer and the next job was sent that much late, each time
+         * (docs/scheduler.md, "Parallel P/D: the transfer counted busy").
+         */
         start = job->dispatch_us;
-        if (in->last_done_us > start && in->last_done_us <= done_us) {
+        if (in->last_done_us > start && in->last_done_us <= done_us
+            && start + in->last_tail_us < in->last_done_us)
+        {
             start = in->last_done_us;
         }
         service = done_us - start;
@@ -786,13 +979,23 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
             /* nothing to learn */
 
         } else if (start != job->dispatch_us) {
-            /* timed from the completion of the one before: its service */
+            /* timed from the completion of the one before: its service
+             * and the difference of the two trips */
             if ((double) service >= OMNI_PREDICT_BATCHED
                                     * (double) job->service_us)
             {
+                y = (double) service;
+
+                if (p->cfg.flags & OMNI_PREDICT_TRANSFER) {
+                    omni_predict_xfer_fit(p, in,
+                        (uint64_t) job->n_new + job->n_cached, y,
+                        omni_predict_floor(p, omni_predict_dot(
+                                                  in->prefill.coef, x)));
+                    y = omni_predict_xfer_service(p, in, job, y);
+                }
+
                 omni_predict_rls_update(p, &in->prefill,
-                                        p->cfg.prefill_prior, x,
-                                        (double) service);
+                                        p->cfg.prefill_prior, x, y);
                 in->queued_samples++;
             }
 
@@ -818,6 +1021,10 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
 
     if (done_us > in->last_done_us) {
         in->last_done_us = done_us;
+        in->last_tail_us = job->tail_us
+                           + omni_predict_xfer_us(p, job->service_us,
+                                                  job->tail_us);
+        in->last_tokens = (uint64_t) job->n_new + job->n_cached;
     }
 
     if (in->inflight > 0) {
@@ -832,6 +1039,7 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
     if (in->inflight == 0) {
         in->pending_us = 0;
         in->tail_us = 0;
+        in->xfer_us = 0;
         in->free_at_us = done_us;
 
     } else {
@@ -859,7 +1067,7 @@ omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
     }
 
     /* the engine's work ends a trip before its answer comes back */
-    busy = in->free_at_us > in->tail_us ? in->free_at_us - in->tail_us : 0;
+    busy = omni_predict_busy(in);
     if (busy > now_us + (uint64_t) p->cfg.min_us) {
         return (int64_t) (busy - now_us);
     }
@@ -882,6 +1090,7 @@ omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
 int64_t
 omni_predict_end_us(const omni_predict_t *p, uint32_t inst)
 {
+    uint64_t                    busy;
     const omni_predict_inst_t  *in;
 
     if (p == NULL || inst >= p->cfg.max_instances) {
@@ -893,8 +1102,24 @@ omni_predict_end_us(const omni_predict_t *p, uint32_t inst)
         return 0;
     }
 
-    return (int64_t) (in->free_at_us > in->tail_us
-                      ? in->free_at_us - in->tail_us : 1);
+    busy = omni_predict_busy(in);
+
+    return (int64_t) (busy > 0 ? busy : 1);
+}
+
+
+int64_t
+omni_predict_answer_us(const omni_predict_t *p, uint32_t inst)
+{
+    const omni_predict_inst_t  *in;
+
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    in = &omni_predict_insts(p)[inst];
+
+    return in->inflight == 0 ? 0 : (int64_t) in->free_at_us;
 }
 
 
@@ -941,6 +1166,8 @@ omni_predict_state(const omni_predict_t *p, uint32_t inst,
     out->inflight = in->inflight;
     out->reach_us = in->reach_us;
     out->reach_per_1k_us = in->reach_k_us;
+    out->transfer_per_1k_us = p->xfer_k_us;
+    out->transfer_samples = p->xfer_samples;
 
     return OMNI_OK;
 }

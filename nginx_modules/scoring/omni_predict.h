@@ -47,11 +47,18 @@ extern "C" {
 #define OMNI_PREDICT_DIM            3
 #define OMNI_PREDICT_MAX_INSTANCES  65536
 
+/* A prefill's answer comes after the transfer of its prompt's KV to another
+ * instance, which the engine overlaps with its next work (parallel P/D).
+ * The transfer's time per token is learned from the answers (one fit for
+ * all the instances) and the instance counts as free that much before each
+ * answer; until it is known, an eighth of the work sent before. */
+#define OMNI_PREDICT_TRANSFER       1u
+
 typedef struct omni_predict_s  omni_predict_t;
 
 typedef struct {
     uint32_t  max_instances;
-    uint32_t  reserved;                        /* must be 0 */
+    uint32_t  flags;                           /* OMNI_PREDICT_TRANSFER */
     double    forget;                          /* (0.5, 1]; 0: 0.98 */
     double    prior_var;                       /* > 0; 0: 100 (the prior
                                                   weighs 1/prior_var) */
@@ -94,6 +101,10 @@ typedef struct {
                                      instance takes beyond its service:
                                      fixed part ... */
     double    reach_per_1k_us;    /* ... and per 1,024 prompt tokens */
+    double    transfer_per_1k_us; /* OMNI_PREDICT_TRANSFER: the part of an
+                                     answer per 1,024 prompt tokens that is
+                                     its KV transfer (the engine is free) */
+    uint64_t  transfer_samples;   /* fitted on (QUEUED_MIN: in use) */
 } omni_predict_state_t;
 
 size_t omni_predict_size(const omni_predict_cfg_t *cfg);
@@ -107,6 +118,8 @@ void omni_predict_get_cfg(const omni_predict_t *p, omni_predict_cfg_t *cfg);
 
 /* Forget everything learned about instance inst (new engine behind it). */
 int omni_predict_reset(omni_predict_t *p, uint32_t inst);
+/* A configuration's flags (OMNI_PREDICT_TRANSFER) changed on reload. */
+int omni_predict_set_flags(omni_predict_t *p, uint32_t flags);
 
 /* ---- models -------------------------------------------------------------- */
 
@@ -170,6 +183,10 @@ int64_t omni_predict_decode_wait_us(const omni_predict_t *p, uint32_t inst,
  * end already past is returned as it is: the work has overrun it.
  */
 int64_t omni_predict_end_us(const omni_predict_t *p, uint32_t inst);
+
+/* Predicted return of the last answer of the prefill jobs in flight on
+ * instance inst (their end plus the last one's trip); 0 when none is. */
+int64_t omni_predict_answer_us(const omni_predict_t *p, uint32_t inst);
 
 int omni_predict_state(const omni_predict_t *p, uint32_t inst,
     omni_predict_state_t *out);

@@ -522,13 +522,16 @@ class Predictor:
     factor), ``prior_var`` (how quickly data overrides the priors),
     ``mape_alpha`` (weight of the newest error in the running MAPE),
     ``min_us`` (prediction floor), ``prefill_prior`` and ``decode_prior``
-    (three coefficients each, in us).
+    (three coefficients each, in us), ``transfer`` (a prefill's answer
+    comes after its KV transfer: parallel P/D).
     """
 
     def __init__(self, num_instances, *, forget=0, prior_var=0, mape_alpha=0,
-                 min_us=0, prefill_prior=None, decode_prior=None):
+                 min_us=0, prefill_prior=None, decode_prior=None,
+                 transfer=False):
         cfg = ffi.new("omni_predict_cfg_t *", {
             "max_instances": num_instances,
+            "flags": lib.OMNI_PREDICT_TRANSFER if transfer else 0,
             "forget": forget,
             "prior_var": prior_var,
             "mape_alpha": mape_alpha,
@@ -547,6 +550,7 @@ class Predictor:
         lib.omni_predict_get_cfg(self._h, c)
         return {
             "max_instances": c.max_instances,
+            "transfer": bool(c.flags & lib.OMNI_PREDICT_TRANSFER),
             "forget": c.forget,
             "prior_var": c.prior_var,
             "mape_alpha": c.mape_alpha,
@@ -602,6 +606,12 @@ class Predictor:
         there (0: none); past ``now`` when they overran it."""
         return check(lib.omni_predict_end_us(self._h, instance), "end_us")
 
+    def answer_us(self, instance):
+        """Predicted return of the last answer of the prefills in flight
+        there (0: none): their end plus the last one's trip."""
+        return check(lib.omni_predict_answer_us(self._h, instance),
+                     "answer_us")
+
     def decode_wait_us(self, instance, batch, kv_tokens, max_batch,
                        min_remaining_tokens):
         return check(lib.omni_predict_decode_wait_us(
@@ -625,6 +635,8 @@ class Predictor:
             "inflight": s.inflight,
             "reach_us": s.reach_us,
             "reach_per_1k_us": s.reach_per_1k_us,
+            "transfer_per_1k_us": s.transfer_per_1k_us,
+            "transfer_samples": s.transfer_samples,
         }
 
     def reset(self, instance):
@@ -813,7 +825,10 @@ def decide_prefill(predictor, candidates, cached_blocks, block_size,
     an instance over its batch budget may take the request during the last
     step of its work (omni_policy.h), unless it is ``starved`` (it goes
     first for having waited past the starvation bound; its cost to the
-    others, ``waiting`` and ``arrival_gap_us``, is then not weighed)."""
+    others, ``waiting`` and ``arrival_gap_us``, is then not weighed).  Over
+    its budget, an instance whose work is predicted done while its answer is
+    still more than the slack away (a KV transfer: parallel P/D) may take
+    any request."""
     arr = _prefill_array(candidates)
     cached = list(cached_blocks or ())
     blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
