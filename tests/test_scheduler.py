@@ -332,6 +332,60 @@ def test_over_its_budget_an_instance_takes_the_next_one_during_its_last_step(
             assert n["arrival_unix"] >= end, (blocker_tokens, step_tokens, b, n)
 
 
+@pytest.mark.parametrize("starve", ["60s", "1ms"])
+def test_parallel_an_instance_takes_the_next_one_while_its_kv_transfers(
+        omni_nginx, tmp_path, starve):
+    """Parallel P/D (SGLang): a prefill leg answers after its KV transfer,
+    which the engine overlaps with its next work.  The instance is over its
+    batch budget (omni_max_batch_num_token 1) until that answer, but once
+    its work is predicted done it is free: the next request, held in the
+    proxy meanwhile, reaches the engine before the blocker's answer comes
+    back, and still not before the blocker's work is over.  A starved one
+    too (a starvation timeout of 1 ms: every held request starves), which
+    the last-step rule does not let go early.  Counted busy until the
+    answer, the engine idled through every transfer (docs/scheduler.md,
+    "Parallel P/D: the transfer counted busy")."""
+    with SimCluster(prefill=1, decode=1, engine="sglang",
+                    preset="llama3-8b-h100", args=["--speedup", "0.5"]) as sim:
+        nginx = omni_nginx(pd_policy="parallel",
+                           prefill_endpoints=sim.prefill_endpoints[0],
+                           decode_endpoints=sim.decode_endpoints[0],
+                           schedule_policy="omni", max_batch_num_token=1,
+                           prefill_step_tokens=8192,
+                           prefill_starvation_timeout=starve,
+                           access_log_file=str(tmp_path / "access.log"))
+        tag = time.monotonic_ns()
+        for k, n in enumerate((4000, 12000, 8000, 4000, 12000, 8000)):
+            _post(nginx, {"prompt": _tokens(n, f"w{k}{tag}"), "max_tokens": 1},
+                  f"warm-{k}-{tag}")
+        _idle(nginx)
+        bid, rid = f"block-{tag}", f"next-{tag}"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            blocker = pool.submit(_post, nginx,
+                                  {"prompt": _tokens(12000, f"b{bid}"),
+                                   "max_tokens": 1}, bid)
+            _wait_busy(nginx, "prefill")
+            time.sleep(0.05)
+            _post(nginx, {"prompt": _tokens(400, f"n{rid}"), "max_tokens": 1}, rid)
+            blocker.result(timeout=60)
+        _idle(nginx)
+        rec = _prefill_records(sim, {bid, rid}, tmp_path)
+        log = _access(tmp_path)
+    b, n = rec[bid], rec[rid]
+    end = b["arrival_unix"] + b["ttft_s"]
+    answer = int(log[bid]["start_us"]) / 1e6 + int(log[bid]["prefill_ms"]) / 1e3
+    # the transfer after the blocker's work (tens of ms here) is what the
+    # engine would idle through
+    assert answer - end > 0.04, (b, log[bid])
+    assert int(log[rid]["queue_ms"]) > 100, log[rid]
+    assert log[rid]["release"] == ("starved" if starve == "1ms" else "order")
+    # at the engine within the first half of the transfer (counted busy
+    # until the answer, it came 90% of the way through, or after it)
+    assert n["arrival_unix"] < end + (answer - end) / 2, (end, answer, n, log[rid])
+    # and not into the blocker's work
+    assert n["arrival_unix"] + n["queue_s"] >= end - 0.002, (end, n)
+
+
 def test_past_the_starvation_timeout_the_oldest_goes_first(omni_nginx, one_by_one,
                                                           tmp_path):
     """Under a backlog every request is past the starvation timeout.  Among

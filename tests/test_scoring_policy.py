@@ -368,6 +368,53 @@ def test_decide_over_the_budget_takes_the_next_one_during_the_last_step():
     assert d.hold and d.retry_us == 40_000
 
 
+def test_decide_over_the_budget_takes_the_next_one_while_the_kv_transfers():
+    """Parallel P/D: a prefill's answer comes after its KV transfer, which
+    the engine overlaps with its next work.  Once the work is predicted
+    done and the answer is still more than the slack away, the instance is
+    free, though its tokens count against the budget until that answer:
+    any request may take it then, a starved one too (it is no early
+    binding: the work is over).  Not while the work runs (outside its last
+    step), not once the answer too is late (the work has overrun), and not
+    when the answer is a plain trip away (sequential P/D: within the
+    slack)."""
+    pred = Predictor(1, prefill_prior=(2000, 100_000, 0), transfer=True)
+    now = 10_000_000
+    job = pred.dispatch_prefill(0, 20_000, 0, now_us=now)
+    end, ans = pred.end_us(0), pred.answer_us(0)
+    # until the transfer's time is learned, an eighth of the latency
+    assert ans == job.done_us and ans - end >= (job.done_us - now) // 8
+
+    def decide(at, starved=False):
+        c = [PrefillCandidate(0, running=1, inflight_tokens=20_000,
+                              max_running=16, max_tokens=16384)]
+        d = _decide(pred, c, 4000, at, step_tokens=8192, starved=starved)
+        return d, c
+
+    for starved in (False, True):
+        d, c = decide(end + 1000, starved)
+        assert d.choice == 0, (starved, d)
+        # (ans - slack, ans]: the answer is due within the slack
+        d, c = decide(ans - 10_000, starved)
+        assert d.hold and c[0].wait_us == 20_001, (starved, d)
+        d, c = decide(ans + 5_000, starved)
+        assert d.hold and c[0].wait_us == 20_001, (starved, d)
+    # before the end, a starved request waits for the answer (its last step
+    # is no place for it), a request in the order takes the last step
+    d, c = decide(end - 20_000, starved=True)
+    assert d.hold and c[0].wait_us == 20_001
+    assert decide(end - 20_000)[0].choice == 0
+    # sequential P/D: the same work, its answer a plain trip after its end
+    seq = _pred(1)
+    seq.dispatch_prefill(0, 20_000, 0, now_us=now)
+    assert seq.answer_us(0) - seq.end_us(0) < 20_000
+    c = [PrefillCandidate(0, running=1, inflight_tokens=20_000,
+                          max_running=16, max_tokens=16384)]
+    d = _decide(seq, c, 4000, seq.end_us(0) + 1000, step_tokens=8192,
+                starved=True)
+    assert d.hold and c[0].wait_us == 20_001
+
+
 def test_decide_a_starved_request_weighs_its_own_ttft_only():
     """What a prefill costs the requests waiting is weighed for a request in
     the order, not for one released for having starved: that one goes ahead

@@ -224,6 +224,32 @@ omni_policy_last_step_open(const omni_predict_t *p,
 
 
 /*
+ * The work in flight is predicted done, and its answer is still more than
+ * the slack away: a KV transfer (parallel P/D), which the engine overlaps
+ * with its next work.  The engine is free, though the tokens come back only
+ * with the answer; counted busy until then, it idled through every transfer
+ * while the next request waited at the proxy (docs/scheduler.md, "Parallel
+ * P/D: the transfer counted busy").  Not when the answer too is late: then
+ * the work has overrun.  This is not an early binding: a starved request
+ * may take it too.
+ */
+static int
+omni_policy_transferring(const omni_predict_t *p,
+    const omni_prefill_cand_t *c, uint64_t now_us, uint64_t slack)
+{
+    int64_t  end, ans;
+
+    end = omni_predict_end_us(p, c->inst);
+    if (end <= 0 || (uint64_t) end > now_us) {
+        return 0;
+    }
+
+    ans = omni_predict_answer_us(p, c->inst);
+    return ans > 0 && (uint64_t) ans > now_us + slack;
+}
+
+
+/*
  * Engines batch in steps: what reaches an instance while a step runs waits
  * for the next one, and everything waiting then shares it.  A request that
  * waits there for the next step (or for its first one, just sent) and has
@@ -270,7 +296,8 @@ omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,
             && c[i].wait_us <= limit)
         {
             if (!omni_policy_last_step_open(p, &c[i], now_us, slack,
-                                            step_tokens))
+                                            step_tokens)
+                && !omni_policy_transferring(p, &c[i], now_us, slack))
             {
                 c[i].wait_us = limit + 1;
             }

@@ -264,7 +264,11 @@ int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  *     engine during the last step, not before it (it would share it).
  *     Not for a `starved` request: bound early, it waits in the engine
  *     when that work overruns its prediction, by up to hundreds of ms for
- *     the long prefills of a tail, for a gain of a few ms;
+ *     the long prefills of a tail, for a gain of a few ms.  And for any
+ *     request, once that work is predicted done (omni_predict_end_us())
+ *     while its answer is still more than hold_slack_us away
+ *     (omni_predict_answer_us(): a KV transfer, parallel P/D): the engine
+ *     is free, its tokens come back with the answer;
  *   - with a deadline: when some candidate (not flagged, below
  *     max_running) would finish it by the deadline (now + wait + prefill),
  *     the ones that would not are flagged DRAINING: placement keeps it on
