@@ -32,8 +32,6 @@
  * REACH_CLIP_US) is clipped: one prefill mispredicted for other reasons
  * must not move it much. */
 #define OMNI_PREDICT_QUEUED_MIN     16
-/* the sums of the transfer's fit: x x' (upper triangle, row by row) */
-#define OMNI_PREDICT_XFER_AT(a, b)  ((a) * 3 - (a) * ((a) - 1) / 2 + (b) - (a))
 #define OMNI_PREDICT_REACH_CLIP_US  5000.0
 
 /* Observations are weighted by (OMNI_PREDICT_SCALE / time)^2: the fit
@@ -122,15 +120,20 @@ struct omni_predict_s {
     /* OMNI_PREDICT_TRANSFER, one fit for all the instances (the transfer is
      * the network's and the model's, and a run gives each instance few
      * samples) of the jobs timed from the answer before theirs: forgetting
-     * sums of x x' (upper triangle, OMNI_PREDICT_XFER_AT) and of x e, where
-     * x = (1, the prompt of the job before, its own prompt), in 1,024
-     * tokens, and e is what the service model left over */
-    double              xfer_sum[9];
+     * sums of x x' (row by row) and of x e, where x = (1, the prompt of the
+     * job before, its own prompt), in 1,024 tokens, and e is what the
+     * service model left over */
+    double              xfer_xx[OMNI_PREDICT_DIM * OMNI_PREDICT_DIM];
+    double              xfer_xe[OMNI_PREDICT_DIM];
     double              xfer_k_us;      /* their fit: the part of an answer
                                            per 1,024 prompt tokens that is
                                            its KV transfer ... */
     uint64_t            xfer_samples;   /* ... in use from QUEUED_MIN */
 };
+
+
+static int omni_predict_solve_subset(const double *a, const double *b,
+    unsigned free, double *c);
 
 
 static inline omni_predict_inst_t *
@@ -543,8 +546,8 @@ omni_predict_xfer_fit(omni_predict_t *p, const omni_predict_inst_t *in,
     uint64_t n, double y, double predicted)
 {
     int     a, b;
-    double  lambda = p->cfg.forget, x[3], e, lim, m[3][3], det, k;
-    double *s = p->xfer_sum;
+    double  lambda = p->cfg.forget, x[OMNI_PREDICT_DIM], c[OMNI_PREDICT_DIM],
+            e, lim, det, *m = p->xfer_xx;
 
     x[0] = 1.0;
     x[1] = (double) in->last_tokens / 1024.0;
@@ -555,36 +558,27 @@ omni_predict_xfer_fit(omni_predict_t *p, const omni_predict_inst_t *in,
     lim = OMNI_PREDICT_CLIP * predicted;
     e = e > lim ? lim : (e < -lim ? -lim : e);
 
-    /* s[0..5]: the upper triangle of sum x x', s[6..8]: sum x e */
-    for (a = 0; a < 3; a++) {
-        for (b = a; b < 3; b++) {
-            s[OMNI_PREDICT_XFER_AT(a, b)] = lambda
-                * s[OMNI_PREDICT_XFER_AT(a, b)] + x[a] * x[b];
+    for (a = 0; a < OMNI_PREDICT_DIM; a++) {
+        for (b = 0; b < OMNI_PREDICT_DIM; b++) {
+            m[a * OMNI_PREDICT_DIM + b] = lambda * m[a * OMNI_PREDICT_DIM + b]
+                                          + x[a] * x[b];
         }
-        s[6 + a] = lambda * s[6 + a] + x[a] * e;
+        p->xfer_xe[a] = lambda * p->xfer_xe[a] + x[a] * e;
     }
 
-    for (a = 0; a < 3; a++) {
-        for (b = 0; b < 3; b++) {
-            m[a][b] = s[a <= b ? OMNI_PREDICT_XFER_AT(a, b)
-                               : OMNI_PREDICT_XFER_AT(b, a)];
-        }
-    }
+    det = m[0] * (m[4] * m[8] - m[5] * m[7])
+          - m[1] * (m[3] * m[8] - m[5] * m[6])
+          + m[2] * (m[3] * m[7] - m[4] * m[6]);
 
-    det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-          - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-          + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
-
-    if (!(det > 1e-9 * m[0][0] * m[1][1] * m[2][2])) {
+    if (!(det > 1e-9 * m[0] * m[4] * m[8])
+        || omni_predict_solve_subset(m, p->xfer_xe,
+                                     (1u << OMNI_PREDICT_DIM) - 1, c)
+           != OMNI_OK)
+    {
         return;                     /* the sizes do not vary enough yet */
     }
 
-    /* Cramer's rule for the coefficient of x[1] */
-    k = -(m[0][0] * (s[7] * m[2][2] - m[1][2] * s[8])
-          - s[6] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-          + m[0][2] * (m[1][0] * s[8] - s[7] * m[2][0])) / det;
-
-    p->xfer_k_us = k > 0 ? k : 0;
+    p->xfer_k_us = c[1] < 0 ? -c[1] : 0;
     p->xfer_samples++;
 }
 
