@@ -289,7 +289,7 @@ def test_a_transfer_after_the_service_is_learned_and_does_not_count_as_busy():
 
 
 def _serve_with_transfer(transfer, k_per_1k, seed, jobs=400, load=0.85,
-                         slack=20000):
+                         slack=20000, predictor=None):
     """One instance, requests of 2k-9k tokens arriving at random (Poisson,
     `load` of the engine's time), held by the proxy and sent when the
     predictor says the instance frees within the slack; each prefill's answer
@@ -297,7 +297,7 @@ def _serve_with_transfer(transfer, k_per_1k, seed, jobs=400, load=0.85,
     work, while the engine goes on with the next one.  Returns the time the
     engine idled per request while the next request was already waiting at
     the proxy (us), and the predictor's state."""
-    p = Predictor(1, min_us=100, transfer=transfer)
+    p = predictor or Predictor(1, min_us=100, transfer=transfer)
     rnd = random.Random(seed)
     mean = prefill_truth(5500, 0)
     t, arrivals = 0, []
@@ -365,6 +365,60 @@ def test_a_transfer_under_a_backlog_is_learned_and_frees_the_instance_early():
     assert st["transfer_samples"] == 0
     assert Predictor(1, transfer=True).config["transfer"] is True
     assert Predictor(1).config["transfer"] is False
+
+
+def test_an_answer_out_of_order_frees_the_instance_through_the_transfers():
+    """Parallel P/D: the engine serves in order, but a short prompt sent
+    behind a long one is often answered first (its KV transfer is shorter).
+    The engine is then past both, the long one transferring.  The short
+    one's answer re-anchored the instance at its end plus the service of
+    every job still in flight, the long one's too: the instance counted
+    busy for that service again (seconds, for a long prompt), and the next
+    request waited for the long one's answer.  It counts free now, with the
+    long one's answer still to come, and neither answer is fitted (where
+    each stood in the engine is not known)."""
+    k = 7680
+    p = Predictor(1, min_us=100, transfer=True)
+    _serve_with_transfer(True, k, 0, predictor=p)
+    st = p.state(0)
+    assert st["inflight"] == 0 and st["transfer_samples"] >= 16, st
+    samples = st["prefill_samples"]
+    t = st["free_at_us"] + 1_000_000
+    long = p.dispatch_prefill(0, 9000, 0, t)
+    short = p.dispatch_prefill(0, 200, 0, t + 5000)         # queued behind it
+    end = t + int(prefill_truth(9000, 0)) + int(prefill_truth(200, 0))
+    short_answer = end + k * 200 // 1024
+    long_answer = t + int(prefill_truth(9000, 0)) + k * 9000 // 1024
+    assert short_answer < long_answer - 20000
+    p.prefill_done(0, short, short_answer)
+    now = short_answer + 1000
+    assert p.state(0)["inflight"] == 1
+    assert p.end_us(0) <= now                          # the engine's work is done
+    assert p.wait_us(0, now) <= 1000
+    assert p.answer_us(0) >= long.done_us > now + 20000  # the long one's to come
+    p.prefill_done(0, long, long_answer)
+    st = p.state(0)
+    assert st["inflight"] == 0 and st["prefill_samples"] == samples, st
+    assert p.end_us(0) == 0 and p.answer_us(0) == 0
+    # in order, the same two are timed as before: the short one from the
+    # long one's answer
+    t = long_answer + 1_000_000
+    long = p.dispatch_prefill(0, 9000, 0, t)
+    short = p.dispatch_prefill(0, 1000, 0, t + 5000)
+    p.prefill_done(0, long, t + int(prefill_truth(9000, 0)) + 1000)
+    p.prefill_done(0, short, t + int(prefill_truth(9000, 0))
+                   + int(prefill_truth(1000, 0)) + 1000)
+    assert p.state(0)["prefill_samples"] == samples + 1
+    # a job that failed behind a long one (it may never have reached the
+    # engine) says nothing of how far the engine is: the long one's work
+    # still counts
+    t += 10_000_000
+    long = p.dispatch_prefill(0, 9000, 0, t)
+    bad = p.dispatch_prefill(0, 200, 0, t + 5000)
+    p.prefill_done(0, bad, t + 6000, ok=False)
+    assert p.end_us(0) >= long.done_us - long.tail_us
+    p.prefill_done(0, long, long.done_us)
+    assert p.state(0)["inflight"] == 0
 
 
 def test_batched_completion_is_not_fitted():

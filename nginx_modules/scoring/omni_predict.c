@@ -9,7 +9,7 @@
 
 
 #define OMNI_PREDICT_MAGIC   0x3244455250494d4fULL   /* "OMIPRED2" */
-#define OMNI_PREDICT_LAYOUT  5
+#define OMNI_PREDICT_LAYOUT  6
 
 /* Predictions are clamped below this (about 11.6 days) before they become
  * integers: a converted double out of range would be undefined. */
@@ -104,6 +104,15 @@ typedef struct {
                                           the end of its leg the instance
                                           does not spend on it */
     uint64_t            queued_samples; /* fitted, timed from the one before */
+    uint64_t            sent_us;       /* the service sent so far, summed:
+                                          a job's place in the queue is the
+                                          sum at its dispatch, its own in */
+    uint64_t            frontier_us;   /* the place of the newest job
+                                          answered: the engine serves in
+                                          order, so it is past every job
+                                          placed before */
+    uint64_t            answer_max_us; /* the latest answer predicted for
+                                          the jobs sent since it was idle */
     uint64_t            completion_samples;
     double              completion_mape;
     uint32_t            inflight;
@@ -920,6 +929,11 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
 
     in->xfer_us = omni_predict_xfer_us(p, (uint64_t) service, tail);
     in->pending_us += (uint64_t) service;
+    in->sent_us += (uint64_t) service;
+    job->sent_at_us = in->sent_us;
+    if (job->done_us > in->answer_max_us) {
+        in->answer_max_us = job->done_us;
+    }
     in->inflight++;
 
     return OMNI_OK;
@@ -931,14 +945,28 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
     const omni_predict_job_t *job, uint64_t done_us, int ok)
 {
     omni_predict_inst_t  *in;
-    uint64_t              start, service, latency;
+    uint64_t              start, service, latency, after;
     double                x[OMNI_PREDICT_DIM], r, y;
+    int                   newest, in_order;
 
     if (p == NULL || job == NULL || inst >= p->cfg.max_instances) {
         return OMNI_EINVAL;
     }
 
     in = &omni_predict_insts(p)[inst];
+
+    /*
+     * The engine serves in order; the answers need not come back in order.
+     * A parallel leg's answer comes after its KV transfer, which grows with
+     * its prompt, so a short prompt sent behind a long one is often back
+     * first.  The newest job answered (the frontier) tells how far the
+     * engine is: every job sent before it is done too, whether its answer
+     * is back or not.  A job answered right after the one before it is
+     * in order, and only such a job is timed from that one's answer.  A
+     * failed job says nothing of the engine (it may never have reached it).
+     */
+    newest = ok && job->sent_at_us > in->frontier_us;
+    in_order = job->sent_at_us - job->service_us == in->frontier_us;
 
     if (ok && done_us >= job->dispatch_us) {
         latency = done_us - job->dispatch_us;
@@ -968,8 +996,9 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
 
         omni_predict_prefill_x(x, job->n_new, job->n_cached);
 
-        /* a request that shared a step is not timed on its own */
-        if (job->shared) {
+        /* a request that shared a step is not timed on its own, nor one
+         * answered out of order (its place in the engine is not known) */
+        if (job->shared || !in_order) {
             /* nothing to learn */
 
         } else if (start != job->dispatch_us) {
@@ -1013,7 +1042,10 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
         }
     }
 
-    if (done_us > in->last_done_us) {
+    if (newest) {
+        /* the one the next job is timed from (an older job's answer,
+         * late, has nothing to do with the next job's start) */
+        in->frontier_us = job->sent_at_us;
         in->last_done_us = done_us;
         in->last_tail_us = job->tail_us
                            + omni_predict_xfer_us(p, job->service_us,
@@ -1035,11 +1067,22 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
         in->tail_us = 0;
         in->xfer_us = 0;
         in->free_at_us = done_us;
+        in->frontier_us = in->sent_us;
+        in->answer_max_us = 0;
 
-    } else {
+    } else if (newest) {
+        /* the work left is what was sent after it: the jobs sent before it
+         * and still in flight are past the engine, in their transfers
+         * (counting them, the instance looked busy for their service once
+         * more after this one's end: seconds, when a short prompt overtook
+         * a long one) */
+        after = in->sent_us - job->sent_at_us;
         in->free_at_us = (done_us > job->tail_us ? done_us - job->tail_us : 0)
-                         + in->pending_us + in->tail_us;
+                         + (after < in->pending_us ? after : in->pending_us)
+                         + in->tail_us;
     }
+
+    /* (an older job answered late, or a failed one: nothing moves) */
 
     return OMNI_OK;
 }
@@ -1113,7 +1156,19 @@ omni_predict_answer_us(const omni_predict_t *p, uint32_t inst)
 
     in = &omni_predict_insts(p)[inst];
 
-    return in->inflight == 0 ? 0 : (int64_t) in->free_at_us;
+    if (in->inflight == 0) {
+        return 0;
+    }
+
+    /* jobs sent before the newest one answered and still in flight: past
+     * the engine, in their transfers, whose answers are still to come */
+    if (in->pending_us > in->sent_us - in->frontier_us
+        && in->answer_max_us > in->free_at_us)
+    {
+        return (int64_t) in->answer_max_us;
+    }
+
+    return (int64_t) in->free_at_us;
 }
 
 

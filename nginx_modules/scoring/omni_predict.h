@@ -82,6 +82,8 @@ typedef struct {
     uint32_t  tail_us;       /* predicted trip after its service (in
                                 done_us): to the proxy, and a parallel
                                 leg's KV transfer; the engine is free */
+    uint64_t  sent_at_us;    /* its place in the instance's queue: the
+                                service sent there so far, its own too */
 } omni_predict_job_t;
 
 /* One instance's model and state, for /omni/status. */

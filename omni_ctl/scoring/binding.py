@@ -509,6 +509,7 @@ class PrefillJob:
     start_us: int = 0
     shared: bool = False
     tail_us: int = 0        # in done_us: the trip back (and KV transfer)
+    sent_at_us: int = 0     # its place in the instance's queue
 
 
 def _predict_free(handle):
@@ -585,7 +586,7 @@ class Predictor:
               "dispatch_prefill")
         return PrefillJob(job.n_new, job.n_cached, job.dispatch_us,
                           job.service_us, job.done_us, job.start_us,
-                          bool(job.shared), job.tail_us)
+                          bool(job.shared), job.tail_us, job.sent_at_us)
 
     def prefill_done(self, instance, job, done_us, ok=True):
         c = ffi.new("omni_predict_job_t *", {
@@ -593,6 +594,7 @@ class Predictor:
             "dispatch_us": job.dispatch_us, "service_us": job.service_us,
             "done_us": job.done_us, "start_us": job.start_us,
             "shared": int(job.shared), "tail_us": job.tail_us,
+            "sent_at_us": job.sent_at_us,
         })
         check(lib.omni_predict_prefill_done(self._h, instance, c, done_us,
                                             int(bool(ok))), "prefill_done")
