@@ -386,6 +386,65 @@ def test_parallel_an_instance_takes_the_next_one_while_its_kv_transfers(
     assert n["arrival_unix"] + n["queue_s"] >= end - 0.002, (end, n)
 
 
+def test_parallel_a_short_prompt_answered_before_the_long_one_frees_the_instance(
+        omni_nginx, tmp_path):
+    """Parallel P/D (SGLang): the engine serves in order, but a short prompt
+    queued behind a long one is answered first, its transfer being short,
+    while the long one's transfer still runs.  The engine is then past both.
+    The predictor re-anchored the instance at the short one's end plus the
+    long one's service once more, so the next request, held meanwhile, went
+    out only at the long one's answer; now it reaches the engine right after
+    the short one's answer (docs/scheduler.md, "Parallel P/D: answers out of
+    order")."""
+    with SimCluster(prefill=1, decode=1, engine="sglang",
+                    preset="llama3-8b-h100", args=["--speedup", "0.5"]) as sim:
+        nginx = omni_nginx(pd_policy="parallel",
+                           prefill_endpoints=sim.prefill_endpoints[0],
+                           decode_endpoints=sim.decode_endpoints[0],
+                           schedule_policy="omni", max_batch_num_token=1,
+                           prefill_step_tokens=8192,
+                           access_log_file=str(tmp_path / "access.log"))
+        tag = time.monotonic_ns()
+        for k, n in enumerate((4000, 12000, 8000, 4000, 12000, 8000)):
+            _post(nginx, {"prompt": _tokens(n, f"w{k}{tag}"), "max_tokens": 1},
+                  f"warm-{k}-{tag}")
+        _idle(nginx)
+        lid, sid, rid = f"long-{tag}", f"short-{tag}", f"next-{tag}"
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futs = [pool.submit(_post, nginx,
+                                {"prompt": _tokens(24000, f"l{lid}"),
+                                 "max_tokens": 1}, lid)]
+            _wait_busy(nginx, "prefill")
+            time.sleep(0.2)
+            futs.append(pool.submit(_post, nginx,
+                                    {"prompt": _tokens(200, f"s{sid}"),
+                                     "max_tokens": 1}, sid))
+            _wait_held(nginx, 1)
+            time.sleep(0.01)
+            futs.append(pool.submit(_post, nginx,
+                                    {"prompt": _tokens(400, f"n{rid}"),
+                                     "max_tokens": 1}, rid))
+            for f in futs:
+                f.result(timeout=60)
+        _idle(nginx)
+        rec = _prefill_records(sim, {lid, sid, rid}, tmp_path)
+        log = _access(tmp_path)
+
+    def answer(i):
+        return int(log[i]["start_us"]) / 1e6 + int(log[i]["prefill_ms"]) / 1e3
+
+    long_end = rec[lid]["arrival_unix"] + rec[lid]["ttft_s"]
+    # the premise: the short one ran after the long one's work and was
+    # answered well before it (the long one's transfer is ~250 ms here)
+    assert rec[sid]["arrival_unix"] + rec[sid]["queue_s"] >= long_end - 0.002
+    assert answer(sid) < answer(lid) - 0.15, (answer(sid), answer(lid), log)
+    # the next one was held, then reached the engine soon after the short
+    # one's answer, long before the long one's (on b01c071: at it)
+    assert int(log[rid]["queue_ms"]) > 50, log[rid]
+    assert rec[rid]["arrival_unix"] < answer(lid) - 0.1, (rec[rid], answer(lid))
+    assert rec[rid]["arrival_unix"] >= answer(sid) - 0.05, (rec[rid], answer(sid))
+
+
 def test_past_the_starvation_timeout_the_oldest_goes_first(omni_nginx, one_by_one,
                                                           tmp_path):
     """Under a backlog every request is past the starvation timeout.  Among
