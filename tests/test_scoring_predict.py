@@ -350,6 +350,8 @@ def test_a_transfer_under_a_backlog_is_learned_and_frees_the_instance_early():
         idle_on, st = _serve_with_transfer(True, k, seed)
         assert st["transfer_samples"] >= 16, st
         assert rel(st["transfer_per_1k_us"], k) < 0.25, st
+        # the trip shown is the one in use: the transfer's time per token
+        assert abs(st["reach_per_1k_us"] - st["transfer_per_1k_us"]) <= 1, st
         # the service model is the engine's work, without the transfer
         assert rel(st["prefill_coef"][1], TRUE_PREFILL[1]) < 0.15, st
         assert idle_off > 4000, idle_off

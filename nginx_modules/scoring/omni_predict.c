@@ -1213,8 +1213,11 @@ omni_predict_state(const omni_predict_t *p, uint32_t inst,
     out->completion_mape = in->completion_mape;
     out->free_at_us = in->free_at_us;
     out->inflight = in->inflight;
-    out->reach_us = in->reach_us;
-    out->reach_per_1k_us = in->reach_k_us;
+    /* the trip in use: with the transfer known, its time per token and
+     * the fixed part that goes with it, not the line fitted alone */
+    out->reach_us = (double) omni_predict_reach(p, in, 0);
+    out->reach_per_1k_us = (double) omni_predict_reach(p, in, 1024)
+                           - out->reach_us;
     out->transfer_per_1k_us = p->xfer_k_us;
     out->transfer_samples = p->xfer_samples;
 
