@@ -10,6 +10,7 @@ bounds.
 """
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
@@ -332,6 +333,28 @@ def test_over_its_budget_an_instance_takes_the_next_one_during_its_last_step(
             assert n["arrival_unix"] >= end, (blocker_tokens, step_tokens, b, n)
 
 
+@contextlib.contextmanager
+def _parallel_one_prefill(omni_nginx, tmp_path, **conf):
+    """Parallel P/D (SGLang simulator, h100 preset at half speed: KV
+    transfers of tens to hundreds of ms), one prefill instance over its
+    batch budget whenever it has work, its predictor warmed up one prefill
+    at a time."""
+    with SimCluster(prefill=1, decode=1, engine="sglang",
+                    preset="llama3-8b-h100", args=["--speedup", "0.5"]) as sim:
+        nginx = omni_nginx(pd_policy="parallel",
+                           prefill_endpoints=sim.prefill_endpoints[0],
+                           decode_endpoints=sim.decode_endpoints[0],
+                           schedule_policy="omni", max_batch_num_token=1,
+                           prefill_step_tokens=8192,
+                           access_log_file=str(tmp_path / "access.log"), **conf)
+        tag = time.monotonic_ns()
+        for k, n in enumerate((4000, 12000, 8000, 4000, 12000, 8000)):
+            _post(nginx, {"prompt": _tokens(n, f"w{k}{tag}"), "max_tokens": 1},
+                  f"warm-{k}-{tag}")
+        _idle(nginx)
+        yield sim, nginx, tag
+
+
 @pytest.mark.parametrize("starve", ["60s", "1ms"])
 def test_parallel_an_instance_takes_the_next_one_while_its_kv_transfers(
         omni_nginx, tmp_path, starve):
@@ -345,20 +368,8 @@ def test_parallel_an_instance_takes_the_next_one_while_its_kv_transfers(
     the last-step rule does not let go early.  Counted busy until the
     answer, the engine idled through every transfer (docs/scheduler.md,
     "Parallel P/D: the transfer counted busy")."""
-    with SimCluster(prefill=1, decode=1, engine="sglang",
-                    preset="llama3-8b-h100", args=["--speedup", "0.5"]) as sim:
-        nginx = omni_nginx(pd_policy="parallel",
-                           prefill_endpoints=sim.prefill_endpoints[0],
-                           decode_endpoints=sim.decode_endpoints[0],
-                           schedule_policy="omni", max_batch_num_token=1,
-                           prefill_step_tokens=8192,
-                           prefill_starvation_timeout=starve,
-                           access_log_file=str(tmp_path / "access.log"))
-        tag = time.monotonic_ns()
-        for k, n in enumerate((4000, 12000, 8000, 4000, 12000, 8000)):
-            _post(nginx, {"prompt": _tokens(n, f"w{k}{tag}"), "max_tokens": 1},
-                  f"warm-{k}-{tag}")
-        _idle(nginx)
+    with _parallel_one_prefill(omni_nginx, tmp_path,
+                               prefill_starvation_timeout=starve) as (sim, nginx, tag):
         bid, rid = f"block-{tag}", f"next-{tag}"
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             blocker = pool.submit(_post, nginx,
@@ -396,19 +407,7 @@ def test_parallel_a_short_prompt_answered_before_the_long_one_frees_the_instance
     out only at the long one's answer; now it reaches the engine right after
     the short one's answer (docs/scheduler.md, "Parallel P/D: answers out of
     order")."""
-    with SimCluster(prefill=1, decode=1, engine="sglang",
-                    preset="llama3-8b-h100", args=["--speedup", "0.5"]) as sim:
-        nginx = omni_nginx(pd_policy="parallel",
-                           prefill_endpoints=sim.prefill_endpoints[0],
-                           decode_endpoints=sim.decode_endpoints[0],
-                           schedule_policy="omni", max_batch_num_token=1,
-                           prefill_step_tokens=8192,
-                           access_log_file=str(tmp_path / "access.log"))
-        tag = time.monotonic_ns()
-        for k, n in enumerate((4000, 12000, 8000, 4000, 12000, 8000)):
-            _post(nginx, {"prompt": _tokens(n, f"w{k}{tag}"), "max_tokens": 1},
-                  f"warm-{k}-{tag}")
-        _idle(nginx)
+    with _parallel_one_prefill(omni_nginx, tmp_path) as (sim, nginx, tag):
         lid, sid, rid = f"long-{tag}", f"short-{tag}", f"next-{tag}"
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             futs = [pool.submit(_post, nginx,
