@@ -1080,9 +1080,16 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
         in->free_at_us = (done_us > job->tail_us ? done_us - job->tail_us : 0)
                          + (after < in->pending_us ? after : in->pending_us)
                          + in->tail_us;
+
+    } else if (!ok && job->sent_at_us > in->frontier_us) {
+        /* a failed job not yet passed by the engine: the work left loses
+         * its service (it may never have reached the engine; how much of
+         * it ran is not known) */
+        in->free_at_us = in->free_at_us > done_us + job->service_us
+                         ? in->free_at_us - job->service_us : done_us;
     }
 
-    /* (an older job answered late, or a failed one: nothing moves) */
+    /* (an older job answered late: nothing moves) */
 
     return OMNI_OK;
 }
