@@ -1095,19 +1095,38 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
 }
 
 
+/* The instance a query about its prefills in flight is about, or NULL with
+ * the query's answer in *rc: OMNI_EINVAL, or 0 when none is in flight. */
+static const omni_predict_inst_t *
+omni_predict_in_flight(const omni_predict_t *p, uint32_t inst, int64_t *rc)
+{
+    const omni_predict_inst_t  *in;
+
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        *rc = OMNI_EINVAL;
+        return NULL;
+    }
+
+    in = &omni_predict_insts(p)[inst];
+    if (in->inflight == 0) {
+        *rc = 0;
+        return NULL;
+    }
+
+    return in;
+}
+
+
 int64_t
 omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
 {
     const omni_predict_inst_t  *in;
     uint64_t                    busy;
+    int64_t                     rc;
 
-    if (p == NULL || inst >= p->cfg.max_instances) {
-        return OMNI_EINVAL;
-    }
-
-    in = &omni_predict_insts(p)[inst];
-    if (in->inflight == 0) {
-        return 0;
+    in = omni_predict_in_flight(p, inst, &rc);
+    if (in == NULL) {
+        return rc;
     }
 
     /* the engine's work ends a trip before its answer comes back */
@@ -1136,14 +1155,11 @@ omni_predict_end_us(const omni_predict_t *p, uint32_t inst)
 {
     uint64_t                    busy;
     const omni_predict_inst_t  *in;
+    int64_t                     rc;
 
-    if (p == NULL || inst >= p->cfg.max_instances) {
-        return OMNI_EINVAL;
-    }
-
-    in = &omni_predict_insts(p)[inst];
-    if (in->inflight == 0) {
-        return 0;
+    in = omni_predict_in_flight(p, inst, &rc);
+    if (in == NULL) {
+        return rc;
     }
 
     busy = omni_predict_busy(in);
@@ -1156,15 +1172,11 @@ int64_t
 omni_predict_answer_us(const omni_predict_t *p, uint32_t inst)
 {
     const omni_predict_inst_t  *in;
+    int64_t                     rc;
 
-    if (p == NULL || inst >= p->cfg.max_instances) {
-        return OMNI_EINVAL;
-    }
-
-    in = &omni_predict_insts(p)[inst];
-
-    if (in->inflight == 0) {
-        return 0;
+    in = omni_predict_in_flight(p, inst, &rc);
+    if (in == NULL) {
+        return rc;
     }
 
     /* jobs sent before the newest one answered and still in flight: past
