@@ -282,6 +282,10 @@ typedef struct {
     uint32_t                       uncached;    /* prefill: new tokens */
     uint32_t                       cached;      /*   and cached ones */
     uint32_t                       flags;       /* what to charge */
+    uint64_t                       end_hash;    /* JOB: the block the engine
+                                                   stores last for it, whose
+                                                   KV event tells its end;
+                                                   0: none */
 } ngx_http_omni_spec_t;
 
 

@@ -276,7 +276,7 @@ ngx_http_omni_ingest_body(ngx_http_request_t *r)
     int                             rc;
     u_char                         *buf, *msg;
     uint32_t                        reason;
-    uint64_t                        offset;
+    uint64_t                        offset, ends;
     size_t                          len, n_names;
     ngx_str_t                       type;
     ngx_uint_t                      t, i, up;
@@ -341,11 +341,15 @@ ngx_http_omni_ingest_body(ngx_http_request_t *r)
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    rc = omni_ingest_apply(sh->index, sh->ingest, sh->n_slots, names, n_names,
-                           buf, len, ngx_http_omni_now_us(),
-                           &sh->ingest_stats);
+    ends = sh->ingest_stats.engine_ends;
+
+    /* the predictor hears the ends of prefills in flight too */
+    rc = omni_ingest_apply_to(sh->index, sh->predict, sh->ingest, sh->n_slots,
+                              names, n_names, buf, len,
+                              ngx_http_omni_now_us(), &sh->ingest_stats);
     ngx_http_omni_ingest_ours_locked(sh);
     up = ngx_http_omni_ingest_health_locked(sh);
+    ends = sh->ingest_stats.engine_ends != ends;
     reason = sh->ingest_stats.last_reason;
     offset = sh->ingest_stats.last_offset;
 
@@ -359,7 +363,9 @@ ngx_http_omni_ingest_body(ngx_http_request_t *r)
         ngx_add_timer(&ngx_http_omni_ingest_timer, NGX_HTTP_OMNI_INGEST_TICK);
     }
 
-    if (up) {
+    /* an instance back up, or one whose prefills ended sooner than
+     * predicted: held requests may go */
+    if (up || ends) {
         ngx_http_omni_schedule(mcf);
     }
 

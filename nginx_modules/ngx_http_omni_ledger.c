@@ -259,6 +259,11 @@ ngx_http_omni_ledger_bind_locked(ngx_http_omni_shctx_t *sh,
     {
         ch->flags |= NGX_HTTP_OMNI_CHARGE_JOB;
 
+        if (spec->end_hash) {
+            (void) omni_predict_prefill_expect(sh->predict, slot, &ch->job,
+                                               spec->end_hash);
+        }
+
         /* what holding compares the next binding with */
         in->last_service_us = ch->job.service_us;
         in->last_done_us = ch->job.done_us - ch->job.tail_us;

@@ -135,6 +135,28 @@ ngx_http_omni_match(ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n,
 }
 
 
+/*
+ * The block the engine stores last for a prompt of prompt_tokens whose
+ * first `cached` tokens it holds: its last full block, when every block of
+ * the prompt is hashed (omni_index_max_tokens) and that one is not cached;
+ * else 0.  Its KV event tells the prefill's end, before the answer
+ * (omni_predict_prefill_expect).
+ */
+static uint64_t
+ngx_http_omni_end_hash(ngx_http_omni_shctx_t *sh, uint64_t *hashes, size_t n,
+    uint64_t prompt_tokens, uint32_t cached)
+{
+    if (n == 0 || hashes == NULL || sh->block_size == 0
+        || prompt_tokens / sh->block_size != n
+        || (uint64_t) cached >= (uint64_t) n * sh->block_size)
+    {
+        return 0;
+    }
+
+    return hashes[n - 1];
+}
+
+
 /* ------------------------------------------------------------------------ */
 /* at once                                                                  */
 
@@ -262,6 +284,9 @@ ngx_http_omni_choose(ngx_http_omni_ctx_t *ctx, ngx_uint_t tier,
             spec.uncached = uncached;
             spec.cached = cached;
             spec.flags = NGX_HTTP_OMNI_CHARGE_JOB;
+            spec.end_hash = ngx_http_omni_end_hash(sh, ctx->hashes,
+                                                   ctx->n_hashes,
+                                                   ctx->prompt_tokens, cached);
 
             if (ctx->mode == NGX_HTTP_OMNI_AGGREGATED) {
                 spec.flags |= NGX_HTTP_OMNI_CHARGE_PREFILLING;
@@ -592,6 +617,8 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     spec.uncached = uncached;
     spec.cached = cached;
     spec.flags = NGX_HTTP_OMNI_CHARGE_JOB;
+    spec.end_hash = ngx_http_omni_end_hash(sh, en->hashes, en->n_hashes,
+                                           en->prompt_tokens, cached);
 
     if (mcf->pd_policy == NGX_HTTP_OMNI_AGGREGATED) {
         spec.flags |= NGX_HTTP_OMNI_CHARGE_PREFILLING;

@@ -128,7 +128,7 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                "\"prefills_in_flight\":%uD,\"dispatch_overhead_ms\":%.2f,"
                "\"dispatch_overhead_per_1k_tokens_ms\":%.3f,"
                "\"transfer_per_1k_tokens_ms\":%.3f,"
-               "\"transfer_samples\":%uL},"
+               "\"transfer_samples\":%uL,\"engine_ends\":%uL},"
                "\"cache\":{\"blocks\":%uD,\"precise\":%uD,"
                "\"approx\":%uD,\"evicted\":%uL}",
                ps.prefill_coef[0], ps.prefill_coef[1], ps.prefill_coef[2],
@@ -138,7 +138,7 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                wait > 0 ? (double) wait / 1000 : 0.0, ps.inflight,
                ps.reach_us / 1000, ps.reach_per_1k_us / 1000,
                ps.transfer_per_1k_us / 1000, ps.transfer_samples,
-               is.blocks, is.precise, is.approx, is.evicted);
+               ps.engine_ends, is.blocks, is.precise, is.approx, is.evicted);
 }
 
 
@@ -284,7 +284,7 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
 
     now_us = ngx_http_omni_now_us();
     size = 6144 + 256 + 6 * mcf->model_path.len
-           + (size_t) sh->n_slots * (1700 + NGX_HTTP_OMNI_ADDR_LEN);
+           + (size_t) sh->n_slots * (1760 + NGX_HTTP_OMNI_ADDR_LEN);
 
     body = ngx_pnalloc(r->pool, size);
     if (body == NULL) {
@@ -418,11 +418,12 @@ ngx_http_omni_status_handler(ngx_http_request_t *r)
     p = ngx_cpymem(p, "],", 2);
     p = ngx_sprintf(p, "\"ingest\":{\"batches\":%uL,\"rejected\":%uL,"
                     "\"records\":%uL,\"unknown_names\":%uL,"
-                    "\"last_reject\":\"%s\",\"unauthorized\":%uL},",
+                    "\"last_reject\":\"%s\",\"unauthorized\":%uL,"
+                    "\"engine_ends\":%uL},",
                     sh->ingest_stats.batches, sh->ingest_stats.rejected,
                     sh->ingest_stats.records, sh->ingest_stats.unknown_names,
                     omni_ingest_strreason(sh->ingest_stats.last_reason),
-                    sh->ingest_unauthorized);
+                    sh->ingest_unauthorized, sh->ingest_stats.engine_ends);
     p = ngx_http_omni_status_config(p, mcf, sh);
     p = ngx_cpymem(p, "}\n", 2);
 
@@ -741,9 +742,14 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "# HELP omni_ingest_unauthorized_total Agent batches refused "
             "for a missing or wrong status token.\n"
             "# TYPE omni_ingest_unauthorized_total counter\n"
-            "omni_ingest_unauthorized_total %uL\n",
+            "omni_ingest_unauthorized_total %uL\n"
+            "# HELP omni_ingest_engine_ends_total Prefill ends the engines' "
+            "KV events told before the prefill's answer came back.\n"
+            "# TYPE omni_ingest_engine_ends_total counter\n"
+            "omni_ingest_engine_ends_total %uL\n",
             sh->ingest_stats.batches, sh->ingest_stats.rejected,
-            sh->ingest_stats.records, sh->ingest_unauthorized);
+            sh->ingest_stats.records, sh->ingest_unauthorized,
+            sh->ingest_stats.engine_ends);
 
     for (k = 0; k < NGX_HTTP_OMNI_HISTS; k++) {
         h = &sh->hists[k];

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from omni_ctl.agent.batch import Batch, BatchError, split_batches
-from omni_ctl.scoring import IngestTarget, PrefixIndex, lib
+from omni_ctl.scoring import IngestTarget, Predictor, PrefixIndex, block_hashes, lib
 from omni_ctl.scoring.errors import InvalidArgumentError
 
 A, B = "127.0.0.1:8001", "127.0.0.1:8002"
@@ -101,6 +101,40 @@ def test_engine_blocks_larger_than_index_blocks():
     assert t.index.match(toks, now_us=2) == [0, 2]
     assert t.instance(1)["blocks_removed"] == 2
     t.index.check_integrity()
+
+
+def test_a_prompts_last_block_stored_tells_the_predictor_its_end():
+    """The index's hash of the last block an engine stores for a prompt is
+    the one the proxy computes from its token ids (block_hashes), whatever
+    the engine's own hashes and block size, and in however many stores the
+    chunks of its prefill come: the store of that block tells the predictor
+    that the prefill is over (omni_ingest_apply_to), the others nothing."""
+    for e, chunks in ((16, (0, 64, 160)), (32, (0, 96, 160)), (8, (0, 48, 160))):
+        p = Predictor(2, min_us=100, transfer=True)
+        t = IngestTarget(PrefixIndex(2, 16, 1000), {A: 0, B: 1}, predictor=p)
+        toks = list(range(7000, 7000 + 170))        # 10 full blocks of 16
+        end = block_hashes(toks, 16)[-1]
+        job = p.dispatch_prefill(1, len(toks), 0, 1_000)
+        p.expect_prefill_end(1, job, end)
+        after = p.dispatch_prefill(1, 1000, 0, 2_000)
+        predicted = p.end_us(1)
+        h = engine_chain(toks, e)
+        for i, (a, z) in enumerate(zip(chunks, chunks[1:])):
+            b = Batch(16)
+            b.store(B, e, h[a // e:z // e], toks[a:z],
+                    anchor=h[a // e - 1] if a else None)
+            t.apply(b.encode(), now_us=50_000 + i)
+            if z < chunks[-1]:              # chunks before the last: no end
+                assert t.stats()["engine_ends"] == 0 and p.end_us(1) == predicted
+        assert t.index.match(toks, now_us=60_000) == [0, 10]
+        assert t.stats()["engine_ends"] == 1
+        assert p.end_us(1) == 50_001 + after.service_us
+        assert p.state(1)["engine_ends"] == 1 and p.state(0)["engine_ends"] == 0
+        # the same blocks stored on another instance: no end
+        b = Batch(16)
+        b.store(A, e, h[:160 // e], toks[:160])
+        t.apply(b.encode(), now_us=70_000)
+        assert t.stats()["engine_ends"] == 1
 
 
 def test_orphan_store_and_unknown_names_are_counted_not_fatal():

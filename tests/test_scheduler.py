@@ -20,7 +20,8 @@ import pytest
 from omni_ctl.sim.cluster import SimCluster
 
 import schedlog
-from conftest import random_tokens as _tokens
+from conftest import random_tokens as _tokens, wait_until
+from test_ingest_proxy import _agent, _stop
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -334,19 +335,23 @@ def test_over_its_budget_an_instance_takes_the_next_one_during_its_last_step(
 
 
 @contextlib.contextmanager
-def _parallel_one_prefill(omni_nginx, tmp_path, **conf):
+def _parallel_one_prefill(omni_nginx, tmp_path, sim_args=(), before_warm=None,
+                          **conf):
     """Parallel P/D (SGLang simulator, h100 preset at half speed: KV
     transfers of tens to hundreds of ms), one prefill instance over its
     batch budget whenever it has work, its predictor warmed up one prefill
-    at a time."""
+    at a time (after `before_warm(sim, nginx)`)."""
     with SimCluster(prefill=1, decode=1, engine="sglang",
-                    preset="llama3-8b-h100", args=["--speedup", "0.5"]) as sim:
+                    preset="llama3-8b-h100",
+                    args=["--speedup", "0.5", *sim_args]) as sim:
         nginx = omni_nginx(pd_policy="parallel",
                            prefill_endpoints=sim.prefill_endpoints[0],
                            decode_endpoints=sim.decode_endpoints[0],
                            schedule_policy="omni", max_batch_num_token=1,
                            prefill_step_tokens=8192,
                            access_log_file=str(tmp_path / "access.log"), **conf)
+        if before_warm is not None:
+            before_warm(sim, nginx)
         tag = time.monotonic_ns()
         for k, n in enumerate((4000, 12000, 8000, 4000, 12000, 8000)):
             _post(nginx, {"prompt": _tokens(n, f"w{k}{tag}"), "max_tokens": 1},
@@ -442,6 +447,65 @@ def test_parallel_a_short_prompt_answered_before_the_long_one_frees_the_instance
     assert int(log[rid]["queue_ms"]) > 50, log[rid]
     assert rec[rid]["arrival_unix"] < answer(lid) - 0.1, (rec[rid], answer(lid))
     assert rec[rid]["arrival_unix"] >= answer(sid) - 0.05, (rec[rid], answer(sid))
+
+
+def test_parallel_the_engines_events_tell_a_prefill_end_before_its_answer(
+        omni_nginx, tmp_path):
+    """Parallel P/D (SGLang) with the KV-event agent: the engine publishes a
+    prompt's last block when its prefill is done, before the KV transfer
+    that its answer waits for.  Here the predictor learnt an engine twice as
+    slow as it is (warmed up under the simulator's slow fault), so its
+    predicted end is seconds late; the next request, held meanwhile, went
+    out only at the blocker's answer, a transfer after the engine's end.
+    Told by the engine's events, it reaches the engine right after that end
+    (docs/scheduler.md, "Parallel P/D: the engine tells the end")."""
+    agent = None
+
+    def slow_warm_up(sim, nginx):
+        nonlocal agent
+        agent = _agent(nginx)
+        wait_until(lambda: all(i["agent"]["mode"] == "precise"
+                               for i in nginx.status()["instances"]),
+                   timeout=30, what="the agent's instances precise")
+        sim.fault(sim.prefill_urls[0], mode="slow", factor=2)
+
+    try:
+        with _parallel_one_prefill(omni_nginx, tmp_path, sim_args=["--kv-events"],
+                                   before_warm=slow_warm_up,
+                                   block_size=16) as (sim, nginx, tag):
+            sim.fault(sim.prefill_urls[0], mode="none")
+            before = nginx.status()["ingest"]["engine_ends"]
+            bid, rid = f"block-{tag}", f"next-{tag}"
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                blocker = pool.submit(_post, nginx,
+                                      {"prompt": _tokens(24000, f"b{bid}"),
+                                       "max_tokens": 1}, bid)
+                _wait_busy(nginx, "prefill")
+                time.sleep(0.2)
+                _post(nginx, {"prompt": _tokens(400, f"n{rid}"), "max_tokens": 1},
+                      rid)
+                blocker.result(timeout=60)
+            st = _idle(nginx)
+            rec = _prefill_records(sim, {bid, rid}, tmp_path)
+            log = _access(tmp_path)
+    finally:
+        if agent is not None:
+            _stop(agent)
+    b, n = rec[bid], rec[rid]
+    end = b["arrival_unix"] + b["ttft_s"]
+    answer = int(log[bid]["start_us"]) / 1e6 + int(log[bid]["prefill_ms"]) / 1e3
+    # the premises: predicted far too late, and answered a transfer after
+    # the engine's end
+    assert int(log[bid]["prefill_pred_ms"]) > 1.5 * b["ttft_s"] * 1000, (b, log[bid])
+    assert answer - end > 0.15, (end, answer, log[bid])
+    assert int(log[rid]["queue_ms"]) > 100, log[rid]
+    # told by the events (flushed every 20 ms), it went out at the end, not
+    # at the answer (it came after the answer before the events were heard)
+    assert n["arrival_unix"] < end + 0.1, (end, answer, n, log[rid])
+    assert n["arrival_unix"] + n["queue_s"] >= end - 0.002, (end, n)
+    assert st["ingest"]["engine_ends"] > before, st["ingest"]
+    prefill = [i for i in st["instances"] if i["role"] == "prefill"][0]
+    assert prefill["predictor"]["engine_ends"] >= 1, prefill["predictor"]
 
 
 def test_past_the_starvation_timeout_the_oldest_goes_first(omni_nginx, one_by_one,

@@ -289,14 +289,17 @@ def test_a_transfer_after_the_service_is_learned_and_does_not_count_as_busy():
 
 
 def _serve_with_transfer(transfer, k_per_1k, seed, jobs=400, load=0.85,
-                         slack=20000, predictor=None):
+                         slack=20000, predictor=None, noise=0.05,
+                         ends_lag=None):
     """One instance, requests of 2k-9k tokens arriving at random (Poisson,
     `load` of the engine's time), held by the proxy and sent when the
     predictor says the instance frees within the slack; each prefill's answer
     comes its KV transfer (k_per_1k us per 1,024 tokens) after the engine's
     work, while the engine goes on with the next one.  Returns the time the
     engine idled per request while the next request was already waiting at
-    the proxy (us), and the predictor's state."""
+    the proxy (us), and the predictor's state.  With `ends_lag`, the
+    engine's KV events tell each prefill's end that long after it (the
+    prompt's last block stored; omni_predict_prefill_stored)."""
     p = predictor or Predictor(1, min_us=100, transfer=transfer)
     rnd = random.Random(seed)
     mean = prefill_truth(5500, 0)
@@ -306,24 +309,32 @@ def _serve_with_transfer(transfer, k_per_1k, seed, jobs=400, load=0.85,
         arrivals.append((t, rnd.randrange(2000, 9000)))
     t = engine_free = idle = 0
     waiting, inflight = [], []          # (arrival, n), (job, answer_us)
+    told = []                           # (engine end + lag, block hash)
     while arrivals or waiting or inflight:
         while arrivals and arrivals[0][0] <= t:
             waiting.append(arrivals.pop(0))
+        for at, h in [x for x in told if x[0] <= t]:
+            p.prefill_stored(0, h, at)
+        told = [x for x in told if x[0] > t]
         for job, done in [x for x in inflight if x[1] <= t]:
             p.prefill_done(0, job, done)
         inflight = [x for x in inflight if x[1] > t]
         if waiting and len(inflight) < 2 and p.wait_us(0, t) <= slack:
             arrived, n = waiting.pop(0)
             job = p.dispatch_prefill(0, n, 0, t)
-            s = int(prefill_truth(n, 0) * (1 + rnd.uniform(-0.05, 0.05)))
+            s = int(prefill_truth(n, 0) * (1 + rnd.uniform(-noise, noise)))
             start = max(t, engine_free)
             if arrived <= engine_free < start:
                 idle += start - engine_free
             engine_free = start + s
             inflight.append((job, engine_free + k_per_1k * n // 1024))
+            if ends_lag is not None:
+                p.expect_prefill_end(0, job, job.sent_at_us)
+                told.append((engine_free + ends_lag, job.sent_at_us))
             continue
-        # the next event: an arrival, an answer, or the release
+        # the next event: an arrival, an answer, a told end, or the release
         nxt = [x[1] for x in inflight] + [a for a, _ in arrivals[:1]]
+        nxt += [x[0] for x in told]
         if waiting and len(inflight) < 2:
             nxt.append(t + max(p.wait_us(0, t) - slack, 1))
         if not nxt:
@@ -367,6 +378,91 @@ def test_a_transfer_under_a_backlog_is_learned_and_frees_the_instance_early():
     assert st["transfer_samples"] == 0
     assert Predictor(1, transfer=True).config["transfer"] is True
     assert Predictor(1).config["transfer"] is False
+
+
+def test_the_engine_tells_a_prefill_end_before_its_answer():
+    """Parallel P/D: a prefill's answer comes after its KV transfer; the
+    engine's KV events tell its end before that (the prompt's last block
+    stored).  The predicted end then is that moment plus the work sent
+    after the job, whatever the prediction was; an answer that comes after
+    moves nothing back, and older news (an end after its answer, a block
+    nobody waits for, the same block twice) moves nothing."""
+    k = 7680
+    p = Predictor(1, min_us=100, transfer=True)
+    _serve_with_transfer(True, k, 0, predictor=p)
+    t = p.state(0)["free_at_us"] + 1_000_000
+    long = p.dispatch_prefill(0, 9000, 0, t)
+    p.expect_prefill_end(0, long, 111)
+    short = p.dispatch_prefill(0, 1000, 0, t + 5000)       # queued behind it
+    p.expect_prefill_end(0, short, 222)
+    predicted = p.end_us(0)
+    # the engine was 30% faster than predicted on the long one
+    told = t + int(0.7 * long.service_us) + 3000
+    assert not p.prefill_stored(0, 999, told)               # nobody's block
+    assert p.end_us(0) == predicted
+    assert p.prefill_stored(0, 111, told)
+    assert abs(p.end_us(0) - (told + short.service_us)) <= 1
+    assert p.end_us(0) < predicted - 0.2 * long.service_us
+    assert not p.prefill_stored(0, 111, told + 10)          # told already
+    # its answer, a transfer later, leaves the end the engine told
+    end = p.end_us(0)
+    p.prefill_done(0, long, told + k * 9000 // 1024)
+    assert p.end_us(0) == end
+    # the short one's end: nothing left in the engine
+    told2 = end - 40_000
+    assert p.prefill_stored(0, 222, told2)
+    assert p.end_us(0) == told2
+    assert p.wait_us(0, told2 + 500) <= 1000
+    p.prefill_done(0, short, told2 + k * 1000 // 1024)
+    st = p.state(0)
+    assert st["inflight"] == 0 and st["engine_ends"] == 2, st
+    assert p.end_us(0) == 0
+    # an end told after the answer is older news
+    t = told2 + 1_000_000
+    j = p.dispatch_prefill(0, 4000, 0, t)
+    p.expect_prefill_end(0, j, 333)
+    j2 = p.dispatch_prefill(0, 4000, 0, t + 1000)
+    p.prefill_done(0, j, t + j.service_us + 1000)
+    end = p.end_us(0)
+    assert not p.prefill_stored(0, 333, t + j.service_us + 5000)
+    assert p.end_us(0) == end
+    p.prefill_done(0, j2, end + 1000)
+    # a failed job's mark goes with it; past OMNI_PREDICT_MARKS jobs in
+    # flight, the oldest one's gives way
+    t += 10_000_000
+    bad = p.dispatch_prefill(0, 2000, 0, t)
+    p.expect_prefill_end(0, bad, 444)
+    p.prefill_done(0, bad, t + 10, ok=False)
+    assert not p.prefill_stored(0, 444, t + 20)
+    jobs = []
+    for i in range(17):
+        jobs.append(p.dispatch_prefill(0, 500, 0, t + 100 + i))
+        p.expect_prefill_end(0, jobs[-1], 1000 + i)
+    assert not p.prefill_stored(0, 1000, t + 50_000)       # gave way
+    assert p.prefill_stored(0, 1016, t + 60_000)
+    assert p.end_us(0) == t + 60_000
+    assert p.state(0)["engine_ends"] == 3
+    for j in jobs:
+        p.prefill_done(0, j, t + 70_000)
+    assert p.state(0)["inflight"] == 0
+    with pytest.raises(InvalidArgumentError):
+        p.prefill_stored(1, 111, 0)
+
+
+def test_told_ends_spare_the_engine_the_errors_of_the_prediction():
+    """The same held, serial serving with a KV transfer as above, when
+    the engine's service strays from the model by up to 40%: predicted ends
+    that come late leave the engine idle until the answer (a transfer
+    later) while the next request waits at the proxy.  Told by the engine
+    (its events 5 ms after each end), the instance frees at the end."""
+    k = 7680
+    for seed in range(3):
+        idle_pred, _ = _serve_with_transfer(True, k, seed, noise=0.4)
+        idle_told, st = _serve_with_transfer(True, k, seed, noise=0.4,
+                                             ends_lag=5000)
+        assert st["engine_ends"] > 300, st
+        assert idle_pred > 3000, idle_pred
+        assert idle_told < 0.35 * idle_pred, (idle_told, idle_pred)
 
 
 def test_an_answer_out_of_order_frees_the_instance_through_the_transfers():

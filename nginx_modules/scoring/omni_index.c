@@ -1660,6 +1660,18 @@ omni_index_store(omni_index_t *idx, uint32_t inst,
     uint64_t parent, const uint32_t *tokens, size_t n_tokens,
     uint64_t now_us)
 {
+    return omni_index_store_chains(idx, inst, engine_hashes, n_blocks,
+                                   has_parent, parent, tokens, n_tokens,
+                                   now_us, NULL);
+}
+
+
+int
+omni_index_store_chains(omni_index_t *idx, uint32_t inst,
+    const uint64_t *engine_hashes, size_t n_blocks, int has_parent,
+    uint64_t parent, const uint32_t *tokens, size_t n_tokens,
+    uint64_t now_us, uint64_t *chains)
+{
     omni_index_entry_t  *e;
     uint64_t             chain;
     uint32_t             now = omni_index_stamp(now_us), prev, m;
@@ -1716,6 +1728,10 @@ omni_index_store(omni_index_t *idx, uint32_t inst,
         if (prev == OMNI_INDEX_NIL) {
             idx->stats.truncated++;
             break;
+        }
+
+        if (chains != NULL) {
+            chains[k] = chain;
         }
     }
 

@@ -217,6 +217,13 @@ int omni_index_store(omni_index_t *idx, uint32_t inst,
     uint64_t parent, const uint32_t *tokens, size_t n_tokens,
     uint64_t now_us);
 
+/* The same, and chains[k] (when not NULL) is the index's own hash of each
+ * block k stored: the one omni_hash_blocks() gives the same prompt. */
+int omni_index_store_chains(omni_index_t *idx, uint32_t inst,
+    const uint64_t *engine_hashes, size_t n_blocks, int has_parent,
+    uint64_t parent, const uint32_t *tokens, size_t n_tokens,
+    uint64_t now_us, uint64_t *chains);
+
 /* BlockRemoved: returns how many of the engine hashes were known. */
 int omni_index_store_removed(omni_index_t *idx, uint32_t inst,
     const uint64_t *engine_hashes, size_t n);

@@ -36,6 +36,7 @@ typedef struct {
     /* apply pass only */
     int                   apply;
     omni_index_t         *idx;
+    omni_predict_t       *predict;
     omni_ingest_inst_t   *insts;
     size_t                n_insts;
     uint64_t              now_us;
@@ -134,6 +135,7 @@ omni_ingest_store(omni_ingest_walk_t *w, omni_ingest_inst_t *in,
     uint32_t       e, n, lead, b, c, k;
     uint32_t       tokens[OMNI_INGEST_CHUNK_TOKENS];
     uint64_t       keys[OMNI_INGEST_CHUNK_BLOCKS];
+    uint64_t       chains[OMNI_INGEST_CHUNK_BLOCKS];
     uint64_t       parent, total, n_idx, j, end, pos, q, o;
     const uint8_t  *hashes, *tp;
     int            rc;
@@ -171,8 +173,9 @@ omni_ingest_store(omni_ingest_walk_t *w, omni_ingest_inst_t *in,
             tokens[q] = omni_ingest_u32(tp + ((j * b + q) * 4));
         }
 
-        rc = omni_index_store(w->idx, inst, keys, k, has_anchor, parent,
-                              tokens, (size_t) k * b, w->now_us);
+        rc = omni_index_store_chains(w->idx, inst, keys, k, has_anchor,
+                                     parent, tokens, (size_t) k * b,
+                                     w->now_us, chains);
         if (rc == OMNI_ENOTFOUND) {
             /* The anchor fell out of our index (capacity) or never came:
              * this chain cannot be placed. */
@@ -183,6 +186,17 @@ omni_ingest_store(omni_ingest_walk_t *w, omni_ingest_inst_t *in,
             return;
         }
         in->blocks_stored += (uint64_t) rc;
+
+        /* a prefill's last block: the engine tells its end */
+        for (q = 0; w->predict != NULL && q < (uint64_t) rc; q++) {
+            if (omni_predict_prefill_stored(w->predict, inst, chains[q],
+                                            w->now_us)
+                > 0)
+            {
+                w->stats->engine_ends++;
+            }
+        }
+
         if ((uint32_t) rc < k) {
             return;                     /* capacity stopped it */
         }
@@ -570,6 +584,17 @@ omni_ingest_apply(omni_index_t *idx, omni_ingest_inst_t *insts,
     const uint8_t *buf, size_t len, uint64_t now_us,
     omni_ingest_stats_t *stats)
 {
+    return omni_ingest_apply_to(idx, NULL, insts, n_insts, names, n_names,
+                                buf, len, now_us, stats);
+}
+
+
+int
+omni_ingest_apply_to(omni_index_t *idx, omni_predict_t *predict,
+    omni_ingest_inst_t *insts, size_t n_insts,
+    const omni_ingest_name_t *names, size_t n_names, const uint8_t *buf,
+    size_t len, uint64_t now_us, omni_ingest_stats_t *stats)
+{
     omni_ingest_walk_t  w;
     omni_index_cfg_t    cfg;
     int                 rc;
@@ -607,6 +632,7 @@ omni_ingest_apply(omni_index_t *idx, omni_ingest_inst_t *insts,
 
     w.apply = 1;
     w.idx = idx;
+    w.predict = predict;
     w.insts = insts;
     w.n_insts = n_insts;
     w.now_us = now_us;

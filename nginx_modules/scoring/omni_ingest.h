@@ -56,6 +56,7 @@
 
 #include "omni_common.h"
 #include "omni_index.h"
+#include "omni_predict.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -155,6 +156,8 @@ typedef struct {
     uint32_t  last_reason;       /* omni_ingest_reason_t of the last reject */
     uint32_t  pad;
     uint64_t  last_offset;       /* where in that batch */
+    uint64_t  engine_ends;       /* stores that told a prefill's end
+                                    (omni_ingest_apply_to) */
 } omni_ingest_stats_t;
 
 /*
@@ -175,6 +178,17 @@ int omni_ingest_apply(omni_index_t *idx, omni_ingest_inst_t *insts,
     size_t n_insts, const omni_ingest_name_t *names, size_t n_names,
     const uint8_t *buf, size_t len, uint64_t now_us,
     omni_ingest_stats_t *stats);
+
+/*
+ * The same, and every block stored is handed to the predictor (when not
+ * NULL; its instances are the index's): the last block of a prefill in
+ * flight tells its end (omni_predict_prefill_stored), counted in
+ * stats->engine_ends.
+ */
+int omni_ingest_apply_to(omni_index_t *idx, omni_predict_t *predict,
+    omni_ingest_inst_t *insts, size_t n_insts,
+    const omni_ingest_name_t *names, size_t n_names, const uint8_t *buf,
+    size_t len, uint64_t now_us, omni_ingest_stats_t *stats);
 
 /*
  * A silent agent: every PRECISE instance whose last update is older than

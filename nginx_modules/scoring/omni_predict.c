@@ -9,7 +9,7 @@
 
 
 #define OMNI_PREDICT_MAGIC   0x3244455250494d4fULL   /* "OMIPRED2" */
-#define OMNI_PREDICT_LAYOUT  6
+#define OMNI_PREDICT_LAYOUT  7
 
 /* Predictions are clamped below this (about 11.6 days) before they become
  * integers: a converted double out of range would be undefined. */
@@ -32,6 +32,9 @@
  * REACH_CLIP_US) is clipped: one prefill mispredicted for other reasons
  * must not move it much. */
 #define OMNI_PREDICT_QUEUED_MIN     16
+/* prefills in flight per instance whose end the engine's KV events can
+ * tell (omni_predict_prefill_expect); past it, the oldest gives way */
+#define OMNI_PREDICT_MARKS          16
 #define OMNI_PREDICT_REACH_CLIP_US  5000.0
 
 /* Observations are weighted by (OMNI_PREDICT_SCALE / time)^2: the fit
@@ -76,6 +79,13 @@ typedef struct {
     double    mape;
 } omni_predict_rls_t;
 
+/* A prefill in flight whose end the engine will tell (its KV events): the
+ * block the engine stores last for it, and the job's place in the queue. */
+typedef struct {
+    uint64_t            hash;
+    uint64_t            sent_at_us;    /* 0: free */
+} omni_predict_mark_t;
+
 typedef struct {
     omni_predict_rls_t  prefill;
     omni_predict_rls_t  decode;
@@ -113,6 +123,12 @@ typedef struct {
                                           placed before */
     uint64_t            answer_max_us; /* the latest answer predicted for
                                           the jobs sent since it was idle */
+    uint64_t            engine_at_us;  /* the place of the newest job the
+                                          engine said it finished (its
+                                          last block stored) */
+    uint64_t            engine_ends;   /* such ends that moved the
+                                          prediction */
+    omni_predict_mark_t marks[OMNI_PREDICT_MARKS];
     uint64_t            completion_samples;
     double              completion_mape;
     uint32_t            inflight;
@@ -143,6 +159,8 @@ struct omni_predict_s {
 
 static int omni_predict_solve_subset(const double *a, const double *b,
     unsigned free, double *c);
+static void omni_predict_unmark(omni_predict_inst_t *in,
+    uint64_t sent_at_us);
 
 
 static inline omni_predict_inst_t *
@@ -968,6 +986,8 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
     newest = ok && job->sent_at_us > in->frontier_us;
     in_order = job->sent_at_us - job->service_us == in->frontier_us;
 
+    omni_predict_unmark(in, job->sent_at_us);
+
     if (ok && done_us >= job->dispatch_us) {
         latency = done_us - job->dispatch_us;
         omni_predict_mape(p, &in->completion_mape, in->completion_samples,
@@ -1068,7 +1088,14 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
         in->xfer_us = 0;
         in->free_at_us = done_us;
         in->frontier_us = in->sent_us;
+        in->engine_at_us = in->sent_us;
         in->answer_max_us = 0;
+        memset(in->marks, 0, sizeof(in->marks));
+
+    } else if (newest && job->sent_at_us <= in->engine_at_us) {
+        /* the engine told its end already (its KV events, a transfer and
+         * a trip before this answer): that end stands, not one derived
+         * from the answer less a predicted transfer */
 
     } else if (newest) {
         /* the work left is what was sent after it: the jobs sent before it
@@ -1092,6 +1119,110 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
     /* (an older job answered late: nothing moves) */
 
     return OMNI_OK;
+}
+
+
+/* The mark of the job at place sent_at goes (answered, failed). */
+static void
+omni_predict_unmark(omni_predict_inst_t *in, uint64_t sent_at_us)
+{
+    size_t  i;
+
+    for (i = 0; i < OMNI_PREDICT_MARKS; i++) {
+        if (in->marks[i].sent_at_us == sent_at_us) {
+            in->marks[i].sent_at_us = 0;
+            in->marks[i].hash = 0;
+        }
+    }
+}
+
+
+int
+omni_predict_prefill_expect(omni_predict_t *p, uint32_t inst,
+    const omni_predict_job_t *job, uint64_t hash)
+{
+    omni_predict_inst_t  *in;
+    omni_predict_mark_t  *m;
+    size_t                i;
+
+    if (p == NULL || job == NULL || inst >= p->cfg.max_instances
+        || job->sent_at_us == 0)
+    {
+        return OMNI_EINVAL;
+    }
+
+    in = &omni_predict_insts(p)[inst];
+
+    /* a free entry, else the oldest job's (its answer still comes) */
+    m = &in->marks[0];
+
+    for (i = 0; i < OMNI_PREDICT_MARKS; i++) {
+        if (in->marks[i].sent_at_us == 0) {
+            m = &in->marks[i];
+            break;
+        }
+
+        if (in->marks[i].sent_at_us < m->sent_at_us) {
+            m = &in->marks[i];
+        }
+    }
+
+    m->hash = hash;
+    m->sent_at_us = job->sent_at_us;
+
+    return OMNI_OK;
+}
+
+
+int
+omni_predict_prefill_stored(omni_predict_t *p, uint32_t inst, uint64_t hash,
+    uint64_t now_us)
+{
+    omni_predict_inst_t  *in;
+    uint64_t              at, after;
+    size_t                i;
+
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        return OMNI_EINVAL;
+    }
+
+    in = &omni_predict_insts(p)[inst];
+
+    for (i = 0; i < OMNI_PREDICT_MARKS; i++) {
+        if (in->marks[i].sent_at_us == 0 || in->marks[i].hash != hash) {
+            continue;
+        }
+
+        at = in->marks[i].sent_at_us;
+        in->marks[i].sent_at_us = 0;
+        in->marks[i].hash = 0;
+
+        /* older news than an answer or an end already heard */
+        if (in->inflight == 0 || at <= in->frontier_us
+            || at <= in->engine_at_us)
+        {
+            return 0;
+        }
+
+        /*
+         * The engine served in order up to this job and is on the work
+         * sent after it now.  Its answer comes after its KV transfer (in
+         * parallel P/D), which the prediction of the engine's end then
+         * no longer depends on.
+         */
+        in->engine_at_us = at;
+        after = in->sent_us - at;
+        if (after > in->pending_us) {
+            after = in->pending_us;
+        }
+
+        in->free_at_us = now_us + after + in->tail_us + in->xfer_us;
+        in->engine_ends++;
+
+        return 1;
+    }
+
+    return 0;
 }
 
 
@@ -1239,6 +1370,7 @@ omni_predict_state(const omni_predict_t *p, uint32_t inst,
                            - out->reach_us;
     out->transfer_per_1k_us = p->xfer_k_us;
     out->transfer_samples = p->xfer_samples;
+    out->engine_ends = in->engine_ends;
 
     return OMNI_OK;
 }

@@ -107,6 +107,8 @@ typedef struct {
                                      answer per 1,024 prompt tokens that is
                                      its KV transfer (the engine is free) */
     uint64_t  transfer_samples;   /* fitted on (QUEUED_MIN: in use) */
+    uint64_t  engine_ends;        /* prefill ends the engine told first
+                                     (omni_predict_prefill_stored) */
 } omni_predict_state_t;
 
 size_t omni_predict_size(const omni_predict_cfg_t *cfg);
@@ -160,6 +162,29 @@ int omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
  */
 int omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
     const omni_predict_job_t *job, uint64_t done_us, int ok);
+
+/*
+ * The engine's own word on a prefill's end: its KV events.  An engine
+ * publishes the blocks of a prompt as it computes them, the prompt's last
+ * full block at the end of its prefill, before the KV transfer of parallel
+ * P/D (SGLang checkpoints a finished prefill into its radix tree before it
+ * sends the KV; vLLM caches full blocks every step).  expect() notes, for a
+ * job just dispatched, the index hash of the last block the engine will
+ * store for it (the caller knows the prompt's blocks and how many are
+ * cached).  stored() is called for every block instance inst stored, as the
+ * events arrive: when it is a job's expected block and no newer news (an
+ * answer, another end) came before, the engine has served the work in order
+ * up to that job, and the predicted end becomes now plus the service sent
+ * after it.  Returns 1 when it moved the prediction, 0 otherwise.  A job's
+ * mark goes with its done(); an instance keeps OMNI_PREDICT_MARKS of them
+ * (the oldest gives way).  An answer after its end was told re-anchors
+ * nothing (the end told is nearer the engine than the answer less its
+ * predicted transfer).
+ */
+int omni_predict_prefill_expect(omni_predict_t *p, uint32_t inst,
+    const omni_predict_job_t *job, uint64_t hash);
+int omni_predict_prefill_stored(omni_predict_t *p, uint32_t inst,
+    uint64_t hash, uint64_t now_us);
 
 /*
  * Predicted time (us) until instance inst has finished the prefill work in

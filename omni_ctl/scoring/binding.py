@@ -417,10 +417,14 @@ class IngestTarget:
     ``names`` maps the batch's instance names ("host:port") to index
     instances.  :meth:`apply` returns the records applied and raises
     InvalidArgumentError for a malformed batch (counted in :meth:`stats`).
+    With a :class:`Predictor` (its instances the index's), every block
+    stored is handed to it: a prefill's last block tells its end
+    (omni_ingest_apply_to, :meth:`Predictor.prefill_stored`).
     """
 
-    def __init__(self, index, names):
+    def __init__(self, index, names, predictor=None):
         self.index = index
+        self.predictor = predictor
         self._names = ffi.new("omni_ingest_name_t[]", max(len(names), 1))
         self._keep = []
         for k, (name, inst) in enumerate(dict(names).items()):
@@ -435,8 +439,10 @@ class IngestTarget:
 
     def apply(self, batch, now_us=None):
         data = bytes(batch)
-        rc = lib.omni_ingest_apply(
-            self.index._h, self._insts, self.index.num_instances,
+        rc = lib.omni_ingest_apply_to(
+            self.index._h,
+            self.predictor._h if self.predictor is not None else ffi.NULL,
+            self._insts, self.index.num_instances,
             self._names, self._n_names, data, len(data),
             self.index._now(now_us), self._stats)
         if rc < 0:
@@ -588,16 +594,33 @@ class Predictor:
                           job.service_us, job.done_us, job.start_us,
                           bool(job.shared), job.tail_us, job.sent_at_us)
 
-    def prefill_done(self, instance, job, done_us, ok=True):
-        c = ffi.new("omni_predict_job_t *", {
+    @staticmethod
+    def _job(job):
+        return ffi.new("omni_predict_job_t *", {
             "n_new": job.n_new, "n_cached": job.n_cached,
             "dispatch_us": job.dispatch_us, "service_us": job.service_us,
             "done_us": job.done_us, "start_us": job.start_us,
             "shared": int(job.shared), "tail_us": job.tail_us,
             "sent_at_us": job.sent_at_us,
         })
-        check(lib.omni_predict_prefill_done(self._h, instance, c, done_us,
-                                            int(bool(ok))), "prefill_done")
+
+    def prefill_done(self, instance, job, done_us, ok=True):
+        check(lib.omni_predict_prefill_done(self._h, instance, self._job(job),
+                                            done_us, int(bool(ok))),
+              "prefill_done")
+
+    def expect_prefill_end(self, instance, job, block_hash):
+        """The engine will store the block ``block_hash`` (the index's
+        hash) last for ``job``: its KV events tell the job's end."""
+        check(lib.omni_predict_prefill_expect(self._h, instance,
+                                              self._job(job), block_hash),
+              "expect_prefill_end")
+
+    def prefill_stored(self, instance, block_hash, now_us):
+        """The engine stored ``block_hash`` at ``now_us``: True when that
+        told a prefill's end and moved the prediction."""
+        return bool(check(lib.omni_predict_prefill_stored(
+            self._h, instance, block_hash, now_us), "prefill_stored"))
 
     def wait_us(self, instance, now_us):
         return check(lib.omni_predict_wait_us(self._h, instance, now_us),
@@ -639,6 +662,7 @@ class Predictor:
             "reach_per_1k_us": s.reach_per_1k_us,
             "transfer_per_1k_us": s.transfer_per_1k_us,
             "transfer_samples": s.transfer_samples,
+            "engine_ends": s.engine_ends,
         }
 
     def reset(self, instance):
