@@ -114,9 +114,9 @@ def test_a_prompts_last_block_stored_tells_the_predictor_its_end():
         t = IngestTarget(PrefixIndex(2, 16, 1000), {A: 0, B: 1}, predictor=p)
         toks = list(range(7000, 7000 + 170))        # 10 full blocks of 16
         end = block_hashes(toks, 16)[-1]
-        job = p.dispatch_prefill(1, len(toks), 0, 1_000)
+        job = p.dispatch_prefill(1, len(toks), 0, 49_000)
         p.expect_prefill_end(1, job, end)
-        after = p.dispatch_prefill(1, 1000, 0, 2_000)
+        after = p.dispatch_prefill(1, 1000, 0, 49_500)
         predicted = p.end_us(1)
         h = engine_chain(toks, e)
         for i, (a, z) in enumerate(zip(chunks, chunks[1:])):

@@ -384,9 +384,10 @@ def test_the_engine_tells_a_prefill_end_before_its_answer():
     """Parallel P/D: a prefill's answer comes after its KV transfer; the
     engine's KV events tell its end before that (the prompt's last block
     stored).  The predicted end then is that moment plus the work sent
-    after the job, whatever the prediction was; an answer that comes after
-    moves nothing back, and older news (an end after its answer, a block
-    nobody waits for, the same block twice) moves nothing."""
+    after the job, when that is earlier than predicted; an answer that
+    comes after moves nothing back, and older news (an end after its
+    answer, a block nobody waits for, the same block twice) or a later end
+    (the events' lag as much as a slow engine) moves nothing."""
     k = 7680
     p = Predictor(1, min_us=100, transfer=True)
     _serve_with_transfer(True, k, 0, predictor=p)
@@ -427,6 +428,20 @@ def test_the_engine_tells_a_prefill_end_before_its_answer():
     assert not p.prefill_stored(0, 333, t + j.service_us + 5000)
     assert p.end_us(0) == end
     p.prefill_done(0, j2, end + 1000)
+    # an end told later than predicted (the events' lag, or a slow engine)
+    # moves nothing, and the answer then re-anchors as without events
+    t += 10_000_000
+    j = p.dispatch_prefill(0, 4000, 0, t)
+    p.expect_prefill_end(0, j, 555)
+    j2 = p.dispatch_prefill(0, 4000, 0, t + 1000)
+    end = p.end_us(0)
+    assert not p.prefill_stored(0, 555, j.done_us + 50_000)
+    assert p.end_us(0) == end
+    done = j.done_us + 60_000
+    p.prefill_done(0, j, done)
+    assert abs(p.end_us(0) - (done - j.tail_us + j2.service_us)) <= 1
+    p.prefill_done(0, j2, p.end_us(0) + j2.tail_us)
+    assert p.state(0)["engine_ends"] == 2
     # a failed job's mark goes with it; past OMNI_PREDICT_MARKS jobs in
     # flight, the oldest one's gives way
     t += 10_000_000
@@ -460,7 +475,7 @@ def test_told_ends_spare_the_engine_the_errors_of_the_prediction():
         idle_pred, _ = _serve_with_transfer(True, k, seed, noise=0.4)
         idle_told, st = _serve_with_transfer(True, k, seed, noise=0.4,
                                              ends_lag=5000)
-        assert st["engine_ends"] > 300, st
+        assert st["engine_ends"] > 50, st
         assert idle_pred > 3000, idle_pred
         assert idle_told < 0.35 * idle_pred, (idle_told, idle_pred)
 

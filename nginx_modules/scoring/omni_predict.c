@@ -1179,7 +1179,7 @@ omni_predict_prefill_stored(omni_predict_t *p, uint32_t inst, uint64_t hash,
     uint64_t now_us)
 {
     omni_predict_inst_t  *in;
-    uint64_t              at, after;
+    uint64_t              at, after, end;
     size_t                i;
 
     if (p == NULL || inst >= p->cfg.max_instances) {
@@ -1208,15 +1208,24 @@ omni_predict_prefill_stored(omni_predict_t *p, uint32_t inst, uint64_t hash,
          * The engine served in order up to this job and is on the work
          * sent after it now.  Its answer comes after its KV transfer (in
          * parallel P/D), which the prediction of the engine's end then
-         * no longer depends on.
+         * no longer depends on.  The events come some ms after the end
+         * (the agent's flush): an end told later than predicted is that
+         * lag as much as a slow engine, and moving the end later by it
+         * would hold the next request back for it (the overrun rule and
+         * the answers see a slow engine); only an earlier end is taken.
          */
-        in->engine_at_us = at;
         after = in->sent_us - at;
         if (after > in->pending_us) {
             after = in->pending_us;
         }
 
-        in->free_at_us = now_us + after + in->tail_us + in->xfer_us;
+        end = now_us + after + in->tail_us + in->xfer_us;
+        if (end >= in->free_at_us) {
+            return 0;
+        }
+
+        in->engine_at_us = at;
+        in->free_at_us = end;
         in->engine_ends++;
 
         return 1;

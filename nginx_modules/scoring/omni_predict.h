@@ -175,7 +175,9 @@ int omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
  * events arrive: when it is a job's expected block and no newer news (an
  * answer, another end) came before, the engine has served the work in order
  * up to that job, and the predicted end becomes now plus the service sent
- * after it.  Returns 1 when it moved the prediction, 0 otherwise.  A job's
+ * after it, when that is earlier than predicted (the events come a few ms
+ * after the end: a later end told is that lag as much as a slow engine).
+ * Returns 1 when it moved the prediction, 0 otherwise.  A job's
  * mark goes with its done(); an instance keeps OMNI_PREDICT_MARKS of them
  * (the oldest gives way).  An answer after its end was told re-anchors
  * nothing (the end told is nearer the engine than the answer less its
