@@ -460,6 +460,18 @@ def test_the_engine_tells_a_prefill_end_before_its_answer():
     for j in jobs:
         p.prefill_done(0, j, t + 70_000)
     assert p.state(0)["inflight"] == 0
+    # the same prompt sent twice: the engine stores its blocks for the first
+    # (and finds them cached for the second), so the block tells the first's end
+    t += 10_000_000
+    first = p.dispatch_prefill(0, 6000, 0, t)
+    again = p.dispatch_prefill(0, 6000, 0, t + 1000)
+    p.expect_prefill_end(0, again, 666)
+    p.expect_prefill_end(0, first, 666)
+    told = t + first.service_us // 2
+    assert p.prefill_stored(0, 666, told)
+    assert abs(p.end_us(0) - (told + again.service_us)) <= 1
+    p.prefill_done(0, first, told + 5000)
+    p.prefill_done(0, again, told + 6000)
     with pytest.raises(InvalidArgumentError):
         p.prefill_stored(1, 111, 0)
 

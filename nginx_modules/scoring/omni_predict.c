@@ -1179,6 +1179,7 @@ omni_predict_prefill_stored(omni_predict_t *p, uint32_t inst, uint64_t hash,
     uint64_t now_us)
 {
     omni_predict_inst_t  *in;
+    omni_predict_mark_t  *m;
     uint64_t              at, after, end;
     size_t                i;
 
@@ -1188,50 +1189,57 @@ omni_predict_prefill_stored(omni_predict_t *p, uint32_t inst, uint64_t hash,
 
     in = &omni_predict_insts(p)[inst];
 
+    /* the oldest job waiting for this block (the same prompt sent twice:
+     * the engine stores it for the first, and finds it cached for the
+     * second) */
+    m = NULL;
+
     for (i = 0; i < OMNI_PREDICT_MARKS; i++) {
-        if (in->marks[i].sent_at_us == 0 || in->marks[i].hash != hash) {
-            continue;
-        }
-
-        at = in->marks[i].sent_at_us;
-        in->marks[i].sent_at_us = 0;
-        in->marks[i].hash = 0;
-
-        /* older news than an answer or an end already heard */
-        if (in->inflight == 0 || at <= in->frontier_us
-            || at <= in->engine_at_us)
+        if (in->marks[i].sent_at_us != 0 && in->marks[i].hash == hash
+            && (m == NULL || in->marks[i].sent_at_us < m->sent_at_us))
         {
-            return 0;
+            m = &in->marks[i];
         }
-
-        /*
-         * The engine served in order up to this job and is on the work
-         * sent after it now.  Its answer comes after its KV transfer (in
-         * parallel P/D), which the prediction of the engine's end then
-         * no longer depends on.  The events come some ms after the end
-         * (the agent's flush): an end told later than predicted is that
-         * lag as much as a slow engine, and moving the end later by it
-         * would hold the next request back for it (the overrun rule and
-         * the answers see a slow engine); only an earlier end is taken.
-         */
-        after = in->sent_us - at;
-        if (after > in->pending_us) {
-            after = in->pending_us;
-        }
-
-        end = now_us + after + in->tail_us + in->xfer_us;
-        if (end >= in->free_at_us) {
-            return 0;
-        }
-
-        in->engine_at_us = at;
-        in->free_at_us = end;
-        in->engine_ends++;
-
-        return 1;
     }
 
-    return 0;
+    if (m == NULL) {
+        return 0;
+    }
+
+    at = m->sent_at_us;
+    m->sent_at_us = 0;
+    m->hash = 0;
+
+    /* older news than an answer or an end already heard */
+    if (in->inflight == 0 || at <= in->frontier_us || at <= in->engine_at_us) {
+        return 0;
+    }
+
+    /*
+     * The engine served in order up to this job and is on the work sent
+     * after it now.  Its answer comes after its KV transfer (in parallel
+     * P/D), which the prediction of the engine's end then no longer depends
+     * on.  The events come some ms after the end (the agent's flush): an
+     * end told later than predicted is that lag as much as a slow engine,
+     * and moving the end later by it would hold the next request back for
+     * it (the overrun rule and the answers see a slow engine); only an
+     * earlier end is taken.
+     */
+    after = in->sent_us - at;
+    if (after > in->pending_us) {
+        after = in->pending_us;
+    }
+
+    end = now_us + after + in->tail_us + in->xfer_us;
+    if (end >= in->free_at_us) {
+        return 0;
+    }
+
+    in->engine_at_us = at;
+    in->free_at_us = end;
+    in->engine_ends++;
+
+    return 1;
 }
 
 
