@@ -360,6 +360,21 @@ def _parallel_one_prefill(omni_nginx, tmp_path, sim_args=(), before_warm=None,
         yield sim, nginx, tag
 
 
+def _blocker_then_next(nginx, tag, blocker_tokens, gap):
+    """A blocker of blocker_tokens, then, `gap` s after its prefill leg is
+    in flight, a 400-token request; returns their request ids."""
+    bid, rid = f"block-{tag}", f"next-{tag}"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(_post, nginx,
+                              {"prompt": _tokens(blocker_tokens, f"b{bid}"),
+                               "max_tokens": 1}, bid)
+        _wait_busy(nginx, "prefill")
+        time.sleep(gap)
+        _post(nginx, {"prompt": _tokens(400, f"n{rid}"), "max_tokens": 1}, rid)
+        blocker.result(timeout=60)
+    return bid, rid
+
+
 @pytest.mark.parametrize("starve", ["60s", "1ms"])
 def test_parallel_an_instance_takes_the_next_one_while_its_kv_transfers(
         omni_nginx, tmp_path, starve):
@@ -375,15 +390,7 @@ def test_parallel_an_instance_takes_the_next_one_while_its_kv_transfers(
     "Parallel P/D: the transfer counted busy")."""
     with _parallel_one_prefill(omni_nginx, tmp_path,
                                prefill_starvation_timeout=starve) as (sim, nginx, tag):
-        bid, rid = f"block-{tag}", f"next-{tag}"
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            blocker = pool.submit(_post, nginx,
-                                  {"prompt": _tokens(12000, f"b{bid}"),
-                                   "max_tokens": 1}, bid)
-            _wait_busy(nginx, "prefill")
-            time.sleep(0.05)
-            _post(nginx, {"prompt": _tokens(400, f"n{rid}"), "max_tokens": 1}, rid)
-            blocker.result(timeout=60)
+        bid, rid = _blocker_then_next(nginx, tag, 12000, 0.05)
         _idle(nginx)
         rec = _prefill_records(sim, {bid, rid}, tmp_path)
         log = _access(tmp_path)
@@ -475,16 +482,7 @@ def test_parallel_the_engines_events_tell_a_prefill_end_before_its_answer(
                                    block_size=16) as (sim, nginx, tag):
             sim.fault(sim.prefill_urls[0], mode="none")
             before = nginx.status()["ingest"]["engine_ends"]
-            bid, rid = f"block-{tag}", f"next-{tag}"
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                blocker = pool.submit(_post, nginx,
-                                      {"prompt": _tokens(24000, f"b{bid}"),
-                                       "max_tokens": 1}, bid)
-                _wait_busy(nginx, "prefill")
-                time.sleep(0.2)
-                _post(nginx, {"prompt": _tokens(400, f"n{rid}"), "max_tokens": 1},
-                      rid)
-                blocker.result(timeout=60)
+            bid, rid = _blocker_then_next(nginx, tag, 24000, 0.2)
             st = _idle(nginx)
             rec = _prefill_records(sim, {bid, rid}, tmp_path)
             log = _access(tmp_path)
