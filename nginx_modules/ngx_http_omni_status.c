@@ -744,7 +744,8 @@ ngx_http_omni_metrics_handler(ngx_http_request_t *r)
             "# TYPE omni_ingest_unauthorized_total counter\n"
             "omni_ingest_unauthorized_total %uL\n"
             "# HELP omni_ingest_engine_ends_total Prefill ends the engines' "
-            "KV events told before the prefill's answer came back.\n"
+            "KV events told, earlier than predicted, before the prefill's "
+            "answer.\n"
             "# TYPE omni_ingest_engine_ends_total counter\n"
             "omni_ingest_engine_ends_total %uL\n",
             sh->ingest_stats.batches, sh->ingest_stats.rejected,

@@ -218,7 +218,8 @@ int omni_index_store(omni_index_t *idx, uint32_t inst,
     uint64_t now_us);
 
 /* The same, and chains[k] (when not NULL) is the index's own hash of each
- * block k stored: the one omni_hash_blocks() gives the same prompt. */
+ * block k stored: the one omni_hash_blocks() gives the same prompt with
+ * the index's seed. */
 int omni_index_store_chains(omni_index_t *idx, uint32_t inst,
     const uint64_t *engine_hashes, size_t n_blocks, int has_parent,
     uint64_t parent, const uint32_t *tokens, size_t n_tokens,

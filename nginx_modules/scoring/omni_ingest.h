@@ -156,7 +156,8 @@ typedef struct {
     uint32_t  last_reason;       /* omni_ingest_reason_t of the last reject */
     uint32_t  pad;
     uint64_t  last_offset;       /* where in that batch */
-    uint64_t  engine_ends;       /* stores that told a prefill's end
+    uint64_t  engine_ends;       /* stores that told a prefill's end,
+                                    earlier than predicted
                                     (omni_ingest_apply_to) */
 } omni_ingest_stats_t;
 

@@ -32,10 +32,11 @@
  * REACH_CLIP_US) is clipped: one prefill mispredicted for other reasons
  * must not move it much. */
 #define OMNI_PREDICT_QUEUED_MIN     16
-/* prefills in flight per instance whose end the engine's KV events can
- * tell (omni_predict_prefill_expect); past it, the oldest gives way */
-#define OMNI_PREDICT_MARKS          16
 #define OMNI_PREDICT_REACH_CLIP_US  5000.0
+
+/* Prefills in flight per instance whose end the engine's KV events can
+ * tell (omni_predict_prefill_expect); past it, the oldest gives way. */
+#define OMNI_PREDICT_MARKS          16
 
 /* Observations are weighted by (OMNI_PREDICT_SCALE / time)^2: the fit
  * minimises relative errors, so a 10 ms prefill counts as much as a 5 s one.

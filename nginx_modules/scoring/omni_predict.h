@@ -107,7 +107,8 @@ typedef struct {
                                      answer per 1,024 prompt tokens that is
                                      its KV transfer (the engine is free) */
     uint64_t  transfer_samples;   /* fitted on (QUEUED_MIN: in use) */
-    uint64_t  engine_ends;        /* prefill ends the engine told first
+    uint64_t  engine_ends;        /* prefill ends the engine told,
+                                     earlier than predicted
                                      (omni_predict_prefill_stored) */
 } omni_predict_state_t;
 
