@@ -881,7 +881,7 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
 
                 } else if (queue->n && e != queue->heap[0]
                     && omni_policy_starved(&qo, (uint64_t) en->arrival * 1000,
-                                           en->work_us,
+                                           en->starve_us,
                                            (uint64_t) now * 1000))
                 {
                     sh->starved++;

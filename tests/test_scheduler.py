@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from omni_ctl.scoring import lib
 from omni_ctl.sim.cluster import SimCluster
 
 import schedlog
@@ -553,9 +554,17 @@ def test_a_younger_longer_request_starves_first(omni_nginx, one_by_one, tmp_path
     ends, the long one's wait plus its work is past the timeout and the
     short one's is not, so the younger, longer one goes first, by the
     starvation rule.  With the wait alone (before wave 6) neither had
-    waited the timeout and shortest-first took the short one."""
+    waited the timeout and shortest-first took the short one.  (The work
+    counts once the instance's model has fitted a few prefills: warmed up
+    first.)"""
     sim = one_by_one
     nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="900ms")
+    # the rule counts the work of a fitted model only, not the prior's guess
+    tag = time.monotonic_ns()
+    for k in range(lib.OMNI_POLICY_STARVE_SAMPLES):
+        _post(nginx, {"prompt": _tokens(2000 + 1500 * k, f"w{k}{tag}"),
+                      "max_tokens": 1}, f"warm-{k}-{tag}")
+    _idle(nginx)
     names = _short_then_long(nginx, block=12000, long=12000, gap=0.05)
 
     log = _access(tmp_path)
@@ -564,6 +573,28 @@ def test_a_younger_longer_request_starves_first(omni_nginx, one_by_one, tmp_path
     assert log[names["long"]]["release"] == "starved", log[names["long"]]
     # neither had waited the timeout when the long one went
     assert int(log[names["long"]]["queue_ms"]) < 900, log[names["long"]]
+    _idle(nginx)
+
+
+def test_an_unfitted_model_does_not_starve_a_long_prompt(omni_nginx, one_by_one,
+                                                         tmp_path):
+    """The same requests on a proxy just started: the instance's model is
+    still the built-in prior, which guesses the long prompt's prefill at
+    about 1 s here (0.6 s on this engine), past the 900 ms timeout before
+    it waited at all.  Counted, that starved it at once, ahead of the
+    shorter one, and in the first seconds of every Mooncake run it released
+    42-56k-token prompts after waits of 0.25-0.8 s (docs/scheduler.md,
+    "The prior's guess and the starvation rule").  Now shortest first takes
+    the short one, and neither starves."""
+    sim = one_by_one
+    nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="900ms")
+    names = _short_then_long(nginx, block=12000, long=12000, gap=0.05)
+
+    log = _access(tmp_path)
+    starts = _prefill_starts(sim, {names["short"], names["long"]}, tmp_path)
+    assert starts[names["short"]] < starts[names["long"]], (starts, log)
+    assert log[names["long"]]["release"] != "starved", log[names["long"]]
+    assert log[names["short"]]["release"] != "starved", log[names["short"]]
     _idle(nginx)
 
 

@@ -568,10 +568,23 @@ omni_policy_queue_work(const omni_predict_t *p, const uint32_t *matched,
     size_t n_matched, uint32_t block_size, const uint32_t *inst, size_t n,
     uint32_t prompt_tokens, uint64_t *work_us)
 {
-    uint64_t  cached;
-    uint32_t  best, at;
-    int64_t   us;
-    size_t    i;
+    return omni_policy_queue_work_starve(p, matched, n_matched, block_size,
+                                         inst, n, prompt_tokens, work_us,
+                                         NULL);
+}
+
+
+int
+omni_policy_queue_work_starve(const omni_predict_t *p,
+    const uint32_t *matched, size_t n_matched, uint32_t block_size,
+    const uint32_t *inst, size_t n, uint32_t prompt_tokens, uint64_t *work_us,
+    uint64_t *starve_us)
+{
+    uint64_t              cached;
+    uint32_t              best, at;
+    int64_t               us;
+    size_t                i;
+    omni_predict_state_t  st;
 
     if (p == NULL || work_us == NULL || (n > 0 && inst == NULL)
         || (n_matched > 0 && matched == NULL))
@@ -602,6 +615,12 @@ omni_policy_queue_work(const omni_predict_t *p, const uint32_t *matched,
     /* an instance the predictor does not know: no work known */
     us = omni_predict_prefill_us(p, at, best, prompt_tokens - best);
     *work_us = us > 0 ? (uint64_t) us : 0;
+
+    if (starve_us != NULL) {
+        *starve_us = omni_predict_state(p, at, &st) == OMNI_OK
+                     && st.prefill_samples >= OMNI_POLICY_STARVE_SAMPLES
+                     ? *work_us : 0;
+    }
 
     return OMNI_OK;
 }

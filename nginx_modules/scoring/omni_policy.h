@@ -332,6 +332,23 @@ int omni_policy_queue_work(const omni_predict_t *p, const uint32_t *matched,
     uint32_t prompt_tokens, uint64_t *work_us);
 
 /*
+ * The same, and in *starve_us the work the starvation rule may count
+ * (omni_policy_starved): work_us once that instance's model has fitted
+ * OMNI_POLICY_STARVE_SAMPLES prefills, else 0.  Before, the prediction is
+ * mostly the built-in prior, a generic guess (several times the service of
+ * a long prompt on a fast engine): counted, it starved long prompts after a
+ * short wait in the first seconds of every start, ahead of shorter ones.
+ * The order may use it (it ranks prompts by size all the same); the
+ * starvation bound, a bound on each request's TTFT, may not.
+ */
+#define OMNI_POLICY_STARVE_SAMPLES  8
+
+int omni_policy_queue_work_starve(const omni_predict_t *p,
+    const uint32_t *matched, size_t n_matched, uint32_t block_size,
+    const uint32_t *inst, size_t n, uint32_t prompt_tokens, uint64_t *work_us,
+    uint64_t *starve_us);
+
+/*
  * The static key of a queued request (lower first; equal keys: queued
  * earlier first, omni_policy_queue_before): FCFS arrival_us; SJF work_us +
  * a * arrival_us, a = omni_policy_queue_aging() (work minus a * waited,

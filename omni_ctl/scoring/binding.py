@@ -944,18 +944,23 @@ def _queue_items(items):
     return arr
 
 
-def queue_work(predictor, cached_blocks, block_size, instances, prompt_tokens):
+def queue_work(predictor, cached_blocks, block_size, instances, prompt_tokens,
+               starve=False):
     """SJF work of a prompt: the predicted prefill, on the instance (of
     ``instances``, predictor numbers) that holds most of it, of the tokens
-    it does not hold."""
+    it does not hold.  With ``starve``, (work, the part of it the
+    starvation rule counts: 0 until that instance's model has fitted
+    OMNI_POLICY_STARVE_SAMPLES prefills)."""
     cached = list(cached_blocks or ())
     blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
     inst = ffi.new("uint32_t[]", list(instances) or [0])
     out = ffi.new("uint64_t *")
-    check(lib.omni_policy_queue_work(predictor._h, blocks, len(cached), block_size,
-                                     inst, len(instances), prompt_tokens, out),
+    starve_out = ffi.new("uint64_t *")
+    check(lib.omni_policy_queue_work_starve(predictor._h, blocks, len(cached),
+                                            block_size, inst, len(instances),
+                                            prompt_tokens, out, starve_out),
           "queue_work")
-    return out[0]
+    return (out[0], starve_out[0]) if starve else out[0]
 
 
 def queue_key(arrival_us, work, order="sjf", aging=1.0):
