@@ -580,11 +580,10 @@ omni_policy_queue_work_starve(const omni_predict_t *p,
     const uint32_t *inst, size_t n, uint32_t prompt_tokens, uint64_t *work_us,
     uint64_t *starve_us)
 {
-    uint64_t              cached;
-    uint32_t              best, at;
-    int64_t               us;
-    size_t                i;
-    omni_predict_state_t  st;
+    uint64_t  cached;
+    uint32_t  best, at;
+    int64_t   us;
+    size_t    i;
 
     if (p == NULL || work_us == NULL || (n > 0 && inst == NULL)
         || (n_matched > 0 && matched == NULL))
@@ -617,9 +616,8 @@ omni_policy_queue_work_starve(const omni_predict_t *p,
     *work_us = us > 0 ? (uint64_t) us : 0;
 
     if (starve_us != NULL) {
-        *starve_us = omni_predict_state(p, at, &st) == OMNI_OK
-                     && st.prefill_samples >= OMNI_POLICY_STARVE_SAMPLES
-                     ? *work_us : 0;
+        *starve_us = omni_predict_prefill_samples(p, at)
+                     >= OMNI_POLICY_STARVE_SAMPLES ? *work_us : 0;
     }
 
     return OMNI_OK;

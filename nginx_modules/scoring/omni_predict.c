@@ -1359,6 +1359,17 @@ omni_predict_decode_wait_us(const omni_predict_t *p, uint32_t inst,
 }
 
 
+uint64_t
+omni_predict_prefill_samples(const omni_predict_t *p, uint32_t inst)
+{
+    if (p == NULL || inst >= p->cfg.max_instances) {
+        return 0;
+    }
+
+    return omni_predict_insts(p)[inst].prefill.samples;
+}
+
+
 int
 omni_predict_state(const omni_predict_t *p, uint32_t inst,
     omni_predict_state_t *out)

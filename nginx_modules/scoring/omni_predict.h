@@ -218,6 +218,10 @@ int64_t omni_predict_end_us(const omni_predict_t *p, uint32_t inst);
  * instance inst (their end plus the last one's trip); 0 when none is. */
 int64_t omni_predict_answer_us(const omni_predict_t *p, uint32_t inst);
 
+/* Prefill samples instance inst's model has fitted (0 for an unknown
+ * instance): below a few, its predictions are the built-in prior's. */
+uint64_t omni_predict_prefill_samples(const omni_predict_t *p, uint32_t inst);
+
 int omni_predict_state(const omni_predict_t *p, uint32_t inst,
     omni_predict_state_t *out);
 
