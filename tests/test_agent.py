@@ -380,6 +380,45 @@ def test_push_failure_resynchronises():
     run(main())
 
 
+def test_a_store_after_a_quiet_spell_is_pushed_at_once():
+    """A parallel P/D prefill's end reaches the proxy as its last block's
+    store: the first record after a quiet spell is pushed at once, not at
+    the next tick of the flush period (before: up to a whole period later);
+    records that come within the period of that push wait for the next one,
+    so pushes stay at most one per period."""
+    period = 4.0
+
+    async def main():
+        async with Rig(flush_interval=period) as rig:
+            pushed = []                     # (monotonic time, batch)
+            inner = rig.agent.sink
+
+            async def timed(batch):
+                pushed.append((time.monotonic(), batch))
+                return await inner(batch)
+            rig.agent.sink = timed
+            # the catch-up's own pushes: wait out a period after the last
+            await asyncio.sleep(period + 0.2)
+            quiet_since = pushed[-1][0] if pushed else 0.0
+            await asyncio.sleep(max(0.0, quiet_since + period + 0.2 - time.monotonic()))
+            n = len(pushed)
+            a, b = list(range(16)), list(range(500, 516))
+            sent = time.monotonic()
+            rig.pubs[0].publish([("stored", chain(a), None, a)])
+            await until(lambda: len(pushed) > n, timeout=period, what="the store's push")
+            assert pushed[n][0] - sent < period / 4, \
+                f"pushed {pushed[n][0] - sent:.2f} s after the store"
+            assert [r[2]["tokens"] for r in pushed[n][1].records if r[0] == B.STORE] == [a]
+            rig.pubs[0].publish([("stored", chain(b), None, b)])
+            await asyncio.sleep(1.0)
+            assert len(pushed) == n + 1, "a second push within the period"
+            await until(lambda: len(pushed) > n + 1, timeout=2 * period, what="the next push")
+            assert pushed[n + 1][0] - pushed[n][0] >= period * 0.9
+            assert [r[2]["tokens"] for r in pushed[n + 1][1].records
+                    if r[0] == B.STORE] == [b]
+    run(main())
+
+
 def test_two_agents_converge_and_a_late_one_catches_up():
     """Two proxies' agents on one engine end with the same index; the second
     starts after the events and catches up from the replay buffer."""

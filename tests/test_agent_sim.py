@@ -323,3 +323,6 @@ def test_cli_rejects_bad_options(tmp_path):
     r = CliRunner().invoke(main, ["agent", "--instance", "h:1", "--dump", "x",
                                   "--status-listen", "0.0.0.0:9"])
     assert r.exit_code != 0 and "--status-listen" in r.output
+    for opt in ("--flush-interval", "--idle-check"):
+        r = CliRunner().invoke(main, ["agent", "--instance", "h:1", "--dump", "x", opt, "0"])
+        assert r.exit_code != 0 and opt in r.output and "must be > 0" in r.output

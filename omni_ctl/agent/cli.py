@@ -98,20 +98,20 @@ async def run(specs, sinks, opts, duration=None, status_file=None, status_listen
 @click.option("--dp-ranks", type=int, default=1, help="DP rank r publishes on port + r.")
 @click.option("--kv-bind", is_flag=True,
               help="Bind the SUB sockets (engines connect: vLLM with a non-wildcard endpoint).")
-@click.option("--topic", default="kv-events", show_default=True)
-@click.option("--replay-timeout", type=float, default=2.0, show_default=True)
-@click.option("--idle-check", type=float, default=5.0, show_default=True,
+@click.option("--topic", default=Options.topic, show_default=True)
+@click.option("--replay-timeout", type=float, default=Options.replay_timeout, show_default=True)
+@click.option("--idle-check", type=float, default=Options.idle_check, show_default=True,
               help="Seconds without a message before asking the replay endpoint.")
-@click.option("--settle", type=float, default=10.0, show_default=True,
+@click.option("--settle", type=float, default=Options.settle, show_default=True,
               help="Gap-free seconds after a resync before an instance is precise again.")
-@click.option("--metrics-interval", type=float, default=1.0, show_default=True,
+@click.option("--metrics-interval", type=float, default=Options.metrics_interval, show_default=True,
               help="Seconds between /metrics polls (0: off).")
-@click.option("--health-interval", type=float, default=1.0, show_default=True,
+@click.option("--health-interval", type=float, default=Options.health_interval, show_default=True,
               help="Seconds between /health probes (0: off).")
-@click.option("--health-timeout", type=float, default=1.0, show_default=True)
-@click.option("--fall", type=int, default=2, show_default=True,
+@click.option("--health-timeout", type=float, default=Options.health_timeout, show_default=True)
+@click.option("--fall", type=int, default=Options.fall, show_default=True,
               help="Failed probes in a row that take an instance down.")
-@click.option("--rise", type=int, default=2, show_default=True,
+@click.option("--rise", type=int, default=Options.rise, show_default=True,
               help="Good probes in a row that bring it back.")
 @click.option("--push", "push_url", default=None, metavar="URL",
               help="POST batches here (the proxy's loopback-only ingestion location).")
@@ -120,7 +120,10 @@ async def run(specs, sinks, opts, duration=None, status_file=None, status_listen
                    "--conf's omni_ingest location requires, i.e. the status token).")
 @click.option("--dump", "dump_path", default=None, type=click.Path(dir_okay=False),
               help="Append every batch to this file.")
-@click.option("--flush-interval", type=float, default=0.02, show_default=True)
+@click.option("--flush-interval", type=float, default=Options.flush_interval,
+              show_default=True,
+              help="At most one push per this many seconds: records after a quiet spell "
+                   "go at once, those within the interval of the last push wait for it.")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--status-file", default=None, type=click.Path(dir_okay=False),
               help="Write per-instance counters (JSON) here on exit.")
@@ -166,8 +169,9 @@ def agent(conf_path, instances, block_size, kv_endpoints, kv_events_port, kv_rep
             raise AgentOptionError(f"{status_listen!r}: a loopback HOST:PORT",
                                    param_hint="--status-listen")
         listen = (host, int(port))
-    if idle_check <= 0:
-        raise AgentOptionError(f"must be > 0, got {idle_check}", param_hint="--idle-check")
+    for opt, v in (("--idle-check", idle_check), ("--flush-interval", flush_interval)):
+        if not v > 0:
+            raise AgentOptionError(f"must be > 0, got {v}", param_hint=opt)
     opts = Options(block_size=bs, topic=topic, bind=kv_bind, replay_timeout=replay_timeout,
                    idle_check=idle_check,
                    settle=settle, metrics_interval=metrics_interval,

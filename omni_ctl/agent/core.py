@@ -69,7 +69,7 @@ class Options:
     health_timeout: float = 1.0
     fall: int = 2
     rise: int = 2
-    flush_interval: float = 0.02
+    flush_interval: float = 0.02    # at most one push per this many seconds
     max_batch_bytes: int = 256 * 1024
 
 
@@ -147,6 +147,8 @@ class Agent:
         self._http = None
         self._tasks = []
         self._flush_lock = asyncio.Lock()
+        self._dirty = asyncio.Event()
+        self._last_push = float("-inf")
         self._stopping = False
 
     # -- lifecycle ------------------------------------------------------------
@@ -168,6 +170,7 @@ class Agent:
             if self.opts.health_interval > 0:
                 self._tasks.append(loop.create_task(self._health_loop(inst)))
         self._tasks.append(loop.create_task(self._tick_loop()))
+        self._tasks.append(loop.create_task(self._push_loop()))
 
     async def stop(self):
         self._stopping = True
@@ -224,8 +227,26 @@ class Agent:
                 for st in inst.streams:
                     self._resync(inst, st, "batch not delivered")
 
+    async def _push_loop(self):
+        """Records go out as soon as they come: a record after a quiet
+        spell is pushed at once, and those that come while a push is under
+        way or within flush_interval of the last one wait for the next, so
+        pushes are at most one per flush_interval and the proxy hears of a
+        stored block (a prefill's end, for parallel P/D) one push after it
+        is published instead of half a period later on average."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            wait = self._last_push + self.opts.flush_interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.flush()
+            self._last_push = time.monotonic()
+
     async def _maybe_flush(self):
         if self.batch.nbytes < self.opts.max_batch_bytes:
+            if len(self.batch):
+                self._dirty.set()
             return
         if time.monotonic() < self._retry_at:
             # the endpoint is down and the batch full: drop it rather than
@@ -246,7 +267,10 @@ class Agent:
                             and now - st.approx_since >= self.opts.settle):
                         st.approx_since = None
                 self._update_mode(inst)
-            await self.flush()
+            if len(self.batch):
+                # state, metrics and health records, and a batch held back
+                # by a failed push, go with the next push
+                self._dirty.set()
 
     # -- state --------------------------------------------------------------------
     def _update_mode(self, inst):
