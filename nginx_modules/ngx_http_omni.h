@@ -366,10 +366,6 @@ typedef struct {
     uint64_t                       tpot_us;
     uint8_t                        reason;      /* NGX_HTTP_OMNI_REL_* */
     uint8_t                        dec_starved[2];  /* reason was STARVED */
-    uint32_t                       waits_for;   /* the slot a starved one's
-                                                   hold keeps from those
-                                                   behind it (NONE: none) */
-    uint32_t                       dec_reserve[2];  /* the slot kept from it */
 
     /* its last decision per `force` (0, 1), kept while nothing it depends
      * on changed (sched_epoch + 1; 0: none), ngx_http_omni_hold.c */
@@ -774,8 +770,7 @@ uint32_t *ngx_http_omni_match(ngx_http_omni_shctx_t *sh, uint64_t *hashes,
 ngx_int_t ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
     ngx_http_omni_qentry_t *en, ngx_msec_t now, uint64_t now_us,
-    uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force,
-    uint32_t reserve);
+    uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force);
 ngx_int_t ngx_http_omni_bind_decode(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
     ngx_http_omni_qentry_t *en, ngx_msec_t now);
@@ -815,7 +810,7 @@ ngx_int_t ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx,
 ngx_int_t ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
     ngx_msec_t now, uint64_t now_us, uint64_t *retry_us, ngx_uint_t waiting,
-    ngx_uint_t force, uint32_t reserve, ngx_uint_t *attempts);
+    ngx_uint_t force, ngx_uint_t *attempts);
 ngx_int_t ngx_http_omni_decide_decode(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
     ngx_msec_t now, uint64_t now_us, ngx_uint_t *attempts);

@@ -669,7 +669,7 @@ ngx_http_omni_start_now(ngx_http_omni_ctx_t *ctx, ngx_uint_t queue)
                                          now)))
     {
         if (ngx_http_omni_bind_start(ctx->mcf, sh, shpool, &en, now, now_us,
-                                     &retry_us, 1, 1, NGX_HTTP_OMNI_NONE)
+                                     &retry_us, 1, 1)
             == NGX_OK)
         {
             sh->decisions++;
@@ -705,7 +705,7 @@ static void
 ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
     ngx_uint_t changed)
 {
-    uint32_t                 e, cand, reserve;
+    uint32_t                 e, cand;
     uint64_t                 t0, now_us, retry_us;
     ngx_int_t                rc;
     ngx_uint_t               q, n, i, k, more, attempts;
@@ -803,14 +803,7 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
                 } else {
                     rc = ngx_http_omni_decide_start(mcf, sh, shpool, e,
                                                     now, now_us, &retry_us,
-                                                    queue->n, 0,
-                                                    NGX_HTTP_OMNI_NONE,
-                                                    &attempts);
-
-                    /* a starved one keeps the instance it waits for
-                     * (omni_policy_prefill_reserve()) */
-                    reserve = rc == NGX_BUSY ? sh->entries[e].waits_for
-                                             : NGX_HTTP_OMNI_NONE;
+                                                    queue->n, 0, &attempts);
 
                     /*
                      * The head waits for a busy instance that will serve it
@@ -850,8 +843,7 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
                         rc = ngx_http_omni_decide_start(mcf, sh, shpool,
                                                         cand, now, now_us,
                                                         &retry_us, queue->n,
-                                                        0, reserve,
-                                                        &attempts);
+                                                        0, &attempts);
                         if (rc == NGX_OK) {
                             e = cand;
                         } else if (rc == NGX_AGAIN) {
@@ -863,8 +855,7 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
                         rc = ngx_http_omni_decide_start(mcf, sh, shpool, e,
                                                         now, now_us,
                                                         &retry_us, queue->n,
-                                                        1, NGX_HTTP_OMNI_NONE,
-                                                        &attempts);
+                                                        1, &attempts);
                     }
                 }
 

@@ -208,7 +208,6 @@ ngx_http_omni_entry_alloc_locked(ngx_http_omni_shctx_t *sh, ngx_uint_t max)
     en->seq = ++sh->q_seq;
     en->slot[0] = NGX_HTTP_OMNI_NONE;
     en->slot[1] = NGX_HTTP_OMNI_NONE;
-    en->waits_for = NGX_HTTP_OMNI_NONE;
 
     return e;
 }

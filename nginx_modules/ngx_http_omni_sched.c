@@ -58,8 +58,6 @@ static struct {
     uint32_t                    waiting;
     ngx_uint_t                  force;
     ngx_uint_t                  starved;
-    uint32_t                    reserve;    /* the slot kept from it */
-    uint32_t                    waits_for;  /* the slot it keeps */
     ngx_int_t                   rc;
     uint64_t                    retry_us;
 } ngx_http_omni_last;
@@ -503,16 +501,13 @@ ngx_http_omni_place_decode(ngx_http_omni_main_conf_t *mcf,
  * instance is busy a while yet (*retry_us says how long) and, without
  * `force`, it does not take a free one: another entry may; NGX_AGAIN:
  * nothing can take it now, nor anything else that needs a free instance
- * (*retry_us may be set).  `reserve`: the slot a starved entry ahead of
- * this one keeps (NGX_HTTP_OMNI_NONE: none); en->waits_for: the slot this
- * one keeps, when starved and NGX_BUSY.
+ * (*retry_us may be set).
  */
 ngx_int_t
 ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool,
     ngx_http_omni_qentry_t *en, ngx_msec_t now, uint64_t now_us,
-    uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force,
-    uint32_t reserve)
+    uint64_t *retry_us, ngx_uint_t waiting, ngx_uint_t force)
 {
     int                             rc;
     uint32_t                       *matched, slot, dslot, cached, uncached;
@@ -580,8 +575,6 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
     po.front_us = en->front_us;
     po.step_tokens = (uint32_t) mcf->prefill_step_tokens;
     po.starved = ngx_http_omni_starved(en);
-    po.reserved = reserve != NGX_HTTP_OMNI_NONE;
-    po.reserved_inst = po.reserved ? reserve : 0;
 
     rc = omni_policy_prefill_decide(sh->predict, matched,
                                     matched ? sh->n_slots : 0,
@@ -589,12 +582,6 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
                                     (uint32_t) ngx_min(en->prompt_tokens,
                                                        UINT32_MAX),
                                     now_us, &po, c, ucf->n, &dec);
-
-    if (!omni_policy_prefill_reserve(&po, rc, &dec, c, ucf->n,
-                                     &en->waits_for))
-    {
-        en->waits_for = NGX_HTTP_OMNI_NONE;
-    }
 
     if (dec.retry_us && (*retry_us == 0 || dec.retry_us < *retry_us)) {
         *retry_us = dec.retry_us;
@@ -680,14 +667,13 @@ ngx_http_omni_bind_start(ngx_http_omni_main_conf_t *mcf,
 static ngx_uint_t
 ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
     ngx_http_omni_qentry_t *en, uint64_t now_us, ngx_uint_t waiting,
-    ngx_uint_t force, uint32_t reserve)
+    ngx_uint_t force)
 {
     ngx_http_omni_qentry_t  *last;
 
     if (ngx_http_omni_last.epoch != sh->sched_epoch + 1
         || ngx_http_omni_last.now_us != now_us
         || ngx_http_omni_last.force != force
-        || ngx_http_omni_last.reserve != reserve
         || ngx_http_omni_last.starved
            != ngx_http_omni_starved(en)
         || ngx_http_omni_last.waiting != waiting
@@ -720,8 +706,7 @@ ngx_http_omni_same_inputs(ngx_http_omni_shctx_t *sh,
  * ngx_http_omni_bind_start() (codes as there), or the one made last if
  * nothing it depends on changed since: the same epoch (no change of load,
  * health, predictor or queue head), the same `force` and starvation (the
- * last-step rule leaves a starved request out), the same slot kept from it
- * by a starved one ahead (`reserve`), no fewer waiting, no
+ * last-step rule leaves a starved request out), no fewer waiting, no
  * longer gap between arrivals (both only make waiting more attractive: a
  * hold stays a hold), before its retry instant and its TTL.  A request
  * with an SLO is always decided again: its deadline moves the choice.
@@ -730,7 +715,7 @@ ngx_int_t
 ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
     ngx_http_omni_shctx_t *sh, ngx_slab_pool_t *shpool, uint32_t e,
     ngx_msec_t now, uint64_t now_us, uint64_t *retry_us, ngx_uint_t waiting,
-    ngx_uint_t force, uint32_t reserve, ngx_uint_t *attempts)
+    ngx_uint_t force, ngx_uint_t *attempts)
 {
     uint64_t                 r;
     ngx_int_t                rc;
@@ -743,7 +728,6 @@ ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
     if (en->deadline_us == 0 && en->tpot_us == 0
         && en->dec_epoch[f] == sh->sched_epoch + 1
         && en->dec_starved[f] == ngx_http_omni_starved(en)
-        && en->dec_reserve[f] == reserve
         && now_us < en->dec_until_us[f]
         && waiting >= en->dec_waiting[f]
         && sh->arrivals.gap_us <= en->dec_gap[f])
@@ -763,20 +747,19 @@ ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
 
     r = 0;
 
-    if (ngx_http_omni_same_inputs(sh, en, now_us, waiting, force, reserve)) {
+    if (ngx_http_omni_same_inputs(sh, en, now_us, waiting, force)) {
         /* the same function of the same inputs: the same hold (the look
          * ahead of identical prompts behind the head) */
         sh->decisions_reused++;
         rc = ngx_http_omni_last.rc;
         r = ngx_http_omni_last.retry_us;
-        en->waits_for = ngx_http_omni_last.waits_for;
 
     } else {
         (*attempts)++;
         en->decided++;
 
         rc = ngx_http_omni_bind_start(mcf, sh, shpool, en, now, now_us, &r,
-                                      waiting, force, reserve);
+                                      waiting, force);
     }
 
     if (r && (*retry_us == 0 || r < *retry_us)) {
@@ -800,15 +783,12 @@ ngx_http_omni_decide_start(ngx_http_omni_main_conf_t *mcf,
         ngx_http_omni_last.waiting = (uint32_t) waiting;
         ngx_http_omni_last.force = force;
         ngx_http_omni_last.starved = ngx_http_omni_starved(en);
-        ngx_http_omni_last.reserve = reserve;
-        ngx_http_omni_last.waits_for = en->waits_for;
         ngx_http_omni_last.rc = rc;
         ngx_http_omni_last.retry_us = r;
     }
 
     en->dec_epoch[f] = sh->sched_epoch + 1;
     en->dec_starved[f] = ngx_http_omni_starved(en);
-    en->dec_reserve[f] = reserve;
     en->dec_rc[f] = rc;
     en->dec_waiting[f] = (uint32_t) waiting;
     en->dec_gap[f] = sh->arrivals.gap_us;

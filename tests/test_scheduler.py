@@ -335,46 +335,6 @@ def test_over_its_budget_an_instance_takes_the_next_one_during_its_last_step(
             assert n["arrival_unix"] >= end, (blocker_tokens, step_tokens, b, n)
 
 
-def test_a_starved_request_keeps_the_instance_it_waits_for(omni_nginx, one_by_one,
-                                                          tmp_path):
-    """A request released for having starved is not bound early (the
-    last-step rule), so it waits for its instance's answer; a request behind
-    it, offered the free instances meanwhile, was bound there early, during
-    the blocker's last step, and the engine ran it first: the starved one
-    waited for its whole prefill too (on the section-1 trace 1.2 s for a
-    61,855-token request).  Now the starved one's hold keeps that instance
-    (omni_policy_prefill_reserve): it starts first.  A blocker of 12,000
-    tokens under a budget of 12,001 (so the engine has room only for the
-    requests that fit), a long request (8,000 tokens) that starves while it
-    waits, then a medium one (2,000) that does not; neither fits beside the
-    blocker, both would be bound during its last step."""
-    sim = one_by_one
-    nginx = omni_nginx(prefill_endpoints=sim.prefill_endpoints[0],
-                       decode_endpoints=sim.decode_endpoints[0],
-                       schedule_policy="omni", prefill_queue_order="sjf",
-                       max_batch_num_token=12001, prefill_step_tokens=4096,
-                       hold_slack="50ms", prefill_starvation_timeout="700ms",
-                       access_log_file=str(tmp_path / "access.log"))
-    tag = time.monotonic_ns()
-    # the starvation rule counts the work of a fitted model only
-    for k in range(lib.OMNI_POLICY_STARVE_SAMPLES):
-        _post(nginx, {"prompt": _tokens((2000, 8000, 12000)[k % 3], f"w{k}{tag}"),
-                      "max_tokens": 1}, f"warm-{k}-{tag}")
-    _idle(nginx)
-    names = {k: f"{k}-{tag}" for k in ("block", "long", "medium")}
-    sizes = {"block": BLOCKER, "long": 8000, "medium": 2000}
-    _behind_a_blocker(nginx, names, sizes, tag, pause={"medium": 0.2})
-    _idle(nginx)
-
-    log = _access(tmp_path)
-    starts = _prefill_starts(sim, set(names.values()), tmp_path)
-    assert log[names["long"]]["release"] == "starved", log[names["long"]]
-    # the starved one ran right after the blocker, the medium one after it
-    # (before: the medium one, released by the order during the blocker's
-    # last step, ran first)
-    assert starts[names["long"]] < starts[names["medium"]], (starts, log)
-
-
 @contextlib.contextmanager
 def _parallel_one_prefill(omni_nginx, tmp_path, sim_args=(), before_warm=None,
                           **conf):

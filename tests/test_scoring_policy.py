@@ -368,60 +368,6 @@ def test_decide_over_the_budget_takes_the_next_one_during_the_last_step():
     assert d.hold and d.retry_us == 40_000
 
 
-def test_decide_a_starved_request_keeps_the_instance_it_waits_for():
-    """A starved request is not bound early (the last-step rule), so while
-    it waits for its instance to finish, a request behind it, offered the
-    free instances, could be bound there early, during the last step, and
-    the starved one would wait for that one's prefill too: on the section-1
-    trace a 61,855-token request, starved and waiting, lost 1.2 s to a
-    17,792-token one that way.  Its hold reserves that instance
-    (Decision.reserves, omni_policy_prefill_reserve) and the requests
-    behind it may not take it (reserved_inst); another instance stays open
-    to them.  Only a starved request's hold reserves."""
-    pred = _pred(2)
-    now = 10_000_000
-    job = pred.dispatch_prefill(0, 12_000, 0, now_us=now)        # ~1.2 s
-    end = pred.end_us(0)
-    pred.dispatch_prefill(1, 40_000, 0, now_us=now)                # ~4 s
-
-    def cands():
-        # inst 0: 12,000 tokens in flight, under the 16,384 budget; its
-        # last step 12,000 % 8,192 = 3,808 tokens (~380 ms)
-        return [PrefillCandidate(i, running=1, inflight_tokens=n, max_running=16,
-                                 max_tokens=16384, step_start_us=now,
-                                 step_done_us=pred.end_us(i),
-                                 step_service_us=job.service_us)
-                for i, n in ((0, 12_000), (1, 40_000))]
-
-    at = end - 20_000
-    # the starved one (20,000 tokens: over the budget there) waits for the
-    # answer, not bound early; inst 0 is its best: it keeps it
-    head = _decide(pred, cands(), 20_000, at, step_tokens=8192, starved=True)
-    assert head.hold and head.reason == "hold-busy" and head.best == 0
-    assert head.reserves == 0
-    # not starved, the same request is bound there early: nothing to keep
-    d = _decide(pred, cands(), 20_000, at, step_tokens=8192)
-    assert d.choice == 0 and d.reserves is None
-    # behind it: 6,000 tokens (over the budget: the last-step rule) and 1,000
-    # (within it) would go to inst 0 now; with inst 0 kept, both wait
-    for n in (6_000, 1_000):
-        assert _decide(pred, cands(), n, at, step_tokens=8192).choice == 0
-        c = cands()
-        d = _decide(pred, c, n, at, step_tokens=8192, reserved_inst=0)
-        assert d.hold and d.reserves is None, (n, d)
-        assert c[0].draining and not c[1].draining
-    # a slot kept elsewhere does not hold them back
-    assert _decide(pred, cands(), 6_000, at, step_tokens=8192,
-                   reserved_inst=1).choice == 0
-    # once the answer is back (the work done, nothing in flight) the starved
-    # one is bound there: no hold, nothing kept
-    pred.prefill_done(0, job, done_us=end + 1_000, ok=True)
-    c = cands()
-    c[0].running, c[0].inflight_tokens = 0, 0
-    d = _decide(pred, c, 20_000, end + 2_000, step_tokens=8192, starved=True)
-    assert d.choice == 0 and d.reserves is None
-
-
 def test_decide_over_the_budget_takes_the_next_one_while_the_kv_transfers():
     """Parallel P/D: a prefill's answer comes after its KV transfer, which
     the engine overlaps with its next work.  Once the work is predicted

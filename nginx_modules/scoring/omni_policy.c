@@ -372,12 +372,6 @@ omni_policy_prefill_decide(const omni_predict_t *p,
     slack = o->hold_slack_us + o->front_us;
     room = 0;
 
-    for (i = 0; o->reserved && i < n; i++) {
-        if (c[i].inst == o->reserved_inst) {
-            c[i].flags |= OMNI_POLICY_DRAINING;     /* a starved one's */
-        }
-    }
-
     for (i = 0; i < n && !room; i++) {
         room = c[i].flags == 0
                && (c[i].max_running == 0 || c[i].running < c[i].max_running)
@@ -460,24 +454,6 @@ omni_policy_prefill_decide(const omni_predict_t *p,
     }
 
     return rc;
-}
-
-
-int
-omni_policy_prefill_reserve(const omni_prefill_opts_t *o, int rc,
-    const omni_decision_t *out, const omni_prefill_cand_t *c, size_t n,
-    uint32_t *inst)
-{
-    if (o == NULL || out == NULL || inst == NULL || !o->starved
-        || rc != OMNI_EHOLD || out->reason != OMNI_POLICY_HOLD_BUSY
-        || out->best < 0 || (size_t) out->best >= n || c == NULL)
-    {
-        return 0;
-    }
-
-    *inst = c[out->best].inst;
-
-    return 1;
 }
 
 

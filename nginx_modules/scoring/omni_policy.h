@@ -142,11 +142,6 @@ typedef struct {
                                    the starvation bound: the last-step
                                    rule does not bind it early, and its
                                    cost to the others is not weighed */
-    uint32_t  reserved;         /* 1: reserved_inst is reserved by a
-                                   starved request ahead of this one
-                                   (omni_policy_prefill_reserve()): this
-                                   one may not take it */
-    uint32_t  reserved_inst;
 } omni_prefill_opts_t;
 
 typedef struct {
@@ -299,23 +294,6 @@ int omni_policy_prefill_decide(const omni_predict_t *p,
     const uint32_t *matched, size_t n_matched, uint32_t block_size,
     uint32_t prompt_tokens, uint64_t now_us, const omni_prefill_opts_t *o,
     omni_prefill_cand_t *c, size_t n, omni_decision_t *out);
-
-/*
- * The instance that a request prefill_decide() held (o, rc, out and c as it
- * left them) reserves against the requests behind it, which the caller then
- * offers the free instances with o->reserved: a starved request held for its
- * best instance (HOLD_BUSY) keeps it.  Not bound early itself (the last-step
- * rule), it would otherwise see the next request bound there early, during
- * that instance's last step, and wait for that one's whole prefill too: a
- * request the starvation rule put behind it would go first (on the
- * section-1 trace a 61,855-token request, starved and waiting, lost 1.2 s
- * to a 17,792-token one that way; docs/scheduler.md, "A starved request
- * keeps its instance").  The other instances stay open to them.
- * Returns 1 with *inst (a candidate's inst), else 0.
- */
-int omni_policy_prefill_reserve(const omni_prefill_opts_t *o, int rc,
-    const omni_decision_t *out, const omni_prefill_cand_t *c, size_t n,
-    uint32_t *inst);
 
 /* ---- decode -------------------------------------------------------------- */
 

@@ -29,7 +29,6 @@ Where it is left out, the object's ``clock`` (default: ``time.monotonic``)
 is read; tests pass explicit times and never sleep.
 """
 
-import dataclasses
 import mmap
 import time
 from dataclasses import dataclass
@@ -716,7 +715,6 @@ class Decision:
     skipped: int
     cost_us: int
     retry_us: int
-    reserves: object = None     # decide_prefill: the inst a starved hold keeps
 
     @property
     def hold(self):
@@ -838,7 +836,7 @@ def choose_prefill(candidates, prompt_tokens, hold_slack_us=None):
 def decide_prefill(predictor, candidates, cached_blocks, block_size,
                    prompt_tokens, now_us, hold_slack_us, waiting=1,
                    arrival_gap_us=0.0, force=False, deadline_us=0, front_us=0,
-                   step_tokens=0, starved=False, reserved_inst=None):
+                   step_tokens=0, starved=False):
     """The module's decision for the start of a held request
     (``omni_policy_prefill_decide``): prepare, the step and batch-budget
     rules, the cost to the others, choose, and what to do when the best
@@ -856,10 +854,7 @@ def decide_prefill(predictor, candidates, cached_blocks, block_size,
     others, ``waiting`` and ``arrival_gap_us``, is then not weighed).  Over
     its budget, an instance whose work is predicted done while its answer is
     still more than the slack away (a KV transfer: parallel P/D) may take
-    any request.  ``reserved_inst``: the inst a starved request ahead of
-    this one keeps (``Decision.reserves`` of its decision); this one may not
-    take it.  ``Decision.reserves``: the inst this decision keeps from the
-    requests behind it (``omni_policy_prefill_reserve``), or None."""
+    any request."""
     arr = _prefill_array(candidates)
     cached = list(cached_blocks or ())
     blocks = ffi.new("uint32_t[]", cached) if cached else ffi.NULL
@@ -867,21 +862,15 @@ def decide_prefill(predictor, candidates, cached_blocks, block_size,
         "hold_slack_us": hold_slack_us, "arrival_gap_us": float(arrival_gap_us),
         "waiting": waiting, "force": int(bool(force)),
         "deadline_us": deadline_us, "front_us": front_us,
-        "step_tokens": step_tokens, "starved": int(bool(starved)),
-        "reserved": int(reserved_inst is not None),
-        "reserved_inst": reserved_inst or 0})
+        "step_tokens": step_tokens, "starved": int(bool(starved))})
     out = ffi.new("omni_decision_t *")
     rc = lib.omni_policy_prefill_decide(predictor._h, blocks, len(cached),
                                         block_size, prompt_tokens, now_us, opts,
                                         arr, len(candidates), out)
     if rc != lib.OMNI_EHOLD:
         check(rc, "decide_prefill")
-    keep = ffi.new("uint32_t *")
-    reserves = (keep[0] if lib.omni_policy_prefill_reserve(opts, rc, out, arr,
-                                                           len(candidates), keep)
-                else None)
     _prefill_back(arr, candidates)
-    return dataclasses.replace(Decision._from_c(out), reserves=reserves)
+    return Decision._from_c(out)
 
 
 def _job_array(jobs):
