@@ -343,8 +343,8 @@ typedef struct {
     uint64_t                       work_us;     /* prefill: predicted work */
     uint64_t                       starve_us;   /* the part of it the
                                                    starvation rule counts
-                                                   (omni_policy_queue_work_
-                                                   starve) */
+                                                   (omni_policy_queue_
+                                                   work) */
     uint32_t                       heap_pos;
     uint32_t                       prev;        /* arrival order */
     uint32_t                       next;        /*   (free list: next) */

@@ -55,15 +55,14 @@ ngx_http_omni_queue_key_locked(ngx_http_omni_main_conf_t *mcf,
         matched = ngx_http_omni_match(sh, en->hashes, en->n_hashes,
                                       ngx_http_omni_now_us());
 
-        (void) omni_policy_queue_work_starve(sh->predict, matched,
-                                             matched ? sh->n_slots : 0,
-                                             sh->block_size,
-                                             ngx_http_omni_start_slots,
-                                             ucf ? ucf->n : 0,
-                                             (uint32_t) ngx_min(
-                                                 en->prompt_tokens,
-                                                 UINT32_MAX),
-                                             &en->work_us, &en->starve_us);
+        (void) omni_policy_queue_work(sh->predict, matched,
+                                      matched ? sh->n_slots : 0,
+                                      sh->block_size,
+                                      ngx_http_omni_start_slots,
+                                      ucf ? ucf->n : 0,
+                                      (uint32_t) ngx_min(en->prompt_tokens,
+                                                         UINT32_MAX),
+                                      &en->work_us, &en->starve_us);
         work = o.order == OMNI_QUEUE_SJF ? en->work_us : 0;
     }
 

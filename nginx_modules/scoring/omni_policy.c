@@ -566,19 +566,7 @@ omni_policy_decode_place_tpot(const omni_decode_inst_t *d, size_t n,
 int
 omni_policy_queue_work(const omni_predict_t *p, const uint32_t *matched,
     size_t n_matched, uint32_t block_size, const uint32_t *inst, size_t n,
-    uint32_t prompt_tokens, uint64_t *work_us)
-{
-    return omni_policy_queue_work_starve(p, matched, n_matched, block_size,
-                                         inst, n, prompt_tokens, work_us,
-                                         NULL);
-}
-
-
-int
-omni_policy_queue_work_starve(const omni_predict_t *p,
-    const uint32_t *matched, size_t n_matched, uint32_t block_size,
-    const uint32_t *inst, size_t n, uint32_t prompt_tokens, uint64_t *work_us,
-    uint64_t *starve_us)
+    uint32_t prompt_tokens, uint64_t *work_us, uint64_t *starve_us)
 {
     uint64_t  cached;
     uint32_t  best, at;

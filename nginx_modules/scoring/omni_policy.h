@@ -322,31 +322,28 @@ int omni_policy_decode_place_tpot(const omni_decode_inst_t *d, size_t n,
 /* ---- queues -------------------------------------------------------------- */
 
 /*
- * SJF work of a prompt: the predicted prefill time, on the instance of
- * inst[0, n) (predictor/index numbers) that holds the longest prefix of it
- * (matched[], n_matched entries, as for prepare(); the first of equals; no
- * match: inst[0]), of the tokens that instance does not hold.
- */
-int omni_policy_queue_work(const omni_predict_t *p, const uint32_t *matched,
-    size_t n_matched, uint32_t block_size, const uint32_t *inst, size_t n,
-    uint32_t prompt_tokens, uint64_t *work_us);
-
-/*
- * The same, and in *starve_us the work the starvation rule may count
- * (omni_policy_starved): work_us once that instance's model has fitted
- * OMNI_POLICY_STARVE_SAMPLES prefills, else 0.  Before, the prediction is
- * mostly the built-in prior, a generic guess (several times the service of
- * a long prompt on a fast engine): counted, it starved long prompts after a
- * short wait in the first seconds of every start, ahead of shorter ones.
- * The order may use it (it ranks prompts by size all the same); the
- * starvation bound, a bound on each request's TTFT, may not.
+ * Work the starvation rule may count: the prediction once the instance's
+ * model has fitted this many prefills.  Before, it is mostly the built-in
+ * prior, a generic guess (several times the service of a long prompt on a
+ * fast engine): counted, it starved long prompts after a short wait in the
+ * first seconds of every start, ahead of shorter ones.
  */
 #define OMNI_POLICY_STARVE_SAMPLES  8
 
-int omni_policy_queue_work_starve(const omni_predict_t *p,
-    const uint32_t *matched, size_t n_matched, uint32_t block_size,
-    const uint32_t *inst, size_t n, uint32_t prompt_tokens, uint64_t *work_us,
-    uint64_t *starve_us);
+/*
+ * SJF work of a prompt: the predicted prefill time, on the instance of
+ * inst[0, n) (predictor/index numbers) that holds the longest prefix of it
+ * (matched[], n_matched entries, as for prepare(); the first of equals; no
+ * match: inst[0]), of the tokens that instance does not hold.  When
+ * starve_us is not NULL, the part of it the starvation rule counts
+ * (omni_policy_starved): all of it once that instance's model has fitted
+ * OMNI_POLICY_STARVE_SAMPLES prefills, else 0.  The order may use the
+ * prior's guess (it ranks prompts by size all the same); the starvation
+ * bound, a bound on each request's TTFT, may not.
+ */
+int omni_policy_queue_work(const omni_predict_t *p, const uint32_t *matched,
+    size_t n_matched, uint32_t block_size, const uint32_t *inst, size_t n,
+    uint32_t prompt_tokens, uint64_t *work_us, uint64_t *starve_us);
 
 /*
  * The static key of a queued request (lower first; equal keys: queued

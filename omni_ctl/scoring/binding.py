@@ -956,9 +956,9 @@ def queue_work(predictor, cached_blocks, block_size, instances, prompt_tokens,
     inst = ffi.new("uint32_t[]", list(instances) or [0])
     out = ffi.new("uint64_t *")
     starve_out = ffi.new("uint64_t *")
-    check(lib.omni_policy_queue_work_starve(predictor._h, blocks, len(cached),
-                                            block_size, inst, len(instances),
-                                            prompt_tokens, out, starve_out),
+    check(lib.omni_policy_queue_work(predictor._h, blocks, len(cached), block_size,
+                                     inst, len(instances), prompt_tokens, out,
+                                     starve_out),
           "queue_work")
     return (out[0], starve_out[0]) if starve else out[0]
 
