@@ -131,7 +131,8 @@ ngx_http_omni_queue_key_opts(ngx_http_omni_main_conf_t *mcf,
  * key, unless requests are starved (omni_policy_starved: waited, plus
  * their predicted work in the SJF order, reached the starvation timeout);
  * of the starved among the oldest omni_policy_late_scan() entries of the
- * arrival list, omni_policy_queue_next() says which goes first.
+ * arrival list, omni_policy_queue_next() says which goes first, or that
+ * the least key goes all the same (a short request in the SJF order).
  */
 uint32_t
 ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
@@ -143,7 +144,7 @@ ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
     omni_queue_opts_t        o;
     ngx_http_omni_queue_t   *queue;
     ngx_http_omni_qentry_t  *en;
-    omni_queue_item_t        late[OMNI_POLICY_LATE_SCAN];
+    omni_queue_item_t        head, late[OMNI_POLICY_LATE_SCAN];
     uint32_t                 ids[OMNI_POLICY_LATE_SCAN];
 
     queue = &sh->queues[q];
@@ -172,7 +173,11 @@ ngx_http_omni_queue_next_locked(ngx_http_omni_main_conf_t *mcf,
         ids[n++] = e;
     }
 
-    k = omni_policy_queue_next(&o, late, n, (uint64_t) now * 1000);
+    en = &sh->entries[queue->heap[0]];
+    head.arrival_us = (uint64_t) en->arrival * 1000;
+    head.work_us = en->starve_us;
+
+    k = omni_policy_queue_next(&o, late, n, &head, (uint64_t) now * 1000);
 
     e = k >= 0 ? ids[k] : queue->heap[0];
 

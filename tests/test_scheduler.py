@@ -168,16 +168,17 @@ def test_starvation_timeout_bounds_the_wait(omni_nginx, one_by_one, tmp_path):
     assert status["queues"]["released_by_starvation_timeout"] >= 1
 
 
-def _short_then_long(nginx, block, long, gap):
-    """A blocker of `block` tokens; while it runs, a 64-token request, then
-    `gap` s later one of `long` tokens.  All answered; their request ids."""
+def _short_then_long(nginx, block, long, gap, short=64):
+    """A blocker of `block` tokens; while it runs, a `short`-token request,
+    then `gap` s later one of `long` tokens.  All answered; their request
+    ids."""
     tag = time.monotonic_ns()
     names = {k: f"{k}-{tag}" for k in ("block", "short", "long")}
     pool = concurrent.futures.ThreadPoolExecutor(4)
     futures = [pool.submit(_post, nginx, {"prompt": _tokens(block, f"b{tag}"),
                                           "max_tokens": 1}, names["block"])]
     _wait_busy(nginx, "prefill")
-    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(64, f"s{tag}"),
+    futures.append(pool.submit(_post, nginx, {"prompt": _tokens(short, f"s{tag}"),
                                               "max_tokens": 1}, names["short"]))
     time.sleep(gap)
     futures.append(pool.submit(_post, nginx, {"prompt": _tokens(long, f"l{tag}"),
@@ -556,16 +557,12 @@ def test_a_younger_longer_request_starves_first(omni_nginx, one_by_one, tmp_path
     starvation rule.  With the wait alone (before wave 6) neither had
     waited the timeout and shortest-first took the short one.  (The work
     counts once the instance's model has fitted a few prefills: warmed up
-    first.)"""
+    first.  The short one, 1,000 tokens, about 80 ms, is not short enough
+    to go before the starved: test_a_short_request_goes_before_the_starved.)"""
     sim = one_by_one
     nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="900ms")
-    # the rule counts the work of a fitted model only, not the prior's guess
-    tag = time.monotonic_ns()
-    for k in range(lib.OMNI_POLICY_STARVE_SAMPLES):
-        _post(nginx, {"prompt": _tokens(2000 + 1500 * k, f"w{k}{tag}"),
-                      "max_tokens": 1}, f"warm-{k}-{tag}")
-    _idle(nginx)
-    names = _short_then_long(nginx, block=12000, long=12000, gap=0.05)
+    _warm_up(nginx)
+    names = _short_then_long(nginx, block=12000, long=12000, gap=0.05, short=1000)
 
     log = _access(tmp_path)
     starts = _prefill_starts(sim, {names["short"], names["long"]}, tmp_path)
@@ -573,6 +570,38 @@ def test_a_younger_longer_request_starves_first(omni_nginx, one_by_one, tmp_path
     assert log[names["long"]]["release"] == "starved", log[names["long"]]
     # neither had waited the timeout when the long one went
     assert int(log[names["long"]]["queue_ms"]) < 900, log[names["long"]]
+    _idle(nginx)
+
+
+def _warm_up(nginx):
+    """The starvation rule counts the work of a fitted model only, not the
+    prior's guess: a few prefills of several sizes, one at a time."""
+    tag = time.monotonic_ns()
+    for k in range(lib.OMNI_POLICY_STARVE_SAMPLES):
+        _post(nginx, {"prompt": _tokens(2000 + 1500 * k, f"w{k}{tag}"),
+                      "max_tokens": 1}, f"warm-{k}-{tag}")
+    _idle(nginx)
+
+
+def test_a_short_request_goes_before_the_starved(omni_nginx, one_by_one, tmp_path):
+    """A request whose predicted work is at most OMNI_POLICY_SHORT_PCT % of
+    the starvation bound goes first, ahead of the starved (stop 46).  A
+    1.5 s timeout (a 60 ms limit); behind a blocker of about 1.2 s, a
+    64-token request (about 45 ms here), then a 12,000-token one (about
+    0.6 s).  When the blocker ends the long one's wait plus work is past
+    the timeout and it is starved; the short one goes first all the same,
+    released by the order.  On the module before, the starved long one went
+    first."""
+    sim = one_by_one
+    nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="1500ms")
+    _warm_up(nginx)
+    names = _short_then_long(nginx, block=24000, long=12000, gap=0.05)
+
+    log = _access(tmp_path)
+    starts = _prefill_starts(sim, {names["short"], names["long"]}, tmp_path)
+    assert starts[names["short"]] < starts[names["long"]], (starts, log)
+    assert log[names["short"]]["release"] == "order", log[names["short"]]
+    assert log[names["long"]]["release"] == "starved", log[names["long"]]
     _idle(nginx)
 
 

@@ -603,8 +603,9 @@ def test_past_the_starvation_timeout_the_oldest_goes_first():
     assert queue_pick([short, long_], now, order="fcfs", starvation_us=200_000) == 0
     # the other way round: a long prompt, then a short one; both starved,
     # the long one is the oldest and goes first, where shortest-first
-    # (before anything starves) takes the short one
-    long_, short = QueueItem(0, 300_000), QueueItem(50_000, 10_000)
+    # (before anything starves) takes the short one (30 ms: more than
+    # OMNI_POLICY_SHORT_PCT % of the bound, so not short enough to go first)
+    long_, short = QueueItem(0, 300_000), QueueItem(50_000, 30_000)
     assert queue_order([long_, short], 150_000, starvation_us=500_000) == [1, 0]
     assert queue_order([long_, short], now, starvation_us=500_000) == [0, 1]
 
@@ -845,7 +846,9 @@ def test_the_bound_that_follows_the_backlog_keeps_shortest_first_under_overload(
 def test_a_younger_longer_request_starves_first():
     # an old short request and a young long one: the long one's TTFT would
     # reach the timeout first; it goes before the shorter, older one
-    q = [QueueItem(0, 100), QueueItem(3000, 5000)]
+    # (the short one's 400 is more than OMNI_POLICY_SHORT_PCT % of the
+    # timeout: not short enough to go before the starved)
+    q = [QueueItem(0, 400), QueueItem(3000, 5000)]
     assert queue_pick(q, 4000, starvation_us=7000) == 0        # none starved: SJF
     assert queue_pick(q, 5000, starvation_us=7000) == 1        # 2000 + 5000
     # both starved: the oldest
@@ -881,7 +884,51 @@ def test_queue_next_protocol():
     assert lib.omni_policy_starved(o, 20, 0, 10) == 0     # a clock behind
     items = ffi.new("omni_queue_item_t[]", lib.OMNI_POLICY_LATE_SCAN + 1)
     assert lib.omni_policy_queue_next(o, items, lib.OMNI_POLICY_LATE_SCAN + 1,
-                                      0) == lib.OMNI_EINVAL
+                                      ffi.NULL, 0) == lib.OMNI_EINVAL
+
+
+def test_a_short_request_goes_before_the_starved():
+    """SJF: the request the order puts first goes ahead of the starved when
+    its predicted work is at most OMNI_POLICY_SHORT_PCT % of the starvation
+    timeout: it adds that little to a starved request's TTFT and saves its
+    own a wait behind a starved prefill (stop 46, docs/scheduler.md).  Only
+    while the oldest starved one's wait plus work is under the bound plus
+    OMNI_POLICY_SHORT_LATE_PCT % of the timeout, so that short requests
+    that keep coming cannot hold it back for ever.  Work 0 (no fitted model
+    yet) is not short; FCFS and LPT keep the starved first; a backlog that
+    lifts the bound does not lift the limit."""
+    assert (lib.OMNI_POLICY_SHORT_PCT, lib.OMNI_POLICY_SHORT_LATE_PCT) == (4, 20)
+    timeout = 5_000_000
+    limit = timeout * 4 // 100                              # 200 ms
+    late = [QueueItem(0, 4_000_000), QueueItem(10, 3_000_000)]
+    now = 1_000_000                                         # 0 past the bound
+    for work, first in ((limit, None), (1, None), (limit + 1, 0), (0, 0)):
+        assert queue_next(late, now, aging=0.25, starvation_us=timeout,
+                          head=QueueItem(900_000, work)) == first, work
+    head = QueueItem(900_000, 1)
+    # not known: the oldest starved
+    assert queue_next(late, now, aging=0.25, starvation_us=timeout) == 0
+    for order in ("fcfs", "lpt"):
+        assert queue_next(late, 6_000_000, order=order, starvation_us=timeout,
+                          head=head) == 0
+    # the oldest starved one 1 s (20% of the timeout) past the bound: it goes
+    assert queue_next(late, 1_999_999, aging=0.25, starvation_us=timeout,
+                      head=head) is None
+    assert queue_next(late, 2_000_000, aging=0.25, starvation_us=timeout,
+                      head=head) == 0
+    # a backlog of 8 s per instance: a 10 s bound, the same 200 ms limit
+    for work, first in ((limit, None), (limit + 1, 0)):
+        assert queue_next(late, 6_000_000, aging=0.25, starvation_us=timeout,
+                          backlog_us=8_000_000, head=QueueItem(900_000, work)) == first
+    # over a whole queue: a young 150 ms request before an old, starved one;
+    # a 300 ms one behind it
+    now = 1_500_000
+    q = [QueueItem(0, 4_000_000), QueueItem(1_400_000, 150_000)]
+    assert queue_pick(q, now, aging=0.25, starvation_us=timeout) == 1
+    assert queue_order(q, now, aging=0.25, starvation_us=timeout) == [1, 0]
+    q[1] = QueueItem(1_400_000, 300_000)
+    assert queue_pick(q, now, aging=0.25, starvation_us=timeout) == 0
+    assert queue_order(q, now, aging=0.25, starvation_us=timeout) == [0, 1]
 
 
 def test_queue_work_is_the_best_instances_uncached_prefill():

@@ -312,7 +312,11 @@ def _ref_next(items, waits, now, starvation_us, aging=1.0):
 
     # starved: waited since its deadline past the timeout, or without one
     # (or before it) waited + work; of the starved among the oldest
-    # OMNI_POLICY_LATE_SCAN, the oldest goes first
+    # OMNI_POLICY_LATE_SCAN, the oldest goes first, unless the least key's
+    # work is at most OMNI_POLICY_SHORT_PCT % of the timeout and the oldest
+    # starved one's wait plus work is under the bound (here the timeout)
+    # plus OMNI_POLICY_SHORT_LATE_PCT % of it: then the rules below choose
+    head = min(range(n), key=key)
     for i in sorted(range(n), key=lambda i: seq[i])[:lib.OMNI_POLICY_LATE_SCAN]:
         it = items[i]
         if it.deadline_us > it.arrival_us:
@@ -320,7 +324,12 @@ def _ref_next(items, waits, now, starvation_us, aging=1.0):
         else:
             ttft = max(0, now - it.arrival_us) + it.work_us
         if starvation_us and ttft >= starvation_us:
-            return i, "starved"
+            short = 0 < work[head] <= starvation_us // 100 * lib.OMNI_POLICY_SHORT_PCT
+            late = max(0, now - it.arrival_us) + it.work_us
+            if not (short and late < starvation_us + starvation_us // 100
+                    * lib.OMNI_POLICY_SHORT_LATE_PCT):
+                return i, "starved"
+            break
     free = sorted(now + w for w in waits) or [now]
 
     def plan(order):

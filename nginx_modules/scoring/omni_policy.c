@@ -777,9 +777,10 @@ omni_policy_late_scan(const omni_queue_opts_t *o)
 
 int
 omni_policy_queue_next(const omni_queue_opts_t *o,
-    const omni_queue_item_t *late, size_t n, uint64_t now_us)
+    const omni_queue_item_t *late, size_t n, const omni_queue_item_t *head,
+    uint64_t now_us)
 {
-    (void) now_us;
+    uint64_t  bound, ttft;
 
     if (omni_policy_queue_check(o) != OMNI_OK || (n > 0 && late == NULL)
         || n > OMNI_POLICY_LATE_SCAN)
@@ -789,6 +790,37 @@ omni_policy_queue_next(const omni_queue_opts_t *o,
 
     if (n == 0) {
         return OMNI_ENOTFOUND;
+    }
+
+    /*
+     * SJF: a request whose own work is a small part of the timeout goes
+     * first all the same.  It adds that little to a starved request's
+     * TTFT, and saves its own a wait behind a starved prefill of seconds
+     * (a cached prompt that waited for the instance holding its prefix
+     * while starved prompts took that instance each time it freed; a few
+     * dozen tokens behind a 50k-token prompt).  On the clairvoyant model
+     * the mean fell 2-12% with the p99 within 1% on the Mooncake cases
+     * (docs/scheduler.md, "Short requests before the starved").  Work 0
+     * is not known yet (omni_policy_queue_work's starve_us): not short.
+     * Short requests that keep coming would hold the starved back for
+     * ever: they go first only while the oldest starved one is less than
+     * OMNI_POLICY_SHORT_LATE_PCT % of the timeout past the bound.  Both
+     * are parts of the timeout, not of the bound, which follows a backlog
+     * and would make most requests short under a deep one.
+     */
+    if (head != NULL && o->order == OMNI_QUEUE_SJF && head->work_us != 0) {
+        bound = omni_policy_starvation_bound(o);
+        ttft = omni_policy_waited(now_us, late[0].arrival_us);
+        ttft = late[0].work_us > UINT64_MAX - ttft
+               ? UINT64_MAX : ttft + late[0].work_us;
+
+        if (head->work_us <= o->starvation_us / 100 * OMNI_POLICY_SHORT_PCT
+            && (ttft < bound
+                || ttft - bound
+                   < o->starvation_us / 100 * OMNI_POLICY_SHORT_LATE_PCT))
+        {
+            return OMNI_ENOTFOUND;
+        }
     }
 
     /*
@@ -830,22 +862,6 @@ omni_policy_pick_among(const omni_queue_item_t *q, const uint32_t *idx,
     omni_queue_item_t         late[OMNI_POLICY_LATE_SCAN];
     const omni_queue_item_t  *it;
 
-    scan = omni_policy_late_scan(o);
-
-    for (i = 0, n = 0; i < m && i < scan; i++) {
-        it = &q[omni_policy_at(idx, i)];
-
-        if (omni_policy_starved(o, it->arrival_us, it->work_us, now_us)) {
-            late_at[n] = i;
-            late[n++] = *it;
-        }
-    }
-
-    k = omni_policy_queue_next(o, late, n, now_us);
-    if (k >= 0) {
-        return late_at[k];
-    }
-
     best = 0;
     it = &q[omni_policy_at(idx, 0)];
     best_key = omni_policy_queue_key(o, it->arrival_us, it->work_us);
@@ -862,7 +878,21 @@ omni_policy_pick_among(const omni_queue_item_t *q, const uint32_t *idx,
         }
     }
 
-    return best;
+    scan = omni_policy_late_scan(o);
+
+    for (i = 0, n = 0; i < m && i < scan; i++) {
+        it = &q[omni_policy_at(idx, i)];
+
+        if (omni_policy_starved(o, it->arrival_us, it->work_us, now_us)) {
+            late_at[n] = i;
+            late[n++] = *it;
+        }
+    }
+
+    k = omni_policy_queue_next(o, late, n, &q[omni_policy_at(idx, best)],
+                               now_us);
+
+    return k >= 0 ? late_at[k] : best;
 }
 
 
@@ -1175,7 +1205,7 @@ omni_policy_slo_next(const omni_queue_opts_t *o, const omni_slo_item_t *q,
     uint32_t          *feas, *kept;
     uint64_t          *free0, *h;
     omni_slo_rec_t    *r;
-    omni_queue_item_t  late[OMNI_POLICY_LATE_SCAN];
+    omni_queue_item_t  head, late[OMNI_POLICY_LATE_SCAN];
     uint32_t           late_at[OMNI_POLICY_LATE_SCAN];
     int                rc;
 
@@ -1228,7 +1258,20 @@ omni_policy_slo_next(const omni_queue_opts_t *o, const omni_slo_item_t *q,
         }
     }
 
-    rc = omni_policy_queue_next(o, late, k, now_us);
+    /* a short head goes before the starved: then the rules below choose
+     * (without deadlines: the least key, as the queue functions) */
+    for (i = 1, best = 0; i < n; i++) {
+        if (omni_policy_queue_before(r[i].key, r[i].seq, r[best].key,
+                                     r[best].seq))
+        {
+            best = i;
+        }
+    }
+
+    head.arrival_us = q[r[best].idx].arrival_us;
+    head.work_us = q[r[best].idx].work_us;
+
+    rc = omni_policy_queue_next(o, late, k, &head, now_us);
     if (rc >= 0) {
         out->index = (int32_t) late_at[rc];
         out->reason = OMNI_SLO_STARVED;

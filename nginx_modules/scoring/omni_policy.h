@@ -80,6 +80,13 @@ extern "C" {
 /* SJF: the starvation bound is at least this percentage of the backlog
  * (omni_queue_opts_t.backlog_us; omni_policy_starvation_bound) */
 #define OMNI_POLICY_BACKLOG_PCT 125
+/* SJF: the request the order puts first goes before the starved when its
+ * predicted work is at most this percentage of the starvation timeout
+ * (omni_policy_queue_next) ... */
+#define OMNI_POLICY_SHORT_PCT   4
+/* ... while the oldest starved one's wait plus work is under the
+ * starvation bound plus this percentage of the timeout */
+#define OMNI_POLICY_SHORT_LATE_PCT 20
 /* SJF: keys are made again when their aging moved by more than this
  * fraction of itself (1/8; omni_policy_queue_rekey) */
 #define OMNI_POLICY_AGING_SLACK 8
@@ -401,13 +408,21 @@ size_t omni_policy_late_scan(const omni_queue_opts_t *o);
 
 /*
  * Which entry to release next.  late[0, n): the starved ones among the
- * omni_policy_late_scan() oldest entries, in queue order.
+ * omni_policy_late_scan() oldest entries, in queue order; head: the entry
+ * with the least key (NULL: not known).
  * Returns the index in late[] of the one to release, the oldest (late[0],
  * in every order: it minimises the largest TTFT among them, see
- * omni_policy.c), or OMNI_ENOTFOUND when n == 0: release the least key.
+ * omni_policy.c), or OMNI_ENOTFOUND: release the least key.  That is when
+ * n == 0, and in the SJF order when the head's predicted work is known
+ * (not 0) and at most OMNI_POLICY_SHORT_PCT % of the starvation timeout
+ * while late[0]'s wait plus work is under the starvation bound plus
+ * OMNI_POLICY_SHORT_LATE_PCT % of the timeout: so short a request goes
+ * first, ahead of the starved too, and a stream of them delays those by a
+ * bounded time.
  */
 int omni_policy_queue_next(const omni_queue_opts_t *o,
-    const omni_queue_item_t *late, size_t n, uint64_t now_us);
+    const omni_queue_item_t *late, size_t n, const omni_queue_item_t *head,
+    uint64_t now_us);
 
 /*
  * The same over a whole queue q[0, n) in queue order (index = sequence):
@@ -492,7 +507,8 @@ size_t omni_policy_slo_scratch_size(size_t n, size_t m);
  *
  *   1. the oldest entries (seq order) past the starvation timeout
  *      (omni_policy_slo_starved), at most omni_policy_late_scan(o) of them
- *      while they are: omni_policy_queue_next() among them (STARVED);
+ *      while they are: omni_policy_queue_next() among them, the least
+ *      key its head (STARVED; a short head: the rules below choose);
  *   2. feasible: the entries without deadline, and those that would meet
  *      theirs if released now; the others are lost and go after them;
  *   3. if the feasible ones in queue order (the key of

@@ -969,12 +969,15 @@ def queue_key(arrival_us, work, order="sjf", aging=1.0):
     return lib.omni_policy_queue_key(_queue_opts(order, aging, 0), arrival_us, work)
 
 
-def queue_next(late, now_us, order="sjf", aging=1.0, starvation_us=0):
-    """``late``: the starved items among the oldest, in queue order.  The
-    index of the one to release, or None when there is none (release the
-    least key)."""
-    opts = _queue_opts(order, aging, starvation_us)
-    rc = lib.omni_policy_queue_next(opts, _queue_items(late), len(late), now_us)
+def queue_next(late, now_us, order="sjf", aging=1.0, starvation_us=0, head=None,
+               backlog_us=0):
+    """``late``: the starved items among the oldest, in queue order;
+    ``head``: the item with the least key (None: not known).  The index of
+    the one to release, or None to release the least key (nothing starved,
+    or a head short enough to go first)."""
+    opts = _queue_opts(order, aging, starvation_us, backlog_us)
+    h = _queue_items([head]) if head is not None else ffi.NULL
+    rc = lib.omni_policy_queue_next(opts, _queue_items(late), len(late), h, now_us)
     if rc == lib.OMNI_ENOTFOUND:
         return None
     return check(rc, "queue_next")
