@@ -799,8 +799,9 @@ omni_policy_queue_next(const omni_queue_opts_t *o,
      * (a cached prompt that waited for the instance holding its prefix
      * while starved prompts took that instance each time it freed; a few
      * dozen tokens behind a 50k-token prompt).  On the clairvoyant model
-     * the mean fell 2-12% with the p99 within 1% on the Mooncake cases
-     * (docs/scheduler.md, "Short requests before the starved").  Work 0
+     * the mean fell by up to 11% on the heavy Mooncake cases, the p99
+     * moved by -3% to +4%; live, the section-1 mean fell 3-13% in four
+     * pairs (docs/scheduler.md, "Short requests before the starved").  Work 0
      * is not known yet (omni_policy_queue_work's starve_us): not short.
      * Short requests that keep coming would hold the starved back for
      * ever: they go first only while the oldest starved one is less than
