@@ -8,7 +8,11 @@ An analysis aid, not a test.
 RULEs: share (wave 4's starved share), lsold:5@0.25 (waves 6-9: latest
 start 5 s, aging 0.25), lsback:5/1.25@0.25 (wave 10: the bound follows the
 backlog), lsbacka:5/1.25@0.25 (wave 11, the module's rule: the aging scaled by
-timeout / bound as well; lsbacka:5/1.25/E@0.25 scales by its power E), and the
+timeout / bound as well; lsbacka:5/1.25/E@0.25 scales by its power E),
+lsbackt:5/1.25/0.2/0.2t@0.25 (stop 46, the module's rule: lsbacka, and a
+request of at most 0.2 s of work goes before the starved while the oldest
+starved one is less than 0.2 x the timeout past the bound), lsbackc (stop
+46, not made: at most all but C instances run starved work), and the
 others below; without RUN_DIRs, the trace slices of starved_share_whatif.py.
 
 A RULE ending in ~G (e.g. lsbacka:5/1.25@0.25~10) also idles a prefill
@@ -159,6 +163,42 @@ class Model(w._Rule):
             if urgent:
                 return min(urgent, key=lambda s: s.job.arrival), True
             return self.sjf(q, (B / bound) ** e), False
+        if kind == "lsbackc":
+            # stop 46: lsbacka, but a starved request goes only while fewer
+            # than (instances - C) prefill instances run starved work, so C
+            # instances keep serving the order (lsbackc:B/k/C)
+            B, k, c = (arg.split("/") + ["1.25", "1"])[:3]
+            B, k, c = float(B), float(k), int(c)
+            backlog = sum(work[s.i] for s in q) / max(1, len(self.pre))
+            bound = max(B, k * backlog)
+            urgent = [s for s in q if t - s.job.arrival + work[s.i] >= bound]
+            if urgent and self.busy_starved() < max(1, len(self.pre) - c):
+                return min(urgent, key=lambda s: s.job.arrival), True
+            return self.sjf(q, B / bound), False
+        if kind == "lsbackt":
+            # stop 46: lsbacka, but a request whose work is at most F
+            # seconds goes before the starved (lsbackt:B/k/F)
+            # (F ending in r: that fraction of the starvation bound)
+            B, k, F, W = (arg.split("/") + ["1.25", "0.1", "1e9"])[:4]
+            # (W ending in t: that fraction of the timeout B, not the bound)
+            wt = W.endswith("t")
+            W = float(W.rstrip("t"))
+            rel = F.endswith("r")
+            B, k, F = float(B), float(k), float(F.rstrip("r"))
+            backlog = sum(work[s.i] for s in q) / max(1, len(self.pre))
+            bound = max(B, k * backlog)
+            if rel:
+                F *= bound
+            urgent = [s for s in q if t - s.job.arrival + work[s.i] >= bound]
+            best = self.sjf(q, B / bound)
+            if urgent:
+                old = min(urgent, key=lambda s: s.job.arrival)
+                # lsbackt:B/k/F/W: the short go first only while the oldest
+                # starved is less than W (a fraction of the bound) past it
+                late = t - old.job.arrival + work[old.i] - bound
+                if work[best.i] > F or late >= W * (B if wt else bound):
+                    return old, True
+            return best, False
         if kind == "lsbacks":
             # lsbacka with a backlog that rises slowly: the least of the
             # backlog of now and its average over TAU seconds (a burst
