@@ -585,17 +585,19 @@ def _warm_up(nginx):
 
 def test_a_short_request_goes_before_the_starved(omni_nginx, one_by_one, tmp_path):
     """A request whose predicted work is at most OMNI_POLICY_SHORT_PCT % of
-    the starvation bound goes first, ahead of the starved (stop 46).  A
-    1.5 s timeout (a 60 ms limit); behind a blocker of about 1.2 s, a
-    64-token request (about 45 ms here), then a 12,000-token one (about
-    0.6 s).  When the blocker ends the long one's wait plus work is past
-    the timeout and it is starved; the short one goes first all the same,
-    released by the order.  On the module before, the starved long one went
-    first."""
+    the starvation timeout goes first, ahead of the starved, while the
+    oldest starved one is less than OMNI_POLICY_SHORT_LATE_PCT % of the
+    timeout past its bound (stop 46).  A 3 s timeout (a 120 ms limit, a
+    0.6 s window); behind a blocker of about 2.8 s, a 64-token request
+    (about 45 ms here), then a 12,000-token one (about 0.6 s of work).  When
+    the blocker ends the long one's wait plus work is about 3.4 s, past the
+    timeout by two thirds of the window: it is starved, and the short one goes
+    first all the same, released by the order.  On the module before, the
+    starved long one went first."""
     sim = one_by_one
-    nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="1500ms")
+    nginx = _sjf_one_at_a_time(omni_nginx, sim, tmp_path, starvation="3s")
     _warm_up(nginx)
-    names = _short_then_long(nginx, block=24000, long=12000, gap=0.05)
+    names = _short_then_long(nginx, block=56000, long=12000, gap=0.05)
 
     log = _access(tmp_path)
     starts = _prefill_starts(sim, {names["short"], names["long"]}, tmp_path)
