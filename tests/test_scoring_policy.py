@@ -415,6 +415,77 @@ def test_decide_over_the_budget_takes_the_next_one_while_the_kv_transfers():
     assert d.hold and c[0].wait_us == 20_001
 
 
+def _parallel_pred(k_per_1k):
+    """A parallel P/D predictor that has learned its transfer (k_per_1k us
+    per 1,024 prompt tokens) from queued jobs on a serial engine."""
+    pred = Predictor(1, prefill_prior=(2000, 100_000, 0), transfer=True)
+    t = 1_000_000
+    rnd = random.Random(3)
+    while pred.state(0)["transfer_samples"] < 20:
+        a, b = rnd.randrange(2000, 9000), rnd.randrange(2000, 9000)
+        ja = pred.dispatch_prefill(0, a, 0, t)
+        jb = pred.dispatch_prefill(0, b, 0, t + 1000)         # queued behind
+        end_a = t + 2000 + 100 * a
+        end_b = end_a + 2000 + 100 * b
+        pred.prefill_done(0, ja, end_a + k_per_1k * a // 1024)
+        pred.prefill_done(0, jb, end_b + k_per_1k * b // 1024)
+        t = end_b + 5_000_000
+    return pred, t
+
+
+def test_decide_parallel_counts_the_instance_free_a_transfer_early():
+    """Parallel P/D: the proxy hears a prefill's end only with its answer,
+    a KV transfer after it, and the service model (its samples are answers
+    less a learned transfer) predicted long prompts 4-14% long on the
+    Mooncake trace: past the engine's end the instance still counted busy,
+    over its batch budget, until the answer, while the next request waited
+    (an idle engine for each transfer, 50 ms a request).  Once the
+    transfer's time is known, the instance counts free the last job's
+    predicted transfer before its predicted end, for the wait and for the
+    budget rules alike: a request sent then waits in the engine at most
+    that long.  Sequential P/D, without a transfer, is unchanged."""
+    k = 7680
+    pred, now = _parallel_pred(k)
+    assert abs(pred.state(0)["transfer_per_1k_us"] - k) < 0.2 * k
+    job = pred.dispatch_prefill(0, 20_000, 0, now_us=now)
+    end, early = pred.end_us(0), pred.transfer_us(0)
+    assert early == job.tail_us and abs(early - k * 20_000 / 1024) < 0.2 * k * 20
+    assert pred.answer_us(0) == end + early
+
+    def decide(at, starved=False):
+        c = [PrefillCandidate(0, running=1, inflight_tokens=20_000,
+                              max_running=16, max_tokens=16384)]
+        d = _decide(pred, c, 4000, at, step_tokens=8192, starved=starved)
+        return d, c
+
+    for starved in (False, True):
+        # within a transfer of the predicted end: free, over the budget too
+        d, c = decide(end - early + 10_000, starved)
+        assert d.choice == 0 and c[0].wait_us == 0, (starved, d, c[0])
+        # earlier: busy (over the budget), retried at the window's start
+        d, c = decide(end - early - 50_000, starved)
+        assert d.hold and c[0].wait_us > 20_000, (starved, d, c[0])
+    # under the budget, the wait alone: the window's start less the slack
+    c = [PrefillCandidate(0, running=1, inflight_tokens=20_000,
+                          max_running=16, max_tokens=65536)]
+    d = _decide(pred, c, 4000, end - early - 50_000)
+    assert d.hold and c[0].wait_us == 50_000 and d.retry_us == 30_000
+    # no transfer learned yet, or none at all: the predicted end stands
+    fresh = Predictor(1, prefill_prior=(2000, 100_000, 0), transfer=True)
+    fresh.dispatch_prefill(0, 20_000, 0, now_us=now)
+    assert fresh.transfer_us(0) == 0
+    seq = _pred(1)
+    seq.dispatch_prefill(0, 20_000, 0, now_us=now)
+    assert seq.transfer_us(0) == 0
+    for p in (fresh, seq):
+        c = [PrefillCandidate(0, running=1, inflight_tokens=20_000,
+                              max_running=16, max_tokens=65536)]
+        d = _decide(p, c, 4000, p.end_us(0) - 50_000)
+        assert d.hold and c[0].wait_us >= 50_000 - 1000, (p, c[0])
+    # nothing in flight: nothing to count early
+    assert Predictor(1, transfer=True).transfer_us(0) == 0
+
+
 def test_decide_a_starved_request_weighs_its_own_ttft_only():
     """What a prefill costs the requests waiting is weighed for a request in
     the order, not for one released for having starved: that one goes ahead

@@ -380,6 +380,43 @@ def test_a_transfer_under_a_backlog_is_learned_and_frees_the_instance_early():
     assert Predictor(1).config["transfer"] is False
 
 
+def test_a_parallel_engine_is_learned_from_the_jobs_sent_to_it_idle():
+    """Parallel P/D: once the transfer's time per token is known, a job sent
+    to an idle engine shows its service as its latency less its transfer,
+    and the service model learns from it.  Before, only the jobs timed from
+    the answer before them taught the model (few, when short prompts sent
+    behind long ones are answered first), and an idle job's latency went to
+    the trip: an engine that slowed down looked like a longer trip, its
+    service was predicted as fast as before, and the instance counted free
+    long before it was (live, on the Mooncake trace, the model kept its
+    first jobs' fit, transfers included: short prefills were predicted
+    70-90% too long)."""
+    k = 7680
+    p = Predictor(1, min_us=100, transfer=True)
+    _serve_with_transfer(True, k, 0, predictor=p)       # the transfer known
+    st = p.state(0)
+    assert st["transfer_samples"] >= 16 and st["inflight"] == 0, st
+    slow = tuple(c * 1.5 for c in TRUE_PREFILL)
+    rnd = random.Random(1)
+    t = st["free_at_us"] + 1_000_000
+    for _ in range(150):
+        n = rnd.randrange(200, 9000)
+        job = p.dispatch_prefill(0, n, 0, t)
+        end = t + 500 + int(prefill_truth(n, 0, slow))
+        p.prefill_done(0, job, end + k * n // 1024 + 500)
+        t = end + 1_000_000                             # idle in between
+    for n in (300, 4000, 9000):
+        # the service and the trip (1 ms), which the fixed cost takes
+        truth = prefill_truth(n, 0, slow) + 1000
+        assert rel(p.prefill_us(0, n, 0), truth) < 0.1, (n, p.state(0))
+    # the engine's end of the next job is predicted where it is, and its
+    # answer a transfer later
+    job = p.dispatch_prefill(0, 6000, 0, t)
+    end = t + 500 + prefill_truth(6000, 0, slow)
+    assert abs(p.end_us(0) - end) < 0.1 * prefill_truth(6000, 0, slow)
+    assert rel(job.done_us - t, end - t + k * 6000 / 1024 + 500) < 0.1
+
+
 def test_the_engine_tells_a_prefill_end_before_its_answer():
     """Parallel P/D: a prefill's answer comes after its KV transfer; the
     engine's KV events tell its end before that (the prompt's last block
@@ -525,15 +562,16 @@ def test_an_answer_out_of_order_frees_the_instance_through_the_transfers():
     st = p.state(0)
     assert st["inflight"] == 0 and st["prefill_samples"] == samples, st
     assert p.end_us(0) == 0 and p.answer_us(0) == 0
-    # in order, the same two are timed as before: the short one from the
-    # long one's answer
+    # in order, the same two are timed: the short one from the long one's
+    # answer, and the long one, sent to an idle engine, by its latency less
+    # its transfer
     t = long_answer + 1_000_000
     long = p.dispatch_prefill(0, 9000, 0, t)
     short = p.dispatch_prefill(0, 1000, 0, t + 5000)
     p.prefill_done(0, long, t + int(prefill_truth(9000, 0)) + 1000)
     p.prefill_done(0, short, t + int(prefill_truth(9000, 0))
                    + int(prefill_truth(1000, 0)) + 1000)
-    assert p.state(0)["prefill_samples"] == samples + 1
+    assert p.state(0)["prefill_samples"] == samples + 2
     # a job that failed behind a long one (it may never have reached the
     # engine) says nothing of how far the engine is: the long one's work
     # still counts, the failed one's no more

@@ -212,7 +212,9 @@ typedef struct {
  * prompt_tokens tokens, from the prefix match (cached_blocks[c[i].inst], as
  * omni_index_match_prefix() writes it, n_cached entries; NULL: nothing
  * cached) and the predictor.  At least one token is always computed (an
- * engine recomputes the last one of a fully cached prompt).
+ * engine recomputes the last one of a fully cached prompt).  The wait is
+ * the predictor's, less the last job's predicted transfer there in
+ * parallel P/D (omni_predict_transfer_us(); see decide()).
  */
 int omni_policy_prefill_prepare(const omni_predict_t *p,
     const uint32_t *cached_blocks, size_t n_cached, uint32_t block_size,
@@ -276,6 +278,12 @@ int omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  *     while its answer is still more than hold_slack_us away
  *     (omni_predict_answer_us(): a KV transfer, parallel P/D): the engine
  *     is free, its tokens come back with the answer;
+ *   - parallel P/D, once the transfer's time is known: every instance's
+ *     wait, and its predicted end in the two rules above, count that
+ *     much earlier as the last job's predicted transfer there
+ *     (omni_predict_transfer_us()): the proxy hears an end up to a
+ *     transfer late, and a request sent that early waits in the engine
+ *     at most that long;
  *   - with a deadline: when some candidate (not flagged, below
  *     max_running) would finish it by the deadline (now + wait + prefill),
  *     the ones that would not are flagged DRAINING: placement keeps it on

@@ -637,6 +637,28 @@ omni_predict_xfer_service(const omni_predict_t *p,
 
 
 /*
+ * The service of a job sent to an idle engine (OMNI_PREDICT_TRANSFER): its
+ * latency less its own transfer, once the time per token is known (-1
+ * before, or when the transfer would take more than half of it: one wrong
+ * slope must not wreck the model).
+ */
+static double
+omni_predict_xfer_service_alone(const omni_predict_t *p,
+    const omni_predict_job_t *job, double latency)
+{
+    double  d;
+
+    if (!omni_predict_xfer_known(p)) {
+        return -1;
+    }
+
+    d = p->xfer_k_us * (((double) job->n_new + job->n_cached) / 1024.0);
+
+    return d > latency / 2 ? -1 : latency - d;
+}
+
+
+/*
  * OMNI_PREDICT_TRANSFER, until the transfer's time per token is known: a job
  * frees the engine an eighth of its predicted latency before its answer
  * less its trip, so that some jobs go out while the engine still works,
@@ -1043,6 +1065,35 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
                 in->queued_samples++;
             }
 
+        } else if ((y = omni_predict_xfer_service_alone(p, job,
+                                                        (double) latency))
+                   > 0)
+        {
+            /*
+             * It waited for nobody, and the transfer's time per token is
+             * known: its latency less its transfer is its service (and the
+             * short trip, which the fixed cost takes).  In parallel P/D the
+             * jobs timed from the answer before them are few (the answers
+             * of short prompts sent behind long ones come out of order),
+             * and these were fitted whole, transfers included, or not at
+             * all: the model predicted short prefills 50-100% too long and
+             * long ones 4-14%, and the engine idled through each transfer
+             * while the next request waited (docs/scheduler.md, "Parallel
+             * P/D: the service learned from every answer").  The trip's
+             * fixed part is what the model leaves over, as below.
+             */
+            if (in->queued_samples >= OMNI_PREDICT_QUEUED_MIN) {
+                r = (double) latency
+                    - omni_predict_floor(p, omni_predict_dot(in->prefill.coef,
+                                                             x));
+                omni_predict_reach_fit(p, in,
+                                       (uint64_t) job->n_new + job->n_cached,
+                                       r);
+            }
+
+            omni_predict_rls_update(p, &in->prefill, p->cfg.prefill_prior, x,
+                                    y);
+
         } else if (in->queued_samples >= OMNI_PREDICT_QUEUED_MIN) {
             /*
              * It waited for nobody: its latency is the trip to the engine
@@ -1314,6 +1365,21 @@ omni_predict_end_us(const omni_predict_t *p, uint32_t inst)
     busy = omni_predict_busy(in);
 
     return (int64_t) (busy > 0 ? busy : 1);
+}
+
+
+int64_t
+omni_predict_transfer_us(const omni_predict_t *p, uint32_t inst)
+{
+    const omni_predict_inst_t  *in;
+    int64_t                     rc;
+
+    in = omni_predict_in_flight(p, inst, &rc);
+    if (in == NULL) {
+        return rc;
+    }
+
+    return omni_predict_xfer_known(p) ? (int64_t) in->tail_us : 0;
 }
 
 

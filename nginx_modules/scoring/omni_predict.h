@@ -218,6 +218,13 @@ int64_t omni_predict_end_us(const omni_predict_t *p, uint32_t inst);
  * instance inst (their end plus the last one's trip); 0 when none is. */
 int64_t omni_predict_answer_us(const omni_predict_t *p, uint32_t inst);
 
+/* OMNI_PREDICT_TRANSFER, once the transfer's time per token is known: the
+ * predicted transfer (and trip) of the last prefill job sent to instance
+ * inst, which its answer comes after the engine's end; 0 otherwise, or
+ * when none is in flight.  The proxy hears an end no later than that much
+ * after it happened: it may be that much earlier than predicted, unseen. */
+int64_t omni_predict_transfer_us(const omni_predict_t *p, uint32_t inst);
+
 /* Prefill samples instance inst's model has fitted (0 for an unknown
  * instance): below a few, its predictions are the built-in prior's. */
 uint64_t omni_predict_prefill_samples(const omni_predict_t *p, uint32_t inst);

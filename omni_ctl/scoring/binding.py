@@ -637,6 +637,13 @@ class Predictor:
         return check(lib.omni_predict_answer_us(self._h, instance),
                      "answer_us")
 
+    def transfer_us(self, instance):
+        """Parallel P/D, once the transfer's time per token is known: the
+        predicted transfer (and trip) of the last prefill sent there, which
+        its answer comes after the engine's end; 0 otherwise."""
+        return check(lib.omni_predict_transfer_us(self._h, instance),
+                     "transfer_us")
+
     def decode_wait_us(self, instance, batch, kv_tokens, max_batch,
                        min_remaining_tokens):
         return check(lib.omni_predict_decode_wait_us(
