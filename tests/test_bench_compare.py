@@ -104,6 +104,24 @@ def test_compare_runs_every_target_on_its_own_cluster(tmp_path):
 
 
 @pytest.mark.skipif(not _omni_available(), reason=f"{omni.available()} (issue 2)")
+def test_a_second_run_into_the_same_directory_starts_a_fresh_log(tmp_path):
+    """A comparison run again with the same --out used to append its
+    requests to the first run's access log (nginx appends), and `omni-ctl
+    explain` then read two runs as one: idle instances for most of the
+    mean, no starvation.  The run's directory now starts empty."""
+    for _ in range(2):
+        res = compare.run_compare(
+            targets="omni", prefill=1, decode=1, pd_policy="sequential",
+            sim_args="--preset tiny", out_dir=str(tmp_path), quiet=True,
+            workload="gsp", gsp_groups=2, gsp_prompts_per_group=3,
+            gsp_system_len=256, gsp_question_len=16, gsp_output_len=4,
+            concurrency=3, max_duration=60.0)
+        assert res["summaries"][0]["requests"] == 6
+        log = (tmp_path / "omni" / "run" / "access.log").read_text()
+        assert log.count("client_id=compare-omni-") == 6, log[-3000:]
+
+
+@pytest.mark.skipif(not _omni_available(), reason=f"{omni.available()} (issue 2)")
 def test_demo_short_end_to_end(tmp_path):
     res = subprocess.run([sys.executable, "-m", "omni_ctl.cli", "demo", "--short",
                           "--out", str(tmp_path)], capture_output=True, text=True,

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import time
 
 from . import bound, core, omni, peers, procs, report
@@ -129,7 +130,11 @@ def start_router(target: str, sim, pd_policy: str, prefix: str, port: int,
                  workers: int = 1, omni_module_dir: str | None = None,
                  omni_args=()):
     """Start `target` in front of the running cluster `sim` and wait until it
-    answers; return (url, process). The caller stops the process."""
+    answers; return (url, process). The caller stops the process.  `prefix`
+    is the run's own directory: what an earlier run left there goes first
+    (nginx appends to an access log, and `omni-ctl explain` read two runs'
+    requests as one)."""
+    shutil.rmtree(prefix, ignore_errors=True)
     os.makedirs(prefix, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
     if target == "oracle":
