@@ -368,6 +368,14 @@ def test_decide_over_the_budget_takes_the_next_one_during_the_last_step():
     assert d.hold and d.retry_us == 40_000
 
 
+def _decide_over_budget(pred, at, starved=False):
+    """A 4000-token request at `at`, the one instance running 20,000 tokens
+    against a 16,384-token budget, in steps of 8,192: (decision, cands)."""
+    c = [PrefillCandidate(0, running=1, inflight_tokens=20_000,
+                          max_running=16, max_tokens=16384)]
+    return _decide(pred, c, 4000, at, step_tokens=8192, starved=starved), c
+
+
 def test_decide_over_the_budget_takes_the_next_one_while_the_kv_transfers():
     """Parallel P/D: a prefill's answer comes after its KV transfer, which
     the engine overlaps with its next work.  Once the work is predicted
@@ -386,10 +394,7 @@ def test_decide_over_the_budget_takes_the_next_one_while_the_kv_transfers():
     assert ans == job.done_us and ans - end >= (job.done_us - now) // 8
 
     def decide(at, starved=False):
-        c = [PrefillCandidate(0, running=1, inflight_tokens=20_000,
-                              max_running=16, max_tokens=16384)]
-        d = _decide(pred, c, 4000, at, step_tokens=8192, starved=starved)
-        return d, c
+        return _decide_over_budget(pred, at, starved)
 
     for starved in (False, True):
         d, c = decide(end + 1000, starved)
@@ -453,10 +458,7 @@ def test_decide_parallel_counts_the_instance_free_a_transfer_early():
     assert pred.answer_us(0) == end + early
 
     def decide(at, starved=False):
-        c = [PrefillCandidate(0, running=1, inflight_tokens=20_000,
-                              max_running=16, max_tokens=16384)]
-        d = _decide(pred, c, 4000, at, step_tokens=8192, starved=starved)
-        return d, c
+        return _decide_over_budget(pred, at, starved)
 
     for starved in (False, True):
         # within a transfer of the predicted end: free, over the budget too
