@@ -441,10 +441,10 @@ def _parallel_pred(k_per_1k):
 def test_decide_parallel_counts_the_instance_free_a_transfer_early():
     """Parallel P/D: the proxy hears a prefill's end only with its answer,
     a KV transfer after it, and the service model (its samples are answers
-    less a learned transfer) predicted long prompts 4-14% long on the
+    less a learned transfer) predicted long prompts up to 18% long on the
     Mooncake trace: past the engine's end the instance still counted busy,
     over its batch budget, until the answer, while the next request waited
-    (an idle engine for each transfer, 50 ms a request).  Once the
+    (the engines idled 14-20 s a run through such transfers).  Once the
     transfer's time is known, the instance counts free the last job's
     predicted transfer before its predicted end, for the wait and for the
     budget rules alike: a request sent then waits in the engine at most

@@ -191,9 +191,9 @@ omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
  * end, so the proxy hears an end up to a transfer late, and a model that
  * predicts the engine's work a few percent long (its samples are answers
  * less a learned transfer) kept the instance busy until each answer while
- * the next request waited: the engine idled through the transfer, 50 ms a
- * request on the Mooncake trace (docs/scheduler.md, "Parallel P/D: counted
- * free a transfer early").  Sent that much early instead, a request waits
+ * the next request waited: the engines idled 14-20 s a run through such
+ * transfers on the Mooncake trace (docs/scheduler.md, "Parallel P/D:
+ * counted free a transfer early").  Sent that much early instead, a request waits
  * in the engine for at most that long, which costs the engine nothing.  So
  * the instance counts as free the last job's predicted transfer before its
  * predicted end; 0 without a transfer (sequential P/D: the answer is the

@@ -1074,13 +1074,13 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
              * known: its latency less its transfer is its service (and the
              * short trip, which the fixed cost takes).  In parallel P/D the
              * jobs timed from the answer before them are few (the answers
-             * of short prompts sent behind long ones come out of order),
-             * and these were fitted whole, transfers included, or not at
-             * all: the model predicted short prefills 50-100% too long and
-             * long ones 4-14%, and the engine idled through each transfer
-             * while the next request waited (docs/scheduler.md, "Parallel
-             * P/D: the service learned from every answer").  The trip's
-             * fixed part is what the model leaves over, as below.
+             * of short prompts sent behind long ones come out of order);
+             * these were fitted whole, transfers included (the first 16),
+             * or taught the trip alone, so an engine that slowed down while
+             * every request reached it idle looked like a longer trip and
+             * counted free too early (docs/scheduler.md, "Parallel P/D:
+             * counted free a transfer early").  The trip's fixed part is
+             * what the model leaves over, as below.
              */
             if (in->queued_samples >= OMNI_PREDICT_QUEUED_MIN) {
                 r = (double) latency
