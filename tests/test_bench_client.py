@@ -134,38 +134,66 @@ def _sessions(n, endpoint="completions", **spec):
         random_input_len=16, random_output_len=4, **spec))
 
 
+def _timing_misses(res, script):
+    """How the client's timings of a scripted run differ from the script by
+    more than the timers allow (empty: they match)."""
+    miss = []
+
+    def near(what, got, want, tol=TOL_MS):
+        if abs(got - want) > tol:
+            miss.append(f"request {r.index}: {what} {got:.1f} ms, script {want:.1f}")
+
+    for r in res.records:
+        step = script[r.index % 2]
+        gaps_ms = [g * 1000 for g in step["gaps"]]
+        near("TTFT", r.ttft_ms, step["ttft"] * 1000)
+        for k, (got, want) in enumerate(zip(r.itl_ms, gaps_ms)):
+            near(f"ITL {k}", got, want)
+        near("E2E", r.e2e_ms, (step["ttft"] + sum(step["gaps"])) * 1000, 2 * TOL_MS)
+        near("TPOT", r.tpot_ms, sum(gaps_ms) / len(gaps_ms))
+    s = summarize(res.records, res.duration_s, {})
+    if abs(s["ttft_ms"]["mean"] - 125) > TOL_MS:
+        miss.append(f"mean TTFT {s['ttft_ms']['mean']:.1f} ms, script 125")
+    return miss
+
+
 def test_stream_metrics_match_the_script():
+    """The client's TTFT, ITLs, E2E and TPOT match the script's timings.  A
+    timing that misses by more than the tolerance is run again, up to three
+    times in all: the client and the scripted backend share one process and
+    the machine's two cores with whatever else runs (a CI run under the
+    sanitizers once saw a first token 105 ms late), and a stall of the
+    process is no error of the client's; an error of the client's misses
+    every time.  What is not timing is checked on every run."""
     script = [
         {"ttft": 0.20, "gaps": [0.05, 0.05, 0.05]},             # TPOT 50 ms
         {"ttft": 0.05, "gaps": [0.10, 0.02, 0.15, 0.03]},       # uneven ITL
     ]
-    with ScriptedBackend(script) as be:
-        res = _run(be.url, _sessions(4))
-    assert [r.ok for r in res.records] == [True] * 4
-    for r in res.records:
-        step = script[r.index % 2]
-        gaps_ms = [g * 1000 for g in step["gaps"]]
-        assert r.ttft_ms == pytest.approx(step["ttft"] * 1000, abs=TOL_MS)
-        assert len(r.itl_ms) == len(gaps_ms)
-        for got, want in zip(r.itl_ms, gaps_ms):
-            assert got == pytest.approx(want, abs=TOL_MS)
-        want_e2e = (step["ttft"] + sum(step["gaps"])) * 1000
-        assert r.e2e_ms == pytest.approx(want_e2e, abs=2 * TOL_MS)
-        assert r.output_tokens == len(gaps_ms) + 1 and r.output_tokens_from == "usage"
-        assert r.prompt_tokens == 7
-        # TPOT is (E2E - TTFT) / (tokens - 1), exactly, from the same record
-        assert r.tpot_ms == pytest.approx((r.e2e_ms - r.ttft_ms) / (r.output_tokens - 1))
-        assert r.tpot_ms == pytest.approx(sum(gaps_ms) / len(gaps_ms), abs=TOL_MS)
-    s = summarize(res.records, res.duration_s, {})
-    assert s["requests"] == s["completed"] == 4 and s["errors"] == 0
-    assert s["ttft_ms"]["mean"] == pytest.approx(125, abs=TOL_MS)
-    assert s["itl_ms"]["count"] == 3 + 4 + 3 + 4
-    assert s["total_output_tokens"] == 18
-    assert s["output_token_throughput"] == pytest.approx(18 / res.duration_s)
-    assert s["request_throughput"] == pytest.approx(4 / res.duration_s)
-    # closed loop, one at a time: the run lasts the sum of the E2Es
-    assert res.duration_s * 1000 == pytest.approx(
-        sum(r.e2e_ms for r in res.records), abs=4 * TOL_MS)
+    tries = []
+    for _ in range(3):
+        with ScriptedBackend(script) as be:
+            res = _run(be.url, _sessions(4))
+        assert [r.ok for r in res.records] == [True] * 4
+        for r in res.records:
+            gaps = script[r.index % 2]["gaps"]
+            assert len(r.itl_ms) == len(gaps)
+            assert r.output_tokens == len(gaps) + 1 and r.output_tokens_from == "usage"
+            assert r.prompt_tokens == 7
+            # TPOT is (E2E - TTFT) / (tokens - 1), exactly, from the same record
+            assert r.tpot_ms == pytest.approx((r.e2e_ms - r.ttft_ms) / (r.output_tokens - 1))
+        s = summarize(res.records, res.duration_s, {})
+        assert s["requests"] == s["completed"] == 4 and s["errors"] == 0
+        assert s["itl_ms"]["count"] == 3 + 4 + 3 + 4
+        assert s["total_output_tokens"] == 18
+        assert s["output_token_throughput"] == pytest.approx(18 / res.duration_s)
+        assert s["request_throughput"] == pytest.approx(4 / res.duration_s)
+        # closed loop, one at a time: the run lasts the sum of the E2Es
+        assert res.duration_s * 1000 == pytest.approx(
+            sum(r.e2e_ms for r in res.records), abs=4 * TOL_MS)
+        tries.append(_timing_misses(res, script))
+        if not tries[-1]:
+            break
+    assert not tries[-1], tries
 
 
 def test_goodput_counts_requests_within_every_slo():
