@@ -17,6 +17,7 @@ from omni_ctl.scoring import (Arrivals, DecodeInstance, DecodeJob, PickCandidate
                               pick_now, place_decode, prepare_prefill, queue_key,
                               queue_next, queue_order, queue_pick, queue_work)
 from omni_ctl.scoring.errors import InvalidArgumentError
+from test_scoring_predict import _serve_with_transfer
 
 # ---- prefill choice ---------------------------------------------------------
 
@@ -393,22 +394,19 @@ def test_decide_over_the_budget_takes_the_next_one_while_the_kv_transfers():
     # until the transfer's time is learned, an eighth of the latency
     assert ans == job.done_us and ans - end >= (job.done_us - now) // 8
 
-    def decide(at, starved=False):
-        return _decide_over_budget(pred, at, starved)
-
     for starved in (False, True):
-        d, c = decide(end + 1000, starved)
+        d, c = _decide_over_budget(pred, end + 1000, starved)
         assert d.choice == 0, (starved, d)
         # (ans - slack, ans]: the answer is due within the slack
-        d, c = decide(ans - 10_000, starved)
+        d, c = _decide_over_budget(pred, ans - 10_000, starved)
         assert d.hold and c[0].wait_us == 20_001, (starved, d)
-        d, c = decide(ans + 5_000, starved)
+        d, c = _decide_over_budget(pred, ans + 5_000, starved)
         assert d.hold and c[0].wait_us == 20_001, (starved, d)
     # before the end, a starved request waits for the answer (its last step
     # is no place for it), a request in the order takes the last step
-    d, c = decide(end - 20_000, starved=True)
+    d, c = _decide_over_budget(pred, end - 20_000, starved=True)
     assert d.hold and c[0].wait_us == 20_001
-    assert decide(end - 20_000)[0].choice == 0
+    assert _decide_over_budget(pred, end - 20_000)[0].choice == 0
     # sequential P/D: the same work, its answer a plain trip after its end
     seq = _pred(1)
     seq.dispatch_prefill(0, 20_000, 0, now_us=now)
@@ -418,24 +416,6 @@ def test_decide_over_the_budget_takes_the_next_one_while_the_kv_transfers():
     d = _decide(seq, c, 4000, seq.end_us(0) + 1000, step_tokens=8192,
                 starved=True)
     assert d.hold and c[0].wait_us == 20_001
-
-
-def _parallel_pred(k_per_1k):
-    """A parallel P/D predictor that has learned its transfer (k_per_1k us
-    per 1,024 prompt tokens) from queued jobs on a serial engine."""
-    pred = Predictor(1, prefill_prior=(2000, 100_000, 0), transfer=True)
-    t = 1_000_000
-    rnd = random.Random(3)
-    while pred.state(0)["transfer_samples"] < 20:
-        a, b = rnd.randrange(2000, 9000), rnd.randrange(2000, 9000)
-        ja = pred.dispatch_prefill(0, a, 0, t)
-        jb = pred.dispatch_prefill(0, b, 0, t + 1000)         # queued behind
-        end_a = t + 2000 + 100 * a
-        end_b = end_a + 2000 + 100 * b
-        pred.prefill_done(0, ja, end_a + k_per_1k * a // 1024)
-        pred.prefill_done(0, jb, end_b + k_per_1k * b // 1024)
-        t = end_b + 5_000_000
-    return pred, t
 
 
 def test_decide_parallel_counts_the_instance_free_a_transfer_early():
@@ -450,22 +430,21 @@ def test_decide_parallel_counts_the_instance_free_a_transfer_early():
     budget rules alike: a request sent then waits in the engine at most
     that long.  Sequential P/D, without a transfer, is unchanged."""
     k = 7680
-    pred, now = _parallel_pred(k)
+    pred = Predictor(1, min_us=100, transfer=True)
+    _serve_with_transfer(True, k, 0, predictor=pred)    # the transfer learned
     assert abs(pred.state(0)["transfer_per_1k_us"] - k) < 0.2 * k
+    now = pred.state(0)["free_at_us"] + 1_000_000
     job = pred.dispatch_prefill(0, 20_000, 0, now_us=now)
     end, early = pred.end_us(0), pred.transfer_us(0)
     assert early == job.tail_us and abs(early - k * 20_000 / 1024) < 0.2 * k * 20
     assert pred.answer_us(0) == end + early
 
-    def decide(at, starved=False):
-        return _decide_over_budget(pred, at, starved)
-
     for starved in (False, True):
         # within a transfer of the predicted end: free, over the budget too
-        d, c = decide(end - early + 10_000, starved)
+        d, c = _decide_over_budget(pred, end - early + 10_000, starved)
         assert d.choice == 0 and c[0].wait_us == 0, (starved, d, c[0])
         # earlier: busy (over the budget), retried at the window's start
-        d, c = decide(end - early - 50_000, starved)
+        d, c = _decide_over_budget(pred, end - early - 50_000, starved)
         assert d.hold and c[0].wait_us > 20_000, (starved, d, c[0])
     # under the budget, the wait alone: the window's start less the slack
     c = [PrefillCandidate(0, running=1, inflight_tokens=20_000,

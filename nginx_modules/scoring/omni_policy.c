@@ -21,15 +21,37 @@ omni_policy_new_tokens(uint32_t prompt_tokens, uint32_t cached_tokens)
 }
 
 
+/*
+ * Parallel P/D: a prefill's answer comes its KV transfer after the engine's
+ * end, so the proxy hears an end up to a transfer late, and a model that
+ * predicts the engine's work a few percent long (its samples are answers
+ * less a learned transfer) kept the instance busy until each answer while
+ * the next request waited: the engines idled 14-20 s a run through such
+ * transfers on the Mooncake trace (docs/scheduler.md, "Parallel P/D:
+ * counted free a transfer early").  Sent that much early instead, a request
+ * waits in the engine for at most that long, which costs the engine
+ * nothing.  So the instance counts as free the last job's predicted
+ * transfer before its predicted end; 0 without a transfer (sequential P/D:
+ * the answer is the end).
+ */
+static uint64_t
+omni_policy_early(const omni_predict_t *p, uint32_t inst)
+{
+    int64_t  us = omni_predict_transfer_us(p, inst);
+
+    return us > 0 ? (uint64_t) us : 0;
+}
+
+
 int
 omni_policy_prefill_prepare(const omni_predict_t *p,
     const uint32_t *cached_blocks, size_t n_cached, uint32_t block_size,
     uint32_t prompt_tokens, uint64_t now_us, omni_prefill_cand_t *c,
     size_t n)
 {
-    uint64_t  cached;
+    uint64_t  cached, early;
     uint32_t  n_new;
-    int64_t   wait, us, early;
+    int64_t   wait, us;
     size_t    i;
 
     if (p == NULL || (n > 0 && c == NULL)
@@ -50,16 +72,16 @@ omni_policy_prefill_prepare(const omni_predict_t *p,
         n_new = omni_policy_new_tokens(prompt_tokens, (uint32_t) cached);
 
         wait = omni_predict_wait_us(p, c[i].inst, now_us);
-        early = omni_predict_transfer_us(p, c[i].inst);
         us = omni_predict_prefill_us(p, c[i].inst, n_new,
                                      prompt_tokens - n_new);
-        if (wait < 0 || us < 0 || early < 0) {
+        if (wait < 0 || us < 0) {
             return OMNI_EINVAL;
         }
 
-        /* parallel P/D: counted free a transfer before its predicted end
-         * (omni_policy_early) */
-        wait = wait > early ? wait - early : 0;
+        /* parallel P/D: free a transfer before its predicted end */
+        early = omni_policy_early(p, c[i].inst);
+        wait = (uint64_t) wait > early ? (int64_t) ((uint64_t) wait - early)
+                                       : 0;
 
         c[i].cached_tokens = (uint32_t) cached;
         c[i].wait_us = (uint64_t) wait;
@@ -187,28 +209,6 @@ omni_policy_prefill_add_delay(omni_prefill_cand_t *c, size_t n,
 
 
 /*
- * Parallel P/D: a prefill's answer comes its KV transfer after the engine's
- * end, so the proxy hears an end up to a transfer late, and a model that
- * predicts the engine's work a few percent long (its samples are answers
- * less a learned transfer) kept the instance busy until each answer while
- * the next request waited: the engines idled 14-20 s a run through such
- * transfers on the Mooncake trace (docs/scheduler.md, "Parallel P/D:
- * counted free a transfer early").  Sent that much early instead, a request waits
- * in the engine for at most that long, which costs the engine nothing.  So
- * the instance counts as free the last job's predicted transfer before its
- * predicted end; 0 without a transfer (sequential P/D: the answer is the
- * end).
- */
-static uint64_t
-omni_policy_early(const omni_predict_t *p, const omni_prefill_cand_t *c)
-{
-    int64_t  us = omni_predict_transfer_us(p, c->inst);
-
-    return us > 0 ? (uint64_t) us : 0;
-}
-
-
-/*
  * The engine computes the prefill work in flight on an instance in steps of
  * at most step_tokens; the last one computes what is left (those tokens
  * modulo the budget).  A request that reaches the engine while that last
@@ -235,7 +235,9 @@ omni_policy_last_step_open(const omni_predict_t *p,
     }
 
     end = omni_predict_end_us(p, c->inst);
-    if (end <= 0 || (uint64_t) end <= now_us + omni_policy_early(p, c)) {
+    if (end <= 0
+        || (uint64_t) end <= now_us + omni_policy_early(p, c->inst))
+    {
         return 0;
     }
 
@@ -267,7 +269,9 @@ omni_policy_transferring(const omni_predict_t *p,
     int64_t  end, ans;
 
     end = omni_predict_end_us(p, c->inst);
-    if (end <= 0 || (uint64_t) end > now_us + omni_policy_early(p, c)) {
+    if (end <= 0
+        || (uint64_t) end > now_us + omni_policy_early(p, c->inst))
+    {
         return 0;
     }
 

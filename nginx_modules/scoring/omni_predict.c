@@ -1065,22 +1065,13 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
                 in->queued_samples++;
             }
 
-        } else if ((y = omni_predict_xfer_service_alone(p, job,
-                                                        (double) latency))
-                   > 0)
-        {
+        } else {
             /*
-             * It waited for nobody, and the transfer's time per token is
-             * known: its latency less its transfer is its service (and the
-             * short trip, which the fixed cost takes).  In parallel P/D the
-             * jobs timed from the answer before them are few (the answers
-             * of short prompts sent behind long ones come out of order);
-             * these were fitted whole, transfers included (the first 16),
-             * or taught the trip alone, so an engine that slowed down while
-             * every request reached it idle looked like a longer trip and
-             * counted free too early (docs/scheduler.md, "Parallel P/D:
-             * counted free a transfer early").  The trip's fixed part is
-             * what the model leaves over, as below.
+             * It waited for nobody: its latency is the trip to the engine
+             * and back plus its service.  Once the model has the others
+             * (QUEUED_MIN of them), what it leaves over is the trip.  Its
+             * median is tracked (a step towards each sample), so a prefill
+             * mispredicted for other reasons moves it by one step only.
              */
             if (in->queued_samples >= OMNI_PREDICT_QUEUED_MIN) {
                 r = (double) latency
@@ -1091,26 +1082,29 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
                                        r);
             }
 
-            omni_predict_rls_update(p, &in->prefill, p->cfg.prefill_prior, x,
-                                    y);
-
-        } else if (in->queued_samples >= OMNI_PREDICT_QUEUED_MIN) {
             /*
-             * It waited for nobody: its latency is the trip to the engine
-             * and back plus its service, which the model fitted on the
-             * others knows.  What is left is the trip.  Its median is
-             * tracked (a step towards each sample), so a prefill
-             * mispredicted for other reasons moves it by one step only.
+             * And once the transfer's time per token is known (parallel
+             * P/D), its latency less its transfer is its service (with the
+             * short trip, which the fixed cost takes).  The jobs timed from
+             * the answer before them are few there (the answers of short
+             * prompts sent behind long ones come out of order); without
+             * these the model kept the first 16 jobs' fit, transfers
+             * included, and an engine that slowed down while every request
+             * reached it idle looked like a longer trip and counted free
+             * too early (docs/scheduler.md, "Parallel P/D: counted free a
+             * transfer early").  Before the model has the others, it takes
+             * the whole latency.
              */
-            r = (double) latency
-                - omni_predict_floor(p, omni_predict_dot(in->prefill.coef, x));
-            omni_predict_reach_fit(p, in, (uint64_t) job->n_new + job->n_cached,
-                                   r);
+            y = omni_predict_xfer_service_alone(p, job, (double) latency);
+            if (y > 0) {
+                omni_predict_rls_update(p, &in->prefill,
+                                        p->cfg.prefill_prior, x, y);
 
-        } else {
-            /* too few of the others yet: the model takes it all */
-            omni_predict_rls_update(p, &in->prefill, p->cfg.prefill_prior, x,
-                                    (double) service);
+            } else if (in->queued_samples < OMNI_PREDICT_QUEUED_MIN) {
+                omni_predict_rls_update(p, &in->prefill,
+                                        p->cfg.prefill_prior, x,
+                                        (double) service);
+            }
         }
     }
 
