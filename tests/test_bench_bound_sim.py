@@ -34,37 +34,55 @@ def _warm(url):
         conn.close()
 
 
-def _one_at_a_time(url, stats_url, tmp_path, input_len, prompt_mode="tokens"):
+def _one_at_a_time(url, stats_url, tmp_path, input_len, mode, prompt_mode="tokens"):
     """Five independent prompts of input_len +- 40% tokens, four output tokens,
-    one request in flight at a time (closed loop, concurrency 1)."""
-    spec = core.WorkloadSpec(workload="random", num_requests=5, prompt_mode=prompt_mode,
-                             random_input_len=input_len, random_output_len=4,
-                             random_range_ratio=0.4, seed=3)
-    _warm(url)
-    cfg = core.bench_config(url, spec, {"concurrency": 1, "max_duration": 150.0,
-                                        "request_timeout": 60.0},
-                            progress=False, sim_stats_url=stats_url, run_id="boundcheck")
-    summary, result = core.run_bench(cfg, spec, {}, out_dir=str(tmp_path), plots=False)
-    assert summary["completed"] == 5, summary["error_kinds"]
-    assert (tmp_path / "sim_requests.json").exists()
-    return cfg, result
+    one request in flight at a time (closed loop, concurrency 1); the model's
+    TTFT of each against the measured one. A timing miss is measured again,
+    up to three times, with new prompts (no cache hits) and a new run id: a
+    stall of the shared 2-core machine (a first request 33% late once in a
+    sanitizer CI run) misses once, a model error misses every time.
+    Everything that is not timing is checked on every attempt."""
+    tries = []
+    for attempt in range(3):
+        spec = core.WorkloadSpec(workload="random", num_requests=5,
+                                 prompt_mode=prompt_mode, random_input_len=input_len,
+                                 random_output_len=4, random_range_ratio=0.4,
+                                 seed=3 + attempt)
+        _warm(url)
+        out = tmp_path / f"try{attempt}"
+        cfg = core.bench_config(url, spec, {"concurrency": 1, "max_duration": 150.0,
+                                            "request_timeout": 60.0},
+                                progress=False, sim_stats_url=stats_url,
+                                run_id=f"boundcheck{attempt}")
+        summary, result = core.run_bench(cfg, spec, {}, out_dir=str(out), plots=False)
+        assert summary["completed"] == 5, summary["error_kinds"]
+        assert (out / "sim_requests.json").exists()
+        b, misses = _check(cfg, result, mode)
+        tries.append(misses)
+        if not misses:
+            break
+    assert not tries[-1], tries
+    return cfg, result, b
 
 
 def _check(cfg, result, mode):
+    """The bound of a one-at-a-time run, and the requests whose modelled TTFT
+    is more than 5% off the measured one."""
     cluster = bound.cluster_for(result.sim_requests)
     assert cluster.mode == mode
     b = bound.compute(result.records, result.sim_requests, cfg.run_id, cluster)
     assert b["requests"] == 5 and b["notes"] == []      # every request has its record
     assert b["cached_tokens"] == 0                       # distinct random prompts
     fcfs = b["policies"]["fcfs"]["requests"]
+    misses = []
     for rec in result.records:
         model = fcfs[str(rec.index)]
         # nothing overlaps: every policy schedules each request alone
         assert b["policies"]["sjf"]["requests"][str(rec.index)] == model
         assert b["policies"]["srpt"]["requests"][str(rec.index)] == model
-        assert abs(model - rec.ttft_ms) <= 0.05 * rec.ttft_ms, \
-            (rec.index, rec.prompt_len, model, rec.ttft_ms)
-    return b
+        if abs(model - rec.ttft_ms) > 0.05 * rec.ttft_ms:
+            misses.append((rec.index, rec.prompt_len, model, rec.ttft_ms))
+    return b, misses
 
 
 def test_model_matches_one_aggregated_instance(tmp_path):
@@ -74,8 +92,7 @@ def test_model_matches_one_aggregated_instance(tmp_path):
     with sim_cluster.SimCluster(prefill=0, decode=0, both=1,
                                 args=["--preset", "llama3-8b-h100",
                                       "--speedup", "0.5"]) as sim:
-        cfg, result = _one_at_a_time(sim.urls[0], sim.urls[0], tmp_path, 8000)
-    _check(cfg, result, "aggregated")
+        _one_at_a_time(sim.urls[0], sim.urls[0], tmp_path, 8000, "aggregated")
 
 
 def test_model_matches_sequential_pd_through_the_oracle_router(tmp_path):
@@ -89,8 +106,8 @@ def test_model_matches_sequential_pd_through_the_oracle_router(tmp_path):
     with sim_cluster.SimCluster(prefill=1, decode=1,
                                 args=["--preset", "llama3-8b-h100", "--speedup", "0.5",
                                       "--oracle-port", str(port)]) as sim:
-        cfg, result = _one_at_a_time(sim.oracle_url, sim.urls[0], tmp_path, 16000)
-    b = _check(cfg, result, "sequential")
+        cfg, result, b = _one_at_a_time(sim.oracle_url, sim.urls[0], tmp_path, 16000,
+                                        "sequential")
     # the decode leg is in the model: a prompt's TTFT exceeds its prefill alone
     job = bound.Job(0.0, 16000, 0, 4)
     cluster = bound.cluster_for(result.sim_requests)
@@ -111,9 +128,8 @@ def test_model_counts_the_engines_tokenizing_text_prompts(tmp_path):
                                 args=["--preset", "llama3-8b-h100", "--speedup", "0.5",
                                       "--tokenize-per-token", "2e-5",
                                       "--oracle-port", str(port)]) as sim:
-        cfg, result = _one_at_a_time(sim.oracle_url, sim.urls[0], tmp_path, 16000,
-                                     prompt_mode="text")
-    b = _check(cfg, result, "sequential")
+        cfg, result, b = _one_at_a_time(sim.oracle_url, sim.urls[0], tmp_path, 16000,
+                                        "sequential", prompt_mode="text")
     jobs, _, missing = bound.jobs_for(result.records, result.sim_requests, cfg.run_id)
     assert missing == 0
     for j in jobs:
