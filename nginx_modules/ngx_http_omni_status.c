@@ -128,7 +128,8 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                "\"prefills_in_flight\":%uD,\"dispatch_overhead_ms\":%.2f,"
                "\"dispatch_overhead_per_1k_tokens_ms\":%.3f,"
                "\"transfer_per_1k_tokens_ms\":%.3f,"
-               "\"transfer_samples\":%uL,\"engine_ends\":%uL},"
+               "\"transfer_samples\":%uL,"
+               "\"transfer_told_samples\":%uL,\"engine_ends\":%uL},"
                "\"cache\":{\"blocks\":%uD,\"precise\":%uD,"
                "\"approx\":%uD,\"evicted\":%uL}",
                ps.prefill_coef[0], ps.prefill_coef[1], ps.prefill_coef[2],
@@ -138,7 +139,7 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                wait > 0 ? (double) wait / 1000 : 0.0, ps.inflight,
                ps.reach_us / 1000, ps.reach_per_1k_us / 1000,
                ps.transfer_per_1k_us / 1000, ps.transfer_samples,
-               ps.engine_ends, is.blocks, is.precise, is.approx, is.evicted);
+               ps.transfer_told_samples, ps.engine_ends, is.blocks, is.precise, is.approx, is.evicted);
 }
 
 

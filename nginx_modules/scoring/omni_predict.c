@@ -9,7 +9,7 @@
 
 
 #define OMNI_PREDICT_MAGIC   0x3244455250494d4fULL   /* "OMIPRED2" */
-#define OMNI_PREDICT_LAYOUT  7
+#define OMNI_PREDICT_LAYOUT  8
 
 /* Predictions are clamped below this (about 11.6 days) before they become
  * integers: a converted double out of range would be undefined. */
@@ -85,6 +85,10 @@ typedef struct {
 typedef struct {
     uint64_t            hash;
     uint64_t            sent_at_us;    /* 0: free */
+    uint64_t            told_us;       /* when the engine told that end
+                                          (0: not yet); the mark stays
+                                          until the job's answer, which
+                                          times its transfer from it */
 } omni_predict_mark_t;
 
 typedef struct {
@@ -155,12 +159,19 @@ struct omni_predict_s {
                                            per 1,024 prompt tokens that is
                                            its KV transfer ... */
     uint64_t            xfer_samples;   /* ... in use from QUEUED_MIN */
+    /* the same from the ends the engines told (their KV events), pooled:
+     * forgetting sums of w, w x, w x^2, w d, w x d, where x is a job's
+     * prompt in 1,024 tokens and d the time from its told end to its
+     * answer (omni_predict_told_fit) */
+    double              told_sum[5];
+    uint64_t            told_samples;   /* ... in use from QUEUED_MIN, and
+                                           then the time per token */
 };
 
 
 static int omni_predict_solve_subset(const double *a, const double *b,
     unsigned free, double *c);
-static void omni_predict_unmark(omni_predict_inst_t *in,
+static uint64_t omni_predict_unmark(omni_predict_inst_t *in,
     uint64_t sent_at_us);
 
 
@@ -472,7 +483,8 @@ static inline int
 omni_predict_xfer_known(const omni_predict_t *p)
 {
     return (p->cfg.flags & OMNI_PREDICT_TRANSFER)
-           && p->xfer_samples >= OMNI_PREDICT_QUEUED_MIN;
+           && (p->xfer_samples >= OMNI_PREDICT_QUEUED_MIN
+               || p->told_samples >= OMNI_PREDICT_QUEUED_MIN);
 }
 
 
@@ -606,8 +618,51 @@ omni_predict_xfer_fit(omni_predict_t *p, const omni_predict_inst_t *in,
         return;                     /* the sizes do not vary enough yet */
     }
 
-    p->xfer_k_us = c[1] < 0 ? -c[1] : 0;
+    if (p->told_samples < OMNI_PREDICT_QUEUED_MIN) {
+        p->xfer_k_us = c[1] < 0 ? -c[1] : 0;
+    }
+
     p->xfer_samples++;
+}
+
+
+/*
+ * OMNI_PREDICT_TRANSFER with the engines' KV events: a job whose end the
+ * engine told (its last block stored) answers its transfer and the way
+ * back after that end, and the events came some ms after it (the agent's
+ * flush).  So d, from the told end to the answer, is the transfer of its
+ * n prompt tokens plus a trip less a lag: a line in n, whose slope is the
+ * transfer's time per token, and whose intercept takes the trip and the
+ * lag.  Unlike the fit from the gaps between answers (above), the engine's
+ * service is not in it: live, with the agent, the proxy sends the next
+ * request at the told end, few jobs are timed from the answer before, and
+ * the service's own errors (tens of percent) swamp those few (the gap fit
+ * learned 0.3-3.9 ms per 1k tokens against 5.3 on the Mooncake trace).
+ * Once it has QUEUED_MIN samples, this fit gives the time per token.
+ */
+static void
+omni_predict_told_fit(omni_predict_t *p, uint64_t n, double d)
+{
+    double  lambda = p->cfg.forget, x = (double) n / 1024.0, det,
+           *s = p->told_sum;
+
+    s[0] = lambda * s[0] + 1.0;
+    s[1] = lambda * s[1] + x;
+    s[2] = lambda * s[2] + x * x;
+    s[3] = lambda * s[3] + d;
+    s[4] = lambda * s[4] + x * d;
+
+    det = s[0] * s[2] - s[1] * s[1];
+    if (!(det > 1e-6 * s[0] * s[2])) {
+        return;                     /* the sizes do not vary enough yet */
+    }
+
+    p->told_samples++;
+
+    if (p->told_samples >= OMNI_PREDICT_QUEUED_MIN) {
+        d = (s[0] * s[4] - s[1] * s[3]) / det;
+        p->xfer_k_us = d > 0 ? d : 0;
+    }
 }
 
 
@@ -986,7 +1041,7 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
     const omni_predict_job_t *job, uint64_t done_us, int ok)
 {
     omni_predict_inst_t  *in;
-    uint64_t              start, service, latency, after;
+    uint64_t              start, service, latency, after, told;
     double                x[OMNI_PREDICT_DIM], r, y;
     int                   newest, in_order;
 
@@ -1009,7 +1064,14 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
     newest = ok && job->sent_at_us > in->frontier_us;
     in_order = job->sent_at_us - job->service_us == in->frontier_us;
 
-    omni_predict_unmark(in, job->sent_at_us);
+    told = omni_predict_unmark(in, job->sent_at_us);
+
+    if (ok && told != 0 && done_us >= told
+        && (p->cfg.flags & OMNI_PREDICT_TRANSFER))
+    {
+        omni_predict_told_fit(p, (uint64_t) job->n_new + job->n_cached,
+                              (double) (done_us - told));
+    }
 
     if (ok && done_us >= job->dispatch_us) {
         latency = done_us - job->dispatch_us;
@@ -1168,18 +1230,24 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
 }
 
 
-/* The mark of the job at place sent_at goes (answered, failed). */
-static void
+/* The mark of the job at place sent_at goes (answered, failed); when the
+ * engine told its end, that instant (else 0). */
+static uint64_t
 omni_predict_unmark(omni_predict_inst_t *in, uint64_t sent_at_us)
 {
-    size_t  i;
+    size_t    i;
+    uint64_t  told = 0;
 
     for (i = 0; i < OMNI_PREDICT_MARKS; i++) {
         if (in->marks[i].sent_at_us == sent_at_us) {
+            told = in->marks[i].told_us;
             in->marks[i].sent_at_us = 0;
             in->marks[i].hash = 0;
+            in->marks[i].told_us = 0;
         }
     }
+
+    return told;
 }
 
 
@@ -1215,6 +1283,7 @@ omni_predict_prefill_expect(omni_predict_t *p, uint32_t inst,
 
     m->hash = hash;
     m->sent_at_us = job->sent_at_us;
+    m->told_us = 0;
 
     return OMNI_OK;
 }
@@ -1241,7 +1310,8 @@ omni_predict_prefill_stored(omni_predict_t *p, uint32_t inst, uint64_t hash,
     m = NULL;
 
     for (i = 0; i < OMNI_PREDICT_MARKS; i++) {
-        if (in->marks[i].sent_at_us != 0 && in->marks[i].hash == hash
+        if (in->marks[i].sent_at_us != 0 && in->marks[i].told_us == 0
+            && in->marks[i].hash == hash
             && (m == NULL || in->marks[i].sent_at_us < m->sent_at_us))
         {
             m = &in->marks[i];
@@ -1252,9 +1322,10 @@ omni_predict_prefill_stored(omni_predict_t *p, uint32_t inst, uint64_t hash,
         return 0;
     }
 
+    /* the mark stays, told, until the answer: the time between the two
+     * is the job's transfer (omni_predict_told_fit) */
     at = m->sent_at_us;
-    m->sent_at_us = 0;
-    m->hash = 0;
+    m->told_us = now_us > 0 ? now_us : 1;
 
     /* older news than an answer or an end already heard */
     if (in->inflight == 0 || at <= in->frontier_us || at <= in->engine_at_us) {
@@ -1459,6 +1530,7 @@ omni_predict_state(const omni_predict_t *p, uint32_t inst,
                            - out->reach_us;
     out->transfer_per_1k_us = p->xfer_k_us;
     out->transfer_samples = p->xfer_samples;
+    out->transfer_told_samples = p->told_samples;
     out->engine_ends = in->engine_ends;
 
     return OMNI_OK;

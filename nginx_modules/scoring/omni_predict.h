@@ -107,6 +107,9 @@ typedef struct {
                                      answer per 1,024 prompt tokens that is
                                      its KV transfer (the engine is free) */
     uint64_t  transfer_samples;   /* fitted on (QUEUED_MIN: in use) */
+    uint64_t  transfer_told_samples; /* of them, from the ends the engines
+                                     told (their KV events; QUEUED_MIN:
+                                     the time per token is theirs) */
     uint64_t  engine_ends;        /* prefill ends the engine told,
                                      earlier than predicted
                                      (omni_predict_prefill_stored) */

@@ -669,6 +669,7 @@ class Predictor:
             "reach_per_1k_us": s.reach_per_1k_us,
             "transfer_per_1k_us": s.transfer_per_1k_us,
             "transfer_samples": s.transfer_samples,
+            "transfer_told_samples": s.transfer_told_samples,
             "engine_ends": s.engine_ends,
         }
 
