@@ -517,63 +517,6 @@ def test_the_engine_tells_a_prefill_end_before_its_answer():
         p.prefill_stored(1, 111, 0)
 
 
-def test_a_transfer_in_flight_is_not_an_overrun():
-    """Parallel P/D, seen live on the Mooncake trace with the engines' KV
-    events: the engine told the end of an 82k-token prompt, the proxy sent
-    a short request, and that one answered; the long prompt's KV was still
-    going out (its answer 400 ms later).  The overrun rule counted from the
-    end of the short one, the instance looked busier with every ms, and the
-    requests held for it (over the batch budget beside the long prompt)
-    waited for the long one's answer.  The latest answer due is what an
-    overrun is counted from; past it, the rule holds as before."""
-    k = 7680
-    p = Predictor(1, min_us=100, transfer=True)
-    _serve_with_transfer(True, k, 0, predictor=p)
-    t = p.state(0)["free_at_us"] + 1_000_000
-    long = p.dispatch_prefill(0, 60000, 0, t)
-    p.expect_prefill_end(0, long, 111)
-    told = t + long.service_us                     # as predicted
-    assert p.prefill_stored(0, 111, told)
-    short = p.dispatch_prefill(0, 100, 0, told + 1000)
-    p.expect_prefill_end(0, short, 222)
-    back = told + 1000 + short.service_us + short.tail_us
-    p.prefill_done(0, short, back)
-    assert p.state(0)["inflight"] == 1
-    answer = p.answer_us(0)
-    assert answer >= long.done_us - 1000 > back + 100_000     # its transfer
-    for dt in (1000, 50_000, 200_000):
-        assert p.wait_us(0, back + dt) <= 100, dt
-    # its answer late: then it has overrun, by as much as it is late
-    assert p.wait_us(0, answer + 80_000) == 80_000
-    p.prefill_done(0, long, answer + 80_000)
-    assert p.state(0)["inflight"] == 0
-
-
-def test_an_end_told_after_the_predicted_one_frees_an_overdue_instance():
-    """The engine 30% slower than predicted on a long prompt: its end, told
-    after the predicted one, is taken (before, only an earlier end was, and
-    the overdue instance stayed busy until the answer, a whole KV transfer
-    later).  A later end told while the predicted one is still ahead moves
-    nothing (the events' lag: test_the_engine_tells_a_prefill_end_before_
-    its_answer)."""
-    k = 7680
-    p = Predictor(1, min_us=100, transfer=True)
-    _serve_with_transfer(True, k, 0, predictor=p)
-    t = p.state(0)["free_at_us"] + 1_000_000
-    long = p.dispatch_prefill(0, 40000, 0, t)
-    p.expect_prefill_end(0, long, 111)
-    predicted_end = p.end_us(0)
-    told = t + int(1.3 * long.service_us)
-    assert told > p.answer_us(0)                   # overdue by then
-    assert p.wait_us(0, told) > 10_000
-    assert p.prefill_stored(0, 111, told)
-    assert p.end_us(0) == told > predicted_end
-    assert p.wait_us(0, told + 500) <= 100
-    # the answer, its transfer later, leaves the end the engine told
-    p.prefill_done(0, long, told + k * 40000 // 1024)
-    assert p.state(0)["inflight"] == 0 and p.state(0)["engine_ends"] >= 1
-
-
 def test_told_ends_spare_the_engine_the_errors_of_the_prediction():
     """The same held, serial serving with a KV transfer as above, when
     the engine's service strays from the model by up to 40%: predicted ends

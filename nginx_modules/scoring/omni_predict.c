@@ -479,22 +479,6 @@ omni_predict_busy(const omni_predict_inst_t *in)
 }
 
 
-/* The latest answer still due: jobs sent before the newest one answered and
- * still in flight are past the engine, in their transfers, and their
- * answers may come after the end of the work sent since. */
-static inline uint64_t
-omni_predict_answer(const omni_predict_inst_t *in)
-{
-    if (in->pending_us > in->sent_us - in->frontier_us
-        && in->answer_max_us > in->free_at_us)
-    {
-        return in->answer_max_us;
-    }
-
-    return in->free_at_us;
-}
-
-
 static inline int
 omni_predict_xfer_known(const omni_predict_t *p)
 {
@@ -1356,12 +1340,7 @@ omni_predict_prefill_stored(omni_predict_t *p, uint32_t inst, uint64_t hash,
      * end told later than predicted is that lag as much as a slow engine,
      * and moving the end later by it would hold the next request back for
      * it (the overrun rule and the answers see a slow engine); only an
-     * earlier end is taken.  Unless the predicted end of the work sent has
-     * passed already: the instance then counts as overdue (busy, the more
-     * so the longer it runs over) until an answer comes, and the answer of
-     * a long prompt comes its whole KV transfer after the end the engine
-     * told (an engine 30% slower than predicted on a 56k-token prompt left
-     * its instance idle 300 ms with requests waiting).
+     * earlier end is taken.
      */
     after = in->sent_us - at;
     if (after > in->pending_us) {
@@ -1369,7 +1348,7 @@ omni_predict_prefill_stored(omni_predict_t *p, uint32_t inst, uint64_t hash,
     }
 
     end = now_us + after + in->tail_us + in->xfer_us;
-    if (end >= in->free_at_us && now_us < omni_predict_busy(in)) {
+    if (end >= in->free_at_us) {
         return 0;
     }
 
@@ -1407,7 +1386,7 @@ int64_t
 omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
 {
     const omni_predict_inst_t  *in;
-    uint64_t                    busy, ans;
+    uint64_t                    busy;
     int64_t                     rc;
 
     in = omni_predict_in_flight(p, inst, &rc);
@@ -1427,17 +1406,9 @@ omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
      * overrun, the less the prediction says), so an instance that hangs
      * looks busier with every moment rather than "free in min_us" forever,
      * and the requests waiting for it go elsewhere once that costs less.
-     * Overrun means past the latest answer due: a job the engine is past
-     * (a newer one answered, or its end told) whose KV still goes out
-     * (parallel P/D) has not overrun until its own answer is late.
-     * Counted from the end of the work after it, a 60k-token prompt's
-     * transfer (300 ms) looked like an engine that hung, and the requests
-     * over the batch budget waited for its answer (docs/scheduler.md,
-     * "Parallel P/D: told ends and transfers in flight").
      */
-    ans = omni_predict_answer(in);
-    if (now_us > ans + (uint64_t) p->cfg.min_us) {
-        return (int64_t) (now_us - ans);
+    if (now_us > in->free_at_us + (uint64_t) p->cfg.min_us) {
+        return (int64_t) (now_us - in->free_at_us);
     }
 
     return (int64_t) p->cfg.min_us;
@@ -1488,7 +1459,15 @@ omni_predict_answer_us(const omni_predict_t *p, uint32_t inst)
         return rc;
     }
 
-    return (int64_t) omni_predict_answer(in);
+    /* jobs sent before the newest one answered and still in flight: past
+     * the engine, in their transfers, whose answers are still to come */
+    if (in->pending_us > in->sent_us - in->frontier_us
+        && in->answer_max_us > in->free_at_us)
+    {
+        return (int64_t) in->answer_max_us;
+    }
+
+    return (int64_t) in->free_at_us;
 }
 
 
