@@ -562,6 +562,33 @@ omni_predict_reach(const omni_predict_t *p, const omni_predict_inst_t *in,
 
 
 /*
+ * One sample (x, y) into the forgetting sums of a line y = a + b x
+ * (s: w, w x, w x^2, w y, w x y); its slope into *b when the x seen vary
+ * enough to tell one (1), else 0.
+ */
+static int
+omni_predict_line_add(double *s, double lambda, double x, double y,
+    double *b)
+{
+    double  det;
+
+    s[0] = lambda * s[0] + 1.0;
+    s[1] = lambda * s[1] + x;
+    s[2] = lambda * s[2] + x * x;
+    s[3] = lambda * s[3] + y;
+    s[4] = lambda * s[4] + x * y;
+
+    det = s[0] * s[2] - s[1] * s[1];
+    if (!(det > 1e-6 * s[0] * s[2])) {
+        return 0;
+    }
+
+    *b = (s[0] * s[4] - s[1] * s[3]) / det;
+    return 1;
+}
+
+
+/*
  * One trip observed: r us beyond the service of a job of n prompt tokens
  * sent to an idle instance.  Weighted least squares of r = a + b k (k: n in
  * units of 1,024 tokens), forgetting old samples, neither coefficient below
@@ -571,23 +598,15 @@ static void
 omni_predict_reach_fit(const omni_predict_t *p, omni_predict_inst_t *in,
     uint64_t n, double r)
 {
-    double  lambda = p->cfg.forget, k = (double) n / 1024.0, lim, det;
-    double *s = in->reach_sum;
+    double  lim, *s = in->reach_sum;
 
     lim = (1.0 + OMNI_PREDICT_CLIP) * (double) omni_predict_reach(p, in, n)
           + OMNI_PREDICT_REACH_CLIP_US;
     r = r < 0 ? 0 : (r > lim ? lim : r);
 
-    s[0] = lambda * s[0] + 1.0;
-    s[1] = lambda * s[1] + k;
-    s[2] = lambda * s[2] + k * k;
-    s[3] = lambda * s[3] + r;
-    s[4] = lambda * s[4] + k * r;
-
-    det = s[0] * s[2] - s[1] * s[1];
-
-    if (det > 1e-6 * s[0] * s[2]) {
-        in->reach_k_us = (s[0] * s[4] - s[1] * s[3]) / det;
+    if (omni_predict_line_add(s, p->cfg.forget, (double) n / 1024.0, r,
+                              &in->reach_k_us))
+    {
         in->reach_us = (s[3] - in->reach_k_us * s[1]) / s[0];
 
     } else {
@@ -687,25 +706,18 @@ omni_predict_xfer_fit(omni_predict_t *p, const omni_predict_inst_t *in,
 static void
 omni_predict_told_fit(omni_predict_t *p, uint64_t n, double d)
 {
-    double  lambda = p->cfg.forget, x = (double) n / 1024.0, det,
-           *s = p->told_sum;
+    double  k;
 
-    s[0] = lambda * s[0] + 1.0;
-    s[1] = lambda * s[1] + x;
-    s[2] = lambda * s[2] + x * x;
-    s[3] = lambda * s[3] + d;
-    s[4] = lambda * s[4] + x * d;
-
-    det = s[0] * s[2] - s[1] * s[1];
-    if (!(det > 1e-6 * s[0] * s[2])) {
+    if (!omni_predict_line_add(p->told_sum, p->cfg.forget,
+                               (double) n / 1024.0, d, &k))
+    {
         return;                     /* the sizes do not vary enough yet */
     }
 
     p->told_samples++;
 
     if (p->told_samples >= OMNI_PREDICT_QUEUED_MIN) {
-        d = (s[0] * s[4] - s[1] * s[3]) / det;
-        p->xfer_k_us = d > 0 ? d : 0;
+        p->xfer_k_us = k > 0 ? k : 0;
     }
 }
 
