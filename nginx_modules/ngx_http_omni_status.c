@@ -139,7 +139,8 @@ ngx_http_omni_status_model(u_char *p, ngx_http_omni_main_conf_t *mcf,
                wait > 0 ? (double) wait / 1000 : 0.0, ps.inflight,
                ps.reach_us / 1000, ps.reach_per_1k_us / 1000,
                ps.transfer_per_1k_us / 1000, ps.transfer_samples,
-               ps.transfer_told_samples, ps.engine_ends, is.blocks, is.precise, is.approx, is.evicted);
+               ps.transfer_told_samples, ps.engine_ends, is.blocks,
+               is.precise, is.approx, is.evicted);
 }
 
 

@@ -49,9 +49,10 @@
 #define OMNI_PREDICT_MIN_W   1000.0
 
 /*
- * The prefill prior weighs each coefficient in the same relative terms as
- * the observations: a coefficient off the prior by its own size costs as
- * much as one observation off by its own size.  The prior's weight was
+ * The prefill prior weighs its per-token and attention costs in the same
+ * relative terms as the observations: either coefficient off the prior by
+ * its own size costs PRIOR_WEIGHT of what one observation off by its own
+ * size costs (omni_predict_prior_terms).  The prior's weight was
  * 1/prior_var in absolute terms, next to nothing against a 10 ms sample (a
  * weight of 100), so two or three samples of tiny prompts a few ms apart,
  * which say nothing of the per-token or the attention cost, fitted both at
@@ -60,13 +61,14 @@
  * model predicted 9 ms for 17-56k-token prompts, the proxy sent them all to
  * that instance, and they queued there for up to 14 s (docs/scheduler.md,
  * "The prior holds until the sizes are seen").  Samples that do tell a
- * coefficient outweigh it within a few.
+ * coefficient outweigh it within a few.  At 0.01 and 0.02 two such samples
+ * still fitted the per-token cost at 0; at 0.05 and more, the library's
+ * tests of fits over the sizes seen missed their tolerances.
  */
+#define OMNI_PREDICT_PRIOR_WEIGHT  0.03
 
 /* Built-in priors: a mid-size model on one modern GPU.  Only a starting
  * point; the fit replaces them within a few requests. */
-#define OMNI_PREDICT_PRIOR_WEIGHT  0.03
-
 static const double  omni_predict_prefill_default[OMNI_PREDICT_DIM] = {
     15000.0,     /* 15 ms fixed per prefill */
     60000.0,     /* 60 ms per 1k new tokens */
@@ -448,7 +450,6 @@ omni_predict_prefill_x(double *x, uint32_t n_new, uint32_t n_cached)
     x[1] = n / 1024.0;
     x[2] = n * (m + n / 2.0) / 1048576.0;
 }
-
 
 
 static inline void
