@@ -48,25 +48,6 @@
 #define OMNI_PREDICT_SCALE   100000.0
 #define OMNI_PREDICT_MIN_W   1000.0
 
-/*
- * The prefill prior weighs its per-token and attention costs in the same
- * relative terms as the observations: either coefficient off the prior by
- * its own size costs PRIOR_WEIGHT of what one observation off by its own
- * size costs (omni_predict_prior_terms).  The prior's weight was
- * 1/prior_var in absolute terms, next to nothing against a 10 ms sample (a
- * weight of 100), so two or three samples of tiny prompts a few ms apart,
- * which say nothing of the per-token or the attention cost, fitted both at
- * 0: seen live at the start of a run, where a 40k-token prompt went first
- * (answered out of order, so not fitted) and then two 30-token ones; the
- * model predicted 9 ms for 17-56k-token prompts, the proxy sent them all to
- * that instance, and they queued there for up to 14 s (docs/scheduler.md,
- * "The prior holds until the sizes are seen").  Samples that do tell a
- * coefficient outweigh it within a few.  At 0.01 and 0.02 two such samples
- * still fitted the per-token cost at 0; at 0.05 and more, the library's
- * tests of fits over the sizes seen missed their tolerances.
- */
-#define OMNI_PREDICT_PRIOR_WEIGHT  0.03
-
 /* Built-in priors: a mid-size model on one modern GPU.  Only a starting
  * point; the fit replaces them within a few requests. */
 static const double  omni_predict_prefill_default[OMNI_PREDICT_DIM] = {
@@ -190,8 +171,6 @@ struct omni_predict_s {
 
 static int omni_predict_solve_subset(const double *a, const double *b,
     unsigned free, double *c);
-static void omni_predict_prior_terms(const omni_predict_t *p,
-    const double *prior, int relative, double *info, double *rhs);
 static uint64_t omni_predict_unmark(omni_predict_inst_t *in,
     uint64_t sent_at_us);
 
@@ -286,12 +265,16 @@ omni_predict_size(const omni_predict_cfg_t *cfg)
 
 
 static void
-omni_predict_rls_init(const omni_predict_t *p, omni_predict_rls_t *r,
-    const double *prior, int relative)
+omni_predict_rls_init(omni_predict_rls_t *r, const double *prior, double var)
 {
+    int  i;
+
     memset(r, 0, sizeof(*r));
     memcpy(r->coef, prior, sizeof(r->coef));
-    omni_predict_prior_terms(p, prior, relative, r->info, r->rhs);
+    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
+        r->info[i * OMNI_PREDICT_DIM + i] = 1.0 / var;
+        r->rhs[i] = prior[i] / var;
+    }
 }
 
 
@@ -299,8 +282,9 @@ static void
 omni_predict_inst_init(const omni_predict_t *p, omni_predict_inst_t *in)
 {
     memset(in, 0, sizeof(*in));
-    omni_predict_rls_init(p, &in->prefill, p->cfg.prefill_prior, 1);
-    omni_predict_rls_init(p, &in->decode, p->cfg.decode_prior, 0);
+    omni_predict_rls_init(&in->prefill, p->cfg.prefill_prior,
+                          p->cfg.prior_var);
+    omni_predict_rls_init(&in->decode, p->cfg.decode_prior, p->cfg.prior_var);
 }
 
 
@@ -465,35 +449,6 @@ static inline double
 omni_predict_dot(const double *a, const double *b)
 {
     return a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
-}
-
-
-/* What the prior adds to a model's information matrix and right-hand side,
- * at init and (times 1 - forget) at each update: 1/prior_var on the
- * diagonal, or for the prefill model's per-token and attention costs
- * (relative) PRIOR_WEIGHT (SCALE / the coefficient)^2, as an observation's
- * weight is (SCALE / its time)^2. */
-static void
-omni_predict_prior_terms(const omni_predict_t *p, const double *prior,
-    int relative, double *info, double *rhs)
-{
-    double  w = 1.0 / p->cfg.prior_var, a;
-    int     i, j;
-
-    for (i = 0; i < OMNI_PREDICT_DIM; i++) {
-        /* (not the fixed cost: every sample tells it) */
-        if (relative && i > 0) {
-            a = fabs(prior[i]);
-            w = OMNI_PREDICT_SCALE
-                / (a > OMNI_PREDICT_MIN_W ? a : OMNI_PREDICT_MIN_W);
-            w *= w * OMNI_PREDICT_PRIOR_WEIGHT;
-        }
-
-        for (j = 0; j < OMNI_PREDICT_DIM; j++) {
-            info[i * OMNI_PREDICT_DIM + j] = i == j ? w : 0.0;
-        }
-        rhs[i] = w * prior[i];
-    }
 }
 
 
@@ -899,12 +854,10 @@ omni_predict_solve(const double *a, const double *b, double *c)
 
 static void
 omni_predict_rls_update(const omni_predict_t *p, omni_predict_rls_t *r,
-    const double *prior, int relative, const double *x, double y)
+    const double *prior, const double *x, double y)
 {
-    double  lambda = p->cfg.forget;
-    double  pred, lim, v, c[OMNI_PREDICT_DIM],
-            pinfo[OMNI_PREDICT_DIM * OMNI_PREDICT_DIM],
-            prhs[OMNI_PREDICT_DIM];
+    double  lambda = p->cfg.forget, w = 1.0 / p->cfg.prior_var;
+    double  pred, lim, v, c[OMNI_PREDICT_DIM];
     int     i, j;
 
     if (!isfinite(y) || y < 0) {
@@ -923,17 +876,14 @@ omni_predict_rls_update(const omni_predict_t *p, omni_predict_rls_t *r,
     v = OMNI_PREDICT_SCALE / (y > OMNI_PREDICT_MIN_W ? y : OMNI_PREDICT_MIN_W);
     v *= v;
 
-    /* the prior stays at its weight as the observations are forgotten */
-    omni_predict_prior_terms(p, prior, relative, pinfo, prhs);
-
     for (i = 0; i < OMNI_PREDICT_DIM; i++) {
         for (j = 0; j < OMNI_PREDICT_DIM; j++) {
             r->info[i * OMNI_PREDICT_DIM + j] =
                 lambda * r->info[i * OMNI_PREDICT_DIM + j] + v * x[i] * x[j]
-                + (1.0 - lambda) * pinfo[i * OMNI_PREDICT_DIM + j];
+                + (i == j ? (1.0 - lambda) * w : 0.0);
         }
         r->rhs[i] = lambda * r->rhs[i] + v * x[i] * y
-                    + (1.0 - lambda) * prhs[i];
+                    + (1.0 - lambda) * w * prior[i];
     }
 
     if (omni_predict_solve(r->info, r->rhs, c) == OMNI_OK) {
@@ -995,7 +945,7 @@ omni_predict_observe_prefill(omni_predict_t *p, uint32_t inst,
 
     omni_predict_prefill_x(x, n_new, n_cached);
     omni_predict_rls_update(p, &omni_predict_insts(p)[inst].prefill,
-                            p->cfg.prefill_prior, 1, x, (double) service_us);
+                            p->cfg.prefill_prior, x, (double) service_us);
     return OMNI_OK;
 }
 
@@ -1012,7 +962,7 @@ omni_predict_observe_decode(omni_predict_t *p, uint32_t inst,
 
     omni_predict_decode_x(x, batch, kv_tokens);
     omni_predict_rls_update(p, &omni_predict_insts(p)[inst].decode,
-                            p->cfg.decode_prior, 0, x, (double) step_us);
+                            p->cfg.decode_prior, x, (double) step_us);
     return OMNI_OK;
 }
 
@@ -1185,7 +1135,7 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
                 }
 
                 omni_predict_rls_update(p, &in->prefill,
-                                        p->cfg.prefill_prior, 1, x, y);
+                                        p->cfg.prefill_prior, x, y);
                 in->queued_samples++;
             }
 
@@ -1222,11 +1172,11 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
             y = omni_predict_xfer_service_alone(p, job, (double) latency);
             if (y > 0) {
                 omni_predict_rls_update(p, &in->prefill,
-                                        p->cfg.prefill_prior, 1, x, y);
+                                        p->cfg.prefill_prior, x, y);
 
             } else if (in->queued_samples < OMNI_PREDICT_QUEUED_MIN) {
                 omni_predict_rls_update(p, &in->prefill,
-                                        p->cfg.prefill_prior, 1, x,
+                                        p->cfg.prefill_prior, x,
                                         (double) service);
             }
         }
