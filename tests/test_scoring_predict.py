@@ -75,6 +75,74 @@ def test_short_prefills_are_predicted_well_beside_long_noisy_ones():
         assert rel(p.prefill_us(0, n, 0), prefill_truth(n, 0, truth)) < 0.12, n
 
 
+SHORT_TRUTH = (8000.0, 32800.0, 1110.0)      # a 8B model on one A100, about
+
+
+def feed_tiny_prefills(p, rnd, count, noise_us=5000):
+    """Prompts of 1-63 tokens, timed with an absolute noise (the trip, the
+    engine's step): their tokens' part is under a millisecond."""
+    for _ in range(count):
+        n = rnd.randrange(1, 64)
+        y = prefill_truth(n, 0, SHORT_TRUTH) + rnd.uniform(-noise_us, noise_us)
+        p.observe_prefill(0, n, 0, int(y))
+
+
+@pytest.mark.parametrize("count", [2, 5, 20, 200])
+def test_tiny_prompts_do_not_decide_the_costs_per_token(count):
+    """Prompts too short for their tokens' part to stand out of the timing
+    noise say nothing about the costs per token.  Fitted whole, two of them
+    (10 and 8 ms at 2 and 31 tokens, from a live run's access log) set
+    those costs to 0 and a 17k-token prompt was predicted at 9 ms: the
+    proxy piled 15 requests on that instance.  The costs stay at the prior
+    (which over-predicts here, the safe side) until longer prompts tell."""
+    for seed in range(20):
+        p = Predictor(1)
+        feed_tiny_prefills(p, random.Random(seed), count)
+        got = p.prefill_us(0, 20000, 0)
+        assert got > 0.8 * prefill_truth(20000, 0, SHORT_TRUTH), (seed, got)
+        assert rel(p.prefill_us(0, 30, 0),
+                   prefill_truth(30, 0, SHORT_TRUTH)) < 0.5, seed
+
+
+def test_a_run_of_tiny_prompts_is_not_predicted_short():
+    """After a mix of sizes, 200 tiny prompts timed with +-5 ms of noise:
+    they are still predicted within 13%, and a long one as before.  Weighed
+    in relative terms alone, the samples timed low counted most and the
+    tiny prompts came out 15-27% short."""
+    for seed in range(10):
+        rnd = random.Random(seed)
+        p = Predictor(1)
+        for _ in range(100):
+            n = int(10 ** rnd.uniform(1.3, 4.8))
+            y = prefill_truth(n, 0, SHORT_TRUTH) * (1 + rnd.uniform(-0.1, 0.1))
+            p.observe_prefill(0, n, 0, int(y))
+        feed_tiny_prefills(p, rnd, 200)
+        for n, tol in ((30, 0.13), (20000, 0.12)):
+            got = p.prefill_us(0, n, 0)
+            assert rel(got, prefill_truth(n, 0, SHORT_TRUTH)) < tol, (seed, n)
+
+
+def test_the_access_logs_tiny_prompts_leave_a_long_one_predicted_long():
+    """The sequence of the live collapse, through dispatch and answer: a
+    40k-token prompt answered out of order (not fitted), then prompts of 33
+    and 31 tokens in 19 and 8 ms.  The next 17,642-token prompt took about
+    600 ms on that engine; it was predicted at 9 ms."""
+    p = Predictor(4, transfer=True)
+    job = p.dispatch_prefill(0, 2, 0, 0)
+    p.prefill_done(0, job, 10_000)
+    long_job = p.dispatch_prefill(0, 40160, 0, 68_000)
+    p.expect_prefill_end(0, long_job, 111)
+    p.prefill_stored(0, 111, 2_140_000)
+    job = p.dispatch_prefill(0, 33, 0, 2_207_000)
+    p.expect_prefill_end(0, job, 222)
+    p.prefill_done(0, job, 2_226_000)
+    job = p.dispatch_prefill(0, 31, 0, 2_249_000)
+    p.prefill_done(0, job, 2_257_000)
+    coef = p.state(0)["prefill_coef"]
+    assert coef[1] > 0 and coef[2] > 0, coef
+    assert p.prefill_us(0, 17642, 0) > 500_000
+
+
 def test_prefill_follows_a_slowdown():
     p = Predictor(1)
     rnd = random.Random(2)

@@ -38,15 +38,18 @@
  * tell (omni_predict_prefill_expect); past it, the oldest gives way. */
 #define OMNI_PREDICT_MARKS          16
 
-/* Observations are weighted by (OMNI_PREDICT_SCALE / time)^2: the fit
- * minimises relative errors, so a 10 ms prefill counts as much as a 5 s one.
+/* Observations are weighted by SCALE^2 / (time^2 + NOISE_US^2): the fit
+ * minimises relative errors, so a 100 ms prefill counts as much as a 5 s one.
  * Unweighted, the few long prefills decide the fit, and the fixed cost (c0)
  * soaks up their noise: it came out three times too large, and every short
- * prefill was predicted several times too long.  The scale keeps the
- * weights of typical observations near 1, against which the prior weighs
- * 1/prior_var. */
-#define OMNI_PREDICT_SCALE   100000.0
-#define OMNI_PREDICT_MIN_W   1000.0
+ * prefill was predicted several times too long.  Under NOISE_US the timing's
+ * own noise (the trip, the engine's step) is as large as the service, and
+ * the weight stops growing: weighed in relative terms, an 8 ms sample
+ * counted 156 times a 100 ms one, and the short prefills timed low decided
+ * the fixed cost (predicted 15-25% short).  The scale keeps the weights of
+ * typical observations near 1, against which the prior weighs 1/prior_var. */
+#define OMNI_PREDICT_SCALE      100000.0
+#define OMNI_PREDICT_NOISE_US   20000.0
 
 /* Built-in priors: a mid-size model on one modern GPU.  Only a starting
  * point; the fit replaces them within a few requests. */
@@ -873,8 +876,8 @@ omni_predict_rls_update(const omni_predict_t *p, omni_predict_rls_t *r,
         y = lim;
     }
 
-    v = OMNI_PREDICT_SCALE / (y > OMNI_PREDICT_MIN_W ? y : OMNI_PREDICT_MIN_W);
-    v *= v;
+    v = OMNI_PREDICT_SCALE * OMNI_PREDICT_SCALE
+        / (y * y + OMNI_PREDICT_NOISE_US * OMNI_PREDICT_NOISE_US);
 
     for (i = 0; i < OMNI_PREDICT_DIM; i++) {
         for (j = 0; j < OMNI_PREDICT_DIM; j++) {
@@ -891,6 +894,38 @@ omni_predict_rls_update(const omni_predict_t *p, omni_predict_rls_t *r,
     }
 
     r->samples++;
+}
+
+
+/*
+ * One prefill's sample.  A prompt so short that its tokens' part of the
+ * service (by the larger of the prior's and the fitted costs) is under the
+ * timing noise tells the fixed cost only: it is fitted on the fixed term,
+ * less what the model gives its tokens.  Fitted whole, two such samples
+ * decided the costs per token: 10 and 8 ms at 2 and 31 tokens are a slope
+ * below 0, the costs went to 0, and prompts of 17-56k tokens were predicted
+ * at 9 ms (docs/scheduler.md, "A prefill model that tiny prompts collapse").
+ */
+static void
+omni_predict_prefill_fit(const omni_predict_t *p, omni_predict_rls_t *r,
+    const double *x, double y)
+{
+    const double  *prior = p->cfg.prefill_prior;
+    double         fixed[OMNI_PREDICT_DIM], by_prior, by_fit;
+
+    by_prior = prior[1] * x[1] + prior[2] * x[2];
+    by_fit = r->coef[1] * x[1] + r->coef[2] * x[2];
+
+    if ((by_prior > by_fit ? by_prior : by_fit) >= OMNI_PREDICT_NOISE_US) {
+        omni_predict_rls_update(p, r, prior, x, y);
+        return;
+    }
+
+    fixed[0] = x[0];
+    fixed[1] = 0;
+    fixed[2] = 0;
+    y -= by_fit;
+    omni_predict_rls_update(p, r, prior, fixed, y > 0 ? y : 0);
 }
 
 
@@ -944,8 +979,8 @@ omni_predict_observe_prefill(omni_predict_t *p, uint32_t inst,
     }
 
     omni_predict_prefill_x(x, n_new, n_cached);
-    omni_predict_rls_update(p, &omni_predict_insts(p)[inst].prefill,
-                            p->cfg.prefill_prior, x, (double) service_us);
+    omni_predict_prefill_fit(p, &omni_predict_insts(p)[inst].prefill, x,
+                             (double) service_us);
     return OMNI_OK;
 }
 
@@ -1134,8 +1169,7 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
                     y = omni_predict_xfer_service(p, in, job, y);
                 }
 
-                omni_predict_rls_update(p, &in->prefill,
-                                        p->cfg.prefill_prior, x, y);
+                omni_predict_prefill_fit(p, &in->prefill, x, y);
                 in->queued_samples++;
             }
 
@@ -1171,13 +1205,11 @@ omni_predict_prefill_done(omni_predict_t *p, uint32_t inst,
              */
             y = omni_predict_xfer_service_alone(p, job, (double) latency);
             if (y > 0) {
-                omni_predict_rls_update(p, &in->prefill,
-                                        p->cfg.prefill_prior, x, y);
+                omni_predict_prefill_fit(p, &in->prefill, x, y);
 
             } else if (in->queued_samples < OMNI_PREDICT_QUEUED_MIN) {
-                omni_predict_rls_update(p, &in->prefill,
-                                        p->cfg.prefill_prior, x,
-                                        (double) service);
+                omni_predict_prefill_fit(p, &in->prefill, x,
+                                         (double) service);
             }
         }
     }
