@@ -211,7 +211,11 @@ def test_a_run_with_token_reuse_reports_the_engines_parity(tmp_path, model_dir):
     fell_back = sum(status["fallback"].values())      # (the readiness probe included)
     assert fell_back <= 2, status
     assert on["given_as_ids"] > 0 and on["id_lists_differing"] == 0
-    assert on["id_lists_checked"] % 2 == 0 and on["id_lists_checked"] >= 2 * (6 - fell_back)
+    # (a check that did not run is logged by the simulator: stop 49's CI
+    # once had 11, one decode leg's check missing, with no trace of why)
+    sim_log = (tmp_path / "auto" / "omni" / "sim.log").read_text()[-3000:]
+    assert on["id_lists_checked"] % 2 == 0 and \
+        on["id_lists_checked"] >= 2 * (6 - fell_back), (on, sim_log)
     if fell_back == 0:
         assert on["tokenized"] == 0 and on["id_lists_checked"] == 12
     # the same prompts: what the engines tokenized without reuse, they got as

@@ -344,6 +344,10 @@ def run_compare(targets=None, prefill=2, decode=2, pd_policy="sequential", sim_a
                 if keep:
                     kept = {"target": name, "url": url, "proc": proc, "sim": sim,
                             "model": result.model, "stack": stack.pop_all()}
+            if not keep:
+                # what the simulator said (stopped now: its stderr is whole)
+                with open(os.path.join(out_dir, name, "sim.log"), "w") as f:
+                    f.write(sim.stderr_text())
         except Skip as exc:
             log(f"[compare] {name}: skipped: {exc}")
             skipped.append({"target": name, "reason": str(exc)})

@@ -706,6 +706,9 @@ class Instance:
         def count(fut):
             self.s.parity_jobs.discard(fut)
             if fut.cancelled() or fut.exception() is not None:
+                # not counted: say why, or a missing check has no trace
+                log(f"{self.name}: the token parity check did not run: "
+                    f"{'cancelled' if fut.cancelled() else repr(fut.exception())}")
                 return
             for ok in fut.result():
                 e.token_parity_checked += 1
