@@ -46,7 +46,7 @@
  * own noise (the trip, the engine's step) is as large as the service, and
  * the weight stops growing: weighed in relative terms, an 8 ms sample
  * counted 156 times a 100 ms one, and the short prefills timed low decided
- * the fixed cost (predicted 15-25% short).  The scale keeps the weights of
+ * the fixed cost (predicted 15-27% short).  The scale keeps the weights of
  * typical observations near 1, against which the prior weighs 1/prior_var. */
 #define OMNI_PREDICT_SCALE      100000.0
 #define OMNI_PREDICT_NOISE_US   20000.0
