@@ -141,6 +141,9 @@
  * (ngx_http_omni_queue_rekey_locked, ngx_http_omni_order.c)
  */
 #define NGX_HTTP_OMNI_REKEY_US       10000
+/* most entries ngx_http_omni_queue_firsts_locked() returns: the look ahead
+ * of a release pass */
+#define NGX_HTTP_OMNI_FIRSTS_MAX     OMNI_POLICY_LOOKAHEAD
 
 #define NGX_HTTP_OMNI_NONE           ((uint32_t) -1)
 
@@ -752,6 +755,8 @@ ngx_uint_t ngx_http_omni_queue_reap_locked(ngx_http_omni_shctx_t *sh,
     ngx_slab_pool_t *shpool, ngx_uint_t starting);
 void ngx_http_omni_queue_reorder_locked(ngx_http_omni_shctx_t *sh,
     ngx_uint_t q);
+ngx_uint_t ngx_http_omni_queue_firsts_locked(ngx_http_omni_shctx_t *sh,
+    ngx_uint_t q, uint32_t *out, ngx_uint_t max);
 
 /* ngx_http_omni_sched.c */
 uint32_t ngx_http_omni_front_us(ngx_http_omni_ctx_t *ctx);

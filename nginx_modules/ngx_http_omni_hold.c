@@ -708,7 +708,8 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
     uint32_t                 e, cand;
     uint64_t                 t0, now_us, retry_us;
     ngx_int_t                rc;
-    ngx_uint_t               q, n, i, k, more, attempts;
+    uint32_t                 firsts[OMNI_POLICY_LOOKAHEAD];
+    ngx_uint_t               q, n, i, k, m, more, attempts;
     ngx_msec_t               now;
     ngx_slab_pool_t         *shpool;
     ngx_http_omni_queue_t   *queue;
@@ -814,18 +815,25 @@ ngx_http_omni_schedule_pass(ngx_http_omni_main_conf_t *mcf,
                      */
                     slo = queue->n_slo != 0;
                     cand = e;
+                    m = (rc == NGX_BUSY && !slo)
+                        ? ngx_http_omni_queue_firsts_locked(sh, q, firsts,
+                                                      OMNI_POLICY_LOOKAHEAD)
+                        : 0;
 
                     for (k = slo ? 1 : 0;
                          rc == NGX_BUSY && k < OMNI_POLICY_LOOKAHEAD
-                         && k < queue->n;
+                         && k < (slo ? queue->n : m);
                          k++)
                     {
-                        /* with SLOs, the next by the same rule: the heap's
-                         * order would offer the free instance to a lost
-                         * request before one that can still make it */
+                        /* in the queue's order (the heap's array is not:
+                         * a long request deep in it was offered a free
+                         * instance before shorter ones); with SLOs, the
+                         * next by the same rule: the order would offer the
+                         * free instance to a lost request before one that
+                         * can still make it */
                         cand = slo ? ngx_http_omni_slo_again_locked(mcf, sh,
                                                                     cand, now)
-                                   : queue->heap[k];
+                                   : firsts[k];
 
                         if (cand == NGX_HTTP_OMNI_NONE) {
                             break;

@@ -270,6 +270,57 @@ ngx_http_omni_queue_reorder_locked(ngx_http_omni_shctx_t *sh, ngx_uint_t q)
 
 
 /*
+ * The first `max` entries of queue q in its order (at most max, fewer when
+ * fewer wait), into out[]; returns how many.  The heap's array is not in
+ * order past its root (heap[1] may come after heap[5]): a best-first walk
+ * from the root finds them, each next one among the children of those
+ * taken (max + 1 positions in view at most).
+ */
+ngx_uint_t
+ngx_http_omni_queue_firsts_locked(ngx_http_omni_shctx_t *sh, ngx_uint_t q,
+    uint32_t *out, ngx_uint_t max)
+{
+    uint32_t                pos, child, front[NGX_HTTP_OMNI_FIRSTS_MAX + 1];
+    ngx_uint_t              n, m, i, best;
+    ngx_http_omni_queue_t  *queue;
+
+    queue = &sh->queues[q];
+    max = ngx_min(max, NGX_HTTP_OMNI_FIRSTS_MAX);
+
+    if (queue->n == 0 || max == 0) {
+        return 0;
+    }
+
+    front[0] = 0;
+    m = 1;
+
+    for (n = 0; n < max && m > 0; n++) {
+        best = 0;
+
+        for (i = 1; i < m; i++) {
+            if (ngx_http_omni_before(sh, queue->heap[front[i]],
+                                     queue->heap[front[best]]))
+            {
+                best = i;
+            }
+        }
+
+        pos = front[best];
+        out[n] = queue->heap[pos];
+        front[best] = front[--m];
+
+        for (child = 2 * pos + 1; child <= 2 * pos + 2; child++) {
+            if (child < queue->n) {
+                front[m++] = child;
+            }
+        }
+    }
+
+    return n;
+}
+
+
+/*
  * Give back what dead processes held: their queue entries (waiting ones
  * leave the queue; the charges of released ones, in their owner's list or
  * bound after it was reaped, are unbound), then through the ledger their

@@ -819,6 +819,56 @@ def test_a_starved_request_waiting_for_its_instance_does_not_idle_another(
     _idle(nginx)
 
 
+
+def test_a_free_instance_goes_to_the_shortest_of_those_behind_in_queue_order(
+        omni_nginx, two_prefill, tmp_path):
+    """When the request deciding first waits for a busy instance, the free
+    one is offered to the requests behind it in the queue's order, not in
+    the order of the heap's array.  `starved` waits for `long`'s instance
+    (its prefix); behind it `x` (12000 tokens) arrives before `y` (1000),
+    so the heap's array holds [starved, x, y] while the order is starved,
+    y, x.  When `mid` ends, y takes its instance.  Before, x was offered it
+    first and took it for about 0.65 s, and y waited behind x or long (on
+    the Mooncake run a 61k-token prompt took a free instance for 4 s that
+    way while shorter requests waited)."""
+    sim = two_prefill
+    nginx = omni_nginx(prefill_endpoints=",".join(sim.prefill_endpoints),
+                       decode_endpoints=sim.decode_endpoints[0],
+                       schedule_policy="omni", prefill_queue_order="sjf",
+                       prefill_starvation_timeout="100ms",
+                       access_log_file=str(tmp_path / "access.log"))
+    tag = time.monotonic_ns()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for n in (2000, 8000, 16000, 24000):
+            list(pool.map(lambda k: _post(nginx, {"prompt": _tokens(n, f"w{n}-{k}-{tag}"),
+                                                  "max_tokens": 1}, f"warm{n}-{k}-{tag}"),
+                          range(2)))
+    _idle(nginx)
+    long_ = _tokens(2 * BLOCKER, f"l{tag}")
+    bodies = {"long": long_, "mid": _tokens(6000, f"m{tag}"),
+              "starved": long_ + _tokens(200, f"s{tag}"),
+              "x": _tokens(BLOCKER, f"x{tag}"), "y": _tokens(1000, f"y{tag}")}
+    names = {k: f"{k}-{tag}" for k in bodies}
+    pool = concurrent.futures.ThreadPoolExecutor(5)
+    futures = []
+    for k in ("long", "mid", "starved", "x", "y"):
+        futures.append(pool.submit(_post, nginx, {"prompt": bodies[k], "max_tokens": 1},
+                                   names[k]))
+        time.sleep(0.05)
+    for f in futures:
+        f.result(timeout=60)
+    pool.shutdown()
+
+    log = _access(tmp_path)
+    starts = _prefill_starts(sim, set(names.values()), tmp_path)
+    assert log[names["long"]]["prefill"] != log[names["mid"]]["prefill"], log
+    assert log[names["starved"]]["prefill"] == log[names["long"]]["prefill"], log
+    # x and y were held (both instances busy), y took mid's instance first
+    assert int(log[names["x"]]["queue_ms"]) > 0 and int(log[names["y"]]["queue_ms"]) > 0, log
+    assert log[names["y"]]["prefill"] == log[names["mid"]]["prefill"], log
+    assert starts[names["y"]] < starts[names["x"]], (starts, log)
+    _idle(nginx)
+
 def _prefill_instance(sim, resp):
     """The prefill instance that served an answer, by the id the engines saw
     (the proxy's own, X-Omni-Request-Id), and its cached tokens there."""
