@@ -492,20 +492,16 @@ def test_decide_a_starved_request_weighs_its_own_ttft_only():
                 PrefillCandidate(1, running=1, inflight_tokens=6000,
                                  max_running=16, max_tokens=16384)]
 
-    # in the order, 20 waiting: instance 1 costs the others 19/2 x own1,
-    # less than instance 0 by more than its wait: it holds for instance 1
+    # in the order, 20 waiting: what it costs the others is weighed (19/2 x
+    # its prefill there)
     c = cands()
     d = _decide(pred, c, 60_000, now, waiting=20)
-    assert d.hold and d.reason == "hold-busy" and d.best == 1
     assert c[0].prefill_us == pytest.approx(own[0] * (1 + 19 / 2), abs=2)
     # starved: its own TTFT, the idle instance
     c = cands()
     d = _decide(pred, c, 60_000, now, waiting=20, starved=True)
     assert d.choice == 0 and not d.hold
     assert [x.prefill_us for x in c] == own and c[1].wait_us == wait1
-    # the same with arrivals counted instead of the queue
-    d = _decide(pred, cands(), 60_000, now, waiting=1, arrival_gap_us=50_000)
-    assert d.hold and d.best == 1
     assert _decide(pred, cands(), 60_000, now, waiting=1, arrival_gap_us=50_000,
                    starved=True).choice == 0
     # a starved request still waits for a busy instance that would finish
@@ -515,6 +511,102 @@ def test_decide_a_starved_request_weighs_its_own_ttft_only():
                        waiting=20, starved=True, force=True)
     assert d.hold and d.best == 1 and c[1].prefill_us == pred.prefill_us(1, 30_000, 30_000)
 
+
+
+def test_decide_holds_for_a_busy_instance_only_when_its_own_ttft_gains():
+    """A request in the order weighs what its prefill costs the others
+    (multiplied by the queue), but holds for a busy instance only when that
+    also brings its own first token sooner.  Instance 1 has learned an 8%
+    faster rate than instance 0 (engines alike, the rest is noise): with the
+    queue's weight it costs the others seconds less, so before, the request
+    held for it while the idle instance went to a request far behind in the
+    order.  Now: held while instance 1's wait is under the 8% it saves the
+    request itself, else the idle instance."""
+    pred = _pred(2)
+    for n in (2000, 8000, 20000, 40000, 60000, 1000, 30000):
+        pred.observe_prefill(1, n, 0, int(pred.prefill_us(0, n) * 0.92))
+    own = [pred.prefill_us(i, 60_000) for i in (0, 1)]
+    gain = own[0] - own[1]
+    assert gain > 400_000
+    now = 50_000_000
+
+    def cands(tokens):
+        return [PrefillCandidate(0, max_running=16, max_tokens=16384),
+                PrefillCandidate(1, running=1, inflight_tokens=tokens,
+                                 max_running=16, max_tokens=16384)]
+
+    pred.dispatch_prefill(1, 6000, 0, now_us=now)
+    assert gain < pred.wait_us(1, now) < 2 * gain
+    # its own TTFT is sooner on the idle instance: it goes there, with the
+    # queue's weight or the arrivals' (before: held for instance 1)
+    for kw in ({"waiting": 20}, {"waiting": 1, "arrival_gap_us": 50_000}):
+        d = _decide(pred, cands(6000), 60_000, now, **kw)
+        assert d.choice == 0 and not d.hold, (kw, d)
+    # instance 1 frees sooner than the gain: it holds for it, in the order
+    # and starved alike
+    later = now + pred.wait_us(1, now) - gain // 2
+    assert 0 < pred.wait_us(1, later) < gain
+    for kw in ({"waiting": 20}, {"waiting": 20, "starved": True},
+               {"waiting": 1, "arrival_gap_us": 50_000}):
+        d = _decide(pred, cands(6000), 60_000, later, **kw)
+        assert d.hold and d.reason == "hold-busy" and d.best == 1, (kw, d)
+    # a free instance that is not the one with the least own TTFT is still
+    # taken with force (none of the others wanted it)
+    d = _decide(pred, cands(6000), 60_000, later, waiting=20, force=True)
+    assert d.choice == 0
+
+
+def test_decide_a_cached_prefix_is_held_for_though_its_own_ttft_loses():
+    """The own-TTFT rule is for instances that differ by their learned
+    rates only.  A prefix cached on the busy instance saves work the queue
+    behind would otherwise wait for: it is held for by the cost to the
+    others even when the request would start sooner recomputing the prefix
+    on the free instance (without this, a few 30k-token prompts of a shared
+    prefix went to a free instance in some section-1 runs and recomputed
+    it)."""
+    pred = _pred(2)
+    now = 50_000_000
+    pred.dispatch_prefill(1, 12000, 0, now_us=now)
+    wait = pred.wait_us(1, now)
+    cached = 8000
+    own_free = pred.prefill_us(0, 20_000)
+    own_busy = wait + pred.prefill_us(1, 20_000 - cached, cached)
+    assert own_free < own_busy
+    c = [PrefillCandidate(0, max_running=16),
+         PrefillCandidate(1, running=1, inflight_tokens=12000, max_running=16)]
+    d = decide_prefill(pred, c, [0, cached // 16], 16, 20_000, now, 20_000, waiting=20)
+    assert d.hold and d.reason == "hold-busy" and d.best == 1, d
+
+
+def test_decide_held_decides_again_when_any_instance_frees():
+    """A held request is decided again (retry_us, which the module keeps
+    its decision for and arms its timer with) when any instance comes
+    within the slack, not only its best.  Held until its best frees, the
+    other one went to whichever request arrived meanwhile and decided
+    afresh, ahead of those held with their old decisions.  Instance 1
+    holds 48% of the prompt and frees in about 0.59 s; instance 0 frees in
+    about 0.15 s: held for instance 1, decided again when instance 0 frees
+    (before: when instance 1 did)."""
+    pred = _pred(2)
+    now = 50_000_000
+    pred.dispatch_prefill(0, 1500, 0, now_us=now)
+    pred.dispatch_prefill(1, 6000, 0, now_us=now)
+    w0, w1 = pred.wait_us(0, now), pred.wait_us(1, now)
+    slack = 20_000
+    assert slack < w0 < w1 / 2
+    c = [PrefillCandidate(0, running=1, inflight_tokens=1500, max_running=16),
+         PrefillCandidate(1, running=1, inflight_tokens=6000, max_running=16)]
+    d = decide_prefill(pred, c, [0, 9_600 // 16], 16, 20_000, now, slack, waiting=4)
+    assert d.hold and d.best == 1, d
+    assert d.retry_us == w0 - slack, (d, w0, w1)
+    # once instance 0 is within the slack the decision is another one
+    d = decide_prefill(pred, [PrefillCandidate(0, running=1, inflight_tokens=1500,
+                                               max_running=16),
+                              PrefillCandidate(1, running=1, inflight_tokens=6000,
+                                               max_running=16)],
+                       [0, 9_600 // 16], 16, 20_000, now + d.retry_us, slack,
+                       waiting=4, force=True)
+    assert d.choice == 0, d
 
 def test_decide_a_text_prompt_goes_its_front_end_time_early():
     """front_us (the engine's tokenization of a text prompt) widens how

@@ -280,6 +280,14 @@ omni_policy_transferring(const omni_predict_t *p,
 }
 
 
+/* the sooner of two delays, 0 meaning none */
+static inline uint64_t
+omni_policy_sooner(uint64_t a, uint64_t b)
+{
+    return a == 0 || (b != 0 && b < a) ? b : a;
+}
+
+
 /*
  * Engines batch in steps: what reaches an instance while a step runs waits
  * for the next one, and everything waiting then shares it.  A request that
@@ -294,13 +302,16 @@ omni_policy_transferring(const omni_predict_t *p,
 static void
 omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,
     size_t n, uint32_t prompt_tokens, uint64_t now_us, uint64_t slack,
-    uint64_t limit, uint32_t step_tokens)
+    uint64_t limit, uint32_t step_tokens, uint64_t *next_us)
 {
-    uint64_t  uncached, wait;
+    uint64_t  uncached, wait, next;
     size_t    i;
 
     /* limit: the wait choose() accepts (the slack plus the request's own
-     * front-end time) */
+     * front-end time).  next: how soon one of these waits may come within
+     * it by the clock alone, with no completion or other event */
+
+    next = 0;
 
     for (i = 0; i < n; i++) {
         if (c[i].wait_us == 0 || c[i].wait_us > limit) {
@@ -315,6 +326,8 @@ omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,
             wait = c[i].step_done_us - now_us;
             c[i].wait_us = (c[i].wait_us > wait ? c[i].wait_us : wait)
                            + slack;
+            next = omni_policy_sooner(next,
+                                      c[i].step_start_us + slack - now_us);
         }
     }
 
@@ -330,12 +343,21 @@ omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,
                                             step_tokens)
                 && !omni_policy_transferring(p, &c[i], now_us, slack))
             {
+                /* until its tokens come back: an event */
                 c[i].wait_us = limit + 1;
+                c[i].max_tokens = OMNI_POLICY_UNLIMITED;
+                continue;
             }
         }
 
         c[i].max_tokens = OMNI_POLICY_UNLIMITED;
+
+        if (c[i].wait_us > limit && !(c[i].flags & OMNI_POLICY_UNHEALTHY)) {
+            next = omni_policy_sooner(next, c[i].wait_us - limit);
+        }
     }
+
+    *next_us = next;
 }
 
 
@@ -366,16 +388,55 @@ omni_policy_prefill_on_time(omni_prefill_cand_t *c, size_t n,
 }
 
 
+
+/*
+ * decide(), its best instance busy past the slack: the best of those free
+ * within it (the busy ones flagged out of the choice), keeping out's retry
+ * instant; when none can take it, held for `best` (-1: out's best).
+ */
+static int
+omni_policy_prefill_take_free(omni_prefill_cand_t *c, size_t n,
+    uint32_t prompt_tokens, uint64_t slack, int32_t best, omni_decision_t *out)
+{
+    int       rc;
+    size_t    i;
+    uint64_t  retry;
+
+    if (best < 0) {
+        best = out->best;
+    }
+
+    for (i = 0; i < n; i++) {
+        if (c[i].wait_us > slack) {
+            c[i].flags |= OMNI_POLICY_DRAINING;
+        }
+    }
+
+    retry = out->retry_us;
+
+    rc = omni_policy_prefill_choose(c, n, prompt_tokens, UINT64_MAX, out);
+
+    out->retry_us = retry;
+
+    if (rc == OMNI_EHOLD) {
+        out->best = best;
+        out->reason = OMNI_POLICY_HOLD_BUSY;
+    }
+
+    return rc;
+}
+
 int
 omni_policy_prefill_decide(const omni_predict_t *p,
     const uint32_t *matched, size_t n_matched, uint32_t block_size,
     uint32_t prompt_tokens, uint64_t now_us, const omni_prefill_opts_t *o,
     omni_prefill_cand_t *c, size_t n, omni_decision_t *out)
 {
-    uint64_t  slack, retry;
+    uint64_t  slack, next;
     int32_t   best;
     size_t    i;
     int       rc, room;
+    int32_t   own;
 
     if (o == NULL || out == NULL || o->hold_slack_us >= UINT64_MAX / 4
         || o->front_us >= UINT64_MAX / 4)
@@ -413,7 +474,7 @@ omni_policy_prefill_decide(const omni_predict_t *p,
 
     omni_policy_prefill_busy(p, c, n, prompt_tokens, now_us,
                              o->hold_slack_us, slack,
-                             o->starved ? 0 : o->step_tokens);
+                             o->starved ? 0 : o->step_tokens, &next);
 
     if (o->deadline_us) {
         omni_policy_prefill_on_time(c, n, now_us, o->deadline_us);
@@ -430,6 +491,13 @@ omni_policy_prefill_decide(const omni_predict_t *p,
      * jittered steps (docs/scheduler.md, "A starved request's own TTFT").
      */
 
+    /*
+     * Whether its own first token is predicted soonest on an instance free
+     * now, before what the choice costs the others is added.
+     */
+    own = omni_policy_prefill_choose(c, n, prompt_tokens, slack, out)
+          == OMNI_OK ? out->choice : -1;
+
     rc = omni_policy_prefill_add_delay(c, n, o->starved ? 1 : o->waiting,
                                        o->starved ? 0 : o->arrival_gap_us);
     if (rc != OMNI_OK) {
@@ -440,6 +508,38 @@ omni_policy_prefill_decide(const omni_predict_t *p,
 
     if (rc != OMNI_EHOLD || out->reason != OMNI_POLICY_HOLD_BUSY) {
         return rc;
+    }
+
+    /*
+     * Decide again when any instance comes within the slack, not only its
+     * best: held until then, the free one went to a request that arrived
+     * meanwhile and decided afresh while those held kept their decisions
+     * (a 61k-token prompt took an instance for 4 s at its arrival, five
+     * shorter ones waiting; docs/scheduler.md, "Held for noise").
+     */
+    out->retry_us = omni_policy_sooner(out->retry_us, next);
+
+    /*
+     * A request holds for a busy instance that holds no more of its prompt
+     * than the best free one only when that also brings its own first
+     * token sooner (a faster engine).  What it would take from the others
+     * then differs between instances alike only by their learned rates, a
+     * few percent of noise multiplied by the queue: requests held for an
+     * instance predicted a little faster while the free one went to a
+     * request far behind them in the order (a 61k-token prompt took it for
+     * 4 s on the Mooncake run, with five shorter ones waiting;
+     * docs/scheduler.md, "Held for noise").  A cached prefix is the
+     * others' gain too: the work it saves counts as the queue's, even when
+     * the request itself would start sooner recomputing it elsewhere
+     * (without this, in three section-1 runs of seven a few 30k-token
+     * prompts of a shared prefix went to a free instance and recomputed
+     * it, and the mean TTFT rose about 10%).
+     */
+    if (own >= 0 && out->best >= 0
+        && c[out->best].cached_tokens <= c[own].cached_tokens)
+    {
+        return omni_policy_prefill_take_free(c, n, prompt_tokens, slack, -1,
+                                             out);
     }
 
     /*
@@ -467,24 +567,8 @@ omni_policy_prefill_decide(const omni_predict_t *p,
         return OMNI_EHOLD;
     }
 
-    for (i = 0; i < n; i++) {
-        if (c[i].wait_us > slack) {
-            c[i].flags |= OMNI_POLICY_DRAINING;
-        }
-    }
-
-    retry = out->retry_us;
-
-    rc = omni_policy_prefill_choose(c, n, prompt_tokens, UINT64_MAX, out);
-
-    out->retry_us = retry;
-
-    if (rc == OMNI_EHOLD) {
-        out->best = best;
-        out->reason = OMNI_POLICY_HOLD_BUSY;
-    }
-
-    return rc;
+    return omni_policy_prefill_take_free(c, n, prompt_tokens, slack, best,
+                                         out);
 }
 
 
