@@ -764,19 +764,11 @@ def test_a_waiting_request_whose_prefix_was_sent_meanwhile_moves_up(
     assert status["scheduler"]["queue_rekeys"] >= 1, status["scheduler"]
 
 
-def test_a_starved_request_waiting_for_its_instance_does_not_idle_another(
-        omni_nginx, two_prefill, tmp_path):
-    """The oldest starved request is decided first; when it waits for a
-    busy instance (most of its prompt is cached there), the entries after
-    it in the order are offered what is free, and the shortest of them is
-    the heap's head.  Two instances: `long` (24000 tokens, about 1.3 s)
-    runs on one, `mid` (2000) on the other.  Then `starved` (long's prompt
-    + 200: it waits for long's instance) and `short` (64 tokens); the
-    timeout (100 ms) makes `starved` starved at once.  When mid ends, short
-    takes that instance, about a second before long ends.  Before, the
-    look ahead began after the heap's head, which was short, and short
-    waited for long's end with the other instance idle."""
-    sim = two_prefill
+
+def _starving_pair(omni_nginx, sim, tmp_path):
+    """nginx in front of the two prefill instances, SJF with a 100 ms
+    starvation timeout (a request waiting starves at once), the predictor
+    warmed on both: (nginx, tag)."""
     nginx = omni_nginx(prefill_endpoints=",".join(sim.prefill_endpoints),
                        decode_endpoints=sim.decode_endpoints[0],
                        schedule_policy="omni", prefill_queue_order="sjf",
@@ -791,19 +783,42 @@ def test_a_starved_request_waiting_for_its_instance_does_not_idle_another(
                                                   "max_tokens": 1}, f"warm{n}-{k}-{tag}"),
                           range(2)))
     _idle(nginx)
+    return nginx, tag
+
+
+def _send_spaced(nginx, bodies, tag):
+    """POST each prompt of `bodies` (name -> prompt, in order) 50 ms after
+    the one before, all at once in flight; waits for every answer and
+    returns name -> request id."""
+    names = {k: f"{k}-{tag}" for k in bodies}
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        futures = []
+        for k, prompt in bodies.items():
+            futures.append(pool.submit(_post, nginx, {"prompt": prompt, "max_tokens": 1},
+                                       names[k]))
+            time.sleep(0.05)
+        for f in futures:
+            f.result(timeout=60)
+    return names
+
+def test_a_starved_request_waiting_for_its_instance_does_not_idle_another(
+        omni_nginx, two_prefill, tmp_path):
+    """The oldest starved request is decided first; when it waits for a
+    busy instance (most of its prompt is cached there), the entries after
+    it in the order are offered what is free, and the shortest of them is
+    the heap's head.  Two instances: `long` (24000 tokens, about 1.3 s)
+    runs on one, `mid` (2000) on the other.  Then `starved` (long's prompt
+    + 200: it waits for long's instance) and `short` (64 tokens); the
+    timeout (100 ms) makes `starved` starved at once.  When mid ends, short
+    takes that instance, about a second before long ends.  Before, the
+    look ahead began after the heap's head, which was short, and short
+    waited for long's end with the other instance idle."""
+    sim = two_prefill
+    nginx, tag = _starving_pair(omni_nginx, sim, tmp_path)
     long_ = _tokens(2 * BLOCKER, f"l{tag}")
     bodies = {"long": long_, "mid": _tokens(2000, f"m{tag}"),
               "starved": long_ + _tokens(200, f"s{tag}"), "short": _tokens(64, f"t{tag}")}
-    names = {k: f"{k}-{tag}" for k in bodies}
-    pool = concurrent.futures.ThreadPoolExecutor(4)
-    futures = []
-    for k in ("long", "mid", "starved", "short"):
-        futures.append(pool.submit(_post, nginx, {"prompt": bodies[k], "max_tokens": 1},
-                                   names[k]))
-        time.sleep(0.05)
-    for f in futures:
-        f.result(timeout=60)
-    pool.shutdown()
+    names = _send_spaced(nginx, bodies, tag)
 
     log = _access(tmp_path)
     starts = _prefill_starts(sim, set(names.values()), tmp_path)
@@ -832,32 +847,12 @@ def test_a_free_instance_goes_to_the_shortest_of_those_behind_in_queue_order(
     the Mooncake run a 61k-token prompt took a free instance for 4 s that
     way while shorter requests waited)."""
     sim = two_prefill
-    nginx = omni_nginx(prefill_endpoints=",".join(sim.prefill_endpoints),
-                       decode_endpoints=sim.decode_endpoints[0],
-                       schedule_policy="omni", prefill_queue_order="sjf",
-                       prefill_starvation_timeout="100ms",
-                       access_log_file=str(tmp_path / "access.log"))
-    tag = time.monotonic_ns()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        for n in (2000, 8000, 16000, 24000):
-            list(pool.map(lambda k: _post(nginx, {"prompt": _tokens(n, f"w{n}-{k}-{tag}"),
-                                                  "max_tokens": 1}, f"warm{n}-{k}-{tag}"),
-                          range(2)))
-    _idle(nginx)
+    nginx, tag = _starving_pair(omni_nginx, sim, tmp_path)
     long_ = _tokens(2 * BLOCKER, f"l{tag}")
     bodies = {"long": long_, "mid": _tokens(6000, f"m{tag}"),
               "starved": long_ + _tokens(200, f"s{tag}"),
               "x": _tokens(BLOCKER, f"x{tag}"), "y": _tokens(1000, f"y{tag}")}
-    names = {k: f"{k}-{tag}" for k in bodies}
-    pool = concurrent.futures.ThreadPoolExecutor(5)
-    futures = []
-    for k in ("long", "mid", "starved", "x", "y"):
-        futures.append(pool.submit(_post, nginx, {"prompt": bodies[k], "max_tokens": 1},
-                                   names[k]))
-        time.sleep(0.05)
-    for f in futures:
-        f.result(timeout=60)
-    pool.shutdown()
+    names = _send_spaced(nginx, bodies, tag)
 
     log = _access(tmp_path)
     starts = _prefill_starts(sim, set(names.values()), tmp_path)
