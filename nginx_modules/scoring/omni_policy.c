@@ -388,7 +388,6 @@ omni_policy_prefill_on_time(omni_prefill_cand_t *c, size_t n,
 }
 
 
-
 /*
  * decide(), its best instance busy past the slack: the best of those free
  * within it (the busy ones flagged out of the choice), keeping out's retry
@@ -426,6 +425,7 @@ omni_policy_prefill_take_free(omni_prefill_cand_t *c, size_t n,
     return rc;
 }
 
+
 int
 omni_policy_prefill_decide(const omni_predict_t *p,
     const uint32_t *matched, size_t n_matched, uint32_t block_size,
@@ -433,10 +433,9 @@ omni_policy_prefill_decide(const omni_predict_t *p,
     omni_prefill_cand_t *c, size_t n, omni_decision_t *out)
 {
     uint64_t  slack, next;
-    int32_t   best;
+    int32_t   best, own;
     size_t    i;
     int       rc, room;
-    int32_t   own;
 
     if (o == NULL || out == NULL || o->hold_slack_us >= UINT64_MAX / 4
         || o->front_us >= UINT64_MAX / 4)
