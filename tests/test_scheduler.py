@@ -764,7 +764,6 @@ def test_a_waiting_request_whose_prefix_was_sent_meanwhile_moves_up(
     assert status["scheduler"]["queue_rekeys"] >= 1, status["scheduler"]
 
 
-
 def _starving_pair(omni_nginx, sim, tmp_path):
     """nginx in front of the two prefill instances, SJF with a 100 ms
     starvation timeout (a request waiting starves at once), the predictor
@@ -801,6 +800,7 @@ def _send_spaced(nginx, bodies, tag):
             f.result(timeout=60)
     return names
 
+
 def test_a_starved_request_waiting_for_its_instance_does_not_idle_another(
         omni_nginx, two_prefill, tmp_path):
     """The oldest starved request is decided first; when it waits for a
@@ -834,7 +834,6 @@ def test_a_starved_request_waiting_for_its_instance_does_not_idle_another(
     _idle(nginx)
 
 
-
 def test_a_free_instance_goes_to_the_shortest_of_those_behind_in_queue_order(
         omni_nginx, two_prefill, tmp_path):
     """When the request deciding first waits for a busy instance, the free
@@ -863,6 +862,7 @@ def test_a_free_instance_goes_to_the_shortest_of_those_behind_in_queue_order(
     assert log[names["y"]]["prefill"] == log[names["mid"]]["prefill"], log
     assert starts[names["y"]] < starts[names["x"]], (starts, log)
     _idle(nginx)
+
 
 def _prefill_instance(sim, resp):
     """The prefill instance that served an answer, by the id the engines saw

@@ -495,7 +495,7 @@ def test_decide_a_starved_request_weighs_its_own_ttft_only():
     # in the order, 20 waiting: what it costs the others is weighed (19/2 x
     # its prefill there)
     c = cands()
-    d = _decide(pred, c, 60_000, now, waiting=20)
+    _decide(pred, c, 60_000, now, waiting=20)
     assert c[0].prefill_us == pytest.approx(own[0] * (1 + 19 / 2), abs=2)
     # starved: its own TTFT, the idle instance
     c = cands()
@@ -510,7 +510,6 @@ def test_decide_a_starved_request_weighs_its_own_ttft_only():
     d = decide_prefill(pred, c, [0, 30_000 // 16], 16, 60_000, now, 20_000,
                        waiting=20, starved=True, force=True)
     assert d.hold and d.best == 1 and c[1].prefill_us == pred.prefill_us(1, 30_000, 30_000)
-
 
 
 def test_decide_holds_for_a_busy_instance_only_when_its_own_ttft_gains():
@@ -594,19 +593,20 @@ def test_decide_held_decides_again_when_any_instance_frees():
     w0, w1 = pred.wait_us(0, now), pred.wait_us(1, now)
     slack = 20_000
     assert slack < w0 < w1 / 2
-    c = [PrefillCandidate(0, running=1, inflight_tokens=1500, max_running=16),
-         PrefillCandidate(1, running=1, inflight_tokens=6000, max_running=16)]
-    d = decide_prefill(pred, c, [0, 9_600 // 16], 16, 20_000, now, slack, waiting=4)
+
+    def decide(at, **kw):
+        c = [PrefillCandidate(0, running=1, inflight_tokens=1500, max_running=16),
+             PrefillCandidate(1, running=1, inflight_tokens=6000, max_running=16)]
+        return decide_prefill(pred, c, [0, 9_600 // 16], 16, 20_000, at, slack,
+                              waiting=4, **kw)
+
+    d = decide(now)
     assert d.hold and d.best == 1, d
     assert d.retry_us == w0 - slack, (d, w0, w1)
     # once instance 0 is within the slack the decision is another one
-    d = decide_prefill(pred, [PrefillCandidate(0, running=1, inflight_tokens=1500,
-                                               max_running=16),
-                              PrefillCandidate(1, running=1, inflight_tokens=6000,
-                                               max_running=16)],
-                       [0, 9_600 // 16], 16, 20_000, now + d.retry_us, slack,
-                       waiting=4, force=True)
+    d = decide(now + d.retry_us, force=True)
     assert d.choice == 0, d
+
 
 def test_decide_a_text_prompt_goes_its_front_end_time_early():
     """front_us (the engine's tokenization of a text prompt) widens how

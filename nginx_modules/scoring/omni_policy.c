@@ -343,18 +343,18 @@ omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,
                                             step_tokens)
                 && !omni_policy_transferring(p, &c[i], now_us, slack))
             {
-                /* until its tokens come back: an event */
+                /* busy until its tokens come back: an event, not the clock */
                 c[i].wait_us = limit + 1;
-                c[i].max_tokens = OMNI_POLICY_UNLIMITED;
-                continue;
             }
+
+        } else if (c[i].wait_us > limit
+                   && !(c[i].flags
+                        & (OMNI_POLICY_UNHEALTHY | OMNI_POLICY_DRAINING)))
+        {
+            next = omni_policy_sooner(next, c[i].wait_us - limit);
         }
 
         c[i].max_tokens = OMNI_POLICY_UNLIMITED;
-
-        if (c[i].wait_us > limit && !(c[i].flags & OMNI_POLICY_UNHEALTHY)) {
-            next = omni_policy_sooner(next, c[i].wait_us - limit);
-        }
     }
 
     *next_us = next;
