@@ -165,7 +165,9 @@ omni_policy_prefill_choose(const omni_prefill_cand_t *c, size_t n,
 
     out->cost_us = best_cost;
 
-    if (c[best].wait_us > hold_slack_us) {
+    if (c[best].wait_us > hold_slack_us
+        && !(c[best].flags & OMNI_POLICY_JOINS))
+    {
         out->reason = OMNI_POLICY_HOLD_BUSY;
         out->retry_us = c[best].wait_us - hold_slack_us;
         return OMNI_EHOLD;
@@ -289,13 +291,52 @@ omni_policy_sooner(uint64_t a, uint64_t b)
 
 
 /*
+ * Engines batch in steps, and a request sent while one waits at the engine
+ * for its step shares it.  When that step starts within the slack, the
+ * budget has room for this request's tokens, and they add no more than the
+ * plain slack to it, the instance takes the request now: its first token
+ * comes at that step's end (wait_us: the work sent before, prefill_us: its
+ * own tokens without the step's fixed cost, which is also all it costs the
+ * others).  Held until that work was done, short prompts ran one or two a
+ * step and the engine's batching went unused: 300-token prompts at 150/s on
+ * two instances queued for 1.4 s where the engines batch them in 0.3 s
+ * (docs/scheduler.md, "Short prompts share a step").
+ */
+static void
+omni_policy_prefill_joins(const omni_predict_t *p, omni_prefill_cand_t *c,
+    size_t n, uint32_t prompt_tokens, uint64_t now_us, uint64_t slack,
+    uint64_t max_cost_us, uint32_t step_tokens)
+{
+    uint64_t  start, cost;
+    uint32_t  n_new;
+    size_t    i;
+
+    for (i = 0; i < n; i++) {
+        if (c[i].flags & (OMNI_POLICY_UNHEALTHY | OMNI_POLICY_DRAINING)) {
+            continue;
+        }
+
+        n_new = omni_policy_new_tokens(prompt_tokens, c[i].cached_tokens);
+        if (omni_predict_join(p, c[i].inst, n_new, prompt_tokens - n_new,
+                              step_tokens, now_us, &start, &cost) == 1
+            && start <= slack && cost <= max_cost_us)
+        {
+            c[i].flags |= OMNI_POLICY_JOINS;
+            c[i].prefill_us = cost;
+        }
+    }
+}
+
+
+/*
  * Engines batch in steps: what reaches an instance while a step runs waits
  * for the next one, and everything waiting then shares it.  A request that
  * waits there for the next step (or for its first one, just sent) and has
  * less work than this one would finish with this one's first chunk, up to a
  * whole step late, and so would have been mispredicted.  This one waits
  * until that one is done (the slack at most; the engine's next step has
- * it).  And an instance whose batch budget this request does not fit now is
+ * it), unless it joins that step (omni_policy_prefill_joins: its tokens
+ * add no more than the slack to it).  And an instance whose batch budget this request does not fit now is
  * not out of the question: it is busy, and may be worth waiting for (it may
  * hold the prompt's prefix, being computed by the request in flight).
  */
@@ -314,7 +355,9 @@ omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,
     next = 0;
 
     for (i = 0; i < n; i++) {
-        if (c[i].wait_us == 0 || c[i].wait_us > limit) {
+        if (c[i].wait_us == 0 || c[i].wait_us > limit
+            || (c[i].flags & OMNI_POLICY_JOINS))
+        {
             continue;
         }
 
@@ -345,11 +388,13 @@ omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,
             {
                 /* busy until its tokens come back: an event, not the clock */
                 c[i].wait_us = limit + 1;
+                c[i].flags &= ~OMNI_POLICY_JOINS;
             }
 
         } else if (c[i].wait_us > limit
                    && !(c[i].flags
-                        & (OMNI_POLICY_UNHEALTHY | OMNI_POLICY_DRAINING)))
+                        & (OMNI_POLICY_UNHEALTHY | OMNI_POLICY_DRAINING
+                           | OMNI_POLICY_JOINS)))
         {
             next = omni_policy_sooner(next, c[i].wait_us - limit);
         }
@@ -375,7 +420,7 @@ omni_policy_prefill_on_time(omni_prefill_cand_t *c, size_t n,
     int     any;
 
     for (any = 0, i = 0; i < n && !any; i++) {
-        any = c[i].flags == 0
+        any = (c[i].flags & ~OMNI_POLICY_JOINS) == 0
               && (c[i].max_running == 0 || c[i].running < c[i].max_running)
               && now_us + c[i].wait_us + c[i].prefill_us <= deadline_us;
     }
@@ -406,7 +451,7 @@ omni_policy_prefill_take_free(omni_prefill_cand_t *c, size_t n,
     }
 
     for (i = 0; i < n; i++) {
-        if (c[i].wait_us > slack) {
+        if (c[i].wait_us > slack && !(c[i].flags & OMNI_POLICY_JOINS)) {
             c[i].flags |= OMNI_POLICY_DRAINING;
         }
     }
@@ -461,14 +506,20 @@ omni_policy_prefill_decide(const omni_predict_t *p,
      * the engine's scheduler after that step began.
      */
     slack = o->hold_slack_us + o->front_us;
+
+    if (o->step_tokens) {
+        omni_policy_prefill_joins(p, c, n, prompt_tokens, now_us, slack,
+                                  o->hold_slack_us, o->step_tokens);
+    }
+
     room = 0;
 
     for (i = 0; i < n && !room; i++) {
-        room = c[i].flags == 0
+        room = (c[i].flags & ~OMNI_POLICY_JOINS) == 0
                && (c[i].max_running == 0 || c[i].running < c[i].max_running)
                && (c[i].max_tokens == 0
                    || c[i].inflight_tokens < c[i].max_tokens)
-               && c[i].wait_us <= slack;
+               && (c[i].wait_us <= slack || (c[i].flags & OMNI_POLICY_JOINS));
     }
 
     omni_policy_prefill_busy(p, c, n, prompt_tokens, now_us,

@@ -49,6 +49,10 @@ extern "C" {
 #define OMNI_POLICY_UNHEALTHY   0x1
 #define OMNI_POLICY_DRAINING    0x2
 #define OMNI_POLICY_TRIED       0x4     /* this leg tried it already */
+/* Set by omni_policy_prefill_decide(): sent now, the request would share
+ * the step waiting there, which starts within the slack (its wait_us is
+ * that step's end, its prefill_us what its tokens add to it). */
+#define OMNI_POLICY_JOINS       0x8
 
 /* omni_decision_t.reason */
 #define OMNI_POLICY_CHOSEN      0   /* choice is set */

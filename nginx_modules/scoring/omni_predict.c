@@ -110,7 +110,8 @@ typedef struct {
                                           sent is taken to free the engine
                                           (omni_predict_xfer_us) */
     uint64_t            tail_start_us; /* predicted start of the step the
-                                          last request sent waits for */
+                                          last request sent waits for ... */
+    uint64_t            tail_tokens;   /* ... and the new tokens sent to it */
     double              reach_us;      /* learned: what a request sent to an
                                           idle instance takes beyond its
                                           service (to the engine and back),
@@ -1048,8 +1049,10 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
             shared = 1;
             service = (int64_t) omni_predict_floor(p, (double) service
                                                       - in->prefill.coef[0]);
+            in->tail_tokens += n_new;
         } else {
             in->tail_start_us = start;
+            in->tail_tokens = n_new;
         }
 
         base = busy;
@@ -1063,6 +1066,7 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
         start = now_us;
         base = now_us;
         in->tail_start_us = now_us + OMNI_PREDICT_REACH_US;
+        in->tail_tokens = n_new;
     }
 
     job->n_new = n_new;
@@ -1463,6 +1467,43 @@ omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
     }
 
     return (int64_t) p->cfg.min_us;
+}
+
+
+int
+omni_predict_join(const omni_predict_t *p, uint32_t inst, uint32_t n_new,
+    uint32_t n_cached, uint32_t step_tokens, uint64_t now_us,
+    uint64_t *start_us, uint64_t *cost_us)
+{
+    const omni_predict_inst_t  *in;
+    int64_t                     rc, us;
+
+    if (start_us == NULL || cost_us == NULL) {
+        return OMNI_EINVAL;
+    }
+
+    /* nothing in flight: no step to share (the request starts one) */
+    in = omni_predict_in_flight(p, inst, &rc);
+    if (in == NULL) {
+        return (int) rc;
+    }
+
+    /* the same test as omni_predict_prefill_dispatch()'s shared step */
+    if (omni_predict_busy(in) <= now_us || now_us >= in->tail_start_us
+        || in->tail_tokens + n_new > step_tokens)
+    {
+        return 0;
+    }
+
+    us = omni_predict_prefill_us(p, inst, n_new, n_cached);
+    if (us < 0) {
+        return (int) us;
+    }
+
+    *start_us = in->tail_start_us - now_us;
+    *cost_us = (uint64_t) omni_predict_floor(p, (double) us
+                                                - in->prefill.coef[0]);
+    return 1;
 }
 
 
