@@ -294,7 +294,7 @@ def test_decide_a_short_request_joins_the_step_waiting_at_the_engine():
     slack): it goes, its wait is that step's end and its prefill what its
     tokens add.  Held until the instance was free, short prompts ran one or
     two a step (stop 51: 300-token prompts at 150/s on two instances, mean
-    TTFT 1.4 s, 0.33 s once they join)."""
+    TTFT 2.0 s, 0.3-0.4 s once they join)."""
     pred = Predictor(1, prefill_prior=(6400, 32000, 0))     # h100-like
     now = 10_000_000
     first = pred.dispatch_prefill(0, 300, 0, now_us=now - 5_000)

@@ -299,7 +299,7 @@ omni_policy_sooner(uint64_t a, uint64_t b)
  * own tokens without the step's fixed cost, which is also all it costs the
  * others).  Held until that work was done, short prompts ran one or two a
  * step and the engine's batching went unused: 300-token prompts at 150/s on
- * two instances queued for 1.4 s where the engines batch them in 0.3 s
+ * two instances had a 2.0 s mean TTFT, 0.3-0.4 s once they join
  * (docs/scheduler.md, "Short prompts share a step").
  */
 static void
@@ -336,9 +336,10 @@ omni_policy_prefill_joins(const omni_predict_t *p, omni_prefill_cand_t *c,
  * whole step late, and so would have been mispredicted.  This one waits
  * until that one is done (the slack at most; the engine's next step has
  * it), unless it joins that step (omni_policy_prefill_joins: its tokens
- * add no more than the slack to it).  And an instance whose batch budget this request does not fit now is
- * not out of the question: it is busy, and may be worth waiting for (it may
- * hold the prompt's prefix, being computed by the request in flight).
+ * add no more than the slack to it).  And an instance whose batch budget
+ * this request does not fit now is not out of the question: it is busy, and
+ * may be worth waiting for (it may hold the prompt's prefix, being computed
+ * by the request in flight).
  */
 static void
 omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,
