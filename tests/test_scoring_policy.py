@@ -316,9 +316,15 @@ def test_decide_a_short_request_joins_the_step_waiting_at_the_engine():
         if goes:
             # what its tokens add: no second fixed cost
             assert c[0].prefill_us == pred.prefill_us(0, 300) - 6400
-    # a prompt whose tokens add more than the slack waits as before
+    # a prompt whose tokens add more than the slack waits as before, and
+    # so does one that would more than double the step's work (a long
+    # prompt riding on short ones': a wide slack lets it)
     d = _decide(pred, cand(), 2000, now, step_tokens=8192, force=True)
     assert d.hold
+    assert pred.prefill_us(0, 2000) - 6400 > second.service_us
+    d = _decide(pred, cand(), 2000, now, slack_us=300_000, step_tokens=8192,
+                force=True)
+    assert d.hold and d.reason == "hold-busy"
     # once that step has started, nothing joins it: a request sent then
     # starts a step of its own, fixed cost and all
     c = cand()

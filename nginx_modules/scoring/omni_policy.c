@@ -293,14 +293,16 @@ omni_policy_sooner(uint64_t a, uint64_t b)
 /*
  * Engines batch in steps, and a request sent while one waits at the engine
  * for its step shares it.  When that step starts within the slack, the
- * budget has room for this request's tokens, and they add no more than the
- * plain slack to it, the instance takes the request now: its first token
- * comes at that step's end (wait_us: the work sent before, prefill_us: its
- * own tokens without the step's fixed cost, which is also all it costs the
- * others).  Held until that work was done, short prompts ran one or two a
- * step and the engine's batching went unused: 300-token prompts at 150/s on
- * two instances had a 2.0 s mean TTFT, 0.3-0.4 s once they join
- * (docs/scheduler.md, "Short prompts share a step").
+ * budget has room for this request's tokens, and they add to it no more
+ * than the plain slack nor more than the step's own work so far (a long
+ * prompt does not ride on a short one's step: the step rule below), the
+ * instance takes the request now: its first token comes at that step's end
+ * (wait_us: the work sent before, prefill_us: its own tokens without the
+ * step's fixed cost, which is also all it costs the others).  Held until
+ * that work was done, short prompts ran one or two a step and the engine's
+ * batching went unused: 300-token prompts at 150/s on two instances had a
+ * 2.0 s mean TTFT, 0.3-0.4 s once they join (docs/scheduler.md, "Short
+ * prompts share a step").
  */
 static void
 omni_policy_prefill_joins(const omni_predict_t *p, omni_prefill_cand_t *c,
@@ -319,7 +321,8 @@ omni_policy_prefill_joins(const omni_predict_t *p, omni_prefill_cand_t *c,
         n_new = omni_policy_new_tokens(prompt_tokens, c[i].cached_tokens);
         if (omni_predict_join(p, c[i].inst, n_new, prompt_tokens - n_new,
                               step_tokens, now_us, &start, &cost) == 1
-            && start <= slack && cost <= max_cost_us)
+            && start <= slack && cost <= max_cost_us
+            && start < c[i].wait_us && cost <= c[i].wait_us - start)
         {
             c[i].flags |= OMNI_POLICY_JOINS;
             c[i].prefill_us = cost;
