@@ -318,8 +318,9 @@ omni_policy_prefill_joins(const omni_predict_t *p, omni_prefill_cand_t *c,
             continue;
         }
 
+        /* prefill_us: prepare()'s, this prompt alone there */
         n_new = omni_policy_new_tokens(prompt_tokens, c[i].cached_tokens);
-        if (omni_predict_join(p, c[i].inst, n_new, prompt_tokens - n_new,
+        if (omni_predict_join(p, c[i].inst, n_new, c[i].prefill_us,
                               step_tokens, now_us, &start, &cost) == 1
             && start <= slack && cost <= max_cost_us
             && start < c[i].wait_us && cost <= c[i].wait_us - start)
@@ -339,10 +340,10 @@ omni_policy_prefill_joins(const omni_predict_t *p, omni_prefill_cand_t *c,
  * whole step late, and so would have been mispredicted.  This one waits
  * until that one is done (the slack at most; the engine's next step has
  * it), unless it joins that step (omni_policy_prefill_joins: its tokens
- * add no more than the slack to it).  And an instance whose batch budget
- * this request does not fit now is not out of the question: it is busy, and
- * may be worth waiting for (it may hold the prompt's prefix, being computed
- * by the request in flight).
+ * add little to it).  And an instance whose batch budget this request does
+ * not fit now is not out of the question: it is busy, and may be worth
+ * waiting for (it may hold the prompt's prefix, being computed by the
+ * request in flight).
  */
 static void
 omni_policy_prefill_busy(const omni_predict_t *p, omni_prefill_cand_t *c,

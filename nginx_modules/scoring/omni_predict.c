@@ -1012,6 +1012,17 @@ omni_predict_observe_decode(omni_predict_t *p, uint32_t inst,
 
 /* ---- prefill work in flight ---------------------------------------------- */
 
+/* A prefill's service when it shares a step sent before it: its tokens
+ * only, that step's fixed cost being paid already. */
+static inline int64_t
+omni_predict_shared_service(const omni_predict_t *p,
+    const omni_predict_inst_t *in, int64_t service)
+{
+    return (int64_t) omni_predict_floor(p, (double) service
+                                           - in->prefill.coef[0]);
+}
+
+
 int
 omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
     uint32_t n_new, uint32_t n_cached, uint64_t now_us,
@@ -1047,8 +1058,7 @@ omni_predict_prefill_dispatch(omni_predict_t *p, uint32_t inst,
              * step's fixed cost. */
             start = in->tail_start_us;
             shared = 1;
-            service = (int64_t) omni_predict_floor(p, (double) service
-                                                      - in->prefill.coef[0]);
+            service = omni_predict_shared_service(p, in, service);
             in->tail_tokens += n_new;
         } else {
             in->tail_start_us = start;
@@ -1472,11 +1482,11 @@ omni_predict_wait_us(const omni_predict_t *p, uint32_t inst, uint64_t now_us)
 
 int
 omni_predict_join(const omni_predict_t *p, uint32_t inst, uint32_t n_new,
-    uint32_t n_cached, uint32_t step_tokens, uint64_t now_us,
+    uint64_t service_us, uint32_t step_tokens, uint64_t now_us,
     uint64_t *start_us, uint64_t *cost_us)
 {
     const omni_predict_inst_t  *in;
-    int64_t                     rc, us;
+    int64_t                     rc;
 
     if (start_us == NULL || cost_us == NULL) {
         return OMNI_EINVAL;
@@ -1495,14 +1505,9 @@ omni_predict_join(const omni_predict_t *p, uint32_t inst, uint32_t n_new,
         return 0;
     }
 
-    us = omni_predict_prefill_us(p, inst, n_new, n_cached);
-    if (us < 0) {
-        return (int) us;
-    }
-
     *start_us = in->tail_start_us - now_us;
-    *cost_us = (uint64_t) omni_predict_floor(p, (double) us
-                                                - in->prefill.coef[0]);
+    *cost_us = (uint64_t) omni_predict_shared_service(p, in,
+                                                      (int64_t) service_us);
     return 1;
 }
 

@@ -218,16 +218,17 @@ int64_t omni_predict_decode_wait_us(const omni_predict_t *p, uint32_t inst,
 int64_t omni_predict_end_us(const omni_predict_t *p, uint32_t inst);
 
 /*
- * Whether a prefill of n_new new tokens (n_cached cached) sent to instance
- * inst now would share the step that the last request sent there waits for
- * (predicted not started yet, and its new tokens with these within
- * step_tokens): 1, with the time until that step starts in *start_us and
- * what these tokens add to it in *cost_us (their prefill without the step's
- * fixed cost, as omni_predict_prefill_dispatch() will charge them); 0 when
+ * Whether a prefill of n_new new tokens (predicted at service_us alone:
+ * omni_predict_prefill_us()) sent to instance inst now would share the step
+ * that the last request sent there waits for (predicted not started yet,
+ * and its new tokens with these within step_tokens): 1, with the time until
+ * that step starts in *start_us and what these tokens add to it in *cost_us
+ * (service_us without the step's fixed cost, as
+ * omni_predict_prefill_dispatch() will charge them); 0 when
  * it would not (nothing in flight there included); < 0 on bad arguments.
  */
 int omni_predict_join(const omni_predict_t *p, uint32_t inst, uint32_t n_new,
-    uint32_t n_cached, uint32_t step_tokens, uint64_t now_us,
+    uint64_t service_us, uint32_t step_tokens, uint64_t now_us,
     uint64_t *start_us, uint64_t *cost_us);
 
 /* Predicted return of the last answer of the prefill jobs in flight on
