@@ -31,8 +31,9 @@ omni_policy_new_tokens(uint32_t prompt_tokens, uint32_t cached_tokens)
  * counted free a transfer early").  Sent that much early instead, a request
  * waits in the engine for at most that long, which costs the engine
  * nothing.  So the instance counts as free the last job's predicted
- * transfer before its predicted end; 0 without a transfer (sequential P/D:
- * the answer is the end).
+ * transfer (at least an eighth of the work's latency: a transfer learned
+ * short idled the engines too) before its predicted end; 0 without a
+ * transfer (sequential P/D: the answer is the end).
  */
 static uint64_t
 omni_policy_early(const omni_predict_t *p, uint32_t inst)

@@ -237,8 +237,9 @@ int64_t omni_predict_answer_us(const omni_predict_t *p, uint32_t inst);
 
 /* OMNI_PREDICT_TRANSFER, once the transfer's time per token is known: the
  * predicted transfer (and trip) of the last prefill job sent to instance
- * inst, which its answer comes after the engine's end; 0 otherwise, or
- * when none is in flight.  The proxy hears an end no later than that much
+ * inst, which its answer comes after the engine's end, and at least an
+ * eighth of the latency of the work in flight there; 0 otherwise, or when
+ * none is in flight.  The proxy hears an end no later than that much
  * after it happened: it may be that much earlier than predicted, unseen. */
 int64_t omni_predict_transfer_us(const omni_predict_t *p, uint32_t inst);
 
