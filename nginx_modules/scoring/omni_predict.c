@@ -1540,7 +1540,7 @@ omni_predict_transfer_us(const omni_predict_t *p, uint32_t inst)
 {
     const omni_predict_inst_t  *in;
     int64_t                     rc;
-    uint64_t                    floor;
+    uint64_t                    least;
 
     in = omni_predict_in_flight(p, inst, &rc);
     if (in == NULL) {
@@ -1562,9 +1562,9 @@ omni_predict_transfer_us(const omni_predict_t *p, uint32_t inst)
      * "Parallel P/D without the agent").  Counted free too early, a
      * request waits in the engine instead, which costs the engine nothing.
      */
-    floor = (in->pending_us + in->tail_us) / OMNI_PREDICT_XFER_SHARE;
+    least = (in->pending_us + in->tail_us) / OMNI_PREDICT_XFER_SHARE;
 
-    return (int64_t) (in->tail_us > floor ? in->tail_us : floor);
+    return (int64_t) (in->tail_us > least ? in->tail_us : least);
 }
 
 
