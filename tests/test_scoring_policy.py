@@ -518,7 +518,7 @@ def test_decide_parallel_a_transfer_learned_short_still_frees_the_instance_early
     """Parallel P/D without the engines' events: the transfer's time per
     token is learned from the gaps between answers, and the proxy, sending
     each request just in time, leaves that fit few clean samples.  Live, on
-    section 1's trace, it came out at 0.2-7.4 ms per 1k tokens against 5.3
+    section 1's trace, it came out at 0.4-4.8 ms per 1k tokens against 5.3
     true, and the runs that learned little had the highest TTFTs (2.38-2.46
     s against 1.81-2.17): learned near 0, the instance counted free only at
     its predicted end, and a service predicted long (15-25% apiece) idled

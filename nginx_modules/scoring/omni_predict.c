@@ -1554,7 +1554,7 @@ omni_predict_transfer_us(const omni_predict_t *p, uint32_t inst)
     /*
      * Never less than the share of the work's latency the model gives the
      * transfer before it has learned one (omni_predict_xfer_us()).  Learned
-     * from the gaps between answers, the transfer came out at 0.2-7.4 ms
+     * from the gaps between answers, the transfer came out at 0.4-4.8 ms
      * per 1k tokens against 5.3 on section 1's trace in parallel P/D (the
      * proxy sends just in time, which leaves that fit few clean samples);
      * near 0, a service predicted long idled the engine through every
